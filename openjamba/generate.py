@@ -1,0 +1,160 @@
+"""Generation: chunked prefill into a hybrid cache, then one token at a time, with greedy or sampled decoding.
+
+Only last-position logits are computed, and a long prompt is prefilled in chunks, so memory stays bounded by
+the weights, the attention K/V and one chunk's activations whatever the prompt length.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import torch
+
+
+class Streamer(Protocol):
+    """transformers-compatible streamer: `put` gets the prompt (B, T) first, then each step's tokens (B,)."""
+
+    def put(self, tokens: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class TextStreamer:
+    """Prints decoded text as it is generated (batch size 1), like transformers' TextStreamer."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = True, stream=None) -> None:
+        self.tokenizer = tokenizer
+        self.skip_prompt = skip_prompt
+        self.stream = stream or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+        self.seen_prompt = False
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() > 1 and tokens.shape[0] > 1:
+            raise ValueError("TextStreamer supports batch size 1 only")
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            if self.skip_prompt:
+                return
+        self.ids.extend(tokens.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        self.stream.write(text[self.printed:])
+        self.stream.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.stream.write(text[self.printed:] + "\n")
+        self.stream.flush()
+        self.ids, self.printed, self.seen_prompt = [], 0, False
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,). Greedy, or temperature -> top-k -> top-p filtering then sampling."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size) -> None:
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {tuple(input_ids.shape)} "
+                         f"{input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    prefill_chunk_size: int = 2048,
+    streamer: Streamer | None = None,
+) -> torch.Tensor:
+    """Prompt plus up to `max_new_tokens` new tokens per row, (B, T + new), like transformers' generate.
+
+    `attention_mask` marks left padding (0) in a batch of prompts of unequal length. Each row stops at its own
+    EOS (`eos_token_id`, default the config's; pass [] to never stop early) and is then filled with
+    `pad_token_id` (default the config's, else the EOS id) until every row is done.
+    """
+    _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size)
+    config = model.config
+    eos = config.eos_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (
+        config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
+    device = model.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
+        return input_ids
+
+    cache = model.make_cache(batch, max_length=prompt_len + max_new_tokens)
+    logits = None
+    for start in range(0, prompt_len, prefill_chunk_size):
+        chunk = slice(start, start + prefill_chunk_size)
+        mask = attention_mask[:, chunk].to(device) if attention_mask is not None else None
+        logits = model(input_ids[:, chunk], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+        new_tokens.append(next_tokens)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos:
+            unfinished &= ~torch.isin(next_tokens, eos_tensor)
+        if not bool(unfinished.any()) or step == max_new_tokens - 1:
+            break
+        logits = model(next_tokens[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,131 @@
+"""Parameter counts and inference-memory figures computed from a config alone (no weights needed).
+
+This is what reproduces the paper's memory table: Jamba-v0.1 has 52B parameters, 12B active per token, and a
+4 GiB KV cache at 256K tokens in 16-bit, against 32 GiB for Mixtral-8x7B and Mistral-7B and 128 GiB for
+Llama-2-7B, because only 4 of its 32 layers are attention layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import JambaConfig, attention_only_config, get_preset
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+PAPER_REFERENCE_MODELS = ("mixtral-8x7b", "mistral-7b", "llama-2-7b")
+
+
+def count_parameters(config: JambaConfig) -> dict[str, int]:
+    """Total parameters, and active ones (what one token touches: top-k of each MoE layer's experts)."""
+    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    Di, N, K, R = config.mamba_inner_size, config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank
+    hd = config.head_dim
+    attention = H * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    bias = config.mamba_proj_bias
+    mamba = (
+        H * 2 * Di + (2 * Di if bias else 0)  # in_proj
+        + Di * K + (Di if config.mamba_conv_bias else 0)  # conv1d
+        + Di * (R + 2 * N)  # x_proj
+        + R * Di + Di  # dt_proj (always with bias)
+        + Di * N + Di  # A_log, D
+        + Di * H + (H if bias else 0)  # out_proj
+        + R + 2 * N  # dt/B/C norms
+    )
+    expert = 3 * H * I
+    total = active = V * H * (1 if config.tie_word_embeddings else 2) + H  # embeddings, LM head, final norm
+    for kind, experts in zip(config.layers_block_type, config.layers_num_experts):
+        mixer = attention if kind == "attention" else mamba
+        layer = 2 * H + mixer  # two RMSNorms
+        if experts > 1:
+            total += layer + experts * expert + experts * H  # experts and router
+            active += layer + config.num_experts_per_tok * expert + experts * H
+        else:
+            total += layer + expert
+            active += layer + expert
+    return {"total": total, "active": active}
+
+
+def kv_cache_bytes(config: JambaConfig, context: int, batch: int = 1, dtype: str = "bf16") -> int:
+    """K and V of every attention layer for `context` tokens."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * DTYPE_BYTES[dtype]
+    return len(config.attention_layer_indices) * per_token * context * batch
+
+
+def mamba_state_bytes(config: JambaConfig, batch: int = 1, dtype: str = "bf16") -> int:
+    """Conv window (K-1 inputs, model dtype) and SSM state (fp32) of every Mamba layer: constant in context."""
+    Di = config.mamba_inner_size
+    per_layer = Di * config.mamba_d_state * 4 + Di * (config.mamba_d_conv - 1) * DTYPE_BYTES[dtype]
+    return len(config.mamba_layer_indices) * per_layer * batch
+
+
+def summarize(config: JambaConfig, context: int, batch: int = 1, dtype: str = "bf16") -> dict[str, Any]:
+    params = count_parameters(config)
+    kv = kv_cache_bytes(config, context, batch, dtype)
+    state = mamba_state_bytes(config, batch, dtype)
+    return {
+        "total_params": params["total"],
+        "active_params": params["active"],
+        "num_layers": config.num_hidden_layers,
+        "attention_layers": len(config.attention_layer_indices),
+        "mamba_layers": len(config.mamba_layer_indices),
+        "moe_layers": sum(n > 1 for n in config.layers_num_experts),
+        "kv_cache_bytes": kv,
+        "mamba_state_bytes": state,
+        "inference_state_bytes": kv + state,
+    }
+
+
+def model_report(
+    config: JambaConfig, name: str, context: int, batch: int = 1, dtype: str = "bf16", compare_paper: bool = True
+) -> dict[str, Any]:
+    """Figures for the model, its attention-only twin of equal shape, and the paper's reference models."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPE_BYTES)}")
+    report = {"model": name, "context": context, "batch": batch, "dtype": dtype}
+    report.update(summarize(config, context, batch, dtype))
+    report["layer_plan"] = config.layer_plan()
+    rows = [{"model": name, **summarize(config, context, batch, dtype)}]
+    if config.mamba_layer_indices:
+        rows.append({"model": f"{name} (attention-only, equal shape)",
+                     **summarize(attention_only_config(config), context, batch, dtype)})
+    if compare_paper:
+        for ref in PAPER_REFERENCE_MODELS:
+            if ref != name:
+                rows.append({"model": ref, **summarize(get_preset(ref), context, batch, dtype)})
+    report["comparison"] = rows
+    return report
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']}: {report['num_layers']} layers "
+        f"({report['attention_layers']} attention, {report['mamba_layers']} Mamba, {report['moe_layers']} MoE)",
+        f"parameters: {human_count(report['total_params'])} total, {human_count(report['active_params'])} active",
+        f"context {report['context']:,} tokens, batch {report['batch']}, {report['dtype']} cache",
+        f"  attention KV cache: {human_bytes(report['kv_cache_bytes'])}",
+        f"  Mamba state:        {human_bytes(report['mamba_state_bytes'])} (constant in context)",
+        "layer plan: " + " ".join(f"{i}:{kind}" for i, kind in enumerate(report["layer_plan"])),
+        "",
+        f"{'model':<44}{'total':>10}{'active':>10}{'KV cache':>13}{'Mamba state':>14}",
+    ]
+    for row in report["comparison"]:
+        lines.append(
+            f"{row['model']:<44}{human_count(row['total_params']):>10}{human_count(row['active_params']):>10}"
+            f"{human_bytes(row['kv_cache_bytes']):>13}{human_bytes(row['mamba_state_bytes']):>14}"
+        )
+    return "\n".join(lines)

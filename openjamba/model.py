@@ -1,0 +1,463 @@
+"""Jamba: a hybrid Transformer-Mamba mixture-of-experts language model, in one readable file.
+
+Read top to bottom:
+  RMSNorm          the only normalisation, used before every mixer and FFN, and on Mamba's dt, B and C
+  Attention        grouped-query attention with no positional encoding (position comes from the Mamba layers)
+  MambaMixer       in_proj -> causal conv -> x_proj -> (dt, B, C) norms -> selective scan -> gate -> out_proj
+  MLP, SparseMoE   SwiGLU; the MoE routes each token to the top-k of a softmax over all experts (not renormalised)
+  DecoderLayer     pre-norm residual block: mixer (attention or Mamba) then FFN (MLP or MoE)
+  JambaForCausalLM embeddings, the layers in the config's plan, final norm, LM head; loss and MoE aux loss
+
+Module and parameter names equal Hugging Face's, so a checkpoint's tensors map one to one; the only exception
+is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj`) and converted in `hf.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .cache import HybridCache, KVCache, MambaState
+from .config import JambaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention. No RoPE, no ALiBi: Jamba's attention layers see no positions."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, kv: KVCache | None = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        # (B, T, heads * hd) -> (B, heads, T, hd)
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            k, v = kv.append(k, v, mask.past_length)  # (B, kv_heads, past + T, hd)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask.bool_mask,
+            is_causal=mask.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # (B, heads, T, hd) -> (B, T, D)
+
+
+@dataclass
+class AttentionMask:
+    """How the attention layers of one forward mask: built once per forward, shared by all of them."""
+
+    past_length: int
+    bool_mask: torch.Tensor | None  # (B or 1, 1, T, past + T), True = attend
+    is_causal: bool
+
+    @staticmethod
+    def build(key_valid: torch.Tensor | None, past_length: int, length: int, device: torch.device) -> AttentionMask:
+        """key_valid: (B, past + T) bools marking real (non-padding) tokens, or None when nothing is padded."""
+        if key_valid is None:
+            if past_length == 0:
+                return AttentionMask(0, None, is_causal=length > 1)
+            if length == 1:
+                return AttentionMask(past_length, None, is_causal=False)
+        total = past_length + length
+        query_pos = torch.arange(past_length, total, device=device)[:, None]
+        key_pos = torch.arange(total, device=device)[None, :]
+        allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, total)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, :]
+            # A padding query would see no key at all; let it see itself so its (ignored) output stays finite.
+            allowed = allowed | (key_pos == query_pos)[None, None]
+        return AttentionMask(past_length, allowed, is_causal=False)
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 selective state-space mixer with Jamba's RMSNorms on dt, B and C."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.mamba_inner_size
+        self.inner = inner
+        self.state_size = config.mamba_d_state
+        self.dt_rank = config.mamba_dt_rank
+        self.in_proj = nn.Linear(hidden, 2 * inner, bias=config.mamba_proj_bias)
+        # Stored as HF's Conv1d ([inner, 1, K] weight) for checkpoint compatibility; applied by ops.causal_conv1d.
+        self.conv1d = nn.Conv1d(
+            inner, inner, config.mamba_d_conv, groups=inner, padding=config.mamba_d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, self.state_size))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, hidden, bias=config.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(self.dt_rank, config.rms_norm_eps)
+        self.b_layernorm = RMSNorm(self.state_size, config.rms_norm_eps)
+        self.c_layernorm = RMSNorm(self.state_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, state: MambaState | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, hidden). token_mask: (B, T), 0 at padding. state: carried conv window and SSM state."""
+        u, gate = self.in_proj(x).chunk(2, dim=-1)  # (B, T, inner) each
+        # Padding is zeroed before and after the conv, so pads never reach the conv window or the SSM state.
+        u = _zero_padding(u, token_mask)
+        u, window = ops.causal_conv1d(
+            u, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv if state is not None else None
+        )
+        u = _zero_padding(u, token_mask)
+
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # bias and softplus are applied in fp32 below
+        B, C = self.b_layernorm(B), self.c_layernorm(C)
+        A = -torch.exp(self.A_log.float())
+        scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+
+        if state is None:
+            y = ops.selective_scan(u, dt, A, B, C, z=gate, **scan_args)
+        elif x.shape[1] == 1:
+            y = ops.selective_state_update(state.ssm, u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], z=gate[:, 0],
+                                           **scan_args).unsqueeze(1)
+            state.conv.copy_(window)
+        else:
+            y, final = ops.selective_scan(
+                u, dt, A, B, C, z=gate, initial_state=state.ssm, return_final_state=True, **scan_args
+            )
+            state.update(window, final)
+        return self.out_proj(y)
+
+
+def _zero_padding(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    return x if token_mask is None else x * token_mask.unsqueeze(-1).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with fused weights: gate_up_proj (E, 2I, H) (gate rows first) and down_proj (E, H, I)."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
+        num_tokens, top_k = expert_index.shape
+        flat_expert = expert_index.reshape(-1)  # (N*k,)
+        order = flat_expert.argsort(stable=True)  # group the (token, slot) pairs by expert
+        token_of = order // top_k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        outputs = []
+        for e, rows in enumerate(x[token_of].split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        weighted = torch.cat(outputs) * expert_weight.reshape(-1)[order, None]
+        return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of, weighted.to(x.dtype))
+
+
+class SparseMoE(nn.Module):
+    """Softmax over all experts (fp32), then top-k; the k weights are used as they are (no renormalisation)."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, H)
+        router_logits = self.router(flat)  # (B*T, E)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weight, index = torch.topk(probs, self.top_k, dim=-1)
+        out = self.experts(flat, index, weight.to(x.dtype))
+        return out.view_as(x), router_logits
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(.)). The mixer is `mamba` or `self_attn`."""
+
+    def __init__(self, config: JambaConfig, index: int) -> None:
+        super().__init__()
+        self.is_attention = config.layers_block_type[index] == "attention"
+        self.is_moe = config.layers_num_experts[index] > 1
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_attention:
+            self.self_attn = Attention(config)
+        else:
+            self.mamba = MambaMixer(config)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = SparseMoE(config) if self.is_moe else MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: AttentionMask, token_mask: torch.Tensor | None, layer_cache=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.input_layernorm(x)
+        if self.is_attention:
+            h = self.self_attn(h, attn_mask, layer_cache)
+        else:
+            h = self.mamba(h, token_mask, layer_cache)
+        x = x + h
+        h = self.pre_ff_layernorm(x)
+        router_logits = None
+        if self.is_moe:
+            h, router_logits = self.feed_forward(h)
+        else:
+            h = self.feed_forward(h)
+        return x + h, router_logits
+
+
+class JambaModel(nn.Module):
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # language-model loss, plus router_aux_loss_coef * aux_loss when computed
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (equals top-k when perfectly balanced)
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class JambaForCausalLM(nn.Module):
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = JambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch (transformers' scheme, with Mamba's dt bias)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in self.modules():  # after the generic pass, so it cannot overwrite these
+            if isinstance(module, MambaMixer):
+                init_mamba_parameters(module)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        logits_to_keep: int = 0,
+        output_router_logits: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids: (B, T). attention_mask: (B, T) or (B, past + T), 1 for real tokens and 0 for (left) padding.
+
+        With `cache`, continues from the cached state (chunks of any length) and advances it.
+        `logits_to_keep=n` computes logits for the last n positions only (0 = all).
+        The MoE aux loss is computed when training (labels given) or when `output_router_logits` asks for it.
+        """
+        batch, length = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        token_mask, key_valid = self._masks(attention_mask, cache, batch, past, length, input_ids.device)
+        attn_mask = AttentionMask.build(key_valid, past, length, input_ids.device)
+
+        x = self.model.embed_tokens(input_ids)
+        all_router_logits = []
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, router_logits = checkpoint(layer, x, attn_mask, token_mask, None, use_reentrant=False)
+            else:
+                x, router_logits = layer(x, attn_mask, token_mask, layer_cache)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        if cache is not None:
+            cache.advance(length)
+        x = self.model.final_layernorm(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+        want_aux = output_router_logits if output_router_logits is not None else (
+            self.config.output_router_logits or labels is not None
+        )
+        aux_loss = None
+        if want_aux and all_router_logits:
+            aux_loss = load_balancing_loss(
+                all_router_logits, self.config.num_experts, self.config.num_experts_per_tok, token_mask
+            )
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return CausalLMOutput(logits, loss, aux_loss, tuple(all_router_logits) if want_aux else None)
+
+    @staticmethod
+    def _masks(attention_mask, cache, batch, past, length, device):
+        """Split a 2D attention mask into this chunk's token mask (Mamba) and the key validity (attention).
+
+        The cache remembers which cached positions were padding, so later calls need not repeat the mask.
+        """
+        if attention_mask is not None:
+            if attention_mask.shape not in ((batch, length), (batch, past + length)):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, {length}) "
+                    f"or ({batch}, {past + length}) (past {past} + new {length} tokens)"
+                )
+            attention_mask = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if cache is not None:
+            key_valid = cache.extend_key_mask(attention_mask, length)
+        else:
+            key_valid = attention_mask
+        return attention_mask, key_valid
+
+    # ------------------------------------------------------------------ conveniences
+    def make_cache(
+        self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None
+    ) -> HybridCache:
+        """An empty hybrid cache: K/V for attention layers, conv window + fp32 SSM state for Mamba layers.
+
+        With `max_length`, the K/V buffers are allocated once at full size (static shapes); without, they grow.
+        Each layer's buffers live on that layer's device.
+        """
+        return HybridCache(self, batch_size, max_length, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; with `active`, only what one token uses (top-k of the experts)."""
+        from .info import count_parameters
+
+        return count_parameters(self.config)["active" if active else "total"]
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens, like transformers' generate; see `openjamba.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> JambaForCausalLM:
+        """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`."""
+        from .hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
+        """Write config.json and safetensors (per-expert layout, which transformers loads), and tokenizer.json."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
+
+
+@torch.no_grad()
+def init_mamba_parameters(mixer: MambaMixer, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    """S4D-real A (A_log = log(1..N)), D = 1, and dt_proj bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
+    n = mixer.state_size
+    mixer.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(mixer.inner, n))
+    mixer.D.fill_(1.0)
+    dt = torch.exp(torch.rand(mixer.inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=1e-4)
+    mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; ignore_index positions are skipped."""
+    labels = labels.to(logits.device)
+    if logits.shape[1] != labels.shape[1]:
+        labels = labels[:, -logits.shape[1]:]
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=ignore_index)
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], num_experts: int, top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style load balancing, as transformers computes it: E * sum_e f_e * P_e over all MoE layers.
+
+    f_e: fraction of top-k assignments that go to expert e; P_e: mean router probability of e; padding excluded.
+    """
+    device = router_logits[0].device
+    assignments = torch.zeros(num_experts, device=device)
+    prob_sum = torch.zeros(num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    weight = token_mask.reshape(-1).to(device=device, dtype=torch.float32) if token_mask is not None else None
+    for logits in router_logits:
+        probs = torch.softmax(logits, dim=-1)
+        selected = torch.topk(probs, top_k, dim=-1).indices  # (rows, k)
+        w = weight if weight is not None else torch.ones(probs.shape[0], device=device)
+        assignments = assignments.scatter_add(0, selected.reshape(-1), w.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs.float() * w[:, None]).sum(0)
+        rows = rows + w.sum()
+    return num_experts * torch.sum((assignments / rows) * (prob_sum / rows))

@@ -1,0 +1,37 @@
+"""Causal depthwise conv1d over a token-major sequence, with a carried-in window.
+
+The window holds the last (kernel - 1) inputs of the previous chunk, so a sequence fed in chunks of any length
+(down to one token while decoding) gives exactly the result of one pass over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_t = act(bias + sum_k weight[:, k] * x_{t-K+1+k}).
+
+    x: (batch, length, channels); weight: (channels, K); window: (batch, K-1, channels) or None for zeros.
+    Returns y (batch, length, channels) and the new window (batch, K-1, channels).
+    """
+    batch, length, channels = x.shape
+    kernel = weight.shape[-1]
+    if window is None:
+        window = x.new_zeros(batch, kernel - 1, channels)
+    padded = torch.cat([window.to(x.dtype), x], dim=1)  # (batch, K-1+length, channels)
+    y = padded[:, 0:length] * weight[:, 0]
+    for k in range(1, kernel):  # K is tiny (4): a loop over taps, not over tokens
+        y = y + padded[:, k : k + length] * weight[:, k]
+    if bias is not None:
+        y = y + bias
+    if silu:
+        y = F.silu(y)
+    return y, padded[:, length:]

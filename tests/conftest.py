@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny configs covering the architecture's variations, and random models built from them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from openjamba import JambaConfig, JambaForCausalLM
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BASE = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2,
+    expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+# Each differs from BASE in what the parity tests must cover.
+CONFIGS = {
+    "moe-gqa": {},
+    "dense-mha-biases-tied": dict(num_experts=1, num_experts_per_tok=1, num_key_value_heads=4,
+                                  mamba_proj_bias=True, tie_word_embeddings=True, attn_layer_period=2,
+                                  attn_layer_offset=1),
+    "moe-every-layer-top1-noconvbias": dict(num_experts=3, num_experts_per_tok=1, expert_layer_period=1,
+                                            expert_layer_offset=0, mamba_conv_bias=False, attn_layer_period=3,
+                                            attn_layer_offset=0, num_key_value_heads=1, mamba_d_conv=3),
+    "moe-period3-two-attention": dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=2,
+                                      expert_layer_period=3, expert_layer_offset=0, mamba_dt_rank=5),
+}
+
+
+def make_config(name: str = "moe-gqa", **overrides) -> JambaConfig:
+    return JambaConfig(**{**BASE, **CONFIGS[name], **overrides})
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.15) -> torch.nn.Module:
+    """Give every parameter random values of a size that makes all paths matter (norms, D, biases, A_log too)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 4 + 0.5))
+        elif "norm" in name or name.endswith(".D"):
+            p.copy_(1.0 + 0.3 * noise)
+        elif name.endswith("dt_proj.bias"):
+            p.copy_(-2.0 + 0.5 * noise)
+        else:
+            p.copy_(scale * noise)
+    return model
+
+
+def random_model(name: str = "moe-gqa", seed: int = 0, **overrides) -> JambaForCausalLM:
+    torch.manual_seed(seed)
+    return randomize_(JambaForCausalLM(make_config(name, **overrides)), seed).eval()
+
+
+@pytest.fixture(params=list(CONFIGS))
+def config_name(request) -> str:
+    return request.param
+
+
+def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int = 0):
+    """Random prompts of the given lengths, left-padded to the longest: (ids, mask, list of unpadded rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    rows = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask, rows

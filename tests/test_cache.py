@@ -1,0 +1,98 @@
+"""The hybrid cache against our own full forward (transformers gets multi-token continuation wrong)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openjamba.cache import KVCache, MambaState
+from openjamba.info import kv_cache_bytes, mamba_state_bytes
+
+from .conftest import left_padded_batch, random_model
+
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("static", [True, False])
+@torch.no_grad()
+def test_chunked_prefill_then_decode_equals_full_forward(config_name, static):
+    model = random_model(config_name)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    cache = model.make_cache(2, max_length=40 if static else None)
+    pieces, start = [], 0
+    for size in (5, 1, 13, 3, 1, 1, 2, 14):  # multi-token chunks, single tokens, mixed
+        pieces.append(model(ids[:, start:start + size], cache=cache).logits)
+        start += size
+    assert start == 40 and cache.seq_len == 40
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_prompt_alone(config_name):
+    model = random_model(config_name)
+    ids, mask, rows = left_padded_batch([11, 4, 8], model.config.vocab_size, seed=2)
+    batched = model(ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(batched[i, -len(row):], alone, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_chunked_prefill_and_decode_equal_each_prompt_alone(config_name):
+    model = random_model(config_name)
+    ids, mask, rows = left_padded_batch([9, 3, 6], model.config.vocab_size, seed=3)
+    extra = torch.randint(3, model.config.vocab_size, (3, 4), generator=torch.Generator().manual_seed(4))
+    cache = model.make_cache(3)
+    model(ids[:, :4], attention_mask=mask[:, :4], cache=cache)  # the mask may be given per chunk...
+    out = [model(ids[:, 4:], attention_mask=mask, cache=cache).logits]  # ...or for past + new tokens
+    for t in range(4):
+        out.append(model(extra[:, t:t + 1], cache=cache).logits)  # later calls need no mask
+    out = torch.cat(out, 1)  # logits of prompt positions 4.. and the 4 extra tokens
+    for i, row in enumerate(rows):
+        alone = model(torch.cat([row, extra[i]])[None]).logits[0]
+        n = min(len(row) + 4, out.shape[1])
+        torch.testing.assert_close(out[i, -n:], alone[-n:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_reorder_rows():
+    model = random_model()
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(5))
+    nxt = torch.randint(0, model.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(6))
+    cache = model.make_cache(3)
+    model(ids, cache=cache)
+    cache.reorder([2, 0])
+    got = model(nxt[[2, 0]], cache=cache).logits
+    expected = model(torch.cat([ids, nxt], 1)[[2, 0]]).logits[:, -1:]
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_layout_and_nbytes():
+    model = random_model("moe-period3-two-attention")
+    config = model.config
+    cache = model.make_cache(2, max_length=64)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [MambaState if t == "mamba" else KVCache for t in config.layers_block_type]
+    mamba = next(layer for layer in cache.layers if isinstance(layer, MambaState))
+    assert mamba.ssm.dtype == torch.float32
+    assert mamba.ssm.shape == (2, config.mamba_inner_size, config.mamba_d_state)
+    assert mamba.conv.shape == (2, config.mamba_d_conv - 1, config.mamba_inner_size)
+    assert cache.kv_nbytes() == kv_cache_bytes(config, 64, batch=2, dtype="fp32")
+    assert cache.mamba_nbytes() == mamba_state_bytes(config, batch=2, dtype="fp32")
+    assert cache.nbytes() == cache.kv_nbytes() + cache.mamba_nbytes()
+
+
+@torch.no_grad()
+def test_static_cache_overflow_is_a_clear_error():
+    model = random_model()
+    cache = model.make_cache(1, max_length=8)
+    model(torch.ones(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_length"):
+        model(torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_bad_mask_shape_is_a_clear_error():
+    model = random_model()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from openjamba.cli import main
+
+from .conftest import random_model
+
+GIB = 2**30
+
+
+def test_info_json_reproduces_the_paper_memory_table(capsys):
+    main(["info", "--preset", "jamba-v0.1", "--context", "262144", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert round(report["total_params"] / 1e9) == 52
+    assert round(report["active_params"] / 1e9) == 12
+    assert report["kv_cache_bytes"] == 4 * GIB
+    assert 0 < report["mamba_state_bytes"] < 20 * 2**20
+    rows = {row["model"]: row for row in report["comparison"]}
+    assert rows["mixtral-8x7b"]["kv_cache_bytes"] == 32 * GIB
+    assert rows["mistral-7b"]["kv_cache_bytes"] == 32 * GIB
+    assert rows["llama-2-7b"]["kv_cache_bytes"] == 128 * GIB
+    assert rows["jamba-v0.1 (attention-only, equal shape)"]["kv_cache_bytes"] == 32 * GIB
+
+
+def test_info_table_and_model_dir(tmp_path, capsys):
+    random_model().save_pretrained(tmp_path)
+    main(["info", "--model", str(tmp_path), "--context", "1024", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert "attention KV cache" in out and "Mamba state" in out
+
+
+def test_info_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype"):
+        main(["info", "--preset", "tiny", "--dtype", "fp7"])
+
+
+def test_generate_streams_from_a_checkpoint(tmp_path):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(["def f(x):\n    return x\n"] * 10, trainers.BpeTrainer(
+        vocab_size=97, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = random_model(vocab_size=tokenizer.get_vocab_size())
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    out = subprocess.run(
+        [sys.executable, "-m", "openjamba", "generate", "--model", str(tmp_path), "--prompt", "def f(",
+         "--max-new-tokens", "5", "--seed", "0"],
+        capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.startswith("def f(")
+    assert len(out.stdout) > len("def f(\n")
