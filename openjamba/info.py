@@ -111,6 +111,13 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
+def compact_plan(plan: list[str], per_group: int = 8) -> str:
+    """["mamba+mlp", "mamba+moe", ...] -> "M M+ M M+ A M+ M M+ | ..." (groups of 8 layers, one Jamba block)."""
+    codes = [("A" if p.startswith("attention") else "M") + ("+" if p.endswith("moe") else "") for p in plan]
+    groups = [" ".join(codes[i:i + per_group]) for i in range(0, len(codes), per_group)]
+    return " | ".join(groups)
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']}: {report['num_layers']} layers "
@@ -119,7 +126,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"context {report['context']:,} tokens, batch {report['batch']}, {report['dtype']} cache",
         f"  attention KV cache: {human_bytes(report['kv_cache_bytes'])}",
         f"  Mamba state:        {human_bytes(report['mamba_state_bytes'])} (constant in context)",
-        "layer plan: " + " ".join(f"{i}:{kind}" for i, kind in enumerate(report["layer_plan"])),
+        "layer plan (A attention, M Mamba, + MoE): " + compact_plan(report["layer_plan"]),
         "",
         f"{'model':<44}{'total':>10}{'active':>10}{'KV cache':>13}{'Mamba state':>14}",
     ]

@@ -1,9 +1,23 @@
 """Kernels used by the Mamba mixer, each a plain PyTorch reference plus faster implementations.
 
-The model calls only the three dispatchers below; they pick the implementation for the device.
+The model calls only the three dispatchers below. They pick a backend for the tensors' device:
+  "torch"   plain PyTorch (ops/scan.py, ops/conv.py): runs everywhere, the fallback
+  "cpu"     compiled CPU kernels (ops/cpu_kernels.py), when they build on this machine
+  "triton"  Triton GPU kernels (ops/triton_kernels.py), on CUDA devices
+Set OPENJAMBA_KERNEL=torch|cpu|triton to force one (an error if it cannot run); by default the fast backend of
+the device is used when available, with a one-line notice when falling back to plain PyTorch.
+
+A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
+`selective_scan`, `selective_state_update`, `causal_conv1d` with the signatures below; an op it lacks falls back
+to the plain PyTorch one.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
 
 import torch
 
@@ -11,6 +25,7 @@ from .conv import causal_conv1d_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
+    "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
     "selective_scan",
@@ -19,6 +34,44 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
 ]
+
+BACKEND_MODULES = {"cpu": "openjamba.ops.cpu_kernels", "triton": "openjamba.ops.triton_kernels"}
+PREFERRED = {"cpu": "cpu", "cuda": "triton"}
+_chosen: dict[str, ModuleType | None] = {}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as err:
+        return None, f"cannot import {BACKEND_MODULES[name]}: {err}"
+    ok, why = module.is_available()
+    return (module, "") if ok else (None, why)
+
+
+def backend_for(device: torch.device) -> ModuleType | None:
+    """The fast backend module for a device, or None for plain PyTorch. Decided once per device type."""
+    kind = device.type
+    if kind in _chosen:
+        return _chosen[kind]
+    forced = os.environ.get("OPENJAMBA_KERNEL", "").strip().lower()
+    if forced and forced not in ("torch", *BACKEND_MODULES):
+        raise ValueError(f"OPENJAMBA_KERNEL={forced!r}: choose torch, {', '.join(BACKEND_MODULES)}")
+    wanted = forced or PREFERRED.get(kind)
+    module = None
+    if wanted and wanted != "torch":
+        module, why = _load(wanted)
+        if module is None and forced:
+            raise RuntimeError(f"OPENJAMBA_KERNEL={forced} cannot run here: {why}")
+        if module is None:
+            print(f"openjamba: {wanted} kernels unavailable ({why}); using plain PyTorch ops", file=sys.stderr)
+    _chosen[kind] = module
+    return module
+
+
+def _op(device: torch.device, name: str):
+    module = backend_for(device)
+    return getattr(module, name, None) if module is not None else None
 
 
 def selective_scan(
@@ -35,9 +88,8 @@ def selective_scan(
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Full-sequence selective scan; see `ops.scan` for the contract."""
-    return selective_scan_chunked(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
-    )
+    fn = _op(u.device, "selective_scan") or selective_scan_chunked
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
 
 
 def selective_state_update(
@@ -53,7 +105,8 @@ def selective_state_update(
     delta_softplus: bool = False,
 ) -> torch.Tensor:
     """One decoding step, updating `state` in place."""
-    return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fn = _op(u.device, "selective_state_update") or selective_state_update_ref
+    return fn(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d(
@@ -64,4 +117,5 @@ def causal_conv1d(
     silu: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv with a carried-in window; see `ops.conv`."""
-    return causal_conv1d_ref(x, weight, bias, window, silu)
+    fn = _op(x.device, "causal_conv1d") or causal_conv1d_ref
+    return fn(x, weight, bias, window, silu)
