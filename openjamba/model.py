@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
@@ -65,7 +66,7 @@ class Attention(nn.Module):
             k, v = kv.append(k, v, mask.past_length)  # (B, kv_heads, past + T, hd)
         out = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=mask.bool_mask,
+            attn_mask=mask.mask,
             is_causal=mask.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -78,7 +79,7 @@ class AttentionMask:
     """How the attention layers of one forward mask: built once per forward, shared by all of them."""
 
     past_length: int
-    bool_mask: torch.Tensor | None  # (B or 1, 1, T, past + T), True = attend
+    mask: torch.Tensor | CausalBias | None  # bools (B or 1, 1, T, past + T), True = attend; or a lazy causal bias
     is_causal: bool
 
     @staticmethod
@@ -89,6 +90,9 @@ class AttentionMask:
                 return AttentionMask(0, None, is_causal=length > 1)
             if length == 1:
                 return AttentionMask(past_length, None, is_causal=False)
+            # A chunk continuing a cached sequence: causal aligned to the bottom right, never materialised
+            # (a bool mask would be T x (past + T): 512 MB for a 2K chunk at 256K context).
+            return AttentionMask(past_length, causal_lower_right(length, past_length + length), is_causal=False)
         total = past_length + length
         query_pos = torch.arange(past_length, total, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None, :]
