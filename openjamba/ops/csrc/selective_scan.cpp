@@ -1,0 +1,469 @@
+// Selective scan (Mamba-1) for CPUs: forward, chunk-checkpointed backward and the one-token decode step.
+//
+// Plain C++ with no PyTorch headers, so it builds in seconds; Python calls it through ctypes with one ScanArgs
+// struct (openjamba/ops/cpu_kernels.py mirrors it). Layout is token-major, as in ops/scan.py:
+//   u, delta, z, out, dout, du, ddelta, dz: rows (batch, length, channels), channel stride 1, any row strides
+//   B, C: rows (batch, length, state), state stride 1;  A: (channels, state);  D, bias: (channels,)
+//   h0, hT, dh0, dhT: (batch, channels, state);  ckpt: (batch, chunks, channels, state), the state entering each chunk
+//   dB, dC: (groups, batch, length, state) partial sums over each group's channels, summed by the caller
+//
+// Work is split into channel blocks of W channels (the vector width; leftover channels get blocks of width 1) and
+// the blocks into `groups` of consecutive channels. Time is walked in chunks of `chunk` steps, and within a chunk
+// block by block, so each step's inputs are read while their cache lines and pages are hot. The state of a block is
+// a small [state][W] array in L1; every per-channel loop runs over W lanes and is vectorised (exp included).
+//
+// Backward: per chunk, recompute the chunk's states from its checkpoint into a (chunk, state, W) buffer, then run
+// the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards. Groups own their channels, so dA, dD and dbias
+// accumulate without races; dB and dC (sums over channels) go to per-group partial buffers.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+#ifndef OPENJAMBA_LANES
+#define OPENJAMBA_LANES 16
+#endif
+constexpr int W = OPENJAMBA_LANES;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Math. fp32 uses inline, branch-free versions the compiler can vectorise (libm calls cannot be, and a call in the
+// state loop would also spill every register); fp64 uses libm, since it exists for exact comparisons in tests.
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// 2^x = 2^k 2^r with k = round(x), |r| <= 1/2, 2^r by a degree-6 polynomial (least-squares fit for relative
+// error: 2e-9 in exact arithmetic, ~1e-7 = 1.5 ulp after fp32 rounding). Limits: 0 below -126.5 (no denormals), inf
+// from 128 (up, 2^127.49 for x in (127.49, 128)), NaN stays NaN. Branch-free so loops over it vectorise.
+inline float exp2_f32(float x) {
+  const float lo = -127.0f, hi = 127.49f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const float kb = xc + magic;
+  const int32_t k = static_cast<int32_t>(float_to_bits(kb)) - static_cast<int32_t>(float_to_bits(magic));
+  const float r = xc - (kb - magic);
+  float p = 1.5370715e-4f;
+  p = p * r + 1.3399858e-3f;
+  p = p * r + 9.6183736e-3f;
+  p = p * r + 5.5503290e-2f;
+  p = p * r + 2.4022648e-1f;
+  p = p * r + 6.9314718e-1f;
+  p = p * r + 1.0f;
+  const float y = p * bits_to_float(static_cast<uint32_t>(k + 127) << 23);  // k = -127 gives the scale 0
+  return x >= 128.0f ? std::numeric_limits<float>::infinity() : y;
+}
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2 = 0.69314718055994531f;
+
+inline float exp_f32(float x) { return exp2_f32(x * LOG2E); }
+
+// log(1 + w) for w in [0, 1]: log of v = 1 + w as 2 atanh(s) with s = (m - 1) / (m + 1) after scaling v into
+// [0.707, 1.414] (|s| < 0.172, series to s^9), then Goldberg's correction w / (v - 1) for the rounding of 1 + w.
+inline float log1p_unit_f32(float w) {
+  const float v = 1.0f + w;
+  const bool big = v > 1.41421356f;
+  const float m = big ? 0.5f * v : v;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  const float log_v = 2.0f * s * p + (big ? 0.69314718056f : 0.0f);
+  const float dv = v - 1.0f;
+  return dv == 0.0f ? w : log_v * (w / (dv == 0.0f ? 1.0f : dv));
+}
+
+template <typename T>
+struct Math;
+
+// exp_scaled(x) = exp(x / exp_scale): the state loop stores A * exp_scale once and saves a multiply per element.
+template <>
+struct Math<float> {
+  static constexpr float exp_scale = LOG2E;
+  static float exp_scaled(float x) { return exp2_f32(x); }
+  // softplus(x) = max(x, 0) + log1p(exp(-|x|)): no overflow, and equal to x in fp32 for x > 17.
+  static float softplus(float x) { return (x < 0.0f ? 0.0f : x) + log1p_unit_f32(exp_f32(-std::fabs(x))); }
+  static float sigmoid(float x) { return 1.0f / (1.0f + exp2_f32(-LOG2E * x)); }
+  static float softplus_grad(float x) { return sigmoid(x); }  // already 1 in fp32 where torch switches to 1
+};
+
+template <>
+struct Math<double> {
+  static constexpr double exp_scale = 1.0;
+  static double exp_scaled(double x) { return std::exp(x); }
+  static double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+  static double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+  static double softplus_grad(double x) { return x > 20.0 ? 1.0 : sigmoid(x); }  // torch's threshold, exactly
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Arguments, shared with Python (ctypes.Structure in cpu_kernels.py: same fields, same order).
+
+struct Rows {
+  void* ptr;
+  int64_t batch_stride, token_stride;  // in elements
+};
+
+struct ScanArgs {
+  int64_t batch, length, channels, state, chunk, groups, threads, softplus;
+  Rows u, delta, z, B, C, out, dout, du, ddelta, dz;
+  void *A, *D, *bias, *h0, *hT, *ckpt;
+  void *dhT, *dA, *dD, *dbias, *dh0, *dB, *dC;
+};
+
+template <typename T>
+inline const T* row(const Rows& r, int64_t b, int64_t t) {
+  return static_cast<const T*>(r.ptr) + b * r.batch_stride + t * r.token_stride;
+}
+
+template <typename T>
+inline T* row_out(const Rows& r, int64_t b, int64_t t) {
+  return static_cast<T*>(r.ptr) + b * r.batch_stride + t * r.token_stride;
+}
+
+// Channel blocks: blocks [0, full) have W channels, the rest one channel each.
+struct Blocks {
+  int64_t channels, full, count;
+  explicit Blocks(int64_t channels) : channels(channels), full(channels / W), count(full + channels % W) {}
+  int64_t start(int64_t k) const { return k < full ? k * W : full * W + (k - full); }
+  int64_t width(int64_t k) const { return k < full ? W : 1; }
+  // Blocks of group g: those starting in channels [g * channels / groups, (g + 1) * channels / groups).
+  int64_t first_of_group(int64_t g, int64_t groups) const {
+    const int64_t c = (g * channels + groups - 1) / groups;
+    return c <= full * W ? (c + W - 1) / W : full + (c - full * W);
+  }
+};
+
+// Per-block constants laid out [state][lane], and the block's per-channel parameters.
+template <typename T, int WB>
+struct BlockParams {
+  std::vector<T> A;  // (state, WB), times Math<T>::exp_scale
+  T D[WB], bias[WB];
+  BlockParams(const ScanArgs& a, int64_t d0) : A(a.state * WB) {
+    const T* Ap = static_cast<const T*>(a.A);
+    for (int64_t n = 0; n < a.state; ++n)
+      for (int w = 0; w < WB; ++w) A[n * WB + w] = Ap[(d0 + w) * a.state + n] * Math<T>::exp_scale;
+    for (int w = 0; w < WB; ++w) {
+      D[w] = a.D ? static_cast<const T*>(a.D)[d0 + w] : T(0);
+      bias[w] = a.bias ? static_cast<const T*>(a.bias)[d0 + w] : T(0);
+    }
+  }
+};
+
+// (batch, channels, state) <-> a block's [state][lane] array.
+template <typename T, int WB>
+void load_state(const void* src, int64_t b, int64_t d0, const ScanArgs& a, T* h) {
+  const T* s = static_cast<const T*>(src) + (b * a.channels + d0) * a.state;
+  for (int w = 0; w < WB; ++w)
+    for (int64_t n = 0; n < a.state; ++n) h[n * WB + w] = src ? s[w * a.state + n] : T(0);
+}
+
+template <typename T, int WB>
+void store_state(void* dst, int64_t b, int64_t d0, int64_t channels, int64_t state, const T* h) {
+  T* s = static_cast<T*>(dst) + (b * channels + d0) * state;
+  for (int w = 0; w < WB; ++w)
+    for (int64_t n = 0; n < state; ++n) s[w * state + n] = h[n * WB + w];
+}
+
+// dt = softplus(delta + bias) (or delta + bias) for one step of a block.
+template <typename T, int WB>
+inline void step_dt(const ScanArgs& a, const BlockParams<T, WB>& p, const T* delta, T* dt) {
+  if (a.softplus) {
+#pragma omp simd
+    for (int w = 0; w < WB; ++w) dt[w] = Math<T>::softplus(delta[w] + p.bias[w]);
+  } else {
+#pragma omp simd
+    for (int w = 0; w < WB; ++w) dt[w] = delta[w] + p.bias[w];
+  }
+}
+
+// One step of the recurrence for a block: h_out = exp(dt A) h_in + dt u B_t (h_out may be h_in); returns
+// sum_n C_t h_out in y. With KEEP, the decays exp(dt A) are written to `decay` (the backward reuses them).
+template <typename T, int WB, bool KEEP>
+inline void step_state(int64_t N, const T* A, const T* dt, const T* du, const T* Bt, const T* Ct, const T* h_in,
+                       T* h_out, T* y, T* decay) {
+  for (int w = 0; w < WB; ++w) y[w] = T(0);
+  for (int64_t n = 0; n < N; ++n) {
+    const T bn = Bt[n], cn = Ct[n];
+    const T* An = A + n * WB;
+#pragma omp simd
+    for (int w = 0; w < WB; ++w) {
+      const T an = Math<T>::exp_scaled(dt[w] * An[w]);
+      const T hv = an * h_in[n * WB + w] + du[w] * bn;
+      h_out[n * WB + w] = hv;
+      y[w] += cn * hv;
+      if (KEEP) decay[n * WB + w] = an;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward.
+
+// Steps [t0, t1) of one block, state h ([state][WB]) carried in and out.
+template <typename T, int WB>
+void forward_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t t0, int64_t t1,
+                   T* h) {
+  T dt[WB], du[WB], y[WB];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* ut = row<T>(a.u, b, t) + d0;
+    step_dt<T, WB>(a, p, row<T>(a.delta, b, t) + d0, dt);
+#pragma omp simd
+    for (int w = 0; w < WB; ++w) du[w] = dt[w] * ut[w];
+    step_state<T, WB, false>(a.state, p.A.data(), dt, du, row<T>(a.B, b, t), row<T>(a.C, b, t), h, h, y, nullptr);
+    T* ot = row_out<T>(a.out, b, t) + d0;
+    if (a.z.ptr) {
+      const T* zt = row<T>(a.z, b, t) + d0;
+#pragma omp simd
+      for (int w = 0; w < WB; ++w) ot[w] = (y[w] + p.D[w] * ut[w]) * zt[w] * Math<T>::sigmoid(zt[w]);
+    } else {
+#pragma omp simd
+      for (int w = 0; w < WB; ++w) ot[w] = y[w] + p.D[w] * ut[w];
+    }
+  }
+}
+
+template <typename T, int WB>
+void forward_block_chunk(const ScanArgs& a, int64_t b, int64_t d0, int64_t c, T* h) {
+  const BlockParams<T, WB> p(a, d0);  // cheap next to a chunk of steps
+  const int64_t t0 = c * a.chunk, t1 = std::min(a.length, t0 + a.chunk);
+  if (c == 0) load_state<T, WB>(a.h0, b, d0, a, h);
+  if (a.ckpt) store_state<T, WB>(a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, d0, a.channels, a.state, h);
+  forward_chunk<T, WB>(a, p, b, d0, t0, t1, h);
+  if (t1 == a.length && a.hT) store_state<T, WB>(a.hT, b, d0, a.channels, a.state, h);
+}
+
+template <typename T>
+void forward(const ScanArgs& a) {
+  const Blocks blocks(a.channels);
+  const int64_t chunks = (a.length + a.chunk - 1) / a.chunk;
+#pragma omp parallel for num_threads(a.threads) schedule(static)
+  for (int64_t item = 0; item < a.batch * a.groups; ++item) {
+    const int64_t b = item / a.groups, g = item % a.groups;
+    const int64_t k0 = blocks.first_of_group(g, a.groups), k1 = blocks.first_of_group(g + 1, a.groups);
+    std::vector<T> states(W * a.state * (k1 - k0));  // one [state][W] slot per block of the group
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t k = k0; k < k1; ++k) {
+        T* h = states.data() + (k - k0) * W * a.state;
+        if (blocks.width(k) == W)
+          forward_block_chunk<T, W>(a, b, blocks.start(k), c, h);
+        else
+          forward_block_chunk<T, 1>(a, b, blocks.start(k), c, h);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward.
+
+// Per-thread buffers for one chunk of one block, plus the group's lane partials of dB and dC for the chunk.
+template <typename T>
+struct Scratch {
+  int64_t N;
+  std::vector<T> h, decay, dt, y, dB, dC;  // h: (chunk + 1, N, W); decay: (chunk, N, W); dt, y: (chunk, W)
+  Scratch(int64_t chunk, int64_t N)
+      : N(N), h((chunk + 1) * N * W), decay(chunk * N * W), dt(chunk * W), y(chunk * W),
+        dB(chunk * N * W), dC(chunk * N * W) {}
+};
+
+// Per-block accumulators carried across chunks (adjoint g, dA) and across the batch (dA, dD, dbias).
+template <typename T>
+struct Carry {
+  T* g;   // (N, W): dL/dh entering the step after the current one, already multiplied by its decay
+  T* dA;  // (N, W)
+  T* dD;  // (W,)
+  T* dbias;
+};
+
+// Recompute a chunk's states, decays, dt and pre-gate outputs from its checkpoint.
+template <typename T, int WB>
+void recompute_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t c, int64_t len,
+                     Scratch<T>& s) {
+  const int64_t N = a.state, t0 = c * a.chunk, chunks = (a.length + a.chunk - 1) / a.chunk;
+  load_state<T, WB>(a.ckpt, b * chunks + c, d0, a, s.h.data());
+  T du[WB];
+  for (int64_t i = 0; i < len; ++i) {
+    const T* ut = row<T>(a.u, b, t0 + i) + d0;
+    T* dt = s.dt.data() + i * W;
+    step_dt<T, WB>(a, p, row<T>(a.delta, b, t0 + i) + d0, dt);
+    for (int w = 0; w < WB; ++w) du[w] = dt[w] * ut[w];
+    T* h = s.h.data() + i * N * WB;
+    step_state<T, WB, true>(N, p.A.data(), dt, du, row<T>(a.B, b, t0 + i), row<T>(a.C, b, t0 + i), h, h + N * WB,
+                            s.y.data() + i * W, s.decay.data() + i * N * WB);
+  }
+}
+
+// Gradient of the gated output at one step: returns dy (w.r.t. the pre-gate output) and writes dz.
+template <typename T, int WB>
+inline void gate_backward(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t t, int64_t d0,
+                          const T* ut, const T* y, T* dy) {
+  const T* go = row<T>(a.dout, b, t) + d0;
+  if (!a.z.ptr) {
+    for (int w = 0; w < WB; ++w) dy[w] = go[w];
+    return;
+  }
+  const T* zt = row<T>(a.z, b, t) + d0;
+  T* dz = row_out<T>(a.dz, b, t) + d0;
+#pragma omp simd
+  for (int w = 0; w < WB; ++w) {
+    const T sg = Math<T>::sigmoid(zt[w]);
+    const T pre = y[w] + p.D[w] * ut[w];
+    dy[w] = go[w] * zt[w] * sg;
+    dz[w] = go[w] * pre * sg * (T(1) + zt[w] * (T(1) - sg));
+  }
+}
+
+// The adjoint recurrence over one chunk of one block, newest step first.
+template <typename T, int WB>
+void adjoint_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t c, int64_t len,
+                   Scratch<T>& s, Carry<T>& carry) {
+  const int64_t N = a.state, t0 = c * a.chunk;
+  T dy[WB], du[WB], sum_gB[WB], sum_gAah[WB];
+  for (int64_t i = len - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const T* ut = row<T>(a.u, b, t) + d0;
+    const T* dt = s.dt.data() + i * W;
+    gate_backward<T, WB>(a, p, b, t, d0, ut, s.y.data() + i * W, dy);
+    const T* Bt = row<T>(a.B, b, t);
+    const T* Ct = row<T>(a.C, b, t);
+    const T* h_prev = s.h.data() + i * N * WB;
+    const T* h_now = h_prev + N * WB;
+    const T* decay = s.decay.data() + i * N * WB;
+    T* dB_lanes = s.dB.data() + i * N * W;
+    T* dC_lanes = s.dC.data() + i * N * W;
+    for (int w = 0; w < WB; ++w) {
+      sum_gB[w] = sum_gAah[w] = T(0);
+      du[w] = dt[w] * ut[w];
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const T bn = Bt[n], cn = Ct[n];
+      T* g = carry.g + n * WB;
+      T* dA = carry.dA + n * WB;
+      const T* An = p.A.data() + n * WB;
+#pragma omp simd
+      for (int w = 0; w < WB; ++w) {
+        const int64_t nw = n * WB + w;
+        const T gv = g[w] + cn * dy[w];                // dL/dh_t
+        const T sv = gv * decay[nw] * h_prev[nw];      // dL/d(dt A)
+        dC_lanes[n * W + w] += dy[w] * h_now[nw];
+        dB_lanes[n * W + w] += gv * du[w];
+        sum_gB[w] += gv * bn;
+        sum_gAah[w] += sv * An[w];  // An is A * exp_scale
+        dA[w] += sv * dt[w];
+        g[w] = decay[nw] * gv;
+      }
+    }
+    const T* delta = row<T>(a.delta, b, t) + d0;
+    T* grad_u = row_out<T>(a.du, b, t) + d0;
+    T* grad_delta = row_out<T>(a.ddelta, b, t) + d0;
+#pragma omp simd
+    for (int w = 0; w < WB; ++w) {
+      const T ddt = ut[w] * sum_gB[w] + sum_gAah[w] / Math<T>::exp_scale;
+      const T ddelta = a.softplus ? ddt * Math<T>::softplus_grad(delta[w] + p.bias[w]) : ddt;
+      grad_u[w] = dt[w] * sum_gB[w] + p.D[w] * dy[w];
+      grad_delta[w] = ddelta;
+      carry.dbias[w] += ddelta;
+      carry.dD[w] += dy[w] * ut[w];
+    }
+  }
+}
+
+template <typename T, int WB>
+void backward_block_chunk(const ScanArgs& a, int64_t b, int64_t d0, int64_t c, Scratch<T>& s, Carry<T>& carry) {
+  const BlockParams<T, WB> p(a, d0);
+  const int64_t t0 = c * a.chunk, len = std::min(a.length, t0 + a.chunk) - t0;
+  if (t0 + len == a.length) load_state<T, WB>(a.dhT, b, d0, a, carry.g);
+  recompute_chunk<T, WB>(a, p, b, d0, c, len, s);
+  adjoint_chunk<T, WB>(a, p, b, d0, c, len, s, carry);
+  if (c == 0) store_state<T, WB>(a.dh0, b, d0, a.channels, a.state, carry.g);
+}
+
+// Sum the lanes of the chunk's dB/dC partials into the group's (batch, length, state) slices, then clear them.
+template <typename T>
+void flush_lanes(const ScanArgs& a, int64_t g, int64_t b, int64_t t0, int64_t len, Scratch<T>& s) {
+  const int64_t N = a.state, offset = ((g * a.batch + b) * a.length + t0) * N;
+  T* dB = static_cast<T*>(a.dB) + offset;
+  T* dC = static_cast<T*>(a.dC) + offset;
+  for (int64_t i = 0; i < len * N; ++i) {
+    T sb = T(0), sc = T(0);
+    for (int w = 0; w < W; ++w) {
+      sb += s.dB[i * W + w];
+      sc += s.dC[i * W + w];
+    }
+    dB[i] = sb;
+    dC[i] = sc;
+  }
+  std::fill(s.dB.begin(), s.dB.end(), T(0));
+  std::fill(s.dC.begin(), s.dC.end(), T(0));
+}
+
+template <typename T>
+void backward(const ScanArgs& a) {
+  const Blocks blocks(a.channels);
+  const int64_t chunks = (a.length + a.chunk - 1) / a.chunk, N = a.state;
+#pragma omp parallel for num_threads(a.threads) schedule(static)
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t k0 = blocks.first_of_group(g, a.groups), k1 = blocks.first_of_group(g + 1, a.groups);
+    const int64_t nb = k1 - k0;
+    Scratch<T> s(a.chunk, N);
+    std::vector<T> g_state(nb * N * W), dA(nb * N * W, T(0)), dD(nb * W, T(0)), dbias(nb * W, T(0));
+    for (int64_t b = 0; b < a.batch; ++b) {
+      std::fill(g_state.begin(), g_state.end(), T(0));
+      for (int64_t c = chunks - 1; c >= 0; --c) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t j = k - k0;
+          Carry<T> carry{g_state.data() + j * N * W, dA.data() + j * N * W, dD.data() + j * W, dbias.data() + j * W};
+          if (blocks.width(k) == W)
+            backward_block_chunk<T, W>(a, b, blocks.start(k), c, s, carry);
+          else
+            backward_block_chunk<T, 1>(a, b, blocks.start(k), c, s, carry);
+        }
+        flush_lanes<T>(a, g, b, c * a.chunk, std::min(a.length, (c + 1) * a.chunk) - c * a.chunk, s);
+      }
+    }
+    // Per-channel sums over batch and time: this group's channels only, so no other thread writes them.
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j = k - k0, d0 = blocks.start(k), wb = blocks.width(k);
+      for (int64_t w = 0; w < wb; ++w) {
+        static_cast<T*>(a.dD)[d0 + w] = dD[j * W + w];
+        static_cast<T*>(a.dbias)[d0 + w] = dbias[j * W + w];
+        for (int64_t n = 0; n < N; ++n) static_cast<T*>(a.dA)[(d0 + w) * N + n] = dA[j * N * W + n * wb + w];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int openjamba_abi_version() { return 1; }
+int openjamba_lanes() { return W; }
+
+void scan_forward_f32(const ScanArgs* a) { forward<float>(*a); }
+void scan_forward_f64(const ScanArgs* a) { forward<double>(*a); }
+void scan_backward_f32(const ScanArgs* a) { backward<float>(*a); }
+void scan_backward_f64(const ScanArgs* a) { backward<double>(*a); }
+
+}  // extern "C"
