@@ -28,7 +28,7 @@ from .scan import selective_scan_ref
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cpp"
 ABI_VERSION = 1
 CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 8)
-SERIAL_BELOW = 1 << 15  # (batch * length * channels * state) below which one thread beats waking the others
+SERIAL_BELOW = 1 << 16  # batch * length * channels * state (~1 ns each) below which waking threads costs more
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,16 +160,24 @@ def _rowwise(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """In the compute dtype with the last dim contiguous; other strides (e.g. `chunk` views) are kept."""
     if t is None:
         return None
-    t = t.to(dtype)
+    if t.dtype != dtype:
+        t = t.to(dtype)
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _dense(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
 
 
 def _rows(t: torch.Tensor | None) -> _Rows:
-    return _Rows(None, 0, 0) if t is None else _Rows(t.data_ptr(), t.stride(0), t.stride(1))
+    """(batch, length, width) rows; a (batch, width) tensor is read as a sequence of length 1."""
+    if t is None:
+        return _Rows(None, 0, 0)
+    return _Rows(t.data_ptr(), t.stride(0), t.stride(1) if t.dim() == 3 else 0)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -297,17 +305,15 @@ def selective_state_update(
     direct = state.dtype in (torch.float32, torch.float64) and state.is_contiguous()
     work = state if direct else state.float().contiguous()
     dtype = work.dtype
-    # (batch, channels) -> (batch, 1, channels) views; the kernel reads them through their strides.
-    cu, cdelta, cz, cB, cC = (None if t is None else _rowwise(t, dtype).unsqueeze(1) for t in (u, delta, z, B, C))
+    cu, cdelta, cz, cB, cC = (_rowwise(t, dtype) for t in (u, delta, z, B, C))  # (batch, width): one-step rows
     cA, cD, cbias = (_dense(t, dtype) for t in (A, D, delta_bias))
     batch, channels = u.shape
     n = A.shape[-1]
-    threads = _threads(batch * channels * n * 16)  # a step is cheap: thread only when really wide
-    out = torch.empty(batch, 1, channels, dtype=dtype)
+    threads = _threads(batch * channels * n)
+    out = torch.empty(batch, channels, dtype=dtype)
     args = _args(batch, 1, channels, n, delta_softplus, threads, threads, u=cu, delta=cdelta, z=cz, B=cB, C=cC,
                  out=out, A=cA, D=cD, bias=cbias, h0=work, hT=work)
-    with torch.no_grad():
-        _call("forward", dtype, args)
+    _call("forward", dtype, args)
     if not direct:
         state.copy_(work)
-    return out[:, 0].to(u.dtype)
+    return out if out.dtype == u.dtype else out.to(u.dtype)

@@ -155,19 +155,39 @@ struct Blocks {
   }
 };
 
-// Per-block constants laid out [state][lane], and the block's per-channel parameters.
-template <typename T, int WB>
+// One block's parameters in the layout of the vector loops.
+template <typename T>
 struct BlockParams {
-  std::vector<T> A;  // (state, WB), times Math<T>::exp_scale
-  T D[WB], bias[WB];
-  BlockParams(const ScanArgs& a, int64_t d0) : A(a.state * WB) {
-    const T* Ap = static_cast<const T*>(a.A);
-    for (int64_t n = 0; n < a.state; ++n)
-      for (int w = 0; w < WB; ++w) A[n * WB + w] = Ap[(d0 + w) * a.state + n] * Math<T>::exp_scale;
-    for (int w = 0; w < WB; ++w) {
-      D[w] = a.D ? static_cast<const T*>(a.D)[d0 + w] : T(0);
-      bias[w] = a.bias ? static_cast<const T*>(a.bias)[d0 + w] : T(0);
+  int64_t d0;     // first channel
+  const T* A;     // (state, width), times Math<T>::exp_scale
+  const T* D;     // (width,), zeros when absent
+  const T* bias;  // (width,), zeros when absent
+};
+
+// The blocks of one group (a work item's channels) with their parameters, laid out once per work item.
+template <typename T>
+struct Group {
+  const Blocks& blocks;
+  int64_t k0, k1, N;
+  std::vector<T> A, D, bias;  // one (N, W) / (W,) slot per block
+
+  Group(const ScanArgs& a, const Blocks& blocks, int64_t g)
+      : blocks(blocks), k0(blocks.first_of_group(g, a.groups)), k1(blocks.first_of_group(g + 1, a.groups)),
+        N(a.state), A((k1 - k0) * N * W), D((k1 - k0) * W, T(0)), bias((k1 - k0) * W, T(0)) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j = k - k0, d0 = blocks.start(k), wb = blocks.width(k);
+      for (int64_t w = 0; w < wb; ++w) {
+        for (int64_t n = 0; n < N; ++n)
+          A[j * N * W + n * wb + w] = static_cast<const T*>(a.A)[(d0 + w) * N + n] * Math<T>::exp_scale;
+        if (a.D) D[j * W + w] = static_cast<const T*>(a.D)[d0 + w];
+        if (a.bias) bias[j * W + w] = static_cast<const T*>(a.bias)[d0 + w];
+      }
     }
+  }
+  int64_t size() const { return k1 - k0; }
+  bool full(int64_t j) const { return blocks.width(k0 + j) == W; }
+  BlockParams<T> params(int64_t j) const {
+    return {blocks.start(k0 + j), A.data() + j * N * W, D.data() + j * W, bias.data() + j * W};
   }
 };
 
@@ -188,7 +208,7 @@ void store_state(void* dst, int64_t b, int64_t d0, int64_t channels, int64_t sta
 
 // dt = softplus(delta + bias) (or delta + bias) for one step of a block.
 template <typename T, int WB>
-inline void step_dt(const ScanArgs& a, const BlockParams<T, WB>& p, const T* delta, T* dt) {
+inline void step_dt(const ScanArgs& a, const BlockParams<T>& p, const T* delta, T* dt) {
   if (a.softplus) {
 #pragma omp simd
     for (int w = 0; w < WB; ++w) dt[w] = Math<T>::softplus(delta[w] + p.bias[w]);
@@ -223,15 +243,15 @@ inline void step_state(int64_t N, const T* A, const T* dt, const T* du, const T*
 
 // Steps [t0, t1) of one block, state h ([state][WB]) carried in and out.
 template <typename T, int WB>
-void forward_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t t0, int64_t t1,
-                   T* h) {
+void forward_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t t0, int64_t t1, T* h) {
+  const int64_t d0 = p.d0;
   T dt[WB], du[WB], y[WB];
   for (int64_t t = t0; t < t1; ++t) {
     const T* ut = row<T>(a.u, b, t) + d0;
     step_dt<T, WB>(a, p, row<T>(a.delta, b, t) + d0, dt);
 #pragma omp simd
     for (int w = 0; w < WB; ++w) du[w] = dt[w] * ut[w];
-    step_state<T, WB, false>(a.state, p.A.data(), dt, du, row<T>(a.B, b, t), row<T>(a.C, b, t), h, h, y, nullptr);
+    step_state<T, WB, false>(a.state, p.A, dt, du, row<T>(a.B, b, t), row<T>(a.C, b, t), h, h, y, nullptr);
     T* ot = row_out<T>(a.out, b, t) + d0;
     if (a.z.ptr) {
       const T* zt = row<T>(a.z, b, t) + d0;
@@ -245,13 +265,12 @@ void forward_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, in
 }
 
 template <typename T, int WB>
-void forward_block_chunk(const ScanArgs& a, int64_t b, int64_t d0, int64_t c, T* h) {
-  const BlockParams<T, WB> p(a, d0);  // cheap next to a chunk of steps
+void forward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, T* h) {
   const int64_t t0 = c * a.chunk, t1 = std::min(a.length, t0 + a.chunk);
-  if (c == 0) load_state<T, WB>(a.h0, b, d0, a, h);
-  if (a.ckpt) store_state<T, WB>(a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, d0, a.channels, a.state, h);
-  forward_chunk<T, WB>(a, p, b, d0, t0, t1, h);
-  if (t1 == a.length && a.hT) store_state<T, WB>(a.hT, b, d0, a.channels, a.state, h);
+  if (c == 0) load_state<T, WB>(a.h0, b, p.d0, a, h);
+  if (a.ckpt) store_state<T, WB>(a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, p.d0, a.channels, a.state, h);
+  forward_chunk<T, WB>(a, p, b, t0, t1, h);
+  if (t1 == a.length && a.hT) store_state<T, WB>(a.hT, b, p.d0, a.channels, a.state, h);
 }
 
 template <typename T>
@@ -260,16 +279,16 @@ void forward(const ScanArgs& a) {
   const int64_t chunks = (a.length + a.chunk - 1) / a.chunk;
 #pragma omp parallel for num_threads(a.threads) schedule(static)
   for (int64_t item = 0; item < a.batch * a.groups; ++item) {
-    const int64_t b = item / a.groups, g = item % a.groups;
-    const int64_t k0 = blocks.first_of_group(g, a.groups), k1 = blocks.first_of_group(g + 1, a.groups);
-    std::vector<T> states(W * a.state * (k1 - k0));  // one [state][W] slot per block of the group
+    const int64_t b = item / a.groups;
+    const Group<T> group(a, blocks, item % a.groups);
+    std::vector<T> states(group.size() * a.state * W);  // one [state][W] slot per block
     for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t k = k0; k < k1; ++k) {
-        T* h = states.data() + (k - k0) * W * a.state;
-        if (blocks.width(k) == W)
-          forward_block_chunk<T, W>(a, b, blocks.start(k), c, h);
+      for (int64_t j = 0; j < group.size(); ++j) {
+        T* h = states.data() + j * a.state * W;
+        if (group.full(j))
+          forward_block_chunk<T, W>(a, group.params(j), b, c, h);
         else
-          forward_block_chunk<T, 1>(a, b, blocks.start(k), c, h);
+          forward_block_chunk<T, 1>(a, group.params(j), b, c, h);
       }
   }
 }
@@ -298,9 +317,8 @@ struct Carry {
 
 // Recompute a chunk's states, decays, dt and pre-gate outputs from its checkpoint.
 template <typename T, int WB>
-void recompute_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t c, int64_t len,
-                     Scratch<T>& s) {
-  const int64_t N = a.state, t0 = c * a.chunk, chunks = (a.length + a.chunk - 1) / a.chunk;
+void recompute_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, int64_t len, Scratch<T>& s) {
+  const int64_t N = a.state, d0 = p.d0, t0 = c * a.chunk, chunks = (a.length + a.chunk - 1) / a.chunk;
   load_state<T, WB>(a.ckpt, b * chunks + c, d0, a, s.h.data());
   T du[WB];
   for (int64_t i = 0; i < len; ++i) {
@@ -309,14 +327,14 @@ void recompute_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, 
     step_dt<T, WB>(a, p, row<T>(a.delta, b, t0 + i) + d0, dt);
     for (int w = 0; w < WB; ++w) du[w] = dt[w] * ut[w];
     T* h = s.h.data() + i * N * WB;
-    step_state<T, WB, true>(N, p.A.data(), dt, du, row<T>(a.B, b, t0 + i), row<T>(a.C, b, t0 + i), h, h + N * WB,
+    step_state<T, WB, true>(N, p.A, dt, du, row<T>(a.B, b, t0 + i), row<T>(a.C, b, t0 + i), h, h + N * WB,
                             s.y.data() + i * W, s.decay.data() + i * N * WB);
   }
 }
 
 // Gradient of the gated output at one step: returns dy (w.r.t. the pre-gate output) and writes dz.
 template <typename T, int WB>
-inline void gate_backward(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t t, int64_t d0,
+inline void gate_backward(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t t, int64_t d0,
                           const T* ut, const T* y, T* dy) {
   const T* go = row<T>(a.dout, b, t) + d0;
   if (!a.z.ptr) {
@@ -336,9 +354,9 @@ inline void gate_backward(const ScanArgs& a, const BlockParams<T, WB>& p, int64_
 
 // The adjoint recurrence over one chunk of one block, newest step first.
 template <typename T, int WB>
-void adjoint_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, int64_t d0, int64_t c, int64_t len,
-                   Scratch<T>& s, Carry<T>& carry) {
-  const int64_t N = a.state, t0 = c * a.chunk;
+void adjoint_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, int64_t len, Scratch<T>& s,
+                   Carry<T>& carry) {
+  const int64_t N = a.state, t0 = c * a.chunk, d0 = p.d0;
   T dy[WB], du[WB], sum_gB[WB], sum_gAah[WB];
   for (int64_t i = len - 1; i >= 0; --i) {
     const int64_t t = t0 + i;
@@ -360,7 +378,7 @@ void adjoint_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, in
       const T bn = Bt[n], cn = Ct[n];
       T* g = carry.g + n * WB;
       T* dA = carry.dA + n * WB;
-      const T* An = p.A.data() + n * WB;
+      const T* An = p.A + n * WB;
 #pragma omp simd
       for (int w = 0; w < WB; ++w) {
         const int64_t nw = n * WB + w;
@@ -390,13 +408,13 @@ void adjoint_chunk(const ScanArgs& a, const BlockParams<T, WB>& p, int64_t b, in
 }
 
 template <typename T, int WB>
-void backward_block_chunk(const ScanArgs& a, int64_t b, int64_t d0, int64_t c, Scratch<T>& s, Carry<T>& carry) {
-  const BlockParams<T, WB> p(a, d0);
+void backward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, Scratch<T>& s,
+                          Carry<T>& carry) {
   const int64_t t0 = c * a.chunk, len = std::min(a.length, t0 + a.chunk) - t0;
-  if (t0 + len == a.length) load_state<T, WB>(a.dhT, b, d0, a, carry.g);
-  recompute_chunk<T, WB>(a, p, b, d0, c, len, s);
-  adjoint_chunk<T, WB>(a, p, b, d0, c, len, s, carry);
-  if (c == 0) store_state<T, WB>(a.dh0, b, d0, a.channels, a.state, carry.g);
+  if (t0 + len == a.length) load_state<T, WB>(a.dhT, b, p.d0, a, carry.g);
+  recompute_chunk<T, WB>(a, p, b, c, len, s);
+  adjoint_chunk<T, WB>(a, p, b, c, len, s, carry);
+  if (c == 0) store_state<T, WB>(a.dh0, b, p.d0, a.channels, a.state, carry.g);
 }
 
 // Sum the lanes of the chunk's dB/dC partials into the group's (batch, length, state) slices, then clear them.
@@ -424,27 +442,26 @@ void backward(const ScanArgs& a) {
   const int64_t chunks = (a.length + a.chunk - 1) / a.chunk, N = a.state;
 #pragma omp parallel for num_threads(a.threads) schedule(static)
   for (int64_t g = 0; g < a.groups; ++g) {
-    const int64_t k0 = blocks.first_of_group(g, a.groups), k1 = blocks.first_of_group(g + 1, a.groups);
-    const int64_t nb = k1 - k0;
+    const Group<T> group(a, blocks, g);
+    const int64_t nb = group.size();
     Scratch<T> s(a.chunk, N);
     std::vector<T> g_state(nb * N * W), dA(nb * N * W, T(0)), dD(nb * W, T(0)), dbias(nb * W, T(0));
     for (int64_t b = 0; b < a.batch; ++b) {
       std::fill(g_state.begin(), g_state.end(), T(0));
       for (int64_t c = chunks - 1; c >= 0; --c) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t j = k - k0;
+        for (int64_t j = 0; j < nb; ++j) {
           Carry<T> carry{g_state.data() + j * N * W, dA.data() + j * N * W, dD.data() + j * W, dbias.data() + j * W};
-          if (blocks.width(k) == W)
-            backward_block_chunk<T, W>(a, b, blocks.start(k), c, s, carry);
+          if (group.full(j))
+            backward_block_chunk<T, W>(a, group.params(j), b, c, s, carry);
           else
-            backward_block_chunk<T, 1>(a, b, blocks.start(k), c, s, carry);
+            backward_block_chunk<T, 1>(a, group.params(j), b, c, s, carry);
         }
         flush_lanes<T>(a, g, b, c * a.chunk, std::min(a.length, (c + 1) * a.chunk) - c * a.chunk, s);
       }
     }
     // Per-channel sums over batch and time: this group's channels only, so no other thread writes them.
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j = k - k0, d0 = blocks.start(k), wb = blocks.width(k);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t d0 = group.params(j).d0, wb = blocks.width(group.k0 + j);
       for (int64_t w = 0; w < wb; ++w) {
         static_cast<T*>(a.dD)[d0 + w] = dD[j * W + w];
         static_cast<T*>(a.dbias)[d0 + w] = dbias[j * W + w];
