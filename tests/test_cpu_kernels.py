@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openjamba import ops
-from openjamba.ops import cpu_kernels, selective_scan_ref, selective_state_update_ref
+from openjamba.ops import causal_conv1d_ref, cpu_build, cpu_kernels, selective_scan_ref, selective_state_update_ref
 
 from .conftest import random_model
 from .test_ops import scan_inputs
@@ -217,9 +217,59 @@ def test_model_gradients_match_plain_pytorch(monkeypatch):
 
 
 def test_unavailable_without_a_compiler(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_error", None)
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
+    monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
     monkeypatch.setenv("OPENJAMBA_CACHE", str(tmp_path))
     ok, why = cpu_kernels.is_available()
     assert not ok and "compiler" in why
+
+
+def conv_inputs(batch, length, channels, kernel, window=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return dict(x=r(batch, length, channels), weight=r(channels, kernel), bias=r(channels),
+                window=r(batch, kernel - 1, channels) if window else None)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 50])
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("silu", [True, False])
+def test_conv_matches_reference(length, kernel, silu):
+    args = conv_inputs(2, length, 37, kernel, window=length != 2, seed=length + kernel)
+    y_ref, win_ref = causal_conv1d_ref(**args, silu=silu)
+    y, win = cpu_kernels.causal_conv1d(**args, silu=silu)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(win, win_ref, atol=0, rtol=0)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in args.items() if v is not None}
+    g = torch.Generator().manual_seed(1)
+    wy, ww = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(win.shape, generator=g, dtype=y.dtype)
+
+    def loss(fn):
+        y, win = fn(**{**args, **leaves}, silu=silu)
+        return (y * wy).sum() + (win * ww).sum()
+
+    expected = torch.autograd.grad(loss(causal_conv1d_ref), list(leaves.values()))
+    got = torch.autograd.grad(loss(cpu_kernels.causal_conv1d), list(leaves.values()))
+    for name, a, b in zip(leaves, got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
+
+
+def test_conv_float32_and_views():
+    xz = torch.randn(2, 70, 2 * 40, generator=torch.Generator().manual_seed(3))
+    x = xz.chunk(2, dim=-1)[0]  # a view, as the mixer passes it
+    weight, bias = torch.randn(40, 4), torch.randn(40)
+    y_ref, win_ref = causal_conv1d_ref(x, weight, bias)
+    y, win = cpu_kernels.causal_conv1d(x, weight, bias)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(win, win_ref)
+
+
+def test_conv_gradcheck():
+    args = conv_inputs(2, 5, 3, 3, seed=4)
+    leaves = [v.clone().requires_grad_(True) for v in args.values()]
+    assert torch.autograd.gradcheck(lambda *t: cpu_kernels.causal_conv1d(*t), leaves)

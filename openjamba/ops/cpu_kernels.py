@@ -1,155 +1,33 @@
-"""Compiled CPU kernels for the Mamba ops: selective scan (forward + backward) and the decode step.
+"""Compiled CPU kernels for the Mamba ops: selective scan (forward + backward), decode step, causal conv1d.
 
-The C++ source (ops/csrc/selective_scan.cpp) includes no PyTorch headers and is called through ctypes, so the
-one-time build is a single compiler call of a few seconds rather than a torch extension build of close to a minute
-(and needs no ninja). The build is cached per source, compiler and target CPU under ~/.cache/openjamba (or
-$OPENJAMBA_CACHE); without a working C++ compiler `is_available()` says why and the dispatcher uses plain PyTorch.
+Same contracts as the plain PyTorch ops (ops/scan.py, ops/conv.py); the C++ lives in ops/csrc and is built at first
+use (ops/cpu_build.py). Inputs in bf16/fp16 are computed in fp32, fp64 in fp64. Every tensor input of
+`selective_scan` and `causal_conv1d` is differentiable through hand-written backward kernels.
 
-Training memory: the forward keeps only the state entering every chunk of CHUNK steps, (batch, L/CHUNK, channels,
-state); the backward recomputes each chunk's states from it.
+Training memory of the scan: the forward keeps only the state entering every chunk of CHUNK steps,
+(batch, L / CHUNK, channels, state); the backward recomputes each chunk's states from it, so nothing of size
+(batch, L, channels, state) ever exists.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 
+from . import cpu_build
+from .cpu_build import ConvArgs, ScanArgs, call, make_args
 from .scan import selective_scan_ref
 
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cpp"
-ABI_VERSION = 1
-CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 8)
-SERIAL_BELOW = 1 << 16  # batch * length * channels * state (~1 ns each) below which waking threads costs more
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Build and load.
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def _target_fingerprint(cxx: str, flags: list[str]) -> str:
-    """The compiler's predefined macros under these flags: they name the instruction sets -march=native picked."""
-    probe = _run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull])
-    return probe.stdout if probe.returncode == 0 else ""
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("OPENJAMBA_CACHE"):
-        return Path(os.environ["OPENJAMBA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openjamba"
-
-
-FLAG_SETS = (  # tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp)
-    ["-march=native", "-fopenmp"],
-    ["-fopenmp"],
-    ["-march=native", "-fopenmp-simd"],
-    [],
-)
-# -fno-trapping-math lets AVX2 if-convert the selects in exp (IEEE results, NaN and inf are unchanged).
-BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
-
-
-def _build() -> Path:
-    """Compile (or find in the cache) the shared library; raises RuntimeError with the compiler's complaint."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    source = SOURCE.read_bytes()
-    version = _run([cxx, "--version"]).stdout
-    errors = []
-    for extra in FLAG_SETS:
-        flags = BASE_FLAGS + extra
-        key = hashlib.sha256(
-            b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                       (source, cxx, version, " ".join(flags), _target_fingerprint(cxx, extra), platform.machine()))
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"cpu-kernels-{key}" / "selective_scan.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        print("openjamba: compiling CPU kernels (one-time, ~5 s)...", file=sys.stderr, flush=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-            result = _run([cxx, *flags, "-o", tmp.name, str(SOURCE)])
-        if result.returncode == 0:
-            os.replace(tmp.name, target)  # atomic: concurrent builders never load a half-written file
-            return target
-        os.unlink(tmp.name)
-        errors.append(f"{' '.join(extra) or 'no extra flags'}: {result.stderr.strip()[-300:]}")
-    raise RuntimeError("C++ build failed: " + " | ".join(errors))
-
-
-class _Rows(ctypes.Structure):
-    _fields_ = [("ptr", ctypes.c_void_p), ("batch_stride", ctypes.c_int64), ("token_stride", ctypes.c_int64)]
-
-
-_ROWS = ("u", "delta", "z", "B", "C", "out", "dout", "du", "ddelta", "dz")
-_POINTERS = ("A", "D", "bias", "h0", "hT", "ckpt", "dhT", "dA", "dD", "dbias", "dh0", "dB", "dC")
-
-
-class _ScanArgs(ctypes.Structure):
-    """Mirror of `ScanArgs` in selective_scan.cpp (same fields, same order)."""
-
-    _fields_ = (
-        [(name, ctypes.c_int64) for name in
-         ("batch", "length", "channels", "state", "chunk", "groups", "threads", "softplus")]
-        + [(name, _Rows) for name in _ROWS]
-        + [(name, ctypes.c_void_p) for name in _POINTERS]
-    )
-
-
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-
-
-def _library() -> ctypes.CDLL:
-    global _lib, _error
-    if _lib is None and _error is None:
-        try:
-            lib = ctypes.CDLL(str(_build()))
-            if lib.openjamba_abi_version() != ABI_VERSION:
-                raise RuntimeError("stale kernel library (ABI version mismatch)")
-            for name in ("scan_forward_f32", "scan_forward_f64", "scan_backward_f32", "scan_backward_f64"):
-                getattr(lib, name).argtypes = [ctypes.POINTER(_ScanArgs)]
-                getattr(lib, name).restype = None
-            lib.openjamba_lanes.restype = ctypes.c_int
-            _lib = lib
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _error = str(err)
-    if _lib is None:
-        raise RuntimeError(_error)
-    return _lib
+CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 16)
+SERIAL_BELOW = 1 << 16  # elements of work (~1 ns each) below which waking a second thread costs more than it saves
 
 
 def is_available() -> tuple[bool, str]:
     """(True, "") once the kernels are built and loaded; (False, why) otherwise. Builds on first call."""
     try:
-        _library()
+        cpu_build.library()
     except RuntimeError as err:
         return False, str(err)
     return True, ""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Calling the kernels.
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -173,32 +51,21 @@ def _dense(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _rows(t: torch.Tensor | None) -> _Rows:
-    """(batch, length, width) rows; a (batch, width) tensor is read as a sequence of length 1."""
-    if t is None:
-        return _Rows(None, 0, 0)
-    return _Rows(t.data_ptr(), t.stride(0), t.stride(1) if t.dim() == 3 else 0)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _args(batch: int, length: int, channels: int, state: int, softplus: bool, groups: int, threads: int,
-          **tensors: torch.Tensor | None) -> _ScanArgs:
-    args = _ScanArgs(batch, length, channels, state, CHUNK, groups, threads, int(softplus))
-    for name, t in tensors.items():
-        setattr(args, name, _rows(t) if name in _ROWS else _ptr(t))
-    return args
-
-
 def _threads(work: int) -> int:
     return 1 if work < SERIAL_BELOW else max(1, torch.get_num_threads())
 
 
-def _call(kind: str, dtype: torch.dtype, args: _ScanArgs) -> None:
-    suffix = "f64" if dtype == torch.float64 else "f32"
-    getattr(_library(), f"scan_{kind}_{suffix}")(ctypes.byref(args))
+def _owned_groups(threads: int, channels: int) -> int:
+    """Backward work items: channel groups, each owning its channels' parameter gradients (no races)."""
+    return max(1, min(threads, channels // cpu_build.lanes()))
+
+
+def _grads_as_inputs(grads, needs, dtypes) -> list:
+    return [None if g is None or not need else g.to(dtype) for g, need, dtype in zip(grads, needs, dtypes)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selective scan.
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, keep_checkpoints: bool):
@@ -208,13 +75,19 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, keep_
     threads = _threads(batch * length * channels * state)
     out = torch.empty(batch, length, channels, dtype=u.dtype)
     final = torch.empty(batch, channels, state, dtype=u.dtype)
-    ckpt = None
-    if keep_checkpoints:
-        ckpt = torch.empty(batch, -(-length // CHUNK), channels, state, dtype=u.dtype)
-    args = _args(batch, length, channels, state, softplus, threads, threads, u=u, delta=delta, z=z, B=B, C=C,
-                 out=out, A=A, D=D, bias=delta_bias, h0=h0, hT=final, ckpt=ckpt)
-    _call("forward", u.dtype, args)
+    ckpt = torch.empty(batch, -(-length // CHUNK), channels, state, dtype=u.dtype) if keep_checkpoints else None
+    args = make_args(ScanArgs, batch=batch, length=length, channels=channels, state=state, chunk=CHUNK,
+                     groups=threads, threads=threads, softplus=int(softplus), u=u, delta=delta, z=z, B=B, C=C,
+                     out=out, A=A, D=D, bias=delta_bias, h0=h0, hT=final, ckpt=ckpt)
+    call("scan_forward", u.dtype, args)
     return out, final, ckpt
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple:
+    dtype = _compute_dtype(u)
+    rows = [_rowwise(t, dtype) for t in (u, delta, B, C, z)]
+    params = [_dense(t, dtype) for t in (A, D, delta_bias, initial_state)]
+    return (*rows, *params)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -222,11 +95,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
-        dtype = _compute_dtype(u)
-        inputs = [_rowwise(t, dtype) for t in (u, delta, B, C, z)]
-        params = [_dense(t, dtype) for t in (A, D, delta_bias, initial_state)]
-        cu, cdelta, cB, cC, cz = inputs
-        cA, cD, cbias, ch0 = params
+        cu, cdelta, cB, cC, cz, cA, cD, cbias, ch0 = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
         y, final, ckpt = _scan_forward(cu, cdelta, cA, cB, cC, cD, cz, cbias, ch0, softplus, keep_checkpoints=True)
         ctx.save_for_backward(cu, cdelta, cB, cC, cz, cA, cD, cbias, ckpt)
         ctx.softplus = softplus
@@ -237,27 +106,22 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         u, delta, B, C, z, A, D, bias, ckpt = ctx.saved_tensors
         batch, length, channels = u.shape
-        state = A.shape[-1]
-        dtype = u.dtype
+        state, dtype = A.shape[-1], u.dtype
         threads = _threads(batch * length * channels * state)
-        # The backward splits channels only (each thread owns its channels' dA, dD, dbias; see the C++ notes).
-        groups = max(1, min(threads, channels // _library().openjamba_lanes()))
-        dy = _rowwise(dy, dtype)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = None if z is None else torch.empty(batch, length, channels, dtype=dtype)
-        dA = torch.empty_like(A)
-        dD, dbias = torch.empty(channels, dtype=dtype), torch.empty(channels, dtype=dtype)
-        dh0 = torch.empty(batch, channels, state, dtype=dtype)
-        dB = torch.empty(groups, batch, length, state, dtype=dtype)
+        groups = _owned_groups(threads, channels)
+        du, ddelta = torch.empty(u.shape, dtype=dtype), torch.empty(u.shape, dtype=dtype)
+        dz = None if z is None else torch.empty(u.shape, dtype=dtype)
+        dB = torch.empty(groups, batch, length, state, dtype=dtype)  # partial sums over each group's channels
         dC = torch.empty_like(dB)
-        args = _args(batch, length, channels, state, ctx.softplus, groups, threads, u=u, delta=delta, z=z, B=B, C=C,
-                     A=A, D=D, bias=bias, ckpt=ckpt, dout=dy, dhT=_dense(dfinal, dtype), du=du, ddelta=ddelta,
-                     dz=dz, dA=dA, dD=dD, dbias=dbias, dh0=dh0, dB=dB, dC=dC)
-        _call("backward", dtype, args)
+        dA, dD, dbias = torch.empty_like(A), u.new_empty(channels), u.new_empty(channels)
+        dh0 = u.new_empty(batch, channels, state)
+        args = make_args(ScanArgs, batch=batch, length=length, channels=channels, state=state, chunk=CHUNK,
+                         groups=groups, threads=threads, softplus=int(ctx.softplus), u=u, delta=delta, z=z, B=B,
+                         C=C, A=A, D=D, bias=bias, ckpt=ckpt, dout=_rowwise(dy, dtype), dhT=_dense(dfinal, dtype),
+                         du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, dbias=dbias, dh0=dh0, dB=dB, dC=dC)
+        call("scan_backward", dtype, args)
         grads = (du, ddelta, dA, dB.sum(0), dC.sum(0), dD, dz, dbias, dh0)
-        out = [None if g is None or not need or want is None else g.to(want)
-               for g, need, want in zip(grads, ctx.needs_input_grad, ctx.dtypes)]
-        return (*out, None)
+        return (*_grads_as_inputs(grads, ctx.needs_input_grad, ctx.dtypes), None)
 
 
 def selective_scan(
@@ -281,9 +145,7 @@ def selective_scan(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, final = _SelectiveScan.apply(*tensors, delta_softplus)
     else:
-        dtype = _compute_dtype(u)
-        cu, cdelta, cB, cC, cz = (_rowwise(t, dtype) for t in (u, delta, B, C, z))
-        cA, cD, cbias, ch0 = (_dense(t, dtype) for t in (A, D, delta_bias, initial_state))
+        cu, cdelta, cB, cC, cz, cA, cD, cbias, ch0 = _scan_inputs(*tensors)
         y, final, _ = _scan_forward(cu, cdelta, cA, cB, cC, cD, cz, cbias, ch0, delta_softplus, False)
         y = y.to(u.dtype)
     return (y, final) if return_final_state else y
@@ -301,19 +163,87 @@ def selective_state_update(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
 ) -> torch.Tensor:
-    """One decoding step (a scan of length 1 that reads and writes `state` in place); no autograd."""
+    """One decoding step: the scan kernel over one token, reading and writing `state` in place. No autograd."""
     direct = state.dtype in (torch.float32, torch.float64) and state.is_contiguous()
     work = state if direct else state.float().contiguous()
     dtype = work.dtype
     cu, cdelta, cz, cB, cC = (_rowwise(t, dtype) for t in (u, delta, z, B, C))  # (batch, width): one-step rows
     cA, cD, cbias = (_dense(t, dtype) for t in (A, D, delta_bias))
     batch, channels = u.shape
-    n = A.shape[-1]
-    threads = _threads(batch * channels * n)
+    threads = _threads(batch * channels * A.shape[-1])
     out = torch.empty(batch, channels, dtype=dtype)
-    args = _args(batch, 1, channels, n, delta_softplus, threads, threads, u=cu, delta=cdelta, z=cz, B=cB, C=cC,
-                 out=out, A=cA, D=cD, bias=cbias, h0=work, hT=work)
-    _call("forward", dtype, args)
+    args = make_args(ScanArgs, batch=batch, length=1, channels=channels, state=A.shape[-1], chunk=CHUNK,
+                     groups=threads, threads=threads, softplus=int(delta_softplus), u=cu, delta=cdelta, z=cz, B=cB,
+                     C=cC, out=out, A=cA, D=cD, bias=cbias, h0=work, hT=work)
+    call("scan_forward", dtype, args)
     if not direct:
         state.copy_(work)
     return out if out.dtype == u.dtype else out.to(u.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Causal depthwise conv1d.
+
+
+def _conv_args(x, weight, bias, window, silu: bool, groups: int, threads: int, **tensors) -> ConvArgs:
+    batch, length, channels = x.shape
+    return make_args(ConvArgs, batch=batch, length=length, channels=channels, kernel=weight.shape[-1], groups=groups,
+                     threads=threads, silu=int(silu), x=x, weight=weight, bias=bias, window=window, **tensors)
+
+
+def _conv_forward(x, weight, bias, window, silu: bool) -> torch.Tensor:
+    """Inputs already in the compute dtype; returns y (batch, length, channels)."""
+    batch, length, channels = x.shape
+    threads = _threads(batch * length * channels * weight.shape[-1])
+    y = torch.empty(batch, length, channels, dtype=x.dtype)
+    call("conv_forward", x.dtype, _conv_args(x, weight, bias, window, silu, threads, threads, y=y))
+    return y
+
+
+class _CausalConv1d(torch.autograd.Function):
+    """Saves only the inputs; the backward recomputes the pre-activations."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, window, silu):
+        dtype = _compute_dtype(x)
+        cx, cw, cb, cwin = _rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype)
+        ctx.save_for_backward(cx, cw, cb, cwin)
+        ctx.silu = silu
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, window)]
+        return _conv_forward(cx, cw, cb, cwin, silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, window = ctx.saved_tensors
+        batch, length, channels = x.shape
+        threads = _threads(batch * length * channels * weight.shape[-1])
+        dx = torch.empty(batch, length, channels, dtype=x.dtype)
+        dweight, dbias = torch.empty_like(weight), x.new_empty(channels)
+        dwindow = None if window is None else torch.empty_like(window)
+        args = _conv_args(x, weight, bias, window, ctx.silu, _owned_groups(threads, channels), threads,
+                          dy=_rowwise(dy, x.dtype), dx=dx, dweight=dweight, dbias=dbias, dwindow=dwindow)
+        call("conv_backward", x.dtype, args)
+        return (*_grads_as_inputs((dx, dweight, dbias, dwindow), ctx.needs_input_grad, ctx.dtypes), None)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `ops.conv.causal_conv1d_ref`: (y, new window), both differentiable."""
+    batch, length, channels = x.shape
+    kernel = weight.shape[-1]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)  # as the reference's x * weight
+    tensors = (x, weight, bias, window)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y = _CausalConv1d.apply(*tensors, silu)
+    else:
+        dtype = _compute_dtype(x)
+        y = _conv_forward(_rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype), silu)
+    # The new window is the last K - 1 rows of [window, x]: a few rows, left to plain (differentiable) torch ops.
+    before = x.new_zeros(batch, kernel - 1, channels) if window is None else window.to(x.dtype)
+    tail = torch.cat([before, x[:, max(0, length - (kernel - 1)):]], dim=1)
+    return y.to(out_dtype), tail[:, tail.shape[1] - (kernel - 1):]
