@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -94,6 +95,17 @@ def _scan_within_chunk(decay: torch.Tensor, inject: torch.Tensor, h0: torch.Tens
     return states
 
 
+def _scan_chunk(
+    dt: torch.Tensor, u: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk from state h: (y (batch, T, channels), state after the chunk). dt, A, h in the compute dtype."""
+    decay = torch.exp(dt.unsqueeze(-1) * A)  # (batch, T, channels, state)
+    inject = (dt * u.to(dt.dtype)).unsqueeze(-1) * B.to(dt.dtype).unsqueeze(2)
+    states = _scan_within_chunk(decay, inject, h)
+    # (batch, T, channels, state) x (batch, T, state) -> (batch, T, channels)
+    return torch.matmul(states, C.to(dt.dtype).unsqueeze(-1)).squeeze(-1), states[:, -1]
+
+
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -114,16 +126,16 @@ def selective_scan_chunked(
     dt = prepare_delta(delta, delta_bias, delta_softplus, cdtype)
     A = A.to(cdtype)
     h = u.new_zeros(batch, channels, A.shape[-1], dtype=cdtype) if initial_state is None else initial_state.to(cdtype)
+    # Training: each chunk is recomputed in backward, so autograd keeps one (batch, channels, state) state per
+    # chunk instead of the chunk's (batch, T, channels, state) intermediates, i.e. memory O(L / T), not O(L).
+    recompute = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state))
     ys = []
     for start in range(0, length, chunk_size):
         span = slice(start, start + chunk_size)
-        dt_c = dt[:, span]  # (batch, T, channels)
-        decay = torch.exp(dt_c.unsqueeze(-1) * A)  # (batch, T, channels, state)
-        inject = (dt_c * u[:, span].to(cdtype)).unsqueeze(-1) * B[:, span].to(cdtype).unsqueeze(2)
-        states = _scan_within_chunk(decay, inject, h)
-        # (batch, T, channels, state) x (batch, T, state) -> (batch, T, channels)
-        ys.append(torch.matmul(states, C[:, span].to(cdtype).unsqueeze(-1)).squeeze(-1))
-        h = states[:, -1]
+        chunk = (dt[:, span], u[:, span], B[:, span], C[:, span], A, h)
+        y_c, h = checkpoint(_scan_chunk, *chunk, use_reentrant=False) if recompute else _scan_chunk(*chunk)
+        ys.append(y_c)
     y = torch.cat(ys, dim=1) if ys else u.new_zeros(batch, 0, channels, dtype=cdtype)
     y = finish_output(y, u, D, z, u.dtype)
     return (y, h) if return_final_state else y
