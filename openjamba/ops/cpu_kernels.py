@@ -124,6 +124,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (*_grads_as_inputs(grads, ctx.needs_input_grad, ctx.dtypes), None)
 
 
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -151,6 +152,7 @@ def selective_scan(
     return (y, final) if return_final_state else y
 
 
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
 def selective_state_update(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -226,6 +228,7 @@ class _CausalConv1d(torch.autograd.Function):
         return (*_grads_as_inputs((dx, dweight, dbias, dwindow), ctx.needs_input_grad, ctx.dtypes), None)
 
 
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,

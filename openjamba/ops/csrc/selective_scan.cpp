@@ -68,19 +68,24 @@ struct Group {
   }
 };
 
-// (batch, channels, state) <-> a block's [state][lane] array.
+// Row `index` of a (rows, channels, state) tensor (the batch, or batch * chunks + chunk) <-> a block's [state][lane]
+// array. A null source reads as zeros.
 template <typename T, int WB>
-void load_state(const void* src, int64_t b, int64_t d0, const ScanArgs& a, T* h) {
-  const T* s = static_cast<const T*>(src) + (b * a.channels + d0) * a.state;
+void load_state(const ScanArgs& a, const void* src, int64_t index, int64_t d0, T* h) {
+  if (!src) {
+    std::fill(h, h + a.state * WB, T(0));
+    return;
+  }
+  const T* s = static_cast<const T*>(src) + (index * a.channels + d0) * a.state;
   for (int w = 0; w < WB; ++w)
-    for (int64_t n = 0; n < a.state; ++n) h[n * WB + w] = src ? s[w * a.state + n] : T(0);
+    for (int64_t n = 0; n < a.state; ++n) h[n * WB + w] = s[w * a.state + n];
 }
 
 template <typename T, int WB>
-void store_state(void* dst, int64_t b, int64_t d0, int64_t channels, int64_t state, const T* h) {
-  T* s = static_cast<T*>(dst) + (b * channels + d0) * state;
+void store_state(const ScanArgs& a, void* dst, int64_t index, int64_t d0, const T* h) {
+  T* s = static_cast<T*>(dst) + (index * a.channels + d0) * a.state;
   for (int w = 0; w < WB; ++w)
-    for (int64_t n = 0; n < state; ++n) s[w * state + n] = h[n * WB + w];
+    for (int64_t n = 0; n < a.state; ++n) s[w * a.state + n] = h[n * WB + w];
 }
 
 // dt = softplus(delta + bias) (or delta + bias) for one step of a block.
@@ -144,10 +149,10 @@ void forward_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_
 template <typename T, int WB>
 void forward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, T* h) {
   const int64_t t0 = c * a.chunk, t1 = std::min(a.length, t0 + a.chunk);
-  if (c == 0) load_state<T, WB>(a.h0, b, p.d0, a, h);
-  if (a.ckpt) store_state<T, WB>(a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, p.d0, a.channels, a.state, h);
+  if (c == 0) load_state<T, WB>(a, a.h0, b, p.d0, h);
+  if (a.ckpt) store_state<T, WB>(a, a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, p.d0, h);
   forward_chunk<T, WB>(a, p, b, t0, t1, h);
-  if (t1 == a.length && a.hT) store_state<T, WB>(a.hT, b, p.d0, a.channels, a.state, h);
+  if (t1 == a.length && a.hT) store_state<T, WB>(a, a.hT, b, p.d0, h);
 }
 
 template <typename T>
@@ -196,7 +201,7 @@ struct Carry {
 template <typename T, int WB>
 void recompute_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, int64_t len, Scratch<T>& s) {
   const int64_t N = a.state, d0 = p.d0, t0 = c * a.chunk, chunks = (a.length + a.chunk - 1) / a.chunk;
-  load_state<T, WB>(a.ckpt, b * chunks + c, d0, a, s.h.data());
+  load_state<T, WB>(a, a.ckpt, b * chunks + c, d0, s.h.data());
   T du[WB];
   for (int64_t i = 0; i < len; ++i) {
     const T* ut = row<T>(a.u, b, t0 + i) + d0;
@@ -288,10 +293,10 @@ template <typename T, int WB>
 void backward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, Scratch<T>& s,
                           Carry<T>& carry) {
   const int64_t t0 = c * a.chunk, len = std::min(a.length, t0 + a.chunk) - t0;
-  if (t0 + len == a.length) load_state<T, WB>(a.dhT, b, p.d0, a, carry.g);
+  if (t0 + len == a.length) load_state<T, WB>(a, a.dhT, b, p.d0, carry.g);
   recompute_chunk<T, WB>(a, p, b, c, len, s);
   adjoint_chunk<T, WB>(a, p, b, c, len, s, carry);
-  if (c == 0) store_state<T, WB>(a.dh0, b, p.d0, a.channels, a.state, carry.g);
+  if (c == 0) store_state<T, WB>(a, a.dh0, b, p.d0, carry.g);
 }
 
 // Sum the lanes of the chunk's dB/dC partials into the group's (batch, length, state) slices, then clear them.
