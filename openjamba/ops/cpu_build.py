@@ -81,7 +81,11 @@ def build() -> Path:
     print("openjamba: compiling CPU kernels (one-time, ~5 s)...", file=sys.stderr, flush=True)
     errors = []
     for extra, target in candidates:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # e.g. a read-only home: build into the temp dir instead (rebuilt per boot at worst)
+            target = Path(tempfile.gettempdir()) / "openjamba-cache" / target.parent.name / target.name
+            target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             result = _run([cxx, *BASE_FLAGS, *extra, "-o", tmp.name, *map(str, SOURCES)])
         if result.returncode == 0:

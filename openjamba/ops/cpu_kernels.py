@@ -166,9 +166,9 @@ def selective_state_update(
     delta_softplus: bool = False,
 ) -> torch.Tensor:
     """One decoding step: the scan kernel over one token, reading and writing `state` in place. No autograd."""
-    direct = state.dtype in (torch.float32, torch.float64) and state.is_contiguous()
-    work = state if direct else state.float().contiguous()
-    dtype = work.dtype
+    dtype = state.dtype if state.dtype in (torch.float32, torch.float64) else torch.float32
+    direct = state.dtype == dtype and state.is_contiguous()
+    work = state if direct else state.to(dtype).contiguous()  # updated, then copied back into `state`
     cu, cdelta, cz, cB, cC = (_rowwise(t, dtype) for t in (u, delta, z, B, C))  # (batch, width): one-step rows
     cA, cD, cbias = (_dense(t, dtype) for t in (A, D, delta_bias))
     batch, channels = u.shape
