@@ -52,9 +52,14 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("OPENJAMBA_CACHE"):
-        return Path(os.environ["OPENJAMBA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openjamba"
+    """$OPENJAMBA_CACHE, else ~/.cache/openjamba; the temp dir when that cannot be created (a read-only home)."""
+    root = Path(os.environ.get("OPENJAMBA_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openjamba")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / "openjamba-cache"
+    return root
 
 
 def _cached_path(cxx: str, extra: list[str]) -> Path:
@@ -81,11 +86,7 @@ def build() -> Path:
     print("openjamba: compiling CPU kernels (one-time, ~5 s)...", file=sys.stderr, flush=True)
     errors = []
     for extra, target in candidates:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # e.g. a read-only home: build into the temp dir instead (rebuilt per boot at worst)
-            target = Path(tempfile.gettempdir()) / "openjamba-cache" / target.parent.name / target.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             result = _run([cxx, *BASE_FLAGS, *extra, "-o", tmp.name, *map(str, SOURCES)])
         if result.returncode == 0:
