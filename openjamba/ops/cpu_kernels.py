@@ -97,14 +97,16 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
         cu, cdelta, cB, cC, cz, cA, cD, cbias, ch0 = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
         y, final, ckpt = _scan_forward(cu, cdelta, cA, cB, cC, cD, cz, cbias, ch0, softplus, keep_checkpoints=True)
-        ctx.save_for_backward(cu, cdelta, cB, cC, cz, cA, cD, cbias, ckpt)
+        # The inputs as given (bf16 stays bf16, converted again in backward); the initial state is ckpt[:, 0].
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         ctx.softplus = softplus
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         return y.to(u.dtype), final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        u, delta, B, C, z, A, D, bias, ckpt = ctx.saved_tensors
+        *inputs, ckpt = ctx.saved_tensors
+        u, delta, B, C, z, A, D, bias, _ = _scan_inputs(*inputs, None)
         batch, length, channels = u.shape
         state, dtype = A.shape[-1], u.dtype
         threads = _threads(batch * length * channels * state)
@@ -193,6 +195,11 @@ def _conv_args(x, weight, bias, window, silu: bool, groups: int, threads: int, *
                      threads=threads, silu=int(silu), x=x, weight=weight, bias=bias, window=window, **tensors)
 
 
+def _conv_inputs(x, weight, bias, window) -> tuple:
+    dtype = _compute_dtype(x)
+    return _rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype)
+
+
 def _conv_forward(x, weight, bias, window, silu: bool) -> torch.Tensor:
     """Inputs already in the compute dtype; returns y (batch, length, channels)."""
     batch, length, channels = x.shape
@@ -207,16 +214,14 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, window, silu):
-        dtype = _compute_dtype(x)
-        cx, cw, cb, cwin = _rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype)
-        ctx.save_for_backward(cx, cw, cb, cwin)
+        ctx.save_for_backward(x, weight, bias, window)  # as given; converted again in backward
         ctx.silu = silu
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, window)]
-        return _conv_forward(cx, cw, cb, cwin, silu)
+        return _conv_forward(*_conv_inputs(x, weight, bias, window), silu)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, window = ctx.saved_tensors
+        x, weight, bias, window = _conv_inputs(*ctx.saved_tensors)
         batch, length, channels = x.shape
         threads = _threads(batch * length * channels * weight.shape[-1])
         dx = torch.empty(batch, length, channels, dtype=x.dtype)
@@ -244,8 +249,7 @@ def causal_conv1d(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = _CausalConv1d.apply(*tensors, silu)
     else:
-        dtype = _compute_dtype(x)
-        y = _conv_forward(_rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype), silu)
+        y = _conv_forward(*_conv_inputs(*tensors), silu)
     # The new window is the last K - 1 rows of [window, x]: a few rows, left to plain (differentiable) torch ops.
     before = x.new_zeros(batch, kernel - 1, channels) if window is None else window.to(x.dtype)
     tail = torch.cat([before, x[:, max(0, length - (kernel - 1)):]], dim=1)
