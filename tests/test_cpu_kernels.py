@@ -75,6 +75,20 @@ def test_large_dt_and_fast_decay():
     torch.testing.assert_close(y32.double(), y_ref, atol=1e-4 * y_ref.abs().max().item(), rtol=1e-4)
 
 
+def test_nan_and_inf_propagate_like_the_reference():
+    """The fast fp32 exp/softplus must not turn NaN into numbers, nor overflow into NaN."""
+    args = {k: v.float() for k, v in scan_inputs(1, 12, 20, 4).items()}
+    args["u"][0, 3, 2] = float("nan")
+    args["delta"][0, 5, 7] = float("nan")
+    args["delta"][0, 6, 9] = float("inf")  # dt = inf: the decay is exp(-inf) = 0, the input term inf
+    args["z"][0, 2, 4] = -200.0  # silu -> -0, no overflow
+    y_ref, y = both(args, delta_softplus=True)
+    torch.testing.assert_close(y.isnan(), y_ref.isnan())
+    torch.testing.assert_close(y.isinf(), y_ref.isinf())
+    finite = y_ref.isfinite()
+    torch.testing.assert_close(y[finite], y_ref[finite], atol=1e-5, rtol=1e-5)
+
+
 def test_float32_accuracy():
     args = scan_inputs(2, 3 * T + 5, 40, 16, seed=5)
     args["delta"] = args["delta"] - 2  # Mamba-like dt ~ softplus(-2 +- 1): slow decay, long memory
