@@ -153,9 +153,11 @@ def selective_scan_chunked(
     recompute = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state))
     ys = []
-    for start in range(0, length, chunk_size):
-        span = slice(start, start + chunk_size)
-        chunk = (dt[:, span], u[:, span], B[:, span], C[:, span], A, h)
+    # split, not slicing in the loop: one backward op that concatenates, instead of one (batch, length, channels)
+    # zero-filled gradient per chunk and per input (quadratic in length).
+    pieces = zip(*(t.split(chunk_size, dim=1) for t in (dt, u, B, C))) if length else ()
+    for dt_c, u_c, B_c, C_c in pieces:
+        chunk = (dt_c, u_c, B_c, C_c, A, h)
         y_c, h = _RecomputedChunk.apply(*chunk) if recompute else _scan_chunk(*chunk)
         ys.append(y_c)
     y = torch.cat(ys, dim=1) if ys else u.new_zeros(batch, 0, channels, dtype=cdtype)
