@@ -128,8 +128,13 @@ class ConvArgs(ctypes.Structure):
 
 
 def make_args(cls: type[ctypes.Structure], **values: int | torch.Tensor | None) -> ctypes.Structure:
-    """Fill a structure from ints and tensors (or None: a null pointer / absent rows)."""
+    """Fill a structure from ints and tensors (or None: a null pointer / absent rows).
+
+    The structure keeps the tensors alive: a pointer to a temporary (say `x.float()` written inline in the call)
+    would otherwise dangle by the time the kernel runs.
+    """
     args = cls()
+    args.tensors = [v for v in values.values() if torch.is_tensor(v)]
     kinds = dict(cls._fields_)
     for name, value in values.items():
         if kinds[name] is Rows:
