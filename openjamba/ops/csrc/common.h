@@ -99,7 +99,7 @@ struct Math<double> {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Arguments come from Python as ctypes structures (cpu_kernels.py mirrors them: same fields, same order).
+// Arguments come from Python as ctypes structures (cpu_build.py mirrors them: same fields, same order).
 
 struct Rows {
   void* ptr;

@@ -1,7 +1,7 @@
 // Selective scan (Mamba-1) for CPUs: forward, chunk-checkpointed backward and the one-token decode step.
 //
 // Plain C++ with no PyTorch headers, so it builds in seconds; Python calls it through ctypes with one ScanArgs
-// struct (openjamba/ops/cpu_kernels.py mirrors it). Layout is token-major, as in ops/scan.py:
+// struct (openjamba/ops/cpu_build.py mirrors it). Layout is token-major, as in ops/scan.py:
 //   u, delta, z, out, dout, du, ddelta, dz: rows (batch, length, channels), channel stride 1, any row strides
 //   B, C: rows (batch, length, state), state stride 1;  A: (channels, state);  D, bias: (channels,)
 //   h0, hT, dh0, dhT: (batch, channels, state);  ckpt: (batch, chunks, channels, state), the state entering each chunk
