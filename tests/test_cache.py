@@ -10,7 +10,8 @@ from openjamba.info import kv_cache_bytes, mamba_state_bytes
 
 from .conftest import left_padded_batch, random_model
 
-ATOL = 1e-5
+# A one-token matmul rounds differently from the same row in a batched one (~4e-6 here), and several layers add up.
+ATOL = 2e-5
 
 
 @pytest.mark.parametrize("static", [True, False])

@@ -75,6 +75,18 @@ def test_no_batch_length_channels_state_tensor():
     assert 0 < biggest < full / 8
 
 
+def test_chunked_scan_training_keeps_one_state_per_chunk():
+    """With grad, chunks are recomputed in backward: autograd holds O(L / chunk) states, not the chunks' internals."""
+    args = {k: v.requires_grad_(True) for k, v in scan_inputs(1, 512, 32, 16, dtype=torch.float32).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = selective_scan_chunked(**args, delta_softplus=True, chunk_size=32)
+    activation = 512 * 32  # one (batch, length, channels) tensor; one full state tensor would be 16 times that
+    assert sum(saved) <= 12 * activation
+    y.sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in args.values())
+
+
 @pytest.mark.parametrize("kernel", [2, 4])
 def test_conv_in_chunks_equals_one_pass(kernel):
     g = torch.Generator().manual_seed(0)

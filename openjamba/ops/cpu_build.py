@@ -1,0 +1,183 @@
+"""Build, cache and load the C++ CPU kernels (ops/csrc/*.cpp) as a plain shared library called through ctypes.
+
+Why not a torch C++ extension: the sources include no PyTorch headers, so the one-time build is one compiler call of
+a few seconds instead of close to a minute, needs no ninja, and the library does not depend on torch's C++ ABI.
+The price is that arguments travel as ctypes structures of pointers and strides (mirrored here field by field).
+
+The build is cached under $OPENJAMBA_CACHE or ~/.cache/openjamba, keyed by the sources, the compiler, the flags and
+the instruction sets `-march=native` enables, so a cache shared between machines never hands one a binary for
+another CPU. Without a working compiler `library()` raises with the reason and the dispatcher uses plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp")
+HEADERS = (CSRC / "common.h",)
+ABI_VERSION = 2
+
+# Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
+# -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
+FLAG_SETS = (
+    ["-march=native", "-fopenmp"],
+    ["-fopenmp"],
+    ["-march=native", "-fopenmp-simd"],
+    [],
+)
+# -fno-trapping-math lets AVX2 if-convert the selects in exp (results, NaN and inf are unchanged); no -ffast-math.
+BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _cache_dir() -> Path:
+    """$OPENJAMBA_CACHE, else ~/.cache/openjamba; the temp dir when that cannot be created (a read-only home)."""
+    root = Path(os.environ.get("OPENJAMBA_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openjamba")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / "openjamba-cache"
+    return root
+
+
+def _cached_path(cxx: str, extra: list[str]) -> Path:
+    """Where the build with these flags lives: keyed by sources, compiler, flags and the CPU they target."""
+    target = _run([cxx, *extra, "-dM", "-E", "-x", "c++", os.devnull])  # predefined macros name the ISA
+    parts = [p.read_bytes() for p in (*SOURCES, *HEADERS)]
+    parts += [s.encode() for s in (cxx, _run([cxx, "--version"]).stdout, " ".join(BASE_FLAGS + extra),
+                                   target.stdout if target.returncode == 0 else "", platform.machine())]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return _cache_dir() / f"cpu-kernels-{key}" / "openjamba_cpu.so"
+
+
+def build() -> Path:
+    """Find in the cache or compile the shared library; raises RuntimeError with the compiler's complaint."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    candidates = []
+    for extra in FLAG_SETS:
+        target = _cached_path(cxx, extra)
+        if target.exists():
+            return target
+        candidates.append((extra, target))
+    print("openjamba: compiling CPU kernels (one-time, ~5 s)...", file=sys.stderr, flush=True)
+    errors = []
+    for extra, target in candidates:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+            result = _run([cxx, *BASE_FLAGS, *extra, "-o", tmp.name, *map(str, SOURCES)])
+        if result.returncode == 0:
+            os.replace(tmp.name, target)  # atomic: concurrent builders never load a half-written file
+            return target
+        os.unlink(tmp.name)
+        errors.append(f"{' '.join(extra) or 'no extra flags'}: {result.stderr.strip()[-300:]}")
+    raise RuntimeError("C++ build failed: " + " | ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument structures: mirrors of the C++ ones (same fields, same order).
+
+
+class Rows(ctypes.Structure):
+    """A (batch, length, width) tensor with unit stride along width; strides in elements."""
+
+    _fields_ = [("ptr", ctypes.c_void_p), ("batch_stride", ctypes.c_int64), ("token_stride", ctypes.c_int64)]
+
+
+def _fields(ints: str, rows: str, pointers: str) -> list:
+    return ([(n, ctypes.c_int64) for n in ints.split()] + [(n, Rows) for n in rows.split()]
+            + [(n, ctypes.c_void_p) for n in pointers.split()])
+
+
+class ScanArgs(ctypes.Structure):
+    """`ScanArgs` of selective_scan.cpp."""
+
+    _fields_ = _fields("batch length channels state chunk groups threads softplus",
+                       "u delta z B C out dout du ddelta dz",
+                       "A D bias h0 hT ckpt dhT dA dD dbias dh0 dB dC")
+
+
+class ConvArgs(ctypes.Structure):
+    """`ConvArgs` of causal_conv1d.cpp."""
+
+    _fields_ = _fields("batch length channels kernel groups threads silu", "x y dy dx",
+                       "weight bias window dweight dbias dwindow")
+
+
+def make_args(cls: type[ctypes.Structure], **values: int | torch.Tensor | None) -> ctypes.Structure:
+    """Fill a structure from ints and tensors (or None: a null pointer / absent rows).
+
+    The structure keeps the tensors alive: a pointer to a temporary (say `x.float()` written inline in the call)
+    would otherwise dangle by the time the kernel runs.
+    """
+    args = cls()
+    args.tensors = [v for v in values.values() if torch.is_tensor(v)]
+    kinds = dict(cls._fields_)
+    for name, value in values.items():
+        if kinds[name] is Rows:
+            value = Rows(None, 0, 0) if value is None else Rows(
+                value.data_ptr(), value.stride(0), value.stride(1) if value.dim() == 3 else 0)  # 2-D: one step
+        elif torch.is_tensor(value):
+            value = value.data_ptr()
+        setattr(args, name, value)
+    return args
+
+
+_FUNCTIONS = {"scan_forward": ScanArgs, "scan_backward": ScanArgs, "conv_forward": ConvArgs,
+              "conv_backward": ConvArgs}
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built on first use); raises RuntimeError with the reason when it cannot be had."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        try:
+            lib = ctypes.CDLL(str(build()))
+            if lib.openjamba_abi_version() != ABI_VERSION:
+                raise RuntimeError("stale kernel library (ABI version mismatch)")
+            for name, cls in _FUNCTIONS.items():
+                for suffix in ("f32", "f64"):
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = [ctypes.POINTER(cls)], None
+            lib.openjamba_lanes.restype = ctypes.c_int
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            _error = str(err)
+    if _lib is None:
+        raise RuntimeError(_error)
+    return _lib
+
+
+def call(name: str, dtype: torch.dtype, args: ctypes.Structure) -> None:
+    """Run kernel `name` (e.g. "scan_forward") in fp64 for fp64 tensors, else fp32. Releases the GIL meanwhile."""
+    getattr(library(), f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")(ctypes.byref(args))
+
+
+def lanes() -> int:
+    """Channels per vector block in the compiled kernels (their unit of work splitting)."""
+    return library().openjamba_lanes()

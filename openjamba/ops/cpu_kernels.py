@@ -1,0 +1,256 @@
+"""Compiled CPU kernels for the Mamba ops: selective scan (forward + backward), decode step, causal conv1d.
+
+Same contracts as the plain PyTorch ops (ops/scan.py, ops/conv.py); the C++ lives in ops/csrc and is built at first
+use (ops/cpu_build.py). Inputs in bf16/fp16 are computed in fp32, fp64 in fp64. Every tensor input of
+`selective_scan` and `causal_conv1d` is differentiable through hand-written backward kernels.
+
+Training memory of the scan: the forward keeps only the state entering every chunk of CHUNK steps,
+(batch, L / CHUNK, channels, state); the backward recomputes each chunk's states from it, so nothing of size
+(batch, L, channels, state) ever exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_build
+from .cpu_build import ConvArgs, ScanArgs, call, make_args
+from .scan import selective_scan_ref
+
+CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 16)
+SERIAL_BELOW = 1 << 16  # elements of work (~1 ns each) below which waking a second thread costs more than it saves
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") once the kernels are built and loaded; (False, why) otherwise. Builds on first call."""
+    try:
+        cpu_build.library()
+    except RuntimeError as err:
+        return False, str(err)
+    return True, ""
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rowwise(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """In the compute dtype with the last dim contiguous; other strides (e.g. `chunk` views) are kept."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _dense(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _threads(work: int) -> int:
+    return 1 if work < SERIAL_BELOW else max(1, torch.get_num_threads())
+
+
+def _owned_groups(threads: int, channels: int) -> int:
+    """Backward work items: channel groups, each owning its channels' parameter gradients (no races)."""
+    return max(1, min(threads, channels // cpu_build.lanes()))
+
+
+def _grads_as_inputs(grads, needs, dtypes) -> list:
+    return [None if g is None or not need else g.to(dtype) for g, need, dtype in zip(grads, needs, dtypes)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selective scan.
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, keep_checkpoints: bool):
+    """Inputs already in the compute dtype. Returns y (compute dtype), final state, checkpoints or None."""
+    batch, length, channels = u.shape
+    state = A.shape[-1]
+    threads = _threads(batch * length * channels * state)
+    out = torch.empty(batch, length, channels, dtype=u.dtype)
+    final = torch.empty(batch, channels, state, dtype=u.dtype)
+    ckpt = torch.empty(batch, -(-length // CHUNK), channels, state, dtype=u.dtype) if keep_checkpoints else None
+    args = make_args(ScanArgs, batch=batch, length=length, channels=channels, state=state, chunk=CHUNK,
+                     groups=threads, threads=threads, softplus=int(softplus), u=u, delta=delta, z=z, B=B, C=C,
+                     out=out, A=A, D=D, bias=delta_bias, h0=h0, hT=final, ckpt=ckpt)
+    call("scan_forward", u.dtype, args)
+    return out, final, ckpt
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple:
+    dtype = _compute_dtype(u)
+    rows = [_rowwise(t, dtype) for t in (u, delta, B, C, z)]
+    params = [_dense(t, dtype) for t in (A, D, delta_bias, initial_state)]
+    return (*rows, *params)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Chunk-checkpointed scan: saves the inputs and the state entering each chunk, nothing of size L * state."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
+        cu, cdelta, cB, cC, cz, cA, cD, cbias, ch0 = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        y, final, ckpt = _scan_forward(cu, cdelta, cA, cB, cC, cD, cz, cbias, ch0, softplus, keep_checkpoints=True)
+        # The inputs as given (bf16 stays bf16, converted again in backward); the initial state is ckpt[:, 0].
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.softplus = softplus
+        ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        return y.to(u.dtype), final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        *inputs, ckpt = ctx.saved_tensors
+        u, delta, B, C, z, A, D, bias, _ = _scan_inputs(*inputs, None)
+        batch, length, channels = u.shape
+        state, dtype = A.shape[-1], u.dtype
+        threads = _threads(batch * length * channels * state)
+        groups = _owned_groups(threads, channels)
+        du, ddelta = torch.empty(u.shape, dtype=dtype), torch.empty(u.shape, dtype=dtype)
+        dz = None if z is None else torch.empty(u.shape, dtype=dtype)
+        dB = torch.empty(groups, batch, length, state, dtype=dtype)  # partial sums over each group's channels
+        dC = torch.empty_like(dB)
+        dA, dD, dbias = torch.empty_like(A), u.new_empty(channels), u.new_empty(channels)
+        dh0 = u.new_empty(batch, channels, state)
+        args = make_args(ScanArgs, batch=batch, length=length, channels=channels, state=state, chunk=CHUNK,
+                         groups=groups, threads=threads, softplus=int(ctx.softplus), u=u, delta=delta, z=z, B=B,
+                         C=C, A=A, D=D, bias=bias, ckpt=ckpt, dout=_rowwise(dy, dtype), dhT=_dense(dfinal, dtype),
+                         du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, dbias=dbias, dh0=dh0, dB=dB, dC=dC)
+        call("scan_backward", dtype, args)
+        grads = (du, ddelta, dA, dB.sum(0), dC.sum(0), dD, dz, dbias, dh0)
+        return (*_grads_as_inputs(grads, ctx.needs_input_grad, ctx.dtypes), None)
+
+
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `ops.scan.selective_scan_ref`, compiled; differentiable in every tensor input."""
+    if u.shape[1] == 0:  # nothing to scan; the reference returns the right empty shapes
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                  return_final_state)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, final = _SelectiveScan.apply(*tensors, delta_softplus)
+    else:
+        cu, cdelta, cB, cC, cz, cA, cD, cbias, ch0 = _scan_inputs(*tensors)
+        y, final, _ = _scan_forward(cu, cdelta, cA, cB, cC, cD, cz, cbias, ch0, delta_softplus, False)
+        y = y.to(u.dtype)
+    return (y, final) if return_final_state else y
+
+
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+def selective_state_update(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """One decoding step: the scan kernel over one token, reading and writing `state` in place. No autograd."""
+    dtype = state.dtype if state.dtype in (torch.float32, torch.float64) else torch.float32
+    direct = state.dtype == dtype and state.is_contiguous()
+    work = state if direct else state.to(dtype).contiguous()  # updated, then copied back into `state`
+    cu, cdelta, cz, cB, cC = (_rowwise(t, dtype) for t in (u, delta, z, B, C))  # (batch, width): one-step rows
+    cA, cD, cbias = (_dense(t, dtype) for t in (A, D, delta_bias))
+    batch, channels = u.shape
+    threads = _threads(batch * channels * A.shape[-1])
+    out = torch.empty(batch, channels, dtype=dtype)
+    args = make_args(ScanArgs, batch=batch, length=1, channels=channels, state=A.shape[-1], chunk=CHUNK,
+                     groups=threads, threads=threads, softplus=int(delta_softplus), u=cu, delta=cdelta, z=cz, B=cB,
+                     C=cC, out=out, A=cA, D=cD, bias=cbias, h0=work, hT=work)
+    call("scan_forward", dtype, args)
+    if not direct:
+        state.copy_(work)
+    return out if out.dtype == u.dtype else out.to(u.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Causal depthwise conv1d.
+
+
+def _conv_args(x, weight, bias, window, silu: bool, groups: int, threads: int, **tensors) -> ConvArgs:
+    batch, length, channels = x.shape
+    return make_args(ConvArgs, batch=batch, length=length, channels=channels, kernel=weight.shape[-1], groups=groups,
+                     threads=threads, silu=int(silu), x=x, weight=weight, bias=bias, window=window, **tensors)
+
+
+def _conv_inputs(x, weight, bias, window) -> tuple:
+    dtype = _compute_dtype(x)
+    return _rowwise(x, dtype), _dense(weight, dtype), _dense(bias, dtype), _dense(window, dtype)
+
+
+def _conv_forward(x, weight, bias, window, silu: bool) -> torch.Tensor:
+    """Inputs already in the compute dtype; returns y (batch, length, channels)."""
+    batch, length, channels = x.shape
+    threads = _threads(batch * length * channels * weight.shape[-1])
+    y = torch.empty(batch, length, channels, dtype=x.dtype)
+    call("conv_forward", x.dtype, _conv_args(x, weight, bias, window, silu, threads, threads, y=y))
+    return y
+
+
+class _CausalConv1d(torch.autograd.Function):
+    """Saves only the inputs; the backward recomputes the pre-activations."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, window, silu):
+        ctx.save_for_backward(x, weight, bias, window)  # as given; converted again in backward
+        ctx.silu = silu
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, window)]
+        return _conv_forward(*_conv_inputs(x, weight, bias, window), silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, window = _conv_inputs(*ctx.saved_tensors)
+        batch, length, channels = x.shape
+        threads = _threads(batch * length * channels * weight.shape[-1])
+        dx = torch.empty(batch, length, channels, dtype=x.dtype)
+        dweight, dbias = torch.empty_like(weight), x.new_empty(channels)
+        dwindow = None if window is None else torch.empty_like(window)
+        args = _conv_args(x, weight, bias, window, ctx.silu, _owned_groups(threads, channels), threads,
+                          dy=_rowwise(dy, x.dtype), dx=dx, dweight=dweight, dbias=dbias, dwindow=dwindow)
+        call("conv_backward", x.dtype, args)
+        return (*_grads_as_inputs((dx, dweight, dbias, dwindow), ctx.needs_input_grad, ctx.dtypes), None)
+
+
+@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+    silu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `ops.conv.causal_conv1d_ref`: (y, new window), both differentiable."""
+    batch, length, channels = x.shape
+    kernel = weight.shape[-1]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)  # as the reference's x * weight
+    tensors = (x, weight, bias, window)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y = _CausalConv1d.apply(*tensors, silu)
+    else:
+        y = _conv_forward(*_conv_inputs(*tensors), silu)
+    # The new window is the last K - 1 rows of [window, x]: a few rows, left to plain (differentiable) torch ops.
+    before = x.new_zeros(batch, kernel - 1, channels) if window is None else window.to(x.dtype)
+    tail = torch.cat([before, x[:, max(0, length - (kernel - 1)):]], dim=1)
+    return y.to(out_dtype), tail[:, tail.shape[1] - (kernel - 1):]
