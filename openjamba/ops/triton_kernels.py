@@ -125,7 +125,8 @@ def _scan_fwd_kernel(
     for c in range(0, n_chunks):
         if SAVE_CKPT:
             tl.store(ckpt_base + c * BLOCK_D * BLOCK_N, h)
-        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, length)):
+        for step in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, length)):
+            t = tl.cast(step, tl.int64)  # t * stride passes 2**31 at long contexts
             dt, _ = _load_dt(delta_row + t * s_dl, mask_d, bias, HAS_BIAS, SOFTPLUS, acc_dtype)
             u = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(acc_dtype)
             Bt = tl.load(B_ptr + bc_row + t * state, mask=mask_n, other=0.0).to(acc_dtype)
@@ -196,15 +197,17 @@ def _scan_bwd_kernel(
         h = tl.load(ckpt_base + c * BLOCK_D * BLOCK_N)
         for i in range(0, steps):
             tl.store(scratch_base + i * BLOCK_D * BLOCK_N, h)
-            dt, _ = _load_dt(delta_row + (t0 + i) * s_dl, mask_d, bias, HAS_BIAS, SOFTPLUS, acc_dtype)
-            u = tl.load(u_row + (t0 + i) * s_ul, mask=mask_d, other=0.0).to(acc_dtype)
-            Bt = tl.load(B_ptr + bc_row + (t0 + i) * state, mask=mask_n, other=0.0).to(acc_dtype)
+            t = tl.cast(t0 + i, tl.int64)
+            dt, _ = _load_dt(delta_row + t * s_dl, mask_d, bias, HAS_BIAS, SOFTPLUS, acc_dtype)
+            u = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(acc_dtype)
+            Bt = tl.load(B_ptr + bc_row + t * state, mask=mask_n, other=0.0).to(acc_dtype)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         tl.debug_barrier()  # the scratch written by other threads of this program must be visible below
 
         for ri in range(0, steps):
-            t = t0 + steps - 1 - ri
-            h_prev = tl.load(scratch_base + (steps - 1 - ri) * BLOCK_D * BLOCK_N)
+            j = steps - 1 - ri
+            t = tl.cast(t0 + j, tl.int64)
+            h_prev = tl.load(scratch_base + j * BLOCK_D * BLOCK_N)
             dt, x = _load_dt(delta_row + t * s_dl, mask_d, bias, HAS_BIAS, SOFTPLUS, acc_dtype)
             u = tl.load(u_row + t * s_ul, mask=mask_d, other=0.0).to(acc_dtype)
             Bt = tl.load(B_ptr + bc_row + t * state, mask=mask_n, other=0.0).to(acc_dtype)
