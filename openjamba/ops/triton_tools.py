@@ -6,8 +6,8 @@
 Each prints a table, then one JSON line for scripts.
 
 `compile` runs Triton's real code generator and ptxas (bundled with the triton wheel) for the given GPU target,
-so it catches what the CPU interpreter cannot: compiled-mode typing rules, and register pressure (spills show
-as LOCAL memory). It does not run anything.
+so it catches what the CPU interpreter cannot: compiled-mode typing rules, and register pressure (registers and
+spills as `ptxas -v` reports them). It does not run anything.
 """
 
 from __future__ import annotations
@@ -44,42 +44,61 @@ def _signature(kernel, io_type: str) -> dict[str, str]:
     return sig
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers, spill (LOCAL) and shared bytes from `cuobjdump --dump-resource-usage`; empty if unavailable."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
+def ptxas_path(arch: int = 90) -> str | None:
+    """The ptxas Triton itself uses for this architecture (bundled with the wheel), or None."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+    except Exception:  # no NVIDIA backend in this triton build, or an API that moved
+        return None
+    return path if path and os.path.exists(path) else None
+
+
+def _resource_usage(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spills as `ptxas -v` reports them for the PTX Triton generated; empty without ptxas."""
+    ptxas = ptxas_path(arch)
+    if ptxas is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = next((line for line in out.splitlines() if "REG:" in line), "")
-    return {k.lower(): int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        report = subprocess.run([ptxas, f"-arch={gpu}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                text=True).stderr
+    fields = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+              "spill_loads": r"(\d+) bytes spill loads"}
+    return {name: int(m.group(1)) for name, pattern in fields.items() if (m := re.search(pattern, report))}
 
 
 def compile_report(
     arch: int = 90, state: int = 16, io_types: tuple[str, ...] = ("*bf16", "*fp32"), block_d: int = tk.BLOCK_D,
     chunk: int = tk.CHUNK, num_warps: int = tk.NUM_WARPS,
 ) -> list[dict]:
-    """Compile the three kernels for sm_<arch> (default: the production settings); one row per (kernel, I/O dtype)."""
+    """Compile the three kernels for sm_<arch> (default: the production settings), once with every optional input
+    present (the mixer's case, the one whose registers matter) and once with none; one row per compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     tiles = dict(BLOCK_D=block_d, BLOCK_N=tk._block_n(state))
-    kernels = {
-        "scan_fwd": (tk._scan_fwd_kernel, dict(CHUNK=chunk, HAS_H0=True, SAVE_CKPT=True, **tiles, **flags)),
-        "scan_bwd": (tk._scan_bwd_kernel, dict(CHUNK=chunk, HAS_DHT=True, **tiles, **flags)),
-        "state_update": (tk._state_update_kernel, dict(**tiles, **flags)),
-    }
     rows = []
     for io_type in io_types:
-        for name, (kernel, constexprs) in kernels.items():
-            start = time.perf_counter()
-            source = ASTSource(kernel, _signature(kernel, io_type), constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-            rows.append(dict(kernel=name, io=io_type.lstrip("*"), arch=arch, state=state, **tiles, num_warps=num_warps,
-                             seconds=round(time.perf_counter() - start, 2), **_resource_usage(compiled.asm["cubin"])))
+        for inputs in ("all", "none"):
+            on = inputs == "all"
+            flags = dict(HAS_D=on, HAS_Z=on, HAS_BIAS=on, SOFTPLUS=on)
+            kernels = {
+                "scan_fwd": (tk._scan_fwd_kernel, dict(CHUNK=chunk, HAS_H0=on, SAVE_CKPT=on, **tiles, **flags)),
+                "scan_bwd": (tk._scan_bwd_kernel, dict(CHUNK=chunk, HAS_DHT=on, **tiles, **flags)),
+                "state_update": (tk._state_update_kernel, dict(**tiles, **flags)),
+            }
+            for name, (kernel, constexprs) in kernels.items():
+                start = time.perf_counter()
+                source = ASTSource(kernel, _signature(kernel, io_type), constexprs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                          options=dict(num_warps=num_warps))
+                rows.append(dict(kernel=name, io=io_type.lstrip("*"), optional_inputs=inputs, arch=arch, state=state,
+                                 **tiles, num_warps=num_warps, seconds=round(time.perf_counter() - start, 2),
+                                 **_resource_usage(compiled.asm["ptx"], arch)))
     return rows
 
 
