@@ -102,6 +102,10 @@ def compile_report(
     return rows
 
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def benchmark(
     batch: int = 8, length: int = 2048, channels: int = 8192, state: int = 16, dtype: torch.dtype = torch.bfloat16,
     backward: bool = True,
@@ -112,6 +116,8 @@ def benchmark(
     writes y; backward reads u, delta, z, dy, B, C and writes du, ddelta, dz, dB, dC. (Checkpoints, the backward
     scratch and the dB/dC partial sums are extra traffic the figure does not credit.) A, D and the bias are
     negligible. Inputs are laid out as the mixer produces them: u and z are halves of one in_proj output.
+    fwd_bwd_peak_extra_mb: memory one forward + backward adds on top of the inputs (y, dy, checkpoints, the
+    backward scratch, partial sums, gradients).
     """
     device = torch.device("cuda")
     g = torch.Generator(device).manual_seed(0)
@@ -124,26 +130,30 @@ def benchmark(
                   C=randn(batch, length, state), z=z, D=randn(channels, dt=torch.float32),
                   A=-torch.arange(1, state + 1, device=device, dtype=torch.float32).repeat(channels, 1),
                   delta_bias=randn(channels, dt=torch.float32))
-    size = dtype.itemsize
-    per_token = batch * length * size
     result = dict(batch=batch, length=length, channels=channels, state=state, dtype=str(dtype).split(".")[-1],
                   device=torch.cuda.get_device_name(device))
+    streamed = [inputs[k] for k in ("u", "delta", "z", "B", "C")]
 
     with torch.no_grad():
+        y = tk.selective_scan(**inputs, delta_softplus=True)
         fwd_ms = triton.testing.do_bench(lambda: tk.selective_scan(**inputs, delta_softplus=True))
-    fwd_bytes = per_token * (4 * channels + 2 * state)
+    fwd_bytes = _nbytes(*streamed, y)
     result.update(fwd_ms=round(fwd_ms, 4), fwd_gbps=round(fwd_bytes / fwd_ms / 1e6, 1))
 
     if backward:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}  # u, z stay strided views
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         y = tk.selective_scan(**leaves, delta_softplus=True)
         dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, list(leaves.values()), dy, retain_graph=True)
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20  # before do_bench's L2-flush buffer
+        del grads
         bwd_ms = triton.testing.do_bench(lambda: torch.autograd.grad(y, list(leaves.values()), dy, retain_graph=True))
-        bwd_bytes = per_token * (7 * channels + 4 * state)
+        bwd_bytes = 2 * _nbytes(*streamed) + _nbytes(dy)  # read the inputs and dy, write a gradient per input
         result.update(bwd_ms=round(bwd_ms, 4), bwd_gbps=round(bwd_bytes / bwd_ms / 1e6, 1),
-                      peak_extra_mb=round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1))
+                      fwd_bwd_peak_extra_mb=round(peak_mb, 1))
     return result
 
 
