@@ -12,12 +12,18 @@ Design (the mamba_ssm CUDA kernel's plan, written as a sequential-in-time Triton
   * forward saves the state at the start of every CHUNK tokens (O(B * D * N * L / CHUNK) memory) and the final
     state.
   * backward walks the chunks in reverse. For each chunk it recomputes the CHUNK states from the chunk's checkpoint
-    into a per-program scratch tile (CHUNK, BLOCK_D, BLOCK_N), which is small enough to stay in L2, then runs the
-    adjoint recurrence g_t = C_t * dout_t + exp(dt_{t+1} A) * g_{t+1} backwards through it. du, ddelta, dz are
+    into a per-program scratch tile (CHUNK, BLOCK_D, BLOCK_N), sized to stay in L2, then runs the adjoint
+    recurrence g_t = C_t * dout_t + exp(dt_{t+1} A) * g_{t+1} backwards through it. du, ddelta, dz are
     written directly; dA, dD, ddelta_bias are accumulated in registers and written once per program as per-batch
     partial sums; dB_t, dC_t (reductions over channels) are written per channel block into fp32 partial buffers
     (n_blocks, batch, length, N) and summed afterwards, which keeps the result deterministic (no atomics).
   * the decode kernel applies one step to a (batch, channels, N) fp32 state in place.
+
+Expected cost (not yet measured on a GPU): the forward moves only its inputs and y. The backward also writes and
+re-reads every recomputed state through the scratch (8 bytes per token, channel and state: ~8x its essential HBM
+traffic at N=16), so it depends on L2 bandwidth; keeping a chunk's states in registers (a parallel scan over the
+chunk, as the CUDA kernel does) is the next step if it turns out to be the bottleneck. `ops.triton_tools` has a
+benchmark and an ahead-of-time compile check that reports registers and spills.
 
 Everything is computed in fp32 (fp64 when the inputs are fp64, which only the interpreter tests use). Run on CPU
 tensors with TRITON_INTERPRET=1 set before this module is imported (that is how the CPU tests exercise it).
@@ -56,22 +62,20 @@ def is_available() -> tuple[bool, str]:
 
 
 @triton.jit
-def _softplus(x):
-    """log1p(exp(x)) without log1p (not in every Triton version): Goldberg's trick keeps small results exact."""
-    e = tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
-    return tl.where(x > SOFTPLUS_THRESHOLD, x, log1p)
-
-
-@triton.jit
 def _load_dt(delta_row, mask_d, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, acc_dtype: tl.constexpr):
-    """dt = softplus(delta + bias) (or without the softplus); also returns the softplus input, for its gradient."""
+    """dt = softplus(delta + bias) (or without the softplus); also returns the softplus input, for its gradient.
+
+    softplus is log1p(exp(x)) computed without log1p (not portable across Triton versions): Goldberg's trick keeps
+    small values accurate where log(1 + e) would round to 0. (Inlined: nested calls are slow in the interpreter.)
+    """
     x = tl.load(delta_row, mask=mask_d, other=0.0).to(acc_dtype)
     if HAS_BIAS:
         x = x + bias
     if SOFTPLUS:
-        dt = _softplus(x)
+        e = tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))
+        w = 1.0 + e
+        log1p = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
+        dt = tl.where(x > SOFTPLUS_THRESHOLD, x, log1p)
     else:
         dt = x
     return dt, x
@@ -79,7 +83,7 @@ def _load_dt(delta_row, mask_d, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.const
 
 @triton.jit
 def _load_row(ptr, mask, HAS: tl.constexpr, acc_dtype: tl.constexpr):
-    """A per-token vector (a row of u, z, B_t, ...) in the compute dtype, or zeros when the input is absent."""
+    """An optional operand in the compute dtype, or zeros when absent (the flag is constexpr: no load, no cost)."""
     if HAS:
         v = tl.load(ptr, mask=mask, other=0.0).to(acc_dtype)
     else:
