@@ -135,6 +135,19 @@ def test_scan_fp32_within_mamba_tolerances(device):
     check_scan(args, tolerance(torch.float32), delta_softplus=True)
 
 
+def test_scan_gradients_arriving_broadcast(device):
+    """`.sum()` hands backward stride-0 (expanded) gradients for y and the final state."""
+    dtype = dtype_for(device)
+    args = scan_inputs(length=T + 1, dtype=dtype, device=device)
+    args = {k: v.detach().requires_grad_(True) for k, v in args.items()}
+    grads = []
+    for fn, extra in ((tk.selective_scan, dict(chunk_size=T, block_d=BD)), (selective_scan_ref, {})):
+        y, final = fn(**args, **extra, delta_softplus=True, return_final_state=True)
+        grads.append(torch.autograd.grad(y.sum() + final.sum(), list(args.values())))
+    for name, got, want in zip(args, *grads):
+        torch.testing.assert_close(got, want, **tolerance(dtype), msg=lambda m, n=name: f"d{n}: {m}")
+
+
 @INTERPRETER_MARKS[0]
 @INTERPRETER_MARKS[1]
 def test_scan_saves_no_per_token_state():

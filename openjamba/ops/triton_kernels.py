@@ -368,7 +368,8 @@ def _scan_backward(operands, ckpt, dy, d_final, softplus: bool, chunk: int, bloc
     batch, length, channels = u.shape
     state, block_n = A.shape[1], _block_n(A.shape[1])
     grid = (batch, triton.cdiv(channels, block_d))
-    dy = _token_major(dy)
+    dy = _token_major(dy)  # autograd may hand over expanded (stride-0) gradients, e.g. from .sum()
+    d_final = None if d_final is None else d_final.to(A.dtype).contiguous()
     device, cdtype = u.device, A.dtype
     scratch = torch.empty(grid[0] * grid[1], chunk, block_d, block_n, dtype=cdtype, device=device)
     du = torch.empty(batch, length, channels, dtype=u.dtype, device=device)
