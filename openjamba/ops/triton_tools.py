@@ -119,6 +119,9 @@ def benchmark(
     fwd_bwd_peak_extra_mb: memory one forward + backward adds on top of the inputs (y, dy, checkpoints, the
     backward scratch, partial sums, gradients).
     """
+    ok, why = tk.is_available()
+    if not ok:
+        raise RuntimeError(f"the benchmark needs the compiled kernels on a CUDA device: {why}")
     device = torch.device("cuda")
     g = torch.Generator(device).manual_seed(0)
 
