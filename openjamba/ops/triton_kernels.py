@@ -43,7 +43,8 @@ from .scan import compute_dtype
 # the backward re-reads every state from its scratch (8 bytes per token, channel and state), which must stay in L2:
 # live scratch is (resident programs) * CHUNK * BLOCK_D * N * 4 bytes, ~25 MB on an H100 at these settings.
 CHUNK = 32
-BLOCK_D = 32  # channels per program; the state tile is (BLOCK_D, next_pow2(N)) fp32
+BLOCK_D = 32  # channels per program (at most); the state tile is (BLOCK_D, next_pow2(N)) fp32
+MAX_TILE = 512  # state-tile elements per program: at 32 x 16 the backward uses ~145 registers; 32 x 64 spills
 NUM_WARPS = 4
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # as torch.nn.functional.softplus: identity above it
 
@@ -312,9 +313,14 @@ def _block_n(state: int) -> int:
     return max(2, triton.next_power_of_2(state))
 
 
-def _pick_block_d(batch: int, channels: int, device: torch.device) -> int:
-    """Halve the channel block (down to 16) while batch * blocks would give fewer than two programs per SM."""
-    block = BLOCK_D
+def default_block_d(state: int) -> int:
+    """Channels per program: BLOCK_D, fewer for large N so the state tile stays within MAX_TILE elements."""
+    return max(4, min(BLOCK_D, MAX_TILE // _block_n(state)))
+
+
+def _pick_block_d(batch: int, channels: int, state: int, device: torch.device) -> int:
+    """default_block_d, halved (down to 16) while batch * blocks would give fewer than two programs per SM."""
+    block = default_block_d(state)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         while block > 16 and batch * triton.cdiv(channels, block) < 2 * sms:
@@ -442,7 +448,7 @@ def selective_scan(
     """
     batch, length, channels = u.shape
     chunk = min(chunk_size, triton.next_power_of_2(max(length, 1)))
-    block_d = block_d or _pick_block_d(batch, channels, u.device)
+    block_d = block_d or _pick_block_d(batch, channels, A.shape[1], u.device)
     y, final = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
                                     block_d)
     return (y, final) if return_final_state else y
@@ -460,13 +466,14 @@ def selective_state_update(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     *,
-    block_d: int = BLOCK_D,
+    block_d: int | None = None,
 ) -> torch.Tensor:
     """One decoding step (no autograd): u, delta, z (batch, D); B, C (batch, N); `state` updated in place."""
     if state.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the SSM state must be fp32 (or fp64), got {state.dtype}")
     batch, channels = u.shape
     cdtype, n = state.dtype, state.shape[-1]
+    block_d = block_d or default_block_d(n)
 
     def small(x):
         return None if x is None else x.to(cdtype).contiguous()

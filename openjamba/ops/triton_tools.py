@@ -72,7 +72,7 @@ def _resource_usage(ptx: str, arch: int) -> dict[str, int]:
 
 
 def compile_report(
-    arch: int = 90, state: int = 16, io_types: tuple[str, ...] = ("*bf16", "*fp32"), block_d: int = tk.BLOCK_D,
+    arch: int = 90, state: int = 16, io_types: tuple[str, ...] = ("*bf16", "*fp32"), block_d: int | None = None,
     chunk: int = tk.CHUNK, num_warps: int = tk.NUM_WARPS,
 ) -> list[dict]:
     """Compile the three kernels for sm_<arch> (default: the production settings), once with every optional input
@@ -80,7 +80,7 @@ def compile_report(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    tiles = dict(BLOCK_D=block_d, BLOCK_N=tk._block_n(state))
+    tiles = dict(BLOCK_D=block_d or tk.default_block_d(state), BLOCK_N=tk._block_n(state))
     rows = []
     for io_type in io_types:
         for inputs in ("all", "none"):
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     comp = sub.add_parser("compile", help="compile the kernels for a GPU target (no GPU needed)")
     comp.add_argument("--arch", type=int, default=90, help="compute capability as an int: 90 = H100")
     comp.add_argument("--state", type=int, default=16)
-    comp.add_argument("--block-d", type=int, default=tk.BLOCK_D)
+    comp.add_argument("--block-d", type=int, default=None, help="default: what the launchers use for this state size")
     comp.add_argument("--chunk", type=int, default=tk.CHUNK)
     comp.add_argument("--num-warps", type=int, default=tk.NUM_WARPS)
     bench = sub.add_parser("bench", help="time the scan on the CUDA device")
