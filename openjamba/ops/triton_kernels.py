@@ -157,13 +157,13 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,  # inputs
     scratch_ptr,  # (programs, CHUNK, BD, BN): the recomputed states of the current chunk
     du_ptr, ddelta_ptr, dz_ptr,  # (batch, L, D), contiguous
-    dB_ptr, dC_ptr,  # (n_blocks, batch, L, N) partial sums over this program's channels
+    dB_ptr, dC_ptr,  # (n_blocks, batch, L, N) partial sums over this program's channels, or (batch, L, N) atomics
     dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,  # (batch, D, N), (batch, D), (batch, D): partial sums over tokens
     length, channels, state, n_chunks,
     s_ub, s_ul, s_db, s_dl, s_zb, s_zl, s_gb, s_gl,  # batch / token strides of u, delta, z, dy
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr,
+    HAS_DHT: tl.constexpr, ATOMIC_DBC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -193,7 +193,10 @@ def _scan_bwd_kernel(
     dy_row = dy_ptr + b64 * s_gb + offs_d
     out_row = b64 * length * channels + offs_d  # du, ddelta, dz
     bc_row = b64 * length * state + offs_n
-    dbc_row = (pid_d * batch + b64) * length * state + offs_n
+    if ATOMIC_DBC:
+        dbc_row = bc_row
+    else:
+        dbc_row = (pid_d * batch + b64) * length * state + offs_n
     ckpt_base = ckpt_ptr + program * n_chunks * BLOCK_D * BLOCK_N + tile
     scratch_base = scratch_ptr + program * CHUNK * BLOCK_D * BLOCK_N + tile
 
@@ -235,12 +238,20 @@ def _scan_bwd_kernel(
             else:
                 dout = dy
             dD += dout * u
-            tl.store(dC_ptr + dbc_row + t * state, tl.sum(dout[:, None] * h, axis=0), mask=mask_n)
+            dC = tl.sum(dout[:, None] * h, axis=0)  # (BN,): this program's channels only
+            if ATOMIC_DBC:
+                tl.atomic_add(dC_ptr + dbc_row + t * state, dC, mask=mask_n, sem="relaxed")
+            else:
+                tl.store(dC_ptr + dbc_row + t * state, dC, mask=mask_n)
 
             # Adjoint: g_t = C_t dout_t + (carried) exp(dt_{t+1} A) g_{t+1}.
             g = g + dout[:, None] * Ct[None, :]
             gB = tl.sum(g * Bt[None, :], axis=1)  # (BD,)
-            tl.store(dB_ptr + dbc_row + t * state, tl.sum(g * (dt * u)[:, None], axis=0), mask=mask_n)
+            dB = tl.sum(g * (dt * u)[:, None], axis=0)
+            if ATOMIC_DBC:
+                tl.atomic_add(dB_ptr + dbc_row + t * state, dB, mask=mask_n, sem="relaxed")
+            else:
+                tl.store(dB_ptr + dbc_row + t * state, dB, mask=mask_n)
             g_decay_h = g * decay * h_prev  # d/d(dt*A) of the decay term
             dA += g_decay_h * dt[:, None]
             ddt = u * gB + tl.sum(g_decay_h * A, axis=1)
@@ -328,6 +339,16 @@ def _pick_block_d(batch: int, channels: int, state: int, device: torch.device) -
     return block
 
 
+def atomic_dbc(state: int, block_d: int) -> bool:
+    """Whether the backward sums dB/dC over channel blocks with fp32 atomics rather than partial buffers.
+
+    Partial buffers cost 8 * N / BLOCK_D bytes per (token, channel): 4 at N=16, BLOCK_D=32, as much as two bf16
+    activations, and they keep the result deterministic. When N > BLOCK_D (large states, small channel blocks)
+    they would cost more, so programs add into one buffer with atomics (the sum order then varies between runs).
+    """
+    return state > block_d
+
+
 def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Kernel-ready operands: token-major activations, contiguous B/C, small parameters in the compute dtype."""
     cdtype = compute_dtype(u)
@@ -381,7 +402,11 @@ def _scan_backward(operands, ckpt, dy, d_final, softplus: bool, chunk: int, bloc
     du = torch.empty(batch, length, channels, dtype=u.dtype, device=device)
     ddelta = torch.empty(batch, length, channels, dtype=delta.dtype, device=device)
     dz = torch.empty_like(du, dtype=z.dtype) if z is not None else None
-    dB, dC = (torch.empty(grid[1], batch, length, state, dtype=cdtype, device=device) for _ in range(2))
+    atomic = atomic_dbc(state, block_d)
+    if atomic:
+        dB, dC = (torch.zeros(batch, length, state, dtype=cdtype, device=device) for _ in range(2))
+    else:
+        dB, dC = (torch.empty(grid[1], batch, length, state, dtype=cdtype, device=device) for _ in range(2))
     dA, dh0 = (torch.empty(batch, channels, state, dtype=cdtype, device=device) for _ in range(2))
     dD, dbias = (torch.empty(batch, channels, dtype=cdtype, device=device) for _ in range(2))
     _scan_bwd_kernel[grid](
@@ -392,10 +417,12 @@ def _scan_backward(operands, ckpt, dy, d_final, softplus: bool, chunk: int, bloc
         dy.stride(0), dy.stride(1),
         CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        HAS_DHT=d_final is not None, num_warps=NUM_WARPS,
+        HAS_DHT=d_final is not None, ATOMIC_DBC=atomic, num_warps=NUM_WARPS,
     )
     # Partial sums: dB/dC over channel blocks, the parameter gradients over the batch.
-    return (du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if D is not None else None, dz,
+    if not atomic:
+        dB, dC = dB.sum(0), dC.sum(0)
+    return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz,
             dbias.sum(0) if bias is not None else None, dh0 if h0 is not None else None)
 
 

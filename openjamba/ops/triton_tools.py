@@ -80,7 +80,8 @@ def compile_report(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    tiles = dict(BLOCK_D=block_d or tk.default_block_d(state), BLOCK_N=tk._block_n(state))
+    block_d = block_d or tk.default_block_d(state)
+    tiles = dict(BLOCK_D=block_d, BLOCK_N=tk._block_n(state))
     rows = []
     for io_type in io_types:
         for inputs in ("all", "none"):
@@ -88,7 +89,8 @@ def compile_report(
             flags = dict(HAS_D=on, HAS_Z=on, HAS_BIAS=on, SOFTPLUS=on)
             kernels = {
                 "scan_fwd": (tk._scan_fwd_kernel, dict(CHUNK=chunk, HAS_H0=on, SAVE_CKPT=on, **tiles, **flags)),
-                "scan_bwd": (tk._scan_bwd_kernel, dict(CHUNK=chunk, HAS_DHT=on, **tiles, **flags)),
+                "scan_bwd": (tk._scan_bwd_kernel, dict(CHUNK=chunk, HAS_DHT=on, **tiles, **flags,
+                                                        ATOMIC_DBC=tk.atomic_dbc(state, block_d))),
                 "state_update": (tk._state_update_kernel, dict(**tiles, **flags)),
             }
             for name, (kernel, constexprs) in kernels.items():
