@@ -109,7 +109,7 @@ def test_scan_matches_reference_across_chunk_edges(device, length):
     check_scan(scan_inputs(length=length, dtype=dtype, device=device), tolerance(dtype), delta_softplus=True)
 
 
-@pytest.mark.parametrize("state", [1, 16])
+@pytest.mark.parametrize("state", [1, 16])  # 16 > BD: dB/dC through atomics, elsewhere partial buffers
 def test_scan_state_sizes(device, state):
     dtype = dtype_for(device)
     args = scan_inputs(batch=1, length=T + 1, channels=5, state=state, dtype=dtype, device=device, seed=2)
@@ -248,7 +248,8 @@ def test_kernels_compile_for_h100_without_spills():
         pytest.skip("this triton has no NVIDIA backend with a bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-m", "openjamba.ops.triton_tools", "compile", "--arch", "90"],
+    command = ["compile", "--arch", "90", "--state", "16", "64"]  # 64: the dB/dC atomics variant
+    run = subprocess.run([sys.executable, "-m", "openjamba.ops.triton_tools", *command],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Tools for the Triton kernels: an ahead-of-time compile check that needs no GPU, and a CUDA benchmark.
 
-    python -m openjamba.ops.triton_tools compile [--arch 90]      # compile to a cubin, report registers and spills
-    python -m openjamba.ops.triton_tools bench [--batch 8 ...]    # CUDA only: time and effective HBM bandwidth
+    python -m openjamba.ops.triton_tools compile [--arch 90] [--state 16 64]   # registers and spills per kernel
+    python -m openjamba.ops.triton_tools bench [--batch 8 ...]   # CUDA only: time and effective HBM bandwidth
 
 Each prints a table, then one JSON line for scripts.
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile the kernels for a GPU target (no GPU needed)")
     comp.add_argument("--arch", type=int, default=90, help="compute capability as an int: 90 = H100")
-    comp.add_argument("--state", type=int, default=16)
+    comp.add_argument("--state", type=int, nargs="+", default=[16], help="one or more state sizes")
     comp.add_argument("--block-d", type=int, default=None, help="default: what the launchers use for this state size")
     comp.add_argument("--chunk", type=int, default=tk.CHUNK)
     comp.add_argument("--num-warps", type=int, default=tk.NUM_WARPS)
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "compile":
-        rows = compile_report(args.arch, args.state, block_d=args.block_d, chunk=args.chunk, num_warps=args.num_warps)
+        rows = [row for state in args.state for row in compile_report(
+            args.arch, state, block_d=args.block_d, chunk=args.chunk, num_warps=args.num_warps)]
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         rows = [benchmark(args.batch, args.length, args.channels, args.state, dtype, not args.no_backward)]
