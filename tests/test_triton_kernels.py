@@ -203,20 +203,19 @@ def test_prefill_then_decode_equals_one_scan(device):
 # Through the model
 
 
-@INTERPRETER_MARKS[0]
-@INTERPRETER_MARKS[1]
-def test_model_on_the_triton_ops_matches_plain_pytorch(monkeypatch):
+def test_model_on_the_triton_ops_matches_plain_pytorch(device, monkeypatch):
     """The mixer's real calls go through the dispatcher to the kernels: in_proj views, fp32 parameters, gradients
-    of every weight, and a cache (multi-token prefill, then one-token decode steps). In float64."""
+    of every weight, and a cache (multi-token prefill, then one-token decode steps)."""
     from openjamba import ops
 
     from .conftest import random_model
 
-    model = random_model(num_hidden_layers=3).double()  # Mamba, Mamba + MoE, attention
-    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    dtype = dtype_for(device)
+    model = random_model(num_hidden_layers=3).to(device, dtype)  # Mamba, Mamba + MoE, attention
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
 
     def run(backend):
-        monkeypatch.setitem(ops._chosen, "cpu", backend)
+        monkeypatch.setitem(ops._chosen, device, backend)
         model.zero_grad()
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -228,11 +227,14 @@ def test_model_on_the_triton_ops_matches_plain_pytorch(monkeypatch):
 
     logits, cached, grads = run(tk)
     logits_ref, cached_ref, grads_ref = run(None)
-    torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(cached, cached_ref, rtol=1e-5, atol=1e-6)  # the cache keeps the SSM state in fp32
+    exact = dtype == torch.float64
+    torch.testing.assert_close(logits, logits_ref, **tolerance(dtype))
+    # The cache keeps the SSM state in fp32, so decoding is fp32 either way.
+    torch.testing.assert_close(cached, cached_ref, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads_ref.keys() and any("A_log" in name for name in grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-10, msg=name)
+        tol = dict(rtol=1e-9, atol=1e-10) if exact else dict(rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(grads[name], grads_ref[name], **tol, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
