@@ -349,16 +349,17 @@ def atomic_dbc(state: int, block_d: int) -> bool:
     return state > block_d
 
 
+def _small(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Parameters and states are tiny: hand them to the kernels contiguous and already in the compute dtype."""
+    return None if x is None else x.to(dtype).contiguous()
+
+
 def _prepare(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Kernel-ready operands: token-major activations, contiguous B/C, small parameters in the compute dtype."""
     cdtype = compute_dtype(u)
-
-    def small(x):
-        return None if x is None else x.to(cdtype).contiguous()
-
     z = None if z is None else _token_major(z)
-    return (_token_major(u), _token_major(delta), z, B.contiguous(), C.contiguous(), small(A), small(D),
-            small(delta_bias), small(initial_state))
+    return (_token_major(u), _token_major(delta), z, B.contiguous(), C.contiguous(), _small(A, cdtype),
+            _small(D, cdtype), _small(delta_bias, cdtype), _small(initial_state, cdtype))
 
 
 def _or(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -501,13 +502,9 @@ def selective_state_update(
     batch, channels = u.shape
     cdtype, n = state.dtype, state.shape[-1]
     block_d = block_d or default_block_d(n)
-
-    def small(x):
-        return None if x is None else x.to(cdtype).contiguous()
-
     u, delta = _token_major(u), _token_major(delta)
     z = None if z is None else _token_major(z)
-    A, D, bias = small(A), small(D), small(delta_bias)
+    A, D, bias = _small(A, cdtype), _small(D, cdtype), _small(delta_bias, cdtype)
     y = torch.empty(batch, channels, dtype=u.dtype, device=u.device)
     _state_update_kernel[(batch, triton.cdiv(channels, block_d))](
         state, u, delta, _or(z, u), B.contiguous(), C.contiguous(), A, _or(D, A), _or(bias, A), y,
