@@ -250,7 +250,7 @@ def test_kernels_compile_for_h100_without_spills():
         pytest.skip("this triton has no NVIDIA backend with a bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    command = ["compile", "--arch", "90", "--state", "16", "64"]  # 64: the dB/dC atomics variant
+    command = ["compile", "--arch", "90", "--io", "bf16", "--state", "16", "64"]  # 64: the dB/dC atomics variant
     run = subprocess.run([sys.executable, "-m", "openjamba.ops.triton_tools", *command],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     comp.add_argument("--block-d", type=int, default=None, help="default: what the launchers use for this state size")
     comp.add_argument("--chunk", type=int, default=tk.CHUNK)
     comp.add_argument("--num-warps", type=int, default=tk.NUM_WARPS)
+    comp.add_argument("--io", nargs="+", default=["bf16", "fp32"], help="activation dtypes (Triton names)")
     bench = sub.add_parser("bench", help="time the scan on the CUDA device")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--length", type=int, default=2048)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "compile":
         rows = [row for state in args.state for row in compile_report(
-            args.arch, state, block_d=args.block_d, chunk=args.chunk, num_warps=args.num_warps)]
+            args.arch, state, tuple(f"*{io}" for io in args.io), args.block_d, args.chunk, args.num_warps)]
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         rows = [benchmark(args.batch, args.length, args.channels, args.state, dtype, not args.no_backward)]
