@@ -149,7 +149,18 @@ def test_data_beyond_the_model_vocabulary_is_refused(prepared_data, tmp_path):
 
 def test_fine_tuning_starts_from_the_given_checkpoint(straight, prepared_data, tmp_path):
     out, result = straight
-    tuned = train(tiny_config(prepared_data, tmp_path, model={}, init_from=str(result.model_dir), steps=2,
-                              lr=1e-9, warmup_steps=0, save_every=0))
+    tuned = train(tiny_config(prepared_data, tmp_path / "a", model={"router_aux_loss_coef": 0.01},
+                              init_from=str(result.model_dir), steps=2, lr=1e-9, warmup_steps=0, save_every=0))
     # with a negligible learning rate, fine-tuning evaluates the exported model: its validation loss
     assert tuned.val_loss == pytest.approx(result.val_loss, rel=1e-4)
+    assert JambaForCausalLM.from_pretrained(tuned.model_dir).config.router_aux_loss_coef == 0.01
+    with pytest.raises(ValueError, match="changes the architecture"):
+        train(tiny_config(prepared_data, tmp_path / "b", model={"hidden_size": 64}, init_from=str(result.model_dir)))
+
+
+def test_activation_checkpointing_trains_identically(prepared_data, tmp_path):
+    train(tiny_config(prepared_data, tmp_path / "plain", steps=3, save_every=0, eval_every=0))
+    train(tiny_config(prepared_data, tmp_path / "ac", steps=3, save_every=0, eval_every=0,
+                      activation_checkpointing=True))
+    plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert plain.keys() == ac.keys() and all(ac[s] == pytest.approx(plain[s], rel=1e-6) for s in plain)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute layer activations"})
     device: str | None = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for PyTorch ops (default: one per core)"})
 
     def validate(self) -> None:
         if not self.data:
@@ -66,6 +68,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -140,6 +144,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, defaulting to 'not given' so that only what is typed overrides."""
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
@@ -147,10 +152,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help")
         default_text = f" (default: {f.default})" if f.default is not None else ""
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": (help_text or f.name) + default_text}
-        if isinstance(f.default, bool):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(f.default, (int, float)):
-            kwargs["type"] = type(f.default)
+        else:
+            kwargs["type"] = kind
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--recipe", help="JSON or TOML file of trainer fields, with model fields under `model`")
     parser.add_argument("--set", dest="set_model", action="append", default=[], metavar="FIELD=VALUE",

@@ -41,6 +41,7 @@ SPECIAL_NAMES = {
 }
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
 SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
+STDLIB_SKIPPED = {"test", "tests", "idle_test", "encodings"}
 
 
 class DataError(ValueError):
@@ -49,18 +50,22 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------- the corpus
 def default_corpus() -> list[Path]:
-    """The running interpreter's standard library sources: a Python corpus every installation already has."""
+    """The running interpreter's standard library sources: a Python corpus every installation already has.
+
+    Without the regression test suites (which some distributions do not ship, and whose bytes are mostly
+    deliberately odd strings) and the generated codec tables of `encodings`: what is left is idiomatic code.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in iter_files(stdlib) if p.suffix == ".py"]
+    return [p for p in iter_files(stdlib, skip=SKIPPED_DIRS | STDLIB_SKIPPED) if p.suffix == ".py"]
 
 
-def iter_files(root: Path) -> Iterator[Path]:
+def iter_files(root: Path, skip: set[str] = SKIPPED_DIRS) -> Iterator[Path]:
     """Files under a directory in sorted order, skipping hidden entries and package/cache folders."""
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or entry.name in SKIPPED_DIRS:
+        if entry.name.startswith(".") or (entry.name in skip and entry.is_dir()):
             continue
         if entry.is_dir():
-            yield from iter_files(entry)
+            yield from iter_files(entry, skip)
         elif entry.is_file():
             yield entry
 

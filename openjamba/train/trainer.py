@@ -66,6 +66,8 @@ class TrainResult:
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """Run (or, with `resume`, continue) a training run; see the module docstring."""
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     env = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, env, resume).run()
@@ -153,10 +155,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initialisation on every rank, and in every run with this seed
         if cfg.init_from:
-            model = JambaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
-            if model.config != self.model_config:
-                raise ValueError("--set cannot change the architecture of an --init-from checkpoint")
-            self._check_tokenizer(Path(cfg.init_from))
+            model = self._load_pretrained(Path(cfg.init_from))
         else:
             model = JambaForCausalLM(self.model_config)
         model.train()
@@ -167,6 +166,21 @@ class Trainer:
         model.to(self.env.device)
         if self.env.distributed:
             distributed.shard_model(model, self.env)
+        return model
+
+    def _load_pretrained(self, path: Path) -> JambaForCausalLM:
+        """The checkpoint's weights in a model of the run's config: `--set` may change what is not a shape."""
+        self._check_tokenizer(path)
+        pretrained = JambaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if pretrained.config == self.model_config:
+            return pretrained
+        with torch.device("meta"):
+            model = JambaForCausalLM(self.model_config)
+        try:
+            model.load_state_dict(pretrained.state_dict(), assign=True)
+        except RuntimeError as err:
+            raise ValueError(f"--set changes the architecture of the --init-from checkpoint: {err}") from None
+        model.tie_weights()
         return model
 
     def _check_tokenizer(self, init_dir: Path) -> None:
