@@ -156,8 +156,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
                        streamer=TextStreamer(tokenizer))
     print(f"\nvalidation loss: {result.val_loss:.3f} nats/token" if result.val_loss is not None else "")
     print(f"loss curve: {result.loss_png}\nmetrics: {result.metrics_file}\nmodel: {result.model_dir}\n"
-          f"next: openjamba generate --model {result.model_dir} --prompt 'def parse(' | "
-          f"openjamba train --out {out} --resume --steps {2 * args.steps}")
+          f"next: openjamba generate --model {result.model_dir} --prompt 'def parse('\n"
+          f"      openjamba train --out {out} --resume --steps {2 * args.steps}    # train on")
 
 
 # ---------------------------------------------------------------------- parser

@@ -164,3 +164,12 @@ def test_activation_checkpointing_trains_identically(prepared_data, tmp_path):
                       activation_checkpointing=True))
     plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
     assert plain.keys() == ac.keys() and all(ac[s] == pytest.approx(plain[s], rel=1e-6) for s in plain)
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones(prepared_data, tmp_path):
+    """torch.compile per decoder layer (needs a C++ compiler on CPU; about a minute of compilation)."""
+    train(tiny_config(prepared_data, tmp_path / "eager", steps=3, save_every=0, eval_every=0))
+    train(tiny_config(prepared_data, tmp_path / "compiled", steps=3, save_every=0, eval_every=0, compile=True))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager)

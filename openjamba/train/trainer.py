@@ -329,7 +329,7 @@ class Trainer:
                     self._print(format_line(record, cfg.steps))
                     interval_time, interval_step = now, self.step
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
                 if self.stop_signal is not None:
                     raise TrainingInterrupted(self.stop_signal, self.save())
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
