@@ -30,6 +30,7 @@ from ..config import JambaConfig
 from ..hf import save_pretrained
 from ..info import count_parameters
 from ..model import JambaForCausalLM, causal_lm_loss
+from ..tokenizer import load_tokenizer
 from . import checkpoint, distributed
 from .config import TrainConfig, base_model_config
 from .data import BatchSampler, DataError, TokenData, eval_indices
@@ -38,6 +39,7 @@ from .metrics import MetricsLog, format_line, plot_loss
 
 # Fields a resumed run must share with the run it continues: anything else would change the data or the model.
 RESUME_FIXED = ("seed", "batch_size", "seq_len")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -84,6 +86,10 @@ def resume_config(resume: str | Path) -> tuple[Path, dict[str, Any]]:
     return path, checkpoint.read_trainer_state(path)["train_config"]
 
 
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
     if step < warmup:
@@ -99,9 +105,9 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> JambaConfig:
         changes: dict[str, Any] = {}
         if "vocab_size" not in cfg.model:
             changes["vocab_size"] = data.vocab_size
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if key not in cfg.model and data.meta.get(key.replace("_token", "")) is not None:
-                changes[key] = data.meta[key.replace("_token", "")]
+        for key, meta_key in (("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
+            if key not in cfg.model and data.meta.get(meta_key) is not None:
+                changes[key] = data.meta[meta_key]
         config = config.replace(**changes)
     data.check_vocab(config.vocab_size)
     return config
@@ -118,6 +124,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class Trainer:
+    """One run: data, model (FSDP-sharded under torchrun), optimizer and schedule, restored from a checkpoint
+    when resuming; `run()` trains to `cfg.steps`, then saves, exports and plots."""
+
     def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | Path | None = None) -> None:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.out)
@@ -149,6 +158,7 @@ class Trainer:
                                   "choose another --out")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", env.is_main, self.step if resume_path else None)
         self.stop_signal: int | None = None
+        self._clock: dict[str, float] = {}  # loop start and the current logging interval, set by run()
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self) -> torch.nn.Module:
@@ -185,8 +195,6 @@ class Trainer:
 
     def _check_tokenizer(self, init_dir: Path) -> None:
         if (init_dir / "tokenizer.json").is_file():
-            from ..tokenizer import load_tokenizer
-
             if load_tokenizer(init_dir).get_vocab() != self.tokenizer.get_vocab():
                 warnings.warn(f"the data in {self.cfg.data} was tokenized with a different tokenizer than "
                               f"{init_dir}'s; prepare it with --tokenizer {init_dir / 'tokenizer.json'}", stacklevel=3)
@@ -235,8 +243,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        loss, aux, stop = distributed.all_reduce_sum(
-            [loss_sum.item() / cfg.grad_accum, aux_sum.item() / cfg.grad_accum, float(self.stop_signal or 0)], env)
+        # One collective for the statistics and for whether any rank was signalled (all must stop at one step).
+        signalled = [float(self.stop_signal == s) for s in STOP_SIGNALS]
+        loss, aux, *signalled = distributed.all_reduce_sum(
+            [loss_sum.item() / cfg.grad_accum, aux_sum.item() / cfg.grad_accum, *signalled], env)
         loss, aux = loss / env.world_size, aux / env.world_size
         grad_norm = float(grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -251,8 +261,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.samples += cfg.batch_size
-        if stop and self.stop_signal is None:
-            self.stop_signal = int(stop)  # another rank got the signal: stop together
+        if self.stop_signal is None:
+            self.stop_signal = next((s for s, n in zip(STOP_SIGNALS, signalled) if n > 0), None)
         has_aux = self.model_config.num_experts > 1
         coef = self.model_config.router_aux_loss_coef
         return {"loss": loss, "ce": loss - coef * aux if has_aux else loss, "aux": aux if has_aux else None,
@@ -310,29 +320,21 @@ class Trainer:
         previous = self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=not (self.env.is_main and sys.stderr.isatty()))
-        tokens_per_step = cfg.batch_size * cfg.seq_len
-        start_time, start_step = time.perf_counter(), self.step
-        interval_time, interval_step = start_time, self.step
+        self._clock = {"start": time.perf_counter(), "start_step": self.step}
+        self._clock.update(interval=self._clock["start"], interval_step=self.step)
         val_loss = None
         try:
             while self.step < cfg.steps:
                 stats = self.train_step()
                 last = self.step == cfg.steps
-                val_loss = self.evaluate() if last or (cfg.eval_every and self.step % cfg.eval_every == 0) else None
-                if last or val_loss is not None or self.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    per_step = (now - start_time) / (self.step - start_step)
-                    record = {"step": self.step, **stats, "val_loss": val_loss, "tokens": self.samples * cfg.seq_len,
-                              "tok_per_s": tokens_per_step * (self.step - interval_step) / (now - interval_time),
-                              "elapsed_s": now - start_time, "eta_s": per_step * (cfg.steps - self.step)}
-                    self.metrics.append({k: v for k, v in record.items() if v is not None})
-                    self._print(format_line(record, cfg.steps))
-                    interval_time, interval_step = now, self.step
+                val_loss = self.evaluate() if last or _due(self.step, cfg.eval_every) else None
+                if last or val_loss is not None or _due(self.step, cfg.log_every):
+                    self._log({**stats, "val_loss": val_loss})
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
                 if self.stop_signal is not None:
                     raise TrainingInterrupted(self.stop_signal, self.save())
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                if last or _due(self.step, cfg.save_every):
                     self.save()
         finally:
             bar.close()
@@ -346,6 +348,18 @@ class Trainer:
             plot_loss(self.metrics.path, png, title=f"{self.out.name}: {self.model_config.num_hidden_layers} layers, "
                                                     f"{cfg.steps} steps")
         return TrainResult(self.out, self.step, model_dir, ckpt, self.metrics.path, png, val_loss)
+
+    def _log(self, stats: dict[str, Any]) -> None:
+        """One metrics.jsonl record and one log line, with throughput over the interval and the ETA."""
+        cfg, clock, now = self.cfg, self._clock, time.perf_counter()
+        per_step = (now - clock["start"]) / (self.step - clock["start_step"])
+        record = {"step": self.step, **stats, "tokens": self.samples * cfg.seq_len,
+                  "tok_per_s": cfg.batch_size * cfg.seq_len * (self.step - clock["interval_step"])
+                  / (now - clock["interval"]),
+                  "elapsed_s": now - clock["start"], "eta_s": per_step * (cfg.steps - self.step)}
+        self.metrics.append({k: v for k, v in record.items() if v is not None})
+        self._print(format_line(record, cfg.steps))
+        clock.update(interval=now, interval_step=self.step)
 
     def _describe(self) -> str:
         c, cfg, env = self.model_config, self.cfg, self.env
@@ -366,7 +380,7 @@ class Trainer:
 
         previous = {}
         with contextlib.suppress(ValueError):  # not the main thread (e.g. embedded): no handlers, no harm
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 previous[signum] = signal.signal(signum, handler)
         return previous
 
