@@ -262,7 +262,8 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
     writers = {split: ShardWriter(directory, split, dtype, shard_tokens) for split in ("train", "val")}
     max_id = -1
     splitter = np.random.default_rng(0)
-    for batch in _batches(read_documents(files, stats, text_key, progress), 1024):
+    # Small batches keep the progress bar (bytes read) close to the bytes actually tokenized.
+    for batch in _batches(read_documents(files, stats, text_key, progress), 64):
         for encoding in tokenizer.encode_batch(batch):
             doc = np.asarray(encoding.ids + ([ids["eos_id"]] if ids["eos_id"] is not None else []), np.int64)
             if len(doc) == 0:
