@@ -20,7 +20,7 @@ from openjamba.train import checkpoint as ckpt
 from openjamba.train import train
 from openjamba.train.metrics import read_metrics
 
-from .train_helpers import tiny_config
+from .train_helpers import DROPOUT_MODEL, tiny_config
 
 STEPS = 40
 
@@ -53,7 +53,7 @@ def curve(out) -> list[tuple[int, float]]:
 def setup(prepared_data, tmp_path_factory):
     """A recipe for a 40-step run, and that run done without interruption (the oracle)."""
     root = tmp_path_factory.mktemp("interrupt")
-    cfg = tiny_config(prepared_data, root / "straight", steps=STEPS, save_every=5, eval_every=20)
+    cfg = tiny_config(prepared_data, root / "straight", model=DROPOUT_MODEL, steps=STEPS, save_every=5, eval_every=20)
     recipe = root / "recipe.json"
     recipe.write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "out"}))
     before = torch.get_num_threads()

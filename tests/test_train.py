@@ -16,7 +16,7 @@ from openjamba.train.distributed import DistEnv
 from openjamba.train.metrics import read_metrics
 from openjamba.train.trainer import Trainer, lr_factor
 
-from .train_helpers import DENSE_MODEL, tiny_config
+from .train_helpers import DENSE_MODEL, DROPOUT_MODEL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def straight(prepared_data, tmp_path_factory):
     """An uninterrupted 8-step run with checkpoints at steps 4 and 8: the oracle for every resume."""
     out = tmp_path_factory.mktemp("straight")
     torch.set_num_threads(1)
-    result = train(tiny_config(prepared_data, out))
+    result = train(tiny_config(prepared_data, out, model=DROPOUT_MODEL))
     return out, result
 
 
@@ -57,7 +57,8 @@ def test_resume_continues_the_loss_curve_exactly(straight, prepared_data, tmp_pa
     out, result = straight
     expected = losses(out)
     assert sorted(expected) == list(range(1, 9))
-    resumed = train(tiny_config(prepared_data, tmp_path), resume=out / "checkpoints" / "step-000004")
+    resumed = train(tiny_config(prepared_data, tmp_path, model=DROPOUT_MODEL),
+                    resume=out / "checkpoints" / "step-000004")
     got = losses(tmp_path)
     assert sorted(got) == [5, 6, 7, 8]
     assert [got[s] for s in got] == [expected[s] for s in got]  # bitwise: same ops, same state, same data
@@ -76,12 +77,12 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_as_latest(straight,
 
     monkeypatch.setattr(ckpt.dcp, "save", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
-        train(tiny_config(prepared_data, tmp_path, save_every=2))
+        train(tiny_config(prepared_data, tmp_path, model=DROPOUT_MODEL, save_every=2))
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-000002"
     assert (root / "step-000004.tmp").is_dir() and not (root / "step-000004").exists()
     monkeypatch.setattr(ckpt.dcp, "save", real_save)
-    train(tiny_config(prepared_data, tmp_path, save_every=2), resume=tmp_path)
+    train(tiny_config(prepared_data, tmp_path, model=DROPOUT_MODEL, save_every=2), resume=tmp_path)
     assert losses(tmp_path) == losses(straight[0])
     assert not list(root.glob("*.tmp"))
 
@@ -120,7 +121,7 @@ def test_export_reloads_in_openjamba_and_transformers_with_the_same_logits(strai
     out, result = straight
     ours = JambaForCausalLM.from_pretrained(result.model_dir)
     assert load_tokenizer(result.model_dir).to_str() == load_tokenizer(prepared_data).to_str()
-    trainer = Trainer(tiny_config(prepared_data, out), DistEnv(), resume=result.checkpoint_dir)
+    trainer = Trainer(tiny_config(prepared_data, out, model=DROPOUT_MODEL), DistEnv(), resume=result.checkpoint_dir)
     ids = torch.randint(3, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trainer.model.eval()(ids).logits
@@ -132,7 +133,7 @@ def test_export_reloads_in_openjamba_and_transformers_with_the_same_logits(strai
 def test_resume_refuses_a_different_run(straight, prepared_data, tmp_path):
     out, _ = straight
     with pytest.raises(ValueError, match="different seed"):
-        train(tiny_config(prepared_data, tmp_path, seed=1), resume=out)
+        train(tiny_config(prepared_data, tmp_path, model=DROPOUT_MODEL, seed=1), resume=out)
     with pytest.raises(ValueError, match="model config differs"):
         train(tiny_config(prepared_data, tmp_path, model={**DENSE_MODEL}), resume=out)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -13,6 +13,8 @@ from .conftest import BASE
 # ids come from the prepared data.
 TINY_MODEL = {k: v for k, v in BASE.items() if k not in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")}
 DENSE_MODEL = {**TINY_MODEL, "num_experts": 1, "num_experts_per_tok": 1}
+# With attention dropout a step draws from the global RNG, so an exact resume must also restore the RNG state.
+DROPOUT_MODEL = {**TINY_MODEL, "attention_dropout": 0.1}
 
 
 def write_corpus(root: Path, files: int = 12, functions: int = 40, seed: int = 0) -> Path:
