@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 
 from .config import PRESETS, JambaConfig, get_preset
 from .info import format_report, model_report
+from .train.config import add_arguments as add_train_arguments
 
 
 def default_device() -> str:
@@ -69,31 +72,92 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+# ---------------------------------------------------------------------- prepare / train
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .train.data import DataError, prepare
+
+    try:
+        meta = prepare(args.paths, args.out, vocab_size=args.vocab_size, tokenizer_file=args.tokenizer,
+                       val_fraction=args.val_fraction, text_key=args.text_key)
+    except (DataError, FileNotFoundError) as err:
+        raise SystemExit(f"openjamba prepare: error: {err}") from None
+    print(describe_prepared(meta, args.out))
+
+
+def describe_prepared(meta: dict, out: str | Path) -> str:
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    return (f"{meta['files']} files, {meta['documents']} documents, {meta['bytes'] / 1e6:.1f} MB of text; "
+            f"{meta['skipped_summary']}\n"
+            f"vocabulary {meta['vocab_size']} ({meta['dtype']}); train {train['tokens']:,} tokens in "
+            f"{len(train['shards'])} shard(s), validation {val['tokens']:,} tokens -> {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import DataError, NonFiniteLoss, TrainConfig, TrainingInterrupted
+    from .train.config import config_from_args
+    from .train.trainer import resume_config, train
+
+    try:
+        resume, base = None, None
+        if args.resume is not None:
+            target = args.resume if isinstance(args.resume, str) else getattr(args, "out", TrainConfig.out)
+            resume, base = resume_config(target)
+        result = train(config_from_args(args, base), resume)
+    except TrainingInterrupted as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"openjamba train: {err}; continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + err.signum) from None
+    except (NonFiniteLoss, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"openjamba train: error: {err}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {result.checkpoint_dir}\nmetrics: {result.metrics_file}\nloss curve: {result.loss_png}\n"
+              f"model: {result.model_dir}")
+
+
 # ---------------------------------------------------------------------- quickstart (the README's main job)
+# The `quickstart` preset (Mamba, Mamba+MoE, attention, Mamba+MoE; 2.4M parameters) trained on the standard library:
+# about 4 minutes on two CPU cores, enough to write recognisable Python. One thread: on a busy two-core machine two
+# OpenMP threads can stall for seconds per step, while one thread keeps a steady pace.
+QUICKSTART = dict(preset="quickstart", steps=300, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30,
+                  log_every=25, eval_every=100, eval_batches=4, save_every=100, seed=0, threads=1)
+QUICKSTART_PROMPTS = ["import os\n", "def ", "class Parser:\n    def __init__(self", "    for line in "]
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    from .generate import TextStreamer
     from .model import JambaForCausalLM
+    from .tokenizer import load_tokenizer
+    from .train import TrainConfig, prepare, train
+    from .train.checkpoint import checkpoint_root
 
-    print("== openjamba info --preset jamba-v0.1 --context 262144 (the paper's memory table)")
-    print(format_report(model_report(get_preset("jamba-v0.1"), "jamba-v0.1", 262144)))
     out = Path(args.out)
-    print(f"\n== a tiny random Jamba checkpoint with a byte-level BPE tokenizer -> {out}")
-    corpus = [p.read_text() for p in sorted(Path(__file__).parent.rglob("*.py"))]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    torch.manual_seed(0)
-    model = JambaForCausalLM(get_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
-    model.save_pretrained(out, tokenizer=tokenizer)
-    print(f"saved {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(active=True) / 1e6:.2f}M "
-          f"active) to {out}")
-    print(f"\n== openjamba generate --model {out} --prompt 'def main(' (untrained weights: expect noise)")
-    cmd_generate(argparse.Namespace(model=out, prompt="def main(", max_new_tokens=32, temperature=0.8, top_k=50,
-                                    top_p=None, seed=0, device="cpu", dtype="fp32"))
+    data = out / "data"
+    print(f"== 1/3 prepare: this interpreter's standard library (*.py) -> {data}", flush=True)
+    if (data / "meta.json").is_file():
+        meta = json.loads((data / "meta.json").read_text())
+        print("already prepared; reusing it (delete the directory to prepare again)")
+    else:
+        meta = prepare(None, data, vocab_size=4096)
+    print(describe_prepared(meta, data))
+
+    print(f"\n== 2/3 train: preset quickstart, {args.steps} steps on {default_device()} -> {out}", flush=True)
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)  # the quickstart always trains from scratch
+    result = train(TrainConfig(data=str(data), out=str(out), **{**QUICKSTART, "steps": args.steps}))
+
+    print(f"\n== 3/3 samples from the exported model {result.model_dir} (temperature 0.7, top-k 40)", flush=True)
+    model = JambaForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(result.model_dir)
+    generator = torch.Generator().manual_seed(0)
+    for prompt in QUICKSTART_PROMPTS:
+        print(f"--- prompt {prompt!r}")
+        sys.stdout.write(prompt)
+        model.generate(torch.tensor([tokenizer.encode(prompt).ids]), max_new_tokens=args.sample_tokens,
+                       do_sample=True, temperature=0.7, top_k=40, generator=generator,
+                       streamer=TextStreamer(tokenizer))
+    print(f"\nvalidation loss: {result.val_loss:.3f} nats/token" if result.val_loss is not None else "")
+    print(f"loss curve: {result.loss_png}\nmetrics: {result.metrics_file}\nmodel: {result.model_dir}\n"
+          f"next: openjamba generate --model {result.model_dir} --prompt 'def parse('\n"
+          f"      openjamba train --out {out} --resume --steps {2 * args.steps}    # train on")
 
 
 # ---------------------------------------------------------------------- parser
@@ -123,8 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.set_defaults(func=cmd_generate)
 
-    quick = verbs.add_parser("quickstart", help="the README's main job: memory table, tiny checkpoint, generation")
-    quick.add_argument("--out", default="runs/quickstart/model")
+    prep = verbs.add_parser("prepare", help="train a tokenizer and tokenize text into shards for training")
+    prep.add_argument("paths", nargs="*", help="text files, directories and .jsonl files (default: the Python "
+                      "standard library of this interpreter)")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--tokenizer", help="use this tokenizer.json (or a checkpoint directory holding one) instead "
+                      "of training one, e.g. a released Jamba tokenizer for fine-tuning")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens for validation")
+    prep.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines")
+    prep.set_defaults(func=cmd_prepare)
+
+    trn = verbs.add_parser("train", help="pretrain or fine-tune (also under torchrun: FSDP2 over the layers)",
+                           description="Train a Jamba model. Settings: defaults < --recipe FILE < flags; model "
+                           "fields via --preset/--config/--init-from and --set FIELD=VALUE.")
+    add_train_arguments(trn)
+    trn.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                     help="continue the run in --out (or the given checkpoint / run directory) exactly")
+    trn.set_defaults(func=cmd_train)
+
+    quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
+    quick.add_argument("--out", default="runs/quickstart")
+    quick.add_argument("--steps", type=int, default=QUICKSTART["steps"])
+    quick.add_argument("--sample-tokens", type=int, default=60)
     quick.set_defaults(func=cmd_quickstart)
     return parser
 

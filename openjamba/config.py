@@ -231,6 +231,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=262144,
     ),
+    # The README's main job: trains on two CPU cores in minutes. One short Jamba block: Mamba, Mamba+MoE,
+    # attention, Mamba+MoE; a small SSM state keeps the CPU scan cheap.
+    "quickstart": dict(
+        vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2,
+        mamba_d_state=8, max_position_embeddings=262144,
+    ),
     "jamba-v0.1": {},
     "jamba-1.5-mini": dict(eos_token_id=[2, 518]),
     # Jamba-1.5-Large: 9 blocks of 8 layers, hidden 8192, 64/8 heads (intermediate size inferred: 398B/94B).

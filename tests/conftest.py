@@ -75,3 +75,25 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
     return ids, mask, rows
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A small synthetic Python corpus, prepared once for all training tests (vocabulary 320)."""
+    from openjamba.train import prepare
+
+    from .train_helpers import write_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = write_corpus(root / "text")
+    prepare([corpus], root / "data", vocab_size=320, val_fraction=0.2, progress=False)
+    return root / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training runs: one thread is faster (and far steadier on a busy machine) than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
