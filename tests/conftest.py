@@ -75,3 +75,17 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0, pad_id: int
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
     return ids, mask, rows
+
+
+def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320):
+    """A small byte-level BPE tokenizer (any text encodes) with <pad>=0, <bos>=1, <eos>=2 as in BASE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = corpus or ["the quick brown fox jumps over the lazy dog. hello world, hello there!\n"] * 20
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tokenizer
