@@ -74,21 +74,30 @@ class _AfterLmEvalImport(importlib.abc.MetaPathFinder):
 
     At .pth time lm_eval may not be importable yet: site-packages directories are added one by one (user site
     before the system one, a venv's before its base), so the directory holding lm_eval may come after ours.
+    The spec may be looked up more than once before the import (runpy does, for `python -m lm_eval`), so this
+    finder stays in place until the package actually runs.
     """
 
     def find_spec(self, fullname: str, path=None, target=None):
         if fullname != "lm_eval":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after us
-        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            run_package = spec.loader.exec_module
+        spec = None
+        for finder in sys.meta_path:  # the spec the other finders give
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_package = spec.loader.exec_module
 
-            def exec_module(module) -> None:
-                run_package(module)
-                _register_quietly()
+        def exec_module(module) -> None:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            run_package(module)
+            _register_quietly()
 
-            spec.loader.exec_module = exec_module  # this loader instance serves lm_eval/__init__ only
+        spec.loader.exec_module = exec_module  # this loader instance serves lm_eval/__init__ only
         return spec
 
 
