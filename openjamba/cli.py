@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if not args.paths and not args.tasks:
         raise SystemExit("openjamba eval: give text/JSONL files or directories to score, or --tasks")
+    if args.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit("openjamba eval --tasks needs lm-evaluation-harness: pip install 'openjamba[eval]'")
     device = args.device or default_device()
     model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     model.eval()
@@ -102,14 +105,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _run_lm_eval(model, tokenizer, args: argparse.Namespace) -> dict:
-    """lm-evaluation-harness tasks on the loaded model, through `simple_evaluate` (needs openjamba[eval])."""
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
+    """lm-evaluation-harness tasks on the loaded model, through `simple_evaluate`; prints lm_eval's table."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
 
-        from .eval.harness import OpenJambaLM
-    except ImportError as error:
-        raise SystemExit(f"--tasks needs lm-evaluation-harness: pip install 'openjamba[eval]' ({error})") from None
+    from .eval.harness import OpenJambaLM
+
     lm = OpenJambaLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.context_length)
     return lm_eval.simple_evaluate(
         model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,

@@ -43,7 +43,8 @@ class OpenJambaLM(TemplateLM):
     model_args: pretrained=DIR, dtype (auto|float32|bfloat16|float16), device, batch_size, max_length (the most
     tokens one forward sees: longer inputs are truncated on the left, rolling scores use windows of it),
     max_gen_toks (default generation budget), add_bos_token (prefix every context with BOS; default False, as
-    lm-eval's `hf` model does, so scores compare).
+    lm-eval's `hf` model does, so scores compare). max_batch_size is accepted and ignored (no automatic batch
+    sizing; batch_size=auto means 1).
     """
 
     def __init__(
