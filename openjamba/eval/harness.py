@@ -31,7 +31,6 @@ from .perplexity import document_nlls, prefix_token_id, score_spans
 
 MODEL_NAME = "openjamba"
 DEFAULT_MAX_LENGTH = 2048
-GENERATION_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
 MAX_TOKEN_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ pairs); `power_a=None` spreads them uniformly. Generation is vectorised with num
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ def mqar_batch(
     Deterministic for a seed. Keyword overrides change fields of `config` (or of the default config), e.g.
     `mqar_batch(64, vocab_size=256, seq_len=64, num_kv_pairs=8, seed=1)`.
     """
-    config = MQARConfig(**{**(config.__dict__ if config else {}), **overrides})
+    config = replace(config or MQARConfig(), **overrides)
     config.validate()
     rng = np.random.default_rng(seed)
     block = max(1, _BLOCK_ELEMENTS // max(config.vocab_size, config.seq_len))
