@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -114,6 +115,53 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"model: {result.model_dir}")
 
 
+# ---------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.perplexity import evaluate_texts, read_texts
+    from .model import JambaForCausalLM
+    from .tokenizer import load_tokenizer
+
+    if not args.paths and not args.tasks:
+        raise SystemExit("openjamba eval: give text/JSONL files or directories to score, or --tasks")
+    if args.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit("openjamba eval --tasks needs lm-evaluation-harness: pip install 'openjamba[eval]'")
+    device = args.device or default_device()
+    model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    model.eval()
+    tokenizer = load_tokenizer(args.model)
+    report: dict = {"model": str(args.model)}
+    if args.paths:
+        result = evaluate_texts(model, tokenizer, read_texts(args.paths, args.text_field), args.context_length,
+                                args.stride, args.batch_size)
+        report["perplexity"] = result.to_dict()
+        if not args.json:
+            print(result.summary())
+    if args.tasks:
+        results = _run_lm_eval(model, tokenizer, args)
+        report["tasks"] = results["results"]
+        if not args.json:
+            from lm_eval.utils import make_table
+
+            print(make_table(results))
+    if args.json:
+        print(json.dumps(report, default=str))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _run_lm_eval(model, tokenizer, args: argparse.Namespace) -> dict:
+    """lm-evaluation-harness tasks on the loaded model, through `simple_evaluate`; prints lm_eval's table."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .eval.harness import OpenJambaLM
+
+    lm = OpenJambaLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.context_length)
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
+        task_manager=TaskManager(include_path=args.include_path) if args.include_path else None, log_samples=False)
+
+
 # ---------------------------------------------------------------------- quickstart (the README's main job)
 # The `quickstart` preset (Mamba, Mamba+MoE, attention, Mamba+MoE; 2.4M parameters) trained on the standard library:
 # about 4 minutes on two CPU cores, enough to write recognisable Python. One thread: on a busy two-core machine two
@@ -205,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue the run in --out (or the given checkpoint / run directory) exactly")
     trn.set_defaults(func=cmd_train)
+
+    ev = verbs.add_parser("eval", help="perplexity and bits per byte on texts; lm-evaluation-harness tasks")
+    ev.add_argument("--model", type=Path, required=True, help="checkpoint directory with a tokenizer.json")
+    ev.add_argument("paths", nargs="*", help="text files (one document each), .jsonl files (one per line) and "
+                                             "directories of .txt/.text/.md/.jsonl files")
+    ev.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    ev.add_argument("--context-length", type=int, default=2048, help="tokens per forward (default 2048)")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="tokens a window advances; each is scored with >= context-length - stride tokens of "
+                         "context (default: half the context length)")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows (or requests) per forward (default 4)")
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs openjamba[eval])")
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many examples per task")
+    ev.add_argument("--include-path", default=None, help="lm-eval: a directory of extra task YAML files")
+    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the human lines")
+    ev.add_argument("--output", default=None, help="also write the JSON report to this file")
+    ev.set_defaults(func=cmd_eval)
+
 
     quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
     quick.add_argument("--out", default="runs/quickstart")

@@ -7,6 +7,7 @@ the weights, the attention K/V and one chunk's activations whatever the prompt l
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -111,12 +112,15 @@ def generate(
     generator: torch.Generator | None = None,
     prefill_chunk_size: int = 2048,
     streamer: Streamer | None = None,
+    should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Prompt plus up to `max_new_tokens` new tokens per row, (B, T + new), like transformers' generate.
 
     `attention_mask` marks left padding (0) in a batch of prompts of unequal length. Each row stops at its own
     EOS (`eos_token_id`, default the config's; pass [] to never stop early) and is then filled with
-    `pad_token_id` (default the config's, else the EOS id) until every row is done.
+    `pad_token_id` (default the config's, else the EOS id) until every row is done. `should_stop`, called after
+    each step with the new tokens so far (B, n), returns a (B,) bool: rows where it is True finish as at EOS
+    (stop strings, for instance, which only the caller's tokenizer can see).
     """
     _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size)
     config = model.config
@@ -152,6 +156,8 @@ def generate(
             streamer.put(next_tokens.cpu())
         if eos:
             unfinished &= ~torch.isin(next_tokens, eos_tensor)
+        if should_stop is not None:
+            unfinished &= ~should_stop(torch.stack(new_tokens, dim=1)).to(device)
         if not bool(unfinished.any()) or step == max_new_tokens - 1:
             break
         logits = model(next_tokens[:, None], cache=cache, logits_to_keep=1).logits[:, -1]

@@ -100,3 +100,24 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
         model.generate(torch.ones(1, 3, dtype=torch.long), **kwargs)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(torch.ones(3, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_should_stop_finishes_its_rows_and_stops_early():
+    """Row 0 is told to stop after its 2nd new token: it is padded from then on, row 1 is unaffected; once every
+    row is stopped, no further step runs."""
+    model = random_model()
+    ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    calls = []
+
+    def stop_row0_after_two(new: torch.Tensor) -> torch.Tensor:
+        calls.append(new.shape[1])
+        return torch.tensor([new.shape[1] >= 2, False])
+
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=[], pad_token_id=0, should_stop=stop_row0_after_two)
+    assert torch.equal(out[0, :7], free[0, :7]) and out[0, 7:].eq(0).all()
+    assert torch.equal(out[1], free[1])
+    assert calls == [1, 2, 3, 4, 5, 6]
+    everyone = model.generate(ids, max_new_tokens=6, eos_token_id=[], should_stop=lambda new: new[:, 0] >= 0)
+    assert everyone.shape == (2, 6)  # one new token, then both rows were done
