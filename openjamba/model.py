@@ -17,16 +17,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +94,10 @@ class AttentionMask:
             if length == 1:
                 return AttentionMask(past_length, None, is_causal=False)
             # A chunk continuing a cached sequence: causal aligned to the bottom right, never materialised
-            # (a bool mask would be T x (past + T): 512 MB for a 2K chunk at 256K context).
+            # (a bool mask would be T x (past + T): 512 MB for a 2K chunk at 256K context). Imported here because
+            # the module pulls in torch._dynamo (a second of start-up, and triton) that nothing else needs.
+            from torch.nn.attention.bias import causal_lower_right
+
             return AttentionMask(past_length, causal_lower_right(length, past_length + length), is_causal=False)
         total = past_length + length
         query_pos = torch.arange(past_length, total, device=device)[:, None]

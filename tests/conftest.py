@@ -7,7 +7,12 @@ import os
 import pytest
 import torch
 
-from openjamba import JambaConfig, JambaForCausalLM
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported, and many modules (torch._dynamo, transformers) import it, so it
+    # is set before any of them: without a GPU the Triton kernels' tests run in its interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from openjamba import JambaConfig, JambaForCausalLM  # noqa: E402
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
