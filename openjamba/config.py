@@ -238,6 +238,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4, attn_layer_offset=2,
         mamba_d_state=8, max_position_embeddings=262144,
     ),
+    # The CPU benchmark's model (hidden 256, 8 layers, 4 experts top-2): one Jamba block, big enough that
+    # matrix multiplies dominate, small enough for 32K-token prompts on a laptop.
+    "cpu-bench": dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=262144,
+    ),
     "jamba-v0.1": {},
     "jamba-1.5-mini": dict(eos_token_id=[2, 518]),
     # Jamba-1.5-Large: 9 blocks of 8 layers, hidden 8192, 64/8 heads (intermediate size inferred: 398B/94B).

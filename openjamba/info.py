@@ -58,6 +58,31 @@ def mamba_state_bytes(config: JambaConfig, batch: int = 1, dtype: str = "bf16") 
     return len(config.mamba_layer_indices) * per_layer * batch
 
 
+def forward_flops(config: JambaConfig, tokens: int, batch: int = 1, past: int = 0, logits: int | None = None) -> int:
+    """Useful floating-point operations of one forward over `tokens` new tokens after `past` cached ones.
+
+    What utilisation figures divide by, so it counts only work the model needs, never an implementation's
+    overheads: 2 per multiply-add of every linear layer a token uses (top-k experts only, the router, the LM head
+    for the `logits` positions actually computed, default all), the causal attention scores and weighted sums
+    (each query sees `past` + its own prefix), the depthwise conv, and 9 per (channel, state) element for the
+    selective scan (the Mamba paper's count). Embedding lookups, norms and activations are left out. A
+    training step (forward and backward) is three times this.
+    """
+    H, I, E = config.hidden_size, config.intermediate_size, config.num_experts
+    Di, N, K, R = config.mamba_inner_size, config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank
+    hd, heads, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    keys_seen = tokens * past + tokens * (tokens + 1) // 2  # summed over the new queries
+    attention = 2 * H * hd * (2 * heads + 2 * kv) * tokens + 2 * 2 * heads * hd * keys_seen
+    mamba_per_token = 2 * (H * 2 * Di + Di * (R + 2 * N) + R * Di + Di * H) + 2 * K * Di + 9 * Di * N
+    flops = 0
+    for kind, experts in zip(config.layers_block_type, config.layers_num_experts):
+        flops += attention if kind == "attention" else mamba_per_token * tokens
+        ffn = 2 * 3 * H * I * (config.num_experts_per_tok if experts > 1 else 1) + (2 * H * E if experts > 1 else 0)
+        flops += ffn * tokens
+    flops += 2 * H * config.vocab_size * (tokens if logits is None else min(logits, tokens))
+    return flops * batch
+
+
 def summarize(config: JambaConfig, context: int, batch: int = 1, dtype: str = "bf16") -> dict[str, Any]:
     params = count_parameters(config)
     kv = kv_cache_bytes(config, context, batch, dtype)

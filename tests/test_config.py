@@ -5,9 +5,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from openjamba import PRESETS, JambaConfig, JambaForCausalLM, get_preset
-from openjamba.info import count_parameters, kv_cache_bytes
+from openjamba.info import count_parameters, forward_flops, kv_cache_bytes
 
 from .conftest import CONFIGS, make_config
 
@@ -121,3 +122,31 @@ def test_paper_memory_table():
     assert round(count_parameters(get_preset("mixtral-8x7b"))["active"] / 1e8) == 129
     assert round(count_parameters(get_preset("mistral-7b"))["total"] / 1e8) == 72
     assert round(count_parameters(get_preset("llama-2-7b"))["total"] / 1e8) == 67
+
+
+@pytest.mark.parametrize("name", ["moe-gqa", "dense-mha-biases-tied", "moe-period3-two-attention"])
+def test_forward_flops_counts_every_linear_layer_a_token_uses(name):
+    """At one token with no context, attention and scan terms are known in closed form; the rest must equal
+    2 x the weights of the linear layers one token touches, read off a built model (top-k of each MoE's experts)."""
+    config = make_config(name)
+    model = JambaForCausalLM(config)
+    linear = 0
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear += module.weight.numel()
+        elif module_name.endswith("experts"):  # fused (E, 2I, H) and (E, H, I): a token uses top-k of E
+            linear += sum(p.numel() for p in module.parameters()) * config.num_experts_per_tok // config.num_experts
+    attention_scores = 2 * 2 * config.num_attention_heads * config.head_dim * len(config.attention_layer_indices)
+    Di, N, K = config.mamba_inner_size, config.mamba_d_state, config.mamba_d_conv
+    conv_and_scan = (2 * K * Di + 9 * Di * N) * len(config.mamba_layer_indices)
+    assert forward_flops(config, tokens=1) == 2 * linear + attention_scores + conv_and_scan
+
+
+def test_forward_flops_attention_grows_with_context_and_batch():
+    config = make_config()
+    base = forward_flops(config, tokens=4)
+    per_key = 2 * 2 * config.num_attention_heads * config.head_dim * len(config.attention_layer_indices)
+    assert forward_flops(config, tokens=4, past=10) - base == per_key * 4 * 10
+    assert forward_flops(config, tokens=4, batch=3) == 3 * base
+    lm_head = 2 * config.hidden_size * config.vocab_size
+    assert base - forward_flops(config, tokens=4, logits=1) == 3 * lm_head
