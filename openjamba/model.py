@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
-
-if TYPE_CHECKING:
-    from torch.nn.attention.bias import CausalBias
 
 
 class RMSNorm(nn.Module):
@@ -67,13 +63,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv is not None:
             k, v = kv.append(k, v, mask.past_length)  # (B, kv_heads, past + T, hd)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask.mask,
-            is_causal=mask.is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if mask.is_causal and mask.past_length > 0:  # a chunk continuing a cached sequence
+            out = ops.chunk_attention(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, dropout_p=dropout,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # (B, heads, T, hd) -> (B, T, D)
 
 
@@ -82,31 +79,22 @@ class AttentionMask:
     """How the attention layers of one forward mask: built once per forward, shared by all of them."""
 
     past_length: int
-    mask: torch.Tensor | CausalBias | None  # bools (B or 1, 1, T, past + T), True = attend; or a lazy causal bias
-    is_causal: bool
+    mask: torch.Tensor | None  # bools (B or 1, 1, T, past + T), True = attend; None when nothing is padded
+    is_causal: bool  # causal over this chunk, aligned to the last keys (used when mask is None)
 
     @staticmethod
     def build(key_valid: torch.Tensor | None, past_length: int, length: int, device: torch.device) -> AttentionMask:
         """key_valid: (B, past + T) bools marking real (non-padding) tokens, or None when nothing is padded."""
         if key_valid is None:
-            if past_length == 0:
-                return AttentionMask(0, None, is_causal=length > 1)
-            if length == 1:
-                return AttentionMask(past_length, None, is_causal=False)
-            # A chunk continuing a cached sequence: causal aligned to the bottom right, never materialised
-            # (a bool mask would be T x (past + T): 512 MB for a 2K chunk at 256K context). Imported here because
-            # the module pulls in torch._dynamo (a second of start-up, and triton) that nothing else needs.
-            from torch.nn.attention.bias import causal_lower_right
-
-            return AttentionMask(past_length, causal_lower_right(length, past_length + length), is_causal=False)
+            # Causal over the chunk, aligned to the last keys: one new token sees every key, and a longer chunk
+            # continuing a cached sequence goes to ops.chunk_attention (no (T, past + T) mask on CPU).
+            return AttentionMask(past_length, None, is_causal=length > 1)
         total = past_length + length
         query_pos = torch.arange(past_length, total, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None, :]
-        allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, total)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :]
-            # A padding query would see no key at all; let it see itself so its (ignored) output stays finite.
-            allowed = allowed | (key_pos == query_pos)[None, None]
+        allowed = (key_pos <= query_pos)[None, None] & key_valid[:, None, None, :]  # (B, 1, T, total)
+        # A padding query would see no key at all; let it see itself so its (ignored) output stays finite.
+        allowed = allowed | (key_pos == query_pos)[None, None]
         return AttentionMask(past_length, allowed, is_causal=False)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from openjamba.ops import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
+from openjamba.ops.attention import chunk_attention, chunk_attention_ref, chunk_attention_split
 
 
 def scan_inputs(batch, length, channels, state, dtype=torch.float64, dt_scale=1.0, seed=0):
@@ -102,3 +103,21 @@ def test_conv_in_chunks_equals_one_pass(kernel):
         pieces.append(y)
     torch.testing.assert_close(torch.cat(pieces, 1), y_full)
     torch.testing.assert_close(window, win_full)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("length,past", [(1, 5), (7, 1), (16, 40), (33, 300)])
+def test_chunk_attention_split_matches_reference(heads, kv_heads, length, past):
+    g = torch.Generator().manual_seed(length + past)
+    q = torch.randn(2, heads, length, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, past + length, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    expected = chunk_attention_ref(q, k, v)
+    torch.testing.assert_close(chunk_attention_split(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(chunk_attention(q.float(), k.float(), v.float()), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_attention_keeps_autograd_on_the_reference():
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    chunk_attention(q, k, v).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -1,6 +1,6 @@
 """Kernels used by the Mamba mixer, each a plain PyTorch reference plus faster implementations.
 
-The model calls only the three dispatchers below. They pick a backend for the tensors' device:
+The model calls the three dispatchers below; they pick a backend for the tensors' device:
   "torch"   plain PyTorch (ops/scan.py, ops/conv.py): runs everywhere, the fallback
   "cpu"     compiled CPU kernels (ops/cpu_kernels.py), when they build on this machine
   "triton"  Triton GPU kernels (ops/triton_kernels.py), on CUDA devices
@@ -9,7 +9,8 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d` with the signatures below; an op it lacks falls back
-to the plain PyTorch one.
+to the plain PyTorch one. Attention of a chunk continuing a cached sequence is `chunk_attention` (ops/attention.py),
+plain PyTorch that avoids CPU SDPA's (chunk, context) mask.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import ModuleType
 
 import torch
 
+from .attention import chunk_attention
 from .conv import causal_conv1d_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
@@ -28,6 +30,7 @@ __all__ = [
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "chunk_attention",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",

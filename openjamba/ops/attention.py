@@ -1,0 +1,58 @@
+"""Attention of a chunk of queries that continues a cached sequence: the reference and a CPU path that stays small.
+
+The last T positions of a sequence of S = past + T attend causally to all S keys ("lower-right" causal). PyTorch's
+SDPA runs that efficiently on CUDA (`causal_lower_right`), but on CPU it materialises a (T, S) mask and, through
+it, (heads, T, S) scores: 2.6 GB of temporaries for one 2K-token chunk at 256K context, growing with the context.
+`chunk_attention_split` instead makes two mask-free calls of PyTorch's CPU flash kernel, one over the past keys
+(all visible) and one causal over the chunk's own keys, and merges them with their log-sum-exps:
+
+    out = w * out_past + (1 - w) * out_chunk,   w = sigmoid(lse_past - lse_chunk)
+
+which is exact (softmax over the union of two key sets) and needs memory O(T) beyond the K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """q: (B, heads, T, hd) at the last T positions; k, v: (B, kv_heads, S, hd) with S >= T. Causal, GQA."""
+    from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: only when needed
+
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), dropout_p=dropout_p,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Same result as `chunk_attention_ref` (no dropout), without a (T, S) mask or scores. CPU, no autograd."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, past = k.shape[1], k.shape[2] - length
+    group = heads // kv_heads
+    # Past keys are visible to every query, so the heads sharing a K/V head can be stacked along the query axis:
+    # (B, heads, T, hd) -> (B, kv_heads, group * T, hd), no copy of the (long) past K/V.
+    out_past, lse_past = _CPU_FLASH(q.reshape(batch, kv_heads, group * length, head_dim), k[:, :, :past],
+                                    v[:, :, :past], 0.0, False)
+    out_past = out_past.reshape(batch, heads, length, head_dim)
+    lse_past = lse_past.reshape(batch, heads, length)
+    # The chunk's own keys: a square causal block (upper-left = lower-right), heads expanded (T keys only).
+    k_new = k[:, :, past:].repeat_interleave(group, dim=1)
+    v_new = v[:, :, past:].repeat_interleave(group, dim=1)
+    out_new, lse_new = _CPU_FLASH(q, k_new, v_new, 0.0, True)
+    merge_dtype = torch.promote_types(q.dtype, torch.float32)
+    w_past = torch.sigmoid(lse_past.to(merge_dtype) - lse_new.to(merge_dtype)).unsqueeze(-1)  # (B, heads, T, 1)
+    return (w_past * out_past.to(merge_dtype) + (1 - w_past) * out_new.to(merge_dtype)).to(q.dtype)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """The split path for CPU inference (where it saves memory), the reference everywhere else."""
+    use_split = (
+        _CPU_FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and k.shape[2] > q.shape[2]
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    )
+    return chunk_attention_split(q, k, v) if use_split else chunk_attention_ref(q, k, v, dropout_p)
