@@ -128,6 +128,15 @@ def mqar_batch(
     return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(labels)
 
 
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, answers): argmax predictions at the positions before the answers, given (batch, seq, vocab)
+    logits and aligned (batch, seq) labels; shared by `mqar_accuracy` and the trainer's validation pass."""
+    target = labels[:, 1:].to(logits.device)  # position t predicts token t + 1
+    asked = target != IGNORE_INDEX
+    predicted = logits[:, :-1].argmax(-1)
+    return int((predicted == target)[asked].sum()), int(asked.sum())
+
+
 @torch.no_grad()
 def mqar_accuracy(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
     """Fraction of answers (labels != -100) that argmax decoding predicts from the position before them.
@@ -142,11 +151,8 @@ def mqar_accuracy(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_si
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start:start + batch_size].to(model.device)
-            target = labels[start:start + batch_size, 1:].to(model.device)  # position t predicts token t + 1
-            predicted = model(ids).logits[:, :-1].argmax(-1)
-            asked = target != IGNORE_INDEX
-            correct += int((predicted == target)[asked].sum())
-            total += int(asked.sum())
+            hit, count = answer_hits(model(ids).logits, labels[start:start + batch_size])
+            correct, total = correct + hit, total + count
     finally:
         model.train(was_training)
     if total == 0:

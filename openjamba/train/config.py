@@ -31,7 +31,15 @@ from ..config import JambaConfig, get_preset
 class TrainConfig:
     """Everything that defines a training run. Help texts double as the CLI's (see `add_arguments`)."""
 
+    task: str = field(default="lm", metadata={"help": "lm: language modelling on --data; mqar: generated "
+                                                       "multi-query associative recall (the --mqar-* fields)"})
     data: str | None = field(default=None, metadata={"help": "prepared data directory (openjamba prepare)"})
+    mqar_vocab_size: int = field(default=8192, metadata={"help": "MQAR: tokens (keys below half, values above)"})
+    mqar_kv_pairs: int = field(default=16, metadata={"help": "MQAR: key-value pairs per sequence"})
+    mqar_queries: int | None = field(default=None, metadata={"help": "MQAR: queries per sequence (default: "
+                                                                     "every key once)"})
+    mqar_power_a: float | None = field(default=0.01, metadata={"help": "MQAR: power-law exponent of the query "
+                                                                       "gaps (Zoology's)"})
     out: str = field(default="runs/train", metadata={"help": "output directory: checkpoints, metrics, model"})
     preset: str | None = field(default=None, metadata={"help": "model preset (default tiny when nothing else)"})
     config: str | None = field(default=None, metadata={"help": "model config.json (instead of a preset)"})
@@ -60,8 +68,11 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"help": "CPU threads for PyTorch ops (default: one per core)"})
 
     def validate(self) -> None:
-        if not self.data:
-            raise ValueError("no training data: pass --data DIR (a directory made by `openjamba prepare`)")
+        if self.task not in ("lm", "mqar"):
+            raise ValueError(f"unknown task {self.task!r}; choose lm (prepared --data) or mqar (generated recall)")
+        if self.task == "lm" and not self.data:
+            raise ValueError("no training data: pass --data DIR (a directory made by `openjamba prepare`), "
+                             "or --task mqar")
         sources = [name for name in ("preset", "config", "init_from") if getattr(self, name)]
         if len(sources) > 1:
             raise ValueError(f"choose one model source, got {', '.join('--' + s.replace('_', '-') for s in sources)}")

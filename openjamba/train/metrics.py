@@ -24,6 +24,8 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
         parts.append(f"ce {record['ce']:.4f} | aux {record['aux']:.3f}")
     if record.get("val_loss") is not None:
         parts.append(f"val {record['val_loss']:.4f}")
+    if record.get("val_acc") is not None:
+        parts.append(f"recall {record['val_acc']:.3f}")
     parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.2f}", f"tok/s {record['tok_per_s']:,.0f}",
               f"elapsed {format_duration(record['elapsed_s'])}", f"eta {format_duration(record['eta_s'])}"]
     return " | ".join(parts)

@@ -22,20 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from ..config import JambaConfig
+from ..eval.mqar import answer_hits
 from ..hf import save_pretrained
 from ..info import count_parameters
 from ..model import JambaForCausalLM, causal_lm_loss
 from ..tokenizer import load_tokenizer
 from . import checkpoint, distributed
 from .config import TrainConfig, base_model_config
-from .data import BatchSampler, DataError, TokenData, eval_indices
+from .data import DataError
 from .distributed import DistEnv
 from .metrics import MetricsLog, format_line, plot_loss
+from .sources import DataSource, make_source
 
 # Fields a resumed run must share with the run it continues: anything else would change the data or the model.
 RESUME_FIXED = ("seed", "batch_size", "seq_len")
@@ -63,6 +66,7 @@ class TrainResult:
     metrics_file: Path
     loss_png: Path
     val_loss: float | None
+    val_acc: float | None = None  # recall accuracy of MQAR runs
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
@@ -98,18 +102,19 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_model_config(cfg: TrainConfig, data: TokenData) -> JambaConfig:
-    """The run's architecture. From scratch, vocabulary and special ids come from the data's tokenizer."""
+def build_model_config(cfg: TrainConfig, source: DataSource) -> JambaConfig:
+    """The run's architecture. From scratch, vocabulary and special ids come from the data (its tokenizer, or
+    the MQAR generator's vocabulary)."""
     config = base_model_config(cfg)
     if not cfg.init_from:
         changes: dict[str, Any] = {}
         if "vocab_size" not in cfg.model:
-            changes["vocab_size"] = data.vocab_size
-        for key, meta_key in (("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
-            if key not in cfg.model and data.meta.get(meta_key) is not None:
-                changes[key] = data.meta[meta_key]
+            changes["vocab_size"] = source.vocab_size
+        for key, value in source.special_ids.items():
+            if key not in cfg.model and value is not None:
+                changes[key] = value
         config = config.replace(**changes)
-    data.check_vocab(config.vocab_size)
+    source.check_vocab(config.vocab_size)
     return config
 
 
@@ -135,12 +140,9 @@ class Trainer:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by world size ({env.world_size}) "
                              f"x grad_accum ({cfg.grad_accum})")
         self.micro = cfg.batch_size // (env.world_size * cfg.grad_accum)
-        self.data = TokenData(cfg.data)
-        self.tokenizer = self.data.tokenizer()
-        self.model_config = build_model_config(cfg, self.data)
-        self.sampler = BatchSampler(self.data.windows("train", cfg.seq_len), cfg.seed)
-        self.val_windows = self.data.windows("val", cfg.seq_len)
-        self.val_indices = eval_indices(self.val_windows, cfg.eval_batches * cfg.batch_size)
+        self.source = make_source(cfg)
+        self.tokenizer = self.source.tokenizer()
+        self.model_config = build_model_config(cfg, self.source)
         self.model = self._build_model()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
@@ -194,7 +196,7 @@ class Trainer:
         return model
 
     def _check_tokenizer(self, init_dir: Path) -> None:
-        if (init_dir / "tokenizer.json").is_file():
+        if self.tokenizer is not None and (init_dir / "tokenizer.json").is_file():
             if load_tokenizer(init_dir).get_vocab() != self.tokenizer.get_vocab():
                 warnings.warn(f"the data in {self.cfg.data} was tokenized with a different tokenizer than "
                               f"{init_dir}'s; prepare it with --tokenizer {init_dir / 'tokenizer.json'}", stacklevel=3)
@@ -208,8 +210,9 @@ class Trainer:
                              f"(checkpoint: {', '.join(f'{k}={saved[k]}' for k in changed)})")
         if state["model_config"] != self.model_config.to_dict():
             raise ValueError("cannot resume: the model config differs from the checkpoint's")
-        if state["data_fingerprint"] != self.data.fingerprint:
-            raise DataError(f"cannot resume: {self.cfg.data} is not the data the checkpoint was trained on")
+        if state["data_fingerprint"] != self.source.fingerprint:
+            what = self.cfg.data if self.cfg.task == "lm" else "this MQAR task"
+            raise DataError(f"cannot resume: {what} is not the data the checkpoint was trained on")
         checkpoint.load(path, self.model, self.optimizer, self.env)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples = state["step"], state["samples"]
@@ -233,9 +236,10 @@ class Trainer:
         aux_sum = torch.zeros((), device=env.device)
         for a in range(cfg.grad_accum):
             start = self.samples + (a * env.world_size + env.rank) * self.micro
-            ids = self.sampler.get(start, self.micro).to(env.device, non_blocking=True)
+            ids, labels = self.source.train_batch(start, self.micro)
+            ids, labels = ids.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
             with self._autocast():
-                out = self.model(ids, labels=ids)
+                out = self.model(ids, labels=labels)
             (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().float()
             if out.aux_loss is not None:
@@ -272,22 +276,27 @@ class Trainer:
         return int(self.last_checkpoint.name.removeprefix(checkpoint.PREFIX)) if self.last_checkpoint else 0
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean next-token cross-entropy over the fixed validation windows (spread evenly over the ranks)."""
-        usable = len(self.val_indices) // self.env.world_size * self.env.world_size
+    def evaluate(self) -> dict[str, float | None]:
+        """Validation loss (mean cross-entropy over the labelled tokens of the fixed validation set, spread evenly
+        over the ranks) and, for MQAR, recall accuracy from the same logits: {"val_loss": .., "val_acc": ..}."""
+        usable = self.source.val_size // self.env.world_size * self.env.world_size
         if usable == 0:
-            return None
-        mine = self.val_indices[:usable][self.env.rank::self.env.world_size]
+            return {"val_loss": None, "val_acc": None}
+        mine = np.arange(usable)[self.env.rank::self.env.world_size]
         self.model.eval()
-        total = 0.0
+        total = correct = answers = 0.0
         for start in range(0, len(mine), self.micro):
-            ids = self.val_windows.get(mine[start : start + self.micro]).to(self.env.device)
+            ids, labels = self.source.val_batch(mine[start : start + self.micro])
+            ids, labels = ids.to(self.env.device), labels.to(self.env.device)
             with self._autocast():
                 logits = self.model(ids).logits
-            total += causal_lm_loss(logits, ids).item() * len(ids)
+            total += causal_lm_loss(logits, labels).item() * len(ids)
+            if self.source.reports_accuracy:
+                hit, count = answer_hits(logits, labels)
+                correct, answers = correct + hit, answers + count
         self.model.train()
-        (total,) = distributed.all_reduce_sum([total], self.env)
-        return total / usable
+        total, correct, answers = distributed.all_reduce_sum([total, correct, answers], self.env)
+        return {"val_loss": total / usable, "val_acc": correct / answers if answers else None}
 
     # ------------------------------------------------------------------ checkpoints and export
     def save(self) -> Path:
@@ -295,7 +304,7 @@ class Trainer:
             return self.last_checkpoint
         state = {"step": self.step, "samples": self.samples, "scheduler": self.scheduler.state_dict(),
                  "train_config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
-                 "data_fingerprint": self.data.fingerprint, "world_size": self.env.world_size}
+                 "data_fingerprint": self.source.fingerprint, "world_size": self.env.world_size}
         self.last_checkpoint = checkpoint.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                                                self.env, self.cfg.keep)
         return self.last_checkpoint
@@ -322,14 +331,15 @@ class Trainer:
                    disable=not (self.env.is_main and sys.stderr.isatty()))
         self._clock = {"start": time.perf_counter(), "start_step": self.step}
         self._clock.update(interval=self._clock["start"], interval_step=self.step)
-        val_loss = None
+        val: dict[str, float | None] = {"val_loss": None, "val_acc": None}
         try:
             while self.step < cfg.steps:
                 stats = self.train_step()
                 last = self.step == cfg.steps
-                val_loss = self.evaluate() if last or _due(self.step, cfg.eval_every) else None
-                if last or val_loss is not None or _due(self.step, cfg.log_every):
-                    self._log({**stats, "val_loss": val_loss})
+                evaluated = last or _due(self.step, cfg.eval_every)
+                val = self.evaluate() if evaluated else {"val_loss": None, "val_acc": None}
+                if last or val["val_loss"] is not None or _due(self.step, cfg.log_every):
+                    self._log({**stats, **val})
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
                 if self.stop_signal is not None:
@@ -339,15 +349,16 @@ class Trainer:
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
-        if val_loss is None and self.step == cfg.steps:  # resumed at the very end: nothing ran
-            val_loss = self.evaluate()
+        if val["val_loss"] is None and self.step == cfg.steps:  # resumed at the very end: nothing ran
+            val = self.evaluate()
         ckpt = self.save()
         model_dir = self.export()
         png = self.out / "loss.png"
         if self.env.is_main:
             plot_loss(self.metrics.path, png, title=f"{self.out.name}: {self.model_config.num_hidden_layers} layers, "
                                                     f"{cfg.steps} steps")
-        return TrainResult(self.out, self.step, model_dir, ckpt, self.metrics.path, png, val_loss)
+        return TrainResult(self.out, self.step, model_dir, ckpt, self.metrics.path, png, val["val_loss"],
+                           val["val_acc"])
 
     def _log(self, stats: dict[str, Any]) -> None:
         """One metrics.jsonl record and one log line, with throughput over the interval and the ETA."""
@@ -366,9 +377,7 @@ class Trainer:
         counts = count_parameters(c)
         return (f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
                 f"{c.num_hidden_layers} layers [{' '.join(c.layer_plan())}]\n"
-                f"data: {self.data.directory} ({self.data.meta['splits']['train']['tokens']:,} train tokens, "
-                f"{len(self.sampler.windows):,} sequences of {cfg.seq_len}); {len(self.val_indices)} validation "
-                f"sequences\n"
+                f"{self.source.describe(cfg.seq_len)}\n"
                 f"run: {cfg.steps} steps x {cfg.batch_size} sequences ({env.world_size} rank(s) x {cfg.grad_accum} "
                 f"micro-batch(es) of {self.micro}), lr {cfg.lr:g}, device {env.device}, out {self.out}")
 
