@@ -162,6 +162,25 @@ def _run_lm_eval(model, tokenizer, args: argparse.Namespace) -> dict:
         task_manager=TaskManager(include_path=args.include_path) if args.include_path else None, log_samples=False)
 
 
+# ---------------------------------------------------------------------- ablate
+def cmd_ablate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .eval.ablate import DEFAULT, SMOKE, run_ablation
+
+    base = SMOKE if args.smoke else DEFAULT
+    changes: dict = {k: getattr(args, k) for k in ("out", "seed", "threads", "lm_data") if getattr(args, k) is not None}
+    if args.steps is not None:
+        changes.update(mqar_steps=args.steps, lm_steps=args.steps)
+    for name in ("variants", "tasks"):
+        if getattr(args, name):
+            changes[name] = tuple(item.strip() for item in getattr(args, name).split(",") if item.strip())
+    try:
+        run_ablation(dataclasses.replace(base, **changes))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"openjamba ablate: error: {err}") from None
+
+
 # ---------------------------------------------------------------------- quickstart (the README's main job)
 # The `quickstart` preset (Mamba, Mamba+MoE, attention, Mamba+MoE; 2.4M parameters) trained on the standard library:
 # about 4 minutes on two CPU cores, enough to write recognisable Python. One thread: on a busy two-core machine two
@@ -206,6 +225,47 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(f"loss curve: {result.loss_png}\nmetrics: {result.metrics_file}\nmodel: {result.model_dir}\n"
           f"next: openjamba generate --model {result.model_dir} --prompt 'def parse('\n"
           f"      openjamba train --out {out} --resume --steps {2 * args.steps}    # train on")
+
+
+# ---------------------------------------------------------------------- bench
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(_parse_count(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parse_count(text: str) -> int:
+    """'8192', '8K' (= 8192) or '256k' (= 262144)."""
+    text = text.strip()
+    return int(text[:-1]) * 1024 if text[-1:] in "kK" and text[:-1] else int(text)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import format_report, plot_report, run_bench
+
+    if args.model:
+        config, name = JambaConfig.from_pretrained(args.model), str(args.model)
+    else:
+        config, name = get_preset(args.preset), args.preset
+    device = args.device or default_device()
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    try:
+        report = run_bench(
+            config, name, args.model, contexts=args.contexts, batches=args.batch_sizes,
+            phases=tuple(args.phases.split(",")), compare=tuple(args.compare), device=device, dtype=dtype,
+            threads=args.threads, decode_tokens=args.decode_tokens, prefill_chunk=args.prefill_chunk,
+            repeats=args.repeats, timeout_s=args.timeout, seed=args.seed,
+        )
+    except ValueError as err:
+        raise SystemExit(f"openjamba bench: error: {err}") from None
+    print(format_report(report))
+    if args.plot:
+        print(f"plot: {plot_report(report, args.plot)}")
+    print(json.dumps(report))
 
 
 # ---------------------------------------------------------------------- parser
@@ -275,11 +335,53 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
 
+    bench = verbs.add_parser("bench", help="prefill/decode/training speed and peak memory against context length",
+                             description="Each cell runs in its own process. Prints a table, then JSON as the "
+                             "last line.")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS))
+    source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
+    bench.add_argument("--contexts", type=_int_list, default=(1024, 4096, 8192),
+                       help="comma-separated context lengths; 8K = 8192 (default 1024,4096,8192)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1,), help="comma-separated (default 1)")
+    bench.add_argument("--phases", default="prefill,decode,scan",
+                       help="comma-separated from prefill, decode, train (forward+backward), scan (the selective "
+                            "scan alone), profile (where prefill time goes); default prefill,decode,scan")
+    bench.add_argument("--compare", action="append", default=[], choices=["transformers", "attention-only"],
+                       help="also run transformers' JambaForCausalLM on the same weights, or the attention-only "
+                            "model of equal shape; repeatable")
+    bench.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prefill")
+    bench.add_argument("--prefill-chunk", type=int, default=2048, help="prefill chunk (as generate's default)")
+    bench.add_argument("--repeats", type=int, default=3, help="best of up to this many runs (5 s budget)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    bench.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell before giving up on it")
+    bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                       help="default: bf16 on GPU, fp32 on CPU")
+    bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
+    bench.set_defaults(func=cmd_bench)
+
     quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
     quick.add_argument("--out", default="runs/quickstart")
     quick.add_argument("--steps", type=int, default=QUICKSTART["steps"])
     quick.add_argument("--sample-tokens", type=int, default=60)
     quick.set_defaults(func=cmd_quickstart)
+
+    abl = verbs.add_parser("ablate", help="attention vs Mamba vs hybrids (± MoE) at equal parameters and tokens, "
+                                          "on MQAR recall and language modelling: table and plots")
+    abl.add_argument("--out", default=None, help="output directory (default runs/ablate)")
+    abl.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's, "
+                                                             "600 MQAR and 300 LM)")
+    abl.add_argument("--variants", default=None, help="comma-separated: attention,mamba,hybrid-1:3,hybrid-1:7,"
+                                                      "hybrid-1:3-moe,hybrid-1:7-moe (default all)")
+    abl.add_argument("--tasks", default=None, help="comma-separated: mqar,lm (default both)")
+    abl.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    abl.add_argument("--seed", type=int, default=None, help="seed of initialisation and data (default 0)")
+    abl.add_argument("--lm-data", default=None, help="prepared data for the LM task (default: prepare the standard "
+                                                     "library into OUT/data)")
+    abl.add_argument("--smoke", "--tiny", action="store_true", help="tiny settings that run in seconds (tests)")
+    abl.set_defaults(func=cmd_ablate)
     return parser
 
 

@@ -90,9 +90,10 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Full-sequence selective scan; see `ops.scan` for the contract."""
+    """Full-sequence selective scan; see `ops.scan` for the contract. Labelled for the profiler (`openjamba bench`)."""
     fn = _op(u.device, "selective_scan") or selective_scan_chunked
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+    with torch.profiler.record_function("openjamba::selective_scan"):
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
 
 
 def selective_state_update(

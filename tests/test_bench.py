@@ -1,0 +1,92 @@
+"""`openjamba bench`: every cell measured in its own process, ratios against the compared models, table, JSON, plot.
+
+Timings are not asserted (performance targets live in docs/benchmarks.md, measured by the command itself); these
+tests check that the measurements exist, are consistent, and that failures become error cells instead of crashes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from openjamba.bench import PeakMemory, launch_worker, plan_cells, ratios, run_bench
+from openjamba.cli import _parse_count, main
+from openjamba.config import get_preset
+
+HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def test_cli_bench_measures_all_models_and_writes_plot(tmp_path, capsys):
+    compare = ["--compare", "attention-only"] + (["--compare", "transformers"] if HAVE_TRANSFORMERS else [])
+    plot = tmp_path / "bench.png"
+    main(["bench", "--preset", "tiny", "--contexts", "48", "--phases", "prefill,decode,scan", "--decode-tokens", "3",
+          "--repeats", "1", "--threads", "1", "--plot", str(plot), *compare])
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    impls = {row["impl"]: row for row in report["rows"]}
+    assert set(impls) == {"openjamba", "attention-only"} | ({"transformers"} if HAVE_TRANSFORMERS else set())
+    for impl, row in impls.items():
+        assert "errors" not in row, row
+        assert row["prefill_tok_s"] > 0 and row["decode_ms"] > 0 and row["peak_mem_bytes"] > 0, impl
+    ours, attention_only = impls["openjamba"], impls["attention-only"]
+    # The hybrid caches K/V for 1 layer in 8; its twin for all 8. Both caches were sized for 48 + 3 tokens.
+    config = get_preset("tiny")
+    kv_per_layer = 2 * config.num_key_value_heads * config.head_dim * 4 * (48 + 3)
+    assert attention_only["cache_bytes"] == 8 * kv_per_layer
+    assert ours["cache_bytes"] < attention_only["cache_bytes"]
+    assert ours["scan_fwd_ns"] > 0 and "scan_fwd_ns" not in attention_only  # no Mamba layer, no scan
+    assert {r["versus"] for r in report["ratios"]} == set(impls) - {"openjamba"}
+    assert report["machine"]["matmul_flops_s"] > 0
+    assert 0 < report["utilisation"][0]["prefill_mfu"] < 1.5
+    assert "prefill tok/s" in out and "openjamba vs" in out
+    assert plot.stat().st_size > 10_000
+
+
+def test_training_phase_runs_in_its_own_worker():
+    cells = plan_cells(["openjamba", "transformers"], [64, 128], [1], ["prefill", "train", "scan"])
+    assert len(cells) == 8
+    assert {tuple(c["phases"]) for c in cells} == {("prefill", "scan"), ("train",)}
+    report = run_bench(get_preset("tiny"), "tiny", contexts=(40,), phases=("train",), threads=1, repeats=1,
+                       progress=False)
+    row = report["rows"][0]
+    assert row["train_tok_s"] > 0 and row["train_peak_mem_bytes"] > row["model_mem_bytes"] > 0
+    assert report["utilisation"][0]["train_mfu"] > 0
+
+
+def test_ratios_are_their_time_over_ours_and_our_memory_over_theirs():
+    rows = [dict(impl="openjamba", context=8, batch=1, prefill_s=1.0, decode_ms=2.0, peak_mem_bytes=100),
+            dict(impl="transformers", context=8, batch=1, prefill_s=5.0, decode_ms=3.0, peak_mem_bytes=400)]
+    (entry,) = ratios(rows, ("transformers",))
+    assert entry == dict(versus="transformers", context=8, batch=1, prefill_speedup=5.0, decode_speedup=1.5,
+                         peak_mem_ratio=0.25)
+
+
+def test_a_failing_cell_becomes_an_error_not_a_crash():
+    result = launch_worker({"impl": "openjamba", "device": "cpu", "bogus": True}, timeout_s=120)
+    assert "error" in result and "exit code" in result["error"]
+    assert "timed out" in launch_worker({"impl": "openjamba"}, timeout_s=0.01)["error"]
+
+
+def test_peak_memory_sees_a_short_lived_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        start = peak.peak
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert peak.peak - start >= 60 * 2**20
+
+
+@pytest.mark.parametrize("text,value", [("8192", 8192), ("8K", 8192), ("256k", 262144)])
+def test_context_lengths_accept_k_suffix(text, value):
+    assert _parse_count(text) == value
+
+
+def test_bad_phase_and_compare_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown phase 'fast'"):
+        run_bench(get_preset("tiny"), "tiny", phases=("fast",), progress=False)
+    with pytest.raises(ValueError, match="unknown --compare 'mixtral'"):
+        run_bench(get_preset("tiny"), "tiny", compare=("mixtral",), progress=False)
