@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "on MQAR recall and language modelling: table and plots")
     abl.add_argument("--out", default=None, help="output directory (default runs/ablate)")
     abl.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's, "
-                                                             "600 MQAR and 300 LM)")
+                                                             "1200 MQAR and 250 LM)")
     abl.add_argument("--variants", default=None, help="comma-separated: attention,mamba,hybrid-1:3,hybrid-1:7,"
                                                       "hybrid-1:3-moe,hybrid-1:7-moe (default all)")
     abl.add_argument("--tasks", default=None, help="comma-separated: mqar,lm (default both)")
