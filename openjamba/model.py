@@ -66,6 +66,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask.is_causal and mask.past_length > 0:  # a chunk continuing a cached sequence
             out = ops.chunk_attention(q, k, v, dropout)
+        elif length == 1 and mask.mask is None and dropout == 0.0:  # a decode step: sees every key
+            out = ops.attend_to_all(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, dropout_p=dropout,

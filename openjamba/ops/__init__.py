@@ -9,8 +9,8 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d` with the signatures below; an op it lacks falls back
-to the plain PyTorch one. Attention of a chunk continuing a cached sequence is `chunk_attention` (ops/attention.py),
-plain PyTorch that avoids CPU SDPA's (chunk, context) mask.
+to the plain PyTorch one. Attention over a long cache is in ops/attention.py (plain PyTorch): `chunk_attention` for a
+chunk continuing a cached sequence (no (chunk, context) mask on CPU), `attend_to_all` for a decode step.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from types import ModuleType
 
 import torch
 
-from .attention import chunk_attention
+from .attention import attend_to_all, chunk_attention
 from .conv import causal_conv1d_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
+    "attend_to_all",
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",

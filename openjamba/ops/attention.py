@@ -8,7 +8,8 @@ it, (heads, T, S) scores: 2.6 GB of temporaries for one 2K-token chunk at 256K c
 
     out = w * out_past + (1 - w) * out_chunk,   w = sigmoid(lse_past - lse_chunk)
 
-which is exact (softmax over the union of two key sets) and needs memory O(T) beyond the K/V.
+which is exact (softmax over the union of two key sets) and needs memory O(T) beyond the K/V. A decode step (one
+query, every key visible) goes to `attend_to_all`, which reads the cache once per K/V head.
 """
 
 from __future__ import annotations
@@ -29,13 +30,21 @@ def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     )
 
 
+def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked GQA attention (every query sees every key: a decode step). The query heads sharing a K/V head are
+    stacked along the query axis, (B, heads, T, hd) -> (B, kv_heads, group * T, hd), so the long K/V is read once
+    per K/V head and never expanded to `heads` (SDPA's enable_gqa copies it on CPU: 2x slower at 256K)."""
+    batch, heads, length, head_dim = q.shape
+    folded = q.reshape(batch, k.shape[1], heads // k.shape[1] * length, head_dim)
+    return F.scaled_dot_product_attention(folded, k, v).reshape(batch, heads, length, head_dim)
+
+
 def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Same result as `chunk_attention_ref` (no dropout), without a (T, S) mask or scores. CPU, no autograd."""
     batch, heads, length, head_dim = q.shape
     kv_heads, past = k.shape[1], k.shape[2] - length
     group = heads // kv_heads
-    # Past keys are visible to every query, so the heads sharing a K/V head can be stacked along the query axis:
-    # (B, heads, T, hd) -> (B, kv_heads, group * T, hd), no copy of the (long) past K/V.
+    # Past keys are visible to every query: heads folded into the query axis as in `attend_to_all`.
     out_past, lse_past = _CPU_FLASH(q.reshape(batch, kv_heads, group * length, head_dim), k[:, :, :past],
                                     v[:, :, :past], 0.0, False)
     out_past = out_past.reshape(batch, heads, length, head_dim)
