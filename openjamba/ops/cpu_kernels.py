@@ -11,6 +11,9 @@ Training memory of the scan: the forward keeps only the state entering every chu
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from . import cpu_build
@@ -19,6 +22,23 @@ from .scan import selective_scan_ref
 
 CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 16)
 SERIAL_BELOW = 1 << 16  # elements of work (~1 ns each) below which waking a second thread costs more than it saves
+
+
+def eager_under_compile(fn):
+    """`torch.compiler.disable(fn)` (ctypes calls run eagerly under torch.compile: a clean graph break), applied only
+    once torch._dynamo is loaded: importing it (sympy, triton...) costs ~140 MB of RSS and a second, which inference
+    that never compiles should not pay. Nothing can be compiling before torch._dynamo is imported."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
 
 
 def is_available() -> tuple[bool, str]:
@@ -126,7 +146,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (*_grads_as_inputs(grads, ctx.needs_input_grad, ctx.dtypes), None)
 
 
-@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+@eager_under_compile
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -154,7 +174,7 @@ def selective_scan(
     return (y, final) if return_final_state else y
 
 
-@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+@eager_under_compile
 def selective_state_update(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -233,7 +253,7 @@ class _CausalConv1d(torch.autograd.Function):
         return (*_grads_as_inputs((dx, dweight, dbias, dwindow), ctx.needs_input_grad, ctx.dtypes), None)
 
 
-@torch.compiler.disable  # ctypes calls: run eagerly under torch.compile (a clean graph break)
+@eager_under_compile
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
