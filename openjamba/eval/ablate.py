@@ -22,7 +22,7 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class AblationSettings:
     lm_data: str | None = None  # a prepared directory; default: prepare the standard library into OUT/data
     lm_vocab_size: int = 1024
     lm_eval_batches: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved: recorded in results.json as given
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -300,11 +299,15 @@ def results_table(results: dict[str, Any]) -> str:
 def write_outputs(results: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     settings = results["settings"]
-    note = (f"MQAR: trained at length {settings['mqar_seq_len']} with {settings['mqar_kv_pairs']} key-value pairs "
-            f"for {settings['mqar_steps']} steps x {settings['batch_size']}; evaluated with pairs in proportion to "
-            f"the length. LM: {settings['lm_steps']} steps x {settings['batch_size']} x {settings['lm_seq_len']} "
-            f"tokens. Wall time {format_duration(results['wall_s'])}.\n")
-    (out / "results.md").write_text(results_table(results) + "\n" + note)
+    notes = []
+    if "mqar" in settings["tasks"]:
+        notes.append(f"MQAR: trained at length {settings['mqar_seq_len']} with {settings['mqar_kv_pairs']} key-value "
+                     f"pairs for {settings['mqar_steps']} steps x {settings['batch_size']}; evaluated with pairs in "
+                     "proportion to the length.")
+    if "lm" in settings["tasks"]:
+        notes.append(f"LM: {settings['lm_steps']} steps x {settings['batch_size']} x {settings['lm_seq_len']} tokens.")
+    notes.append(f"Wall time {format_duration(results['wall_s'])}.")
+    (out / "results.md").write_text(results_table(results) + "\n" + " ".join(notes) + "\n")
     plot_loss_curves(results, out / "loss_curves.png")
     if "mqar" in settings["tasks"]:
         plot_recall(results, out / "recall_vs_seq_len.png")
