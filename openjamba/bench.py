@@ -212,6 +212,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(_profile_prefill(runner, ids, spec))
     if "scan" in phases and spec["impl"] != "transformers" and config.mamba_layer_indices:
         result.update(_measure_scan(config, batch, context, device, dtype, spec["repeats"]))
+    for peak in ("peak_mem_bytes", "train_peak_mem_bytes"):  # what the measured work added to the loaded model
+        if peak in result:
+            result[peak.replace("peak_mem", "added_mem")] = max(0, result[peak] - result["model_mem_bytes"])
     return result
 
 
@@ -269,6 +272,7 @@ def _profile_prefill(runner: Runner, ids: torch.Tensor, spec: dict) -> dict[str,
     from torch.profiler import ProfilerActivity, profile
 
     runner.model.eval()
+    runner.prefill(ids[:, : min(128, ids.shape[1])], spec["prefill_chunk"])  # warm-up, as for the timed prefill
     cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
@@ -361,9 +365,10 @@ def launch_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 
 
 def plan_cells(impls: list[str], contexts: list[int], batches: list[int], phases: list[str]) -> list[dict[str, Any]]:
-    """One worker per (impl, context, batch, phase group). Training runs apart from inference so each phase's
-    peak memory is its own."""
-    groups = [[p for p in phases if p != "train"], ["train"] if "train" in phases else []]
+    """One worker per (impl, context, batch, phase group). Training and profiling run apart from inference, so each
+    phase's peak memory is its own (and a profiler running out of memory loses only its own cell)."""
+    apart = ("train", "profile")
+    groups = [[p for p in phases if p not in apart], *([p] for p in apart if p in phases)]
     return [dict(impl=impl, context=context, batch=batch, phases=group)
             for context in contexts for batch in batches for impl in impls for group in groups if group]
 
@@ -475,7 +480,8 @@ def ratios(rows: list[dict[str, Any]], compare: tuple[str, ...]) -> list[dict[st
         for field in ("prefill_s", "decode_ms", "train_s"):
             if field in row and field in base:
                 entry[f"{field.split('_')[0]}_speedup"] = row[field] / base[field]
-        for field in ("peak_mem_bytes", "train_peak_mem_bytes", "cache_bytes"):
+        for field in ("peak_mem_bytes", "added_mem_bytes", "train_peak_mem_bytes", "train_added_mem_bytes",
+                      "cache_bytes"):
             if field in row and field in base:
                 entry[f"{field.replace('_bytes', '')}_ratio"] = base[field] / row[field]
         out.append(entry)
@@ -508,8 +514,9 @@ def format_report(report: dict[str, Any]) -> str:
     mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
                ("decode ms/tok", "decode_ms", "n"), ("train tok/s", "train_tok_s", "n"),
-               ("train MFU", "train_mfu", "pct"), ("peak mem", "peak_mem_bytes", "bytes"),
-               ("train peak", "train_peak_mem_bytes", "bytes"), ("cache", "cache_bytes", "bytes")]
+               ("train MFU", "train_mfu", "pct"), ("model mem", "model_mem_bytes", "bytes"),
+               ("peak mem", "peak_mem_bytes", "bytes"), ("train peak", "train_peak_mem_bytes", "bytes"),
+               ("cache", "cache_bytes", "bytes")]
     rows = [{**r, **mfu.get((r["impl"], r["context"], r["batch"]), {})} for r in report["rows"]]
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     header = f"{'model':<16}{'context':>9}{'batch':>6}" + "".join(f"{c[0]:>15}" for c in columns)
@@ -519,10 +526,11 @@ def format_report(report: dict[str, Any]) -> str:
                      + "".join(f"{_fmt(r.get(c[1]), c[2]):>15}" for c in columns))
         lines += [f"    error {e}" for e in r.get("errors", [])]
     if report["ratios"]:
-        keys = [k for k in ("prefill_speedup", "decode_speedup", "train_speedup", "peak_mem_ratio",
-                            "train_peak_mem_ratio", "cache_ratio") if any(k in r for r in report["ratios"])]
+        keys = [k for k in ("prefill_speedup", "decode_speedup", "train_speedup", "peak_mem_ratio", "added_mem_ratio",
+                            "train_peak_mem_ratio", "train_added_mem_ratio", "cache_ratio")
+                if any(k in r for r in report["ratios"])]
         lines += ["", "openjamba vs " + "/".join(sorted({r["versus"] for r in report["ratios"]}))
-                  + " (speedup = their time / ours; memory ratio = ours / theirs)",
+                  + " (speedup = their time / ours; memory ratio = ours / theirs; added = peak - loaded model)",
                   f"{'versus':<16}{'context':>9}{'batch':>6}" + "".join(f"{k:>22}" for k in keys)]
         for r in report["ratios"]:
             lines.append(f"{r['versus']:<16}{r['context']:>9}{r['batch']:>6}"

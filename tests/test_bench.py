@@ -47,9 +47,9 @@ def test_cli_bench_measures_all_models_and_writes_plot(tmp_path, capsys):
 
 
 def test_training_phase_runs_in_its_own_worker():
-    cells = plan_cells(["openjamba", "transformers"], [64, 128], [1], ["prefill", "train", "scan"])
-    assert len(cells) == 8
-    assert {tuple(c["phases"]) for c in cells} == {("prefill", "scan"), ("train",)}
+    cells = plan_cells(["openjamba", "transformers"], [64, 128], [1], ["prefill", "train", "scan", "profile"])
+    assert len(cells) == 12
+    assert {tuple(c["phases"]) for c in cells} == {("prefill", "scan"), ("train",), ("profile",)}
     report = run_bench(get_preset("tiny"), "tiny", contexts=(40,), phases=("train",), threads=1, repeats=1,
                        progress=False)
     row = report["rows"][0]
