@@ -254,7 +254,10 @@ class DecoderLayer(nn.Module):
 class JambaModel(nn.Module):
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Left uninitialised (_weight): JambaForCausalLM.reset_parameters initialises it, and nn.Embedding's own
+        # normal_ would, on the meta device that loading builds on, import torch._dynamo (~140 MB, a second).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
