@@ -244,6 +244,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=262144,
     ),
+    # The GPU benchmark's model: ~1.07B parameters (0.77B active), two Jamba blocks of 8 layers.
+    "gpu-1b": dict(
+        vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+        num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=262144,
+    ),
     "jamba-v0.1": {},
     "jamba-1.5-mini": dict(eos_token_id=[2, 518]),
     # Jamba-1.5-Large: 9 blocks of 8 layers, hidden 8192, 64/8 heads (intermediate size inferred: 398B/94B).
