@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,16 @@ PHASES = ("prefill", "decode", "train", "scan", "profile")
 DEFAULT_PHASES = ("prefill", "decode", "scan")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULT_PREFIX = "OPENJAMBA_BENCH_RESULT "
+PROGRESS_PREFIX = "OPENJAMBA_BENCH_PROGRESS "
+_last_report = [0.0]
+
+
+def report_progress(text: str, every_s: float = 1.0, force: bool = False) -> None:
+    """From a worker: a progress line for the parent's bar, at most one per `every_s` seconds unless `force`."""
+    now = time.monotonic()
+    if force or now - _last_report[0] >= every_s:
+        _last_report[0] = now
+        print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- timing and memory
@@ -150,6 +161,7 @@ class OpenJambaRunner(Runner):
         self.cache = self.model.make_cache(ids.shape[0], max_length=ids.shape[1] + self.decode_budget)
         for start in range(0, ids.shape[1], chunk):
             logits = self.model(ids[:, start:start + chunk], cache=self.cache, logits_to_keep=1).logits
+            report_progress(f"prefill {min(start + chunk, ids.shape[1]):,}/{ids.shape[1]:,} tokens")
         return logits[:, -1]
 
     def decode(self, token: torch.Tensor) -> torch.Tensor:
@@ -229,6 +241,7 @@ def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: Ja
         nonlocal logits
         logits = runner.prefill(ids, spec["prefill_chunk"])
 
+    report_progress("prefill", force=True)
     with PeakMemory(runner.device) as peak:
         seconds = best_time(prefill, runner.device, spec["repeats"])
     batch, context = ids.shape
@@ -238,6 +251,7 @@ def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: Ja
         token = logits.argmax(-1)
         _sync(runner.device)
         start = time.perf_counter()
+        report_progress("decode", force=True)
         for _ in range(spec["decode_tokens"]):
             token = runner.decode(token).argmax(-1)
         _sync(runner.device)
@@ -252,6 +266,7 @@ def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: Ja
 def _measure_training(runner: Runner, ids: torch.Tensor, spec: dict, config: JambaConfig) -> dict[str, Any]:
     runner.model.train()
     runner.train_step(ids[:, : min(128, ids.shape[1])])  # warm-up
+    report_progress("training step", force=True)
     with PeakMemory(runner.device) as peak:
         seconds = best_time(lambda: runner.train_step(ids), runner.device, spec["repeats"])
     batch, context = ids.shape
@@ -275,6 +290,7 @@ def _profile_prefill(runner: Runner, ids: torch.Tensor, spec: dict) -> dict[str,
     runner.prefill(ids[:, : min(128, ids.shape[1])], spec["prefill_chunk"])  # warm-up, as for the timed prefill
     cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    report_progress("profiled prefill", force=True)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         runner.prefill(ids, spec["prefill_chunk"])
@@ -308,6 +324,7 @@ def _measure_scan(config: JambaConfig, batch: int, length: int, device: torch.de
                   A=-torch.arange(1, state + 1, device=device, dtype=torch.float32).repeat(channels, 1),
                   delta_bias=randn(channels, dt=torch.float32))
     elements = batch * length * channels * state
+    report_progress("selective scan alone", force=True)
     with torch.no_grad():
         fwd = best_time(lambda: ops.selective_scan(**inputs, delta_softplus=True), device, repeats)
     leaves = {k: v.detach().requires_grad_(k in ("u", "delta", "B", "C", "z", "D", "A", "delta_bias"))
@@ -348,19 +365,42 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def launch_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run one cell in a fresh process; errors, timeouts and crashes (out of memory) come back as {"error"}."""
+def launch_worker(spec: dict[str, Any], timeout_s: float, on_progress: Callable[[str], None] | None = None
+                  ) -> dict[str, Any]:
+    """Run one cell in a fresh process; errors, timeouts and crashes (out of memory) come back as {"error"}.
+    The worker's progress lines (`report_progress`) go to `on_progress` as they arrive."""
     command = [sys.executable, "-m", "openjamba.bench", "--worker", json.dumps(spec)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout: list[str] = []
+    stderr: deque[str] = deque(maxlen=20)
+
+    def pump_stderr() -> None:
+        for line in proc.stderr:
+            if line.startswith(PROGRESS_PREFIX):
+                if on_progress is not None:
+                    on_progress(line[len(PROGRESS_PREFIX):].strip())
+            elif line.strip():
+                stderr.append(line.rstrip())
+
+    pumps = [threading.Thread(target=pump_stderr, daemon=True),
+             threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)]
+    for pump in pumps:
+        pump.start()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         return {"error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(done.stdout.splitlines()):
+    finally:
+        for pump in pumps:
+            pump.join(timeout=5)
+    for line in reversed(stdout):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    why = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit code {done.returncode}"
+    tail = list(stderr)[-3:] or [line.rstrip() for line in stdout[-3:]]
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
     return {"error": f"{why}: {' | '.join(tail)}"}
 
 
@@ -425,7 +465,9 @@ def run_bench(
             bar.set_postfix_str(f"{cell['impl']} context {cell['context']} batch {cell['batch']} "
                                 f"{'+'.join(cell['phases'])}")
             spec = {**common, **cell, **sources[cell["impl"]]}
-            results.append({**cell, **launch_worker(spec, timeout_s)})
+            label = f"{cell['impl']} {cell['context']}x{cell['batch']}"
+            results.append({**cell, **launch_worker(spec, timeout_s,
+                                                    lambda text, label=label: bar.set_postfix_str(f"{label}: {text}"))})
     rows = merge_cells(results)
     return {"model": name, "machine": machine, "dtype": dtype, "prefill_chunk": prefill_chunk,
             "decode_tokens": decode_tokens, "rows": rows, "ratios": ratios(rows, compare),

@@ -90,3 +90,13 @@ def test_bad_phase_and_compare_are_clear_errors():
         run_bench(get_preset("tiny"), "tiny", phases=("fast",), progress=False)
     with pytest.raises(ValueError, match="unknown --compare 'mixtral'"):
         run_bench(get_preset("tiny"), "tiny", compare=("mixtral",), progress=False)
+
+
+def test_worker_progress_reaches_the_callback():
+    spec = dict(impl="openjamba", config=get_preset("tiny").to_dict(), model_dir=None, seed=0, device="cpu",
+                dtype="fp32", threads=1, decode_tokens=2, prefill_chunk=16, repeats=1, context=40, batch=1,
+                phases=["prefill", "decode"])
+    seen: list[str] = []
+    result = launch_worker(spec, timeout_s=300, on_progress=seen.append)
+    assert result["prefill_tok_s"] > 0 and result["decode_ms"] > 0
+    assert "prefill" in seen and "decode" in seen
