@@ -156,6 +156,10 @@ class Runner:
 
 
 class OpenJambaRunner(Runner):
+    def __init__(self, model: torch.nn.Module, device: torch.device, decode_budget: int) -> None:
+        super().__init__(model, device)
+        self.decode_budget = decode_budget  # tokens the cache must leave room for after the prompt
+
     def prefill(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """As `generate` prefills: chunk by chunk into a hybrid cache sized for the decode that follows."""
         self.cache = self.model.make_cache(ids.shape[0], max_length=ids.shape[1] + self.decode_budget)
@@ -199,9 +203,7 @@ def build_runner(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
         torch.manual_seed(spec["seed"])
         with torch.device(device):
             model = JambaForCausalLM(JambaConfig.from_dict(spec["config"])).to(dtype)
-    runner = OpenJambaRunner(model, device)
-    runner.decode_budget = spec["decode_tokens"]
-    return runner
+    return OpenJambaRunner(model, device, spec["decode_tokens"])
 
 
 # ---------------------------------------------------------------------- the worker
