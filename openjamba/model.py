@@ -35,7 +35,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same arithmetic in one fused op (decoding runs ~40 norms per token; each op costs microseconds).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()  # lower precision: normalise in fp32, scale in the input dtype (as transformers does)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
