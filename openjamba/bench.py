@@ -71,19 +71,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def _rss_bytes() -> int:
+    """Current resident set (Linux); elsewhere the peak so far, the best the standard library offers."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _max_rss_bytes()
 
 
 class PeakMemory:
     """Peak memory while the block runs. CUDA: torch's peak allocation. CPU: the process's resident set, sampled
-    every millisecond by a thread (torch releases the GIL inside ops), or the exact kernel high-water mark when the
-    block set a new one."""
+    every few milliseconds by a thread (torch releases the GIL inside ops; sparse enough not to slow what is timed),
+    or the exact kernel high-water mark when the block set a new one."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak = device, 0
@@ -100,7 +105,7 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.001):
+        while not self._stop.wait(0.005):
             self.peak = max(self.peak, _rss_bytes())
 
     def __exit__(self, *exc) -> None:
@@ -329,8 +334,7 @@ def _measure_scan(config: JambaConfig, batch: int, length: int, device: torch.de
     report_progress("selective scan alone", force=True)
     with torch.no_grad():
         fwd = best_time(lambda: ops.selective_scan(**inputs, delta_softplus=True), device, repeats)
-    leaves = {k: v.detach().requires_grad_(k in ("u", "delta", "B", "C", "z", "D", "A", "delta_bias"))
-              for k, v in inputs.items()}
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}  # every input gets a gradient
 
     def forward_backward() -> None:
         y = ops.selective_scan(**leaves, delta_softplus=True)

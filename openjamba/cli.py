@@ -32,12 +32,16 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     return table[name]
 
 
+def config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
+    """The config named by `--model DIR` or `--preset NAME`, and a name for reports."""
+    if args.model:
+        return JambaConfig.from_pretrained(args.model), str(args.model)
+    return get_preset(args.preset), args.preset
+
+
 # ---------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
-    if args.model:
-        config, name = JambaConfig.from_pretrained(args.model), str(args.model)
-    else:
-        config, name = get_preset(args.preset), args.preset
+    config, name = config_from_args(args)
     report = model_report(config, name, args.context, args.batch, args.dtype)
     if args.json:
         print(json.dumps(report))
@@ -247,10 +251,7 @@ def _parse_count(text: str) -> int:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_report, plot_report, run_bench
 
-    if args.model:
-        config, name = JambaConfig.from_pretrained(args.model), str(args.model)
-    else:
-        config, name = get_preset(args.preset), args.preset
+    config, name = config_from_args(args)
     device = args.device or default_device()
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     try:

@@ -26,6 +26,8 @@ from typing import Any
 
 from ..config import JambaConfig, get_preset
 
+TASKS = ("lm", "mqar")  # what a run trains on: prepared token shards, or generated MQAR (train/sources.py)
+
 
 @dataclass
 class TrainConfig:
@@ -68,7 +70,7 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"help": "CPU threads for PyTorch ops (default: one per core)"})
 
     def validate(self) -> None:
-        if self.task not in ("lm", "mqar"):
+        if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose lm (prepared --data) or mqar (generated recall)")
         if self.task == "lm" and not self.data:
             raise ValueError("no training data: pass --data DIR (a directory made by `openjamba prepare`), "

@@ -17,10 +17,9 @@ import torch
 from tokenizers import Tokenizer
 
 from ..eval.mqar import MQARConfig, mqar_batch
-from .config import TrainConfig
+from .config import TASKS, TrainConfig
 from .data import BatchSampler, TokenData, eval_indices
 
-TASKS = ("lm", "mqar")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (count, seq_len) int64
 
 
