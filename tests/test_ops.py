@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openjamba.ops import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
-from openjamba.ops.attention import attend_to_all, chunk_attention, chunk_attention_ref, chunk_attention_split
+from openjamba.ops.attention import attend_to_all_sdpa, chunk_attention, chunk_attention_ref, chunk_attention_split
 
 
 def scan_inputs(batch, length, channels, state, dtype=torch.float64, dt_scale=1.0, seed=0):
@@ -129,4 +129,4 @@ def test_attend_to_all_matches_sdpa_with_expanded_heads(heads, kv_heads, length)
     q = torch.randn(2, heads, length, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, kv_heads, 50, 8, generator=g, dtype=torch.float64)[:, :, :37] for _ in range(2))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    torch.testing.assert_close(attend_to_all(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(attend_to_all_sdpa(q, k, v), expected, atol=1e-12, rtol=1e-12)

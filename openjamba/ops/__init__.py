@@ -8,9 +8,9 @@ Set OPENJAMBA_KERNEL=torch|cpu|triton to force one (an error if it cannot run); 
 the device is used when available, with a one-line notice when falling back to plain PyTorch.
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
-`selective_scan`, `selective_state_update`, `causal_conv1d` with the signatures below; an op it lacks falls back
-to the plain PyTorch one. Attention over a long cache is in ops/attention.py (plain PyTorch): `chunk_attention` for a
-chunk continuing a cached sequence (no (chunk, context) mask on CPU), `attend_to_all` for a decode step.
+`selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all` with the signatures below; an op it
+lacks falls back to the plain PyTorch one. Attention over a long cache is in ops/attention.py: `chunk_attention` for
+a chunk continuing a cached sequence (no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from types import ModuleType
 
 import torch
 
-from .attention import attend_to_all, chunk_attention
+from .attention import attend_to_all_sdpa, chunk_attention
 from .conv import causal_conv1d_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "attend_to_all",
+    "attend_to_all_sdpa",
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
@@ -124,3 +125,9 @@ def causal_conv1d(
     """Causal depthwise conv with a carried-in window; see `ops.conv`."""
     fn = _op(x.device, "causal_conv1d") or causal_conv1d_ref
     return fn(x, weight, bias, window, silu)
+
+
+def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked GQA attention, q (B, heads, T, hd) over k, v (B, kv_heads, S, hd): a decode step over the cache."""
+    fn = _op(q.device, "attend_to_all") or attend_to_all_sdpa
+    return fn(q, k, v)

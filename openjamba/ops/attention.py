@@ -9,7 +9,8 @@ it, (heads, T, S) scores: 2.6 GB of temporaries for one 2K-token chunk at 256K c
     out = w * out_past + (1 - w) * out_chunk,   w = sigmoid(lse_past - lse_chunk)
 
 which is exact (softmax over the union of two key sets) and needs memory O(T) beyond the K/V. A decode step (one
-query, every key visible) goes to `attend_to_all`, which reads the cache once per K/V head.
+query, every key visible) goes to `attend_to_all_sdpa`, which reads the cache once per K/V head (the CPU kernels
+have a faster `attend_to_all`, ops/csrc/attend_to_all.cpp, that `ops.attend_to_all` prefers).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     )
 
 
-def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend_to_all_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked GQA attention (every query sees every key: a decode step). The query heads sharing a K/V head are
     stacked along the query axis, (B, heads, T, hd) -> (B, kv_heads, group * T, hd), so the long K/V is read once
     per K/V head and never expanded to `heads` (SDPA's enable_gqa copies it on CPU: 2x slower at 256K)."""
@@ -44,7 +45,7 @@ def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     batch, heads, length, head_dim = q.shape
     kv_heads, past = k.shape[1], k.shape[2] - length
     group = heads // kv_heads
-    # Past keys are visible to every query: heads folded into the query axis as in `attend_to_all`.
+    # Past keys are visible to every query: heads folded into the query axis as in `attend_to_all_sdpa`.
     out_past, lse_past = _CPU_FLASH(q.reshape(batch, kv_heads, group * length, head_dim), k[:, :, :past],
                                     v[:, :, :past], 0.0, False)
     out_past = out_past.reshape(batch, heads, length, head_dim)

@@ -12,6 +12,7 @@ another CPU. Without a working compiler `library()` raises with the reason and t
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp")
+SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp")
 HEADERS = (CSRC / "common.h",)
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
 # -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
@@ -127,27 +128,45 @@ class ConvArgs(ctypes.Structure):
                        "weight bias window dweight dbias dwindow")
 
 
+class AttendArgs(ctypes.Structure):
+    """`AttendArgs` of attend_to_all.cpp."""
+
+    _fields_ = _fields("batch kv_heads rows length head_dim block threads q_batch_stride q_head_stride q_row_stride "
+                       "k_batch_stride k_head_stride k_token_stride v_batch_stride v_head_stride v_token_stride",
+                       "", "q k v out")
+
+
 def make_args(cls: type[ctypes.Structure], **values: int | torch.Tensor | None) -> ctypes.Structure:
     """Fill a structure from ints and tensors (or None: a null pointer / absent rows).
 
     The structure keeps the tensors alive: a pointer to a temporary (say `x.float()` written inline in the call)
-    would otherwise dangle by the time the kernel runs.
+    would otherwise dangle by the time the kernel runs. Decoding calls this a few times per layer and token, so it
+    is kept cheap (one constructor call; ~5 us).
     """
-    args = cls()
-    args.tensors = [v for v in values.values() if torch.is_tensor(v)]
-    kinds = dict(cls._fields_)
+    kinds = _field_kinds(cls)
+    fields, tensors = {}, []
     for name, value in values.items():
-        if kinds[name] is Rows:
-            value = Rows(None, 0, 0) if value is None else Rows(
-                value.data_ptr(), value.stride(0), value.stride(1) if value.dim() == 3 else 0)  # 2-D: one step
-        elif torch.is_tensor(value):
-            value = value.data_ptr()
-        setattr(args, name, value)
+        if value is None:
+            continue  # zero-initialised: a null pointer, or Rows(None, 0, 0)
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            if kinds[name] is Rows:  # 2-D rows: one step
+                value = Rows(value.data_ptr(), value.stride(0), value.stride(1) if value.dim() == 3 else 0)
+            else:
+                value = value.data_ptr()
+        fields[name] = value
+    args = cls(**fields)
+    args.tensors = tensors
     return args
 
 
+@functools.cache
+def _field_kinds(cls: type[ctypes.Structure]) -> dict:
+    return dict(cls._fields_)
+
+
 _FUNCTIONS = {"scan_forward": ScanArgs, "scan_backward": ScanArgs, "conv_forward": ConvArgs,
-              "conv_backward": ConvArgs}
+              "conv_backward": ConvArgs, "attend_to_all": AttendArgs}
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 

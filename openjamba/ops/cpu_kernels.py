@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the Mamba ops: selective scan (forward + backward), decode step, causal conv1d.
+"""Compiled CPU kernels: selective scan (forward + backward), its decode step, causal conv1d, decode attention.
 
 Same contracts as the plain PyTorch ops (ops/scan.py, ops/conv.py); the C++ lives in ops/csrc and is built at first
 use (ops/cpu_build.py). Inputs in bf16/fp16 are computed in fp32, fp64 in fp64. Every tensor input of
@@ -17,9 +17,11 @@ import sys
 import torch
 
 from . import cpu_build
-from .cpu_build import ConvArgs, ScanArgs, call, make_args
+from .attention import attend_to_all_sdpa
+from .cpu_build import AttendArgs, ConvArgs, ScanArgs, call, make_args
 from .scan import selective_scan_ref
 
+ATTEND_BLOCK = 1024  # keys per work item of attend_to_all: scores of 8 query rows stay in 32 KB
 CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 16)
 SERIAL_BELOW = 1 << 16  # elements of work (~1 ns each) below which waking a second thread costs more than it saves
 
@@ -274,3 +276,30 @@ def causal_conv1d(
     before = x.new_zeros(batch, kernel - 1, channels) if window is None else window.to(x.dtype)
     tail = torch.cat([before, x[:, max(0, length - (kernel - 1)):]], dim=1)
     return y.to(out_dtype), tail[:, tail.shape[1] - (kernel - 1):]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decode attention.
+
+
+@eager_under_compile
+def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Same contract as `ops.attention.attend_to_all_sdpa`; reads each K/V row once for all the query heads sharing
+    it, split into key blocks over threads. fp32/fp64 without autograd; anything else goes to the SDPA version."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    supported = q.dtype in (torch.float32, torch.float64) and k.dtype == v.dtype == q.dtype and keys > 0
+    if not supported or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return attend_to_all_sdpa(q, k, v)
+    # (B, heads, T, hd) -> (B, kv_heads, group * T, hd): the query rows of each K/V head
+    rows = q.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
+    rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, k, v))
+    out = torch.empty(rows.shape, dtype=q.dtype)
+    (qb, qh, qr, _), (kb, kh, kt, _), (vb, vh, vt, _) = rows.stride(), k.stride(), v.stride()
+    args = make_args(AttendArgs, batch=batch, kv_heads=kv_heads, rows=rows.shape[2], length=keys, head_dim=head_dim,
+                     block=ATTEND_BLOCK, threads=_threads(batch * heads * length * keys * head_dim),
+                     q_batch_stride=qb, q_head_stride=qh, q_row_stride=qr, k_batch_stride=kb, k_head_stride=kh,
+                     k_token_stride=kt, v_batch_stride=vb, v_head_stride=vh, v_token_stride=vt,
+                     q=rows, k=k, v=v, out=out)
+    call("attend_to_all", q.dtype, args)
+    return out.reshape(batch, heads, length, head_dim)

@@ -1,0 +1,101 @@
+"""The compiled decode attention (`cpu_kernels.attend_to_all`) against attention written out in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openjamba import ops
+from openjamba.ops import cpu_kernels
+from openjamba.ops.attention import attend_to_all_sdpa
+
+from .conftest import random_model
+
+AVAILABLE, WHY = cpu_kernels.is_available()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU kernels unavailable: {WHY}")
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v in float64, with every K/V head repeated for its query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return scores.softmax(-1) @ v
+
+
+def inputs(batch, heads, kv_heads, queries, keys, head_dim, dtype=torch.float64, seed=0, capacity_extra=5):
+    """q as the attention layer makes it (a transposed view); k, v as the cache returns them (a slice of a buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim, generator=g, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, keys + capacity_extra, head_dim, generator=g, dtype=dtype)[:, :, :keys]
+            for _ in range(2))
+    return q, k, v
+
+
+# Key counts around the 8-key tiles and the blocks (shrunk to 16 keys below); head sizes that take every path of
+# the vector code (multiples of 32, remainders of 8, 16 and 24 lanes) and the plain loops (17).
+@pytest.mark.parametrize("keys", [1, 7, 8, 9, 16, 17, 100])
+@pytest.mark.parametrize("head_dim", [8, 17, 32, 40, 48, 64, 88])
+def test_matches_reference_in_float64_and_float32(monkeypatch, keys, head_dim):
+    monkeypatch.setattr(cpu_kernels, "ATTEND_BLOCK", 16)
+    q, k, v = inputs(2, 4, 2, 1, keys, head_dim, seed=keys * head_dim)
+    expected = reference(q, k, v)
+    torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    got = cpu_kernels.attend_to_all(q.float(), k.float(), v.float())  # fp32: the AVX2 code where it is built
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,queries", [(4, 4, 1), (8, 1, 1), (6, 2, 3)])
+def test_grouped_heads_and_several_queries(heads, kv_heads, queries):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        q, k, v = inputs(3, heads, kv_heads, queries, 300, 32, dtype=dtype, seed=heads)
+        torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), reference(q, k, v).to(dtype), atol=tol,
+                                   rtol=tol)
+
+
+def test_large_scores_stay_finite_and_exact():
+    """Scores in the hundreds: each block subtracts its maximum, and the merge rescales blocks by theirs."""
+    q, k, v = inputs(1, 2, 1, 1, 3000, 32, dtype=torch.float32, seed=3)
+    q = q * 40
+    got = cpu_kernels.attend_to_all(q, k, v)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference(q, k, v).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_threads_do_not_change_results():
+    q, k, v = inputs(1, 4, 2, 1, 5000, 32, dtype=torch.float32, seed=5)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(cpu_kernels.attend_to_all(q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)  # the same blocks whatever the threads
+
+
+def test_other_dtypes_and_autograd_go_to_sdpa():
+    q, k, v = inputs(1, 4, 2, 1, 50, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), attend_to_all_sdpa(q, k, v), atol=0, rtol=0)
+    q, k, v = (t.float().requires_grad_(True) for t in inputs(1, 4, 2, 1, 50, 16))
+    cpu_kernels.attend_to_all(q, k, v).sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))
+
+
+@torch.no_grad()
+def test_model_decoding_uses_the_kernel_and_matches_plain_pytorch(monkeypatch):
+    model = random_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    calls = []
+    kernel = cpu_kernels.attend_to_all
+    monkeypatch.setattr(cpu_kernels, "attend_to_all", lambda *a: calls.append(1) or kernel(*a))
+    results = []
+    for backend in (None, cpu_kernels):
+        monkeypatch.setitem(ops._chosen, "cpu", backend)
+        cache = model.make_cache(2)
+        model(ids[:, :30], cache=cache)
+        results.append(torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 40)], 1))
+    assert calls, "decode steps did not reach the compiled kernel"
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
