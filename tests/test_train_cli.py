@@ -54,6 +54,14 @@ def test_prepare_then_train_from_the_command_line(tmp_path, capsys):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
+def test_optional_flags_with_a_default_accept_none():
+    assert parse([]).mqar_power_a == 0.01
+    assert parse(["--mqar-power-a", "none"]).mqar_power_a is None  # uniform query placement
+    assert parse(["--mqar-power-a", "0.2"]).mqar_power_a == 0.2
+    with pytest.raises(SystemExit):
+        parse(["--mqar-power-a", "often"])
+
+
 def test_defaults_then_recipe_then_flags(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('preset = "tiny"\nsteps = 50\nlr = 1e-3\n[model]\nhidden_size = 64\nnum_experts = 8\n')

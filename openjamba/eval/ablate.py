@@ -187,6 +187,7 @@ def run_ablation(settings: AblationSettings, log=print) -> dict[str, Any]:
             f"[{' '.join(config.layer_plan())}] (elapsed {format_duration(elapsed)}{eta})")
         cfg = TrainConfig(**_train_fields(settings, task, config, run_dir, lm_data))
         record = _train_and_measure(cfg, settings, task, name, config)
+        record["run_dir"] = str(run_dir.relative_to(out))  # relative to results.json: the folder can move
         results["runs"].append(record)
         log(f"== ablate [{done + 1}/{len(jobs)}] {task} {name} done in {format_duration(record['train_s'])}: "
             + ", ".join(f"{k} {record[k]:.4g}" for k in ("val_loss", "recall") if record.get(k) is not None))
@@ -246,7 +247,7 @@ def _train_and_measure(cfg, settings: AblationSettings, task: str, name: str, co
         "task": task, "variant": name, "params": counts["total"], "active_params": counts["active"],
         "intermediate_size": config.intermediate_size, "layer_plan": config.layer_plan(), "steps": result.step,
         "tokens": last["tokens"], "train_s": last["elapsed_s"], "tok_per_s": _train_throughput(metrics),
-        "val_loss": result.val_loss, "final_train_loss": last["loss"], "run_dir": str(cfg.out),
+        "val_loss": result.val_loss, "final_train_loss": last["loss"],
     }
     if task == "mqar":
         record["recall"] = result.val_acc
@@ -329,7 +330,7 @@ def plot_loss_curves(results: dict[str, Any], png: Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), dpi=90, squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for run in (r for r in results["runs"] if r["task"] == task):
-            records = read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
+            records = read_metrics(png.parent / run["run_dir"] / "metrics.jsonl")
             line, = ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label=run["variant"],
                             linewidth=1.2)
             val = [r for r in records if r.get("val_loss") is not None]

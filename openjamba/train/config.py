@@ -41,7 +41,7 @@ class TrainConfig:
     mqar_queries: int | None = field(default=None, metadata={"help": "MQAR: queries per sequence (default: "
                                                                      "every key once)"})
     mqar_power_a: float | None = field(default=0.01, metadata={"help": "MQAR: power-law exponent of the query "
-                                                                       "gaps (Zoology's)"})
+                                                                       "gaps (Zoology's); none: uniform"})
     out: str = field(default="runs/train", metadata={"help": "output directory: checkpoints, metrics, model"})
     preset: str | None = field(default=None, metadata={"help": "model preset (default tiny when nothing else)"})
     config: str | None = field(default=None, metadata={"help": "model config.json (instead of a preset)"})
@@ -155,6 +155,16 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _none_or(kind: type):
+    """Parse a flag whose field is optional but defaults to a value: `none` sets it back to None."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, defaulting to 'not given' so that only what is typed overrides."""
     hints = typing.get_type_hints(TrainConfig)
@@ -165,11 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help")
         default_text = f" (default: {f.default})" if f.default is not None else ""
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": (help_text or f.name) + default_text}
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = next(t for t in kinds if t is not type(None))
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _none_or(kind) if type(None) in kinds and f.default is not None else kind
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--recipe", help="JSON or TOML file of trainer fields, with model fields under `model`")
     parser.add_argument("--set", dest="set_model", action="append", default=[], metavar="FIELD=VALUE",
