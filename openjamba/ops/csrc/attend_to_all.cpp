@@ -184,12 +184,12 @@ void attend(const AttendArgs& a) {
   };
 #pragma omp parallel num_threads(a.threads)
   {
-    std::vector<T> scores;
+    std::vector<T> buffer;  // one block's scores, per thread
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < heads * blocks; ++item) {
       const int64_t bh = item / blocks, blk = item % blocks;
       const int64_t t0 = blk * a.block, t1 = std::min(a.length, t0 + a.block);
-      attend_block<T>(a, bh / a.kv_heads, bh % a.kv_heads, t0, t1, partial(bh, blk), scores);
+      attend_block<T>(a, bh / a.kv_heads, bh % a.kv_heads, t0, t1, partial(bh, blk), buffer);
     }
   }
   // Merge: out_r = sum_blk e^(max_blk - M) acc_blk / sum_blk e^(max_blk - M) sum_blk, M the largest block maximum.
