@@ -189,18 +189,21 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
         num_tokens, top_k = expert_index.shape
+        if num_tokens == 1:  # a decode step: its k experts one after the other, nothing to group (~2x faster)
+            outputs = [self.expert(x, e) * w for e, w in zip(expert_index[0].tolist(), expert_weight[0].unbind())]
+            return torch.stack(outputs).sum(0).to(x.dtype)
         flat_expert = expert_index.reshape(-1)  # (N*k,)
         order = flat_expert.argsort(stable=True)  # group the (token, slot) pairs by expert
         token_of = order // top_k
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        outputs = []
-        for e, rows in enumerate(x[token_of].split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        outputs = [self.expert(rows, e) for e, rows in enumerate(x[token_of].split(counts)) if rows.shape[0] > 0]
         weighted = torch.cat(outputs) * expert_weight.reshape(-1)[order, None]
         return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of, weighted.to(x.dtype))
+
+    def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU on rows (n, H) -> (n, H)."""
+        gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
 
 class SparseMoE(nn.Module):

@@ -76,3 +76,17 @@ def test_low_precision_forward_is_close_to_fp32(dtype):
         ref = model(ids).logits
         low = model.to(dtype)(ids).logits.float()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_single_token_experts_match_the_grouped_path():
+    """A decode step (one token) skips the grouping by expert; it must give what the grouped path gives that token."""
+    model = random_model(num_experts=4, num_experts_per_tok=2)
+    moe = next(layer.feed_forward for layer in model.model.layers if layer.is_moe)
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    weight, index = torch.topk(torch.softmax(moe.router(x), -1), 2, dim=-1)
+    grouped = moe.experts(x, index, weight)  # three tokens: grouped by expert
+    for row in range(3):
+        single = moe.experts(x[row:row + 1], index[row:row + 1], weight[row:row + 1])
+        torch.testing.assert_close(single, grouped[row:row + 1], atol=1e-6, rtol=1e-6)
+    single.sum().backward()  # and it is differentiable
+    assert x.grad is not None and moe.experts.gate_up_proj.grad is not None
