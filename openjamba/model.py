@@ -132,11 +132,14 @@ class MambaMixer(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, hidden). token_mask: (B, T), 0 at padding. state: carried conv window and SSM state."""
         u, gate = self.in_proj(x).chunk(2, dim=-1)  # (B, T, inner) each
+        decoding = state is not None and x.shape[1] == 1
         # Padding is zeroed before and after the conv, so pads never reach the conv window or the SSM state.
         u = _zero_padding(u, token_mask)
-        u, window = ops.causal_conv1d(
-            u, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv if state is not None else None
-        )
+        conv_weight = self.conv1d.weight[:, 0]  # (inner, K)
+        if decoding:  # one token: the conv window is updated in place
+            u = ops.causal_conv1d_update(u[:, 0], conv_weight, self.conv1d.bias, state.conv).unsqueeze(1)
+        else:
+            u, window = ops.causal_conv1d(u, conv_weight, self.conv1d.bias, state.conv if state is not None else None)
         u = _zero_padding(u, token_mask)
 
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
@@ -147,10 +150,9 @@ class MambaMixer(nn.Module):
 
         if state is None:
             y = ops.selective_scan(u, dt, A, B, C, z=gate, **scan_args)
-        elif x.shape[1] == 1:
+        elif decoding:
             y = ops.selective_state_update(state.ssm, u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], z=gate[:, 0],
                                            **scan_args).unsqueeze(1)
-            state.conv.copy_(window)
         else:
             y, final = ops.selective_scan(
                 u, dt, A, B, C, z=gate, initial_state=state.ssm, return_final_state=True, **scan_args

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openjamba.ops import causal_conv1d_ref, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
+from openjamba.ops import (
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    selective_scan_chunked,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 from openjamba.ops.attention import attend_to_all_sdpa, chunk_attention, chunk_attention_ref, chunk_attention_split
 
 
@@ -103,6 +109,21 @@ def test_conv_in_chunks_equals_one_pass(kernel):
         pieces.append(y)
     torch.testing.assert_close(torch.cat(pieces, 1), y_full)
     torch.testing.assert_close(window, win_full)
+
+
+@pytest.mark.parametrize("kernel", [2, 4])
+@pytest.mark.parametrize("bias,silu", [(True, True), (False, False)])
+def test_conv_update_steps_equal_one_pass(kernel, bias, silu):
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if bias else None
+    y_full, win_full = causal_conv1d_ref(x, w, b, silu=silu)
+    _, window = causal_conv1d_ref(x[:, :4], w, b, silu=silu)  # a prefill, then one token at a time
+    window = window.clone()
+    steps = [causal_conv1d_update(x[:, t], w, b, window, silu=silu) for t in range(4, 9)]
+    torch.testing.assert_close(torch.stack(steps, 1), y_full[:, 4:], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(window, win_full, atol=0, rtol=0)  # updated in place
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])

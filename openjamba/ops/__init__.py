@@ -11,6 +11,7 @@ A backend module exposes `is_available() -> tuple[bool, str]` (the str says why 
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all` with the signatures below; an op it
 lacks falls back to the plain PyTorch one. Attention over a long cache is in ops/attention.py: `chunk_attention` for
 a chunk continuing a cached sequence (no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
+The conv's decoding step `causal_conv1d_update` is plain PyTorch on every device (ops/conv.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from types import ModuleType
 import torch
 
 from .attention import attend_to_all_sdpa, chunk_attention
-from .conv import causal_conv1d_ref
+from .conv import causal_conv1d_ref, causal_conv1d_update
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
+    "causal_conv1d_update",
     "chunk_attention",
     "selective_scan",
     "selective_scan_chunked",
