@@ -32,10 +32,10 @@ def inputs(batch, heads, kv_heads, queries, keys, head_dim, dtype=torch.float64,
     return q, k, v
 
 
-# Key counts around the 8-key tiles and the blocks (shrunk to 16 keys below); head sizes that take every path of
-# the vector code (multiples of 32, remainders of 8, 16 and 24 lanes) and the plain loops (17).
+# Key counts around the 8-key tiles and the blocks (shrunk to 16 keys below); head sizes that take the AVX2 code
+# (multiples of 16, Jamba's 128 among them) and the plain loops (the others).
 @pytest.mark.parametrize("keys", [1, 7, 8, 9, 16, 17, 100])
-@pytest.mark.parametrize("head_dim", [8, 17, 32, 40, 48, 64, 88])
+@pytest.mark.parametrize("head_dim", [8, 17, 32, 40, 48, 64, 128])
 def test_matches_reference_in_float64_and_float32(monkeypatch, keys, head_dim):
     monkeypatch.setattr(cpu_kernels, "ATTEND_BLOCK", 16)
     q, k, v = inputs(2, 4, 2, 1, keys, head_dim, seed=keys * head_dim)
@@ -46,10 +46,13 @@ def test_matches_reference_in_float64_and_float32(monkeypatch, keys, head_dim):
     torch.testing.assert_close(got, expected.float(), atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,queries", [(4, 4, 1), (8, 1, 1), (6, 2, 3)])
-def test_grouped_heads_and_several_queries(heads, kv_heads, queries):
+# Query rows per K/V head (group x queries) from 1 to 9: the AVX2 code keeps up to 8 vectors of sums in registers
+# (rows x head size / 8) and accumulates larger ones in L1.
+@pytest.mark.parametrize("heads,kv_heads,queries", [(4, 4, 1), (4, 2, 1), (6, 2, 1), (8, 2, 1), (8, 1, 1), (6, 2, 3)])
+@pytest.mark.parametrize("head_dim", [16, 32, 128])
+def test_grouped_heads_and_several_queries(heads, kv_heads, queries, head_dim):
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        q, k, v = inputs(3, heads, kv_heads, queries, 300, 32, dtype=dtype, seed=heads)
+        q, k, v = inputs(3, heads, kv_heads, queries, 300, head_dim, dtype=dtype, seed=heads)
         torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), reference(q, k, v).to(dtype), atol=tol,
                                    rtol=tol)
 

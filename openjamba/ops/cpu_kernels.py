@@ -21,7 +21,7 @@ from .attention import attend_to_all_sdpa
 from .cpu_build import AttendArgs, ConvArgs, ScanArgs, call, make_args
 from .scan import selective_scan_ref
 
-ATTEND_BLOCK = 1024  # keys per work item of attend_to_all: its K and V (256 KB at head size 32) stay in L2
+ATTEND_BLOCK = 1024  # keys per work item of attend_to_all (it buffers rows x 1024 scores)
 CHUNK = 64  # steps between saved states: checkpoint memory (L / CHUNK) vs. recompute buffers (CHUNK * state * 16)
 SERIAL_BELOW = 1 << 16  # elements of work (~1 ns each) below which waking a second thread costs more than it saves
 

@@ -5,12 +5,13 @@
 //   out: (batch, kv_heads, rows, head_dim) contiguous
 //   out_r = sum_t softmax_t(q_r . k_t / sqrt(head_dim)) v_t
 //
-// A decode step should be bound by reading the cache (4 flops per 8 bytes of K/V), so the cache is read from memory
-// once, for all the query rows of its head (flash-decoding): the keys are cut into blocks of `block` tokens, and
-// each (batch, head, block) work item computes, row by row while the block stays in cache, the scores into a small
-// buffer, their exponentials against the block's maximum, and the exp-weighted sum of the block's V rows. A second
+// A decode step should be bound by reading the cache (4 flops per 8 bytes of K/V per query row), so the cache is
+// read from memory once, for all the query rows of its head (flash-decoding): the keys are cut into blocks of
+// `block` tokens, and each (batch, head, block) work item computes the scores of all its rows into a small buffer,
+// their exponentials against each row's block maximum, and the exp-weighted sums of the block's V rows. A second
 // pass merges the blocks of each (batch, head) by their maxima and sums. Blocks give the threads work at batch 1.
-// With AVX2 the fp32 dot products and V sums use intrinsics (see scores_avx2); elsewhere plain vectorisable loops.
+// With AVX2, fp32 and head sizes that are multiples of 16 use intrinsics (the *_avx2 functions), which load each
+// K and V row once for all the query rows; every other case uses plain vectorisable loops, row by row.
 
 #include <algorithm>
 #include <type_traits>
@@ -68,108 +69,148 @@ void weighted_sum_generic(const T* w, const T* v, int64_t stride, int64_t hd, in
 #if defined(__AVX2__) && defined(__FMA__)
 #define OPENJAMBA_ATTEND_AVX2 1
 
-// fp32, head_dim a multiple of 8. Eight keys at a time: eight vector dot products, then one transpose-and-add
-// (hadd) yields their eight sums in one vector; a horizontal reduction per key would cost as much as its FMAs.
-void scores_avx2(const float* q, const float* k, int64_t stride, int64_t hd, int64_t n, float scale, float* s) {
+// The fp32 code below is for head sizes that are multiples of 16. It is organised so that every K and V row comes
+// from memory once, however many query rows share it.
+
+// The eight dot products of q with k_0..k_7 (k_j = k + j * stride) in one vector: eight vector accumulations, then
+// one transpose-and-add (hadd); a horizontal reduction per key would cost as much as its FMAs.
+inline __m256 dots8_avx2(const float* q, const float* k, int64_t stride, int64_t hd) {
+  __m256 a[8];
+  for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + jj * stride + d), a[jj]);
+  }
+  // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums, then [a4..a7 | a4..a7]; adding the 128-bit halves finishes them.
+  const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+// s[r][j] for all rows, eight keys at a time: the eight K rows stay in L1 while every query row uses them.
+void block_scores_avx2(const AttendArgs& a, const float* q, const float* k, int64_t n, float scale, float* s) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 a[8];
-    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 8) {
-      const __m256 qd = _mm256_loadu_ps(q + d);
-      for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (j + jj) * stride + d), a[jj]);
+  for (; j + 8 <= n; j += 8)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const __m256 dots = dots8_avx2(q + r * a.q_row_stride, k + j * a.k_token_stride, a.k_token_stride, a.head_dim);
+      _mm256_storeu_ps(s + r * n + j, _mm256_mul_ps(dots, vscale));
     }
-    // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums, then [a4..a7 | a4..a7]; adding the 128-bit halves finishes them.
-    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
-    _mm256_storeu_ps(s + j, _mm256_mul_ps(dots, vscale));
-  }
-  scores_generic(q, k + j * stride, stride, hd, n - j, scale, s + j);
+  for (int64_t r = 0; r < a.rows; ++r)  // the last n % 8 keys
+    scores_generic(q + r * a.q_row_stride, k + j * a.k_token_stride, a.k_token_stride, a.head_dim, n - j, scale,
+                   s + r * n + j);
 }
 
-// Up to 32 output lanes (M vectors) stay in registers over all n rows, in two sets of accumulators (even and odd
-// rows) so that consecutive FMAs into one register do not wait for each other.
-template <int M>
-void weighted_sum_avx2_lanes(const float* w, const float* v, int64_t stride, int64_t n, float* acc) {
-  __m256 even[M], odd[M];
-  for (int i = 0; i < M; ++i) even[i] = odd[i] = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    const __m256 w0 = _mm256_broadcast_ss(w + j), w1 = _mm256_broadcast_ss(w + j + 1);
-    const float* v0 = v + j * stride;
-    for (int i = 0; i < M; ++i) {
-      even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v0 + 8 * i), even[i]);
-      odd[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(v0 + stride + 8 * i), odd[i]);
+// acc[r] = sum_j w[r][j] v_j for every row r, reading the V rows in order, each once for all the rows.
+// When R rows of PR vectors (head_dim = 8 PR) fit in 8 registers (the tiny models' 2 x 32), the sums stay there.
+template <int R, int PR>
+void weighted_sums_in_registers(const float* w, int64_t n, const float* v, int64_t stride, float* acc) {
+  __m256 sum[R][PR];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < PR; ++c) sum[r][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 vj[PR];
+    for (int c = 0; c < PR; ++c) vj[c] = _mm256_loadu_ps(v + j * stride + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wr = _mm256_broadcast_ss(w + r * n + j);
+      for (int c = 0; c < PR; ++c) sum[r][c] = _mm256_fmadd_ps(wr, vj[c], sum[r][c]);
     }
   }
-  if (j < n) {
-    const __m256 w0 = _mm256_broadcast_ss(w + j);
-    for (int i = 0; i < M; ++i) even[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v + j * stride + 8 * i), even[i]);
-  }
-  for (int i = 0; i < M; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(even[i], odd[i]));
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < PR; ++c) _mm256_storeu_ps(acc + (r * PR + c) * 8, sum[r][c]);
 }
 
-void weighted_sum_avx2(const float* w, const float* v, int64_t stride, int64_t hd, int64_t n, float* acc) {
-  int64_t d = 0;
-  for (; d + 32 <= hd; d += 32) weighted_sum_avx2_lanes<4>(w, v + d, stride, n, acc + d);
-  switch ((hd - d) / 8) {
-    case 3: return weighted_sum_avx2_lanes<3>(w, v + d, stride, n, acc + d);
-    case 2: return weighted_sum_avx2_lanes<2>(w, v + d, stride, n, acc + d);
-    case 1: return weighted_sum_avx2_lanes<1>(w, v + d, stride, n, acc + d);
-    default: return;
+// Otherwise the sums stay in L1 (rows * head_dim floats). Accumulating in registers 16 lanes at a time would read
+// the V rows in strided passes instead, which measured slower from memory (4-5 GB/s against 6.5 at head size 128
+// with 4 rows).
+void weighted_sums_in_l1(const AttendArgs& a, const float* w, int64_t n, const float* v, float* acc) {
+  const int64_t hd = a.head_dim, R = a.rows;
+  std::fill(acc, acc + R * hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * a.v_token_stride;
+    for (int64_t d = 0; d < hd; d += 16) {
+      const __m256 v0 = _mm256_loadu_ps(vj + d), v1 = _mm256_loadu_ps(vj + d + 8);
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 wr = _mm256_broadcast_ss(w + r * n + j);
+        float* o = acc + r * hd + d;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(wr, v0, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(wr, v1, _mm256_loadu_ps(o + 8)));
+      }
+    }
   }
+}
+
+void block_weighted_sums_avx2(const AttendArgs& a, const float* w, int64_t n, const float* v, float* acc) {
+  const int64_t stride = a.v_token_stride, vectors_per_row = a.head_dim / 8;  // even: head_dim % 16 == 0 here
+  if (vectors_per_row == 2) {
+    switch (a.rows) {
+      case 1: return weighted_sums_in_registers<1, 2>(w, n, v, stride, acc);
+      case 2: return weighted_sums_in_registers<2, 2>(w, n, v, stride, acc);
+      case 3: return weighted_sums_in_registers<3, 2>(w, n, v, stride, acc);
+      case 4: return weighted_sums_in_registers<4, 2>(w, n, v, stride, acc);
+    }
+  } else if (vectors_per_row == 4) {
+    switch (a.rows) {
+      case 1: return weighted_sums_in_registers<1, 4>(w, n, v, stride, acc);
+      case 2: return weighted_sums_in_registers<2, 4>(w, n, v, stride, acc);
+    }
+  }
+  weighted_sums_in_l1(a, w, n, v, acc);
 }
 #endif
 
+// s[r][j] = scale * (q_r . k_j) for the block's n keys and every query row.
 template <typename T>
-void scores(const T* q, const T* k, int64_t stride, int64_t hd, int64_t n, T scale, T* s) {
+void block_scores(const AttendArgs& a, const T* q, const T* k, int64_t n, T scale, T* s) {
 #ifdef OPENJAMBA_ATTEND_AVX2
   if constexpr (std::is_same_v<T, float>) {
-    if (hd % 8 == 0) return scores_avx2(q, k, stride, hd, n, scale, s);
+    if (a.head_dim % 16 == 0) return block_scores_avx2(a, q, k, n, scale, s);
   }
 #endif
-  scores_generic(q, k, stride, hd, n, scale, s);
+  for (int64_t r = 0; r < a.rows; ++r)
+    scores_generic(q + r * a.q_row_stride, k, a.k_token_stride, a.head_dim, n, scale, s + r * n);
 }
 
+// acc[r] = sum_j w[r][j] v_j for the block's n V rows and every query row.
 template <typename T>
-void weighted_sum(const T* w, const T* v, int64_t stride, int64_t hd, int64_t n, T* acc) {
+void block_weighted_sums(const AttendArgs& a, const T* w, int64_t n, const T* v, T* acc) {
 #ifdef OPENJAMBA_ATTEND_AVX2
   if constexpr (std::is_same_v<T, float>) {
-    if (hd % 8 == 0) return weighted_sum_avx2(w, v, stride, hd, n, acc);
+    if (a.head_dim % 16 == 0) return block_weighted_sums_avx2(a, w, n, v, acc);
   }
 #endif
-  weighted_sum_generic(w, v, stride, hd, n, acc);
+  for (int64_t r = 0; r < a.rows; ++r)
+    weighted_sum_generic(w + r * n, v, a.v_token_stride, a.head_dim, n, acc + r * a.head_dim);
 }
 
-// Keys [t0, t1) of head h of batch row b, for every query row of the head.
+// Keys [t0, t1) of head h of batch row b, for every query row of the head: the scores s [rows][n], each row's
+// maximum and sum of exponentials, then the exp-weighted V sums.
 template <typename T>
 void attend_block(const AttendArgs& a, int64_t b, int64_t h, int64_t t0, int64_t t1, const Partial<T>& p,
                   std::vector<T>& buffer) {
-  const int64_t hd = a.head_dim, n = t1 - t0;
+  const int64_t n = t1 - t0, R = a.rows;
   const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride;
   const T* k = static_cast<const T*>(a.k) + b * a.k_batch_stride + h * a.k_head_stride + t0 * a.k_token_stride;
   const T* v = static_cast<const T*>(a.v) + b * a.v_batch_stride + h * a.v_head_stride + t0 * a.v_token_stride;
-  // Scores in the exponent's own base (Math<T>::exp_scaled), so the exponentials below need no extra multiply.
-  const T scale = Math<T>::exp_scale / std::sqrt(static_cast<T>(hd));
-  buffer.resize(n);
+  buffer.resize(R * n);
   T* s = buffer.data();
-  for (int64_t r = 0; r < a.rows; ++r) {  // the block's K and V rows stay in cache across the query rows
-    scores(q + r * a.q_row_stride, k, a.k_token_stride, hd, n, scale, s);
+  // Scores in the exponent's own base (Math<T>::exp_scaled), so the exponentials below need no extra multiply.
+  block_scores(a, q, k, n, Math<T>::exp_scale / std::sqrt(static_cast<T>(a.head_dim)), s);
+  for (int64_t r = 0; r < R; ++r) {
+    T* sr = s + r * n;
     T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+    for (int64_t j = 0; j < n; ++j) m = sr[j] > m ? sr[j] : m;
     T total = 0;
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < n; ++j) {
-      s[j] = Math<T>::exp_scaled(s[j] - m);
-      total += s[j];
+      sr[j] = Math<T>::exp_scaled(sr[j] - m);
+      total += sr[j];
     }
     p.max[r] = m;
     p.sum[r] = total;
-    weighted_sum(s, v, a.v_token_stride, hd, n, p.acc + r * hd);
   }
+  block_weighted_sums(a, s, n, v, p.acc);
 }
 
 template <typename T>
