@@ -79,8 +79,22 @@ def test_threads_do_not_change_results():
     torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)  # the same blocks whatever the threads
 
 
+@pytest.mark.parametrize("head_dim", [16, 32, 40, 128])
+def test_bfloat16_cache(head_dim):
+    """A bf16 model's cache: K/V widened exactly, so fp64 queries give the float64 reference of the bf16 values."""
+    q, k, v = inputs(2, 8, 2, 1, 77, head_dim, seed=head_dim)
+    k, v = k.bfloat16(), v.bfloat16()
+    expected = reference(q, k, v)
+    torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    got = cpu_kernels.attend_to_all(q.float(), k, v)  # fp32 compute (the AVX2 code for multiples of 16)
+    torch.testing.assert_close(got, expected.float(), atol=2e-6, rtol=1e-5)
+    got = cpu_kernels.attend_to_all(q.bfloat16(), k, v)  # a bf16 model: bf16 out, computed in fp32
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference(q.bfloat16(), k, v).bfloat16(), atol=1e-3, rtol=2**-8)  # 1 ulp
+
+
 def test_other_dtypes_and_autograd_go_to_sdpa():
-    q, k, v = inputs(1, 4, 2, 1, 50, 16, dtype=torch.bfloat16)
+    q, k, v = inputs(1, 4, 2, 1, 50, 16, dtype=torch.float16)
     torch.testing.assert_close(cpu_kernels.attend_to_all(q, k, v), attend_to_all_sdpa(q, k, v), atol=0, rtol=0)
     q, k, v = (t.float().requires_grad_(True) for t in inputs(1, 4, 2, 1, 50, 16))
     cpu_kernels.attend_to_all(q, k, v).sum().backward()
@@ -88,8 +102,9 @@ def test_other_dtypes_and_autograd_go_to_sdpa():
 
 
 @torch.no_grad()
-def test_model_decoding_uses_the_kernel_and_matches_plain_pytorch(monkeypatch):
-    model = random_model()
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.15)])  # bf16: logits of size ~3
+def test_model_decoding_uses_the_kernel_and_matches_plain_pytorch(monkeypatch, dtype, atol):
+    model = random_model().to(dtype)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     calls = []
     kernel = cpu_kernels.attend_to_all
@@ -99,6 +114,6 @@ def test_model_decoding_uses_the_kernel_and_matches_plain_pytorch(monkeypatch):
         monkeypatch.setitem(ops._chosen, "cpu", backend)
         cache = model.make_cache(2)
         model(ids[:, :30], cache=cache)
-        results.append(torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 40)], 1))
+        results.append(torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 40)], 1).float())
     assert calls, "decode steps did not reach the compiled kernel"
-    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1], results[0], atol=atol, rtol=0)

@@ -27,7 +27,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp")
 HEADERS = (CSRC / "common.h",)
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
 # -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
@@ -166,7 +166,7 @@ def _field_kinds(cls: type[ctypes.Structure]) -> dict:
 
 
 _FUNCTIONS = {"scan_forward": ScanArgs, "scan_backward": ScanArgs, "conv_forward": ConvArgs,
-              "conv_backward": ConvArgs, "attend_to_all": AttendArgs}
+              "conv_backward": ConvArgs, "attend_to_all": AttendArgs, "attend_to_all_bf16": AttendArgs}
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 

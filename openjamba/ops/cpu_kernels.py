@@ -285,21 +285,25 @@ def causal_conv1d(
 @eager_under_compile
 def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Same contract as `ops.attention.attend_to_all_sdpa`; reads each K/V row once for all the query heads sharing
-    it, split into key blocks over threads. fp32/fp64 without autograd; anything else goes to the SDPA version."""
+    it, split into key blocks over threads. K/V in fp32 or fp64 (with q alike), or bf16 (q any float type, computed
+    in fp32: a bf16 model's cache is read at half the bytes). Autograd and other dtypes go to the SDPA version."""
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
-    supported = q.dtype in (torch.float32, torch.float64) and k.dtype == v.dtype == q.dtype and keys > 0
+    bf16_cache = k.dtype == v.dtype == torch.bfloat16
+    supported = keys > 0 and (bf16_cache or (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32,
+                                                                                         torch.float64)))
     if not supported or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return attend_to_all_sdpa(q, k, v)
+    dtype = _compute_dtype(q)
     # (B, heads, T, hd) -> (B, kv_heads, group * T, hd): the query rows of each K/V head
-    rows = q.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
+    rows = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
     rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, k, v))
-    out = torch.empty(rows.shape, dtype=q.dtype)
+    out = torch.empty(rows.shape, dtype=dtype)
     (qb, qh, qr, _), (kb, kh, kt, _), (vb, vh, vt, _) = rows.stride(), k.stride(), v.stride()
     args = make_args(AttendArgs, batch=batch, kv_heads=kv_heads, rows=rows.shape[2], length=keys, head_dim=head_dim,
                      block=ATTEND_BLOCK, threads=_threads(batch * heads * length * keys * head_dim),
                      q_batch_stride=qb, q_head_stride=qh, q_row_stride=qr, k_batch_stride=kb, k_head_stride=kh,
                      k_token_stride=kt, v_batch_stride=vb, v_head_stride=vh, v_token_stride=vt,
                      q=rows, k=k, v=v, out=out)
-    call("attend_to_all", q.dtype, args)
-    return out.reshape(batch, heads, length, head_dim)
+    call("attend_to_all_bf16" if bf16_cache else "attend_to_all", dtype, args)
+    return out.reshape(batch, heads, length, head_dim).to(q.dtype)

@@ -1,7 +1,8 @@
 // Unmasked GQA attention of a few queries over a long K/V cache (a decode step), for CPUs.
 //
 //   q:   (batch, kv_heads, rows, head_dim)  the query heads sharing a K/V head stacked along rows (Python folds them)
-//   k, v: (batch, kv_heads, length, head_dim)  any batch/head/token strides (a view of the cache buffer)
+//   k, v: (batch, kv_heads, length, head_dim)  any batch/head/token strides (a view of the cache buffer); in the
+//         compute type, or bf16 (a bf16 model's cache: half the bytes to read, widened exactly on load)
 //   out: (batch, kv_heads, rows, head_dim) contiguous
 //   out_r = sum_t softmax_t(q_r . k_t / sqrt(head_dim)) v_t
 //
@@ -43,43 +44,58 @@ struct Partial {
   T* acc;  // [rows][head_dim]
 };
 
+// K/V storage: the compute type itself, or bf16 (the top half of an fp32, widened exactly by a shift).
+struct bf16 {
+  uint16_t bits;
+};
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(bf16 x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+
 // s[j] = scale * (q . k_j) for the n keys k_j = k + j * stride.
-template <typename T>
-void scores_generic(const T* q, const T* k, int64_t stride, int64_t hd, int64_t n, T scale, T* s) {
+template <typename T, typename KV>
+void scores_generic(const T* q, const KV* k, int64_t stride, int64_t hd, int64_t n, T scale, T* s) {
   for (int64_t j = 0; j < n; ++j) {
-    const T* kj = k + j * stride;
+    const KV* kj = k + j * stride;
     T dot = 0;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < hd; ++d) dot += q[d] * kj[d];
+    for (int64_t d = 0; d < hd; ++d) dot += q[d] * widen(kj[d]);
     s[j] = dot * scale;
   }
 }
 
 // acc = sum_j w[j] v_j for the n rows v_j = v + j * stride.
-template <typename T>
-void weighted_sum_generic(const T* w, const T* v, int64_t stride, int64_t hd, int64_t n, T* acc) {
+template <typename T, typename KV>
+void weighted_sum_generic(const T* w, const KV* v, int64_t stride, int64_t hd, int64_t n, T* acc) {
   std::fill(acc, acc + hd, T(0));
   for (int64_t j = 0; j < n; ++j) {
-    const T* vj = v + j * stride;
+    const KV* vj = v + j * stride;
 #pragma omp simd
-    for (int64_t d = 0; d < hd; ++d) acc[d] += w[j] * vj[d];
+    for (int64_t d = 0; d < hd; ++d) acc[d] += w[j] * widen(vj[d]);
   }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define OPENJAMBA_ATTEND_AVX2 1
 
-// The fp32 code below is for head sizes that are multiples of 16. It is organised so that every K and V row comes
-// from memory once, however many query rows share it.
+// The fp32 code below is for head sizes that are multiples of 16, with fp32 or bf16 K/V. It is organised so that
+// every K and V row comes from memory once, however many query rows share it.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // 8 bf16 -> 8 fp32: zero-extend to 32 bits, shift into the high half
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
 
 // The eight dot products of q with k_0..k_7 (k_j = k + j * stride) in one vector: eight vector accumulations, then
 // one transpose-and-add (hadd); a horizontal reduction per key would cost as much as its FMAs.
-inline __m256 dots8_avx2(const float* q, const float* k, int64_t stride, int64_t hd) {
+template <typename KV>
+inline __m256 dots8_avx2(const float* q, const KV* k, int64_t stride, int64_t hd) {
   __m256 a[8];
   for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_setzero_ps();
   for (int64_t d = 0; d < hd; d += 8) {
     const __m256 qd = _mm256_loadu_ps(q + d);
-    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + jj * stride + d), a[jj]);
+    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qd, load8(k + jj * stride + d), a[jj]);
   }
   // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums, then [a4..a7 | a4..a7]; adding the 128-bit halves finishes them.
   const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -88,7 +104,8 @@ inline __m256 dots8_avx2(const float* q, const float* k, int64_t stride, int64_t
 }
 
 // s[r][j] for all rows, eight keys at a time: the eight K rows stay in L1 while every query row uses them.
-void block_scores_avx2(const AttendArgs& a, const float* q, const float* k, int64_t n, float scale, float* s) {
+template <typename KV>
+void block_scores_avx2(const AttendArgs& a, const float* q, const KV* k, int64_t n, float scale, float* s) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -103,14 +120,14 @@ void block_scores_avx2(const AttendArgs& a, const float* q, const float* k, int6
 
 // acc[r] = sum_j w[r][j] v_j for every row r, reading the V rows in order, each once for all the rows.
 // When R rows of PR vectors (head_dim = 8 PR) fit in 8 registers (the tiny models' 2 x 32), the sums stay there.
-template <int R, int PR>
-void weighted_sums_in_registers(const float* w, int64_t n, const float* v, int64_t stride, float* acc) {
+template <int R, int PR, typename KV>
+void weighted_sums_in_registers(const float* w, int64_t n, const KV* v, int64_t stride, float* acc) {
   __m256 sum[R][PR];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < PR; ++c) sum[r][c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     __m256 vj[PR];
-    for (int c = 0; c < PR; ++c) vj[c] = _mm256_loadu_ps(v + j * stride + 8 * c);
+    for (int c = 0; c < PR; ++c) vj[c] = load8(v + j * stride + 8 * c);
     for (int r = 0; r < R; ++r) {
       const __m256 wr = _mm256_broadcast_ss(w + r * n + j);
       for (int c = 0; c < PR; ++c) sum[r][c] = _mm256_fmadd_ps(wr, vj[c], sum[r][c]);
@@ -123,13 +140,14 @@ void weighted_sums_in_registers(const float* w, int64_t n, const float* v, int64
 // Otherwise the sums stay in L1 (rows * head_dim floats). Accumulating in registers 16 lanes at a time would read
 // the V rows in strided passes instead, which measured slower from memory (4-5 GB/s against 6.5 at head size 128
 // with 4 rows).
-void weighted_sums_in_l1(const AttendArgs& a, const float* w, int64_t n, const float* v, float* acc) {
+template <typename KV>
+void weighted_sums_in_l1(const AttendArgs& a, const float* w, int64_t n, const KV* v, float* acc) {
   const int64_t hd = a.head_dim, R = a.rows;
   std::fill(acc, acc + R * hd, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
-    const float* vj = v + j * a.v_token_stride;
+    const KV* vj = v + j * a.v_token_stride;
     for (int64_t d = 0; d < hd; d += 16) {
-      const __m256 v0 = _mm256_loadu_ps(vj + d), v1 = _mm256_loadu_ps(vj + d + 8);
+      const __m256 v0 = load8(vj + d), v1 = load8(vj + d + 8);
       for (int64_t r = 0; r < R; ++r) {
         const __m256 wr = _mm256_broadcast_ss(w + r * n + j);
         float* o = acc + r * hd + d;
@@ -140,19 +158,20 @@ void weighted_sums_in_l1(const AttendArgs& a, const float* w, int64_t n, const f
   }
 }
 
-void block_weighted_sums_avx2(const AttendArgs& a, const float* w, int64_t n, const float* v, float* acc) {
+template <typename KV>
+void block_weighted_sums_avx2(const AttendArgs& a, const float* w, int64_t n, const KV* v, float* acc) {
   const int64_t stride = a.v_token_stride, vectors_per_row = a.head_dim / 8;  // even: head_dim % 16 == 0 here
   if (vectors_per_row == 2) {
     switch (a.rows) {
-      case 1: return weighted_sums_in_registers<1, 2>(w, n, v, stride, acc);
-      case 2: return weighted_sums_in_registers<2, 2>(w, n, v, stride, acc);
-      case 3: return weighted_sums_in_registers<3, 2>(w, n, v, stride, acc);
-      case 4: return weighted_sums_in_registers<4, 2>(w, n, v, stride, acc);
+      case 1: return weighted_sums_in_registers<1, 2, KV>(w, n, v, stride, acc);
+      case 2: return weighted_sums_in_registers<2, 2, KV>(w, n, v, stride, acc);
+      case 3: return weighted_sums_in_registers<3, 2, KV>(w, n, v, stride, acc);
+      case 4: return weighted_sums_in_registers<4, 2, KV>(w, n, v, stride, acc);
     }
   } else if (vectors_per_row == 4) {
     switch (a.rows) {
-      case 1: return weighted_sums_in_registers<1, 4>(w, n, v, stride, acc);
-      case 2: return weighted_sums_in_registers<2, 4>(w, n, v, stride, acc);
+      case 1: return weighted_sums_in_registers<1, 4, KV>(w, n, v, stride, acc);
+      case 2: return weighted_sums_in_registers<2, 4, KV>(w, n, v, stride, acc);
     }
   }
   weighted_sums_in_l1(a, w, n, v, acc);
@@ -160,8 +179,8 @@ void block_weighted_sums_avx2(const AttendArgs& a, const float* w, int64_t n, co
 #endif
 
 // s[r][j] = scale * (q_r . k_j) for the block's n keys and every query row.
-template <typename T>
-void block_scores(const AttendArgs& a, const T* q, const T* k, int64_t n, T scale, T* s) {
+template <typename T, typename KV>
+void block_scores(const AttendArgs& a, const T* q, const KV* k, int64_t n, T scale, T* s) {
 #ifdef OPENJAMBA_ATTEND_AVX2
   if constexpr (std::is_same_v<T, float>) {
     if (a.head_dim % 16 == 0) return block_scores_avx2(a, q, k, n, scale, s);
@@ -172,8 +191,8 @@ void block_scores(const AttendArgs& a, const T* q, const T* k, int64_t n, T scal
 }
 
 // acc[r] = sum_j w[r][j] v_j for the block's n V rows and every query row.
-template <typename T>
-void block_weighted_sums(const AttendArgs& a, const T* w, int64_t n, const T* v, T* acc) {
+template <typename T, typename KV>
+void block_weighted_sums(const AttendArgs& a, const T* w, int64_t n, const KV* v, T* acc) {
 #ifdef OPENJAMBA_ATTEND_AVX2
   if constexpr (std::is_same_v<T, float>) {
     if (a.head_dim % 16 == 0) return block_weighted_sums_avx2(a, w, n, v, acc);
@@ -185,13 +204,13 @@ void block_weighted_sums(const AttendArgs& a, const T* w, int64_t n, const T* v,
 
 // Keys [t0, t1) of head h of batch row b, for every query row of the head: the scores s [rows][n], each row's
 // maximum and sum of exponentials, then the exp-weighted V sums.
-template <typename T>
+template <typename T, typename KV>
 void attend_block(const AttendArgs& a, int64_t b, int64_t h, int64_t t0, int64_t t1, const Partial<T>& p,
                   std::vector<T>& buffer) {
   const int64_t n = t1 - t0, R = a.rows;
   const T* q = static_cast<const T*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride;
-  const T* k = static_cast<const T*>(a.k) + b * a.k_batch_stride + h * a.k_head_stride + t0 * a.k_token_stride;
-  const T* v = static_cast<const T*>(a.v) + b * a.v_batch_stride + h * a.v_head_stride + t0 * a.v_token_stride;
+  const KV* k = static_cast<const KV*>(a.k) + b * a.k_batch_stride + h * a.k_head_stride + t0 * a.k_token_stride;
+  const KV* v = static_cast<const KV*>(a.v) + b * a.v_batch_stride + h * a.v_head_stride + t0 * a.v_token_stride;
   buffer.resize(R * n);
   T* s = buffer.data();
   // Scores in the exponent's own base (Math<T>::exp_scaled), so the exponentials below need no extra multiply.
@@ -213,7 +232,7 @@ void attend_block(const AttendArgs& a, int64_t b, int64_t h, int64_t t0, int64_t
   block_weighted_sums(a, s, n, v, p.acc);
 }
 
-template <typename T>
+template <typename T, typename KV>
 void attend(const AttendArgs& a) {
   const int64_t R = a.rows, hd = a.head_dim;
   const int64_t blocks = (a.length + a.block - 1) / a.block, heads = a.batch * a.kv_heads;
@@ -230,7 +249,7 @@ void attend(const AttendArgs& a) {
     for (int64_t item = 0; item < heads * blocks; ++item) {
       const int64_t bh = item / blocks, blk = item % blocks;
       const int64_t t0 = blk * a.block, t1 = std::min(a.length, t0 + a.block);
-      attend_block<T>(a, bh / a.kv_heads, bh % a.kv_heads, t0, t1, partial(bh, blk), buffer);
+      attend_block<T, KV>(a, bh / a.kv_heads, bh % a.kv_heads, t0, t1, partial(bh, blk), buffer);
     }
   }
   // Merge: out_r = sum_blk e^(max_blk - M) acc_blk / sum_blk e^(max_blk - M) sum_blk, M the largest block maximum.
@@ -262,7 +281,10 @@ void attend(const AttendArgs& a) {
 
 extern "C" {
 
-void attend_to_all_f32(const AttendArgs* a) { attend<float>(*a); }
-void attend_to_all_f64(const AttendArgs* a) { attend<double>(*a); }
+void attend_to_all_f32(const AttendArgs* a) { attend<float, float>(*a); }
+void attend_to_all_f64(const AttendArgs* a) { attend<double, double>(*a); }
+// bf16 K/V (a bf16 model's cache), computed in fp32, or in fp64 for exact tests.
+void attend_to_all_bf16_f32(const AttendArgs* a) { attend<float, bf16>(*a); }
+void attend_to_all_bf16_f64(const AttendArgs* a) { attend<double, bf16>(*a); }
 
 }  // extern "C"
