@@ -290,8 +290,8 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     bf16_cache = k.dtype == v.dtype == torch.bfloat16
-    supported = keys > 0 and (bf16_cache or (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32,
-                                                                                         torch.float64)))
+    same_float = q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float64)
+    supported = keys > 0 and (bf16_cache or same_float)
     if not supported or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return attend_to_all_sdpa(q, k, v)
     dtype = _compute_dtype(q)
