@@ -161,13 +161,16 @@ class Runner:
 
 
 class OpenJambaRunner(Runner):
-    def __init__(self, model: torch.nn.Module, device: torch.device, decode_budget: int) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, decode_budget: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         super().__init__(model, device)
         self.decode_budget = decode_budget  # tokens the cache must leave room for after the prompt
+        self.kv_dtype = kv_dtype
 
     def prefill(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
         """As `generate` prefills: chunk by chunk into a hybrid cache sized for the decode that follows."""
-        self.cache = self.model.make_cache(ids.shape[0], max_length=ids.shape[1] + self.decode_budget)
+        self.cache = self.model.make_cache(ids.shape[0], max_length=ids.shape[1] + self.decode_budget,
+                                           kv_dtype=self.kv_dtype)
         for start in range(0, ids.shape[1], chunk):
             logits = self.model(ids[:, start:start + chunk], cache=self.cache, logits_to_keep=1).logits
             report_progress(f"prefill {min(start + chunk, ids.shape[1]):,}/{ids.shape[1]:,} tokens")
@@ -208,7 +211,8 @@ def build_runner(spec: dict[str, Any], device: torch.device, dtype: torch.dtype)
         torch.manual_seed(spec["seed"])
         with torch.device(device):
             model = JambaForCausalLM(JambaConfig.from_dict(spec["config"])).to(dtype)
-    return OpenJambaRunner(model, device, spec["decode_tokens"])
+    kv_dtype = DTYPES[spec["kv_dtype"]] if spec.get("kv_dtype") else None
+    return OpenJambaRunner(model, device, spec["decode_tokens"], kv_dtype)
 
 
 # ---------------------------------------------------------------------- the worker
@@ -429,6 +433,7 @@ def run_bench(
     compare: tuple[str, ...] = (),
     device: str = "cpu",
     dtype: str = "fp32",
+    kv_dtype: str | None = None,
     threads: int | None = None,
     decode_tokens: int = 32,
     prefill_chunk: int = 2048,
@@ -462,7 +467,9 @@ def run_bench(
 
     with tempfile.TemporaryDirectory(prefix="openjamba-bench-") as tmp:
         sources = _model_sources(config, model_dir, compare, Path(tmp), seed)
-        common = dict(device=device, dtype=dtype, threads=threads, decode_tokens=decode_tokens,
+        if kv_dtype is not None and kv_dtype not in DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(DTYPES)}")
+        common = dict(device=device, dtype=dtype, kv_dtype=kv_dtype, threads=threads, decode_tokens=decode_tokens,
                       prefill_chunk=prefill_chunk, repeats=repeats, seed=seed)
         cells = plan_cells(["openjamba", *compare], list(contexts), list(batches), list(phases))
         results = []
@@ -475,7 +482,7 @@ def run_bench(
             results.append({**cell, **launch_worker(spec, timeout_s,
                                                     lambda text, label=label: bar.set_postfix_str(f"{label}: {text}"))})
     rows = merge_cells(results)
-    return {"model": name, "machine": machine, "dtype": dtype, "prefill_chunk": prefill_chunk,
+    return {"model": name, "machine": machine, "dtype": dtype, "kv_dtype": kv_dtype, "prefill_chunk": prefill_chunk,
             "decode_tokens": decode_tokens, "rows": rows, "ratios": ratios(rows, compare),
             "utilisation": utilisation(rows, machine["matmul_flops_s"])}
 
@@ -558,7 +565,8 @@ def _fmt(value: Any, kind: str) -> str:
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"openjamba bench: {report['model']} on {m.get('gpu', m['cpu'])} ({m['device']}, {m['threads']} threads, "
-             f"{report['dtype']}); matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
+             f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}); "
+             f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
     mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
                ("decode ms/tok", "decode_ms", "n"), ("train tok/s", "train_tok_s", "n"),

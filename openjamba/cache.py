@@ -68,7 +68,8 @@ class HybridCache:
     """Per-layer state for continuing a sequence: `layers[i]` is a KVCache or a MambaState."""
 
     def __init__(
-        self, model: JambaForCausalLM, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None
+        self, model: JambaForCausalLM, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         config = model.config
         self.batch_size = batch_size
@@ -83,7 +84,7 @@ class HybridCache:
                 capacity = max_length if max_length is not None else 256
                 self.layers.append(KVCache(
                     batch_size, config.num_key_value_heads, config.head_dim, capacity, max_length is not None,
-                    layer_dtype, param.device,
+                    kv_dtype or layer_dtype, param.device,
                 ))
             else:
                 self.layers.append(MambaState(

@@ -74,6 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         generator=generator,
         streamer=TextStreamer(tokenizer),
+        kv_dtype=resolve_dtype(args.kv_dtype, device) if args.kv_dtype else None,
     )
 
 
@@ -258,8 +259,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         report = run_bench(
             config, name, args.model, contexts=args.contexts, batches=args.batch_sizes,
             phases=tuple(args.phases.split(",")), compare=tuple(args.compare), device=device, dtype=dtype,
-            threads=args.threads, decode_tokens=args.decode_tokens, prefill_chunk=args.prefill_chunk,
-            repeats=args.repeats, timeout_s=args.timeout, seed=args.seed,
+            kv_dtype=args.kv_dtype, threads=args.threads, decode_tokens=args.decode_tokens,
+            prefill_chunk=args.prefill_chunk, repeats=args.repeats, timeout_s=args.timeout, seed=args.seed,
         )
     except ValueError as err:
         raise SystemExit(f"openjamba bench: error: {err}") from None
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--kv-dtype", default=None, help="attention K/V cache dtype, e.g. bf16 under fp32 weights "
+                     "(half the cache; default: the model's)")
     gen.set_defaults(func=cmd_generate)
 
     prep = verbs.add_parser("prepare", help="train a tokenizer and tokenize text into shards for training")
@@ -359,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                        help="default: bf16 on GPU, fp32 on CPU")
+    bench.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                       help="openjamba's attention K/V cache dtype (default: the model's)")
     bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
     bench.set_defaults(func=cmd_bench)

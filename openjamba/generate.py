@@ -113,6 +113,7 @@ def generate(
     prefill_chunk_size: int = 2048,
     streamer: Streamer | None = None,
     should_stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Prompt plus up to `max_new_tokens` new tokens per row, (B, T + new), like transformers' generate.
 
@@ -120,7 +121,8 @@ def generate(
     EOS (`eos_token_id`, default the config's; pass [] to never stop early) and is then filled with
     `pad_token_id` (default the config's, else the EOS id) until every row is done. `should_stop`, called after
     each step with the new tokens so far (B, n), returns a (B,) bool: rows where it is True finish as at EOS
-    (stop strings, for instance, which only the caller's tokenizer can see).
+    (stop strings, for instance, which only the caller's tokenizer can see). `kv_dtype` stores the attention K/V
+    narrower than the model (see `make_cache`): torch.bfloat16 halves a long context's cache.
     """
     _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size)
     config = model.config
@@ -138,7 +140,7 @@ def generate(
             streamer.end()
         return input_ids
 
-    cache = model.make_cache(batch, max_length=prompt_len + max_new_tokens)
+    cache = model.make_cache(batch, max_length=prompt_len + max_new_tokens, kv_dtype=kv_dtype)
     logits = None
     for start in range(0, prompt_len, prefill_chunk_size):
         chunk = slice(start, start + prefill_chunk_size)

@@ -71,10 +71,10 @@ class Attention(nn.Module):
             out = ops.chunk_attention(q, k, v, dropout)
         elif length == 1 and mask.mask is None and dropout == 0.0:  # a decode step: sees every key
             out = ops.attend_to_all(q, k, v)
-        else:
+        else:  # K/V from a narrower cache (make_cache's kv_dtype) are widened; the other paths do it themselves
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, dropout_p=dropout,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                q, ops.to_dtype_of(k, q), ops.to_dtype_of(v, q), attn_mask=mask.mask, is_causal=mask.is_causal,
+                dropout_p=dropout, enable_gqa=self.num_kv_heads != self.num_heads,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # (B, heads, T, hd) -> (B, T, D)
 
@@ -387,14 +387,17 @@ class JambaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ conveniences
     def make_cache(
-        self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None
+        self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> HybridCache:
         """An empty hybrid cache: K/V for attention layers, conv window + fp32 SSM state for Mamba layers.
 
         With `max_length`, the K/V buffers are allocated once at full size (static shapes); without, they grow.
-        Each layer's buffers live on that layer's device.
+        Each layer's buffers live on that layer's device, in `dtype` (default: the layer's). `kv_dtype` stores the
+        K/V alone narrower, e.g. torch.bfloat16 under an fp32 model: half the cache, and on CPU half the bytes each
+        decode step reads; attention still computes in the model's dtype.
         """
-        return HybridCache(self, batch_size, max_length, dtype)
+        return HybridCache(self, batch_size, max_length, dtype, kv_dtype)
 
     @property
     def device(self) -> torch.device:

@@ -84,6 +84,35 @@ def test_layout_and_nbytes():
     assert cache.nbytes() == cache.kv_nbytes() + cache.mamba_nbytes()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("padded", [False, True])  # unpadded chunks take ops.chunk_attention, padded ones a mask
+@torch.no_grad()
+def test_bf16_kv_cache_under_an_fp32_model(monkeypatch, backend, padded):
+    """make_cache(kv_dtype=bf16): half the K/V bytes; chunked prefill, padding and decoding give the fp32 cache's
+    logits up to bf16 rounding of K and V."""
+    from openjamba import ops
+    from openjamba.ops import cpu_kernels
+
+    if backend == "cpu" and not cpu_kernels.is_available()[0]:
+        pytest.skip("CPU kernels unavailable")
+    monkeypatch.setitem(ops._chosen, "cpu", cpu_kernels if backend == "cpu" else None)
+    model = random_model("moe-period3-two-attention")
+    ids, mask, _ = left_padded_batch([30, 22], model.config.vocab_size, seed=5)
+    spans = [slice(0, 20), slice(20, 27), slice(27, 28), slice(28, 29), slice(29, 30)]
+    results = []
+    for kv_dtype in (None, torch.bfloat16):
+        cache = model.make_cache(2, kv_dtype=kv_dtype)
+        logits = [model(ids[:, span], attention_mask=mask[:, span] if padded else None, cache=cache).logits
+                  for span in spans]
+        results.append((torch.cat(logits, 1), cache))
+    (full, cache32), (narrow, cache16) = results
+    assert all(layer.k.dtype == torch.bfloat16 for layer in cache16.layers if isinstance(layer, KVCache))
+    assert cache16.kv_nbytes() * 2 == cache32.kv_nbytes() and cache16.mamba_nbytes() == cache32.mamba_nbytes()
+    error = (narrow - full).abs().max() / full.abs().max()
+    assert 0 < error < 0.02, error  # bf16 rounding shows, and stays small
+    model.generate(ids[:1, 8:], max_new_tokens=3, kv_dtype=torch.bfloat16)  # and generate takes it
+
+
 @torch.no_grad()
 def test_static_cache_overflow_is_a_clear_error():
     model = random_model()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from openjamba.ops import (
+    attention,
     causal_conv1d_ref,
     causal_conv1d_update,
     selective_scan_chunked,
@@ -135,6 +136,21 @@ def test_chunk_attention_split_matches_reference(heads, kv_heads, length, past):
     expected = chunk_attention_ref(q, k, v)
     torch.testing.assert_close(chunk_attention_split(q, k, v), expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(chunk_attention(q.float(), k.float(), v.float()), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("past", [5, 40, 300])
+def test_chunk_attention_over_a_narrower_cache(monkeypatch, past):
+    """bf16 K/V (make_cache's kv_dtype) under float64 queries: the past is widened a few keys at a time, each block
+    merged in by its log-sum-exp, and the result is the reference's on the widened K/V."""
+    monkeypatch.setattr(attention, "PAST_BLOCK", 16)  # several blocks
+    g = torch.Generator().manual_seed(past)
+    q = torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, past + 7, 8, generator=g).bfloat16() for _ in range(2))
+    expected = chunk_attention_ref(q, k.double(), v.double())
+    torch.testing.assert_close(chunk_attention_split(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(chunk_attention_ref(q, k, v), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(attend_to_all_sdpa(q[:, :, :1], k, v),
+                               attend_to_all_sdpa(q[:, :, :1], k.double(), v.double()), atol=1e-12, rtol=1e-12)
 
 
 def test_chunk_attention_keeps_autograd_on_the_reference():

@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from .attention import attend_to_all_sdpa, chunk_attention
+from .attention import attend_to_all_sdpa, chunk_attention, to_dtype_of
 from .conv import causal_conv1d_ref, causal_conv1d_update
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
@@ -40,6 +40,7 @@ __all__ = [
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "to_dtype_of",
 ]
 
 BACKEND_MODULES = {"cpu": "openjamba.ops.cpu_kernels", "triton": "openjamba.ops.triton_kernels"}

@@ -11,6 +11,10 @@ it, (heads, T, S) scores: 2.6 GB of temporaries for one 2K-token chunk at 256K c
 which is exact (softmax over the union of two key sets) and needs memory O(T) beyond the K/V. A decode step (one
 query, every key visible) goes to `attend_to_all_sdpa`, which reads the cache once per K/V head (the CPU kernels
 have a faster `attend_to_all`, ops/csrc/attend_to_all.cpp, that `ops.attend_to_all` prefers).
+
+A cache may hold K/V in a narrower dtype than the queries (`make_cache(kv_dtype=torch.bfloat16)`). They are then
+widened to the queries' dtype here, the past keys of a chunk in blocks of PAST_BLOCK (each merged in by its
+log-sum-exp like the two parts above), so no full-size widened copy of the cache is made.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ import torch
 import torch.nn.functional as F
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+PAST_BLOCK = 16384  # past keys widened at a time when the cache is narrower than the queries
+
+
+def to_dtype_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t in ref's dtype (a no-op when it already is): K/V from a narrower cache, widened for the queries."""
+    return t if t.dtype == ref.dtype else t.to(ref.dtype)
 
 
 def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -26,8 +36,8 @@ def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: only when needed
 
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), dropout_p=dropout_p,
-        enable_gqa=k.shape[1] != q.shape[1],
+        q, to_dtype_of(k, q), to_dtype_of(v, q), attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+        dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1],
     )
 
 
@@ -37,7 +47,8 @@ def attend_to_all_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     per K/V head and never expanded to `heads` (SDPA's enable_gqa copies it on CPU: 2x slower at 256K)."""
     batch, heads, length, head_dim = q.shape
     folded = q.reshape(batch, k.shape[1], heads // k.shape[1] * length, head_dim)
-    return F.scaled_dot_product_attention(folded, k, v).reshape(batch, heads, length, head_dim)
+    out = F.scaled_dot_product_attention(folded, to_dtype_of(k, q), to_dtype_of(v, q))
+    return out.reshape(batch, heads, length, head_dim)
 
 
 def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -45,18 +56,36 @@ def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     batch, heads, length, head_dim = q.shape
     kv_heads, past = k.shape[1], k.shape[2] - length
     group = heads // kv_heads
-    # Past keys are visible to every query: heads folded into the query axis as in `attend_to_all_sdpa`.
-    out_past, lse_past = _CPU_FLASH(q.reshape(batch, kv_heads, group * length, head_dim), k[:, :, :past],
-                                    v[:, :, :past], 0.0, False)
-    out_past = out_past.reshape(batch, heads, length, head_dim)
-    lse_past = lse_past.reshape(batch, heads, length)
+    # Past keys are visible to every query: heads folded into the query axis as in `attend_to_all_sdpa`. A cache in
+    # the queries' dtype is one piece; a narrower one is widened a block at a time.
+    folded = q.reshape(batch, kv_heads, group * length, head_dim)
+    block = past if k.dtype == q.dtype else PAST_BLOCK
+    pieces = []
+    for start in range(0, past, block):
+        keys = slice(start, min(past, start + block))
+        out, lse = _CPU_FLASH(folded, to_dtype_of(k[:, :, keys], q), to_dtype_of(v[:, :, keys], q), 0.0, False)
+        pieces.append((out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length)))
     # The chunk's own keys: a square causal block (upper-left = lower-right), heads expanded (T keys only).
-    k_new = k[:, :, past:].repeat_interleave(group, dim=1)
-    v_new = v[:, :, past:].repeat_interleave(group, dim=1)
-    out_new, lse_new = _CPU_FLASH(q, k_new, v_new, 0.0, True)
-    merge_dtype = torch.promote_types(q.dtype, torch.float32)
-    w_past = torch.sigmoid(lse_past.to(merge_dtype) - lse_new.to(merge_dtype)).unsqueeze(-1)  # (B, heads, T, 1)
-    return (w_past * out_past.to(merge_dtype) + (1 - w_past) * out_new.to(merge_dtype)).to(q.dtype)
+    k_new = to_dtype_of(k[:, :, past:], q).repeat_interleave(group, dim=1)
+    v_new = to_dtype_of(v[:, :, past:], q).repeat_interleave(group, dim=1)
+    pieces.append(_CPU_FLASH(q, k_new, v_new, 0.0, True))
+    return _merge(pieces).to(q.dtype)
+
+
+def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's (output, log-sum-exp): softmax weights
+    exp(lse_i - lse), lse the log-sum-exp of all of them. In fp32 at least."""
+    out, lse = None, None
+    for piece_out, piece_lse in pieces:
+        dtype = torch.promote_types(piece_out.dtype, torch.float32)
+        piece_out, piece_lse = piece_out.to(dtype), piece_lse.to(dtype)
+        if out is None:
+            out, lse = piece_out, piece_lse
+            continue
+        total = torch.logaddexp(lse, piece_lse)
+        out = out * torch.exp(lse - total).unsqueeze(-1) + piece_out * torch.exp(piece_lse - total).unsqueeze(-1)
+        lse = total
+    return out
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
