@@ -60,32 +60,29 @@ def chunk_attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     # the queries' dtype is one piece; a narrower one is widened a block at a time.
     folded = q.reshape(batch, kv_heads, group * length, head_dim)
     block = past if k.dtype == q.dtype else PAST_BLOCK
-    pieces = []
+    merged = None
     for start in range(0, past, block):
         keys = slice(start, min(past, start + block))
         out, lse = _CPU_FLASH(folded, to_dtype_of(k[:, :, keys], q), to_dtype_of(v[:, :, keys], q), 0.0, False)
-        pieces.append((out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length)))
+        merged = _merge(merged, out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length))
     # The chunk's own keys: a square causal block (upper-left = lower-right), heads expanded (T keys only).
     k_new = to_dtype_of(k[:, :, past:], q).repeat_interleave(group, dim=1)
     v_new = to_dtype_of(v[:, :, past:], q).repeat_interleave(group, dim=1)
-    pieces.append(_CPU_FLASH(q, k_new, v_new, 0.0, True))
-    return _merge(pieces).to(q.dtype)
+    out, _ = _merge(merged, *_CPU_FLASH(q, k_new, v_new, 0.0, True))
+    return out.to(q.dtype)
 
 
-def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention over the union of disjoint key sets from each set's (output, log-sum-exp): softmax weights
-    exp(lse_i - lse), lse the log-sum-exp of all of them. In fp32 at least."""
-    out, lse = None, None
-    for piece_out, piece_lse in pieces:
-        dtype = torch.promote_types(piece_out.dtype, torch.float32)
-        piece_out, piece_lse = piece_out.to(dtype), piece_lse.to(dtype)
-        if out is None:
-            out, lse = piece_out, piece_lse
-            continue
-        total = torch.logaddexp(lse, piece_lse)
-        out = out * torch.exp(lse - total).unsqueeze(-1) + piece_out * torch.exp(piece_lse - total).unsqueeze(-1)
-        lse = total
-    return out
+def _merge(merged: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor, lse: torch.Tensor):
+    """Attention over two disjoint key sets from each one's output (B, heads, T, hd) and log-sum-exp (B, heads, T):
+    softmax weights exp(lse_i - lse_total). `merged` is the (output, lse) so far, or None. Kept in fp32 at least."""
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    out, lse = out.to(dtype), lse.to(dtype)
+    if merged is None:
+        return out, lse
+    merged_out, merged_lse = merged
+    total = torch.logaddexp(merged_lse, lse)
+    out = merged_out * torch.exp(merged_lse - total).unsqueeze(-1) + out * torch.exp(lse - total).unsqueeze(-1)
+    return out, total
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
