@@ -448,6 +448,8 @@ def run_bench(
     for phase in phases:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
+    if kv_dtype is not None and kv_dtype not in DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(DTYPES)}")
     for impl in compare:
         if impl not in IMPLS[1:]:
             raise ValueError(f"unknown --compare {impl!r}; choose from {', '.join(IMPLS[1:])}")
@@ -467,8 +469,6 @@ def run_bench(
 
     with tempfile.TemporaryDirectory(prefix="openjamba-bench-") as tmp:
         sources = _model_sources(config, model_dir, compare, Path(tmp), seed)
-        if kv_dtype is not None and kv_dtype not in DTYPES:
-            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(DTYPES)}")
         common = dict(device=device, dtype=dtype, kv_dtype=kv_dtype, threads=threads, decode_tokens=decode_tokens,
                       prefill_chunk=prefill_chunk, repeats=repeats, seed=seed)
         cells = plan_cells(["openjamba", *compare], list(contexts), list(batches), list(phases))

@@ -21,14 +21,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+def resolve_dtype(name: str | None, device: str, flag: str = "--dtype") -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (bf16 matmuls are hundreds of times slower on most CPUs)."""
     if name is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise SystemExit(f"unknown --dtype {name!r}; choose from {', '.join(table)}")
+        raise SystemExit(f"unknown {flag} {name!r}; choose from {', '.join(table)}")
     return table[name]
 
 
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         generator=generator,
         streamer=TextStreamer(tokenizer),
-        kv_dtype=resolve_dtype(args.kv_dtype, device) if args.kv_dtype else None,
+        kv_dtype=resolve_dtype(args.kv_dtype, device, "--kv-dtype") if args.kv_dtype else None,
     )
 
 

@@ -57,6 +57,20 @@ def test_training_phase_runs_in_its_own_worker():
     assert report["utilisation"][0]["train_mfu"] > 0
 
 
+def test_kv_dtype_halves_our_cache():
+    config = get_preset("tiny")
+    cache = {}
+    for kv_dtype in (None, "bf16"):
+        report = run_bench(config, "tiny", contexts=(40,), phases=("prefill", "decode"), kv_dtype=kv_dtype, threads=1,
+                           repeats=1, decode_tokens=2, progress=False)
+        assert report["kv_dtype"] == kv_dtype and "errors" not in report["rows"][0]
+        cache[kv_dtype] = report["rows"][0]["cache_bytes"]
+    kv_fp32 = 2 * config.num_key_value_heads * config.head_dim * 4 * (40 + 2)  # one attention layer
+    assert cache[None] - cache["bf16"] == kv_fp32 // 2
+    with pytest.raises(ValueError, match="kv_dtype"):
+        run_bench(config, "tiny", contexts=(40,), kv_dtype="int3", progress=False)
+
+
 def test_ratios_are_their_time_over_ours_and_our_memory_over_theirs():
     rows = [dict(impl="openjamba", context=8, batch=1, prefill_s=1.0, decode_ms=2.0, peak_mem_bytes=100),
             dict(impl="transformers", context=8, batch=1, prefill_s=5.0, decode_ms=3.0, peak_mem_bytes=400)]

@@ -47,9 +47,10 @@ def test_generate_streams_from_a_checkpoint(tmp_path):
         vocab_size=97, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = random_model(vocab_size=tokenizer.get_vocab_size())
     model.save_pretrained(tmp_path, tokenizer=tokenizer)
-    out = subprocess.run(
-        [sys.executable, "-m", "openjamba", "generate", "--model", str(tmp_path), "--prompt", "def f(",
-         "--max-new-tokens", "5", "--seed", "0"],
-        capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.startswith("def f(")
-    assert len(out.stdout) > len("def f(\n")
+    for extra in ([], ["--kv-dtype", "bf16"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "openjamba", "generate", "--model", str(tmp_path), "--prompt", "def f(",
+             "--max-new-tokens", "5", "--seed", "0", *extra],
+            capture_output=True, text=True, check=True, timeout=120)
+        assert out.stdout.startswith("def f(")
+        assert len(out.stdout) > len("def f(\n")
