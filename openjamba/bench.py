@@ -613,11 +613,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], file: str | Path) -> Path:
     """Throughput and memory against context length, one line per (implementation, batch), as the paper's figures."""
-    import matplotlib
+    from .train.metrics import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"),
               ("peak_mem_bytes", "peak memory (GiB)"), ("cache_bytes", "cache (GiB)")]
     panels = [p for p in panels if any(p[0] in r for r in report["rows"])]
@@ -641,12 +639,7 @@ def plot_report(report: dict[str, Any], file: str | Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"openjamba bench: {report['model']} ({report['machine'].get('gpu', report['machine']['cpu'])})",
                  fontsize=9)
-    fig.tight_layout()
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return save_figure(fig, file, dpi=110)
 
 
 def main() -> None:

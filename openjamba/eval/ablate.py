@@ -30,7 +30,7 @@ import torch
 
 from ..config import JambaConfig
 from ..info import count_parameters
-from ..train.metrics import format_duration, read_metrics
+from ..train.metrics import format_duration, pyplot, read_metrics, save_figure
 from .mqar import MQARConfig, mqar_accuracy, mqar_batch
 
 TASKS = ("mqar", "lm")
@@ -314,18 +314,9 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         plot_recall(results, out / "recall_vs_seq_len.png")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss_curves(results: dict[str, Any], png: Path) -> Path:
     """Training loss against tokens per variant, one panel per task (validation points marked)."""
-    plt = _pyplot()
+    plt = pyplot()
     tasks = results["settings"]["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), dpi=90, squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -341,15 +332,12 @@ def plot_loss_curves(results: dict[str, Any], png: Path) -> Path:
         ax.set_ylabel("loss (nats/token)" if task == "lm" else "loss on the answers (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def plot_recall(results: dict[str, Any], png: Path) -> Path:
     """MQAR recall accuracy against sequence length per variant (the trained length marked)."""
-    plt = _pyplot()
+    plt = pyplot()
     settings = results["settings"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
     for run in (r for r in results["runs"] if r["task"] == "mqar"):
@@ -366,7 +354,4 @@ def plot_recall(results: dict[str, Any], png: Path) -> Path:
     ax.set_title("MQAR recall")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)

@@ -60,13 +60,29 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_file: Path, png_file: Path, title: str = "") -> Path:
-    """Training loss (and validation loss where measured) against step, as a PNG."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported only when plotting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_loss(metrics_file: Path, png_file: Path, title: str = "") -> Path:
+    """Training loss (and validation loss where measured) against step, as a PNG."""
+    plt = pyplot()
     records = read_metrics(metrics_file)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1.2)
@@ -78,7 +94,4 @@ def plot_loss(metrics_file: Path, png_file: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_file)
-    plt.close(fig)
-    return png_file
+    return save_figure(fig, png_file)

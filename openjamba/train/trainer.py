@@ -40,6 +40,8 @@ from .distributed import DistEnv
 from .metrics import MetricsLog, format_line, plot_loss
 from .sources import DataSource, make_source
 
+NOT_EVALUATED: dict[str, float | None] = {"val_loss": None, "val_acc": None}  # `Trainer.evaluate`, not run
+
 # Fields a resumed run must share with the run it continues: anything else would change the data or the model.
 RESUME_FIXED = ("seed", "batch_size", "seq_len")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -281,7 +283,7 @@ class Trainer:
         over the ranks) and, for MQAR, recall accuracy from the same logits: {"val_loss": .., "val_acc": ..}."""
         usable = self.source.val_size // self.env.world_size * self.env.world_size
         if usable == 0:
-            return {"val_loss": None, "val_acc": None}
+            return dict(NOT_EVALUATED)
         mine = np.arange(usable)[self.env.rank::self.env.world_size]
         self.model.eval()
         total = correct = answers = 0.0
@@ -331,13 +333,13 @@ class Trainer:
                    disable=not (self.env.is_main and sys.stderr.isatty()))
         self._clock = {"start": time.perf_counter(), "start_step": self.step}
         self._clock.update(interval=self._clock["start"], interval_step=self.step)
-        val: dict[str, float | None] = {"val_loss": None, "val_acc": None}
+        val = dict(NOT_EVALUATED)
         try:
             while self.step < cfg.steps:
                 stats = self.train_step()
                 last = self.step == cfg.steps
                 evaluated = last or _due(self.step, cfg.eval_every)
-                val = self.evaluate() if evaluated else {"val_loss": None, "val_acc": None}
+                val = self.evaluate() if evaluated else dict(NOT_EVALUATED)
                 if last or val["val_loss"] is not None or _due(self.step, cfg.log_every):
                     self._log({**stats, **val})
                 bar.update(1)
