@@ -12,24 +12,19 @@ from pathlib import Path
 
 import torch
 
+from . import runtime
 from .config import PRESETS, JambaConfig, get_preset
-from .info import format_report, model_report
+from .info import format_model_report, model_report
+from .runtime import default_device
 from .train.config import add_arguments as add_train_arguments
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_dtype(name: str | None, device: str, flag: str = "--dtype") -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (bf16 matmuls are hundreds of times slower on most CPUs)."""
-    if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"unknown {flag} {name!r}; choose from {', '.join(table)}")
-    return table[name]
+    """`runtime.resolve_dtype`, with an unknown name as the command's one-line error."""
+    try:
+        return runtime.resolve_dtype(name, device, flag)
+    except ValueError as err:
+        raise SystemExit(f"openjamba: error: {err}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
@@ -46,7 +41,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report))
     else:
-        print(format_report(report))
+        print(format_model_report(report))
 
 
 # ---------------------------------------------------------------------- generate
@@ -250,11 +245,11 @@ def _parse_count(text: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import format_report, plot_report, run_bench
+    from .bench import format_bench_report, plot_bench_report, run_bench
 
     config, name = config_from_args(args)
     device = args.device or default_device()
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = args.dtype or runtime.dtype_name(runtime.default_dtype(device))
     try:
         report = run_bench(
             config, name, args.model, contexts=args.contexts, batches=args.batch_sizes,
@@ -264,9 +259,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
     except ValueError as err:
         raise SystemExit(f"openjamba bench: error: {err}") from None
-    print(format_report(report))
+    print(format_bench_report(report))
     if args.plot:
-        print(f"plot: {plot_report(report, args.plot)}")
+        print(f"plot: {plot_bench_report(report, args.plot)}")
     print(json.dumps(report))
 
 
@@ -360,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     bench.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell before giving up on it")
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    bench.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+    bench.add_argument("--dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="default: bf16 on GPU, fp32 on CPU")
-    bench.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+    bench.add_argument("--kv-dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="openjamba's attention K/V cache dtype (default: the model's)")
     bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")

@@ -98,6 +98,35 @@ def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
 
 
 @torch.no_grad()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    cache,
+    chunk_size: int = 2048,
+    attention_mask: torch.Tensor | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run the prompt (B, T) into `cache` `chunk_size` tokens at a time; the last position's logits (B, V).
+
+    Chunks bound the activations to one chunk's whatever the prompt length, and only the last position's logits
+    are computed. `attention_mask` (B, T) marks left padding (0). `on_progress(tokens_done)` is called after
+    each chunk.
+    """
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
+    if chunk_size < 1:
+        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+    device, length = model.device, input_ids.shape[1]
+    for start in range(0, length, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        mask = attention_mask[:, chunk].to(device) if attention_mask is not None else None
+        logits = model(input_ids[:, chunk].to(device), attention_mask=mask, cache=cache, logits_to_keep=1).logits
+        if on_progress is not None:
+            on_progress(min(start + chunk_size, length))
+    return logits[:, -1]
+
+
+@torch.no_grad()
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -141,11 +170,7 @@ def generate(
         return input_ids
 
     cache = model.make_cache(batch, max_length=prompt_len + max_new_tokens, kv_dtype=kv_dtype)
-    logits = None
-    for start in range(0, prompt_len, prefill_chunk_size):
-        chunk = slice(start, start + prefill_chunk_size)
-        mask = attention_mask[:, chunk].to(device) if attention_mask is not None else None
-        logits = model(input_ids[:, chunk], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    logits = prefill(model, input_ids, cache, prefill_chunk_size, attention_mask)
 
     eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import JambaConfig, attention_only_config, get_preset
+from .runtime import DTYPES
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+DTYPE_BYTES = {**{name: dtype.itemsize for name, dtype in DTYPES.items()}, "fp8": 1, "int8": 1}  # what a cache could be
 PAPER_REFERENCE_MODELS = ("mixtral-8x7b", "mistral-7b", "llama-2-7b")
 
 
@@ -143,7 +144,7 @@ def compact_plan(plan: list[str], per_group: int = 8) -> str:
     return " | ".join(groups)
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_model_report(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']}: {report['num_layers']} layers "
         f"({report['attention_layers']} attention, {report['mamba_layers']} Mamba, {report['moe_layers']} MoE)",

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from openjamba.generate import TextStreamer, sample_next
+from openjamba.generate import TextStreamer, prefill, sample_next
 
 from .conftest import left_padded_batch, random_model
 
@@ -19,6 +19,20 @@ def test_greedy_matches_step_by_step_argmax_of_full_forward():
     for _ in range(10):
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+@torch.no_grad()
+def test_chunked_prefill_gives_the_full_forward_last_logits_and_reports_progress():
+    model = random_model()
+    ids = torch.randint(3, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits[:, -1]
+    done: list[int] = []
+    cache = model.make_cache(2, max_length=11)
+    logits = prefill(model, ids, cache, chunk_size=4, on_progress=done.append)
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert done == [4, 8, 11]
+    with pytest.raises(ValueError, match="chunk size"):
+        prefill(model, ids, model.make_cache(2, max_length=11), chunk_size=0)
 
 
 @torch.no_grad()

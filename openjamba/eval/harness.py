@@ -23,9 +23,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
-from ..cli import default_device, resolve_dtype
 from ..generate import generate
 from ..model import JambaForCausalLM
+from ..runtime import default_device, resolve_dtype
 from ..tokenizer import load_tokenizer
 from .perplexity import document_nlls, prefix_token_id, score_spans
 

@@ -23,6 +23,7 @@ import time
 import torch
 import triton
 
+from ..runtime import SHORT_DTYPES, parse_dtype
 from . import triton_kernels as tk
 
 # Pointer arguments that carry activations (in the I/O dtype); every other pointer is fp32 state or a partial sum.
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--length", type=int, default=2048)
     bench.add_argument("--channels", type=int, default=8192)
     bench.add_argument("--state", type=int, default=16)
-    bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    bench.add_argument("--dtype", choices=SHORT_DTYPES, default="bf16")
     bench.add_argument("--no-backward", action="store_true")
     args = parser.parse_args(argv)
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [row for state in args.state for row in compile_report(
             args.arch, state, tuple(f"*{io}" for io in args.io), args.block_d, args.chunk, args.num_warps)]
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dtype = parse_dtype(args.dtype)
         rows = [benchmark(args.batch, args.length, args.channels, args.state, dtype, not args.no_backward)]
     _print_table(rows)
     print(json.dumps(rows))

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime import default_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -38,7 +40,7 @@ class DistEnv:
 def setup(device: str | None = None) -> DistEnv:
     """Join the process group when launched by torchrun (nccl on GPU, gloo on CPU); pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = device or default_device()
     if world_size <= 1:
         return DistEnv(device=torch.device(wanted))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

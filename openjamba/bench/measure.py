@@ -1,0 +1,126 @@
+"""Timing and memory sampling for the benchmark: best-of-N wall time, peak memory of a block, and this
+machine's own matmul throughput and copy bandwidth (the denominators of utilisation figures)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, repeats: int, budget_s: float = 5.0) -> float:
+    """Minimum wall time of `fn` over up to `repeats` calls, stopping early once `budget_s` is spent."""
+    best, spent = float("inf"), 0.0
+    for _ in range(max(1, repeats)):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget_s:
+            break
+    return best
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def _rss_bytes() -> int:
+    """Current resident set (Linux); elsewhere the peak so far, the best the standard library offers."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _max_rss_bytes()
+
+
+class PeakMemory:
+    """Peak memory while the block runs. CUDA: torch's peak allocation. CPU: the process's resident set, sampled
+    every few milliseconds by a thread (torch releases the GIL inside ops; sparse enough not to slow what is timed),
+    or the exact kernel high-water mark when the block set a new one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._hwm_before, self.peak = _max_rss_bytes(), _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        self._thread.join()
+        hwm = _max_rss_bytes()
+        self.peak = max(self.peak, _rss_bytes(), hwm if hwm > self._hwm_before else 0)
+
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now: torch's allocation on CUDA, the resident set on CPU."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """This machine's dense matrix-multiply throughput in `dtype`: the denominator of every utilisation figure."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = best_time(lambda: a @ b, device, repeats=8, budget_s=3.0)
+    return 2 * size**3 / seconds
+
+
+def copy_bytes_per_s(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Achievable memory bandwidth (read + write of a large copy): the reference for memory-bound kernels."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_time(lambda: dst.copy_(src), device, repeats=10, budget_s=2.0)
+
+
+
+def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
+    """What a report must say about where it was measured."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,142 @@
+"""The benchmark's report: worker cells merged into rows, ratios against the compared models, utilisation, and
+the printed tables and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..info import human_bytes
+
+
+def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (impl, context, batch), the phase groups' figures side by side."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for cell in results:
+        key = (cell["impl"], cell["context"], cell["batch"])
+        row = rows.setdefault(key, {"impl": key[0], "context": key[1], "batch": key[2]})
+        for field, value in cell.items():
+            if field == "error":
+                row.setdefault("errors", []).append(f"{'+'.join(cell['phases'])}: {value}")
+            elif field != "phases":
+                row[field] = value
+    return list(rows.values())
+
+
+def ratios(rows: list[dict[str, Any]], compare: tuple[str, ...]) -> list[dict[str, Any]]:
+    """For each compared implementation and cell: its time over ours (speed-up) and our memory over its memory."""
+    ours = {(r["context"], r["batch"]): r for r in rows if r["impl"] == "openjamba"}
+    out = []
+    for row in rows:
+        if row["impl"] == "openjamba" or (row["context"], row["batch"]) not in ours:
+            continue
+        base = ours[(row["context"], row["batch"])]
+        entry: dict[str, Any] = {"versus": row["impl"], "context": row["context"], "batch": row["batch"]}
+        for field in ("prefill_s", "decode_ms", "train_s"):
+            if field in row and field in base:
+                entry[f"{field.split('_')[0]}_speedup"] = row[field] / base[field]
+        for field in ("peak_mem_bytes", "added_mem_bytes", "train_peak_mem_bytes", "train_added_mem_bytes",
+                      "cache_bytes"):
+            if field in row and field in base:
+                entry[f"{field.replace('_bytes', '')}_ratio"] = base[field] / row[field]
+        out.append(entry)
+    return out
+
+
+def utilisation(rows: list[dict[str, Any]], matmul_flops_s: float) -> list[dict[str, Any]]:
+    return [{"impl": r["impl"], "context": r["context"], "batch": r["batch"],
+             **{f"{k.split('_')[0]}_mfu": r[k] / matmul_flops_s for k in ("prefill_flops_s", "train_flops_s")
+                if k in r}} for r in rows]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return human_bytes(value)
+    if kind == "pct":
+        return f"{100 * value:.0f}%"
+    if kind == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def format_bench_report(report: dict[str, Any]) -> str:
+    """The report as the tables `openjamba bench` prints."""
+    m = report["machine"]
+    lines = [f"openjamba bench: {report['model']} on {m.get('gpu', m['cpu'])} ({m['device']}, {m['threads']} threads, "
+             f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}); "
+             f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
+    mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
+    columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
+               ("decode ms/tok", "decode_ms", "n"), ("train tok/s", "train_tok_s", "n"),
+               ("train MFU", "train_mfu", "pct"), ("model mem", "model_mem_bytes", "bytes"),
+               ("peak mem", "peak_mem_bytes", "bytes"), ("train peak", "train_peak_mem_bytes", "bytes"),
+               ("cache", "cache_bytes", "bytes")]
+    rows = [{**r, **mfu.get((r["impl"], r["context"], r["batch"]), {})} for r in report["rows"]]
+    columns = [c for c in columns if any(c[1] in r for r in rows)]
+    header = f"{'model':<16}{'context':>9}{'batch':>6}" + "".join(f"{c[0]:>15}" for c in columns)
+    lines += ["", header]
+    for r in rows:
+        lines.append(f"{r['impl']:<16}{r['context']:>9}{r['batch']:>6}"
+                     + "".join(f"{_fmt(r.get(c[1]), c[2]):>15}" for c in columns))
+        lines += [f"    error {e}" for e in r.get("errors", [])]
+    if report["ratios"]:
+        keys = [k for k in ("prefill_speedup", "decode_speedup", "train_speedup", "peak_mem_ratio", "added_mem_ratio",
+                            "train_peak_mem_ratio", "train_added_mem_ratio", "cache_ratio")
+                if any(k in r for r in report["ratios"])]
+        lines += ["", "openjamba vs " + "/".join(sorted({r["versus"] for r in report["ratios"]}))
+                  + " (speedup = their time / ours; memory ratio = ours / theirs; added = peak - loaded model)",
+                  f"{'versus':<16}{'context':>9}{'batch':>6}" + "".join(f"{k:>22}" for k in keys)]
+        for r in report["ratios"]:
+            lines.append(f"{r['versus']:<16}{r['context']:>9}{r['batch']:>6}"
+                         + "".join(f"{_fmt(r.get(k), 'x'):>22}" for k in keys))
+    scan_rows = [r for r in report["rows"] if "scan_fwd_ns" in r]
+    if scan_rows:
+        lines += ["", "selective scan alone at one Mamba layer's shape (ns per batch*channel*step*state element); "
+                  "model share = scan time x Mamba layers / prefill time"]
+        for r in scan_rows:
+            share = r["scan_fwd_model_s"] / r["prefill_s"] if "prefill_s" in r else None
+            lines.append(f"  {r['impl']} context {r['context']} batch {r['batch']}: {r['scan_backend']} forward "
+                         f"{r['scan_fwd_ns']:.2f} ns, backward {r['scan_bwd_ns']:.2f} ns; "
+                         f"{_fmt(share, 'pct')} of prefill")
+    prof_rows = [r for r in report["rows"] if "profile_total_s" in r]
+    if prof_rows:
+        lines += ["", "profiled prefill (share of wall time): matmul / attention / selective scan"]
+        for r in prof_rows:
+            t = r["profile_total_s"]
+            lines.append(f"  {r['impl']} context {r['context']} batch {r['batch']}: "
+                         f"{_fmt(r['profile_matmul_s'] / t, 'pct')} / {_fmt(r['profile_attention_s'] / t, 'pct')} / "
+                         f"{_fmt(r['profile_scan_s'] / t, 'pct')} of {t:.2f} s")
+    return "\n".join(lines)
+
+
+def plot_bench_report(report: dict[str, Any], file: str | Path) -> Path:
+    """Throughput and memory against context length, one line per (implementation, batch), as the paper's figures."""
+    from ..train.metrics import pyplot, save_figure
+
+    plt = pyplot()
+    panels = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"),
+              ("peak_mem_bytes", "peak memory (GiB)"), ("cache_bytes", "cache (GiB)")]
+    panels = [p for p in panels if any(p[0] in r for r in report["rows"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in report["rows"]:
+        series.setdefault((r["impl"], r["batch"]), []).append(r)
+    for ax, (field, title) in zip(axes[0], panels):
+        for (impl, batch), rows in series.items():
+            points = sorted((r["context"], r[field]) for r in rows if field in r)
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            if field.endswith("bytes"):
+                ys = [y / 2**30 for y in ys]
+            ax.plot(xs, ys, marker="o", label=f"{impl} (batch {batch})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"openjamba bench: {report['model']} ({report['machine'].get('gpu', report['machine']['cpu'])})",
+                 fontsize=9)
+    return save_figure(fig, file, dpi=110)

@@ -1,0 +1,49 @@
+"""What every verb needs before it can run a model: the default device and the dtype names users type.
+
+The one table of dtype names lives here, so `--dtype bf16`, `dtype=bfloat16` (lm-eval's model_args) and a
+benchmark spec's "fp16" all mean the same torch dtype, and an unknown name fails the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+SHORT_DTYPES = ("fp32", "bf16", "fp16")  # the spellings offered as command-line choices
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (bf16 matmuls are hundreds of times slower on most CPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str, flag: str = "dtype") -> torch.dtype:
+    """'bf16' or 'bfloat16' -> torch.bfloat16; an unknown name is a ValueError that names `flag`."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown {flag} {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_dtype(name: str | None, device: str | torch.device, flag: str = "--dtype") -> torch.dtype:
+    """The dtype `name` names, or the device's default when it is None (or 'auto')."""
+    if name is None or name == "auto":
+        return default_dtype(device)
+    return parse_dtype(name, flag)
+
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (the short spelling)."""
+    for name in SHORT_DTYPES:
+        if DTYPES[name] == dtype:
+            return name
+    raise ValueError(f"no name for dtype {dtype}")
