@@ -166,7 +166,7 @@ def _run_lm_eval(model, tokenizer, args: argparse.Namespace) -> dict:
 def cmd_ablate(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .eval.ablate import DEFAULT, SMOKE, run_ablation
+    from .train.ablate import DEFAULT, SMOKE, run_ablation
 
     base = SMOKE if args.smoke else DEFAULT
     changes: dict = {k: getattr(args, k) for k in ("out", "seed", "threads", "lm_data") if getattr(args, k) is not None}

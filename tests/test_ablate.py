@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from openjamba.cli import main
-from openjamba.eval.ablate import SMOKE, VARIANTS, variant_configs
 from openjamba.info import count_parameters
 from openjamba.train import DataError, TrainConfig, train
+from openjamba.train.ablate import SMOKE, VARIANTS, variant_configs
 from openjamba.train.metrics import read_metrics
 from openjamba.train.sources import MQARSource
 

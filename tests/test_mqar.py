@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from openjamba.eval.mqar import IGNORE_INDEX, MQARConfig, mqar_accuracy, mqar_batch
 from openjamba.model import causal_lm_loss
+from openjamba.synthetic.mqar import IGNORE_INDEX, MQARConfig, mqar_accuracy, mqar_batch
 
 from .conftest import random_model
 

@@ -113,7 +113,7 @@ def format_bench_report(report: dict[str, Any]) -> str:
 
 def plot_bench_report(report: dict[str, Any], file: str | Path) -> Path:
     """Throughput and memory against context length, one line per (implementation, batch), as the paper's figures."""
-    from ..train.metrics import pyplot, save_figure
+    from ..plotting import pyplot, save_figure
 
     plt = pyplot()
     panels = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"),

@@ -1,10 +1,11 @@
-"""Evaluation: perplexity and bits per byte, the lm-evaluation-harness adapter, MQAR synthetic recall.
+"""Evaluation of a trained model: perplexity and bits per byte, and the lm-evaluation-harness adapter.
+
+MQAR, the synthetic recall task, lives in `openjamba.synthetic`; the architecture ablation, which trains models
+before measuring them, in `openjamba.train.ablate`.
 
 `harness` needs the optional `lm_eval` package (`pip install openjamba[eval]`), so it is not imported here.
 """
 
-from .mqar import MQARConfig, mqar_accuracy, mqar_batch
 from .perplexity import PerplexityResult, document_nlls, evaluate_texts, read_texts, score_spans
 
-__all__ = ["MQARConfig", "PerplexityResult", "document_nlls", "evaluate_texts", "mqar_accuracy", "mqar_batch",
-           "read_texts", "score_spans"]
+__all__ = ["PerplexityResult", "document_nlls", "evaluate_texts", "read_texts", "score_spans"]

@@ -26,7 +26,9 @@ from typing import Any
 
 from ..config import JambaConfig, get_preset
 
-TASKS = ("lm", "mqar")  # what a run trains on: prepared token shards, or generated MQAR (train/sources.py)
+# What a run trains on: generated MQAR (synthetic/mqar.py) or prepared token shards (train/sources.py); the
+# ablation runs them in this order, recall first.
+TASKS = ("mqar", "lm")
 
 
 @dataclass

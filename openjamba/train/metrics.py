@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot, save_figure
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -58,26 +60,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported only when plotting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns the path."""
-    path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
-    return path
 
 
 def plot_loss(metrics_file: Path, png_file: Path, title: str = "") -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from ..eval.mqar import MQARConfig, mqar_batch
+from ..synthetic.mqar import MQARConfig, mqar_batch
 from .config import TASKS, TrainConfig
 from .data import BatchSampler, TokenData, eval_indices
 

@@ -28,10 +28,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from ..config import JambaConfig
-from ..eval.mqar import answer_hits
 from ..hf import save_pretrained
 from ..info import count_parameters
 from ..model import JambaForCausalLM, causal_lm_loss
+from ..synthetic.mqar import answer_hits
 from ..tokenizer import load_tokenizer
 from . import checkpoint, distributed
 from .config import TrainConfig, base_model_config

@@ -30,10 +30,11 @@ import torch
 
 from ..config import JambaConfig
 from ..info import count_parameters
-from ..train.metrics import format_duration, pyplot, read_metrics, save_figure
-from .mqar import MQARConfig, mqar_accuracy, mqar_batch
+from ..plotting import pyplot, save_figure
+from ..synthetic.mqar import MQARConfig, mqar_accuracy, mqar_batch
+from .config import TASKS
+from .metrics import format_duration, read_metrics
 
-TASKS = ("mqar", "lm")
 # name: (attention layers in every `period` layers, or "all"/None; MoE)
 VARIANTS: dict[str, tuple[int | str | None, bool]] = {
     "attention": ("all", False),
@@ -162,7 +163,7 @@ def _equal_parameters(config: JambaConfig, target: int, kind: str) -> JambaConfi
 # ---------------------------------------------------------------------- running
 def run_ablation(settings: AblationSettings, log=print) -> dict[str, Any]:
     """Train every (task, variant), evaluate, and write results.json, results.md and the plots into settings.out."""
-    from ..train import TrainConfig
+    from .config import TrainConfig
 
     settings.validate()
     out = Path(settings.out)
@@ -201,7 +202,7 @@ def run_ablation(settings: AblationSettings, log=print) -> dict[str, Any]:
 def _lm_data(settings: AblationSettings, out: Path, log) -> Path:
     if settings.lm_data:
         return Path(settings.lm_data)
-    from ..train.data import prepare
+    from .data import prepare
 
     data = out / "data"
     if (data / "meta.json").is_file() and json.loads((data / "meta.json").read_text())["vocab_size"] == \
@@ -237,7 +238,7 @@ def _train_fields(settings: AblationSettings, task: str, config: JambaConfig, ru
 
 def _train_and_measure(cfg, settings: AblationSettings, task: str, name: str, config: JambaConfig) -> dict:
     from ..model import JambaForCausalLM
-    from ..train import train
+    from .trainer import train
 
     result = train(cfg)
     metrics = read_metrics(result.metrics_file)
