@@ -53,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     tokenizer = load_tokenizer(args.model)
-    ids = tokenizer.encode(args.prompt).ids
+    ids = tokenizer.encode(args.prompt)
     if not ids:
         if model.config.bos_token_id is None:
             raise SystemExit("the prompt encodes to no tokens and the config has no bos_token_id")
@@ -218,7 +218,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     for prompt in QUICKSTART_PROMPTS:
         print(f"--- prompt {prompt!r}")
         sys.stdout.write(prompt)
-        model.generate(torch.tensor([tokenizer.encode(prompt).ids]), max_new_tokens=args.sample_tokens,
+        model.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=args.sample_tokens,
                        do_sample=True, temperature=0.7, top_k=40, generator=generator,
                        streamer=TextStreamer(tokenizer))
     print(f"\nvalidation loss: {result.val_loss:.3f} nats/token" if result.val_loss is not None else "")
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(func=cmd_info)
 
-    gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with a tokenizer.json")
+    gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with its tokenizer")
     gen.add_argument("--model", type=Path, required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=100)
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.set_defaults(func=cmd_train)
 
     ev = verbs.add_parser("eval", help="perplexity and bits per byte on texts; lm-evaluation-harness tasks")
-    ev.add_argument("--model", type=Path, required=True, help="checkpoint directory with a tokenizer.json")
+    ev.add_argument("--model", type=Path, required=True, help="checkpoint directory with its tokenizer")
     ev.add_argument("paths", nargs="*", help="text files (one document each), .jsonl files (one per line) and "
                                              "directories of .txt/.text/.md/.jsonl files")
     ev.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")

@@ -312,7 +312,7 @@ def _atomic_write_bytes(file: Path, write) -> None:
 
 
 def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
-    """Write config.json and safetensors shards (per-expert layout), plus tokenizer.json when given."""
+    """Write config.json and safetensors shards (per-expert layout), plus the tokenizer's files when given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     named = list(hf_named_tensors(model))
@@ -333,4 +333,4 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB", 
                             lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     model.config.save_pretrained(path, dtype=str(model.dtype).removeprefix("torch."))
     if tokenizer is not None:
-        tokenizer.save(str(path / "tokenizer.json"))
+        tokenizer.save_pretrained(path)

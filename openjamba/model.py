@@ -429,7 +429,7 @@ class JambaForCausalLM(nn.Module):
         return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
-        """Write config.json and safetensors (per-expert layout, which transformers loads), and tokenizer.json."""
+        """Write config.json and safetensors (per-expert layout, which transformers loads), and the tokenizer."""
         from .hf import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)

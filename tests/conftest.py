@@ -108,6 +108,8 @@ def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320)
     """A small byte-level BPE tokenizer (any text encodes) with <pad>=0, <bos>=1, <eos>=2 as in BASE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from openjamba.tokenizer import Tokenizer as TextTokenizer
+
     corpus = corpus or ["the quick brown fox jumps over the lazy dog. hello world, hello there!\n"] * 20
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -115,4 +117,4 @@ def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320)
     tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return tokenizer
+    return TextTokenizer.from_backend(tokenizer)

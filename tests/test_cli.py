@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from openjamba.cli import main
+from openjamba.tokenizer import Tokenizer as TextTokenizer
 
 from .conftest import random_model
 
@@ -46,7 +47,7 @@ def test_generate_streams_from_a_checkpoint(tmp_path):
     tokenizer.train_from_iterator(["def f(x):\n    return x\n"] * 10, trainers.BpeTrainer(
         vocab_size=97, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = random_model(vocab_size=tokenizer.get_vocab_size())
-    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    model.save_pretrained(tmp_path, tokenizer=TextTokenizer.from_backend(tokenizer))
     for extra in ([], ["--kv-dtype", "bf16"]):
         out = subprocess.run(
             [sys.executable, "-m", "openjamba", "generate", "--model", str(tmp_path), "--prompt", "def f(",

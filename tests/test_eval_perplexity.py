@@ -30,7 +30,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return random_model(vocab_size=tokenizer.get_vocab_size())
+    return random_model(vocab_size=tokenizer.vocab_size)
 
 
 def direct_nll(model, seq: list[int]) -> float:
@@ -106,7 +106,7 @@ def test_score_spans_reports_greedy_and_rejects_empty_spans(model):
 def test_evaluate_texts_bits_per_byte_and_perplexity(model, tokenizer):
     result = evaluate_texts(model, tokenizer, TEXTS, context_length=64, stride=32, batch_size=2, progress=False)
     prefix = prefix_token_id(model.config)
-    docs = [tokenizer.encode(t, add_special_tokens=False).ids for t in TEXTS if t]
+    docs = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS if t]
     assert max(map(len, docs)) > 64  # the long text needs several windows; the others fit in one
     nll = sum(direct_nll(model, [prefix, *d]) for d in docs if len(d) <= 64)
     (long_nll, _), = document_nlls(model, [d for d in docs if len(d) > 64], prefix, 64, 32)

@@ -52,7 +52,7 @@ def continuation_logprob(model, context: list[int], continuation: list[int]) -> 
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def greedy_text(model, tokenizer, prompt: str, until: list[str]) -> str:
@@ -74,7 +74,7 @@ def greedy_text(model, tokenizer, prompt: str, until: list[str]) -> str:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     tokenizer = byte_level_tokenizer()
-    model = random_model(vocab_size=tokenizer.get_vocab_size())
+    model = random_model(vocab_size=tokenizer.vocab_size)
     model.save_pretrained(root / "ckpt", tokenizer=tokenizer)
     # a stop string the model really produces: the first letter inside any greedy continuation
     uncut = [greedy_text(model, tokenizer, d["prompt"], []) for d in GEN_DOCS]
@@ -175,7 +175,7 @@ def test_generate_until_kwargs_aliases_and_empty_context(env):
     bos = env["model"].config.bos_token_id
     out = env["model"].generate(torch.tensor([[bos]]), max_new_tokens=3)[0, 1:].tolist()
     assert first == lm._decode_generation(out).split("\n\n")[0]
-    assert len(env["tokenizer"].encode(second, add_special_tokens=False).ids) <= 2
+    assert len(env["tokenizer"].encode(second, add_special_tokens=False)) <= 2
 
 
 # ---------------------------------------------------------------------- construction and registration

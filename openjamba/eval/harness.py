@@ -110,7 +110,7 @@ class OpenJambaLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """No special tokens from the tokenizer's post-processor; BOS only when add_bos_token asks for it."""
-        ids = self.tokenizer.encode(string, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
         bos = self.model.config.bos_token_id
         if self.add_bos_token and add_special_tokens is not False and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]

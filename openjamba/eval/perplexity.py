@@ -210,7 +210,7 @@ def evaluate_texts(
     started = time.perf_counter()
     documents, num_bytes = [], 0
     for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if ids:
             documents.append(ids)
             num_bytes += len(text.encode("utf-8"))

@@ -29,6 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from ..tokenizer import Tokenizer as TextTokenizer
 from ..tokenizer import load_tokenizer
 
 FORMAT = "openjamba-tokens-v1"
@@ -166,11 +167,14 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool = Fals
     return tokenizer
 
 
-def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
-    """pad/bos/eos ids of a tokenizer, found by the names released tokenizers use (None when absent)."""
+def special_ids(tokenizer: TextTokenizer) -> dict[str, int | None]:
+    """pad/bos/eos ids of a tokenizer: its own when its config names them, else found by the names released
+    tokenizers use (None when absent)."""
     found: dict[str, int | None] = {}
     for key, names in SPECIAL_NAMES.items():
-        found[key] = next((tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None), None)
+        own = getattr(tokenizer, key.replace("_id", "_token_id"))
+        by_name = (tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None)
+        found[key] = own if own is not None else next(by_name, None)
     return found
 
 
@@ -238,15 +242,17 @@ def prepare(
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
     else:
-        tokenizer = train_tokenizer(read_documents(files, CorpusStats(), text_key), vocab_size, progress)
+        tokenizer = TextTokenizer.from_backend(
+            train_tokenizer(read_documents(files, CorpusStats(), text_key), vocab_size, progress))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         meta = _write_shards(files, tokenizer, tmp, val_fraction, text_key, shard_tokens, progress)
         meta["sources"] = sources
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        meta["fingerprint"] = _fingerprint(tmp / "tokenizer.json", meta)
+        saved = tokenizer.save_pretrained(tmp)
+        meta["tokenizer"] = "tokenizer.json" if "tokenizer.json" in saved else "tokenizer.model"
+        meta["fingerprint"] = _fingerprint(tmp / meta["tokenizer"], meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out)
     finally:
@@ -255,7 +261,7 @@ def prepare(
 
 
 def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, shard_tokens, progress) -> dict:
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = tokenizer.vocab_size
     ids = special_ids(tokenizer)
     dtype = token_dtype(vocab)
     stats = CorpusStats()
@@ -264,8 +270,8 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
     splitter = np.random.default_rng(0)
     # Small batches keep the progress bar (bytes read) close to the bytes actually tokenized.
     for batch in _batches(read_documents(files, stats, text_key, progress), 64):
-        for encoding in tokenizer.encode_batch(batch):
-            doc = np.asarray(encoding.ids + ([ids["eos_id"]] if ids["eos_id"] is not None else []), np.int64)
+        for encoded in tokenizer.encode_batch(batch):
+            doc = np.asarray(encoded + ([ids["eos_id"]] if ids["eos_id"] is not None else []), np.int64)
             if len(doc) == 0:
                 continue
             max_id = max(max_id, int(doc.max()))
@@ -280,7 +286,7 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
         writers["val"].write(writers["train"].take_tail(int(val_fraction * writers["train"].tokens)))
     return {
         "format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "max_token_id": max_id, **ids,
-        "tokenizer": "tokenizer.json", "files": stats.files, "documents": stats.documents, "bytes": stats.bytes,
+        "files": stats.files, "documents": stats.documents, "bytes": stats.bytes,
         "skipped": {"non_utf8": len(stats.non_utf8), "unreadable": len(stats.unreadable),
                     "bad_jsonl_lines": len(stats.bad_jsonl_lines)},
         "skipped_summary": stats.skipped_summary(),
@@ -346,7 +352,7 @@ class TokenData:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> TextTokenizer:
         return load_tokenizer(self.directory / self.meta["tokenizer"])
 
     def check_vocab(self, model_vocab_size: int) -> None:

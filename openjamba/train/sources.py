@@ -14,9 +14,9 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from ..synthetic.mqar import MQARConfig, mqar_batch
+from ..tokenizer import Tokenizer
 from .config import TASKS, TrainConfig
 from .data import BatchSampler, TokenData, eval_indices
 

@@ -1,0 +1,345 @@
+"""Chat templates and assistant output: render a checkpoint's Jinja template, parse what the model writes back.
+
+Rendering follows transformers' `apply_chat_template` (the tests compare them): the template runs in Jinja's
+immutable sandbox with `trim_blocks` and `lstrip_blocks`, sees `messages` (keys whose value is None dropped),
+`tools`, `documents`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...) and any extra
+keyword; it may call `raise_exception(msg)` and `strftime_now(fmt)`, and its `tojson` keeps non-ASCII text and
+takes `indent`, `separators` and `sort_keys`. Every failure is a `ChatTemplateError`.
+
+Output parsing. Which format a checkpoint writes is read from its chat template, then its vocabulary:
+- tool calls: `jamba` when `<tool_calls>` appears (Jamba 1.5-1.7 write
+  `<tool_calls>[{"name", "arguments"}, ...]</tool_calls>`), else `hermes` when `<tool_call>` appears (Jamba2 and
+  Reasoning 3B write one `<tool_call>{"name", "arguments"}</tool_call>` per call), else none;
+- thinking: when `<think>` appears. Text inside `<think>...</think>` at the start of the output is
+  `reasoning_content`; when the prompt itself ends inside `<think>` (`prompt_opens_reasoning`), the output starts in
+  reasoning and the first `</think>` closes it.
+Reasoning and content are stripped of surrounding whitespace. Text before the first tool-call tag is content; when
+the calls' JSON does not parse, the whole text stays content and there are no tool calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "jamba": ("<tool_calls>", "</tool_calls>")}
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that is missing, malformed, refused by the sandbox, or that raised an error itself."""
+
+
+# ---------------------------------------------------------------------- rendering
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters and ASCII-escapes text, which changes what the model reads.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _SafeNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, so a template cannot reach attributes of Python objects."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates may not set underscore names ({name!r})")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_SafeNamespace,
+                       dict=lambda *args, **kwargs: dict(*args, **kwargs))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template has a syntax error (line {e.lineno}): {e.message}") from None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like copy of what the template sees: no object with methods the sandbox does not know about."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, (str, int, float)):
+        return type(value).__mro__[-2](value) if not isinstance(value, bool) else bool(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if callable(getattr(value, "model_dump", None)):  # pydantic request models
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _messages_for_template(messages: list[dict]) -> list[dict]:
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ChatTemplateError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
+        message = {k: v for k, v in _plain(message).items() if v is not None}
+        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+        if reasoning is not None:  # templates read the reasoning under one name or another
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def select_template(tokenizer, tools: list[dict] | None = None, chat_template: str | None = None) -> str:
+    """The template to render: an explicit one (or the name of one), else "tool_use" when tools are given and the
+    checkpoint has it, else the default."""
+    templates = getattr(tokenizer, "chat_templates", {}) or {}
+    if chat_template is not None:
+        return templates.get(chat_template, chat_template)
+    if tools and "tool_use" in templates:
+        return templates["tool_use"]
+    if "default" in templates:
+        return templates["default"]
+    where = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+    if templates:
+        raise ChatTemplateError(f"{where} has several chat templates and none named 'default': {sorted(templates)}")
+    raise ChatTemplateError(f"{where} has no chat template (a base model such as Jamba-v0.1): chat needs an "
+                            "instruction-tuned checkpoint; plain completion (`openjamba generate`, /v1/completions) "
+                            "still works")
+
+
+def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
+                documents: list[dict] | None = None, add_generation_prompt: bool = True,
+                chat_template: str | None = None, **template_kwargs) -> str:
+    """The prompt text for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it."""
+    source = select_template(tokenizer, tools, chat_template)
+    if documents is not None and not all(isinstance(d, dict) for d in documents):
+        raise ChatTemplateError("documents must be a list of dicts (with 'title' and 'text')")
+    variables = {**getattr(tokenizer, "special_tokens", {}), **template_kwargs}
+    try:
+        return compile_template(source).render(
+            messages=_messages_for_template(messages), tools=_plain(tools), documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt, **_plain(variables))
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"the chat template tried an operation the sandbox forbids: {e}") from None
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template failed: {e}") from None
+
+
+def encode_chat(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    """Token ids of the rendered chat (no BOS added: the template writes its own special tokens)."""
+    return tokenizer.encode(render_chat(tokenizer, messages, **kwargs), add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------- output format
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a checkpoint writes tool calls ("hermes", "jamba" or None) and whether it may think in <think> tags."""
+
+    tool_calls: str | None = None
+    thinking: bool = False
+
+
+def output_format(source) -> OutputFormat:
+    """The output format of a Tokenizer (its template, then its vocabulary), a template string, an OutputFormat,
+    or a name: "hermes", "jamba", "hermes+think", "none"."""
+    if isinstance(source, OutputFormat):
+        return source
+    if isinstance(source, str) and source.split("+")[0] in ("hermes", "jamba", "none", "think"):
+        parts = source.split("+")
+        return OutputFormat(next((p for p in parts if p in TOOL_TAGS), None), "think" in parts)
+    if isinstance(source, str):
+        return _format_from_text(source, set())
+    templates = " ".join((getattr(source, "chat_templates", {}) or {}).values())
+    get_vocab = getattr(source, "get_vocab", None)
+    return _format_from_text(templates, set(get_vocab()) if get_vocab else set())
+
+
+def _format_from_text(text: str, vocab: set[str]) -> OutputFormat:
+    def has(tag):
+        return tag in text or tag in vocab
+
+    tools = "jamba" if has("<tool_calls>") else "hermes" if has("<tool_call>") else None
+    return OutputFormat(tools, has(THINK_OPEN))
+
+
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """Whether a rendered prompt ends inside an open <think> (so the output starts in reasoning)."""
+    tail = prompt.rstrip()
+    return tail.endswith(THINK_OPEN)
+
+
+# ---------------------------------------------------------------------- parsing
+@dataclass
+class AssistantOutput:
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)
+
+
+def parse_assistant_output(text: str, tokenizer_or_template_kind, *, started_in_reasoning: bool = False
+                           ) -> AssistantOutput:
+    """Split generated text into content, reasoning and OpenAI-shaped tool calls."""
+    parser = StreamingOutputParser(tokenizer_or_template_kind, started_in_reasoning=started_in_reasoning)
+    parser.feed(text)
+    return parser.finish()
+
+
+def _tool_call(name: str, arguments) -> dict:
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _call_from(obj) -> dict | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    return _tool_call(obj["name"], obj.get("arguments", obj.get("parameters")))
+
+
+def parse_tool_calls(text: str, kind: str) -> list[dict] | None:
+    """Tool calls in `text` (which starts at the first opening tag), or None when any of them does not parse."""
+    open_tag, close_tag = TOOL_TAGS[kind]
+    calls, rest = [], text
+    while True:
+        start = rest.find(open_tag)
+        if start < 0:
+            break
+        end = rest.find(close_tag, start)
+        body = rest[start + len(open_tag): end if end >= 0 else len(rest)]
+        rest = rest[end + len(close_tag):] if end >= 0 else ""
+        try:
+            parsed = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        items = parsed if kind == "jamba" and isinstance(parsed, list) else [parsed]
+        for item in items:
+            call = _call_from(item)
+            if call is None:
+                return None
+            calls.append(call)
+        if kind == "jamba":
+            break
+    return calls or None
+
+
+def _without_partial_tag(text: str, tag: str | None) -> str:
+    """`text` less a suffix that may be the start of `tag` (held back until more text shows what it is)."""
+    if tag:
+        for n in range(min(len(tag) - 1, len(text)), 0, -1):
+            if tag.startswith(text[-n:]):
+                return text[:-n]
+    return text
+
+
+def _split_output(text: str, fmt: OutputFormat, started_in_reasoning: bool, final: bool
+                  ) -> tuple[str, str, str | None, str]:
+    """(reasoning, content before any tool-call tag, tool-call text or None, all text after the reasoning).
+
+    With `final` False, only what no continuation of `text` can change: a possible partial tag and trailing
+    whitespace are left out, so each result is a prefix of the final one."""
+    rest, reasoning = text, ""
+    in_think = started_in_reasoning
+    if not in_think and fmt.thinking:
+        head = text.lstrip()
+        if head.startswith(THINK_OPEN):
+            in_think, rest = True, head[len(THINK_OPEN):]
+        elif not final and THINK_OPEN.startswith(head):
+            return "", "", None, ""  # may still become <think>
+    if in_think:
+        end = rest.find(THINK_CLOSE)
+        if end < 0:
+            return (rest if final else _without_partial_tag(rest, THINK_CLOSE)).strip(), "", None, ""
+        reasoning, rest = rest[:end].strip(), rest[end + len(THINK_CLOSE):]
+    tag = TOOL_TAGS[fmt.tool_calls][0] if fmt.tool_calls else None
+    start = rest.find(tag) if tag else -1
+    if start >= 0:
+        return reasoning, rest[:start].strip(), rest[start:], rest
+    body = rest if final else _without_partial_tag(rest, tag)
+    return reasoning, body.strip(), None, rest
+
+
+class StreamingOutputParser:
+    """Incremental `parse_assistant_output`. `feed(delta)` returns the new deltas ({"reasoning_content": ...} or
+    {"content": ...}) that no later text can change: text that may begin a tag, trailing whitespace and everything
+    from a tool-call tag on are held back. `flush()` returns the deltas still held (at the end of generation;
+    tool-call text that does not parse comes out as content), `finish()` the whole `AssistantOutput`. The deltas
+    concatenated equal the one-shot parse's reasoning and content."""
+
+    def __init__(self, tokenizer_or_template_kind, *, started_in_reasoning: bool = False) -> None:
+        self.format = output_format(tokenizer_or_template_kind)
+        self.started_in_reasoning = started_in_reasoning
+        self.text = ""
+        self.sent = {"reasoning_content": "", "content": ""}
+        self.result: AssistantOutput | None = None
+
+    def feed(self, delta: str) -> list[dict]:
+        if self.result is not None:
+            raise RuntimeError("feed() after flush() or finish(): the output is complete")
+        self.text += delta
+        reasoning, content, _, _ = _split_output(self.text, self.format, self.started_in_reasoning, final=False)
+        return self._deltas(reasoning, content)
+
+    def _deltas(self, reasoning: str, content: str) -> list[dict]:
+        deltas = []
+        for key, value in (("reasoning_content", reasoning), ("content", content)):
+            sent = self.sent[key]
+            if len(value) > len(sent):
+                assert value.startswith(sent), "a streamed delta was revised"
+                deltas.append({key: value[len(sent):]})
+                self.sent[key] = value
+        return deltas
+
+    def flush(self) -> list[dict]:
+        if self.result is not None:
+            return []
+        reasoning, content, tool_text, after = _split_output(self.text, self.format, self.started_in_reasoning,
+                                                            final=True)
+        calls = parse_tool_calls(tool_text, self.format.tool_calls) if tool_text is not None else None
+        if tool_text is not None and calls is None:
+            content = after.strip()  # malformed tool calls stay text
+        self.result = AssistantOutput(content or None, reasoning or None, calls or [])
+        return self._deltas(reasoning, content)
+
+    def finish(self) -> AssistantOutput:
+        self.flush()
+        return self.result
