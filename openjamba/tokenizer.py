@@ -14,8 +14,8 @@ directory (the tests hold it to that):
 - Special tokens come from `tokenizer_config.json` (`added_tokens_decoder`, `bos_token`... and
   `additional_special_tokens`), or `special_tokens_map.json`. BOS/EOS insertion: a `tokenizer.json`'s
   post-processor (its `add_bos_token` in the config is ignored, as transformers ignores it); for a SentencePiece
-  model, `add_bos_token` / `add_eos_token` (default: neither). The stop ids from `generation_config.json` (Jamba 1.5: `[2, 518]`), then
-  `config.json`, then the EOS token.
+  model, `add_bos_token` / `add_eos_token` (default: neither). The stop ids from `generation_config.json`
+  (Jamba 1.5: `[2, 518]`), then `config.json`, then the EOS token.
 - The chat template from `chat_template.jinja`, else `tokenizer_config.json` (`chat_template`: a string, or a list of
   `{"name", "template"}` of which "default" is used and "tool_use" when tools are given).
 """

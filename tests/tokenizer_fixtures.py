@@ -128,8 +128,9 @@ For each call, write <tool_call>{"name": <function-name>, "arguments": <args-jso
 {% endif %}
 {{ message.content or '' }}
 {% for call in message.tool_calls or [] %}
+{% set args = call.function.arguments %}
 <tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments if call.function.arguments is string else call.function.arguments | tojson }}}
+{"name": "{{ call.function.name }}", "arguments": {{ args if args is string else args | tojson }}}
 </tool_call>
 {% endfor %}
 <|im_end|>
@@ -149,7 +150,9 @@ For each call, write <tool_call>{"name": <function-name>, "arguments": <args-jso
 
 JAMBA15_TEMPLATE = """{{ bos_token }}
 {% set ns = namespace(system='You are a helpful assistant.') %}
-{% for message in messages %}{% if message.role == 'system' %}{% set ns.system = message.content %}{% endif %}{% endfor %}
+{% for message in messages %}
+{% if message.role == 'system' %}{% set ns.system = message.content %}{% endif %}
+{% endfor %}
 <|bom|><|system|> {{ ns.system }}
 {% if tools %}
 <tool_definitions>{{ tools | map(attribute='function') | list | tojson(indent=2) }}</tool_definitions>
@@ -168,7 +171,11 @@ JAMBA15_TEMPLATE = """{{ bos_token }}
 <|bom|><|user|> {{ message.content }}<|eom|>
 {% elif message.role == 'assistant' %}
 <|bom|><|assistant|>{% if message.content %} {{ message.content }}{% endif %}
-{% if message.tool_calls %}<tool_calls>[{% for call in message.tool_calls %}{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments }}}{{ ", " if not loop.last }}{% endfor %}]</tool_calls>{% endif %}
+{% if message.tool_calls %}<tool_calls>[
+{% for call in message.tool_calls %}
+{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments }}}{{ ", " if not loop.last }}
+{% endfor %}
+]</tool_calls>{% endif %}
 <|eom|>
 {% elif message.role == 'tool' %}
 <|bom|><|tool|> {{ message.content }}<|eom|>
