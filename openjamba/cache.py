@@ -3,10 +3,18 @@
 A Mamba layer's state is a constant size whatever the context length (conv window (B, K-1, inner) in the model
 dtype, SSM state (B, inner, N) in fp32); only the few attention layers hold per-token K/V. That asymmetry is
 Jamba's memory advantage, and `nbytes()` makes it visible.
+
+Rows of different lengths (a serving batch: requests admitted mid-flight) share one column axis for the K/V:
+every row ends at column `seq_len` and a shorter row's columns before its first token are masked out in
+`key_mask`. Jamba's attention sees no positions, so where a key sits does not matter, only whether it is valid;
+a batch whose rows all have the same length has no `key_mask` and runs on the unmasked fast paths. Rows join with
+`add_rows` and leave with `remove_rows`, and one row's exact state is copied out with `row_state` (a `RowState`)
+and back into a fresh cache with `HybridCache.from_row_state`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +38,10 @@ class MambaState:
     def reorder(self, index: torch.Tensor) -> None:
         self.conv = self.conv.index_select(0, index.to(self.conv.device))
         self.ssm = self.ssm.index_select(0, index.to(self.ssm.device))
+
+    def concat_rows(self, other: MambaState) -> None:
+        self.conv = torch.cat([self.conv, other.conv.to(self.conv)])
+        self.ssm = torch.cat([self.ssm, other.ssm.to(self.ssm)])
 
 
 class KVCache:
@@ -62,6 +74,26 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         self.k = self.k.index_select(0, index.to(self.k.device))
         self.v = self.v.index_select(0, index.to(self.v.device))
+
+    def concat_rows(self, other: KVCache, used: int, other_used: int, columns: int) -> None:
+        """Append other's rows; both sides' used columns end at `columns` (the shorter side padded on the left)."""
+        capacity = max(columns, self.k.shape[2] - used + columns)  # this side's headroom is kept
+        if self.static:
+            if columns > self.k.shape[2]:
+                raise ValueError(f"cache is full: {columns} tokens exceed its max_length of {self.k.shape[2]}")
+            capacity = self.k.shape[2]
+        rows = self.k.shape[0]
+        for name in ("k", "v"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            joined = mine.new_zeros(rows + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+            joined[:rows, :, columns - used:columns] = mine[:, :, :used]
+            joined[rows:, :, columns - other_used:columns] = theirs[:, :, :other_used]
+            setattr(self, name, joined)
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first `columns` columns (masked in every row), giving their memory back."""
+        self.k = self.k[:, :, columns:].contiguous()
+        self.v = self.v[:, :, columns:].contiguous()
 
 
 class HybridCache:
@@ -128,3 +160,150 @@ class HybridCache:
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index.to(self.key_mask.device))
         self.batch_size = int(index.numel())
+
+    # ------------------------------------------------------------------ rows joining and leaving (serving)
+    def row_lengths(self) -> list[int]:
+        """Tokens held by each row (its valid keys). Reads the key mask back to the host when there is one."""
+        if self.key_mask is None:
+            return [self.seq_len] * self.batch_size
+        return self.key_mask[:, : self.seq_len].sum(1).tolist()
+
+    def add_rows(self, other: HybridCache) -> None:
+        """Append `other`'s rows after this cache's rows, each keeping its own length (a request joining a batch).
+
+        Both sides' columns are aligned at their ends; the shorter side's missing columns are masked out.
+        """
+        if len(other.layers) != len(self.layers):
+            raise ValueError("add_rows: the caches belong to different models")
+        columns = max(self.seq_len, other.seq_len)
+        if self.max_length is not None and columns > self.max_length:
+            raise ValueError(f"cache is full: {columns} tokens exceed its max_length of {self.max_length}")
+        for mine, theirs in zip(self.layers, other.layers):
+            if isinstance(mine, KVCache):
+                mine.concat_rows(theirs, self.seq_len, other.seq_len, columns)
+            else:
+                mine.concat_rows(theirs)
+        if self.key_mask is None and other.key_mask is None and self.seq_len == other.seq_len:
+            self.key_mask = None
+        else:
+            self.key_mask = torch.cat([self._key_mask_at(columns), other._key_mask_at(columns)])
+        self.seq_len = columns
+        self.batch_size += other.batch_size
+
+    def _key_mask_at(self, columns: int) -> torch.Tensor:
+        """This cache's key validity (B, columns), padded with invalid columns on the left."""
+        device = self.layers[0].tensors()[0].device
+        mask = torch.zeros(self.batch_size, columns, dtype=torch.bool, device=device)
+        valid = self.key_mask[:, : self.seq_len] if self.key_mask is not None else True
+        mask[:, columns - self.seq_len:] = valid
+        return mask
+
+    def remove_rows(self, rows: list[int]) -> None:
+        """Drop rows (finished or cancelled requests); columns no remaining row uses are freed."""
+        drop = set(rows)
+        self.reorder([i for i in range(self.batch_size) if i not in drop])
+        if self.key_mask is None or self.max_length is not None:
+            return
+        used = self.key_mask[:, : self.seq_len].any(0)  # (columns,)
+        first = int(used.int().argmax()) if bool(used.any()) else self.seq_len
+        if first > 0:
+            for layer in self.layers:
+                if isinstance(layer, KVCache):
+                    layer.drop_leading(first)
+            self.key_mask = self.key_mask[:, first: self.seq_len]
+            self.seq_len -= first
+        if bool(self.key_mask.all()):
+            self.key_mask = None  # every row has the same length again: back on the unmasked paths
+
+    def row_state(self, row: int, logits: torch.Tensor | None = None) -> RowState:
+        """A copy of one row's exact state: its valid K/V per attention layer, conv and SSM state per Mamba layer.
+
+        `logits` (V,), the next-token logits after the row's last token, travel with it so that a request whose
+        tokens equal the state's can start sampling without a forward.
+        """
+        valid = self.key_mask[row, : self.seq_len] if self.key_mask is not None else None
+        tensors = []
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                k, v = layer.k[row, :, : self.seq_len], layer.v[row, :, : self.seq_len]  # (kv_heads, columns, hd)
+                if valid is not None:
+                    k, v = k[:, valid], v[:, valid]
+                tensors.append((k.clone(), v.clone()))
+            else:
+                tensors.append((layer.conv[row].clone(), layer.ssm[row].clone()))
+        length = self.seq_len if valid is None else int(valid.sum())
+        return RowState(length, tensors, logits.detach().clone() if logits is not None else None)
+
+    @classmethod
+    def from_row_state(
+        cls, model: JambaForCausalLM, state: RowState, kv_dtype: torch.dtype | None = None
+    ) -> HybridCache:
+        """A one-row cache holding `state` exactly, ready to continue (or to join a batch with `add_rows`)."""
+        state.check(model)
+        cache = cls(model, 1, kv_dtype=kv_dtype)
+        for layer, (a, b) in zip(cache.layers, state.layers):
+            if isinstance(layer, KVCache):
+                layer.k, layer.v = a[None].to(layer.k), b[None].to(layer.v)  # (1, kv_heads, length, hd)
+            else:
+                layer.conv.copy_(a[None])
+                layer.ssm.copy_(b[None])
+        cache.seq_len = state.length
+        return cache
+
+
+@dataclass
+class RowState:
+    """One sequence's exact state after `length` tokens (a snapshot): per layer (K, V) (kv_heads, length, hd) for
+    attention or (conv window, SSM state) for Mamba, and the next-token logits (V,) when known."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [t for pair in self.layers for t in pair] + ([self.logits] if self.logits is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors (safetensors-serialisable): `layers.{i}.k`/`.v` or `.conv`/`.ssm`, `logits`, `length`."""
+        out = {"length": torch.tensor([self.length], dtype=torch.int64)}
+        for i, (a, b) in enumerate(self.layers):
+            names = ("k", "v") if a.dim() == 3 else ("conv", "ssm")
+            out[f"layers.{i}.{names[0]}"], out[f"layers.{i}.{names[1]}"] = a.contiguous(), b.contiguous()
+        if self.logits is not None:
+            out["logits"] = self.logits.contiguous()
+        return out
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor], model: JambaForCausalLM) -> RowState:
+        """The inverse of `to_dict`, checked against the model's layer plan and shapes (a clear ValueError if not)."""
+        if "length" not in tensors or tensors["length"].numel() != 1:
+            raise ValueError("state has no 'length' entry: not an openjamba state")
+        layers = []
+        for i, layer in enumerate(model.model.layers):
+            names = ("k", "v") if layer.is_attention else ("conv", "ssm")
+            keys = [f"layers.{i}.{name}" for name in names]
+            missing = [key for key in keys if key not in tensors]
+            if missing:
+                raise ValueError(f"state lacks {', '.join(missing)}: it was saved for another model")
+            layers.append((tensors[keys[0]], tensors[keys[1]]))
+        state = cls(int(tensors["length"].item()), layers, tensors.get("logits"))
+        state.check(model)
+        return state
+
+    def check(self, model: JambaForCausalLM) -> None:
+        """ValueError unless the shapes fit the model (a state from another model or a damaged file)."""
+        config = model.config
+        if len(self.layers) != len(model.model.layers):
+            raise ValueError(f"state has {len(self.layers)} layers; the model has {len(model.model.layers)}")
+        for i, (layer, (a, b)) in enumerate(zip(model.model.layers, self.layers)):
+            if layer.is_attention:
+                want = [(config.num_key_value_heads, self.length, config.head_dim)] * 2
+            else:
+                want = [(config.mamba_d_conv - 1, config.mamba_inner_size),
+                        (config.mamba_inner_size, config.mamba_d_state)]
+            got = [tuple(a.shape), tuple(b.shape)]
+            if got != want:
+                raise ValueError(f"state layer {i} has shapes {got}; the model expects {want}")
+        if self.logits is not None and tuple(self.logits.shape) != (config.vocab_size,):
+            raise ValueError(f"state logits have shape {tuple(self.logits.shape)}; expected ({config.vocab_size},)")

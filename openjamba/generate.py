@@ -1,5 +1,8 @@
 """Generation: chunked prefill into a hybrid cache, then one token at a time, with greedy or sampled decoding.
 
+The inference core is `prefill` (a prompt into a cache) and `decode_step` (one token per row); `generate`, the
+benchmark and the serving engine (serve/engine.py) are built on them.
+
 Only last-position logits are computed, and a long prompt is prefilled in chunks, so memory stays bounded by
 the weights, the attention K/V and one chunk's activations whatever the prompt length.
 """
@@ -127,6 +130,12 @@ def prefill(
 
 
 @torch.no_grad()
+def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Feed one token per row (B,) into `cache`; the next-token logits (B, V). Rows may differ in length."""
+    return model(tokens[:, None].to(model.device), cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -187,7 +196,7 @@ def generate(
             unfinished &= ~should_stop(torch.stack(new_tokens, dim=1)).to(device)
         if not bool(unfinished.any()) or step == max_new_tokens - 1:
             break
-        logits = model(next_tokens[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = decode_step(model, next_tokens, cache)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

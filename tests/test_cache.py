@@ -126,3 +126,84 @@ def test_bad_mask_shape_is_a_clear_error():
     model = random_model()
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------- rows of their own lengths (serving)
+def _prefilled(model, ids: torch.Tensor):
+    """A one-row cache holding `ids` (T,), and the logits after it (1, V)."""
+    from openjamba.generate import prefill
+
+    cache = model.make_cache(1)
+    return cache, prefill(model, ids[None], cache, chunk_size=5)
+
+
+@torch.no_grad()
+def test_rows_of_different_lengths_joining_and_leaving_equal_each_row_alone(config_name):
+    """Rows join a running batch and leave it mid-decode; every step's logits equal each row decoded alone."""
+    from openjamba.generate import decode_step
+
+    model = random_model(config_name)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=gen) for n in (9, 3, 14, 6)]
+    feeds = torch.randint(3, model.config.vocab_size, (4, 8), generator=gen)  # the tokens each row is fed
+    expected = []  # per row, the logits after each fed token, computed alone
+    for prompt, feed in zip(prompts, feeds):
+        cache, _ = _prefilled(model, prompt)
+        expected.append([decode_step(model, feed[t:t + 1], cache)[0] for t in range(8)])
+
+    batch, rows, fed = None, [], {}
+    joins = {0: [0, 1], 2: [2], 3: [3]}  # step -> rows that join before it
+    leaves = {3: [1], 5: [0, 2]}  # step -> rows that leave before it
+    for step in range(8):
+        for r in leaves.get(step, []):
+            batch.remove_rows([rows.index(r)])
+            rows.remove(r)
+        for r in joins.get(step, []):
+            cache, _ = _prefilled(model, prompts[r])
+            if batch is None:
+                batch = cache
+            else:
+                batch.add_rows(cache)
+            rows.append(r)
+            fed[r] = 0
+        tokens = torch.stack([feeds[r, fed[r]] for r in rows])
+        logits = decode_step(model, tokens, batch)
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(logits[i], expected[r][fed[r]], atol=ATOL, rtol=0)
+            fed[r] += 1
+        assert batch.row_lengths() == [len(prompts[r]) + fed[r] for r in rows]
+    assert rows == [3] and batch.key_mask is None  # one row left: back on the unmasked path
+    assert batch.seq_len == len(prompts[3]) + fed[3]  # the columns of departed rows were freed
+
+
+@torch.no_grad()
+def test_row_state_restores_exactly_and_continues_as_one_full_forward(config_name):
+    from openjamba.cache import HybridCache, RowState
+    from openjamba.generate import decode_step
+
+    model = random_model(config_name)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, model.config.vocab_size, (20,), generator=gen)
+    other = torch.randint(3, model.config.vocab_size, (13,), generator=gen)
+    full = model(ids[None]).logits[0]  # (20, V)
+    # The row's state copied out of a mixed-length batch at 12 tokens, then restored and continued.
+    batch, logits = _prefilled(model, ids[:12])
+    second, _ = _prefilled(model, other)
+    second.add_rows(batch)  # the row of interest is row 1, padded on the left
+    state = second.row_state(1, logits[0])
+    assert state.length == 12
+    torch.testing.assert_close(state.logits, full[11], atol=ATOL, rtol=0)
+    assert state.nbytes() == sum(t.nbytes for t in state.to_dict().values()) - 8  # all but the int64 length
+    state = RowState.from_dict(state.to_dict(), model)  # through the serialisable form
+    restored = HybridCache.from_row_state(model, state)
+    steps = [decode_step(model, ids[t:t + 1], restored)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.stack(steps), full[12:], atol=ATOL, rtol=0)
+
+
+def test_row_state_from_another_model_is_a_clear_error():
+    from openjamba.cache import RowState
+
+    small, other = random_model(), random_model("moe-period3-two-attention")
+    cache, logits = _prefilled(small, torch.arange(3, 9))
+    with pytest.raises(ValueError, match="another model|layers"):
+        RowState.from_dict(cache.row_state(0, logits[0]).to_dict(), other)
