@@ -1,0 +1,487 @@
+"""The serving engine: one loop in a background thread batching every running request into one decode step.
+
+Each iteration of the loop
+  1. applies cancellations (a cancelled row leaves the batch at once, its memory freed),
+  2. admits waiting requests while fewer than `max_running` are in flight, each starting from the longest stored
+     state its prompt extends (serve/state_store.py) on a one-row cache of its own,
+  3. prefills admitted prompts, oldest first, at most `prefill_chunk` tokens per iteration in all (and no more
+     than `step_token_budget` less one per running row), so a long prompt delays the running streams by one chunk
+     per step, not by its whole length; a prompt whose prefill is done samples its first token and its row joins
+     the running batch (`HybridCache.add_rows`: rows keep their own lengths),
+  4. runs one decode step for all running rows, samples each row with its own parameters and generator, and
+     retires the rows that finished.
+
+Events go to each request's `on_event` callback, called from the engine thread: a `TokenEvent` per generated
+token (a finishing stop token included), then one `FinishEvent`. A failure inside a step finishes the requests it
+touched with reason "error" and the loop goes on.
+
+Sampling is per row: a request's `torch.Generator` (seeded from `seed`, else random) is used only for its own
+tokens, so a seeded request samples the same tokens whatever else runs. Rows of one batch are computed together,
+and a batched matmul rounds differently in the last bits from a one-row one (fp32 CPU BLAS, ~1e-6 relative), so
+the logits of a row equal its solo logits to rounding, not bitwise: greedy tokens are the same unless two
+candidates tie to within that rounding.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import HybridCache, RowState
+from ..generate import decode_step, prefill, sample_next
+from .state_store import StateStore
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+
+
+@dataclass
+class FinishEvent:
+    request_id: int
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class EngineFull(Exception):
+    """The waiting queue is full: try again after `retry_after` seconds (a server answers 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    submitted: float
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    cache: HybridCache | None = None  # its own one-row cache while prefilling
+    prefilled: int = 0  # prompt tokens in `cache`
+    boundary: int = 0  # a prompt position to keep the state at (where it departs from a stored sequence)
+    logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        *,
+        max_running: int = 32,
+        max_waiting: int = 256,
+        prefill_chunk: int = 512,
+        step_token_budget: int | None = None,
+        reuse: bool = True,
+        store_bytes: int = 1 << 30,
+        max_context: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """`step_token_budget` (default prefill_chunk + max_running): tokens one iteration may process, decode rows
+        included (prefill gets the rest, at most `prefill_chunk`, at least 1). `store_bytes`: the state store's
+        bound. `max_context`: the limit of prompt + max_tokens (default the config's max_position_embeddings).
+        `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s."""
+        for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.model = model
+        self.config = model.config
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.step_token_budget = step_token_budget if step_token_budget is not None else prefill_chunk + max_running
+        self.reuse = reuse
+        self.store = StateStore(store_bytes)
+        self.max_context = max_context if max_context is not None else self.config.max_position_embeddings
+        self.eos_token_ids = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.kv_dtype = kv_dtype
+
+        self._lock = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._cancels: set[int] = set()
+        self._next_id = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Owned by the engine thread:
+        self._prefilling: list[_Request] = []
+        self._running: list[_Request] = []  # row i of self._batch is self._running[i]
+        self._batch: HybridCache | None = None
+        self._counters = dict(generated_tokens_total=0, prompt_tokens_total=0, cached_prompt_tokens_total=0,
+                              queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
+                              requests_failed_total=0, steps_total=0)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="openjamba-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; requests still in flight finish with reason "cancelled"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:
+            self._shutdown()
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ the API the server and chat call
+    def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> int:
+        """Queue a request; its events go to `on_event` (from the engine thread). Returns its id.
+
+        ValueError for bad input, EngineFull when the waiting queue is full."""
+        prompt = self._check(prompt, params)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests)", retry_after=1.0)
+            request = _Request(self._next_id, prompt, params, on_event, time.monotonic())
+            self._next_id += 1
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Finish a request with reason "cancelled"; its row leaves the batch before the next step."""
+        with self._lock:
+            self._cancels.add(request_id)
+            self._lock.notify_all()
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
+        """Submit and yield its events as they come, in the caller's thread (the terminal chat); closing the
+        iterator early cancels the request."""
+        events: queue.Queue[Event] = queue.Queue()
+        request_id = self.submit(prompt, params, events.put)
+        finished = False
+        try:
+            while not finished:
+                event = events.get()
+                finished = isinstance(event, FinishEvent)
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            waiting = len(self._waiting)
+        return dict(running=len(self._running), prefilling=len(self._prefilling), waiting=waiting,
+                    **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
+                    store_max_bytes=self.store.max_bytes, batch_cache_bytes=self._batch.nbytes() if self._batch else 0)
+
+    def export_state(self, tokens: list[int]) -> dict[str, torch.Tensor] | None:
+        """The state exactly after `tokens` (safetensors-serialisable), or None if no stored state is a prefix of
+        them. A stored prefix is extended to all of `tokens` here, in the caller's thread."""
+        if not tokens:
+            return None
+        found = self.store.lookup(tokens)
+        if found.state is None:
+            return None
+        state = found.state
+        if found.length < len(tokens):
+            with torch.no_grad():
+                cache = HybridCache.from_row_state(self.model, state, kv_dtype=self.kv_dtype)
+                rest = torch.tensor(tokens[found.length:], dtype=torch.long)[None]
+                logits = prefill(self.model, rest, cache, self.prefill_chunk)
+                state = cache.row_state(0, logits[0])
+            self.store.put(tokens, state)
+        return state.to_dict()
+
+    def import_state(self, tokens: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Store a state saved by `export_state` for `tokens`: a later request extending them starts from it."""
+        row = RowState.from_dict(state, self.model)
+        if row.length != len(tokens):
+            raise ValueError(f"the state covers {row.length} tokens, not the {len(tokens)} given")
+        if row.logits is None:
+            raise ValueError("the state has no logits: not saved by export_state")
+        self.store.put(list(tokens), row)
+
+    # ------------------------------------------------------------------ input checks
+    def _check(self, prompt, params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("the prompt must be a non-empty list of token ids")
+        vocab = self.config.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"token id {t!r} is not in the vocabulary (0..{vocab - 1})")
+        p = params
+        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+        if len(prompt) + p.max_tokens > self.max_context:
+            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {p.max_tokens} exceed the "
+                             f"context of {self.max_context} tokens")
+        if not p.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+        if not isinstance(p.top_k, int) or p.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {p.top_k!r}")
+        if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {p.logprobs!r}")
+        if p.seed is not None and not isinstance(p.seed, int):
+            raise ValueError(f"seed must be an integer, got {p.seed!r}")
+        if any(not isinstance(t, int) for t in p.stop_token_ids):
+            raise ValueError("stop_token_ids must be integers")
+        return list(prompt)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._has_work():
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    cancels, self._cancels = self._cancels, set()
+                try:
+                    self._apply_cancels(cancels)
+                    self._admit()
+                    self._prefill_some()
+                    self._decode()
+                except Exception as err:  # noqa: BLE001 - a failure outside a step: fail what is in flight, go on
+                    requests = self._prefilling + self._running
+                    self._prefilling, self._running, self._batch = [], [], None
+                    self._fail(requests, err)
+            self._shutdown()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running or self._cancels)
+
+    def _apply_cancels(self, ids: set[int]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            queued = [r for r in self._waiting if r.id in ids]
+            for request in queued:
+                self._waiting.remove(request)
+        for request in queued + [r for r in self._prefilling if r.id in ids]:
+            if request in self._prefilling:
+                self._prefilling.remove(request)
+            self._finish(request, "cancelled")
+        rows = [i for i, r in enumerate(self._running) if r.id in ids]
+        cancelled = [self._running[i] for i in rows]
+        self._remove_rows(rows)
+        for request in cancelled:
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        while len(self._prefilling) + len(self._running) < self.max_running:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            self._counters["queue_time_seconds_sum"] += time.monotonic() - request.submitted
+            self._counters["queue_time_seconds_count"] += 1
+            try:
+                self._start(request)
+            except Exception as err:  # noqa: BLE001 - reported to the request, the engine goes on
+                self._fail([request], err)
+                continue
+            self._prefilling.append(request)
+
+    def _start(self, request: _Request) -> None:
+        """Its generator, and its one-row cache: from the longest stored state its prompt extends, or empty."""
+        p = request.params
+        if p.temperature > 0:
+            request.generator = torch.Generator(device=self.model.device)
+            request.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        self._counters["prompt_tokens_total"] += len(request.prompt)
+        found = self.store.lookup(request.prompt) if self.reuse else None
+        if found is not None and found.state is not None:
+            request.cache = HybridCache.from_row_state(self.model, found.state, kv_dtype=self.kv_dtype)
+            request.prefilled = request.cached_tokens = found.length
+            request.logits = found.state.logits[None] if found.state.logits is not None else None
+            self._counters["cached_prompt_tokens_total"] += found.length
+        else:
+            request.cache = self.model.make_cache(1, kv_dtype=self.kv_dtype)
+        if found is not None and request.prefilled < found.shared < len(request.prompt):
+            request.boundary = found.shared  # keep the state where this prompt departs from a stored one
+
+    def _prefill_some(self) -> None:
+        """Prefill chunks, oldest request first, within this iteration's token budget; move finished prefills on."""
+        budget = min(self.prefill_chunk, max(self.step_token_budget - len(self._running), 1))
+        for request in list(self._prefilling):
+            try:
+                while budget > 0 and request.prefilled < len(request.prompt):
+                    end = min(request.prefilled + self.prefill_chunk, request.prefilled + budget, len(request.prompt))
+                    if request.prefilled < request.boundary < end:
+                        end = request.boundary
+                    ids = torch.tensor(request.prompt[request.prefilled:end], dtype=torch.long)[None]
+                    request.logits = prefill(self.model, ids, request.cache, chunk_size=end - request.prefilled)
+                    budget -= end - request.prefilled
+                    request.prefilled = end
+                    if end == request.boundary or end == len(request.prompt):
+                        self._keep(request.prompt[:end], request.cache, 0, request.logits[0])
+                if request.prefilled == len(request.prompt):
+                    self._prefilling.remove(request)
+                    self._first_token(request)
+            except Exception as err:  # noqa: BLE001
+                if request in self._prefilling:
+                    self._prefilling.remove(request)
+                self._fail([request], err)
+            if budget <= 0:
+                return
+
+    def _first_token(self, request: _Request) -> None:
+        """Sample from the prompt's logits; unless that finishes it, its row joins the running batch."""
+        token = self._sample([request], request.logits)[0]
+        cache, request.cache, request.logits = request.cache, None, None
+        reason = self._emit(request, token)
+        if reason is not None:
+            self._finish(request, reason)
+            return
+        if self._batch is None:
+            self._batch = cache
+        else:
+            self._batch.add_rows(cache)
+        self._running.append(request)
+
+    def _decode(self) -> None:
+        if not self._running:
+            return
+        rows = self._running
+        try:
+            tokens = torch.tensor([r.output[-1] for r in rows], dtype=torch.long)
+            logits = decode_step(self.model, tokens, self._batch)
+            self._counters["steps_total"] += 1
+            sampled = self._sample(rows, logits)
+        except Exception as err:  # noqa: BLE001 - the batch's state is unknown now: every row fails
+            self._running, self._batch = [], None
+            self._fail(rows, err)
+            return
+        done = {}
+        for i, (request, token) in enumerate(zip(rows, sampled)):
+            reason = self._emit(request, token)
+            if reason is not None:  # keep the state after prompt + output[:-1], which is row i now
+                self._keep(request.prompt + request.output[:-1], self._batch, i, logits[i])
+                done[i] = reason
+        self._remove_rows(list(done))  # before the finish events: a finished request holds no memory
+        for i, reason in done.items():
+            self._finish(rows[i], reason)
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        keep = set(range(len(self._running))) - set(rows)
+        self._running = [r for i, r in enumerate(self._running) if i in keep]
+        if not self._running:
+            self._batch = None
+        else:
+            self._batch.remove_rows(rows)
+
+    # ------------------------------------------------------------------ sampling and events
+    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> list[tuple[int, float | None, list | None]]:
+        """One (token, logprob, top logprobs) per row of logits (B, V); greedy rows in one argmax."""
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for i, request in enumerate(requests):
+            p = request.params
+            if p.temperature > 0:
+                token = int(sample_next(logits[i:i + 1], True, p.temperature, p.top_k or None,
+                                        p.top_p if p.top_p < 1 else None, request.generator)[0])
+            else:
+                token = greedy[i]
+            logprob = top = None
+            if p.logprobs is not None:
+                logprobs = torch.log_softmax(logits[i].float(), dim=-1)
+                logprob = float(logprobs[token])
+                values, ids = logprobs.topk(min(p.logprobs, logprobs.shape[0]))
+                top = list(zip(ids.tolist(), values.tolist()))
+            out.append((token, logprob, top))
+        return out
+
+    def _emit(self, request: _Request, sampled: tuple) -> str | None:
+        """Send a token; the finish reason if the request is done with it, else None."""
+        token, logprob, top = sampled
+        request.output.append(token)
+        self._counters["generated_tokens_total"] += 1
+        self._send(request, TokenEvent(request.id, token, logprob, top))
+        p = request.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(request.output) >= p.max_tokens:
+            return "length"
+        return None
+
+    def _keep(self, tokens: list[int], cache: HybridCache, row: int, logits: torch.Tensor) -> None:
+        if self.reuse:
+            self.store.put(tokens, cache.row_state(row, logits))
+
+    def _send(self, request: _Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine: drop its request
+            if isinstance(event, TokenEvent):
+                self.cancel(request.id)
+
+    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+        request.cache = request.logits = None
+        self._counters["requests_finished_total"] += 1
+        self._send(request, FinishEvent(request.id, reason, len(request.prompt), len(request.output),
+                                        request.cached_tokens, error))
+
+    def _fail(self, requests: list[_Request], err: Exception) -> None:
+        message = f"{type(err).__name__}: {err}"
+        traceback.print_exception(err)  # for the operator's log; the client gets the one-line message
+        self._counters["requests_failed_total"] += len(requests)
+        for request in requests:
+            self._finish(request, "error", message)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            pending = list(self._waiting)
+            self._waiting.clear()
+        for request in pending + self._prefilling + self._running:
+            self._finish(request, "cancelled", "the engine stopped")
+        self._prefilling, self._running, self._batch = [], [], None

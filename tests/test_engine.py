@@ -1,0 +1,296 @@
+"""The serving engine against `generate` and against itself run alone: batching, reuse, cancel, admission, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from openjamba.serve.engine import Engine, EngineFull, FinishEvent, SamplingParams, TokenEvent
+
+from .conftest import random_model
+
+TIMEOUT = 60  # seconds any test waits for the engine (a hang fails instead of blocking the suite)
+
+
+class Collector:
+    """Events of many requests, in the order the engine sent them."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[str, int]] = []  # ("token" | "finish", request id) and marks added by tests
+        self.tokens: dict[int, list[int]] = {}
+        self.finish: dict[int, FinishEvent] = {}
+        self.done = threading.Condition()
+
+    def __call__(self, event) -> None:
+        with self.done:
+            if isinstance(event, TokenEvent):
+                self.tokens.setdefault(event.request_id, []).append(event.token_id)
+                self.order.append(("token", event.request_id))
+            else:
+                self.finish[event.request_id] = event
+                self.order.append(("finish", event.request_id))
+            self.done.notify_all()
+
+    def wait(self, ids: list[int]) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: all(i in self.finish for i in ids), TIMEOUT), "engine timed out"
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
+    """Submit all at once; (tokens per request, finish events) in submission order."""
+    sink = Collector()
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.submit(p, sp, sink) for p, sp in zip(prompts, params)]
+    sink.wait(ids)
+    return [sink.tokens.get(i, []) for i in ids], [sink.finish[i] for i in ids]
+
+
+def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def solo_generate(model, prompt: list[int], max_tokens: int, chunk: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=[], prefill_chunk_size=chunk)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_outputs_equal_generate(model):
+    prompts = prompts_of([5, 23, 1, 40], model.config.vocab_size)
+    with Engine(model, prefill_chunk=16) as engine:
+        tokens, finishes = run(engine, prompts, GREEDY)
+    for prompt, got, fin in zip(prompts, tokens, finishes):
+        assert got == solo_generate(model, prompt, 8, chunk=16)
+        assert (fin.reason, fin.prompt_tokens, fin.completion_tokens) == ("length", len(prompt), 8)
+
+
+def test_16_concurrent_greedy_requests_equal_each_alone(model):
+    prompts = prompts_of([3 + 5 * i for i in range(16)], model.config.vocab_size, seed=1)
+    with Engine(model, prefill_chunk=32, reuse=False) as engine:
+        together, _ = run(engine, prompts, GREEDY)
+        alone = [run(engine, [p], GREEDY)[0][0] for p in prompts]
+        assert engine.stats()["running"] == 0
+    assert together == alone
+    assert together[5] == solo_generate(model, prompts[5], 8, chunk=32)
+
+
+def test_seeded_sampling_is_reproducible_whatever_else_runs(model):
+    prompts = prompts_of([6, 11, 9], model.config.vocab_size, seed=2)
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)
+    other = SamplingParams(max_tokens=12, temperature=1.3, ignore_eos=True)
+    with Engine(model) as engine:
+        alone = run(engine, [prompts[0]], seeded)[0][0]
+        mixed = run(engine, prompts, [seeded, other, GREEDY])[0][0]
+        reseeded = run(engine, [prompts[0]], SamplingParams(**{**seeded.__dict__, "seed": 99}))[0][0]
+    assert mixed == alone
+    assert reseeded != alone  # the seed matters (10 tokens from 97: a collision is vanishingly unlikely)
+
+
+def test_eos_and_stop_tokens_finish_with_reason_stop(model):
+    prompt = prompts_of([7], model.config.vocab_size, seed=3)[0]
+    free = solo_generate(model, prompt, 12, chunk=512)
+    new = [i for i in range(1, 12) if free[i] not in free[:i]]  # tokens seen for the first time there
+    assert len(new) >= 2
+    with Engine(model, eos_token_ids=[free[new[1]]]) as engine:
+        (tokens,), (fin,) = run(engine, [prompt], SamplingParams(max_tokens=12, temperature=0))
+        assert tokens == free[:new[1] + 1] and fin.reason == "stop"  # the stop token is sent, then the finish
+        (tokens,), (fin,) = run(engine, [prompt], SamplingParams(max_tokens=12, temperature=0,
+                                                                 stop_token_ids=[free[new[0]]], ignore_eos=True))
+        assert tokens == free[:new[0] + 1] and fin.reason == "stop"
+
+
+def test_reuse_on_and_off_give_identical_outputs_and_chat_turns_hit(model):
+    vocab = model.config.vocab_size
+    system, user1, user2, user3 = prompts_of([30, 7, 9, 5], vocab, seed=4)
+    results = {}
+    for reuse in (False, True):
+        with Engine(model, prefill_chunk=8, reuse=reuse) as engine:
+            (out1,), (fin1,) = run(engine, [system + user1], GREEDY)
+            turn2 = system + user1 + out1 + user2  # the next chat turn: history + reply + new message
+            (out2,), (fin2,) = run(engine, [turn2], GREEDY)
+            (out3,), (fin3,) = run(engine, [system + user3], GREEDY)  # shares only the system prompt
+            (out4,), (fin4,) = run(engine, [system + user2], GREEDY)  # shares it too: now stored at the boundary
+            (out5,), (fin5,) = run(engine, [system + user1], GREEDY)  # the very same prompt again
+        results[reuse] = [out1, out2, out3, out4, out5], [fin1, fin2, fin3, fin4, fin5]
+    assert results[True][0] == results[False][0]
+    assert all(f.cached_tokens == 0 for f in results[False][1])
+    fin1, fin2, fin3, fin4, fin5 = results[True][1]
+    assert fin1.cached_tokens == 0
+    assert fin2.cached_tokens == len(system + user1) + 8 - 1  # all of turn 1 but its last token (not yet fed)
+    assert fin3.cached_tokens == 0  # the first to share the system prompt stores the state where it departs...
+    assert fin4.cached_tokens >= len(system)  # ...so the next one starts there
+    assert fin5.cached_tokens == len(system + user1)  # an exact match samples from the stored logits
+
+
+def test_cancel_frees_the_row_and_the_engine_goes_on(model):
+    prompts = prompts_of([12, 12], model.config.vocab_size, seed=5)
+    sink = Collector()
+    first_token = threading.Event()
+
+    def on_event(event):
+        sink(event)
+        if isinstance(event, TokenEvent) and event.request_id == long_id:
+            first_token.set()
+
+    with Engine(model, reuse=False) as engine:
+        long_id = engine.submit(prompts[0], SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True),
+                                on_event)
+        assert first_token.wait(TIMEOUT)
+        engine.cancel(long_id)
+        sink.wait([long_id])
+        assert sink.finish[long_id].reason == "cancelled"
+        assert len(sink.tokens[long_id]) < 10_000
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["batch_cache_bytes"] == 0  # its row and cache are gone
+        (tokens,), (fin,) = run(engine, [prompts[1]], GREEDY)  # and the engine still serves
+    assert fin.reason == "length" and tokens == solo_generate(model, prompts[1], 8, chunk=512)
+
+
+def test_cancel_while_waiting_and_a_full_queue(model):
+    engine = Engine(model, max_waiting=2)  # not started: requests stay queued
+    sink = Collector()
+    a = engine.submit([3, 4], GREEDY, sink)
+    engine.submit([5], GREEDY, sink)
+    with pytest.raises(EngineFull) as full:
+        engine.submit([6], GREEDY, sink)
+    assert full.value.retry_after > 0
+    assert engine.stats()["waiting"] == 2
+    engine.cancel(a)
+    engine.start()
+    try:
+        sink.wait([a, a + 1])
+    finally:
+        engine.stop()
+    assert sink.finish[a].reason == "cancelled" and a not in sink.tokens
+    assert sink.finish[a + 1].reason == "length"
+
+
+def test_bad_input_is_a_value_error(model):
+    engine = Engine(model, max_context=32)
+    vocab = model.config.vocab_size
+    for prompt, params, match in [
+        ([], GREEDY, "non-empty"),
+        ([3, vocab], GREEDY, "vocabulary"),
+        ([3, -1], GREEDY, "vocabulary"),
+        ([3] * 30, GREEDY, "exceed the context"),
+        ([3], SamplingParams(max_tokens=0), "max_tokens"),
+        ([3], SamplingParams(temperature=-1), "temperature"),
+        ([3], SamplingParams(top_p=0), "top_p"),
+        ([3], SamplingParams(logprobs=-2), "logprobs"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            engine.submit(prompt, params, lambda e: None)
+    assert engine.stats()["waiting"] == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
+    """A long prompt arriving while streams decode delays each of their tokens by at most one chunk."""
+    vocab, chunk = model.config.vocab_size, 8
+    short = prompts_of([4, 5], vocab, seed=6)
+    long_prompt = prompts_of([60], vocab, seed=7)[0]
+    sink = Collector()
+    forward = model.forward
+
+    def logged_forward(input_ids, *args, **kwargs):  # records each prefill chunk among the events
+        if input_ids.shape[1] > 1 or kwargs.get("cache") is not None and kwargs["cache"].seq_len == 0:
+            with sink.done:
+                sink.order.append(("prefill", input_ids.shape[1]))
+        return forward(input_ids, *args, **kwargs)
+
+    model.forward = logged_forward
+    try:
+        with Engine(model, prefill_chunk=chunk, reuse=False) as engine:
+            params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+            ids = [engine.submit(p, params, sink) for p in short]
+            with sink.done:
+                assert sink.done.wait_for(lambda: len(sink.tokens.get(ids[1], [])) >= 2, TIMEOUT)
+            ids.append(engine.submit(long_prompt, GREEDY, sink))
+            sink.wait(ids[2:])
+            engine.cancel(ids[0])
+            engine.cancel(ids[1])
+            sink.wait(ids)
+    finally:
+        del model.forward
+    order = sink.order
+    start = order.index(("prefill", chunk))  # the long prompt's first chunk
+    end = max(i for i, e in enumerate(order) if e == ("token", ids[2]))
+    prefill_since_token = 0
+    for kind, value in order[start:end]:
+        if kind == "prefill":
+            prefill_since_token += value
+            assert prefill_since_token <= chunk, "a running stream waited for more than one prefill chunk"
+        elif kind == "token" and value == ids[0]:
+            prefill_since_token = 0
+    assert sum(v for k, v in order[start:end] if k == "prefill") == len(long_prompt)  # 8 chunks, interleaved
+
+
+def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(model, monkeypatch):
+    from openjamba.serve import engine as engine_module
+
+    calls = {"n": 0}
+    real = engine_module.decode_step
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "decode_step", flaky)
+    prompt = prompts_of([6], model.config.vocab_size, seed=8)[0]
+    with Engine(model) as engine:
+        _, (fin,) = run(engine, [prompt], GREEDY)
+        assert fin.reason == "error" and fin.error == "RuntimeError: simulated failure"
+        (tokens,), (fin,) = run(engine, [prompt], GREEDY)
+        assert fin.reason == "length" and len(tokens) == 8
+        assert engine.stats()["requests_failed_total"] == 1
+
+
+def test_store_stays_within_its_bound_and_export_import_resumes_a_conversation(model):
+    prompts = prompts_of([20, 25, 30, 35, 40], model.config.vocab_size, seed=9)
+    with Engine(model, reuse=True) as probe:  # the size of one stored state
+        run(probe, [prompts[0]], GREEDY)
+        one = probe.stats()["store_bytes"] / probe.stats()["store_entries"]
+    bound = int(3.5 * one)
+    with Engine(model, store_bytes=bound) as engine:
+        outs, _ = run(engine, prompts, GREEDY)
+        stats = engine.stats()
+        assert 0 < stats["store_bytes"] <= bound and stats["store_entries"] <= 4
+        history = prompts[-1] + outs[-1]
+        saved = engine.export_state(history)
+        assert saved is not None and int(saved["length"]) == len(history)
+        assert engine.export_state([1, 2, 3]) is None  # nothing stored extends to it
+    follow_up = history + [5, 6, 7]
+    with Engine(model) as fresh:
+        fresh.import_state(history, saved)
+        (resumed,), (fin,) = run(fresh, [follow_up], GREEDY)
+        with pytest.raises(ValueError, match="covers"):
+            fresh.import_state(history[:-1], saved)
+    assert fin.cached_tokens == len(history)
+    assert resumed == solo_generate(model, follow_up, 8, chunk=512)
+
+
+def test_logprobs(model):
+    prompt = prompts_of([9], model.config.vocab_size, seed=10)[0]
+    events = []
+    with Engine(model) as engine:
+        done = threading.Event()
+        engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=4, ignore_eos=True),
+                      lambda e: (events.append(e), isinstance(e, FinishEvent) and done.set()))
+        assert done.wait(TIMEOUT)
+    first = events[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
+    assert first.token_id == int(expected.argmax())
+    assert first.logprob == pytest.approx(float(expected.max()), abs=1e-5)
+    assert [t for t, _ in first.top_logprobs] == expected.topk(4).indices.tolist()
