@@ -132,6 +132,21 @@ def test_reuse_on_and_off_give_identical_outputs_and_chat_turns_hit(model):
     assert fin5.cached_tokens == len(system + user1)  # an exact match samples from the stored logits
 
 
+def test_a_state_kept_at_a_named_position_is_reused_by_the_next_conversation(model):
+    system, user1, user2 = prompts_of([25, 6, 8], model.config.vocab_size, seed=11)
+    with Engine(model, prefill_chunk=8) as engine:
+        sink = Collector()
+        first = engine.submit(system + user1, GREEDY, sink, keep_states_at=[len(system)])  # e.g. a chat's system
+        sink.wait([first])
+        (out2,), (fin2,) = run(engine, [system + user2], GREEDY)
+        with pytest.raises(ValueError, match="keep_states_at"):
+            engine.submit([3], GREEDY, sink, keep_states_at=["end"])
+    with Engine(model, reuse=False) as plain:
+        (alone,), _ = run(plain, [system + user2], GREEDY)
+    assert fin2.cached_tokens == len(system)  # the second conversation starts after the shared system prompt
+    assert out2 == alone
+
+
 def test_cancel_frees_the_row_and_the_engine_goes_on(model):
     prompts = prompts_of([12, 12], model.config.vocab_size, seed=5)
     sink = Collector()

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,7 @@ class _Request:
     cached_tokens: int = 0
     cache: HybridCache | None = None  # its own one-row cache while prefilling
     prefilled: int = 0  # prompt tokens in `cache`
-    boundary: int = 0  # a prompt position to keep the state at (where it departs from a stored sequence)
+    keep_at: list[int] = field(default_factory=list)  # prompt positions to keep the state at, ascending
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
 
 
@@ -173,17 +173,26 @@ class Engine:
         self.stop()
 
     # ------------------------------------------------------------------ the API the server and chat call
-    def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> int:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+        keep_states_at: Sequence[int] = (),
+    ) -> int:
         """Queue a request; its events go to `on_event` (from the engine thread). Returns its id.
 
+        `keep_states_at`: prompt positions (token counts) where the state is worth keeping besides the prompt's
+        end, e.g. the end of a chat's system message, so that the next conversation sharing it starts there.
         ValueError for bad input, EngineFull when the waiting queue is full."""
         prompt = self._check(prompt, params)
+        keep_at = list(keep_states_at)
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in keep_at):
+            raise ValueError(f"keep_states_at must be token counts (integers), got {keep_at!r}")
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests)", retry_after=1.0)
-            request = _Request(self._next_id, prompt, params, on_event, time.monotonic())
+            request = _Request(self._next_id, prompt, params, on_event, time.monotonic(),
+                               keep_at=keep_at)
             self._next_id += 1
             self._waiting.append(request)
             self._lock.notify_all()
@@ -211,11 +220,13 @@ class Engine:
                 self.cancel(request_id)
 
     def stats(self) -> dict:
+        """Gauges and counters (read without stopping the loop: each value is current, not all at one instant)."""
         with self._lock:
             waiting = len(self._waiting)
+        batch = self._batch
         return dict(running=len(self._running), prefilling=len(self._prefilling), waiting=waiting,
                     **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
-                    store_max_bytes=self.store.max_bytes, batch_cache_bytes=self._batch.nbytes() if self._batch else 0)
+                    store_max_bytes=self.store.max_bytes, batch_cache_bytes=batch.nbytes() if batch else 0)
 
     def export_state(self, tokens: list[int]) -> dict[str, torch.Tensor] | None:
         """The state exactly after `tokens` (safetensors-serialisable), or None if no stored state is a prefix of
@@ -345,8 +356,10 @@ class Engine:
             self._counters["cached_prompt_tokens_total"] += found.length
         else:
             request.cache = self.model.make_cache(1, kv_dtype=self.kv_dtype)
-        if found is not None and request.prefilled < found.shared < len(request.prompt):
-            request.boundary = found.shared  # keep the state where this prompt departs from a stored one
+        wanted = set(request.keep_at)
+        if found is not None:
+            wanted.add(found.shared)  # where this prompt departs from a stored sequence
+        request.keep_at = sorted(n for n in wanted if request.prefilled < n < len(request.prompt))
 
     def _prefill_some(self) -> None:
         """Prefill chunks, oldest request first, within this iteration's token budget; move finished prefills on."""
@@ -355,13 +368,12 @@ class Engine:
             try:
                 while budget > 0 and request.prefilled < len(request.prompt):
                     end = min(request.prefilled + self.prefill_chunk, request.prefilled + budget, len(request.prompt))
-                    if request.prefilled < request.boundary < end:
-                        end = request.boundary
+                    end = min([n for n in request.keep_at if n > request.prefilled] + [end])
                     ids = torch.tensor(request.prompt[request.prefilled:end], dtype=torch.long)[None]
                     request.logits = prefill(self.model, ids, request.cache, chunk_size=end - request.prefilled)
                     budget -= end - request.prefilled
                     request.prefilled = end
-                    if end == request.boundary or end == len(request.prompt):
+                    if end in request.keep_at or end == len(request.prompt):
                         self._keep(request.prompt[:end], request.cache, 0, request.logits[0])
                 if request.prefilled == len(request.prompt):
                     self._prefilling.remove(request)
