@@ -1,10 +1,11 @@
 """Chat templates and assistant output: render a checkpoint's Jinja template, parse what the model writes back.
 
 Rendering follows transformers' `apply_chat_template` (the tests compare them): the template runs in Jinja's
-immutable sandbox with `trim_blocks` and `lstrip_blocks`, sees `messages` (keys whose value is None dropped),
-`tools`, `documents`, `add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...) and any extra
-keyword; it may call `raise_exception(msg)` and `strftime_now(fmt)`, and its `tojson` keeps non-ASCII text and
-takes `indent`, `separators` and `sort_keys`. Every failure is a `ChatTemplateError`.
+immutable sandbox (where reaching for an unsafe attribute is an error rather than an empty value) with
+`trim_blocks` and `lstrip_blocks`, sees `messages` (keys whose value is None dropped), `tools`, `documents`,
+`add_generation_prompt`, the special tokens (`bos_token`, `eos_token`, ...) and any extra keyword; it may call
+`raise_exception(msg)` and `strftime_now(fmt)`, and its `tojson` keeps non-ASCII text and takes `indent`,
+`separators` and `sort_keys`. Every failure is a `ChatTemplateError`.
 
 Output parsing. Which format a checkpoint writes is read from its chat template, then its vocabulary:
 - tool calls: `jamba` when `<tool_calls>` appears (Jamba 1.5-1.7 write
@@ -87,9 +88,17 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, where touching an unsafe attribute (`__class__`, `mro`...) fails at once instead of
+    rendering as an empty value, so a template probing for Python internals gets an error, not silence."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_SafeNamespace,
@@ -104,8 +113,9 @@ def _plain(value: Any) -> Any:
     """JSON-like copy of what the template sees: no object with methods the sandbox does not know about."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, (str, int, float)):
-        return type(value).__mro__[-2](value) if not isinstance(value, bool) else bool(value)
+    for base in (bool, str, int, float):  # subclasses (enums, numpy scalars) lose their extra methods
+        if isinstance(value, base):
+            return base(value) if base is not str else str.__str__(value)
     if isinstance(value, dict):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -151,6 +161,8 @@ def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
                 chat_template: str | None = None, **template_kwargs) -> str:
     """The prompt text for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it."""
     source = select_template(tokenizer, tools, chat_template)
+    if not messages:
+        raise ChatTemplateError("no messages to render: a chat needs at least one message")
     if documents is not None and not all(isinstance(d, dict) for d in documents):
         raise ChatTemplateError("documents must be a list of dicts (with 'title' and 'text')")
     variables = {**getattr(tokenizer, "special_tokens", {}), **template_kwargs}

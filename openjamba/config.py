@@ -8,6 +8,7 @@ transformers derives it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -225,6 +226,22 @@ def _attention_only(**kw: Any) -> dict[str, Any]:
     return {"attn_layer_period": 1, "attn_layer_offset": 0, **kw}
 
 
+# Jamba 1.5/1.6/1.7 Mini: v0.1's shape; EOS <|endoftext|> (2) and <|eom|> (518), from their config.json.
+_JAMBA_MINI = dict(eos_token_id=[2, 518])
+# Jamba 1.5/1.6/1.7 Large: 9 blocks of 8 layers, hidden 8192, 64/8 heads. Inferred, not read from a config file:
+# the intermediate size (24576, from 398B total / 94B active parameters) and dt_rank (hidden/16 = 512, the rule
+# every other release follows).
+_JAMBA_LARGE = dict(hidden_size=8192, intermediate_size=24576, num_hidden_layers=72, num_attention_heads=64,
+                    num_key_value_heads=8, eos_token_id=[2, 518])
+# Jamba Reasoning 3B = Jamba2-3B, from a third-party copy of its config.json: 28 layers, attention at 7 and 21 only,
+# 20 query heads sharing one K/V head (1 KiB of 16-bit K/V per token), dense MLPs, tied embeddings, EOS [2, 519].
+_JAMBA2_3B = dict(hidden_size=2560, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=20,
+                  num_key_value_heads=1, attn_layer_period=14, attn_layer_offset=7, num_experts=1,
+                  num_experts_per_tok=1, mamba_dt_rank=160, tie_word_embeddings=True, eos_token_id=[2, 519])
+# Jamba2 Mini: the Mini shape (third-party copy of its config.json), which names 519 as EOS; 2 (<|endoftext|>) is
+# kept beside it as in every other release (inferred).
+_JAMBA2_MINI = dict(eos_token_id=[2, 519])
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train and run in seconds on a laptop CPU: one Jamba block of 8 layers.
     "tiny": dict(
@@ -249,13 +266,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
         num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=262144,
     ),
+    # The released family (shapes: docs of the checkpoints' config.json files, gathered in serving.md). Every one
+    # keeps v0.1's architecture; the table below is all that differs.
     "jamba-v0.1": {},
-    "jamba-1.5-mini": dict(eos_token_id=[2, 518]),
-    # Jamba-1.5-Large: 9 blocks of 8 layers, hidden 8192, 64/8 heads (intermediate size inferred: 398B/94B).
-    "jamba-1.5-large": dict(
-        hidden_size=8192, intermediate_size=24576, num_hidden_layers=72, num_attention_heads=64,
-        num_key_value_heads=8, eos_token_id=[2, 518],
-    ),
+    "jamba-1.5-mini": _JAMBA_MINI,
+    "jamba-1.6-mini": _JAMBA_MINI,
+    "jamba-1.7-mini": _JAMBA_MINI,
+    "jamba-1.5-large": _JAMBA_LARGE,
+    "jamba-1.6-large": _JAMBA_LARGE,
+    "jamba-1.7-large": _JAMBA_LARGE,
+    "jamba-reasoning-3b": _JAMBA2_3B,
+    "jamba2-3b": _JAMBA2_3B,  # the same checkpoint shape under its Jamba2 name
+    "jamba2-mini": _JAMBA2_MINI,
     # Attention-only reference points of the paper's memory table, in the same config language.
     "mixtral-8x7b": _attention_only(
         vocab_size=32000, num_experts=8, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
@@ -271,7 +293,7 @@ def get_preset(name: str, **overrides: Any) -> JambaConfig:
     """A named preset, optionally with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return JambaConfig(**{**PRESETS[name], **overrides})
+    return JambaConfig(**{**copy.deepcopy(PRESETS[name]), **overrides})  # aliases share one dict: copy it
 
 
 def attention_only_config(config: JambaConfig) -> JambaConfig:
