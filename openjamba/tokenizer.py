@@ -169,7 +169,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         backend, sp_defaults, sp_added = _json_backend(main, config), {}, []
     special_tokens = _named_special_tokens(config, special_map, sp_defaults)
     _add_tokens(backend, config, special_map, special_tokens, sp_added)
-    _set_post_processor(backend, config, special_tokens)
+    _set_post_processor(backend, config if main.suffix == ".model" else {}, special_tokens)
     return Tokenizer(
         backend,
         special_tokens=special_tokens,
@@ -304,7 +304,8 @@ def _add_tokens(backend: tokenizers.Tokenizer, config: dict, special_map: dict, 
 
 def _set_post_processor(backend: tokenizers.Tokenizer, config: dict, special_tokens: dict[str, str]) -> None:
     """BOS/EOS as `add_bos_token`/`add_eos_token` ask (default: neither) when the tokenizer has no post-processor
-    of its own. A tokenizer.json's post-processor stands whatever the config says, as in transformers."""
+    of its own. A tokenizer.json's post-processor stands whatever the config says, and without one a
+    tokenizer.json adds nothing (its caller passes no config), as in transformers."""
     if backend.post_processor is not None:
         return
     bos = special_tokens.get("bos_token") if config.get("add_bos_token", False) else None

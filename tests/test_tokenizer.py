@@ -23,10 +23,12 @@ TEXTS = [
 ]
 
 
-def _legacy_json(directory, source):
+def _legacy_json(directory, source, post_processor=True):
     """Jamba-v0.1/1.5 layout: tokenizer.json (a legacy Llama pipeline) + LlamaTokenizer class."""
     src = load_tokenizer(source)
     state = json.loads(src.backend.to_str())
+    if not post_processor:  # add_bos_token in the config is then ignored: no BOS
+        state["post_processor"] = None
     state["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
                                                                {"type": "Replace", "pattern": {"String": " "},
                                                                 "content": "▁"}]}
@@ -47,13 +49,14 @@ def layouts(tmp_path_factory):
         "jamba16-legacy": write_jamba16(root / "jamba16-legacy", legacy=True),
         "jamba16-no-bos": write_jamba16(root / "jamba16-no-bos", add_bos_token=False, add_eos_token=True),
         "jamba15-json": _legacy_json(root / "jamba15", j16),
+        "jamba15-json-bare": _legacy_json(root / "jamba15-bare", j16, post_processor=False),
         "jamba2": write_jamba2(root / "jamba2"),
         "jamba2-explicit": write_jamba2(root / "jamba2-explicit", add_bos_token=False),
     }
 
 
-@pytest.mark.parametrize("layout", ["jamba16", "jamba16-legacy", "jamba16-no-bos", "jamba15-json", "jamba2",
-                                    "jamba2-explicit"])
+@pytest.mark.parametrize("layout", ["jamba16", "jamba16-legacy", "jamba16-no-bos", "jamba15-json",
+                                    "jamba15-json-bare", "jamba2", "jamba2-explicit"])
 def test_encode_decode_equal_transformers(layouts, layout):
     ours = load_tokenizer(layouts[layout])
     theirs = transformers.AutoTokenizer.from_pretrained(str(layouts[layout]))

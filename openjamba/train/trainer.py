@@ -198,10 +198,10 @@ class Trainer:
         return model
 
     def _check_tokenizer(self, init_dir: Path) -> None:
-        if self.tokenizer is not None and (init_dir / "tokenizer.json").is_file():
+        if self.tokenizer is not None and any((init_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
             if load_tokenizer(init_dir).get_vocab() != self.tokenizer.get_vocab():
                 warnings.warn(f"the data in {self.cfg.data} was tokenized with a different tokenizer than "
-                              f"{init_dir}'s; prepare it with --tokenizer {init_dir / 'tokenizer.json'}", stacklevel=3)
+                              f"{init_dir}'s; prepare it with --tokenizer {init_dir}", stacklevel=3)
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.read_trainer_state(path)
