@@ -74,6 +74,24 @@ def test_greedy_outputs_equal_generate(model):
         assert (fin.reason, fin.prompt_tokens, fin.completion_tokens) == ("length", len(prompt), 8)
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_forward_and_equal_generate(model):
+    prompts = prompts_of([4, 17, 9, 30, 1, 12], model.config.vocab_size, seed=12)
+    engine = Engine(model, reuse=False)
+    sink = Collector()
+    ids = [engine.submit(p, GREEDY, sink) for p in prompts]  # queued before the loop starts: one iteration sees all
+    shapes = []
+    forward = model.forward
+    model.forward = lambda input_ids, *a, **k: (shapes.append(tuple(input_ids.shape)), forward(input_ids, *a, **k))[1]
+    try:
+        with engine:
+            sink.wait(ids)
+    finally:
+        del model.forward
+    assert shapes[0] == (6, 30)  # every prompt in one left-padded forward
+    for prompt, i in zip(prompts, ids):
+        assert sink.tokens[i] == solo_generate(model, prompt, 8, chunk=512)
+
+
 def test_16_concurrent_greedy_requests_equal_each_alone(model):
     prompts = prompts_of([3 + 5 * i for i in range(16)], model.config.vocab_size, seed=1)
     with Engine(model, prefill_chunk=32, reuse=False) as engine:

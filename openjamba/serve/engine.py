@@ -364,7 +364,10 @@ class Engine:
     def _prefill_some(self) -> None:
         """Prefill chunks, oldest request first, within this iteration's token budget; move finished prefills on."""
         budget = min(self.prefill_chunk, max(self.step_token_budget - len(self._running), 1))
+        budget -= self._prefill_together(budget)
         for request in list(self._prefilling):
+            if budget <= 0:
+                return
             try:
                 while budget > 0 and request.prefilled < len(request.prompt):
                     end = min(request.prefilled + self.prefill_chunk, request.prefilled + budget, len(request.prompt))
@@ -377,27 +380,66 @@ class Engine:
                         self._keep(request.prompt[:end], request.cache, 0, request.logits[0])
                 if request.prefilled == len(request.prompt):
                     self._prefilling.remove(request)
-                    self._first_token(request)
+                    cache, request.cache = request.cache, None
+                    self._start_decoding([request], cache, request.logits)
             except Exception as err:  # noqa: BLE001
                 if request in self._prefilling:
                     self._prefilling.remove(request)
                 self._fail([request], err)
-            if budget <= 0:
-                return
 
-    def _first_token(self, request: _Request) -> None:
-        """Sample from the prompt's logits; unless that finishes it, its row joins the running batch."""
-        token = self._sample([request], request.logits)[0]
-        cache, request.cache, request.logits = request.cache, None, None
-        reason = self._emit(request, token)
-        if reason is not None:
-            self._finish(request, reason)
-            return
-        if self._batch is None:
-            self._batch = cache
-        else:
-            self._batch.add_rows(cache)
-        self._running.append(request)
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill the oldest prompts that start from nothing and fit in `budget` all at once, in one forward of a
+        left-padded batch (many short prompts arriving together: one pass over the weights, not one each).
+        Returns the tokens spent (padding included), 0 if fewer than two such prompts are first in line."""
+        group, width = [], 0
+        for request in self._prefilling:
+            if request.prefilled > 0 or request.keep_at:
+                break
+            wider = max(width, len(request.prompt))
+            if wider * (len(group) + 1) > budget:
+                break
+            group.append(request)
+            width = wider
+        if len(group) < 2:
+            return 0
+        for request in group:
+            self._prefilling.remove(request)
+            request.cache = None
+        try:
+            ids = torch.zeros(len(group), width, dtype=torch.long)  # (B, width), prompts right-aligned
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for i, request in enumerate(group):
+                ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
+                mask[i, width - len(request.prompt):] = 1
+            cache = self.model.make_cache(len(group), kv_dtype=self.kv_dtype)
+            logits = prefill(self.model, ids, cache, chunk_size=width, attention_mask=mask)
+            for i, request in enumerate(group):
+                request.prefilled = len(request.prompt)
+                self._keep(request.prompt, cache, i, logits[i])
+            self._start_decoding(group, cache, logits)
+        except Exception as err:  # noqa: BLE001
+            self._fail([r for r in group if r not in self._running], err)
+        return width * len(group)
+
+    def _start_decoding(self, requests: list[_Request], cache: HybridCache, logits: torch.Tensor) -> None:
+        """Sample each prompt's first token from its logits (B, V); the rows not finished by it join the batch."""
+        sampled = self._sample(requests, logits)
+        done = {}
+        for i, (request, token) in enumerate(zip(requests, sampled)):
+            request.logits = None
+            reason = self._emit(request, token)
+            if reason is not None:
+                done[i] = reason
+        if len(done) < len(requests):
+            if done:
+                cache.remove_rows(list(done))
+            if self._batch is None:
+                self._batch = cache
+            else:
+                self._batch.add_rows(cache)
+            self._running.extend(r for i, r in enumerate(requests) if i not in done)
+        for i, reason in done.items():
+            self._finish(requests[i], reason)
 
     def _decode(self) -> None:
         if not self._running:
