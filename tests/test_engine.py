@@ -92,8 +92,8 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward_and_equal_genera
         assert sink.tokens[i] == solo_generate(model, prompt, 8, chunk=512)
 
 
-def test_16_concurrent_greedy_requests_equal_each_alone(model):
-    prompts = prompts_of([3 + 5 * i for i in range(16)], model.config.vocab_size, seed=1)
+def test_32_concurrent_greedy_requests_equal_each_alone(model):
+    prompts = prompts_of([3 + 3 * i for i in range(32)], model.config.vocab_size, seed=1)
     with Engine(model, prefill_chunk=32, reuse=False) as engine:
         together, _ = run(engine, prompts, GREEDY)
         alone = [run(engine, [p], GREEDY)[0][0] for p in prompts]
@@ -327,3 +327,58 @@ def test_logprobs(model):
     assert first.token_id == int(expected.argmax())
     assert first.logprob == pytest.approx(float(expected.max()), abs=1e-5)
     assert [t for t, _ in first.top_logprobs] == expected.topk(4).indices.tolist()
+
+
+def test_cancel_during_prefill(model):
+    long_prompt = prompts_of([64], model.config.vocab_size, seed=13)[0]
+    sink = Collector()
+    engine = Engine(model, prefill_chunk=8, reuse=False)
+    forward = model.forward
+
+    def cancelling_forward(input_ids, *args, **kwargs):  # the client goes away after the first chunk
+        engine.cancel(0)
+        return forward(input_ids, *args, **kwargs)
+
+    model.forward = cancelling_forward
+    try:
+        with engine:
+            engine.submit(long_prompt, GREEDY, sink)
+            sink.wait([0])
+            stats = engine.stats()
+    finally:
+        del model.forward
+    assert sink.finish[0].reason == "cancelled" and 0 not in sink.tokens
+    assert stats["prefilling"] == stats["running"] == 0
+
+
+def test_bounded_load_answers_every_request_and_leaves_nothing_behind(model):
+    """120 requests of random lengths and sampling settings from 8 threads, some cancelled midway."""
+    import random
+
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    sink = Collector()
+    with Engine(model, max_running=8, max_waiting=200, prefill_chunk=16, store_bytes=200_000) as engine:
+        submitted: list[int] = []
+
+        def client(k: int) -> None:
+            for _ in range(15):
+                prompt = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 40))]
+                params = SamplingParams(max_tokens=rng.randrange(1, 12), temperature=rng.choice([0, 0.8]),
+                                        seed=rng.randrange(100), logprobs=rng.choice([None, 2]))
+                request_id = engine.submit(prompt, params, sink)
+                submitted.append(request_id)
+                if rng.random() < 0.15:
+                    engine.cancel(request_id)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sink.wait(submitted)
+        stats = engine.stats()
+    assert len(submitted) == 120 and set(sink.finish) == set(submitted)
+    assert {f.reason for f in sink.finish.values()} <= {"length", "stop", "cancelled"}
+    assert stats["running"] == stats["prefilling"] == stats["waiting"] == stats["batch_cache_bytes"] == 0
+    assert 0 < stats["store_bytes"] <= 200_000
