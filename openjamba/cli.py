@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -96,6 +95,7 @@ def describe_prepared(meta: dict, out: str | Path) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import DataError, NonFiniteLoss, TrainConfig, TrainingInterrupted
     from .train.config import config_from_args
+    from .train.rundir import RunDirectoryBusy
     from .train.trainer import resume_config, train
 
     try:
@@ -103,12 +103,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.resume is not None:
             target = args.resume if isinstance(args.resume, str) else getattr(args, "out", TrainConfig.out)
             resume, base = resume_config(target)
-        result = train(config_from_args(args, base), resume)
+        result = train(config_from_args(args, base), resume, overwrite=args.overwrite)
     except TrainingInterrupted as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"openjamba train: {err}; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + err.signum) from None
-    except (NonFiniteLoss, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (NonFiniteLoss, DataError, ValueError, OSError, RunDirectoryBusy) as err:
         raise SystemExit(f"openjamba train: error: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result.checkpoint_dir}\nmetrics: {result.metrics_file}\nloss curve: {result.loss_png}\n"
@@ -195,10 +195,14 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from .model import JambaForCausalLM
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, prepare, train
-    from .train.checkpoint import checkpoint_root
+    from .train.rundir import existing_outputs
 
     out = Path(args.out)
     data = out / "data"
+    if existing_outputs(out) and not args.overwrite:  # checked before the minutes of preparing data
+        raise SystemExit(f"openjamba quickstart: error: {out} already holds a run ({', '.join(existing_outputs(out))})"
+                         f"; continue it with `openjamba train --out {out} --resume --steps N`, pass --overwrite "
+                         "to train it again from scratch, or choose another --out")
     print(f"== 1/3 prepare: this interpreter's standard library (*.py) -> {data}", flush=True)
     if (data / "meta.json").is_file():
         meta = json.loads((data / "meta.json").read_text())
@@ -208,8 +212,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(describe_prepared(meta, data))
 
     print(f"\n== 2/3 train: preset quickstart, {args.steps} steps on {default_device()} -> {out}", flush=True)
-    shutil.rmtree(checkpoint_root(out), ignore_errors=True)  # the quickstart always trains from scratch
-    result = train(TrainConfig(data=str(data), out=str(out), **{**QUICKSTART, "steps": args.steps}))
+    result = train(TrainConfig(data=str(data), out=str(out), **{**QUICKSTART, "steps": args.steps}),
+                   overwrite=args.overwrite)
 
     print(f"\n== 3/3 samples from the exported model {result.model_dir} (temperature 0.7, top-k 40)", flush=True)
     model = JambaForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
@@ -311,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(trn)
     trn.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue the run in --out (or the given checkpoint / run directory) exactly")
+    trn.add_argument("--overwrite", action="store_true",
+                     help="delete the previous run in --out (checkpoints, model, metrics) and start afresh")
     trn.set_defaults(func=cmd_train)
 
     ev = verbs.add_parser("eval", help="perplexity and bits per byte on texts; lm-evaluation-harness tasks")
@@ -367,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart")
     quick.add_argument("--steps", type=int, default=QUICKSTART["steps"])
     quick.add_argument("--sample-tokens", type=int, default=60)
+    quick.add_argument("--overwrite", action="store_true", help="replace a previous quickstart run in --out "
+                       "(its prepared data is reused)")
     quick.set_defaults(func=cmd_quickstart)
 
     abl = verbs.add_parser("ablate", help="attention vs Mamba vs hybrids (± MoE) at equal parameters and tokens, "

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
+
 # Keys transformers writes into config.json that carry no architecture information for us: kept, not warned.
 _HF_BOOKKEEPING_KEYS = {
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
@@ -209,7 +211,7 @@ class JambaConfig:
         if dtype is not None:
             data["dtype"] = dtype
             data["torch_dtype"] = dtype
-        (path / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_atomic(path / "config.json", json.dumps(data, indent=2) + "\n")
 
     def replace(self, **changes: Any) -> JambaConfig:
         """A copy with some fields changed (re-validated)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import JambaConfig
+from .files import write_atomic
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -305,32 +305,29 @@ def plan_shards(named: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[l
     return shards
 
 
-def _atomic_write_bytes(file: Path, write) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, file)
-
-
 def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
     """Write config.json and safetensors shards (per-expert layout), plus the tokenizer's files when given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     named = list(hf_named_tensors(model))
     shards = plan_shards(named, parse_size(max_shard_size))
-    for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        stale.unlink()
-    weight_map, total = {}, 0
+    weight_map, total, written = {}, 0, set()
     for k, shard in enumerate(shards, start=1):
         file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in shard}
-        _atomic_write_bytes(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        write_atomic(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        written.add(file)
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_bytes(path / "model.safetensors.index.json",
-                            lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+        write_atomic(path / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        written.add("model.safetensors.index.json")
+    # Shards of an earlier save that the new one does not use: removed only now that the new set is complete.
+    for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        if stale.name not in written:
+            stale.unlink()
     model.config.save_pretrained(path, dtype=str(model.dtype).removeprefix("torch."))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

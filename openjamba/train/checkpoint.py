@@ -29,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..files import fsync_tree, out_of_space, ran_out_of_space, write_atomic
 from .distributed import DistEnv, barrier
 
 LATEST = "latest"
@@ -63,15 +64,6 @@ def resolve(path: str | Path) -> Path | None:
             if (target / "trainer.json").is_file():
                 return target
     return None
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,24 +102,50 @@ def save(
 ) -> Path:
     """Write checkpoint `step` (a collective: every rank calls it), point `latest` at it, keep the newest `keep`."""
     final, tmp = root / f"{PREFIX}{step:06d}", root / f"{PREFIX}{step:06d}.tmp"
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(env)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not env.distributed)
-    torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
-    barrier(env)
+    try:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(env)
+        with _quiet_single_process():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not env.distributed)
+        torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
+        barrier(env)
+        if env.is_main:
+            write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=2) + "\n")
+            fsync_tree(tmp)
+    except BaseException as err:  # full disk, Ctrl-C (DCP errors are BaseExceptions): nothing partial stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = state_bytes(model_state) + state_bytes(optim_state)
+        if not isinstance(err, (KeyboardInterrupt, SystemExit)) and ran_out_of_space(err, root, needed):
+            raise out_of_space(tmp, needed) from None
+        raise
     if env.is_main:
-        _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
+        write_atomic(root / LATEST, final.name + "\n")
         _prune(root, keep, final)
     barrier(env)
     return final
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what its checkpoint occupies on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def remove_partial(root: Path) -> None:
+    """Delete leftovers of saves that were killed or ran out of space (`step-N.tmp`): they are never resumed."""
+    for stale in root.glob(f"{PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -135,8 +153,7 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     old = [p for p in list_checkpoints(root) if p != newest]
     for path in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
-    for stale in root.glob(f"{PREFIX}*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_partial(root)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -94,6 +94,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose paths do not depend on the working directory: a checkpoint stores its config, and a run
+        resumed from another directory must find the same data and write to the same place."""
+        paths = {name: str(Path(value).expanduser().resolve()) for name in ("data", "out", "config", "init_from")
+                 if (value := getattr(self, name))}
+        return dataclasses.replace(self, **paths)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "config") -> TrainConfig:
         return cls(**_checked_fields(cls, data, origin))

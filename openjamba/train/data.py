@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from ..files import building_dir
 from ..tokenizer import Tokenizer as TextTokenizer
 from ..tokenizer import load_tokenizer
 
@@ -244,19 +244,14 @@ def prepare(
     else:
         tokenizer = TextTokenizer.from_backend(
             train_tokenizer(read_documents(files, CorpusStats(), text_key), vocab_size, progress))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    _check_replaceable(out)
+    with building_dir(out) as tmp:
         meta = _write_shards(files, tokenizer, tmp, val_fraction, text_key, shard_tokens, progress)
         meta["sources"] = sources
         saved = tokenizer.save_pretrained(tmp)
         meta["tokenizer"] = "tokenizer.json" if "tokenizer.json" in saved else "tokenizer.model"
         meta["fingerprint"] = _fingerprint(tmp / meta["tokenizer"], meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
@@ -312,16 +307,12 @@ def _fingerprint(tokenizer_file: Path, meta: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        if not (target / "meta.json").is_file() and any(target.iterdir()):
-            raise DataError(f"{target} exists and is not a prepared data directory; refusing to overwrite it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+def _check_replaceable(target: Path) -> None:
+    """`--out` may be new, empty or an earlier prepared directory; anything else is the user's and stays."""
+    if target.exists() and not target.is_dir():
+        raise DataError(f"--out {target} is a file; give a directory path")
+    if target.is_dir() and not (target / "meta.json").is_file() and any(target.iterdir()):
+        raise DataError(f"{target} exists and is not a prepared data directory; refusing to overwrite it")
 
 
 # ---------------------------------------------------------------------- reading prepared data

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomic
 from ..plotting import pyplot, save_figure
 
 
@@ -46,9 +46,7 @@ class MetricsLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if resume_step is not None else []
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -57,9 +55,20 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A torn last line (the process was killed while appending it) is dropped:
+    the resumed run logs that step again. A bad line anywhere else is damage worth reporting."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if index == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{number} is not a JSON record ({err.msg}); fix or remove that line") from None
+    return records
 
 
 def plot_loss(metrics_file: Path, png_file: Path, title: str = "") -> Path:

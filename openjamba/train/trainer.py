@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from ..config import JambaConfig
+from ..files import building_dir, out_of_space, ran_out_of_space
 from ..hf import save_pretrained
 from ..info import count_parameters
 from ..model import JambaForCausalLM, causal_lm_loss
@@ -38,11 +39,13 @@ from .config import TrainConfig, base_model_config
 from .data import DataError
 from .distributed import DistEnv
 from .metrics import MetricsLog, format_line, plot_loss
+from .rundir import claim_for_new_run, run_lock
 from .sources import DataSource, make_source
 
 NOT_EVALUATED: dict[str, float | None] = {"val_loss": None, "val_acc": None}  # `Trainer.evaluate`, not run
 
-# Fields a resumed run must share with the run it continues: anything else would change the data or the model.
+# Fields a resumed run must share with the run it continues: they decide which sequences each step has seen. Every
+# other field takes effect from the resumed step on (the model and data are checked separately in `_restore`).
 RESUME_FIXED = ("seed", "batch_size", "seq_len")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -71,14 +74,20 @@ class TrainResult:
     val_acc: float | None = None  # recall accuracy of MQAR runs
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Run (or, with `resume`, continue) a training run; see the module docstring."""
+def train(cfg: TrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
+    """Run (or, with `resume`, continue) a training run; see the module docstring.
+
+    The run holds a lock on its output directory throughout. A fresh run refuses a directory that holds a
+    previous run's outputs unless `overwrite` (which deletes them first).
+    """
     cfg.validate()
+    cfg = cfg.with_absolute_paths()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = distributed.setup(cfg.device)
     try:
-        return Trainer(cfg, env, resume).run()
+        with run_lock(Path(cfg.out), enabled=env.is_main):
+            return Trainer(cfg, env, resume, overwrite).run()
     finally:
         distributed.teardown()
 
@@ -134,7 +143,8 @@ class Trainer:
     """One run: data, model (FSDP-sharded under torchrun), optimizer and schedule, restored from a checkpoint
     when resuming; `run()` trains to `cfg.steps`, then saves, exports and plots."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | Path | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, resume: str | Path | None = None,
+                 overwrite: bool = False) -> None:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.out)
         self.ckpt_root = checkpoint.checkpoint_root(self.out)
@@ -155,11 +165,13 @@ class Trainer:
         resume_path = checkpoint.resolve(resume) if resume is not None else None
         if resume is not None and resume_path is None:
             raise FileNotFoundError(f"no checkpoint to resume at {resume}")
+        if env.is_main:
+            checkpoint.remove_partial(self.ckpt_root)
+            if resume_path is None:
+                claim_for_new_run(self.out, overwrite)
+        distributed.barrier(env)
         if resume_path is not None:
             self._restore(resume_path)
-        elif checkpoint.list_checkpoints(self.ckpt_root):
-            raise FileExistsError(f"{self.out} already holds checkpoints; continue that run with --resume or "
-                                  "choose another --out")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", env.is_main, self.step if resume_path else None)
         self.stop_signal: int | None = None
         self._clock: dict[str, float] = {}  # loop start and the current logging interval, set by run()
@@ -215,11 +227,30 @@ class Trainer:
         if state["data_fingerprint"] != self.source.fingerprint:
             what = self.cfg.data if self.cfg.task == "lm" else "this MQAR task"
             raise DataError(f"cannot resume: {what} is not the data the checkpoint was trained on")
+        if state["step"] > self.cfg.steps:
+            raise ValueError(f"cannot resume: the checkpoint is at step {state['step']}, beyond --steps "
+                             f"{self.cfg.steps}; pass a larger --steps")
         checkpoint.load(path, self.model, self.optimizer, self.env)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optimizer_settings()
         self.step, self.samples = state["step"], state["samples"]
         self.last_checkpoint = path
-        self._print(f"resumed from {path} at step {self.step}")
+        changes = [f"{k} {saved[k]} -> {v}" for k, v in self.cfg.to_dict().items()
+                   if k in saved and saved[k] != v and k not in ("out", "data", "config", "init_from")]
+        self._print(f"resumed from {path} at step {self.step}" + (f"; changed: {', '.join(changes)}" if changes
+                                                                  else ""))
+
+    def _apply_optimizer_settings(self) -> None:
+        """Loading the optimizer and scheduler restores the hyperparameters they were saved with; the run's
+        settings replace them, so that a resumed --lr, --weight-decay or --beta1 takes effect (the schedule's
+        shape, --steps and --warmup-steps, is the current config's already: its function is never saved)."""
+        cfg = self.cfg
+        fresh = param_groups(self.model, cfg.weight_decay)
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        for i, (group, default) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            group.update(weight_decay=default["weight_decay"], betas=(cfg.beta1, cfg.beta2), initial_lr=cfg.lr,
+                         lr=cfg.lr * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch))
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _print(self, text: str) -> None:
         if self.env.is_main:
@@ -320,7 +351,13 @@ class Trainer:
                 plain = JambaForCausalLM(self.model_config)
             plain.load_state_dict(state, assign=True)
             plain.tie_weights()
-            save_pretrained(plain, target, tokenizer=self.tokenizer)
+            try:
+                with building_dir(target) as tmp:  # the previous export stays whole until the new one is
+                    save_pretrained(plain, tmp, tokenizer=self.tokenizer)
+            except Exception as err:
+                if ran_out_of_space(err, self.out, checkpoint.state_bytes(state)):
+                    raise out_of_space(target, checkpoint.state_bytes(state)) from None
+                raise
         distributed.barrier(self.env)
         return target
 
