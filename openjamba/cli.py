@@ -269,6 +269,44 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+# ---------------------------------------------------------------------- chat / serve
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve.server import serve
+
+    serve(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .serve.chat import run_chat
+
+    run_chat(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from .model import JambaForCausalLM
+    from .serve.bench import PHASES, format_report, plot_report, run_serve_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    if unknown := set(phases) - set(PHASES):
+        raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(PHASES)}")
+    config, name = config_from_args(args)
+    if args.model:
+        model = JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:
+        torch.manual_seed(args.seed)
+        model = JambaForCausalLM(config)
+    report = run_serve_bench(model, name, phases=phases, streams=args.streams, prefix=args.prefix_tokens,
+                             suffix=args.suffix_tokens, output=args.output_tokens, history=args.history,
+                             long_prompt=args.long_prompt, prefill_chunk=args.prefill_chunk, seed=args.seed)
+    print(format_report(report))
+    if args.plot:
+        print(f"plot: {plot_report(report, args.plot)}")
+    print(json.dumps(report))
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openjamba", description=__doc__)
@@ -368,6 +406,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
     bench.set_defaults(func=cmd_bench)
+
+    from .serve.chat import add_chat_arguments
+    from .serve.server import add_serve_arguments
+
+    srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, state reuse)",
+                           description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
+                           "/v1/chat/completions, /health, /metrics.")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    cht = verbs.add_parser("chat", help="chat with a checkpoint in the terminal (each turn reads only its new "
+                           "tokens)", description="Commands in the chat: /reset, /save FILE, /load FILE, /exit.")
+    add_chat_arguments(cht)
+    cht.set_defaults(func=cmd_chat)
+
+    bsv = verbs.add_parser("bench-serve", help="the serving engine: throughput and latency against concurrent "
+                           "streams, chat-turn reuse, a long prompt among decoding streams",
+                           description="Prints a table, then JSON as the last line.")
+    source = bsv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS))
+    source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
+    bsv.add_argument("--phases", default="streams,chat,interference", help="comma-separated from streams, chat, "
+                     "interference (default all)")
+    bsv.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8, 16), help="concurrent streams to try "
+                     "(default 1,2,4,8,16)")
+    bsv.add_argument("--prefix-tokens", type=int, default=256, help="shared system prefix of every stream")
+    bsv.add_argument("--suffix-tokens", type=int, default=32, help="each stream's own prompt tokens")
+    bsv.add_argument("--output-tokens", type=int, default=64, help="tokens generated per stream")
+    bsv.add_argument("--history", type=_parse_count, default=4000, help="chat history before the second turn")
+    bsv.add_argument("--long-prompt", type=_parse_count, default=4000, help="the prompt that arrives while 8 "
+                     "streams decode")
+    bsv.add_argument("--prefill-chunk", type=int, default=512)
+    bsv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    bsv.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and the prompts")
+    bsv.add_argument("--plot", default=None, help="write throughput, TTFT and ITL against streams to this PNG")
+    bsv.set_defaults(func=cmd_bench_serve)
 
     quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
     quick.add_argument("--out", default="runs/quickstart")

@@ -1,0 +1,308 @@
+"""The OpenAI-compatible HTTP API over one `Engine`: routes, validation, errors, SSE streaming, metrics.
+
+Every request becomes one engine request per choice (prompt x n). The engine thread reports tokens through
+`on_event`; each HTTP request owns an asyncio queue that those callbacks feed (`call_soon_threadsafe`), so the
+event loop never blocks on the model. Text is decoded incrementally here, where stop strings are matched: a stop
+string found in the decoded text ends the choice and cancels its engine request, and streamed text holds back
+any tail that could still become a stop string. A client that goes away (a closed stream, or a dropped
+connection while a non-streaming request waits) has its engine requests cancelled, which frees their rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as p
+from .engine import EngineFull, FinishEvent, SamplingParams, TokenEvent
+
+log = logging.getLogger("openjamba.serve")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    max_context: int
+    vocab_size: int
+    api_key: str | None = None
+    default_max_tokens: int = 16  # completions, as OpenAI; chat defaults to the rest of the context
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self.status, self.body, self.headers = status, body, headers
+
+
+def check_key(request: Request, config: ServerConfig) -> None:
+    """401 unless the request carries `Authorization: Bearer KEY` (when the server has a key)."""
+    if config.api_key is not None and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        raise _Rejected(401, p.error_body("invalid or missing API key (Authorization: Bearer KEY)",
+                                          "invalid_request_error", code="invalid_api_key"))
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(p.error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------- one choice's decoding
+@dataclass
+class Choice:
+    """One engine request: its tokens, the text decoded so far, stop strings, logprobs and finish reason."""
+
+    index: int
+    prompt_index: int
+    decode: Callable[[list[int]], str]
+    stops: list[str]
+    hidden_ids: frozenset[int]  # EOS and stop token ids: counted, never shown as text
+    request_id: Any = None
+    ended: bool = False  # the engine has reported its end
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # final text up to `emitted` (stop strings cut off)
+    emitted: int = 0
+    finish_reason: str | None = None
+    stopped_by_string: bool = False
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, event: TokenEvent) -> str:
+        """Record a token; returns the text now safe to show (maybe empty)."""
+        if self.finish_reason is not None:
+            return ""
+        self.completion_tokens += 1
+        self.logprobs.append((event.token_id, event.logprob, event.top_logprobs))
+        if event.token_id in self.hidden_ids:
+            return ""
+        self.ids.append(event.token_id)
+        full = self.decode(self.ids)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        for stop in self.stops:
+            at = full.find(stop, max(0, self.emitted - len(stop) + 1))
+            if at != -1:
+                self.stopped_by_string, self.finish_reason = True, "stop"
+                return self._emit(full[:at])
+        return self._emit(full[: len(full) - _held_back(full, self.stops)])
+
+    def finish(self, event: FinishEvent) -> str:
+        """The engine's end of this choice; returns the remaining text."""
+        self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.cached_tokens
+        self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
+        if self.finish_reason is not None:  # already ended by a stop string
+            return ""
+        self.finish_reason = {"length": "length", "error": "error"}.get(event.reason, "stop")
+        return self._emit(self.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        delta = text[self.emitted:]
+        self.text, self.emitted = text, len(text)
+        return delta
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+# ---------------------------------------------------------------------- the bridge to the engine
+class Submission:
+    """The engine requests of one HTTP request, with the queue their events arrive on."""
+
+    def __init__(self, engine, choices: list[Choice]) -> None:
+        self.engine = engine
+        self.choices = choices
+        self.by_id: dict[Any, Choice] = {}
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def _on_event(self, event) -> None:  # called on the engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (server shutting down)
+            pass
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        try:
+            for choice, param in zip(self.choices, params):
+                choice.request_id = self.engine.submit(prompts[choice.prompt_index], param, self._on_event)
+                self.by_id[choice.request_id] = choice
+        except EngineFull as full:
+            self.cancel()
+            retry = max(1, math.ceil(full.retry_after))
+            raise _Rejected(429, p.error_body("the server is at capacity; retry later", "rate_limit_error",
+                                              code="rate_limit_exceeded"), {"Retry-After": str(retry)}) from None
+        except ValueError as err:
+            self.cancel()
+            raise _Rejected(400, p.error_body(str(err), "invalid_request_error")) from None
+
+    def cancel(self) -> None:
+        """Cancel every engine request that has not finished (idempotent)."""
+        for choice in self.choices:
+            if choice.request_id is not None and not choice.ended:
+                self.engine.cancel(choice.request_id)
+                choice.ended = True
+
+    async def events(self, request: Request | None) -> AsyncIterator[tuple[Choice, str, bool]]:
+        """(choice, new text, choice ended) as tokens arrive; polls for a client disconnect when `request`."""
+        open_ids = set(self.by_id)
+        while open_ids:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ConnectionAbortedError("client disconnected") from None
+                continue
+            choice = self.by_id.get(event.request_id)
+            if choice is None or event.request_id not in open_ids:
+                continue
+            if isinstance(event, FinishEvent):
+                if event.reason == "error":
+                    raise RuntimeError(event.error or "the engine failed on this request")
+                open_ids.discard(event.request_id)
+                choice.ended = True
+                yield choice, choice.finish(event), True
+            else:
+                was_open = choice.finish_reason is None
+                delta = choice.add(event)
+                if was_open and choice.finish_reason is not None:  # a stop string: the engine can stop now
+                    self.engine.cancel(choice.request_id)
+                yield choice, delta, False
+
+    def usage(self) -> dict:
+        """Prompt tokens counted once per prompt (as OpenAI does for n > 1); cached tokens from its first choice."""
+        firsts = {}
+        for choice in self.choices:
+            firsts.setdefault(choice.prompt_index, choice)
+        return p.usage(sum(c.prompt_tokens for c in firsts.values()),
+                       sum(c.completion_tokens for c in self.choices),
+                       sum(c.cached_tokens for c in firsts.values()))
+
+
+def sampling_params(req, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
+    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+    seed = None if req.seed is None else req.seed + index  # n choices differ, each reproducible
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=seed, ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+# ---------------------------------------------------------------------- the app
+def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
+    """The FastAPI app serving `engine` (already started; the caller stops it). `chat` renders and parses chat
+    turns (`ChatFormat`); None serves completions only."""
+    from .routes import add_routes
+
+    app = FastAPI(title="openjamba", docs_url=None, redoc_url=None, openapi_url=None)
+    created = p.now()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception):
+        log.error("request failed: %s %s", request.method, request.url.path, exc_info=err)
+        return _error(500, "internal server error", "server_error")
+
+    @app.exception_handler(_Rejected)
+    async def _rejected(request: Request, rejected: _Rejected):
+        return JSONResponse(rejected.body, rejected.status, headers=rejected.headers)
+
+    @app.exception_handler(p.RequestError)
+    async def _invalid(request: Request, err: p.RequestError):
+        return _error(err.status, err.message, param=err.param, code=err.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(err.status_code, str(err.detail), kind)
+
+    @app.get("/health")
+    async def health():
+        alive = getattr(engine, "is_alive", lambda: True)()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(engine.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request, config)
+        return {"object": "list", "data": [p.model_card(config.model_name, created)]}
+
+    add_routes(app, engine, tokenizer, config, chat)
+    return app
+
+
+METRICS = [  # (stats key, metric name, type, help)
+    ("running", "openjamba_requests_running", "gauge", "Requests decoding or prefilling now."),
+    ("waiting", "openjamba_requests_waiting", "gauge", "Requests queued for admission."),
+    ("generated_tokens_total", "openjamba_generation_tokens_total", "counter", "Tokens generated."),
+    ("prompt_tokens_total", "openjamba_prompt_tokens_total", "counter", "Prompt tokens received."),
+    ("cached_prompt_tokens_total", "openjamba_prompt_tokens_cached_total", "counter",
+     "Prompt tokens served from stored state (not prefilled)."),
+]
+
+
+def prometheus_text(stats: dict) -> str:
+    """Prometheus exposition text: the engine's known counters with help, then any other numeric stat."""
+    lines, done = [], set()
+    for key, name, kind, text in METRICS:
+        if key in stats:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_num(stats[key])}"]
+            done.add(key)
+    if "queue_time_seconds_sum" in stats and "queue_time_seconds_count" in stats:
+        name = "openjamba_queue_time_seconds"
+        lines += [f"# HELP {name} Time requests waited before their first step.", f"# TYPE {name} summary",
+                  f"{name}_sum {_num(stats['queue_time_seconds_sum'])}",
+                  f"{name}_count {_num(stats['queue_time_seconds_count'])}"]
+        done |= {"queue_time_seconds_sum", "queue_time_seconds_count"}
+    for key, value in sorted(stats.items()):
+        if key in done or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = "openjamba_" + "".join(ch if ch.isalnum() else "_" for ch in key)
+        lines += [f"# TYPE {name} {'counter' if key.endswith('_total') else 'gauge'}", f"{name} {_num(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def sse(data: dict | str) -> bytes:
+    import json
+
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def stream_body(submission: Submission, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """SSE bytes from `chunks`; an engine error becomes an error event; `[DONE]` always ends the stream; the
+    engine requests are cancelled however the stream ends (the client closing it included)."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except RuntimeError as err:
+        yield sse(p.error_body(str(err), "server_error"))
+    finally:
+        submission.cancel()
+    yield sse("[DONE]")
+
+
+def streaming_response(submission: Submission, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    return StreamingResponse(stream_body(submission, chunks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

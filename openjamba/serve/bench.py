@@ -1,0 +1,289 @@
+"""`openjamba bench-serve`: the serving engine under concurrent streams, driven in process with token ids.
+
+Three measurements, all in one run so their ratios compare like with like:
+- `streams`: N requests at once (N = 1, 2, 4, 8, 16), each a shared system prefix plus its own random suffix,
+  greedy, a fixed number of output tokens (EOS ignored); aggregate output tokens/s, time to first token (TTFT)
+  and inter-token latency (ITL) p50/p99; with state reuse on (the shared prefix is read once) and off.
+- `chat`: the second turn of a conversation whose history is `--history` tokens: TTFT with reuse on (the engine
+  resumes from the state stored after turn one and reads only the new tokens) against reuse off (re-reads all).
+- `interference`: a `--long-prompt`-token prompt arrives while 8 streams decode; the worst gap between two
+  tokens of those streams while it is prefilled, against the bound "one prefill chunk plus one decode step"
+  (both measured here: the chunk at the prompt's deepest position, the step as the streams' median gap before).
+
+The engine is the server's (`openjamba serve` adds only HTTP and text around it); timestamps are taken in its
+event callbacks, so they are what a client would see less the network. Prints a table, then JSON as the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import Engine, FinishEvent, SamplingParams
+
+PHASES = ("streams", "chat", "interference")
+
+
+@dataclass
+class Timed:
+    """Submit time, token times and the finish event of one request."""
+
+    submitted: float
+    tokens: list[float] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    request_id: int | None = None
+    finish: FinishEvent | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def on_event(self, event) -> None:
+        if isinstance(event, FinishEvent):
+            self.finish = event
+            self.done.set()
+        else:
+            self.tokens.append(time.perf_counter())
+            self.ids.append(event.token_id)
+
+    @property
+    def ttft(self) -> float:
+        return self.tokens[0] - self.submitted
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.tokens, self.tokens[1:])]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def submit(engine: Engine, prompt: list[int], params: SamplingParams) -> Timed:
+    timed = Timed(time.perf_counter())
+    timed.request_id = engine.submit(prompt, params, timed.on_event)
+    return timed
+
+
+def wait(requests: list[Timed], timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    for r in requests:
+        if not r.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the engine did not finish the benchmark's requests in time")
+        if r.finish.reason == "error":
+            raise RuntimeError(f"the engine failed a request: {r.finish.error}")
+
+
+class Tokens:
+    """Random token ids, never repeating a sequence across calls (so reuse happens only where intended)."""
+
+    def __init__(self, vocab_size: int, seed: int) -> None:
+        self.vocab = vocab_size
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, n: int) -> list[int]:
+        return torch.randint(3, self.vocab, (n,), generator=self.g).tolist()  # ids 0-2: pad/BOS/EOS
+
+
+# ---------------------------------------------------------------------- phases
+def bench_streams(model, streams: tuple[int, ...], reuse: bool, tokens: Tokens, prefix: list[int], suffix: int,
+                  output: int, prefill_chunk: int) -> list[dict]:
+    rows = []
+    params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
+    with Engine(model, max_running=max(streams), max_waiting=max(streams), prefill_chunk=prefill_chunk,
+                reuse=reuse) as engine:
+        wait([submit(engine, prefix + tokens(suffix), SamplingParams(max_tokens=2, temperature=0.0))])  # warm-up
+        for n in streams:
+            start = time.perf_counter()
+            requests = [submit(engine, prefix + tokens(suffix), params) for _ in range(n)]
+            wait(requests)
+            elapsed = max(r.tokens[-1] for r in requests) - start
+            generated = sum(len(r.tokens) for r in requests)
+            ttfts = [r.ttft for r in requests]
+            gaps = [g for r in requests for g in r.gaps()]
+            rows.append(dict(streams=n, reuse=reuse, output_tok_s=generated / elapsed, seconds=elapsed,
+                             ttft_p50_ms=1e3 * percentile(ttfts, 50), ttft_p99_ms=1e3 * percentile(ttfts, 99),
+                             itl_p50_ms=1e3 * percentile(gaps, 50), itl_p99_ms=1e3 * percentile(gaps, 99),
+                             cached_tokens=sum(r.finish.cached_tokens for r in requests),
+                             prompt_tokens=sum(r.finish.prompt_tokens for r in requests)))
+            print(_stream_line(rows[-1]), flush=True)
+    return rows
+
+
+def bench_chat(model, tokens: Tokens, history: int, new: int, output: int, prefill_chunk: int) -> dict:
+    """TTFT of a chat's second turn with reuse on and off; the same token ids in both."""
+    first_prompt = tokens(history)
+    turn2 = tokens(new)
+    result: dict[str, Any] = dict(history_tokens=history, new_tokens=new)
+    for reuse in (True, False):
+        with Engine(model, max_running=1, max_waiting=1, prefill_chunk=prefill_chunk, reuse=reuse) as engine:
+            first = submit(engine, first_prompt, SamplingParams(max_tokens=output, temperature=0.0))
+            wait([first])
+            reply = first.ids
+            second = submit(engine, first_prompt + reply + turn2, SamplingParams(max_tokens=4, temperature=0.0))
+            wait([second])
+            key = "reuse" if reuse else "no_reuse"
+            result[f"{key}_ttft_ms"] = 1e3 * second.ttft
+            result[f"{key}_cached_tokens"] = second.finish.cached_tokens
+            result[f"{key}_prompt_tokens"] = second.finish.prompt_tokens
+            result["first_turn_ttft_ms"] = 1e3 * first.ttft
+    result["ttft_speedup"] = result["no_reuse_ttft_ms"] / result["reuse_ttft_ms"]
+    return result
+
+
+def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, prefill_chunk: int) -> dict:
+    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk, reuse=False) as engine:
+        decoding = [submit(engine, tokens(16), params) for _ in range(streams)]
+        while min(len(r.tokens) for r in decoding) < 12:
+            time.sleep(0.01)
+        arrive = time.perf_counter()
+        before = [g for r in decoding for a, g in zip(r.tokens[1:], r.gaps()) if a <= arrive][-8 * streams:]
+        long = submit(engine, tokens(long_prompt), SamplingParams(max_tokens=1, temperature=0.0))
+        wait([long])
+        prefilled = long.tokens[0]
+        time.sleep(0.2)  # a few more steps after it
+        for r in decoding:
+            engine.cancel(r.request_id)
+        wait(decoding)
+    during = [b - a for r in decoding for a, b in zip(r.tokens, r.tokens[1:]) if b > arrive and a < prefilled]
+    step_s = statistics.median(before)
+    chunk_s = _chunk_time(model, tokens, long_prompt, prefill_chunk)
+    worst = max(during)
+    return dict(streams=streams, long_prompt_tokens=long_prompt, prefill_chunk=prefill_chunk,
+                prefill_s=prefilled - arrive, step_ms=1e3 * step_s, chunk_ms=1e3 * chunk_s,
+                bound_ms=1e3 * (step_s + chunk_s), worst_gap_ms=1e3 * worst,
+                gaps_during_prefill=len(during), within_bound=worst <= step_s + chunk_s)
+
+
+@torch.no_grad()
+def _chunk_time(model, tokens: Tokens, length: int, chunk: int, repeats: int = 2) -> float:
+    """Seconds of the deepest prefill chunk of a `length`-token prompt on a one-row cache (best of `repeats`)."""
+    best = float("inf")
+    start = max(0, length - chunk)
+    ids = torch.tensor([tokens(length)])
+    for _ in range(repeats):
+        cache = model.make_cache(1)
+        for s in range(0, start, chunk):
+            model(ids[:, s: min(s + chunk, start)], cache=cache, logits_to_keep=1)
+        t = time.perf_counter()
+        model(ids[:, start:], cache=cache, logits_to_keep=1)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ---------------------------------------------------------------------- the run
+def run_serve_bench(model, name: str, *, phases=PHASES, streams=(1, 2, 4, 8, 16), prefix=256, suffix=32,
+                    output=64, history=4000, new=32, long_prompt=4000, prefill_chunk=512, seed=0) -> dict:
+    model.eval()
+    tokens = Tokens(model.config.vocab_size, seed)
+    report: dict[str, Any] = dict(model=name, machine=machine(), prefill_chunk=prefill_chunk,
+                                  settings=dict(prefix=prefix, suffix=suffix, output=output, history=history,
+                                                new=new, long_prompt=long_prompt))
+    if "streams" in phases:
+        shared = tokens(prefix)
+        report["streams"] = [row for reuse in (True, False) for row in
+                             bench_streams(model, streams, reuse, tokens, shared, suffix, output, prefill_chunk)]
+    if "chat" in phases:
+        report["chat"] = bench_chat(model, tokens, history, new, 16, prefill_chunk)
+    if "interference" in phases:
+        report["interference"] = bench_interference(model, tokens, long_prompt, 8, prefill_chunk)
+    report["targets"] = targets(report)
+    return report
+
+
+def targets(report: dict) -> dict:
+    out: dict[str, Any] = {}
+    rows = [r for r in report.get("streams", []) if r["reuse"]]
+    by_n = {r["streams"]: r["output_tok_s"] for r in rows}
+    if 1 in by_n and 16 in by_n:
+        ratio = by_n[16] / by_n[1]
+        out["streams16_vs_1"] = dict(ratio=ratio, target=6.0, met=ratio >= 6.0)
+    if "chat" in report:
+        ratio = report["chat"]["ttft_speedup"]
+        out["chat_ttft_reuse"] = dict(ratio=ratio, target=10.0, met=ratio >= 10.0)
+    if "interference" in report:
+        i = report["interference"]
+        out["interference_gap"] = dict(worst_gap_ms=i["worst_gap_ms"], bound_ms=i["bound_ms"], met=i["within_bound"])
+    return out
+
+
+def machine() -> dict:
+    import os
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                load_avg_at_start=load)
+
+
+def _stream_line(row: dict) -> str:
+    return (f"{row['streams']:>7} {'on' if row['reuse'] else 'off':>5} {row['output_tok_s']:>10.1f} "
+            f"{row['ttft_p50_ms']:>9.0f} {row['ttft_p99_ms']:>9.0f} {row['itl_p50_ms']:>8.1f} "
+            f"{row['itl_p99_ms']:>8.1f} {row['cached_tokens']:>7}")
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"serving benchmark: {report['model']}, {m['threads']} threads on {m['cpu_count']} CPUs "
+             f"({m['cpu']}), torch {m['torch']}, prefill chunk {report['prefill_chunk']}"]
+    if "streams" in report:
+        s = report["settings"]
+        lines += [f"\nconcurrent streams: {s['prefix']}-token shared prefix + {s['suffix']} own tokens, "
+                  f"{s['output']} output tokens each (greedy)",
+                  "streams reuse  output/s  TTFT p50  TTFT p99  ITL p50  ITL p99  cached",
+                  "                (tok/s)      (ms)      (ms)     (ms)     (ms) (tokens)"]
+        lines += [_stream_line(row) for row in report["streams"]]
+    if "chat" in report:
+        c = report["chat"]
+        lines += [f"\nchat second turn after {c['history_tokens']} history tokens (+{c['new_tokens']} new): TTFT "
+                  f"{c['reuse_ttft_ms']:.0f} ms with reuse ({c['reuse_cached_tokens']} of {c['reuse_prompt_tokens']} "
+                  f"tokens reused) vs {c['no_reuse_ttft_ms']:.0f} ms without: {c['ttft_speedup']:.1f}x sooner"]
+    if "interference" in report:
+        i = report["interference"]
+        lines += [f"\n{i['long_prompt_tokens']}-token prompt arriving while {i['streams']} streams decode: prefilled "
+                  f"in {i['prefill_s']:.2f} s; worst gap {i['worst_gap_ms']:.0f} ms vs bound {i['bound_ms']:.0f} ms "
+                  f"(one {i['prefill_chunk']}-token chunk {i['chunk_ms']:.0f} ms + one step {i['step_ms']:.0f} ms)"]
+    if report.get("targets"):
+        lines.append("\ntargets:")
+        for key, t in report["targets"].items():
+            value = f"{t['ratio']:.2f}x (target {t['target']}x)" if "ratio" in t else \
+                f"{t['worst_gap_ms']:.0f} ms <= {t['bound_ms']:.0f} ms"
+            lines.append(f"  {key}: {value} -> {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    from ..train.metrics import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for reuse in (True, False):
+        rows = [r for r in report.get("streams", []) if r["reuse"] == reuse]
+        label = "reuse on" if reuse else "reuse off"
+        n = [r["streams"] for r in rows]
+        axes[0].plot(n, [r["output_tok_s"] for r in rows], marker="o", label=label)
+        axes[1].plot(n, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"p50, {label}")
+        axes[1].plot(n, [r["ttft_p99_ms"] for r in rows], marker="x", linestyle="--", label=f"p99, {label}")
+        axes[2].plot(n, [r["itl_p50_ms"] for r in rows], marker="o", label=f"p50, {label}")
+        axes[2].plot(n, [r["itl_p99_ms"] for r in rows], marker="x", linestyle="--", label=f"p99, {label}")
+    for ax, title in zip(axes, ("aggregate output tokens/s", "time to first token (ms)", "inter-token latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report)

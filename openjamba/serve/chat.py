@@ -1,0 +1,280 @@
+"""`openjamba chat`: a terminal conversation on the serving engine, in process.
+
+Each turn renders the whole conversation with the checkpoint's chat template, and the engine's state store finds
+the longest prefix it has already read (the previous turn's prompt and reply), so a turn prefills only its new
+tokens: the history is never re-read. `/save FILE` writes the conversation and the exact model state after it as
+one safetensors file (the messages and the model config in its JSON metadata, never pickle); `/load FILE` checks
+that the state belongs to this model's config and puts it back in the store, so the next turn reads only itself.
+
+Thinking (`<think>...</think>`, Jamba Reasoning 3B and Jamba2) is hidden by default (a "thinking..." note on a
+terminal) and shown with `--show-thinking` (dimmed on a terminal). With stdin or stdout not a terminal (piped),
+each input line is a user turn and only the replies are written: no prompts, no colours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .engine import FinishEvent, SamplingParams
+
+FORMAT = "openjamba-chat/1"
+DIM, RESET = "\033[2m", "\033[0m"
+HELP = "commands: /reset  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops a reply, Ctrl-D exits)"
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from .server import add_engine_arguments
+
+    add_engine_arguments(parser)
+    parser.add_argument("--system", default=None, help="system message that starts the conversation")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="most tokens per reply (default 2048)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of each reply's sampling (reproducible)")
+    parser.add_argument("--show-thinking", action="store_true", help="print the model's <think> reasoning "
+                        "(dimmed on a terminal); hidden by default")
+    parser.add_argument("--verbose", action="store_true", help="after each reply, print its prompt tokens, reused "
+                        "tokens and speed to stderr")
+
+
+class Conversation:
+    """Messages plus the engine that holds their state; one `reply` per user turn."""
+
+    def __init__(self, engine, tokenizer, chat, params: SamplingParams, system: str | None = None) -> None:
+        self.engine, self.tokenizer, self.chat, self.params = engine, tokenizer, chat, params
+        self.system = system
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def history_tokens(self) -> list[int]:
+        """The conversation so far as the template renders it, without the next generation prompt."""
+        return self.chat.encode(self.messages, add_generation_prompt=False) if self.messages else []
+
+    def reply(self, text: str, out: Output) -> dict:
+        """Send one user turn, stream the answer to `out`; returns the turn's token counts and timing."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        prompt = self.chat.encode(messages)
+        parser = self.chat.stream_parser(prompt)
+        ids: list[int] = []
+        shown = ""
+        start, first, finish = time.perf_counter(), None, None
+        events = self.engine.stream(prompt, self.params)
+        try:
+            for event in events:
+                if isinstance(event, FinishEvent):
+                    finish = event
+                    parts = parser.feed(self._new_text(ids, shown, final=True)) + parser.flush()
+                else:
+                    first = first or time.perf_counter()
+                    if event.token_id in self.engine.eos_token_ids:
+                        continue
+                    ids.append(event.token_id)
+                    delta = self._new_text(ids, shown)
+                    shown += delta
+                    parts = parser.feed(delta) if delta else []
+                for part in parts:
+                    out.part(part)
+        except KeyboardInterrupt:
+            events.close()  # cancels the request; the turn is dropped
+            out.end(interrupted=True)
+            raise
+        finally:
+            events.close()
+        out.end()
+        if finish is None or finish.reason == "error":
+            raise RuntimeError(finish.error if finish else "the engine stopped")
+        reply = parser.finish()
+        assistant = {"role": "assistant", "content": reply.content or ""}
+        if reply.tool_calls:
+            assistant["tool_calls"] = reply.tool_calls
+        self.messages = messages + [assistant]
+        elapsed = time.perf_counter() - start
+        self._remember()
+        return dict(prompt_tokens=finish.prompt_tokens, cached_tokens=finish.cached_tokens,
+                    completion_tokens=finish.completion_tokens, ttft_s=(first or time.perf_counter()) - start,
+                    seconds=elapsed)
+
+    def _remember(self) -> None:
+        """Store the state after the conversation exactly as the template renders it (the reply re-rendered can
+        differ from the generated tokens, e.g. its end-of-turn marker), now while the user reads and types, so
+        the next turn reads only its own new tokens."""
+        if self.engine.reuse and self.messages:
+            self.engine.export_state(self.history_tokens())
+
+    def _new_text(self, ids: list[int], shown: str, final: bool = False) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        return text[len(shown):]
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: Path, config_dict: dict) -> int:
+        """Write the conversation and its state; returns the number of tokens the state covers."""
+        tokens = self.history_tokens()
+        state = self.engine.export_state(tokens) if tokens else None
+        if state is None:
+            raise ValueError("no stored state to save (the conversation is empty, or state reuse is off)")
+        meta = {"format": FORMAT, "messages": self.messages, "system": self.system, "tokens": tokens,
+                "config": config_dict}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+                  metadata={"openjamba_chat": json.dumps(meta)})
+        return len(tokens)
+
+    def load(self, path: Path, config_dict: dict) -> int:
+        """Restore a saved conversation and its state; returns the number of tokens it covers."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("openjamba_chat", "null") or "null")
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a conversation saved by openjamba chat")
+            if meta["config"] != config_dict:
+                changed = sorted(k for k in set(meta["config"]) | set(config_dict)
+                                 if meta["config"].get(k) != config_dict.get(k))
+                raise ValueError(f"{path} was saved with a different model (config differs in {', '.join(changed)})")
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        messages, tokens = meta["messages"], meta["tokens"]
+        if (self.chat.encode(messages, add_generation_prompt=False) if messages else []) != tokens:
+            raise ValueError(f"{path} was saved with a different tokenizer or chat template")
+        self.engine.import_state(tokens, state)
+        self.messages, self.system = messages, meta.get("system")
+        return len(tokens)
+
+
+class Output:
+    """Writes reply parts: content plainly, reasoning dimmed (or a note, or nothing) depending on the terminal."""
+
+    def __init__(self, stream: TextIO, show_thinking: bool, tty: bool) -> None:
+        self.stream, self.show_thinking, self.tty = stream, show_thinking, tty
+        self.in_reasoning = self.noted = self.wrote = False
+
+    def part(self, part: dict) -> None:
+        if "reasoning_content" in part:
+            if self.show_thinking:
+                self._write(f"{DIM}{part['reasoning_content']}{RESET}" if self.tty else part["reasoning_content"])
+            elif self.tty and not self.noted:
+                self._write(f"{DIM}thinking...{RESET}\r")
+                self.noted = True
+            return
+        if self.noted:  # clear the note once the answer starts
+            self._write("\033[2K\r")
+            self.noted = False
+        self._write(part.get("content", ""))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+        self.wrote = True
+
+    def end(self, interrupted: bool = False) -> None:
+        if self.noted:
+            self._write("\033[2K\r")
+        self.stream.write(" [stopped]\n" if interrupted else "\n")
+        self.stream.flush()
+        self.in_reasoning = self.noted = self.wrote = False
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from .server import load
+    from .templating import ChatFormat
+
+    if args.max_tokens < 1:
+        raise SystemExit("openjamba chat: error: --max-tokens must be at least 1")
+    model, tokenizer, engine = load(args, max_running=1, max_waiting=1)
+    chat = ChatFormat.of(tokenizer)
+    if chat is None:
+        raise SystemExit(f"openjamba chat: error: {args.model} has no chat template (chat_template in "
+                         "tokenizer_config.json or chat_template.jinja); use `openjamba generate` for plain text")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    out = Output(sys.stdout, args.show_thinking, tty=sys.stdout.isatty())
+    conversation = Conversation(engine, tokenizer, chat, params, args.system)
+    config_dict = model.config.to_dict()
+    if interactive:
+        _enable_line_editing()
+        print(f"openjamba chat: {args.model} ({'state reuse' if not args.no_reuse else 'no state reuse'}). {HELP}")
+    engine.start()
+    try:
+        for line in _lines(interactive):
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if _command(text, conversation, config_dict, interactive) == "exit":
+                    break
+                continue
+            try:
+                figures = conversation.reply(text, out)
+            except KeyboardInterrupt:
+                continue
+            except (ValueError, chat.error, RuntimeError) as err:  # a template or length error: drop the turn
+                print(f"error: {err}", file=sys.stderr)
+                continue
+            if args.verbose:
+                print(f"[prompt {figures['prompt_tokens']} tokens, {figures['cached_tokens']} reused; "
+                      f"first token {figures['ttft_s'] * 1000:.0f} ms; {figures['completion_tokens']} tokens in "
+                      f"{figures['seconds']:.2f} s]", file=sys.stderr)
+    finally:
+        engine.stop()
+
+
+def _lines(interactive: bool):
+    if not interactive:
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input(">>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+
+
+def _command(text: str, conversation: Conversation, config_dict: dict, interactive: bool) -> str | None:
+    verb, _, arg = text.partition(" ")
+    arg = arg.strip()
+    note = (lambda msg: print(msg)) if interactive else (lambda msg: print(msg, file=sys.stderr))
+    if verb in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if verb == "/reset":
+        conversation.reset()
+        note("(conversation cleared)")
+    elif verb in ("/save", "/load") and not arg:
+        note(f"usage: {verb} FILE")
+    elif verb == "/save":
+        try:
+            tokens = conversation.save(Path(arg), config_dict)
+            note(f"(saved {len(conversation.messages)} messages and the state after {tokens} tokens to {arg})")
+        except (ValueError, OSError) as err:
+            note(f"cannot save: {err}")
+    elif verb == "/load":
+        try:
+            tokens = conversation.load(Path(arg), config_dict)
+            note(f"(loaded {len(conversation.messages)} messages; the state after {tokens} tokens is restored)")
+        except (ValueError, OSError, KeyError) as err:
+            note(f"cannot load: {err}")
+    elif verb == "/help":
+        note(HELP)
+    else:
+        note(f"unknown command {verb}; {HELP}")
+    return None
+
+
+def _enable_line_editing() -> None:
+    try:
+        import readline  # noqa: F401  (input() gains history and editing)
+    except ImportError:
+        pass

@@ -1,0 +1,242 @@
+"""OpenAI API request schemas (pydantic) and the response shapes the server builds.
+
+Requests are validated strictly from the raw JSON body (`parse_request`): a wrong type is a 400, never a silent
+coercion (`"max_tokens": "5"` is an error, as at OpenAI). Fields OpenAI defines but this server cannot honour
+(penalties, logit_bias, best_of, suffix, JSON response formats) are accepted only at their neutral values, so a
+client never gets output that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's
+own server and vLLM do, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20  # OpenAI's own limit on top logprobs
+
+
+class RequestError(ValueError):
+    """An invalid request: becomes a 400 (or `status`) with OpenAI's error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class _Sampling(_Request):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension; 0 or -1 = off
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> _Sampling:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_checks(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of other than n is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs needs prompt logprobs, which this server does not compute")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of texts or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class FunctionCall(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")  # template-specific fields (e.g. documents) pass through
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text content, tool-call arguments as JSON objects."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type != "text" or part.text is None:
+                    raise RequestError(f"content part type {part.type!r} is not supported (text only)", "messages")
+            message["content"] = "".join(part.text for part in self.content)
+        if self.role == "developer":
+            message["role"] = "system"
+        return message
+
+
+class FunctionDef(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None  # Jamba's grounded generation (the template's `documents`)
+
+    @model_validator(mode="after")
+    def _chat_checks(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_completion_tokens < 1:
+                raise ValueError("max_completion_tokens: must be at least 1")
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than text is not supported by this server")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def parse_request(body: bytes, schema: type[_Request]) -> Any:
+    """The validated request, or RequestError naming the first offending field (as OpenAI's `param`)."""
+    try:
+        return schema.model_validate_json(body, strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise RequestError(f"the body is not valid JSON: {first['msg']}", code="invalid_json") from None
+        if first["type"] == "json_type":
+            raise RequestError("the body must be a JSON object") from None
+        location = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+        message = first["msg"].removeprefix("Value error, ")
+        raise RequestError(f"{location}: {message}" if location else message, param=location or None) from None
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the union member tried (`str`, `list[int]`) in an error's location; OpenAI's param does not."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[0].isupper())
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "openjamba"}

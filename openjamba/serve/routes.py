@@ -1,0 +1,227 @@
+"""`/v1/completions` and `/v1/chat/completions`: requests to engine submissions, events to OpenAI responses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from . import protocol as p
+from .api import Choice, ServerConfig, Submission, _error, check_key, sampling_params, streaming_response
+
+
+def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> None:
+    hidden = frozenset(getattr(tokenizer, "eos_token_ids", None) or [])
+
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.model_name:
+            raise p.RequestError(f"the model {name!r} does not exist; this server serves {config.model_name!r}",
+                                 param="model", code="model_not_found")
+
+    def check_length(ids: list[int], max_tokens: int | None, what: str) -> int:
+        """The max_tokens to use; 400 when the prompt (plus an explicit max_tokens) exceeds the context."""
+        room = config.max_context - len(ids)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" plus {max_tokens} to generate" if max_tokens is not None else ""
+            raise p.RequestError(f"this model's maximum context length is {config.max_context} tokens; the {what} "
+                                 f"has {len(ids)} tokens{asked}", param=what, code="context_length_exceeded")
+        return max_tokens if max_tokens is not None else room
+
+    async def run(request: Request, submission: Submission) -> Response | None:
+        """Wait for every choice of a non-streaming request; an error response, or None when all finished."""
+        try:
+            async for _ in submission.events(request):
+                pass
+        except ConnectionAbortedError:
+            return Response(status_code=499)
+        except RuntimeError as err:
+            return _error(500, str(err), "server_error")
+        finally:
+            submission.cancel()
+        return None
+
+    # ------------------------------------------------------------------ completions
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request, config)
+        req = p.parse_request(await request.body(), p.CompletionRequest)
+        check_model(req.model)
+        prompts = [_prompt_ids(tokenizer, x, config.vocab_size) for x in req.prompts()]
+        max_tokens = req.max_tokens or config.default_max_tokens
+        for ids in prompts:
+            check_length(ids, max_tokens, "prompt")
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        choices = [Choice(i * req.n + j, i, decode, req.stop, hidden)
+                   for i in range(len(prompts)) for j in range(req.n)]
+        submission = Submission(engine, choices)
+        submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs) for c in choices])
+        rid, created = p.new_id("cmpl"), p.now()
+        echoes = [tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
+
+        def logprobs_of(choice: Choice, start: int, offset: int) -> dict | None:
+            return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset)
+
+        if req.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                def chunk(choice: Choice, text: str, reason: str | None, logprobs: dict | None) -> dict:
+                    return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+                            "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": reason}]}
+                sent = {c.index: 0 for c in choices}  # logprob entries already sent
+                offsets = {c.index: len(echoes[c.prompt_index]) for c in choices}
+                for c in choices:
+                    if echoes[c.prompt_index]:
+                        yield chunk(c, echoes[c.prompt_index], None, None)
+                async for choice, delta, ended in submission.events(None):
+                    if not (delta or ended or req.logprobs is not None):
+                        continue
+                    logprobs = logprobs_of(choice, sent[choice.index], offsets[choice.index])
+                    sent[choice.index] = len(choice.logprobs)
+                    offsets[choice.index] += len(delta)
+                    yield chunk(choice, delta, choice.finish_reason if ended else None, logprobs)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+                           "choices": [], "usage": submission.usage()}
+            return streaming_response(submission, chunks())
+
+        if (failed := await run(request, submission)) is not None:
+            return failed
+        return {
+            "id": rid, "object": "text_completion", "created": created, "model": config.model_name,
+            "choices": [{"index": c.index, "text": echoes[c.prompt_index] + c.text,
+                         "logprobs": logprobs_of(c, 0, len(echoes[c.prompt_index])),
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": submission.usage(),
+        }
+
+    # ------------------------------------------------------------------ chat
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request, config)
+        req = p.parse_request(await request.body(), p.ChatCompletionRequest)
+        check_model(req.model)
+        if chat is None:
+            raise p.RequestError("this model has no chat template (chat_template in tokenizer_config.json or "
+                                 "chat_template.jinja), so it cannot chat; use /v1/completions",
+                                 param="messages", code="chat_template_missing")
+        messages = [m.for_template() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            ids = chat.encode(messages, tools=tools, documents=req.documents)
+        except chat.error as err:
+            raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
+        max_tokens = check_length(ids, req.max_tokens, "messages")
+        parse_tools = bool(tools) and req.tool_choice != "none"
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+
+        choices = [Choice(j, 0, decode, req.stop, hidden) for j in range(req.n)]
+        submission = Submission(engine, choices)
+        count = req.logprob_count()
+        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices])
+        rid, created = p.new_id("chatcmpl"), p.now()
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}
+
+        def logprobs_of(choice: Choice, start: int) -> dict | None:
+            return None if count is None else {"content": chat_logprobs(choice.logprobs[start:], token_text)}
+
+        if req.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
+                    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                 "finish_reason": reason}]}
+                parsers = {c.index: chat.stream_parser(ids, parse_tools) for c in choices}
+                sent = {c.index: 0 for c in choices}
+                for c in choices:
+                    yield chunk(c.index, {"role": "assistant", "content": ""})
+                async for choice, delta, ended in submission.events(None):
+                    if not (delta or ended or count is not None):
+                        continue
+                    parser = parsers[choice.index]
+                    parts = parser.feed(delta) if delta else []
+                    if ended:
+                        parts += parser.flush()
+                    logprobs = logprobs_of(choice, sent[choice.index])
+                    sent[choice.index] = len(choice.logprobs)
+                    for part in parts:
+                        yield chunk(choice.index, part, None, logprobs)
+                        logprobs = None
+                    if logprobs is not None:
+                        yield chunk(choice.index, {}, None, logprobs)
+                    if ended:
+                        reason = choice.finish_reason
+                        calls = parser.finish().tool_calls
+                        if calls:
+                            yield chunk(choice.index, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                            reason = "tool_calls"
+                        yield chunk(choice.index, {}, reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": submission.usage()}
+            return streaming_response(submission, chunks())
+
+        if (failed := await run(request, submission)) is not None:
+            return failed
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
+            "choices": [chat_choice(chat, c, ids, parse_tools, logprobs_of(c, 0)) for c in choices],
+            "usage": submission.usage(),
+        })
+
+
+def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, logprobs: dict | None) -> dict:
+    """One non-streaming chat choice: content, reasoning_content and tool_calls split from the output text."""
+    out = chat.parse(choice.text, prompt_ids, tools=parse_tools)
+    message: dict[str, Any] = {"role": "assistant", "content": out.content or None}
+    if out.reasoning_content:
+        message["reasoning_content"] = out.reasoning_content
+    reason = choice.finish_reason
+    if out.tool_calls:
+        message["tool_calls"] = out.tool_calls
+        reason = "tool_calls"
+    if message["content"] is None and not message.get("tool_calls"):
+        message["content"] = ""
+    return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        if not ids:
+            raise p.RequestError("the prompt is empty (no tokens)", param="prompt")
+        return list(ids)
+    if any(t >= vocab_size for t in prompt):
+        raise p.RequestError(f"prompt token ids must be below the vocabulary size {vocab_size}", param="prompt")
+    return list(prompt)
+
+
+def completion_logprobs(entries, token_text, offset: int) -> dict:
+    """OpenAI's legacy completions logprobs: parallel lists of tokens, their logprobs, top alternatives, offsets."""
+    tokens, offsets = [], []
+    for token_id, _, _ in entries:
+        tokens.append(token_text(token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{token_text(t): lp for t, lp in (top or [])} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries, token_text) -> list[dict]:
+    """OpenAI's chat logprobs content: each token with its logprob, UTF-8 bytes and top alternatives."""
+    def item(token_id: int, logprob: float | None) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in (top or [])]} for t, lp, top in entries]
+

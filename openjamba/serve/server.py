@@ -1,0 +1,92 @@
+"""`openjamba serve` and the loading both front ends share: model, tokenizer and engine from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `serve` and `chat`: the checkpoint, where it runs, and the engine's bounds."""
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json, safetensors, "
+                        "tokenizer files)")
+    parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens per prefill step, interleaved with decode steps (default 512)")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="do not keep conversation state between requests (every prompt is read in full)")
+    parser.add_argument("--state-store", type=float, default=1024, metavar="MB",
+                        help="bytes of stored sequence states for reuse, in MB (default 1024)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="longest prompt plus output in tokens (default: the config's max_position_embeddings)")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
+                        "checkpoint directory's name)")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    parser.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    parser.add_argument("--max-waiting", type=int, default=256,
+                        help="requests queued beyond those; more get 429 with Retry-After (default 256)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def load(args: argparse.Namespace, **engine_kwargs):
+    """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags."""
+    from ..cli import default_device, resolve_dtype
+    from ..model import JambaForCausalLM
+    from ..tokenizer import load_tokenizer
+    from .engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"no config.json in {args.model}: --model takes a checkpoint directory")
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError as err:
+        raise SystemExit(f"cannot load the tokenizer of {args.model}: {err}") from None
+    model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    model.eval()
+    max_context = args.max_context or model.config.max_position_embeddings
+    eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
+    engine = Engine(model, prefill_chunk=args.prefill_chunk, reuse=not args.no_reuse,
+                    store_bytes=int(args.state_store * 2**20), max_context=max_context, eos_token_ids=eos,
+                    **engine_kwargs)
+    return model, tokenizer, engine
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api import ServerConfig, create_app
+    from .templating import ChatFormat
+
+    for name in ("max_running", "max_waiting", "prefill_chunk", "port"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"openjamba serve: error: --{name.replace('_', '-')} must be at least 1")
+    model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting)
+    chat = ChatFormat.of(tokenizer)
+    name = args.served_model_name or args.model.resolve().name
+    config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
+                          vocab_size=model.config.vocab_size, api_key=args.api_key)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    if chat is None:
+        logging.warning("%s has no chat template: /v1/chat/completions answers 400; /v1/completions works", args.model)
+    engine.start()
+    try:
+        print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
+              f"{args.max_waiting} waiting; state reuse {'off' if args.no_reuse else 'on'})", flush=True)
+        uvicorn.run(create_app(engine, tokenizer, config, chat), host=args.host, port=args.port,
+                    log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()

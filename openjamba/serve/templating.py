@@ -1,0 +1,51 @@
+"""One checkpoint's chat format for the server and the terminal chat: render turns to token ids, split output.
+
+A thin adapter over `openjamba.chat_format` so both front ends render and parse the same way: it knows whether
+the generation prompt already opened a `<think>` block, and drops tool-call parsing when a client asks for none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..chat_format import (
+    AssistantOutput,
+    ChatTemplateError,
+    StreamingOutputParser,
+    encode_chat,
+    output_format,
+    prompt_opens_reasoning,
+)
+
+
+class ChatFormat:
+    error = ChatTemplateError
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.format = output_format(tokenizer)
+
+    @classmethod
+    def of(cls, tokenizer) -> ChatFormat | None:
+        """The chat format, or None when the checkpoint has no chat template (completion only)."""
+        return cls(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+
+    def encode(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+               documents: list[dict] | None = None, add_generation_prompt: bool = True) -> list[int]:
+        kwargs = {"documents": documents} if documents else {}
+        return list(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                **kwargs))
+
+    def stream_parser(self, prompt_ids: list[int], tools: bool = True) -> StreamingOutputParser:
+        """An incremental parser: `feed(delta)` and `flush()` give content/reasoning deltas, `finish()` the
+        whole output with its tool calls."""
+        kind = self.format if tools else dataclasses.replace(self.format, tool_calls=None)
+        tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+        return StreamingOutputParser(kind, started_in_reasoning=self.format.thinking and prompt_opens_reasoning(tail))
+
+    def parse(self, text: str, prompt_ids: list[int], tools: bool = True) -> AssistantOutput:
+        """content, reasoning_content and (when `tools`) tool_calls in OpenAI's shape."""
+        parser = self.stream_parser(prompt_ids, tools)
+        parser.feed(text)
+        return parser.finish()

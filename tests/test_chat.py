@@ -1,0 +1,154 @@
+"""`openjamba chat`: multi-turn memory on the engine's state store, /save and /load, and piped use."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from openjamba import JambaForCausalLM
+from openjamba.serve.chat import Conversation, Output
+from openjamba.serve.engine import Engine, SamplingParams
+from openjamba.serve.templating import ChatFormat
+from openjamba.tokenizer import load_tokenizer
+
+from .serve_helpers import build_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-jamba")
+
+
+@pytest.fixture(scope="module")
+def parts(checkpoint):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(checkpoint)
+    yield model, tokenizer, ChatFormat(tokenizer)
+    torch.set_num_threads(before)
+
+
+def conversation(parts, reuse: bool = True, system: str | None = "Be brief.") -> tuple[Engine, Conversation]:
+    model, tokenizer, chat = parts
+    engine = Engine(model, max_running=1, max_waiting=1, reuse=reuse, eos_token_ids=tokenizer.eos_token_ids)
+    engine.start()
+    return engine, Conversation(engine, tokenizer, chat, GREEDY, system)
+
+
+def quiet() -> Output:
+    return Output(io.StringIO(), show_thinking=False, tty=False)
+
+
+def test_turns_prefill_only_new_tokens_and_match_no_reuse(parts):
+    engine, talk = conversation(parts)
+    engine_off, talk_off = conversation(parts, reuse=False)
+    try:
+        for turn, text in enumerate(["hello world", "what is the weather", "and in Paris"]):
+            out, out_off = quiet(), quiet()
+            figures = talk.reply(text, out)
+            figures_off = talk_off.reply(text, out_off)
+            assert out.stream.getvalue() == out_off.stream.getvalue()  # identical replies, reuse or not
+            assert figures_off["cached_tokens"] == 0
+            if turn:
+                # the whole history before this turn's user message was stored: only the new tokens are read
+                history = talk.chat.encode(talk.messages[:-2], add_generation_prompt=False)
+                assert figures["cached_tokens"] >= len(history)
+        assert talk.messages == talk_off.messages and len(talk.messages) == 7
+    finally:
+        engine.stop()
+        engine_off.stop()
+
+
+def test_save_and_load_continue_without_rereading(parts, tmp_path):
+    model, _, _ = parts
+    config = model.config.to_dict()
+    engine, talk = conversation(parts)
+    try:
+        talk.reply("hello world", quiet())
+        covered = talk.save(tmp_path / "talk.safetensors", config)
+        assert covered == len(talk.history_tokens())
+        expected = quiet()
+        talk.reply("and in Paris", expected)
+    finally:
+        engine.stop()
+
+    engine, fresh = conversation(parts, system=None)  # a new session: an empty store
+    try:
+        assert fresh.load(tmp_path / "talk.safetensors", config) == covered
+        assert fresh.system == "Be brief." and len(fresh.messages) == 3
+        got = quiet()
+        figures = fresh.reply("and in Paris", got)
+        assert got.stream.getvalue() == expected.stream.getvalue()
+        assert figures["cached_tokens"] >= covered  # the history came from the file, not a prefill
+    finally:
+        engine.stop()
+
+
+def test_load_rejects_another_model_and_other_files(parts, tmp_path):
+    model, _, _ = parts
+    engine, talk = conversation(parts)
+    try:
+        talk.reply("hello", quiet())
+        path = tmp_path / "talk.safetensors"
+        talk.save(path, model.config.to_dict())
+        other = {**model.config.to_dict(), "hidden_size": 64}
+        with pytest.raises(ValueError, match="different model.*hidden_size"):
+            talk.load(path, other)
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+        with pytest.raises(ValueError, match="not a conversation"):
+            talk.load(tmp_path / "other.safetensors", model.config.to_dict())
+        talk.reset()
+        assert talk.messages == [{"role": "system", "content": "Be brief."}]
+    finally:
+        engine.stop()
+
+
+def test_thinking_hidden_or_shown():
+    parts = [{"reasoning_content": "let me see"}, {"content": "Hi."}]
+    for show, tty, want in ((False, False, "Hi.\n"), (True, False, "let me seeHi.\n")):
+        out = Output(io.StringIO(), show_thinking=show, tty=tty)
+        for part in parts:
+            out.part(part)
+        out.end()
+        assert out.stream.getvalue() == want
+    out = Output(io.StringIO(), show_thinking=True, tty=True)
+    out.part(parts[0])
+    assert "\033[2m" in out.stream.getvalue()  # dimmed on a terminal
+
+
+def test_cli_with_piped_stdin(checkpoint, tmp_path):
+    """The real command: piped turns, /save then /load in a second process, no prompts or colours."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "openjamba", "chat", "--model", str(checkpoint), "--temperature", "0",
+           "--max-tokens", "4", "--verbose", "--threads", "1"]
+    saved = tmp_path / "c.safetensors"
+    first = subprocess.run(cmd, input=f"hello world\n/save {saved}\n", capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "\033[" not in first.stdout and ">>>" not in first.stdout and saved.is_file()
+    assert len(first.stdout.splitlines()) == 1  # one reply line
+    second = subprocess.run(cmd, input=f"/load {saved}\nand in Paris\n", capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "loaded 2 messages" in second.stderr
+    reused = [line for line in second.stderr.splitlines() if line.startswith("[prompt")]
+    assert reused and int(reused[0].split(",")[1].split()[0]) > 0  # "[prompt N tokens, M reused; ..."
+
+
+def test_cli_refuses_a_checkpoint_without_template(tmp_path):
+    bare = build_checkpoint(tmp_path / "bare", chat_template=False)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "openjamba", "chat", "--model", str(bare)], input="hi\n",
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "no chat template" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,411 @@
+"""`openjamba serve`: the official openai client against a live server (real engine, tiny random model, a tokenizer
+and chat template built here). Greedy outputs are checked against `generate`, the one-request oracle."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from openjamba import JambaForCausalLM
+from openjamba.serve.api import ServerConfig, create_app
+from openjamba.serve.engine import Engine, FinishEvent, TokenEvent
+from openjamba.serve.templating import ChatFormat
+from openjamba.tokenizer import load_tokenizer
+
+from .serve_helpers import build_checkpoint, running_server, wait_for
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here():
+    """One thread: the engine's many small steps are far faster and steadier so on a busy two-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-jamba")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return load_tokenizer(checkpoint)
+
+
+def make_app(model, tokenizer, chat=True, api_key=None, **engine_kwargs):
+    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids, **engine_kwargs)
+    engine.start()
+    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size,
+                          api_key=api_key)
+    return engine, create_app(engine, tokenizer, config, ChatFormat.of(tokenizer) if chat else None)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    engine, app = make_app(model, tokenizer)
+    with running_server(app) as url:
+        yield engine, url
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """The oracle: `generate`'s greedy continuation, EOS ignored."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, eos_token_id=[])
+    return out[0, len(ids):].tolist()
+
+
+def test_models_health_metrics(server, client):
+    engine, url = server
+    assert [m.id for m in client.models.list().data] == ["tiny-jamba"]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    client.completions.create(model="tiny-jamba", prompt="hello", max_tokens=2)
+    text = httpx.get(url + "/metrics").text
+    for name in ("openjamba_requests_running", "openjamba_requests_waiting", "openjamba_generation_tokens_total",
+                 "openjamba_prompt_tokens_cached_total", "openjamba_queue_time_seconds_count"):
+        assert f"\n{name} " in "\n" + text, name
+    generated = next(float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("openjamba_generation_tokens_total "))
+    assert generated >= 2
+
+
+def test_completion_equals_generate(model, tokenizer, client):
+    prompt = "The quick brown fox"
+    ids = tokenizer.encode(prompt)
+    r = client.completions.create(model="tiny-jamba", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    expected = greedy(model, ids, 8)
+    assert r.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 8)
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completion_prompt_forms_n_and_echo(model, tokenizer, client):
+    ids_a, ids_b = tokenizer.encode("hello world"), tokenizer.encode("Paris is")
+    want_a = tokenizer.decode(greedy(model, ids_a, 4), skip_special_tokens=True)
+    want_b = tokenizer.decode(greedy(model, ids_b, 4), skip_special_tokens=True)
+    args = dict(model="tiny-jamba", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(prompt=["hello world", "Paris is"], **args)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [want_a, want_b]
+    r = client.completions.create(prompt=ids_a, **args)
+    assert r.choices[0].text == want_a
+    r = client.completions.create(prompt=[ids_a, ids_b], n=2, **args)
+    assert sorted((c.index, c.text) for c in r.choices) == [(0, want_a), (1, want_a), (2, want_b), (3, want_b)]
+    assert r.usage.prompt_tokens == len(ids_a) + len(ids_b) and r.usage.completion_tokens == 16
+    r = client.completions.create(prompt="hello world", echo=True, **args)
+    assert r.choices[0].text == tokenizer.decode(ids_a) + want_a
+
+
+def test_completion_logprobs_match_the_model(model, tokenizer, client):
+    ids = tokenizer.encode("hello world")
+    r = client.completions.create(model="tiny-jamba", prompt=ids, max_tokens=3, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+    first = int(logits.argmax())
+    assert lp.tokens[0] == tokenizer.decode([first])
+    assert lp.token_logprobs[0] == pytest.approx(float(logits[first]), abs=1e-4)
+    assert len(lp.top_logprobs[0]) <= 2 and max(lp.top_logprobs[0].values()) == pytest.approx(
+        float(logits.max()), abs=1e-4)
+
+
+def test_streaming_completion_equals_non_streaming(client):
+    args = dict(model="tiny-jamba", prompt="The quick brown", max_tokens=10, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": "tiny-jamba", "prompt": "hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server[1] + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    json.loads(events[0][6:])
+
+
+def test_chat_equals_generate_and_reuses_state(model, tokenizer, client):
+    ids = ChatFormat(tokenizer).encode(MESSAGES)
+    out = greedy(model, ids, 6)
+    r = client.chat.completions.create(model="tiny-jamba", messages=MESSAGES, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    message = r.choices[0].message
+    assert message.role == "assistant"
+    assert message.content == tokenizer.decode(out).strip()
+    assert r.usage.prompt_tokens == len(ids)
+    again = client.chat.completions.create(model="tiny-jamba", messages=MESSAGES, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert again.choices[0].message.content == message.content
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(ids) - 1  # the whole prompt's state was stored
+
+
+def test_chat_streaming(client):
+    args = dict(model="tiny-jamba", messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny-jamba", messages=MESSAGES, max_tokens=3, temperature=0,
+                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)  # greedy = top
+
+
+def test_seed_reproducible_and_n_choices(client):
+    args = dict(model="tiny-jamba", prompt="hello", max_tokens=8, temperature=1.0, seed=7,
+                extra_body={"ignore_eos": True})
+    a, b = client.completions.create(**args), client.completions.create(**args)
+    assert a.choices[0].text == b.choices[0].text
+    r = client.completions.create(n=3, **args)
+    assert len(r.choices) == 3 and r.choices[0].text == a.choices[0].text  # choice i uses seed + i
+
+
+def test_stop_string_ends_the_choice(client):
+    args = dict(model="tiny-jamba", prompt="The quick brown", max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})
+    full = client.completions.create(**args).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("the greedy text has no usable stop string")
+    r = client.completions.create(stop=[stop], **args)
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, stop=stop, **args))
+    assert streamed == r.choices[0].text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "model": "gpt-4"}, "model"),
+    ({"prompt": [[]]}, None),
+    ({"prompt": [99999]}, "prompt"),
+    ({"prompt": "hi " * 600, "max_tokens": 10}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 1023}, "prompt"),
+    ({"prompt": "hi", "n": 0}, "n"),
+])
+def test_invalid_completions_are_400(server, client, body, param):
+    r = httpx.post(server[1] + "/v1/completions", json={"model": "tiny-jamba", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert "Traceback" not in r.text
+    if param is not None:
+        assert error["param"] == param
+    assert client.completions.create(model="tiny-jamba", prompt="hi", max_tokens=1).choices  # still serving
+
+
+def test_bad_json_and_bad_chat_are_400(server):
+    url = server[1]
+    for raw in (b"{not json", b"[1, 2]", b""):
+        r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json()
+    for body in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},
+                 {"messages": MESSAGES, "logprobs": "yes"}, {"messages": MESSAGES, "top_logprobs": 2}):
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400, body
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_api_key(model, tokenizer):
+    engine, app = make_app(model, tokenizer, api_key="sekrit")
+    try:
+        with running_server(app) as url:
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+            assert httpx.get(url + "/v1/models").status_code == 401
+            good = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
+            assert good.completions.create(model="tiny-jamba", prompt="hi", max_tokens=1).choices
+            assert httpx.get(url + "/health").status_code == 200  # probes need no key
+    finally:
+        engine.stop()
+
+
+def test_checkpoint_without_chat_template(model, tokenizer):
+    engine, app = make_app(model, tokenizer, chat=False)
+    try:
+        with running_server(app) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError, match="no chat template"):
+                c.chat.completions.create(model="tiny-jamba", messages=MESSAGES)
+            assert c.completions.create(model="tiny-jamba", prompt="hi", max_tokens=2).choices[0].text is not None
+    finally:
+        engine.stop()
+
+
+def test_full_queue_is_429_with_retry_after(model, tokenizer):
+    engine, app = make_app(model, tokenizer, max_running=1, max_waiting=1)
+    try:
+        with running_server(app) as url:
+            long = {"model": "tiny-jamba", "prompt": "hi", "max_tokens": 500, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as first:
+                lines = first.iter_lines()  # held: a dropped iterator closes the connection
+                next(lines)
+                assert wait_for(lambda: engine.stats()["running"] == 1)
+                with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as second:
+                    assert wait_for(lambda: engine.stats()["waiting"] == 1)
+                    r = httpx.post(url + "/v1/completions", json={**long, "stream": False}, timeout=60)
+                    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert second.status_code == 200
+            assert wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+    finally:
+        engine.stop()
+
+
+def test_client_disconnect_frees_its_row(server):
+    engine, url = server
+    body = {"model": "tiny-jamba", "prompt": "hello", "max_tokens": 800, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert engine.stats()["running"] == 1
+    assert wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+    assert engine.stats()["generated_tokens_total"] < 10_000
+
+
+def test_16_concurrent_greedy_requests_equal_their_solo_outputs(client):
+    prompts = [f"hello world {i} " * (1 + i % 3) for i in range(16)]
+    args = dict(model="tiny-jamba", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    solo = [client.completions.create(prompt=p, **args).choices[0].text for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda p: client.completions.create(prompt=p, **args).choices[0].text, prompts))
+    assert together == solo
+
+
+def test_reuse_on_and_off_give_identical_outputs(model, tokenizer, server, client):
+    engine, app = make_app(model, tokenizer, reuse=False)
+    try:
+        with running_server(app) as url:
+            off = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            messages, cached = list(MESSAGES), []
+            for turn in ("what is the weather", "and in Paris"):
+                messages.append({"role": "user", "content": turn})
+                args = dict(model="tiny-jamba", messages=messages, max_tokens=5, temperature=0,
+                            extra_body={"ignore_eos": True})
+                a, b = client.chat.completions.create(**args), off.chat.completions.create(**args)
+                assert a.choices[0].message.content == b.choices[0].message.content
+                assert b.usage.prompt_tokens_details.cached_tokens == 0
+                cached.append(a.usage.prompt_tokens_details.cached_tokens)
+                messages.append({"role": "assistant", "content": a.choices[0].message.content})
+            assert cached[-1] > len(ChatFormat(tokenizer).encode(MESSAGES)) // 2  # the history was not re-read
+    finally:
+        engine.stop()
+
+
+def _load(url: str, requests: int, clients: int, seed: int = 0) -> list[int]:
+    """`requests` random completions from `clients` threads; returns the HTTP statuses."""
+    rng = random.Random(seed)
+    bodies = [{"model": "tiny-jamba", "prompt": [rng.randrange(3, 300) for _ in range(rng.randint(1, 60))],
+               "max_tokens": rng.randint(1, 6), "temperature": rng.choice([0, 0.8]),
+               "stream": rng.random() < 0.3} for _ in range(requests)]
+    with httpx.Client(timeout=120) as http, ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda b: http.post(url + "/v1/completions", json=b).status_code, bodies))
+
+
+def test_load_200_requests_from_32_clients_leaves_nothing_behind(model, tokenizer):
+    engine, app = make_app(model, tokenizer, max_running=16, max_waiting=256, store_bytes=1 << 20)
+    try:
+        with running_server(app) as url:
+            assert set(_load(url, 200, 32, seed=1)) == {200}
+            assert wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+            stats = engine.stats()
+            assert stats["requests_finished_total"] == 200
+            assert stats["batch_cache_bytes"] == 0 and stats["store_bytes"] <= 1 << 20
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------- tool calls
+class ScriptedEngine:
+    """Follows the Engine contract but emits a fixed token sequence: the tiny random model never writes a tool
+    call, so this drives the server's tool-call path end to end (HTTP, parsing, streaming) with a known output."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.next_id = script, 0
+
+    def submit(self, prompt, params, on_event):
+        rid, self.next_id = self.next_id, self.next_id + 1
+
+        def run():
+            for t in self.script:
+                on_event(TokenEvent(rid, t, None, None))
+            on_event(FinishEvent(rid, "stop", len(prompt), len(self.script), 0, None))
+        threading.Thread(target=run, daemon=True).start()
+        return rid
+
+    def cancel(self, request_id):
+        pass
+
+    def stats(self):
+        return {"running": 0, "waiting": 0}
+
+
+def test_tool_calls_and_reasoning(tokenizer):
+    text = ('<think>the user wants weather</think>Let me check.\n<tool_call>{"name": "get_weather", '
+            '"arguments": {"city": "Paris"}}</tool_call>')
+    script = tokenizer.encode(text, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
+    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=tokenizer.vocab_size)
+    app = create_app(ScriptedEngine(script), tokenizer, config, ChatFormat(tokenizer))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        args = dict(model="tiny-jamba", messages=[{"role": "user", "content": "weather in Paris?"}], tools=tools)
+        r = c.chat.completions.create(tool_choice="auto", **args)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == "Let me check."
+        assert choice.message.model_extra["reasoning_content"] == "the user wants weather"
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+        chunks = list(c.chat.completions.create(stream=True, **args))
+        deltas = [ch.choices[0].delta for ch in chunks]
+        assert "".join(d.content or "" for d in deltas) == "Let me check."
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "the user wants weather"
+        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+        assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        r = c.chat.completions.create(tool_choice="none", **args)  # no tool calls: the markup stays text
+        assert r.choices[0].finish_reason == "stop" and "<tool_call>" in r.choices[0].message.content
