@@ -283,15 +283,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from .bench.serve import SERVE_PHASES, format_serve_report, plot_serve_report, run_serve_bench
     from .model import JambaForCausalLM
-    from .serve.bench import PHASES, format_report, plot_report, run_serve_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
-    if unknown := set(phases) - set(PHASES):
+    if unknown := set(phases) - set(SERVE_PHASES):
         raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(PHASES)}")
+                         f"{', '.join(SERVE_PHASES)}")
     config, name = config_from_args(args)
     if args.model:
         model = JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -301,9 +301,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     report = run_serve_bench(model, name, phases=phases, streams=args.streams, prefix=args.prefix_tokens,
                              suffix=args.suffix_tokens, output=args.output_tokens, history=args.history,
                              long_prompt=args.long_prompt, prefill_chunk=args.prefill_chunk, seed=args.seed)
-    print(format_report(report))
+    print(format_serve_report(report))
     if args.plot:
-        print(f"plot: {plot_report(report, args.plot)}")
+        print(f"plot: {plot_serve_report(report, args.plot)}")
     print(json.dumps(report))
 
 

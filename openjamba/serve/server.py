@@ -41,8 +41,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, **engine_kwargs):
     """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags."""
-    from ..cli import default_device, resolve_dtype
+    from ..cli import resolve_dtype
     from ..model import JambaForCausalLM
+    from ..runtime import default_device
     from ..tokenizer import load_tokenizer
     from .engine import Engine
 

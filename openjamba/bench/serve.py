@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, FinishEvent, SamplingParams
+from ..serve.engine import Engine, FinishEvent, SamplingParams
 
-PHASES = ("streams", "chat", "interference")
+SERVE_PHASES = ("streams", "chat", "interference")
 
 
 @dataclass
@@ -142,7 +142,8 @@ def bench_chat(model, tokens: Tokens, history: int, new: int, output: int, prefi
 
 def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, prefill_chunk: int) -> dict:
     params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
-    with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk, reuse=False) as engine:
+    with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk,
+                reuse=False) as engine:
         decoding = [submit(engine, tokens(16), params) for _ in range(streams)]
         while min(len(r.tokens) for r in decoding) < 12:
             time.sleep(0.01)
@@ -182,7 +183,7 @@ def _chunk_time(model, tokens: Tokens, length: int, chunk: int, repeats: int = 2
 
 
 # ---------------------------------------------------------------------- the run
-def run_serve_bench(model, name: str, *, phases=PHASES, streams=(1, 2, 4, 8, 16), prefix=256, suffix=32,
+def run_serve_bench(model, name: str, *, phases=SERVE_PHASES, streams=(1, 2, 4, 8, 16), prefix=256, suffix=32,
                     output=64, history=4000, new=32, long_prompt=4000, prefill_chunk=512, seed=0) -> dict:
     model.eval()
     tokens = Tokens(model.config.vocab_size, seed)
@@ -232,7 +233,7 @@ def _stream_line(row: dict) -> str:
             f"{row['itl_p99_ms']:>8.1f} {row['cached_tokens']:>7}")
 
 
-def format_report(report: dict) -> str:
+def format_serve_report(report: dict) -> str:
     m = report["machine"]
     lines = [f"serving benchmark: {report['model']}, {m['threads']} threads on {m['cpu_count']} CPUs "
              f"({m['cpu']}), torch {m['torch']}, prefill chunk {report['prefill_chunk']}"]
@@ -262,8 +263,8 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict, path: str | Path) -> Path:
-    from ..train.metrics import pyplot, save_figure
+def plot_serve_report(report: dict, path: str | Path) -> Path:
+    from ..plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
