@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 1,2,4,8,16)")
     bsv.add_argument("--prefix-tokens", type=int, default=256, help="shared system prefix of every stream")
     bsv.add_argument("--suffix-tokens", type=int, default=32, help="each stream's own prompt tokens")
-    bsv.add_argument("--output-tokens", type=int, default=64, help="tokens generated per stream")
+    bsv.add_argument("--output-tokens", type=int, default=128, help="tokens generated per stream (default 128)")
     bsv.add_argument("--history", type=_parse_count, default=4000, help="chat history before the second turn")
     bsv.add_argument("--long-prompt", type=_parse_count, default=4000, help="the prompt that arrives while 8 "
                      "streams decode")

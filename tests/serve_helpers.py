@@ -35,7 +35,7 @@ def build_checkpoint(directory: Path, chat_template: bool = True, seed: int = 0)
     """A random 4-layer Jamba (attention, Mamba, MoE) with a byte-level BPE tokenizer (ChatML's <|im_start|> and
     <|im_end|> added, <|im_end|> the EOS) and, unless told not to, a ChatML chat template, saved as a checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
-    backend = byte_level_tokenizer(CORPUS, vocab_size=400)  # <pad>=0, <bos>=1, <eos>=2
+    backend = byte_level_tokenizer(CORPUS, vocab_size=400).backend  # <pad>=0, <bos>=1, <eos>=2
     backend.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
     backend.save(str(directory / "tokenizer.json"))
     tokenizer_config = {"bos_token": "<bos>", "eos_token": "<|im_end|>", "pad_token": "<pad>"}

@@ -4,9 +4,14 @@ and chat template built here). Greedy outputs are checked against `generate`, th
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,7 +24,7 @@ from openjamba.serve.engine import Engine, FinishEvent, TokenEvent
 from openjamba.serve.templating import ChatFormat
 from openjamba.tokenizer import load_tokenizer
 
-from .serve_helpers import build_checkpoint, running_server, wait_for
+from .serve_helpers import build_checkpoint, free_port, running_server, wait_for
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}]
 
@@ -409,3 +414,47 @@ def test_tool_calls_and_reasoning(tokenizer):
 
         r = c.chat.completions.create(tool_choice="none", **args)  # no tool calls: the markup stays text
         assert r.choices[0].finish_reason == "stop" and "<tool_call>" in r.choices[0].message.content
+
+
+# ---------------------------------------------------------------------- the command and the benchmark
+def test_serve_command(checkpoint):
+    """`openjamba serve` as a user runs it: a subprocess on a free port, stopped by the test."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
+                             str(port), "--api-key", "k", "--threads", "1", "--max-running", "4",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+        assert wait_for(up, timeout=60) and proc.poll() is None
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny-jamba"]
+        assert c.chat.completions.create(model="tiny-jamba", messages=MESSAGES, max_tokens=3).choices
+        c.close()  # no keep-alive connection for the server to wait on at shutdown
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "openjamba serve: tiny-jamba on http://127.0.0.1" in out
+
+
+def test_bench_serve_smoke(model):
+    from openjamba.bench.serve import format_serve_report, run_serve_bench
+
+    report = run_serve_bench(model, "tiny", streams=(1, 2), prefix=16, suffix=4, output=4, history=48, new=4,
+                             long_prompt=40, prefill_chunk=16)
+    rows = report["streams"]
+    assert [(r["streams"], r["reuse"]) for r in rows] == [(1, True), (2, True), (1, False), (2, False)]
+    assert all(r["output_tok_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    assert rows[1]["cached_tokens"] >= 2 * 16 and rows[3]["cached_tokens"] == 0  # the shared prefix, reuse on only
+    chat = report["chat"]
+    assert chat["reuse_cached_tokens"] >= 48 and chat["no_reuse_cached_tokens"] == 0
+    assert report["interference"]["gaps_during_prefill"] > 0
+    assert set(report["targets"]) == {"chat_ttft_reuse", "interference_gap"}  # no 16-stream run here
+    assert "targets:" in format_serve_report(report)
+    json.dumps(report)

@@ -164,7 +164,7 @@ class Submission:
         while open_ids:
             try:
                 event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 if request is not None and await request.is_disconnected():
                     raise ConnectionAbortedError("client disconnected") from None
                 continue
