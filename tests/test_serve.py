@@ -171,6 +171,15 @@ def test_chat_equals_generate_and_reuses_state(model, tokenizer, client):
     assert again.usage.prompt_tokens_details.cached_tokens >= len(ids) - 1  # the whole prompt's state was stored
 
 
+def test_shared_system_prompt_is_reused_across_conversations(tokenizer, client):
+    system = {"role": "system", "content": "You answer questions about the weather in Paris, briefly."}
+    args = dict(model="tiny-jamba", max_tokens=1)
+    client.chat.completions.create(messages=[system, {"role": "user", "content": "hello"}], **args)
+    other = client.chat.completions.create(messages=[system, {"role": "user", "content": "the temperature?"}], **args)
+    head = ChatFormat(tokenizer).encode([system], add_generation_prompt=False)
+    assert other.usage.prompt_tokens_details.cached_tokens >= len(head)
+
+
 def test_chat_streaming(client):
     args = dict(model="tiny-jamba", messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**args).choices[0].message.content

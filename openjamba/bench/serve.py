@@ -17,7 +17,7 @@ event callbacks, so they are what a client would see less the network. Prints a 
 from __future__ import annotations
 
 import json
-import platform
+import os
 import statistics
 import threading
 import time
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..serve.engine import Engine, FinishEvent, SamplingParams
+from .measure import machine_info
 
 SERVE_PHASES = ("streams", "chat", "interference")
 
@@ -189,7 +190,7 @@ def run_serve_bench(model, name: str, *, phases=SERVE_PHASES, streams=(1, 2, 4, 
                     output=128, history=4000, new=32, long_prompt=4000, prefill_chunk=512, seed=0) -> dict:
     model.eval()
     tokens = Tokens(model.config.vocab_size, seed)
-    report: dict[str, Any] = dict(model=name, machine=machine(), prefill_chunk=prefill_chunk,
+    report: dict[str, Any] = dict(model=name, machine=machine(model), prefill_chunk=prefill_chunk,
                                   settings=dict(prefix=prefix, suffix=suffix, output=output, history=history,
                                                 new=new, long_prompt=long_prompt))
     if "streams" in phases:
@@ -220,13 +221,11 @@ def targets(report: dict) -> dict:
     return out
 
 
-def machine() -> dict:
-    import os
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                load_avg_at_start=load)
+def machine(model) -> dict:
+    """`machine_info`, plus the load average: on a shared machine the figures depend on it."""
+    info = machine_info(model.device, torch.get_num_threads())
+    info["load_avg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return info
 
 
 def _stream_line(row: dict) -> str:

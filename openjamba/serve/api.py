@@ -137,10 +137,12 @@ class Submission:
         except RuntimeError:  # the event loop has closed (server shutting down)
             pass
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], keep_states_at: list[int] = ()) -> None:
+        """Submit every choice; `keep_states_at`: prompt positions whose state the engine should keep."""
+        extra = {"keep_states_at": keep_states_at} if keep_states_at else {}
         try:
             for choice, param in zip(self.choices, params):
-                choice.request_id = self.engine.submit(prompts[choice.prompt_index], param, self._on_event)
+                choice.request_id = self.engine.submit(prompts[choice.prompt_index], param, self._on_event, **extra)
                 self.by_id[choice.request_id] = choice
         except EngineFull as full:
             self.cancel()

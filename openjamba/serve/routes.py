@@ -127,7 +127,8 @@ def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> N
         choices = [Choice(j, 0, decode, req.stop, hidden) for j in range(req.n)]
         submission = Submission(engine, choices)
         count = req.logprob_count()
-        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices])
+        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices],
+                          chat.system_prefix(messages, ids))
         rid, created = p.new_id("chatcmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}
 

@@ -37,6 +37,18 @@ class ChatFormat:
         return list(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                 **kwargs))
 
+    def system_prefix(self, messages: list[dict[str, Any]], prompt_ids: list[int]) -> list[int]:
+        """[the length of the leading system message(s) in `prompt_ids`] when they render as its prefix, else []:
+        the engine keeps the state there, so other conversations with the same system prompt start from it."""
+        count = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+        if count == 0 or count == len(messages):
+            return []
+        try:
+            head = self.encode(messages[:count], add_generation_prompt=False)
+        except ChatTemplateError:  # some templates insist on a user turn
+            return []
+        return [len(head)] if 0 < len(head) < len(prompt_ids) and prompt_ids[:len(head)] == head else []
+
     def stream_parser(self, prompt_ids: list[int], tools: bool = True) -> StreamingOutputParser:
         """An incremental parser: `feed(delta)` and `flush()` give content/reasoning deltas, `finish()` the
         whole output with its tool calls."""
