@@ -243,7 +243,9 @@ class HybridCache:
         cache = cls(model, 1, kv_dtype=kv_dtype)
         for layer, (a, b) in zip(cache.layers, state.layers):
             if isinstance(layer, KVCache):
-                layer.k, layer.v = a[None].to(layer.k), b[None].to(layer.v)  # (1, kv_heads, length, hd)
+                # Copies, never views: the cache is written in place and `state` may be held by a store.
+                layer.k = a[None].to(layer.k, copy=True)  # (1, kv_heads, length, hd)
+                layer.v = b[None].to(layer.v, copy=True)
             else:
                 layer.conv.copy_(a[None])
                 layer.ssm.copy_(b[None])

@@ -196,6 +196,8 @@ def test_row_state_restores_exactly_and_continues_as_one_full_forward(config_nam
     assert state.nbytes() == sum(t.nbytes for t in state.to_dict().values()) - 8  # all but the int64 length
     state = RowState.from_dict(state.to_dict(), model)  # through the serialisable form
     restored = HybridCache.from_row_state(model, state)
+    assert not any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+                   for layer, pair in zip(restored.layers, state.layers) for t, s in zip(layer.tensors(), pair))
     steps = [decode_step(model, ids[t:t + 1], restored)[0] for t in range(12, 20)]
     torch.testing.assert_close(torch.stack(steps), full[12:], atol=ATOL, rtol=0)
 
