@@ -139,7 +139,10 @@ def test_reuse_on_and_off_give_identical_outputs_and_chat_turns_hit(model):
             (out3,), (fin3,) = run(engine, [system + user3], GREEDY)  # shares only the system prompt
             (out4,), (fin4,) = run(engine, [system + user2], GREEDY)  # shares it too: now stored at the boundary
             (out5,), (fin5,) = run(engine, [system + user1], GREEDY)  # the very same prompt again
+            stats = engine.stats()
         results[reuse] = [out1, out2, out3, out4, out5], [fin1, fin2, fin3, fin4, fin5]
+        assert stats["store_hits_total"] == (3 if reuse else 0)
+        assert stats["cached_prompt_tokens_total"] == sum(f.cached_tokens for f in results[reuse][1])
     assert results[True][0] == results[False][0]
     assert all(f.cached_tokens == 0 for f in results[False][1])
     fin1, fin2, fin3, fin4, fin5 = results[True][1]

@@ -95,6 +95,7 @@ class _Request:
     prefilled: int = 0  # prompt tokens in `cache`
     keep_at: list[int] = field(default_factory=list)  # prompt positions to keep the state at, ascending
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
+    admitted: float | None = None  # time.monotonic() when it left the queue
 
 
 class Engine:
@@ -145,7 +146,8 @@ class Engine:
         self._batch: HybridCache | None = None
         self._counters = dict(generated_tokens_total=0, prompt_tokens_total=0, cached_prompt_tokens_total=0,
                               queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
-                              requests_failed_total=0, steps_total=0)
+                              requests_failed_total=0, steps_total=0, store_lookups_total=0, store_hits_total=0)
+        self._service_seconds = 1.0  # moving average of admission-to-finish time, for Retry-After
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -190,7 +192,8 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
             if len(self._waiting) >= self.max_waiting:
-                raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests)", retry_after=1.0)
+                raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests)",
+                                 retry_after=self._retry_after())
             request = _Request(self._next_id, prompt, params, on_event, time.monotonic(),
                                keep_at=keep_at)
             self._next_id += 1
@@ -254,6 +257,11 @@ class Engine:
         if row.logits is None:
             raise ValueError("the state has no logits: not saved by export_state")
         self.store.put(list(tokens), row)
+
+    def _retry_after(self) -> float:
+        """Seconds until a place in the queue is likely free: a running request finishes every (its average time
+        in the engine) / max_running seconds. At least one second."""
+        return max(1.0, round(self._service_seconds / self.max_running, 1))
 
     # ------------------------------------------------------------------ input checks
     def _check(self, prompt, params: SamplingParams) -> list[int]:
@@ -348,7 +356,10 @@ class Engine:
             request.generator = torch.Generator(device=self.model.device)
             request.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         self._counters["prompt_tokens_total"] += len(request.prompt)
+        request.admitted = time.monotonic()
         found = self.store.lookup(request.prompt) if self.reuse else None
+        self._counters["store_lookups_total"] += found is not None
+        self._counters["store_hits_total"] += found is not None and found.state is not None
         if found is not None and found.state is not None:
             request.cache = HybridCache.from_row_state(self.model, found.state, kv_dtype=self.kv_dtype)
             request.prefilled = request.cached_tokens = found.length
@@ -522,6 +533,8 @@ class Engine:
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
         request.cache = request.logits = None
         self._counters["requests_finished_total"] += 1
+        if request.admitted is not None:
+            self._service_seconds += 0.1 * (time.monotonic() - request.admitted - self._service_seconds)
         self._send(request, FinishEvent(request.id, reason, len(request.prompt), len(request.output),
                                         request.cached_tokens, error))
 
