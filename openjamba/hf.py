@@ -6,15 +6,19 @@ experts: openjamba keeps each layer's experts fused (`experts.gate_up_proj` (E, 
 expert (`experts.{j}.gate_proj.weight`, `up_proj`, `down_proj`): the layout of the published ai21labs checkpoints,
 which transformers 4.4x-5.x all load. Both layouts are accepted when loading; saving writes the per-expert one.
 
-Loading checks every tensor name and shape against the config before allocating anything, reports all problems
-in one message, builds the model on the meta device and fills it shard by shard, so peak memory is about one copy
-of the weights. Only safetensors are read: pickle files are refused, never unpickled.
+Loading checks every tensor name and shape against the config before allocating anything (reading only the
+safetensors headers, through `safetensors.safe_open`), reports all problems in one message, builds the model on
+the meta device and fills it shard by shard, so peak memory is about one copy of the weights plus one tensor.
+Only safetensors are read: pickle files are refused, never unpickled.
+
+At a 16-bit load dtype the tensors of the SSM dynamics (`A_log`, `D` and the dt bias) stay fp32, as the reference
+implementations keep them: the mixer computes with them in fp32 anyway, and rounding `A_log` or the dt bias to
+bf16 changes every step's decay.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import warnings
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import JambaConfig
@@ -33,7 +38,12 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Each per-expert checkpoint tensor (`experts.{j}.NAME.weight`) and where it lives in openjamba's fused expert
+# parameters: (fused parameter, which block of `intermediate_size` rows of expert j's matrix, None for all of it).
+EXPERT_TENSORS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(" + "|".join(EXPERT_TENSORS)
+                         + r")\.weight$")
+FP32_PARAMS = ("mamba.A_log", "mamba.D", "mamba.dt_proj.bias")  # kept in fp32 at a 16-bit load dtype
 
 
 class CheckpointError(ValueError):
@@ -59,29 +69,31 @@ def checkpoint_target(name: str, config: JambaConfig) -> Target:
     match = _PER_EXPERT.match(name)
     if not match:
         return Target(name)
-    prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+    prefix, expert, (fused, block) = match.group(1), int(match.group(2)), EXPERT_TENSORS[match.group(3)]
     I = config.intermediate_size
-    if proj == "down_proj":
-        return Target(f"{prefix}.down_proj", expert)
-    return Target(f"{prefix}.gate_up_proj", expert, (0, I) if proj == "gate_proj" else (I, 2 * I))
+    return Target(f"{prefix}.{fused}", expert, None if block is None else (block * I, (block + 1) * I))
+
+
+def per_expert_names(param: str, num_experts: int) -> list[str]:
+    """The checkpoint names of a fused expert parameter's pieces (`...experts.gate_up_proj` -> every expert's
+    gate_proj and up_proj); [] for any other parameter."""
+    prefix, _, fused = param.rpartition(".")
+    if not prefix.endswith(".experts"):
+        return []
+    return [f"{prefix}.{j}.{proj}.weight" for j in range(num_experts)
+            for proj, (target, _) in EXPERT_TENSORS.items() if target == fused]
 
 
 def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under their checkpoint names, experts split per expert (views, not copies)."""
     config = model.config
-    I = config.intermediate_size
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: transformers writes only the embedding
-        if name.endswith("experts.gate_up_proj"):
-            prefix = name[: -len(".gate_up_proj")]
-            for j in range(tensor.shape[0]):
-                yield f"{prefix}.{j}.gate_proj.weight", tensor[j, :I]
-                yield f"{prefix}.{j}.up_proj.weight", tensor[j, I:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len(".down_proj")]
-            for j in range(tensor.shape[0]):
-                yield f"{prefix}.{j}.down_proj.weight", tensor[j]
+        pieces = per_expert_names(name, tensor.shape[0])
+        if pieces:
+            for piece in pieces:
+                yield piece, checkpoint_target(piece, config).view(tensor)
         else:
             yield name, tensor
 
@@ -117,75 +129,48 @@ def find_weight_files(path: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a safetensors file, located by its header."""
+    """One tensor of a safetensors file, as its header describes it."""
 
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse and check a safetensors header (format: u64 length, JSON, data) without reading the data."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or 8 + length > size:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupted?): "
-                                  f"header length {length} does not fit a file of {size} bytes")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupted?): "
-                                  f"its header is not valid JSON ({err})") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupted?)")
-    header.pop("__metadata__", None)
-    data_start, entries, data_end = 8 + length, {}, 0
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{file}: bad header entry for {name!r} ({err}); the file is corrupted") from err
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise CheckpointError(f"{file}: header entry {name!r} has {end - begin} bytes for shape {list(shape)} "
-                                  f"{info['dtype']}; the file is corrupted")
-        entries[name] = TensorEntry(file, dtype, shape, data_start + begin, end - begin)
-        data_end = max(data_end, end)
-    if data_start + data_end != size:
-        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupted?): the header "
-                              f"describes {data_start + data_end} bytes, the file has {size}")
-    return entries
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorEntry]:
-    """name -> TensorEntry for every tensor of every shard, reading only the headers."""
+    """name -> TensorEntry for every tensor of every shard, reading only the headers (`safe_open` checks that
+    each header is valid and covers its file exactly). Every unreadable file is named in one CheckpointError."""
     entries: dict[str, TensorEntry] = {}
+    problems: list[str] = []
     for file in files:
-        for name, entry in read_safetensors_header(file).items():
-            if name in entries:
-                raise CheckpointError(f"tensor {name} appears in both {entries[name].file.name} and {file.name}")
-            entries[name] = entry
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    stored = view.get_dtype()
+                    if stored not in SAFETENSORS_DTYPES:
+                        problems.append(f"{file}: tensor {name!r} has unsupported dtype {stored}")
+                        continue
+                    if name in entries:
+                        problems.append(f"tensor {name} appears in both {entries[name].file.name} and {file.name}")
+                        continue
+                    entries[name] = TensorEntry(file, SAFETENSORS_DTYPES[stored], tuple(view.get_shape()))
+        except (SafetensorError, OSError) as err:
+            problems.append(f"{file} is not a readable safetensors file (truncated or corrupted?): {err}")
+    if problems:
+        raise CheckpointError("\n".join(problems))
     return entries
 
 
-def copy_from_file(entries: list[tuple[TensorEntry, torch.Tensor]]) -> None:
-    """Copy tensors of one file straight from a memory map into their destinations: no intermediate copy."""
-    file = entries[0][0].file
-    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-        for entry, dest in entries:
-            if entry.nbytes:
-                source = torch.frombuffer(mapped, dtype=entry.dtype, count=entry.nbytes // entry.dtype.itemsize,
-                                          offset=entry.offset).view(entry.shape)
-                dest.copy_(source)
-                del source  # the map cannot close while a tensor still points into it
+def read_tensor(handle, name: str) -> torch.Tensor:
+    """The one place a checkpoint tensor is materialised (on the CPU, in its stored dtype)."""
+    return handle.get_tensor(name)
+
+
+def copy_from_file(file: Path, destinations: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy the named tensors of one file into their destinations (parameters, or slices of fused ones)."""
+    with safe_open(file, framework="pt") as handle:
+        for name, dest in destinations:
+            dest.copy_(read_tensor(handle, name))
 
 
 def check_tensors(
@@ -212,15 +197,12 @@ def check_tensors(
     for param, parts in covered.items():
         if (None, None) in parts:
             continue
-        if param.endswith("experts.gate_up_proj") or param.endswith("experts.down_proj"):
-            prefix = param.rsplit(".", 1)[0]
-            projs = ("gate_proj", "up_proj") if param.endswith("gate_up_proj") else ("down_proj",)
-            starts = (0, config.intermediate_size) if len(projs) == 2 else (None,)
-            for j in range(config.num_experts):
-                for proj, start in zip(projs, starts):
-                    if (j, start) not in parts:
-                        missing.append(f"{prefix}.{j}.{proj}.weight")
-        else:
+        pieces = per_expert_names(param, config.num_experts)
+        for piece in pieces:
+            target = checkpoint_target(piece, config)
+            if (target.expert, target.rows[0] if target.rows else None) not in parts:
+                missing.append(piece)
+        if not pieces:
             missing.append(param)
     problems = []
     if missing:
@@ -241,6 +223,14 @@ def _default_dtype(entries, config: JambaConfig) -> torch.dtype:
         return getattr(torch, stored)
     floats = [e.dtype for e in entries.values() if e.dtype.is_floating_point]
     return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def keep_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Put the SSM dynamics (`FP32_PARAMS`) back in fp32 after a cast to a narrower dtype; returns the model."""
+    for name, param in model.named_parameters():
+        if name.endswith(FP32_PARAMS) and param.dtype.itemsize < 4:
+            param.data = param.data.float()
+    return model
 
 
 def load_pretrained(
@@ -267,15 +257,15 @@ def load_pretrained(
     if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
         warnings.warn(f"loading in {dtype} on CPU: half-precision matmuls are very slow on most CPUs; "
                       "pass dtype=torch.float32 for speed", stacklevel=2)
-    model = model.to(dtype).to_empty(device=device)  # dtype first: converting on meta allocates nothing
+    model = keep_fp32(model.to(dtype)).to_empty(device=device)  # dtypes first: converting on meta allocates nothing
     model.tie_weights()
     params = model.state_dict(keep_vars=True)
-    by_file: dict[Path, list] = {}
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
     for name, target in targets.items():
-        by_file.setdefault(entries[name].file, []).append((entries[name], target.view(params[target.param])))
+        by_file.setdefault(entries[name].file, []).append((name, target.view(params[target.param])))
     with torch.no_grad():
-        for file_entries in by_file.values():
-            copy_from_file(file_entries)
+        for file, destinations in by_file.items():
+            copy_from_file(file, destinations)
     model.eval()
     return model
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openjamba import JambaForCausalLM
-from openjamba.hf import CheckpointError
+from openjamba.hf import FP32_PARAMS, CheckpointError
 
 from .conftest import random_model
 
@@ -52,8 +52,30 @@ def test_dtype_and_device_arguments(saved):
     _, path = saved
     with pytest.warns(UserWarning, match="slow"):
         model = JambaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not n.endswith(FP32_PARAMS))
     assert JambaForCausalLM.from_pretrained(path, device="cpu").device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_ssm_dynamics_stay_fp32_at_a_16_bit_load_dtype(tmp_path, dtype):
+    """A_log, D and the dt bias keep their exact fp32 checkpoint values; the rest is cast; the model still runs and
+    agrees with fp32 as closely as test_model's bf16 check asks (a dense model: a top-k routing flip under
+    rounding would make the comparison chaotic)."""
+    model = random_model("dense-mha-biases-tied")
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="slow"):
+        narrow = JambaForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    reference = dict(model.named_parameters())
+    kept = {n: p for n, p in narrow.named_parameters() if n.endswith(FP32_PARAMS)}
+    assert len(kept) == 3 * len(model.config.mamba_layer_indices)
+    for name, param in kept.items():
+        assert param.dtype == torch.float32 and torch.equal(param, reference[name]), name
+    assert narrow.dtype == dtype
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = model(ids).logits
+    assert (narrow(ids).logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    assert narrow.generate(ids, max_new_tokens=3, eos_token_id=[]).shape == (1, 15)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_all_named(saved):
@@ -98,6 +120,18 @@ def test_corrupted_header(saved):
     (path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         JambaForCausalLM.from_pretrained(path)
+
+
+def test_every_unreadable_shard_is_named_at_once(saved, tmp_path_factory):
+    model, _ = saved
+    path = tmp_path_factory.mktemp("shards")
+    model.save_pretrained(path, max_shard_size="10KB")
+    broken = sorted(path.glob("model-*.safetensors"))[:2]
+    for file in broken:
+        file.write_bytes(file.read_bytes()[:-7])
+    with pytest.raises(CheckpointError) as err:
+        JambaForCausalLM.from_pretrained(path)
+    assert all(f"{file} is not a readable safetensors file" in str(err.value) for file in broken)
 
 
 def test_pickle_only_directory_is_refused_without_unpickling(saved, monkeypatch):
