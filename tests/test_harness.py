@@ -1,5 +1,6 @@
 """lm-evaluation-harness adapter: offline tasks over local JSONL; the harness's scores must equal log-probabilities
-computed here directly from the model's logits, and plain `lm_eval --model openjamba` must find the model."""
+computed here directly from the model's logits, and lm_eval's own command line (`python -m openjamba.eval.harness`)
+must find the model."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-import openjamba_lm_eval  # noqa: E402
 from openjamba.eval.harness import OpenJambaLM  # noqa: E402
 from openjamba.eval.perplexity import evaluate_texts  # noqa: E402
 
@@ -196,62 +196,14 @@ def test_registered_as_openjamba_without_hiding_lm_eval_models():
     assert get_model("dummy").__name__ == "DummyLM"  # lm_eval's own models are still there
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["/venv/bin/python3", "/venv/bin/lm_eval", "--model", "openjamba"], True),
-    (["/venv/bin/python3", "/venv/bin/lm-eval", "run", "--tasks", "x"], True),
-    (["python", "-m", "lm_eval", "--help"], True),
-    (["python", "-u", "-X", "importtime", "-mlm_eval"], True),
-    (["python", "C:\\venv\\Scripts\\lm_eval.exe"], False if os.sep == "/" else True),
-    (["python", "-m", "pytest", "tests/test_lm_eval.py"], False),
-    (["python", "-c", "import lm_eval"], False),
-    (["python", "/home/me/lm_eval_notes/run.py"], False),
-    (["python"], False),
-])
-def test_hook_recognises_only_lm_evals_command_line(argv, expected):
-    assert openjamba_lm_eval.is_lm_eval_cli(argv) is expected
-
-
-# ---------------------------------------------------------------------- the .pth hook, in fresh interpreters
-def hook_env(tmp_path: Path) -> dict:
-    """An environment whose user site-packages holds our .pth line (as an install would put it in
-    site-packages), with this checkout first on the path; in a venv, the installed .pth itself."""
-    env = {**os.environ, "PYTHONUSERBASE": str(tmp_path / "userbase"), "PYTHONPATH": str(REPO),
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    probe = subprocess.run([sys.executable, "-c", "import site; print(any(__import__('os').path.exists(p + "
-                            "'/openjamba-lm-eval.pth') for p in site.getsitepackages()), site.ENABLE_USER_SITE, "
-                            "site.getusersitepackages())"], env=env, capture_output=True, text=True, check=True)
-    installed, enabled, user_site = probe.stdout.split(maxsplit=2)
-    if enabled == "True":
-        Path(user_site.strip()).mkdir(parents=True)
-        (Path(user_site.strip()) / "openjamba-lm-eval.pth").write_text(openjamba_lm_eval.PTH_LINE + "\n")
-    elif installed != "True":  # a venv without our install: no site directory to put the line in
-        pytest.skip("user site-packages are disabled and openjamba-lm-eval.pth is not installed")
-    return env
-
-
-def test_pth_registers_lazily_in_lm_eval_and_costs_nothing_elsewhere(tmp_path):
-    env = hook_env(tmp_path)
-    report = ("import sys; from lm_eval.api.registry import model_registry as r; "
-              "print('openjamba' in r, 'hf' in r, sorted(m for m in ('torch', 'openjamba') if m in sys.modules))")
-    fake_cli = tmp_path / "bin" / "lm_eval"  # a script named like lm_eval's console script
-    fake_cli.parent.mkdir()
-    fake_cli.write_text(report)
-    out = subprocess.run([sys.executable, str(fake_cli)], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "True", "[]"], out.stderr  # registered, built-ins kept, torch not loaded
-    # any other process (names passed by environment: a command line mentioning lm_eval would wake the hook)
-    other = subprocess.run([sys.executable, "-c", "import os, sys; print(sorted(m for m in "
-                            "os.environ['WATCH'].split() if m in sys.modules))"],
-                           env={**env, "WATCH": "torch lm_eval openjamba openjamba_lm_eval"},
-                           capture_output=True, text=True, check=True)
-    assert other.stdout.strip() == "[]"
-
-
-def test_plain_lm_eval_cli_runs_openjamba(env, tmp_path):
-    """The real command, `python -m lm_eval --model openjamba` on a local task (the console script's start-up is
-    the fake one above)."""
-    run_env = hook_env(tmp_path)
+# ---------------------------------------------------------------------- lm_eval's command line, in a fresh interpreter
+def test_lm_eval_cli_runs_openjamba(env, tmp_path):
+    """`python -m openjamba.eval.harness --model openjamba ...` (lm_eval's CLI with the model registered) on a local
+    task, in a fresh interpreter that has this checkout first on the path."""
+    run_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "openjamba",
+        [sys.executable, "-m", "openjamba.eval.harness", "--model", "openjamba",
          "--model_args", f"pretrained={env['root'] / 'ckpt'},dtype=float32",
          "--tasks", "ojtest_mc", "--include_path", str(env["tasks"]), "--batch_size", "2", "--device", "cpu",
          "--output_path", str(tmp_path / "results")],
@@ -268,8 +220,11 @@ def test_plain_lm_eval_cli_runs_openjamba(env, tmp_path):
     assert results["results"]["ojtest_mc"]["acc,none"] == pytest.approx(correct / len(MC_DOCS))
 
 
-def test_regular_and_editable_wheels_ship_the_pth(tmp_path):
-    """setup.py's build_py hook: the .pth sits at the root of both wheels (i.e. in site-packages once installed)."""
+def test_wheels_declare_the_lm_eval_entry_point_and_install_no_startup_hook(tmp_path):
+    """Both wheels pip builds (regular and editable) build from pyproject.toml alone, carry no .pth file, and
+    declare the model in lm_eval's "lm_eval.models" entry-point group, which resolves to OpenJambaLM."""
+    import importlib.metadata
+
     pytest.importorskip("setuptools.build_meta")
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
@@ -286,6 +241,13 @@ def test_regular_and_editable_wheels_ship_the_pth(tmp_path):
     wheel, editable = built
     for path in (wheel, editable):
         with zipfile.ZipFile(path) as archive:
-            assert archive.read("openjamba-lm-eval.pth").decode().strip() == openjamba_lm_eval.PTH_LINE
+            names = archive.namelist()
+            assert not any(name.endswith(".pth") and "openjamba" in name and "__editable__" not in name
+                           for name in names), names
+            entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+            assert '[lm_eval.models]\nopenjamba = openjamba.eval.harness:OpenJambaLM' in entry_points.decode()
     with zipfile.ZipFile(wheel) as archive:
-        assert "openjamba_lm_eval.py" in archive.namelist() and "openjamba/eval/harness.py" in archive.namelist()
+        assert "openjamba/eval/harness.py" in archive.namelist()
+        assert not any(name.startswith("openjamba_lm_eval") for name in archive.namelist())
+    point = importlib.metadata.EntryPoint("openjamba", "openjamba.eval.harness:OpenJambaLM", "lm_eval.models")
+    assert point.load() is OpenJambaLM

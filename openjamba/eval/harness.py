@@ -1,7 +1,11 @@
 """lm-evaluation-harness adapter: the `openjamba` model for `lm_eval`, `simple_evaluate` and `openjamba eval --tasks`.
 
+    openjamba eval --model DIR --tasks hellaswag --limit 100                   # simple_evaluate on a loaded model
     python -m openjamba.eval.harness --model openjamba --model_args pretrained=DIR,dtype=bfloat16 --tasks hellaswag
-    lm_eval --model openjamba --model_args pretrained=DIR --tasks hellaswag     # via openjamba-lm-eval.pth
+
+The second is lm_eval's own command line with `openjamba` registered in its model registry. pyproject.toml also
+declares the model in lm_eval's "lm_eval.models" entry-point group, so an lm_eval release that discovers plugins
+that way offers `lm_eval --model openjamba` as well; nothing runs at interpreter start-up.
 
 Padding through the Mamba layers is what an SSM adapter must get right:
   - scoring (loglikelihood, loglikelihood_rolling) pads on the right: the model is causal, so trailing pads cannot
@@ -267,7 +271,7 @@ def register() -> None:
     import lm_eval.models  # noqa: F401
     from lm_eval.api.registry import register_model
 
-    register_model(MODEL_NAME)(OpenJambaLM)  # also replaces the lazy entry that openjamba_lm_eval registers
+    register_model(MODEL_NAME)(OpenJambaLM)  # also replaces a lazy entry-point placeholder of the same name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run through the importable module, so the registered class is openjamba.eval.harness.OpenJambaLM (the one
-    # lm_eval's lazy "openjamba.eval.harness:OpenJambaLM" entry resolves to), not a second copy in __main__.
+    # the "openjamba.eval.harness:OpenJambaLM" entry point resolves to), not a second copy in __main__.
     from openjamba.eval.harness import main as _main
 
     _main()
