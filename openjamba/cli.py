@@ -26,7 +26,7 @@ def resolve_dtype(name: str | None, device: str, flag: str = "--dtype") -> torch
         raise SystemExit(f"openjamba: error: {err}") from None
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
+def model_config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
     """The config named by `--model DIR` or `--preset NAME`, and a name for reports."""
     if args.model:
         return JambaConfig.from_pretrained(args.model), str(args.model)
@@ -35,8 +35,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
 
 # ---------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
-    config, name = config_from_args(args)
-    report = model_report(config, name, args.context, args.batch, args.dtype)
+    config, name = model_config_from_args(args)
+    report = model_report(config, name, args.context, args.batch, args.cache_dtype)
     if args.json:
         print(json.dumps(report))
     else:
@@ -183,8 +183,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- quickstart (the README's main job)
 # The `quickstart` preset (Mamba, Mamba+MoE, attention, Mamba+MoE; 2.4M parameters) trained on the standard library:
-# about 4 minutes on two CPU cores, enough to write recognisable Python. One thread: on a busy two-core machine two
-# OpenMP threads can stall for seconds per step, while one thread keeps a steady pace.
+# few enough steps for a CPU, enough to write recognisable Python. One thread: on a busy two-core machine two OpenMP
+# threads can stall for seconds per step, while one thread keeps a steady pace.
 QUICKSTART = dict(preset="quickstart", steps=300, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30,
                   log_every=25, eval_every=100, eval_batches=4, save_every=100, seed=0, threads=1)
 QUICKSTART_PROMPTS = ["import os\n", "def ", "class Parser:\n    def __init__(self", "    for line in "]
@@ -251,7 +251,7 @@ def _parse_count(text: str) -> int:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_bench_report, plot_bench_report, run_bench
 
-    config, name = config_from_args(args)
+    config, name = model_config_from_args(args)
     device = args.device or default_device()
     dtype = args.dtype or runtime.dtype_name(runtime.default_dtype(device))
     try:
@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
     info.add_argument("--context", type=int, default=262144, help="context length in tokens (default 262144)")
     info.add_argument("--batch", type=int, default=1)
-    info.add_argument("--dtype", default="bf16", help="cache dtype: bf16 (default), fp16, fp32, int8")
+    info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default="bf16",
+                      help="dtype of the K/V cache and conv state: bf16 (default), fp16, fp32, fp8, int8 "
+                           "(--dtype is the older spelling)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(func=cmd_info)
 
@@ -463,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--seed", type=int, default=None, help="seed of initialisation and data (default 0)")
     abl.add_argument("--lm-data", default=None, help="prepared data for the LM task (default: prepare the standard "
                                                      "library into OUT/data)")
-    abl.add_argument("--smoke", "--tiny", action="store_true", help="tiny settings that run in seconds (tests)")
+    abl.add_argument("--smoke", action="store_true", help="toy settings that run in seconds (tests)")
     abl.set_defaults(func=cmd_ablate)
     return parser
 

@@ -121,6 +121,10 @@ class JambaConfig:
             raise ValueError(f"hidden_act must be 'silu' (the only activation Jamba uses), got {self.hidden_act!r}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None:
+            raise ValueError(f"sliding_window={self.sliding_window!r} is not supported: openjamba's attention layers "
+                             "see the whole context, as Jamba's do (transformers applied it only in its v4 "
+                             "flash-attention path); set it to null")
 
     # ------------------------------------------------------------------ derived shape
     @property

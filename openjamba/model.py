@@ -191,7 +191,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
         num_tokens, top_k = expert_index.shape
-        if num_tokens == 1:  # a decode step: its k experts one after the other, nothing to group (~2x faster)
+        if num_tokens == 1:  # a decode step: its k experts one after the other, nothing to group
             outputs = [self.expert(x, e) * w for e, w in zip(expert_index[0].tolist(), expert_weight[0].unbind())]
             return torch.stack(outputs).sum(0).to(x.dtype)
         flat_expert = expert_index.reshape(-1)  # (N*k,)
@@ -408,10 +408,20 @@ class JambaForCausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count; with `active`, only what one token uses (top-k of the experts)."""
-        from .info import count_parameters
-
-        return count_parameters(self.config)["active" if active else "total"]
+        """The parameters this model holds (tied weights once); with `active`, only what one token uses: each MoE
+        layer's experts count top-k / num_experts of their size. `info.count_parameters` computes the same from a
+        config alone."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        k = self.config.num_experts_per_tok
+        unused = 0
+        for layer in self.model.layers:
+            if layer.is_moe:
+                experts = layer.feed_forward.experts
+                size = sum(p.numel() for p in experts.parameters())
+                unused += size * (experts.num_experts - k) // experts.num_experts
+        return total - unused
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Prompt plus new tokens, like transformers' generate; see `openjamba.generate.generate`."""

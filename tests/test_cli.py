@@ -38,7 +38,17 @@ def test_info_table_and_model_dir(tmp_path, capsys):
 
 def test_info_rejects_unknown_dtype():
     with pytest.raises(ValueError, match="dtype"):
-        main(["info", "--preset", "tiny", "--dtype", "fp7"])
+        main(["info", "--preset", "tiny", "--cache-dtype", "fp7"])
+    with pytest.raises(ValueError, match="dtype"):
+        main(["info", "--preset", "tiny", "--dtype", "fp7"])  # the older spelling of the same flag
+
+
+def test_info_cache_dtype_sizes_the_cache(capsys):
+    sizes = {}
+    for dtype in ("bf16", "fp32"):
+        main(["info", "--preset", "tiny", "--context", "1024", "--cache-dtype", dtype, "--json"])
+        sizes[dtype] = json.loads(capsys.readouterr().out)["kv_cache_bytes"]
+    assert sizes["fp32"] == 2 * sizes["bf16"]
 
 
 def test_generate_streams_from_a_checkpoint(tmp_path):

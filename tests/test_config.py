@@ -80,6 +80,7 @@ def test_dt_rank_auto():
     (dict(hidden_size=0), "hidden_size"),
     (dict(mamba_d_state=-1), "mamba_d_state"),
     (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(sliding_window=4096), "sliding_window"),  # not silently ignored: attention always sees everything
 ])
 def test_validation_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
@@ -103,9 +104,13 @@ def test_presets_are_valid(name):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_parameter_count_matches_the_model(name):
+    """The formula from a config (info.count_parameters) against the model's own count of what it holds."""
     config = make_config(name)
     model = JambaForCausalLM(config)
-    assert count_parameters(config)["total"] == sum(p.numel() for p in model.parameters())
+    counts = count_parameters(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters()) == model.num_parameters()
+    assert counts["active"] == model.num_parameters(active=True)
+    assert (counts["active"] < counts["total"]) == (config.num_experts > config.num_experts_per_tok)
 
 
 def test_paper_memory_table():

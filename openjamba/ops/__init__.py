@@ -1,4 +1,5 @@
-"""Kernels used by the Mamba mixer, each a plain PyTorch reference plus faster implementations.
+"""The model's kernels (the Mamba mixer's selective scan, state update and causal conv; attention over a cache),
+each a plain PyTorch reference plus faster implementations.
 
 The model calls the three dispatchers below; they pick a backend for the tensors' device:
   "torch"   plain PyTorch (ops/scan.py, ops/conv.py): runs everywhere, the fallback

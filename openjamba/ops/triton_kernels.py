@@ -19,11 +19,11 @@ Design (the mamba_ssm CUDA kernel's plan, written as a sequential-in-time Triton
     (n_blocks, batch, length, N) and summed afterwards, which keeps the result deterministic (no atomics).
   * the decode kernel applies one step to a (batch, channels, N) fp32 state in place.
 
-Expected cost (not yet measured on a GPU): the forward moves only its inputs and y. The backward also writes and
-re-reads every recomputed state through the scratch (8 bytes per token, channel and state: ~8x its essential HBM
-traffic at N=16), so it depends on L2 bandwidth; keeping a chunk's states in registers (a parallel scan over the
-chunk, as the CUDA kernel does) is the next step if it turns out to be the bottleneck. `ops.triton_tools` has a
-benchmark and an ahead-of-time compile check that reports registers and spills.
+Cost model: the forward moves only its inputs and y. The backward also writes and re-reads every recomputed state
+through the scratch (8 bytes per token, channel and state: ~8x its essential HBM traffic at N=16), so it depends
+on L2 bandwidth; keeping a chunk's states in registers (a parallel scan over the chunk, as the CUDA kernel does)
+would remove that traffic. `ops.triton_tools` has a benchmark and an ahead-of-time compile check that reports
+registers and spills.
 
 Everything is computed in fp32 (fp64 when the inputs are fp64, which only the interpreter tests use). Run on CPU
 tensors with TRITON_INTERPRET=1 set before this module is imported (that is how the CPU tests exercise it).

@@ -49,7 +49,8 @@ REFERENCE_VARIANT = "hybrid-1:7"  # the dense variants match its parameter count
 
 @dataclass
 class AblationSettings:
-    """One ablation. `DEFAULT` fits in under 30 minutes on one CPU thread; `SMOKE` runs in seconds (tests)."""
+    """One ablation. `DEFAULT` is sized for one CPU thread (docs/ablations.md has its run); `SMOKE` is the tests'
+    toy version."""
 
     out: str = "runs/ablate"
     variants: tuple[str, ...] = tuple(VARIANTS)

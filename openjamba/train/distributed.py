@@ -89,11 +89,3 @@ def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
 
-
-def broadcast_object(obj, env: DistEnv):
-    """Rank 0's Python object on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
