@@ -22,6 +22,14 @@ def saved(tmp_path):
     return model, tmp_path
 
 
+@pytest.fixture
+def sharded(saved, tmp_path_factory):
+    """The same model saved in several 10 KB shards with an index."""
+    path = tmp_path_factory.mktemp("shards")
+    saved[0].save_pretrained(path, max_shard_size="10KB")
+    return path
+
+
 def rewrite(path, edit):
     tensors = load_file(path / "model.safetensors")
     edit(tensors)
@@ -122,10 +130,8 @@ def test_corrupted_header(saved):
         JambaForCausalLM.from_pretrained(path)
 
 
-def test_every_unreadable_shard_is_named_at_once(saved, tmp_path_factory):
-    model, _ = saved
-    path = tmp_path_factory.mktemp("shards")
-    model.save_pretrained(path, max_shard_size="10KB")
+def test_every_unreadable_shard_is_named_at_once(sharded):
+    path = sharded
     broken = sorted(path.glob("model-*.safetensors"))[:2]
     for file in broken:
         file.write_bytes(file.read_bytes()[:-7])
@@ -150,10 +156,8 @@ def test_pickle_only_directory_is_refused_without_unpickling(saved, monkeypatch)
         JambaForCausalLM.from_pretrained(path)
 
 
-def test_missing_shard_and_bad_index(saved, tmp_path_factory):
-    model, _ = saved
-    path = tmp_path_factory.mktemp("shards")
-    model.save_pretrained(path, max_shard_size="10KB")
+def test_missing_shard_and_bad_index(sharded):
+    path = sharded
     next(path.glob("model-00002-of-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="do not exist"):
         JambaForCausalLM.from_pretrained(path)
