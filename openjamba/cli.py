@@ -292,7 +292,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     if unknown := set(phases) - set(SERVE_PHASES):
         raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(SERVE_PHASES)}")
-    config, name = config_from_args(args)
+    config, name = model_config_from_args(args)
     if args.model:
         model = JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:

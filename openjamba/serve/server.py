@@ -41,9 +41,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, **engine_kwargs):
     """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags."""
-    from ..cli import resolve_dtype
     from ..model import JambaForCausalLM
-    from ..runtime import default_device
+    from ..runtime import default_device, resolve_dtype
     from ..tokenizer import load_tokenizer
     from .engine import Engine
 
@@ -56,7 +55,11 @@ def load(args: argparse.Namespace, **engine_kwargs):
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError as err:
         raise SystemExit(f"cannot load the tokenizer of {args.model}: {err}") from None
-    model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    model = JambaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
     model.eval()
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
