@@ -1,5 +1,6 @@
 """What the benchmark measures, per implementation: one prefill, one decode step and one training step over the
-same weights, for openjamba (through the inference core's `prefill`) and for transformers' JambaForCausalLM."""
+same weights, for openjamba (through the inference core's `prefill` and `decode_step`) and for transformers'
+JambaForCausalLM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import JambaConfig
-from ..generate import prefill
+from ..generate import decode_step, prefill
 from ..runtime import parse_dtype
 
 
@@ -52,7 +53,7 @@ class OpenJambaRunner(Runner):
         return prefill(self.model, ids, self.cache, chunk, on_progress=report)
 
     def decode(self, token: torch.Tensor) -> torch.Tensor:
-        return self.model(token[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
+        return decode_step(self.model, token, self.cache)
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
