@@ -108,6 +108,9 @@ class HybridCache:
         self.max_length = max_length
         self.seq_len = 0
         self.key_mask: torch.Tensor | None = None  # (B, tokens) bools, only once padding has been seen
+        # Row i's keys are columns row_starts[i]:seq_len, set by add_rows/remove_rows when the rows' lengths differ
+        # so much that attending to each row's own keys beats one masked call over all columns (see ops.attend_to_rows).
+        self.row_starts: list[int] | None = None
         self.layers: list[KVCache | MambaState] = []
         for layer in model.model.layers:
             param = next(layer.parameters())
@@ -135,7 +138,9 @@ class HybridCache:
             )
         if token_mask is None and self.key_mask is None:
             return None
-        if token_mask is None:
+        if token_mask is not None:
+            self.row_starts = None  # padding among the new tokens: rows are no longer one run of keys each
+        else:
             token_mask = torch.ones(self.batch_size, length, dtype=torch.bool, device=self.key_mask.device)
         if self.key_mask is None:
             self.key_mask = torch.ones(self.batch_size, self.seq_len, dtype=torch.bool, device=token_mask.device)
@@ -155,6 +160,7 @@ class HybridCache:
     def reorder(self, index: torch.Tensor | list[int]) -> None:
         """Keep/reorder batch rows (beam search, dropping finished rows): row i becomes old row index[i]."""
         index = torch.as_tensor(index, dtype=torch.long)
+        self.row_starts = None
         for layer in self.layers:
             layer.reorder(index)
         if self.key_mask is not None:
@@ -189,6 +195,7 @@ class HybridCache:
             self.key_mask = torch.cat([self._key_mask_at(columns), other._key_mask_at(columns)])
         self.seq_len = columns
         self.batch_size += other.batch_size
+        self._find_row_starts()
 
     def _key_mask_at(self, columns: int) -> torch.Tensor:
         """This cache's key validity (B, columns), padded with invalid columns on the left."""
@@ -202,18 +209,32 @@ class HybridCache:
         """Drop rows (finished or cancelled requests); columns no remaining row uses are freed."""
         drop = set(rows)
         self.reorder([i for i in range(self.batch_size) if i not in drop])
-        if self.key_mask is None or self.max_length is not None:
+        if self.key_mask is not None and self.max_length is None:
+            used = self.key_mask[:, : self.seq_len].any(0)  # (columns,)
+            first = int(used.int().argmax()) if bool(used.any()) else self.seq_len
+            if first > 0:
+                for layer in self.layers:
+                    if isinstance(layer, KVCache):
+                        layer.drop_leading(first)
+                self.key_mask = self.key_mask[:, first: self.seq_len]
+                self.seq_len -= first
+            if bool(self.key_mask.all()):
+                self.key_mask = None  # every row has the same length again: back on the unmasked paths
+        self._find_row_starts()
+
+    def _find_row_starts(self, max_padding: float = 0.5) -> None:
+        """Set `row_starts` when every row's keys are one run ending at the last column (as add_rows leaves them)
+        and more than `max_padding` of the columns are padding; otherwise None (the masked path). One sync."""
+        self.row_starts = None
+        if self.key_mask is None or self.batch_size == 0:
             return
-        used = self.key_mask[:, : self.seq_len].any(0)  # (columns,)
-        first = int(used.int().argmax()) if bool(used.any()) else self.seq_len
-        if first > 0:
-            for layer in self.layers:
-                if isinstance(layer, KVCache):
-                    layer.drop_leading(first)
-            self.key_mask = self.key_mask[:, first: self.seq_len]
-            self.seq_len -= first
-        if bool(self.key_mask.all()):
-            self.key_mask = None  # every row has the same length again: back on the unmasked paths
+        mask = self.key_mask[:, : self.seq_len]
+        lengths = mask.sum(1)
+        starts = self.seq_len - lengths  # (B,)
+        columns = torch.arange(self.seq_len, device=mask.device)
+        right_aligned = torch.equal(mask, columns[None, :] >= starts[:, None])
+        if right_aligned and float(lengths.sum()) < (1 - max_padding) * mask.numel():
+            self.row_starts = starts.tolist()
 
     def row_state(self, row: int, logits: torch.Tensor | None = None) -> RowState:
         """A copy of one row's exact state: its valid K/V per attention layer, conv and SSM state per Mamba layer.

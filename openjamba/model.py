@@ -71,6 +71,8 @@ class Attention(nn.Module):
             out = ops.chunk_attention(q, k, v, dropout)
         elif length == 1 and mask.mask is None and dropout == 0.0:  # a decode step: sees every key
             out = ops.attend_to_all(q, k, v)
+        elif length == 1 and mask.row_starts is not None and dropout == 0.0:  # rows of very different lengths
+            out = ops.attend_to_rows(q, k, v, mask.row_starts)  # each row over its own keys, not all columns
         else:  # K/V from a narrower cache (make_cache's kv_dtype) are widened; the other paths do it themselves
             out = F.scaled_dot_product_attention(
                 q, ops.to_dtype_of(k, q), ops.to_dtype_of(v, q), attn_mask=mask.mask, is_causal=mask.is_causal,
@@ -86,9 +88,13 @@ class AttentionMask:
     past_length: int
     mask: torch.Tensor | None  # bools (B or 1, 1, T, past + T), True = attend; None when nothing is padded
     is_causal: bool  # causal over this chunk, aligned to the last keys (used when mask is None)
+    row_starts: list[int] | None = None  # row i's keys are columns row_starts[i]: (the cache's, see cache.py)
 
     @staticmethod
-    def build(key_valid: torch.Tensor | None, past_length: int, length: int, device: torch.device) -> AttentionMask:
+    def build(
+        key_valid: torch.Tensor | None, past_length: int, length: int, device: torch.device,
+        row_starts: list[int] | None = None,
+    ) -> AttentionMask:
         """key_valid: (B, past + T) bools marking real (non-padding) tokens, or None when nothing is padded."""
         if key_valid is None:
             # Causal over the chunk, aligned to the last keys: one new token sees every key, and a longer chunk
@@ -100,7 +106,7 @@ class AttentionMask:
         allowed = (key_pos <= query_pos)[None, None] & key_valid[:, None, None, :]  # (B, 1, T, total)
         # A padding query would see no key at all; let it see itself so its (ignored) output stays finite.
         allowed = allowed | (key_pos == query_pos)[None, None]
-        return AttentionMask(past_length, allowed, is_causal=False)
+        return AttentionMask(past_length, allowed, is_causal=False, row_starts=row_starts if length == 1 else None)
 
 
 class MambaMixer(nn.Module):
@@ -332,7 +338,8 @@ class JambaForCausalLM(nn.Module):
         batch, length = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         token_mask, key_valid = self._masks(attention_mask, cache, batch, past, length, input_ids.device)
-        attn_mask = AttentionMask.build(key_valid, past, length, input_ids.device)
+        attn_mask = AttentionMask.build(key_valid, past, length, input_ids.device,
+                                        cache.row_starts if cache is not None else None)
 
         x = self.model.embed_tokens(input_ids)
         all_router_logits = []

@@ -209,3 +209,28 @@ def test_row_state_from_another_model_is_a_clear_error():
     cache, logits = _prefilled(small, torch.arange(3, 9))
     with pytest.raises(ValueError, match="another model|layers"):
         RowState.from_dict(cache.row_state(0, logits[0]).to_dict(), other)
+
+
+@torch.no_grad()
+def test_rows_much_shorter_than_the_longest_attend_to_their_own_keys_only(config_name):
+    """With most columns padding, a decode step attends row by row over each row's own keys (ops.attend_to_rows);
+    the logits equal each row decoded alone, and the path switches back once the long row leaves."""
+    from openjamba.generate import decode_step
+
+    model = random_model(config_name)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=gen) for n in (40, 3, 5)]
+    feed = torch.randint(3, model.config.vocab_size, (3, 3), generator=gen)
+    alone = []
+    for prompt, tokens in zip(prompts, feed):
+        cache, _ = _prefilled(model, prompt)
+        alone.append(torch.stack([decode_step(model, tokens[t:t + 1], cache)[0] for t in range(3)]))
+    batch, _ = _prefilled(model, prompts[0])
+    for prompt in prompts[1:]:
+        batch.add_rows(_prefilled(model, prompt)[0])
+    assert batch.row_starts == [0, 37, 35]
+    got = torch.stack([decode_step(model, feed[:, t], batch) for t in range(3)], 1)
+    for i in range(3):
+        torch.testing.assert_close(got[i], alone[i], atol=ATOL, rtol=0)
+    batch.remove_rows([0])
+    assert batch.row_starts is None and batch.row_lengths() == [6, 8]  # 25% padding: one masked call again

@@ -31,6 +31,7 @@ from .scan import selective_scan_chunked, selective_scan_ref, selective_state_up
 __all__ = [
     "attend_to_all",
     "attend_to_all_sdpa",
+    "attend_to_rows",
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
@@ -135,3 +136,10 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """Unmasked GQA attention, q (B, heads, T, hd) over k, v (B, kv_heads, S, hd): a decode step over the cache."""
     fn = _op(q.device, "attend_to_all") or attend_to_all_sdpa
     return fn(q, k, v)
+
+
+def attend_to_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """A decode step over rows of their own lengths: row i's query (heads, 1, hd) sees keys starts[i]: only, through
+    `attend_to_all` one row at a time, so a short row never pays for the columns of a long one (and gets exactly
+    what it gets decoding alone)."""
+    return torch.cat([attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]) for i, s in enumerate(starts)])
