@@ -44,7 +44,7 @@ def chunk_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
 def attend_to_all_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked GQA attention (every query sees every key: a decode step). The query heads sharing a K/V head are
     stacked along the query axis, (B, heads, T, hd) -> (B, kv_heads, group * T, hd), so the long K/V is read once
-    per K/V head and never expanded to `heads` (SDPA's enable_gqa copies it on CPU: 2x slower at 256K)."""
+    per K/V head and never expanded to `heads` (SDPA's enable_gqa materialises that copy on CPU)."""
     batch, heads, length, head_dim = q.shape
     folded = q.reshape(batch, k.shape[1], heads // k.shape[1] * length, head_dim)
     out = F.scaled_dot_product_attention(folded, to_dtype_of(k, q), to_dtype_of(v, q))
