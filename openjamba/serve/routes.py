@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import protocol as p
-from .api import Choice, ServerConfig, Submission, _error, check_key, sampling_params, streaming_response
+from .api import Choice, ServerConfig, Submission, check_key, error_response, sampling_params, streaming_response
 
 
 def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> None:
@@ -40,7 +40,7 @@ def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> N
         except ConnectionAbortedError:
             return Response(status_code=499)
         except RuntimeError as err:
-            return _error(500, str(err), "server_error")
+            return error_response(500, str(err), "server_error")
         finally:
             submission.cancel()
         return None
