@@ -385,3 +385,15 @@ def test_bounded_load_answers_every_request_and_leaves_nothing_behind(model):
     assert {f.reason for f in sink.finish.values()} <= {"length", "stop", "cancelled"}
     assert stats["running"] == stats["prefilling"] == stats["waiting"] == stats["batch_cache_bytes"] == 0
     assert 0 < stats["store_bytes"] <= 200_000
+
+
+def test_a_bf16_kv_cache_serves_and_reuses(model):
+    prompts = prompts_of([3, 40, 7], model.config.vocab_size, seed=14)
+    with Engine(model, kv_dtype=torch.bfloat16) as engine:
+        tokens, _ = run(engine, prompts, GREEDY)
+        (again,), (fin,) = run(engine, [prompts[1] + tokens[1]], GREEDY)
+    for prompt, got in zip(prompts, tokens):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, eos_token_id=[],
+                                  kv_dtype=torch.bfloat16)[0, len(prompt):].tolist()
+        assert got == expected
+    assert fin.cached_tokens == len(prompts[1]) + 7
