@@ -397,3 +397,23 @@ def test_a_bf16_kv_cache_serves_and_reuses(model):
                                   kv_dtype=torch.bfloat16)[0, len(prompt):].tolist()
         assert got == expected
     assert fin.cached_tokens == len(prompts[1]) + 7
+
+
+def test_stop_finishes_what_is_in_flight_even_from_a_callback(model):
+    sink = Collector()
+    engine = Engine(model)
+
+    def stop_at_first_token(event):
+        sink(event)
+        if isinstance(event, TokenEvent):
+            engine.stop()  # from the engine thread itself: must not deadlock
+
+    with engine:
+        first = engine.submit([3, 4, 5], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
+                              stop_at_first_token)
+        second = engine.submit([6, 7], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), sink)
+        sink.wait([first, second])
+    assert {sink.finish[first].reason, sink.finish[second].reason} == {"cancelled"}
+    assert sink.finish[first].error == "the engine stopped"
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit([3], GREEDY, sink)

@@ -164,6 +164,8 @@ class Engine:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
+        if self._thread is threading.current_thread():  # stop() from an event callback: the loop ends after it
+            return
         if self._thread is not None:
             self._thread.join()
             self._thread = None
