@@ -199,18 +199,19 @@ def output_format(source) -> OutputFormat:
         parts = source.split("+")
         return OutputFormat(next((p for p in parts if p in TOOL_TAGS), None), "think" in parts)
     if isinstance(source, str):
-        return _format_from_text(source, set())
-    templates = " ".join((getattr(source, "chat_templates", {}) or {}).values())
-    get_vocab = getattr(source, "get_vocab", None)
-    return _format_from_text(templates, set(get_vocab()) if get_vocab else set())
+        return _format_from_text(source)
+    from_template = _format_from_text(" ".join((getattr(source, "chat_templates", {}) or {}).values()))
+    vocab = set(source.get_vocab()) if hasattr(source, "get_vocab") else set()
+    from_vocab = OutputFormat("jamba" if "<tool_calls>" in vocab else "hermes" if "<tool_call>" in vocab else None,
+                              THINK_OPEN in vocab)
+    # The template says how the model was taught to call tools; the vocabulary decides only when it is silent.
+    return OutputFormat(from_template.tool_calls or from_vocab.tool_calls,
+                        from_template.thinking or from_vocab.thinking)
 
 
-def _format_from_text(text: str, vocab: set[str]) -> OutputFormat:
-    def has(tag):
-        return tag in text or tag in vocab
-
-    tools = "jamba" if has("<tool_calls>") else "hermes" if has("<tool_call>") else None
-    return OutputFormat(tools, has(THINK_OPEN))
+def _format_from_text(text: str) -> OutputFormat:
+    tools = "jamba" if "<tool_calls>" in text else "hermes" if "<tool_call>" in text else None
+    return OutputFormat(tools, THINK_OPEN in text)
 
 
 def prompt_opens_reasoning(prompt: str) -> bool:

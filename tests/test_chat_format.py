@@ -132,6 +132,13 @@ def test_output_format_detection(checkpoints):
     assert output_format("{{ '<tool_call>' }}") == OutputFormat("hermes", False)
 
 
+def test_template_decides_over_vocabulary(tmp_path):
+    """A vocabulary that still carries Jamba 1.5's <tool_calls> under a Hermes template: the template wins."""
+    tok = load_tokenizer(write_jamba16(tmp_path / "mixed", CHATML_TEMPLATE))
+    assert "<tool_calls>" in tok.get_vocab()
+    assert output_format(tok) == OutputFormat("hermes", True)
+
+
 def _calls(out: AssistantOutput) -> list[tuple[str, dict]]:
     for call in out.tool_calls:
         assert call["type"] == "function" and call["id"].startswith("call_")

@@ -137,3 +137,21 @@ def test_from_backend_wraps_a_trained_tokenizer():
     tok = byte_level_tokenizer()
     assert isinstance(tok, Tokenizer) and tok.bos_token_id is None and tok.chat_template is None
     assert tok.decode(tok.encode("hello there")) == "hello there"
+
+
+def test_generate_from_a_sentencepiece_checkpoint(layouts, tmp_path, capsys):
+    """A Jamba 1.6/1.7-style checkpoint (tokenizer.model only) generates from the command line, BOS first."""
+    import shutil
+
+    from openjamba.cli import main
+
+    from .conftest import random_model
+
+    tok = load_tokenizer(layouts["jamba16"])
+    model = random_model(vocab_size=tok.vocab_size)
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    assert not (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer.model").is_file()
+    shutil.copy(layouts["jamba16"] / "generation_config.json", tmp_path)
+    main(["generate", "--model", str(tmp_path), "--prompt", "Jamba is", "--max-new-tokens", "4", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("Jamba is")
+    assert load_tokenizer(tmp_path).encode("Jamba is")[0] == 1
