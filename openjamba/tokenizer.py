@@ -114,6 +114,20 @@ class Tokenizer:
             text = clean_up_tokenization(text)  # transformers skips it for BPE models, where it would damage text
         return text
 
+    def token_text(self, index: int) -> str:
+        """The text one token adds after other text (a logprob's token string): " Paris" for "▁Paris", where
+        `decode([index])` drops the space as the start of a text; a lone byte of a longer character is "�"."""
+        anchor = self._anchor()
+        head = self.backend.decode([anchor], skip_special_tokens=False)
+        return self.backend.decode([anchor, int(index)], skip_special_tokens=False)[len(head):]
+
+    def _anchor(self) -> int:
+        """A token that decodes to a plain letter, to decode others after it."""
+        if not hasattr(self, "_anchor_id"):
+            ids = self.backend.encode("a", add_special_tokens=False).ids
+            self._anchor_id = ids[-1] if ids else 0
+        return self._anchor_id
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

@@ -97,6 +97,23 @@ def test_round_trip_of_any_text(layouts, layout):
     assert "<0xF0>" in [tok.id_to_token(i) for i in tok.encode("🤖")]
 
 
+@pytest.mark.parametrize("layout", ["jamba16", "jamba2"])
+def test_token_text_keeps_the_leading_space(layouts, layout):
+    tok = load_tokenizer(layouts[layout])
+    ids = tok.encode("The quick brown fox, then  two spaces.", add_special_tokens=False)
+    pieces = [tok.token_text(i) for i in ids]
+    assert "".join(pieces) == " " + tok.decode(ids)  # the first word's dummy-prefix space included
+    assert tok.decode([ids[2]]) == pieces[2].lstrip(" ") and any(p.startswith(" ") for p in pieces[1:])
+
+
+def test_token_text_of_a_byte_level_tokenizer():
+    from .conftest import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    ids = tok.encode("hello world, hello there")
+    assert "".join(tok.token_text(i) for i in ids) == "hello world, hello there"
+
+
 def test_a_file_or_a_directory(layouts, tmp_path):
     by_file = load_tokenizer(layouts["jamba2"] / "tokenizer.json")
     assert by_file.eos_token_ids == load_tokenizer(layouts["jamba2"]).eos_token_ids
