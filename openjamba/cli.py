@@ -6,14 +6,17 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import runtime
 from .config import PRESETS, JambaConfig, get_preset
-from .info import format_model_report, model_report
+from .files import write_atomic
+from .info import DTYPE_BYTES, checkpoint_dtype_name, format_model_report, model_report
 from .runtime import default_device
 from .train.config import add_arguments as add_train_arguments
 
@@ -33,10 +36,57 @@ def model_config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
     return get_preset(args.preset), args.preset
 
 
+# ---------------------------------------------------------------------- argument types
+class Parser(argparse.ArgumentParser):
+    """A bad argument is one line naming it, not the whole usage text (which --help prints)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+
+def at_least(minimum: int):
+    """An integer flag that must be >= `minimum` (argparse reports a bad value as its one-line usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    try:
+        return runtime.parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # ---------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
     config, name = model_config_from_args(args)
-    report = model_report(config, name, args.context, args.batch, args.cache_dtype)
+    if args.model and any(Path(args.model).glob("*.safetensors*")):  # a config.json alone still plans memory
+        from .hf import check_checkpoint
+
+        check_checkpoint(args.model)
+    report = model_report(config, name, args.context, args.batch, args.cache_dtype or checkpoint_dtype_name(config))
     if args.json:
         print(json.dumps(report))
     else:
@@ -50,6 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .tokenizer import load_tokenizer
 
     device = args.device or default_device()
+    kv_dtype = resolve_dtype(args.kv_dtype, device, "--kv-dtype") if args.kv_dtype else None
     model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
@@ -68,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         generator=generator,
         streamer=TextStreamer(tokenizer),
-        kv_dtype=resolve_dtype(args.kv_dtype, device, "--kv-dtype") if args.kv_dtype else None,
+        kv_dtype=kv_dtype,
     )
 
 
@@ -117,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.perplexity import evaluate_texts, read_texts
+    from .corpus import CorpusStats, read_corpus
+    from .eval.perplexity import evaluate_texts
     from .model import JambaForCausalLM
     from .tokenizer import load_tokenizer
 
@@ -131,9 +183,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     report: dict = {"model": str(args.model)}
     if args.paths:
-        result = evaluate_texts(model, tokenizer, read_texts(args.paths, args.text_field), args.context_length,
-                                args.stride, args.batch_size)
-        report["perplexity"] = result.to_dict()
+        stats = CorpusStats()
+        texts = list(read_corpus(args.paths, stats, args.text_field))
+        result = evaluate_texts(model, tokenizer, texts, args.context_length, args.stride, args.batch_size)
+        if result.tokens == 0:
+            raise ValueError(f"nothing to score in {' '.join(args.paths)}: {stats.files} file(s) read as text, "
+                             f"{stats.documents} non-empty document(s); {stats.skipped_summary()}")
+        report["perplexity"] = {**result.to_dict(), "skipped": stats.skipped_summary()}
         if not args.json:
             print(result.summary())
     if args.tasks:
@@ -144,9 +200,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
             print(make_table(results))
     if args.json:
-        print(json.dumps(report, default=str))
+        print(json.dumps(report, default=str, allow_nan=False))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_atomic(Path(args.output), json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _run_lm_eval(model, tokenizer, args: argparse.Namespace) -> dict:
@@ -252,6 +308,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_bench_report, plot_bench_report, run_bench
 
     config, name = model_config_from_args(args)
+    if args.model:  # the cells load it in worker processes: a broken checkpoint is one error here, not N
+        from .hf import check_checkpoint
+
+        check_checkpoint(args.model)
     device = args.device or default_device()
     dtype = args.dtype or runtime.dtype_name(runtime.default_dtype(device))
     try:
@@ -267,6 +327,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.plot:
         print(f"plot: {plot_bench_report(report, args.plot)}")
     print(json.dumps(report))
+    failed = [error for row in report["rows"] for error in row.get("errors", [])]
+    if failed:
+        raise SystemExit(f"openjamba bench: error: {len(failed)} cell(s) failed, e.g. {failed[0]}")
 
 
 # ---------------------------------------------------------------------- chat / serve
@@ -309,30 +372,31 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openjamba", description=__doc__)
+    parser = Parser(prog="openjamba", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=f"show full tracebacks on errors (or set {DEBUG_ENV}=1)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     info = verbs.add_parser("info", help="parameters, layer plan and inference memory of a preset or checkpoint")
     source = info.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
-    info.add_argument("--context", type=int, default=262144, help="context length in tokens (default 262144)")
-    info.add_argument("--batch", type=int, default=1)
-    info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default="bf16",
-                      help="dtype of the K/V cache and conv state: bf16 (default), fp16, fp32, fp8, int8 "
-                           "(--dtype is the older spelling)")
+    info.add_argument("--context", type=at_least(1), default=262144, help="context length in tokens (default 262144)")
+    info.add_argument("--batch", type=at_least(1), default=1)
+    info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default=None, choices=sorted(DTYPE_BYTES),
+                      help="dtype of the K/V cache and conv state (default: the checkpoint's dtype with --model, "
+                           "bf16 for a preset; --dtype is the older spelling)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(func=cmd_info)
 
     gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with its tokenizer")
     gen.add_argument("--model", type=Path, required=True)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--max-new-tokens", type=at_least(0), default=100)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=at_least(1), default=50)
+    gen.add_argument("--top-p", type=probability, default=None)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--kv-dtype", default=None, help="attention K/V cache dtype, e.g. bf16 under fp32 weights "
                      "(half the cache; default: the model's)")
@@ -342,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("paths", nargs="*", help="text files, directories and .jsonl files (default: the Python "
                       "standard library of this interpreter)")
     prep.add_argument("--out", required=True, help="output directory")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--vocab-size", type=at_least(1), default=4096, help="BPE vocabulary size (default 4096)")
     prep.add_argument("--tokenizer", help="use this tokenizer.json (or a checkpoint directory holding one) instead "
                       "of training one, e.g. a released Jamba tokenizer for fine-tuning")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens for validation")
@@ -364,16 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("paths", nargs="*", help="text files (one document each), .jsonl files (one per line) and "
                                              "directories of .txt/.text/.md/.jsonl files")
     ev.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
-    ev.add_argument("--context-length", type=int, default=2048, help="tokens per forward (default 2048)")
-    ev.add_argument("--stride", type=int, default=None,
+    ev.add_argument("--context-length", type=at_least(2), default=2048, help="tokens per forward (default 2048)")
+    ev.add_argument("--stride", type=at_least(1), default=None,
                     help="tokens a window advances; each is scored with >= context-length - stride tokens of "
                          "context (default: half the context length)")
-    ev.add_argument("--batch-size", type=int, default=4, help="windows (or requests) per forward (default 4)")
+    ev.add_argument("--batch-size", type=at_least(1), default=4, help="windows (or requests) per forward (default 4)")
     ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs openjamba[eval])")
     ev.add_argument("--num-fewshot", type=int, default=None)
     ev.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many examples per task")
     ev.add_argument("--include-path", default=None, help="lm-eval: a directory of extra task YAML files")
-    ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the human lines")
     ev.add_argument("--output", default=None, help="also write the JSON report to this file")
@@ -395,12 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", action="append", default=[], choices=["transformers", "attention-only"],
                        help="also run transformers' JambaForCausalLM on the same weights, or the attention-only "
                             "model of equal shape; repeatable")
-    bench.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded after each prefill")
-    bench.add_argument("--prefill-chunk", type=int, default=2048, help="prefill chunk (as generate's default)")
-    bench.add_argument("--repeats", type=int, default=3, help="best of up to this many runs (5 s budget)")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    bench.add_argument("--decode-tokens", type=at_least(1), default=32, help="tokens decoded after each prefill")
+    bench.add_argument("--prefill-chunk", type=at_least(1), default=2048, help="prefill chunk (as generate's default)")
+    bench.add_argument("--repeats", type=at_least(1), default=3, help="best of up to this many runs (5 s budget)")
+    bench.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
     bench.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell before giving up on it")
-    bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    bench.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--kv-dtype", default=None, choices=runtime.SHORT_DTYPES,
@@ -447,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
     quick.add_argument("--out", default="runs/quickstart")
-    quick.add_argument("--steps", type=int, default=QUICKSTART["steps"])
-    quick.add_argument("--sample-tokens", type=int, default=60)
+    quick.add_argument("--steps", type=at_least(1), default=QUICKSTART["steps"])
+    quick.add_argument("--sample-tokens", type=at_least(0), default=60)
     quick.add_argument("--overwrite", action="store_true", help="replace a previous quickstart run in --out "
                        "(its prepared data is reused)")
     quick.set_defaults(func=cmd_quickstart)
@@ -470,9 +534,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "OPENJAMBA_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one verb. Any error is one line on stderr and a non-zero exit; `--debug` (or OPENJAMBA_DEBUG=1)
+    shows the full traceback instead."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        args.func(args)
+        return
+    name = f"openjamba {args.verb}"
+    previous = _one_line_warnings(name), _stop_on_sigterm()
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - the one place that turns any error into one line
+        raise SystemExit(f"{name}: error: {describe_error(err)}") from None
+    finally:
+        warnings.showwarning = previous[0]
+        if previous[1] is not None:
+            signal.signal(signal.SIGTERM, previous[1])
+
+
+def describe_error(err: BaseException) -> str:
+    """The message of an error the user can act on; an unexpected one is named as such, with the way to see more."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    lines = text.splitlines()
+    if len(lines) > 6:  # a long list (e.g. of tensors) is summarised: the first lines say what is wrong
+        text = "\n".join(lines[:6] + [f"  ... {len(lines) - 6} more lines (--debug shows everything)"])
+    if isinstance(err, (ValueError, OSError, LookupError)):  # CheckpointError, DataError are ValueErrors
+        return text
+    return f"{type(err).__name__}: {text} (unexpected; run with --debug for the traceback and please report it)"
+
+
+def _one_line_warnings(name: str):
+    """Warnings as `openjamba VERB: warning: ...` lines instead of Python's two-line file:line form."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    return previous
+
+
+def _stop_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C, so that partial outputs are removed (the trainer installs its own handler to
+    save a checkpoint first)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,15 @@ _HF_BOOKKEEPING_KEYS = {
 }
 
 
+# Fields that decide the tensors' shapes and the layer plan: a config.json without one of them is refused rather
+# than filled with Jamba-v0.1's default, which would build a different model than the weights describe.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+    "num_experts_per_tok", "expert_layer_period", "expert_layer_offset", "attn_layer_period", "attn_layer_offset",
+    "mamba_d_state", "mamba_d_conv", "mamba_expand",
+)
+
+
 @dataclass
 class JambaConfig:
     """Architecture of a Jamba model. Defaults reproduce ai21labs/Jamba-v0.1."""
@@ -74,7 +83,7 @@ class JambaConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.mamba_dt_rank == "auto":
+        if self.mamba_dt_rank == "auto" and isinstance(self.hidden_size, int):  # else validate() names the field
             self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
         self.validate()
 
@@ -97,7 +106,8 @@ class JambaConfig:
         if self.attn_layer_offset >= self.attn_layer_period:
             raise ValueError(
                 f"attn_layer_offset ({self.attn_layer_offset}) must be smaller than "
-                f"attn_layer_period ({self.attn_layer_period})"
+                f"attn_layer_period ({self.attn_layer_period}): set both (e.g. --set attn_layer_offset="
+                f"{self.attn_layer_period // 2})"
             )
         if self.expert_layer_offset >= self.expert_layer_period:
             raise ValueError(
@@ -113,7 +123,7 @@ class JambaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.num_experts_per_tok > self.num_experts:
+        if self.num_experts > 1 and self.num_experts_per_tok > self.num_experts:  # 1 expert: plain MLPs, no router
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed num_experts ({self.num_experts})"
             )
@@ -204,9 +214,18 @@ class JambaConfig:
             raise FileNotFoundError(f"no config.json found at {path}")
         try:
             data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} must hold a JSON object of config fields, found a {type(data).__name__}")
+        missing = [name for name in ARCHITECTURE_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"{file} lacks {', '.join(missing)}: these define the architecture and have no safe "
+                             "default (a released Jamba config.json has them all)")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{file}: {err}") from None
 
     def save_pretrained(self, path: str | Path, dtype: str | None = None) -> None:
         path = Path(path)

@@ -100,6 +100,17 @@ def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
         raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
 
 
+def check_left_padded(attention_mask: torch.Tensor | None) -> None:
+    """Generation continues from each row's last position, so padding must come first (left padding): with
+    right padding the model would continue from a pad token and give wrong results without any error."""
+    if attention_mask is None or attention_mask.shape[1] < 2:
+        return
+    mask = attention_mask.to(torch.int8)
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask has padding after real tokens (right padding); generation needs left "
+                         "padding: pad at the start of each row (transformers: tokenizer.padding_side = 'left')")
+
+
 @torch.no_grad()
 def prefill(
     model,
@@ -178,6 +189,7 @@ def generate(
             streamer.end()
         return input_ids
 
+    check_left_padded(attention_mask)
     cache = model.make_cache(batch, max_length=prompt_len + max_new_tokens, kv_dtype=kv_dtype)
     logits = prefill(model, input_ids, cache, prefill_chunk_size, attention_mask)
 

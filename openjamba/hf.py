@@ -188,11 +188,11 @@ def check_tensors(
             unexpected.append(name)
             continue
         want = tuple(target.view(torch.empty(expected[target.param], device="meta")).shape)
-        if shape != want:
+        covered[target.param].add((target.expert, target.rows[0] if target.rows else None))
+        if shape != want:  # present with the wrong shape: reported once, as a mismatch, never also as missing
             mismatched.append(f"{name}: checkpoint {list(shape)}, config expects {list(want)}")
             continue
         targets[name] = target
-        covered[target.param].add((target.expert, target.rows[0] if target.rows else None))
     missing = []
     for param, parts in covered.items():
         if (None, None) in parts:
@@ -206,15 +206,22 @@ def check_tensors(
             missing.append(param)
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing))
+        problems.append(f"missing tensors ({len(missing)}): " + _some(missing, ", "))
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        problems.append(f"unexpected tensors ({len(unexpected)}): " + _some(unexpected, ", "))
     if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+        problems.append(f"shape mismatches ({len(mismatched)}): " + _some(mismatched, "; "))
     if problems:
         hint = " (does config.json match these weights?)" if mismatched or (missing and unexpected) else ""
         raise CheckpointError("checkpoint does not fit the model" + hint + ":\n  " + "\n  ".join(problems))
     return targets
+
+
+def _some(items: list[str], sep: str, shown: int = 8) -> str:
+    """The first `shown` items and how many more: a wrong hidden_size mis-shapes every tensor, and a message of
+    hundreds of names hides the one fact that matters."""
+    more = f"{sep}... and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
 
 
 def _default_dtype(entries, config: JambaConfig) -> torch.dtype:
@@ -233,13 +240,15 @@ def keep_fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-):
-    """Load a local Hugging Face Jamba checkpoint directory. See the module docstring."""
+def check_checkpoint(path: str | Path) -> JambaConfig:
+    """Everything `load_pretrained` checks before reading a weight (config, files, tensor names and shapes), at
+    the cost of reading the headers: for tools that hand the directory to other processes (the benchmark)."""
+    return _inspect(Path(path))[0]
+
+
+def _inspect(path: Path):
     from .model import JambaForCausalLM
 
-    path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a checkpoint directory with config.json)")
     config = JambaConfig.from_pretrained(path)
@@ -250,7 +259,15 @@ def load_pretrained(
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    targets = check_tensors(entries, expected, config)
+    return config, entries, check_tensors(entries, expected, config), model
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+):
+    """Load a local Hugging Face Jamba checkpoint directory. See the module docstring."""
+    path = Path(path)
+    config, entries, targets, model = _inspect(path)
 
     dtype = dtype or _default_dtype(entries, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -266,8 +283,22 @@ def load_pretrained(
     with torch.no_grad():
         for file, destinations in by_file.items():
             copy_from_file(file, destinations)
+        _warn_non_finite(model, path)
     model.eval()
     return model
+
+
+def _warn_non_finite(model, path: Path) -> None:
+    """A checkpoint with NaN/inf weights loads and then generates empty or garbage text: say so at load time.
+    One flag per tensor, read back once (no synchronisation per tensor on a GPU)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return
+    flags = torch.stack([~torch.isfinite(p).all() for _, p in named]).tolist()
+    bad = [name for (name, _), flag in zip(named, flags) if flag]
+    if bad:
+        warnings.warn(f"{path} has NaN or infinite values in {len(bad)} tensor(s) ({_some(bad, ', ', 3)}); "
+                      "the model's outputs will be meaningless", stacklevel=3)
 
 
 # ---------------------------------------------------------------------- writing a checkpoint directory

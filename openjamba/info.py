@@ -101,6 +101,13 @@ def summarize(config: JambaConfig, context: int, batch: int = 1, dtype: str = "b
     }
 
 
+def checkpoint_dtype_name(config: JambaConfig) -> str:
+    """The dtype a checkpoint's config.json declares, as a cache dtype name (bf16 when it declares none): the cache
+    of a model is held in the model's own dtype."""
+    stored = config.extra.get("dtype") or config.extra.get("torch_dtype")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stored, "bf16")
+
+
 def model_report(
     config: JambaConfig, name: str, context: int, batch: int = 1, dtype: str = "bf16", compare_paper: bool = True
 ) -> dict[str, Any]:

@@ -337,6 +337,8 @@ class JambaForCausalLM(nn.Module):
         """
         batch, length = input_ids.shape
         past = cache.seq_len if cache is not None else 0
+        if cache is None or length > 1:  # not in a decode step: its token came from the model itself
+            self._check_token_ids(input_ids)
         token_mask, key_valid = self._masks(attention_mask, cache, batch, past, length, input_ids.device)
         attn_mask = AttentionMask.build(key_valid, past, length, input_ids.device,
                                         cache.row_starts if cache is not None else None)
@@ -370,6 +372,16 @@ class JambaForCausalLM(nn.Module):
             if aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         return CausalLMOutput(logits, loss, aux_loss, tuple(all_router_logits) if want_aux else None)
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """An id beyond the embedding table would fail deep inside as a bare IndexError (or read garbage on GPU)."""
+        if input_ids.numel() == 0:
+            return
+        low, high = torch.aminmax(input_ids)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = int(high) if high >= self.config.vocab_size else int(low)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{self.config.vocab_size - 1}): "
+                             "was the text encoded with this model's tokenizer?")
 
     @staticmethod
     def _masks(attention_mask, cache, batch, past, length, device):

@@ -21,6 +21,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(name: str) -> str:
+    """A device string users type ('cpu', 'cuda', 'cuda:1', 'mps'), checked: an unknown kind, or a GPU this
+    machine does not have, is a ValueError saying so (torch would fail later, deep inside a model)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available on this machine; use cpu")
+    return name
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (bf16 matmuls are hundreds of times slower on most CPUs)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from openjamba.cli import main
+from openjamba.corpus import CorpusStats, DataError, read_corpus
 from openjamba.eval.perplexity import (
     document_nlls,
     evaluate_texts,
     prefix_token_id,
-    read_texts,
     rolling_windows,
     score_spans,
 )
@@ -119,23 +119,23 @@ def test_evaluate_texts_bits_per_byte_and_perplexity(model, tokenizer):
     assert "bits/byte" in result.summary()
 
 
-def test_read_texts_files_directories_and_jsonl(tmp_path):
+def test_eval_reads_its_inputs_as_prepare_does(tmp_path):
+    """One corpus reader (openjamba.corpus) for both verbs: every file of a directory (a .py too), JSONL lines
+    from the text field, hidden entries skipped, bad lines and non-UTF-8 files skipped and counted."""
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "line one"}\n\n{"text": "line two", "id": 3}\n')
-    (tmp_path / "sub" / "c.md").write_text("# markdown")
-    (tmp_path / "weights.bin").write_bytes(b"\x00\xff")  # not a text suffix: skipped in directories
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "line one"}\n\n{"text": "line two", "id": 3}\n{"x": 1}\n')
+    (tmp_path / "sub" / "c.py").write_text("print(1)")
+    (tmp_path / "weights.bin").write_bytes(b"\x00\xff")  # not UTF-8: skipped and counted
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "d.txt").write_text("hidden")
-    assert list(read_texts([tmp_path])) == ["first document", "line one", "line two", "# markdown"]
-    assert list(read_texts([tmp_path / "sub" / "b.jsonl", tmp_path / "a.txt"])) == ["line one", "line two",
-                                                                                   "first document"]
-    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        list(read_texts([tmp_path / "bad.jsonl"]))
-    assert list(read_texts([tmp_path / "bad.jsonl"], text_field="body")) == ["x"]
-    with pytest.raises(FileNotFoundError):
-        list(read_texts([tmp_path / "missing.txt"]))
+    stats = CorpusStats()
+    assert list(read_corpus([tmp_path], stats)) == ["first document", "line one", "line two", "print(1)"]
+    assert stats.skipped_summary() == (f"skipped 1 non-UTF-8 files (e.g. {tmp_path / 'weights.bin'}), 1 bad JSONL "
+                                       f"lines (e.g. {tmp_path / 'sub' / 'b.jsonl'}:4: no string field 'text')")
+    assert list(read_corpus([tmp_path / "sub" / "b.jsonl"], CorpusStats(), text_key="x")) == []
+    with pytest.raises(DataError, match="no such file"):
+        list(read_corpus([tmp_path / "missing.txt"], CorpusStats()))
 
 
 def test_cli_eval_prints_json_and_a_human_line(tmp_path, capsys, model, tokenizer):

@@ -79,7 +79,7 @@ def run_bench(
                       prefill_chunk=prefill_chunk, repeats=repeats, seed=seed)
         cells = plan_cells(["openjamba", *compare], list(contexts), list(batches), list(phases))
         results = []
-        bar = tqdm(cells, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
+        bar = tqdm(cells, desc="bench", unit="cell", disable=None if progress else True, file=sys.stderr)
         for cell in bar:
             bar.set_postfix_str(f"{cell['impl']} context {cell['context']} batch {cell['batch']} "
                                 f"{'+'.join(cell['phases'])}")

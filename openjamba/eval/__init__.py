@@ -6,6 +6,6 @@ before measuring them, in `openjamba.train.ablate`.
 `harness` needs the optional `lm_eval` package (`pip install openjamba[eval]`), so it is not imported here.
 """
 
-from .perplexity import PerplexityResult, document_nlls, evaluate_texts, read_texts, score_spans
+from .perplexity import PerplexityResult, document_nlls, evaluate_texts, score_spans
 
-__all__ = ["PerplexityResult", "document_nlls", "evaluate_texts", "read_texts", "score_spans"]
+__all__ = ["PerplexityResult", "document_nlls", "evaluate_texts", "score_spans"]

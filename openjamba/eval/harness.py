@@ -97,6 +97,10 @@ class OpenJambaLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> OpenJambaLM:
         """model_args win over the CLI's --batch_size/--device, which lm_eval always sends (defaults 1, cuda:0)."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's CLI sends its default cuda:0 whether or not anyone asked: on a CPU-only machine that is no
+            # request worth a warning; a device given in model_args still gets one (see _available_device).
+            del extra["device"]
         return cls(**arg_dict, **extra)
 
     # ------------------------------------------------------------------ tokenization (TemplateLM's hooks)
@@ -132,7 +136,7 @@ class OpenJambaLM(TemplateLM):
             spans.append((tokens, min(len(continuation), len(tokens) - 1)))
         scored = [i for i, (_, n) in enumerate(spans) if n > 0]  # an empty continuation has log-likelihood 0
         results = [(0.0, True)] * len(spans)
-        with tqdm(total=len(scored), desc="loglikelihood", disable=disable_tqdm) as bar:
+        with tqdm(total=len(scored), desc="loglikelihood", disable=True if disable_tqdm else None) as bar:
             for i, result in zip(scored, score_spans(self.model, [spans[i] for i in scored], self.batch_size,
                                                      progress=bar)):
                 results[i] = result
@@ -145,7 +149,7 @@ class OpenJambaLM(TemplateLM):
         texts = [request.args[0] for request in requests]
         documents = [self.tok_encode(text, add_special_tokens=False) for text in texts]
         with tqdm(total=sum(map(len, documents)), desc="loglikelihood_rolling", unit="tok",
-                  disable=disable_tqdm) as bar:
+                  disable=True if disable_tqdm else None) as bar:
             nlls = document_nlls(self.model, documents, self.prefix_token_id, self.max_length,
                                  stride=self.max_length, batch_size=self.batch_size, progress=bar)
         results = [-nll for nll, _ in nlls]
@@ -160,7 +164,7 @@ class OpenJambaLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
-        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+        with tqdm(total=len(requests), desc="generate_until", disable=True if disable_tqdm else None) as bar:
             for indices in groups.values():
                 options = self._generation_options(requests[indices[0]].args[1])
                 contexts = {i: self._context_tokens(requests[i].args[0], options["max_gen_toks"]) for i in indices}

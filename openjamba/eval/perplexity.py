@@ -9,24 +9,20 @@ Three layers, each usable alone:
   evaluate_texts     texts -> tokens -> document_nlls, plus the UTF-8 bytes that turn NLL into bits per byte
 
 `document_nlls` takes any iterable of token-id arrays, so other sources (memory-mapped token shards, say) plug in
-without touching the scoring; `read_texts` turns files, directories and JSONL into texts for `evaluate_texts`.
+without touching the scoring; `openjamba.corpus.read_corpus` turns files, directories and JSONL into texts for
+`evaluate_texts`, by the same rules as `prepare`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-TEXT_SUFFIXES = {".txt", ".text", ".md"}
-JSONL_SUFFIXES = {".jsonl"}
 
 Span = tuple[Sequence[int], int]  # (tokens, n): the model reads tokens[:-1] and is scored on the last n tokens
 
@@ -114,7 +110,8 @@ def document_nlls(
     """
     stride = stride or default_stride(context_length)
     bar = progress if isinstance(progress, tqdm) else tqdm(
-        total=total_tokens, unit="tok", unit_scale=True, desc="scoring", disable=not progress)
+        total=total_tokens, unit="tok", unit_scale=True, desc="scoring",
+        disable=None if progress else True)  # None: no bar into a non-terminal (a redirected log)
     results: list[tuple[float, int]] = []
     pending: list[tuple[int, Span]] = []
 
@@ -219,35 +216,3 @@ def evaluate_texts(
     return PerplexityResult(
         nll=sum(nll for nll, _ in nlls), tokens=sum(n for _, n in nlls), bytes=num_bytes, documents=len(nlls),
         context_length=context_length, stride=stride, seconds=time.perf_counter() - started)
-
-
-def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
-    """Documents from text files (one each), JSONL files (one per line, from `text_field`) and directories.
-
-    Directories are searched recursively for .txt/.text/.md and .jsonl files, in sorted order; a file named
-    directly is read as text unless it ends in .jsonl.
-    """
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not files:
-                raise FileNotFoundError(f"no .txt, .text, .md or .jsonl files under {path}")
-            yield from read_texts(files, text_field)
-        elif not path.is_file():
-            raise FileNotFoundError(f"no such file or directory: {path}")
-        elif path.suffix in JSONL_SUFFIXES:
-            yield from _read_jsonl(path, text_field)
-        else:
-            yield path.read_text(encoding="utf-8")
-
-
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a string {text_field!r} field")
-            yield record[text_field]

@@ -158,7 +158,12 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """Step, data position, scheduler and configs of a checkpoint: cheap to check before loading any tensor."""
-    return json.loads((path / "trainer.json").read_text())
+    file = path / "trainer.json"
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is damaged ({err}); resume from an earlier checkpoint "
+                         f"(--resume {path.parent}/step-N)") from None
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> None:

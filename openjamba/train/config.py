@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JambaConfig, get_preset
+from ..runtime import parse_device
 
 # What a run trains on: generated MQAR (synthetic/mqar.py) or prepared token shards (train/sources.py); the
 # ablation runs them in this order, recall first.
@@ -83,6 +84,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.device is not None:
+            parse_device(self.device)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "grad_clip", "weight_decay"):

@@ -3,8 +3,12 @@
 A prepared data directory holds:
   tokenizer.json        a byte-level BPE trained on the corpus, or the tokenizer given with --tokenizer
   meta.json             dtype, vocabulary size, special ids, token counts and shard files per split, skipped inputs
-  train-00000.bin ...   raw token ids (uint16 when the vocabulary fits, else uint32), documents joined by EOS
-  val-00000.bin ...
+  train-00000.bin ...   raw token ids (uint16 when the vocabulary fits, else uint32): each document as
+  val-00000.bin ...     BOS, its tokens, EOS (without the one the tokenizer lacks), one after another
+
+Every document starts with BOS, as in Jamba's own pretraining data and as its tokenizer encodes any text: so the
+model learns to start a document after BOS, `eval` scores each document after BOS, and a prompt encoded by the
+tokenizer (which adds BOS, as transformers' does) starts where training documents start.
 
 Shards are read with np.memmap, so a corpus larger than memory trains without loading it. Whole documents go to
 the validation split with probability `val_fraction`, drawn from a fixed seed in corpus order, so the split is
@@ -18,16 +22,22 @@ import hashlib
 import json
 import os
 import sys
-import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from ..corpus import (  # noqa: F401 - the corpus reader lives in corpus.py; these names are part of this API
+    SKIPPED_DIRS,
+    CorpusStats,
+    DataError,
+    collect_files,
+    default_corpus,
+    iter_files,
+    read_documents,
+)
 from ..files import building_dir
 from ..tokenizer import Tokenizer as TextTokenizer
 from ..tokenizer import load_tokenizer
@@ -41,116 +51,6 @@ SPECIAL_NAMES = {
     "eos_id": ["<eos>", "<|endoftext|>", "</s>", "<|end_of_text|>"],
 }
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
-SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules"}
-STDLIB_SKIPPED = {"test", "tests", "idle_test", "encodings"}
-
-
-class DataError(ValueError):
-    """Input that cannot be prepared or trained on; the message says what is wrong and how to fix it."""
-
-
-# ---------------------------------------------------------------------- the corpus
-def default_corpus() -> list[Path]:
-    """The running interpreter's standard library sources: a Python corpus every installation already has.
-
-    Without the regression test suites (which some distributions do not ship, and whose bytes are mostly
-    deliberately odd strings) and the generated codec tables of `encodings`: what is left is idiomatic code.
-    """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in iter_files(stdlib, skip=SKIPPED_DIRS | STDLIB_SKIPPED) if p.suffix == ".py"]
-
-
-def iter_files(root: Path, skip: set[str] = SKIPPED_DIRS) -> Iterator[Path]:
-    """Files under a directory in sorted order, skipping hidden entries and package/cache folders."""
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or (entry.name in skip and entry.is_dir()):
-            continue
-        if entry.is_dir():
-            yield from iter_files(entry, skip)
-        elif entry.is_file():
-            yield entry
-
-
-def collect_files(paths: list[str | Path]) -> list[Path]:
-    """Expand files and directories into a sorted file list; a path that does not exist is an error."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files.extend(iter_files(path))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataError(f"no such file or directory: {path}")
-    return files
-
-
-@dataclass
-class CorpusStats:
-    """What reading the corpus found: kept documents and everything skipped, with examples for the message."""
-
-    files: int = 0
-    documents: int = 0
-    bytes: int = 0
-    non_utf8: list[str] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
-    bad_jsonl_lines: list[str] = field(default_factory=list)
-
-    def skipped_summary(self) -> str:
-        parts = []
-        for label, items in (("non-UTF-8 files", self.non_utf8), ("unreadable files", self.unreadable),
-                             ("bad JSONL lines", self.bad_jsonl_lines)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {items[0]})")
-        return "skipped " + ", ".join(parts) if parts else "nothing skipped"
-
-
-def read_documents(files: list[Path], stats: CorpusStats, text_key: str = "text", progress: bool = False
-                   ) -> Iterator[str]:
-    """Each text file is one document; each line of a .jsonl file is one (its `text_key` field).
-
-    Files that cannot be read or are not UTF-8 are skipped and counted in `stats`, never fatal: a large corpus
-    should not die on one stray binary file.
-    """
-    total = sum(p.stat().st_size for p in files if p.is_file())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
-              file=sys.stderr) as bar:
-        for path in files:
-            try:
-                raw = path.read_bytes()
-            except OSError as err:
-                stats.unreadable.append(f"{path}: {err.strerror or err}")
-                continue
-            bar.update(len(raw))
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.non_utf8.append(str(path))
-                continue
-            stats.files += 1
-            docs = _jsonl_documents(text, path, text_key, stats) if path.suffix == ".jsonl" else [text]
-            for doc in docs:
-                if doc:
-                    stats.documents += 1
-                    stats.bytes += len(doc.encode("utf-8"))
-                    yield doc
-
-
-def _jsonl_documents(text: str, path: Path, text_key: str, stats: CorpusStats) -> Iterator[str]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            stats.bad_jsonl_lines.append(f"{path}:{number}: not valid JSON")
-            continue
-        value = record.get(text_key) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            stats.bad_jsonl_lines.append(f"{path}:{number}: no string field {text_key!r}")
-            continue
-        yield value
-
-
 # ---------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool = False) -> Tokenizer:
     """A byte-level BPE (GPT-2 style: any text round-trips, no unknown tokens) with <pad>, <bos>, <eos> at 0-2."""
@@ -164,7 +64,22 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, progress: bool = Fals
                                   show_progress=progress and sys.stderr.isatty(),  # else it prints blank lines
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
+    # Like Jamba's released tokenizer, encoding a text starts it with BOS (transformers' AutoTokenizer does the same
+    # from this tokenizer.json): prompts then begin as training documents do.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", SPECIAL_TOKENS.index("<bos>"))])
     return tokenizer
+
+
+def wrap_trained_tokenizer(backend: Tokenizer) -> TextTokenizer:
+    """A trained tokenizer with the tokenizer_config.json transformers reads its special tokens from."""
+    names = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+    config = {**names, "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+              "clean_up_tokenization_spaces": False}
+    files = {"tokenizer.json": backend.to_str().encode(),
+             "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    return TextTokenizer.from_backend(backend, special_tokens=names, eos_token_ids=[backend.token_to_id("<eos>")],
+                                      files=files)
 
 
 def special_ids(tokenizer: TextTokenizer) -> dict[str, int | None]:
@@ -238,13 +153,13 @@ def prepare(
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
     sources = [str(p) for p in paths] if paths else ["<python standard library>"]
+    _check_replaceable(out)
     files = collect_files(paths) if paths else default_corpus()
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
     else:
-        tokenizer = TextTokenizer.from_backend(
+        tokenizer = wrap_trained_tokenizer(
             train_tokenizer(read_documents(files, CorpusStats(), text_key), vocab_size, progress))
-    _check_replaceable(out)
     with building_dir(out) as tmp:
         meta = _write_shards(files, tokenizer, tmp, val_fraction, text_key, shard_tokens, progress)
         meta["sources"] = sources
@@ -258,6 +173,7 @@ def prepare(
 def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, shard_tokens, progress) -> dict:
     vocab = tokenizer.vocab_size
     ids = special_ids(tokenizer)
+    bos, eos = [[ids[k]] if ids[k] is not None else [] for k in ("bos_id", "eos_id")]
     dtype = token_dtype(vocab)
     stats = CorpusStats()
     writers = {split: ShardWriter(directory, split, dtype, shard_tokens) for split in ("train", "val")}
@@ -265,8 +181,8 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
     splitter = np.random.default_rng(0)
     # Small batches keep the progress bar (bytes read) close to the bytes actually tokenized.
     for batch in _batches(read_documents(files, stats, text_key, progress), 64):
-        for encoded in tokenizer.encode_batch(batch):
-            doc = np.asarray(encoded + ([ids["eos_id"]] if ids["eos_id"] is not None else []), np.int64)
+        for encoded in tokenizer.encode_batch(batch, add_special_tokens=False):
+            doc = np.asarray(bos + encoded + eos, np.int64)
             if len(doc) == 0:
                 continue
             max_id = max(max_id, int(doc.max()))
@@ -281,6 +197,7 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
         writers["val"].write(writers["train"].take_tail(int(val_fraction * writers["train"].tokens)))
     return {
         "format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "max_token_id": max_id, **ids,
+        "document": [name for name, part in (("bos", bos), ("text", [0]), ("eos", eos)) if part],
         "files": stats.files, "documents": stats.documents, "bytes": stats.bytes,
         "skipped": {"non_utf8": len(stats.non_utf8), "unreadable": len(stats.unreadable),
                     "bad_jsonl_lines": len(stats.bad_jsonl_lines)},
@@ -325,15 +242,26 @@ class TokenData:
         if not meta_file.is_file():
             raise DataError(f"{self.directory} is not a prepared data directory (no meta.json); "
                             "create one with `openjamba prepare PATHS... --out DIR`")
-        self.meta = json.loads(meta_file.read_text())
+        try:
+            self.meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{meta_file} is damaged ({err}); prepare the data again") from None
         if self.meta.get("format") != FORMAT:
             raise DataError(f"{meta_file} has format {self.meta.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(self.meta["dtype"])
         self.shards = {
-            split: [np.memmap(self.directory / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-                    for s in info["shards"] if s["tokens"] > 0]
+            split: [self._open_shard(s["file"], s["tokens"], dtype) for s in info["shards"] if s["tokens"] > 0]
             for split, info in self.meta["splits"].items()
         }
+
+    def _open_shard(self, name: str, tokens: int, dtype: np.dtype) -> np.memmap:
+        file = self.directory / name
+        size = file.stat().st_size if file.is_file() else None
+        if size != tokens * dtype.itemsize:
+            found = "missing" if size is None else f"{size} bytes"
+            raise DataError(f"{file} is {found}, meta.json expects {tokens * dtype.itemsize} bytes: the data "
+                            "directory is incomplete or damaged; prepare it again")
+        return np.memmap(file, dtype=dtype, mode="r", shape=(tokens,))
 
     @property
     def vocab_size(self) -> int:

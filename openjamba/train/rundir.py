@@ -30,6 +30,7 @@ def run_lock(out: Path, enabled: bool = True) -> Iterator[None]:
     if not enabled:  # ranks other than 0 of a distributed run: rank 0 holds it for all
         yield
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -43,7 +44,11 @@ def run_lock(out: Path, enabled: bool = True) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process) ...
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # ... unless the run wrote nothing at all
+            with contextlib.suppress(OSError):
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
 
 
 def existing_outputs(out: Path) -> list[str]:
