@@ -535,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_ENV = "OPENJAMBA_DEBUG"
+_STOPPED_BY: list[int] = []  # SIGTERM, when it is what stopped the verb (its exit status is then 143)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -550,7 +551,11 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(128 + _STOPPED_BY[-1] if _STOPPED_BY else 130) from None
+    except SystemExit as err:  # a verb's own message: in the same `openjamba VERB: error:` form as the rest
+        if isinstance(err.code, str) and not err.code.startswith("openjamba"):
+            raise SystemExit(f"{name}: error: {err.code}") from None
+        raise
     except Exception as err:  # noqa: BLE001 - the one place that turns any error into one line
         raise SystemExit(f"{name}: error: {describe_error(err)}") from None
     finally:
@@ -587,6 +592,7 @@ def _stop_on_sigterm():
     """SIGTERM unwinds like Ctrl-C, so that partial outputs are removed (the trainer installs its own handler to
     save a checkpoint first)."""
     def handler(signum, frame):
+        _STOPPED_BY.append(signum)
         raise KeyboardInterrupt
 
     try:

@@ -129,6 +129,9 @@ def bad_checkpoint_commands(model: Path, world) -> dict[str, list[str]]:
         commands["quantize"] = ["quantize", "--model", str(model), "--out", str(out / "q")]
     if "serve" in verbs:
         commands["serve"] = ["serve", "--model", str(model), "--port", "0"]
+    if "bench-serve" in verbs:
+        commands["bench-serve"] = ["bench-serve", "--model", str(model), "--phases", "streams", "--streams", "1",
+                                   "--output-tokens", "1", "--prefix-tokens", "4", "--suffix-tokens", "4"]
     return commands
 
 

@@ -97,7 +97,7 @@ def test_prepare_stopped_at_the_shard_writing_keeps_the_previous_data(prepared, 
         assert again.returncode == 0, again.stderr
         assert not [p.name for p in root.iterdir() if p.name.startswith(".data.")]  # the dead build is removed
     else:
-        assert proc.returncode == 130 and err.strip() == "openjamba prepare: interrupted", err
+        assert proc.returncode == 128 + getattr(signal, how) and err.strip() == "openjamba prepare: interrupted", err
         assert leftovers == []
 
 
