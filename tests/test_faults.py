@@ -126,7 +126,7 @@ def bad_checkpoint_commands(model: Path, world) -> dict[str, list[str]]:
     if "chat" in verbs:
         commands["chat"] = ["chat", "--model", str(model)]
     if "quantize" in verbs:
-        commands["quantize"] = ["quantize", "--model", str(model), "--out", str(out / "q")]
+        commands["quantize"] = ["quantize", "--model", str(model), "--out", str(out / "q"), "--quantize", "int8"]
     if "serve" in verbs:
         commands["serve"] = ["serve", "--model", str(model), "--port", "0"]
     if "bench-serve" in verbs:
