@@ -25,13 +25,14 @@ TEXT = 'def héllo(wörld):\n\treturn f"{wörld!r} → 🐍"  # ünïcode, tabs\
 
 
 def decoded_documents(data: TokenData, split: str) -> list[str]:
-    """A split's token stream cut at EOS and decoded: the documents it holds."""
+    """A split's token stream cut at EOS and decoded: the documents it holds (each BOS text EOS)."""
     tokens = np.concatenate([np.asarray(s) for s in data.shards[split]]) if data.shards[split] else np.empty(0)
-    eos = data.meta["eos_id"]
+    bos, eos = data.meta["bos_id"], data.meta["eos_id"]
     cuts = np.flatnonzero(tokens == eos)
     docs, start = [], 0
     for cut in cuts:
-        docs.append(data.tokenizer().decode(tokens[start:cut].tolist()))
+        assert tokens[start] == bos, "every document starts with BOS"
+        docs.append(data.tokenizer().decode(tokens[start + 1:cut].tolist()))
         start = cut + 1
     assert start == len(tokens), "every document ends with EOS"
     return docs
@@ -51,7 +52,7 @@ def test_prepare_writes_shards_that_hold_every_document_once(tmp_path):
     data = TokenData(tmp_path / "data")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
-        "meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
+        "meta.json", "tokenizer.json", "tokenizer_config.json", "train-00000.bin", "val-00000.bin"]
     train, val = decoded_documents(data, "train"), decoded_documents(data, "val")
     assert train and val
     originals = sorted(p.read_text() for p in corpus.iterdir())
