@@ -240,3 +240,16 @@ def test_debug_shows_the_traceback(world, capsys, monkeypatch):
     monkeypatch.setenv("OPENJAMBA_DEBUG", "1")
     with pytest.raises(ValueError, match="found a list"):
         main(argv)
+
+
+def test_bench_exits_non_zero_when_a_cell_fails(world, capsys, monkeypatch):
+    """The table and JSON still print (the cells that worked are results), then one error line and exit 1."""
+    import openjamba.bench
+
+    report = {"model": "x", "machine": {}, "dtype": "fp32", "kv_dtype": None, "prefill_chunk": 16,
+              "decode_tokens": 2, "ratios": [], "utilisation": [],
+              "rows": [{"impl": "openjamba", "context": 16, "batch": 1, "errors": ["prefill: worker died"]}]}
+    monkeypatch.setattr(openjamba.bench, "run_bench", lambda *args, **kwargs: report)
+    monkeypatch.setattr(openjamba.bench, "format_bench_report", lambda report: "table")
+    message = fails_cleanly(["bench", "--model", str(world["good"]), "--contexts", "16"], world["root"], capsys)
+    assert "1 cell(s) failed, e.g. prefill: worker died" in message
