@@ -16,8 +16,9 @@ directory (the tests hold it to that):
   post-processor (its `add_bos_token` in the config is ignored, as transformers ignores it); for a SentencePiece
   model, `add_bos_token` / `add_eos_token` (default: neither). The stop ids from `generation_config.json`
   (Jamba 1.5: `[2, 518]`), then `config.json`, then the EOS token.
-- The chat template from `chat_template.jinja`, else `tokenizer_config.json` (`chat_template`: a string, or a list of
-  `{"name", "template"}` of which "default" is used and "tool_use" when tools are given).
+- The chat template from `chat_template.jinja` and `additional_chat_templates/NAME.jinja`, else
+  `tokenizer_config.json` (`chat_template`: a string, or a list of `{"name", "template"}`); "default" is used, and
+  "tool_use" when tools are given.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tokenizers.models import BPE
 
 # Files read from a checkpoint directory, and written back by `Tokenizer.save_pretrained`.
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+TEMPLATE_DIR = "additional_chat_templates"  # named templates, one NAME.jinja each
 LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 SP_CONTROL, SP_USER_DEFINED = 3, 4  # SentencePiece piece types (sentencepiece_model.proto)
@@ -146,6 +148,7 @@ class Tokenizer:
         if "tokenizer.json" not in files and "tokenizer.model" not in files:
             files["tokenizer.json"] = self.backend.to_str().encode()
         for name, data in files.items():
+            (directory / name).parent.mkdir(exist_ok=True)
             (directory / name).write_bytes(data)
         return sorted(files)
 
@@ -174,6 +177,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     for name in CONFIG_FILES:
         if (directory / name).is_file():
             files[name] = (directory / name).read_bytes()
+    for template in sorted((directory / TEMPLATE_DIR).glob("*.jinja")):
+        files[f"{TEMPLATE_DIR}/{template.name}"] = template.read_bytes()
     config = _read_json(files, "tokenizer_config.json", directory)
     special_map = _read_json(files, "special_tokens_map.json", directory)
 
@@ -344,15 +349,20 @@ def _eos_ids(files: dict[str, bytes], directory: Path) -> list[int]:
 
 
 def _chat_templates(files: dict[str, bytes], config: dict) -> dict[str, str]:
-    templates: dict[str, str] = {}
-    value = config.get("chat_template")
-    if isinstance(value, str):
-        templates["default"] = value
-    elif isinstance(value, list):
-        templates.update({t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t})
+    """Template files (chat_template.jinja as "default", additional_chat_templates/NAME.jinja) when there are any,
+    which then replace the config's `chat_template` entirely, as in transformers."""
+    templates = {name.removeprefix(f"{TEMPLATE_DIR}/").removesuffix(".jinja"): data.decode("utf-8")
+                 for name, data in files.items() if name.startswith(f"{TEMPLATE_DIR}/")}
     if "chat_template.jinja" in files:
         templates["default"] = files["chat_template.jinja"].decode("utf-8")
-    return templates
+    if templates:
+        return templates
+    value = config.get("chat_template")
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list):
+        return {t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t}
+    return {}
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -78,6 +78,17 @@ def test_template_sources(tmp_path, checkpoints):
     assert render_chat(load_tokenizer(d), hi, flavour="!") == "J!<|im_end|>"
     theirs = transformers.AutoTokenizer.from_pretrained(str(d))
     assert theirs.apply_chat_template(hi, tokenize=False, flavour="!") == "J!<|im_end|>"
+    # template files replace the config's templates: no "tool_use" any more, unless a file names one
+    assert render_chat(load_tokenizer(d), hi, tools=[WEATHER]) == theirs.apply_chat_template(
+        hi, tools=[WEATHER], tokenize=False) == "J<|im_end|>"
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool_use.jinja").write_text("F{{ tools | length }}")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert render_chat(load_tokenizer(d), hi, tools=[WEATHER]) == "F1"
+    assert theirs.apply_chat_template(hi, tools=[WEATHER], tokenize=False) == "F1"
+    saved = load_tokenizer(d).save_pretrained(tmp_path / "saved")
+    assert "additional_chat_templates/tool_use.jinja" in saved
+    assert load_tokenizer(tmp_path / "saved").chat_templates == load_tokenizer(d).chat_templates
 
 
 def test_tojson_and_helpers():
