@@ -1,6 +1,7 @@
 """Jamba: a hybrid Transformer-Mamba mixture-of-experts language model, in one readable file.
 
 Read top to bottom:
+  Linear           nn.Linear whose few-row products (decoding) take the ops' fast path
   RMSNorm          the only normalisation, used before every mixer and FFN, and on Mamba's dt, B and C
   Attention        grouped-query attention with no positional encoding (position comes from the Mamba layers)
   MambaMixer       in_proj -> causal conv -> x_proj -> (dt, B, C) norms -> selective scan -> gate -> out_proj
@@ -28,6 +29,15 @@ from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear computed by `ops.linear`: the same product, which on CPU streams the weight over all threads when
+    only a few rows go through (a decode step reads every weight once, so it runs at memory speed or not at all).
+    Every projection of the model is one of these, so a module swap (quantization) replaces each in one place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -35,12 +45,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # The same arithmetic in one fused op (decoding runs ~40 norms per token; each op costs microseconds).
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()  # lower precision: normalise in fp32, scale in the input dtype (as transformers does)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # In fp32 one fused op; in lower precision normalised in fp32 and scaled in the input dtype (as
+        # transformers does); a decode step's few rows in one kernel call (see ops.decode.rms_norm).
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -53,10 +60,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, kv: KVCache | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -118,17 +125,17 @@ class MambaMixer(nn.Module):
         self.inner = inner
         self.state_size = config.mamba_d_state
         self.dt_rank = config.mamba_dt_rank
-        self.in_proj = nn.Linear(hidden, 2 * inner, bias=config.mamba_proj_bias)
+        self.in_proj = Linear(hidden, 2 * inner, bias=config.mamba_proj_bias)
         # Stored as HF's Conv1d ([inner, 1, K] weight) for checkpoint compatibility; applied by ops.causal_conv1d.
         self.conv1d = nn.Conv1d(
             inner, inner, config.mamba_d_conv, groups=inner, padding=config.mamba_d_conv - 1,
             bias=config.mamba_conv_bias,
         )
-        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * self.state_size, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.x_proj = Linear(inner, self.dt_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = Linear(self.dt_rank, inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(inner, self.state_size))
         self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = nn.Linear(inner, hidden, bias=config.mamba_proj_bias)
+        self.out_proj = Linear(inner, hidden, bias=config.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(self.dt_rank, config.rms_norm_eps)
         self.b_layernorm = RMSNorm(self.state_size, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(self.state_size, config.rms_norm_eps)
@@ -137,8 +144,11 @@ class MambaMixer(nn.Module):
         self, x: torch.Tensor, token_mask: torch.Tensor | None = None, state: MambaState | None = None
     ) -> torch.Tensor:
         """x: (B, T, hidden). token_mask: (B, T), 0 at padding. state: carried conv window and SSM state."""
-        u, gate = self.in_proj(x).chunk(2, dim=-1)  # (B, T, inner) each
+        xz = self.in_proj(x)  # (B, T, 2 * inner)
         decoding = state is not None and x.shape[1] == 1
+        if decoding and token_mask is None and self._plain_step_projections():
+            return self.out_proj(self._fused_decode_step(xz[:, 0], state).unsqueeze(1))
+        u, gate = xz.chunk(2, dim=-1)  # (B, T, inner) each
         # Padding is zeroed before and after the conv, so pads never reach the conv window or the SSM state.
         u = _zero_padding(u, token_mask)
         conv_weight = self.conv1d.weight[:, 0]  # (inner, K)
@@ -167,6 +177,19 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)
 
 
+    def _plain_step_projections(self) -> bool:
+        """Whether x_proj and dt_proj hold plain weight matrices, which the fused decode step reads directly."""
+        return type(self.x_proj) is Linear and type(self.dt_proj) is Linear
+
+    def _fused_decode_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op: decoding
+        small models is bound by per-op overhead. xz: (B, 2 * inner) -> (B, inner); `state` updated in place."""
+        norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
+        return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias,
+                              self.x_proj.weight, norms, self.dt_layernorm.eps, self.dt_proj.weight,
+                              self.dt_proj.bias, self.A_log, self.D)
+
+
 def _zero_padding(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return x if token_mask is None else x * token_mask.unsqueeze(-1).to(x.dtype)
 
@@ -176,9 +199,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -197,9 +220,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
         num_tokens, top_k = expert_index.shape
-        if num_tokens == 1:  # a decode step: its k experts one after the other, nothing to group
-            outputs = [self.expert(x, e) * w for e, w in zip(expert_index[0].tolist(), expert_weight[0].unbind())]
-            return torch.stack(outputs).sum(0).to(x.dtype)
+        if num_tokens == 1:  # a decode step: its k experts side by side, the index never leaving the device
+            return self.decode_step(x, expert_index[0], expert_weight[0])
         flat_expert = expert_index.reshape(-1)  # (N*k,)
         order = flat_expert.argsort(stable=True)  # group the (token, slot) pairs by expert
         token_of = order // top_k
@@ -207,6 +229,13 @@ class Experts(nn.Module):
         outputs = [self.expert(rows, e) for e, rows in enumerate(x[token_of].split(counts)) if rows.shape[0] > 0]
         weighted = torch.cat(outputs) * expert_weight.reshape(-1)[order, None]
         return x.new_zeros(num_tokens, x.shape[-1]).index_add_(0, token_of, weighted.to(x.dtype))
+
+    def decode_step(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """One token x (1, H) through its experts index (k,), weighted by weight (k,): (1, H). No host sync."""
+        rows = x.expand(index.shape[0], -1)  # (k, H): the token once per chosen expert
+        gate, up = ops.expert_linear(rows, self.gate_up_proj, index).chunk(2, dim=-1)  # (k, I) each
+        out = ops.expert_linear(F.silu(gate) * up, self.down_proj, index)  # (k, H)
+        return (weight.unsqueeze(0) @ out.to(weight.dtype)).to(x.dtype)  # weighted sum of the k rows: (1, H)
 
     def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU on rows (n, H) -> (n, H)."""
@@ -220,7 +249,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +318,7 @@ class JambaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = JambaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):

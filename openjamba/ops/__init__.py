@@ -9,9 +9,12 @@ Set OPENJAMBA_KERNEL=torch|cpu|triton to force one (an error if it cannot run); 
 the device is used when available, with a one-line notice when falling back to plain PyTorch.
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
-`selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all` with the signatures below; an op it
-lacks falls back to the plain PyTorch one. Attention over a long cache is in ops/attention.py: `chunk_attention` for
-a chunk continuing a cached sequence (no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
+`selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
+`mamba_step`, `rms_norm` with the signatures below; an op it lacks falls back to the plain PyTorch one. The last
+four serve the one-token decode step (ops/decode.py has their references): every projection of the model goes
+through `linear` (model.Linear), which on CPU streams a few-row product's weight over all threads.
+Attention over a long cache is in ops/attention.py: `chunk_attention` for a chunk continuing a cached sequence
+(no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
 The conv's decoding step `causal_conv1d_update` is plain PyTorch on every device (ops/conv.py).
 """
 
@@ -23,9 +26,12 @@ import sys
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from .attention import attend_to_all_sdpa, chunk_attention, to_dtype_of
 from .conv import causal_conv1d_ref, causal_conv1d_update
+from .decode import expert_linear_ref, mamba_step_ref
+from .decode import rms_norm as rms_norm_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
@@ -37,6 +43,13 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "chunk_attention",
+    "expert_linear",
+    "expert_linear_ref",
+    "linear",
+    "mamba_step",
+    "mamba_step_ref",
+    "rms_norm",
+    "rms_norm_ref",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",
@@ -143,3 +156,41 @@ def attend_to_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: li
     `attend_to_all` one row at a time, so a short row never pays for the columns of a long one (and gets exactly
     what it gets decoding alone)."""
     return torch.cat([attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]) for i, s in enumerate(starts)])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, with the device's fast path for a few rows (decoding)."""
+    fn = _op(x.device, "linear") or F.linear
+    return fn(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm over the last dim (`ops.decode.rms_norm`), with the device's fast path for a few rows."""
+    fn = _op(x.device, "rms_norm") or rms_norm_ref
+    return fn(x, weight, eps)
+
+
+def expert_linear(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row r of x (rows, in) through matrix index[r] of weights (E, out, in): (rows, out); see `ops.decode`."""
+    fn = _op(x.device, "expert_linear") or expert_linear_ref
+    return fn(x, weights, index)
+
+
+def mamba_step(
+    xz: torch.Tensor,
+    window: torch.Tensor,
+    ssm: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """A Mamba mixer's one-token step from in_proj's output to out_proj's input; see `ops.decode.mamba_step_ref`."""
+    fn = _op(xz.device, "mamba_step") or mamba_step_ref
+    return fn(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias,
+              A_log, D)

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp")
+SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
+           CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp")
 HEADERS = (CSRC / "common.h",)
 ABI_VERSION = 4
 
@@ -108,7 +109,7 @@ class Rows(ctypes.Structure):
     _fields_ = [("ptr", ctypes.c_void_p), ("batch_stride", ctypes.c_int64), ("token_stride", ctypes.c_int64)]
 
 
-def _fields(ints: str, rows: str, pointers: str) -> list:
+def _fields(ints: str, rows: str, pointers: str) -> list:  # space-separated names of each kind
     return ([(n, ctypes.c_int64) for n in ints.split()] + [(n, Rows) for n in rows.split()]
             + [(n, ctypes.c_void_p) for n in pointers.split()])
 
@@ -134,6 +135,21 @@ class AttendArgs(ctypes.Structure):
     _fields_ = _fields("batch kv_heads rows length head_dim block threads q_batch_stride q_head_stride q_row_stride "
                        "k_batch_stride k_head_stride k_token_stride v_batch_stride v_head_stride v_token_stride",
                        "", "q k v out")
+
+
+class MambaStepArgs(ctypes.Structure):
+    """`MambaStepArgs` of mamba_step.cpp."""
+
+    _fields_ = (_fields("batch channels kernel rank state threads xz_stride", "", "")
+                + [("eps", ctypes.c_double)]
+                + _fields("", "", "xz conv_w conv_bias x_proj_w dt_norm_w B_norm_w C_norm_w dt_proj_w dt_bias A_log D "
+                          "window h y scratch"))
+
+
+# linear.cpp's arguments: x, weight, bias, index, y, then rows, in, out, x_stride, y_stride, matrix_stride, threads.
+# Plain arguments, not a structure: decoding makes dozens of these calls per token, and this is the cheapest call.
+LINEAR_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double]  # x, weight, y, rows, width, eps
 
 
 def make_args(cls: type[ctypes.Structure], **values: int | torch.Tensor | None) -> ctypes.Structure:
@@ -166,7 +182,8 @@ def _field_kinds(cls: type[ctypes.Structure]) -> dict:
 
 
 _FUNCTIONS = {"scan_forward": ScanArgs, "scan_backward": ScanArgs, "conv_forward": ConvArgs,
-              "conv_backward": ConvArgs, "attend_to_all": AttendArgs, "attend_to_all_bf16": AttendArgs}
+              "conv_backward": ConvArgs, "attend_to_all": AttendArgs, "attend_to_all_bf16": AttendArgs,
+              "mamba_step": MambaStepArgs}
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
@@ -183,6 +200,10 @@ def library() -> ctypes.CDLL:
                 for suffix in ("f32", "f64"):
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = [ctypes.POINTER(cls)], None
+            for suffix in ("f32", "f64"):
+                for name, argtypes in (("linear", LINEAR_ARGTYPES), ("rms_norm", RMS_NORM_ARGTYPES)):
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:

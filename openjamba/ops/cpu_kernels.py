@@ -1,4 +1,5 @@
-"""Compiled CPU kernels: selective scan (forward + backward), its decode step, causal conv1d, decode attention.
+"""Compiled CPU kernels: selective scan (forward + backward), its decode step, causal conv1d, decode attention, and
+the decode step's matrix-vector products and fused Mamba step.
 
 Same contracts as the plain PyTorch ops (ops/scan.py, ops/conv.py); the C++ lives in ops/csrc and is built at first
 use (ops/cpu_build.py). Inputs in bf16/fp16 are computed in fp32, fp64 in fp64. Every tensor input of
@@ -15,10 +16,13 @@ import functools
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_build
 from .attention import attend_to_all_sdpa
-from .cpu_build import AttendArgs, ConvArgs, ScanArgs, call, make_args
+from .cpu_build import AttendArgs, ConvArgs, MambaStepArgs, ScanArgs, call, make_args
+from .decode import expert_linear_ref, mamba_step_ref
+from .decode import rms_norm as rms_norm_ref
 from .scan import selective_scan_ref
 
 ATTEND_BLOCK = 1024  # keys per work item of attend_to_all (it buffers rows x 1024 scores)
@@ -307,3 +311,113 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
                      q=rows, k=k, v=v, out=out)
     call("attend_to_all_bf16" if bf16_cache else "attend_to_all", dtype, args)
     return out.reshape(batch, heads, length, head_dim).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding: matrix-vector products and the Mamba step (references in ops/decode.py).
+
+LINEAR_MAX_ROWS = 4  # rows (batch x tokens) up to which linear.cpp runs a product; above, F.linear (MKL's GEMM)
+LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
+LINEAR_SERIAL_BELOW = 1 << 18  # weights below which one thread streams the matrix (waking another costs more)
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.cache
+def _plain_fn(name: str, dtype: torch.dtype):
+    """A kernel taking plain arguments (linear, rms_norm) for fp32 or fp64."""
+    return getattr(cpu_build.library(), f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+@eager_under_compile
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; a product of up to LINEAR_MAX_ROWS rows (a decode step's) in fp32/fp64 streams the weight over
+    all threads, split by output rows (MKL's matrix-vector product reads it at about half the memory bandwidth).
+    Called dozens of times per decoded token, so the checks are kept to cheap attribute reads (~3 us in all)."""
+    dtype, w_shape = x.dtype, weight.shape
+    if (dtype not in _FLOATS or weight.dtype != dtype or len(w_shape) != 2 or x.shape[-1] != w_shape[1]
+            or w_shape[0] * w_shape[1] < LINEAR_MIN_WEIGHTS or not (x.is_contiguous() and weight.is_contiguous())
+            or (bias is not None and (bias.dtype != dtype or bias.shape != w_shape[:1] or not bias.is_contiguous()))
+            or _needs_grad(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    out_features, in_features = w_shape
+    rows = x.numel() // in_features
+    if rows > LINEAR_MAX_ROWS or rows == 0:
+        return F.linear(x, weight, bias)
+    y = x.new_empty(*x.shape[:-1], out_features)
+    threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    _plain_fn("linear", dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), None,
+                               y.data_ptr(), rows, in_features, out_features, in_features, out_features, 0, threads)
+    return y
+
+
+@eager_under_compile
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as `ops.decode.rms_norm`; a few rows (a decode step's) in one kernel call."""
+    dtype, width = x.dtype, x.shape[-1]
+    if (dtype not in _FLOATS or weight.dtype != dtype or weight.shape != (width,) or not x.is_contiguous()
+            or not weight.is_contiguous() or x.numel() > LINEAR_MAX_ROWS * width or _needs_grad(x, weight)):
+        return rms_norm_ref(x, weight, eps)
+    y = torch.empty_like(x)
+    _plain_fn("rms_norm", dtype)(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // width, width, eps)
+    return y
+
+
+@eager_under_compile
+def expert_linear(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Same contract as `ops.decode.expert_linear_ref`: row r of x times matrix index[r] of weights, which the
+    kernel reads where it lies (no gathered copy, no host synchronisation: the index is read by the kernel)."""
+    rows, in_features = x.shape
+    if (not 0 < rows <= LINEAR_MAX_ROWS or x.dtype not in _FLOATS or weights.dtype != x.dtype or weights.dim() != 3
+            or weights.shape[2] != in_features or not weights.is_contiguous() or index.shape != (rows,)
+            or _needs_grad(x, weights)):
+        return expert_linear_ref(x, weights, index)
+    out_features = weights.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    index = index.to(torch.int64).contiguous()
+    y = torch.empty(rows, out_features, dtype=x.dtype)
+    threads = 1 if weights[0].numel() < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    _plain_fn("linear", x.dtype)(x.data_ptr(), weights.data_ptr(), None, index.data_ptr(), y.data_ptr(), rows,
+                                 in_features, out_features, x.stride(0), out_features, weights.stride(0), threads)
+    return y
+
+
+@eager_under_compile
+def mamba_step(
+    xz: torch.Tensor,
+    window: torch.Tensor,
+    ssm: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `ops.decode.mamba_step_ref`, in one call of mamba_step.cpp when every tensor has the SSM
+    state's dtype (fp32 or fp64) and is contiguous (xz: its rows); otherwise the reference."""
+    params = (conv_weight, conv_bias, x_proj_weight, *norm_weights, dt_proj_weight, dt_bias, A_log, D)
+    dtype = ssm.dtype
+    if (dtype not in _FLOATS or any(t is not None and (t.dtype != dtype or not t.is_contiguous())
+                                    for t in (window, ssm, *params))
+            or xz.dtype != dtype or xz.stride(-1) != 1 or _needs_grad(xz, *params)):
+        return mamba_step_ref(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
+                              dt_proj_weight, dt_bias, A_log, D)
+    batch, inner = xz.shape[0], xz.shape[1] // 2
+    rank, state = dt_proj_weight.shape[1], A_log.shape[1]
+    y = torch.empty(batch, inner, dtype=dtype)
+    scratch = torch.empty(batch, rank + 2 * state + inner, dtype=dtype)
+    args = make_args(MambaStepArgs, batch=batch, channels=inner, kernel=conv_weight.shape[1], rank=rank, state=state,
+                     threads=_threads(batch * inner * (x_proj_weight.shape[0] + state)), xz_stride=xz.stride(0),
+                     eps=eps, xz=xz, conv_w=conv_weight, conv_bias=conv_bias, x_proj_w=x_proj_weight,
+                     dt_norm_w=norm_weights[0], B_norm_w=norm_weights[1], C_norm_w=norm_weights[2],
+                     dt_proj_w=dt_proj_weight, dt_bias=dt_bias, A_log=A_log, D=D, window=window, h=ssm, y=y,
+                     scratch=scratch)
+    call("mamba_step", dtype, args)
+    return y

@@ -1,0 +1,63 @@
+"""The one-token decoding step's fused ops, as plain PyTorch references: a projection of a few rows, a decode step's
+MoE expert projections, and the Mamba mixer's whole step between in_proj and out_proj.
+
+Decoding reads every weight once per token, so it is bound by memory bandwidth (large models) or by per-op overhead
+(small ones). The compiled CPU kernels (ops/csrc/linear.cpp, ops/csrc/mamba_step.cpp) stream each weight matrix over
+all threads and run the Mamba step in one call; the functions here define what they compute, are the fallback on
+other devices, and are what the tests compare them with. None of them synchronises with the host, so a decode
+step can be captured or compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .conv import causal_conv1d_update
+from .scan import selective_state_update_ref
+
+
+def expert_linear_ref(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row r of x (rows, in) times matrix index[r] of weights (E, out, in), transposed: (rows, out).
+
+    The index stays on the device (no `.tolist()`); the chosen matrices are gathered, which costs a copy of them.
+    """
+    return torch.bmm(x.unsqueeze(1), weights.index_select(0, index).transpose(1, 2)).squeeze(1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (model.RMSNorm) on a tensor and a weight."""
+    if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def mamba_step_ref(
+    xz: torch.Tensor,
+    window: torch.Tensor,
+    ssm: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: float,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """One token through a Mamba mixer, from in_proj's output xz (batch, 2 * inner) to out_proj's input (batch, inner).
+
+    window (batch, K - 1, inner) and ssm (batch, inner, N) are the layer's cached conv inputs and SSM state, both
+    updated in place. conv_weight: (inner, K); x_proj_weight: (rank + 2N, inner); norm_weights: the RMSNorm weights
+    of dt, B and C; dt_proj_weight: (inner, rank); dt_bias, D: (inner,); A_log: (inner, N).
+    """
+    inner, rank, state = xz.shape[-1] // 2, dt_proj_weight.shape[1], A_log.shape[1]
+    u, z = xz[:, :inner], xz[:, inner:]  # (batch, inner) each
+    u = causal_conv1d_update(u, conv_weight, conv_bias, window)
+    dt, B, C = F.linear(u, x_proj_weight).split([rank, state, state], dim=-1)
+    dt, B, C = (rms_norm(t, w, eps) for t, w in zip((dt, B, C), norm_weights))
+    dt = F.linear(dt, dt_proj_weight)  # bias and softplus are applied in the state's dtype
+    return selective_state_update_ref(ssm, u, dt, -torch.exp(A_log.to(ssm.dtype)), B, C, D.to(ssm.dtype), z,
+                                      dt_bias.to(ssm.dtype), delta_softplus=True)

@@ -1,0 +1,159 @@
+"""The decode step's CPU kernels (ops/csrc/linear.cpp, rms_norm.cpp, mamba_step.cpp) against their plain PyTorch
+references (ops/decode.py) in float64 and float32, and a decode step of the model with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openjamba import ops
+from openjamba.ops import cpu_kernels, decode
+
+from .conftest import random_model
+
+AVAILABLE, WHY = cpu_kernels.is_available()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"CPU kernels unavailable: {WHY}")
+
+
+def randn(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture
+def all_sizes_threaded(monkeypatch):
+    """Every matrix through the kernel, and on two threads (split into work items) unless told otherwise."""
+    monkeypatch.setattr(cpu_kernels, "LINEAR_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+# out 37 and in 45: partial blocks of 4 rows and a scalar tail after the vectors; 1..4 rows of x and one token.
+@pytest.mark.parametrize("shape", [(1, 45), (2, 45), (3, 45), (4, 45), (1, 1, 45), (2, 1, 45)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(all_sizes_threaded, shape, bias):
+    x, w = randn(*shape), randn(37, 45, seed=1)
+    b = randn(37, seed=2) if bias else None
+    torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), atol=1e-12, rtol=1e-12)
+    x32, w32, b32 = x.float(), w.float(), None if b is None else b.float()
+    torch.testing.assert_close(cpu_kernels.linear(x32, w32, b32), F.linear(x32, w32, b32), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_large_matrix_over_threads(all_sizes_threaded):
+    x, w = randn(1, 1, 700), randn(1030, 700, seed=1)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), F.linear(x, w), atol=1e-12, rtol=1e-12)
+
+
+def test_linear_falls_back_where_it_does_not_apply(all_sizes_threaded):
+    w = randn(8, 6, seed=1)
+    for x in (randn(5, 6), randn(2, 6).t().contiguous().t(), randn(2, 6).to(torch.bfloat16)):  # 5 rows, strided
+        expected = F.linear(x, w.to(x.dtype))
+        torch.testing.assert_close(cpu_kernels.linear(x, w.to(x.dtype)), expected)
+    with pytest.raises(RuntimeError):  # a shape mismatch is F.linear's error, never a read past the weight
+        cpu_kernels.linear(randn(1, 7), w)
+    x = randn(1, 6).requires_grad_(True)
+    cpu_kernels.linear(x, w).sum().backward()  # autograd: F.linear's gradient
+    torch.testing.assert_close(x.grad, w.sum(0, keepdim=True))
+
+
+def test_expert_linear_matches_reference(all_sizes_threaded):
+    x, weights, index = randn(3, 21), randn(5, 38, 21, seed=1), torch.tensor([4, 0, 4])
+    expected = torch.stack([weights[e] @ x[r] for r, e in enumerate(index.tolist())])
+    torch.testing.assert_close(decode.expert_linear_ref(x, weights, index), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cpu_kernels.expert_linear(x, weights, index), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cpu_kernels.expert_linear(x.float(), weights.float(), index), expected.float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rms_norm_matches_reference(dtype):
+    x, w = randn(2, 1, 37, dtype=dtype), randn(37, dtype=dtype, seed=1)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(decode.rms_norm(x, w, 1e-6), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-6), expected, atol=tol, rtol=tol)
+
+
+def mamba_inputs(batch=2, inner=37, kernel=4, rank=5, state=8, dtype=torch.float64, conv_bias=True):
+    """Random inputs of `mamba_step`; inner 37 = two vector blocks of 16 and a remainder."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(
+        xz=r(batch, 2 * inner, scale=1.0), window=r(batch, kernel - 1, inner), ssm=r(batch, inner, state),
+        conv_weight=r(inner, kernel), conv_bias=r(inner) if conv_bias else None,
+        x_proj_weight=r(rank + 2 * state, inner), norm_weights=(1 + r(rank), 1 + r(state), 1 + r(state)), eps=1e-6,
+        dt_proj_weight=r(inner, rank), dt_bias=r(inner) - 1.0,
+        A_log=torch.log(torch.rand(inner, state, generator=g) * 4 + 0.5).to(dtype), D=r(inner),
+    )
+
+
+def run_step(fn, args):
+    """fn on a copy of the inputs: (output, window after, state after)."""
+    args = {k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()}
+    return fn(**args), args["window"], args["ssm"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_mamba_step_matches_reference(monkeypatch, dtype, tol, threads, conv_bias):
+    monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    args = mamba_inputs(dtype=dtype, conv_bias=conv_bias)
+    expected = run_step(decode.mamba_step_ref, args)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_step(cpu_kernels.mamba_step, args)
+    finally:
+        torch.set_num_threads(saved)
+    for name, e, g in zip(("output", "window", "state"), expected, got):
+        torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
+
+
+def test_mamba_step_reference_is_the_mixers_plain_path():
+    """The fused step (kernel or reference) gives what the mixer's op-by-op path gives: output and both states. In
+    float64 up to 1e-6: the op-by-op path rounds A, D and the dt bias to fp32 (the state's usual dtype) first."""
+    model = random_model().double()
+    mixer = next(layer.mamba for layer in model.model.layers if not layer.is_attention)
+    x = randn(2, 1, model.config.hidden_size)
+    results = []
+    for fused in (False, True):
+        cache = model.make_cache(2)
+        state = next(c for c, layer in zip(cache.layers, model.model.layers) if not layer.is_attention)
+        state.conv.copy_(randn(*state.conv.shape, seed=4))
+        state.ssm.copy_(randn(*state.ssm.shape, seed=5))
+        mixer._plain_step_projections = lambda fused=fused: fused
+        with torch.no_grad():
+            results.append((mixer(x, None, state), state.conv.clone(), state.ssm.clone()))
+    for name, e, g in zip(("output", "window", "state"), *results):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_decode_step_equals_the_plain_path_and_never_syncs(monkeypatch, all_sizes_threaded, kernels):
+    """Prefill then decode with the CPU kernels (every matrix through linear.cpp) equals one full forward of the
+    plain PyTorch path; the decode steps (MoE layers included) never read a tensor into Python."""
+    model = random_model().eval()  # moe-gqa: MoE, attention and Mamba layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setitem(ops._chosen, "cpu", None)
+    with torch.no_grad():
+        full = model(ids).logits
+    monkeypatch.setitem(ops._chosen, "cpu", cpu_kernels if kernels else None)
+    with torch.no_grad():
+        cache = model.make_cache(1, max_length=12)
+        pieces = [model(ids[:, :8], cache=cache).logits]
+        with pytest.MonkeyPatch.context() as patch:  # any tensor read into Python raises
+            for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+                patch.setattr(torch.Tensor, name, _refuse)
+            pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-5, rtol=0)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("host synchronisation in a decode step")
