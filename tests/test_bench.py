@@ -42,8 +42,24 @@ def test_cli_bench_measures_all_models_and_writes_plot(tmp_path, capsys):
     assert {r["versus"] for r in report["ratios"]} == set(impls) - {"openjamba"}
     assert report["machine"]["matmul_flops_s"] > 0
     assert 0 < report["utilisation"][0]["prefill_mfu"] < 1.5
+    assert ours["read_bytes_s"] > 0 and ours["decode_read_bytes"] > ours["cache_bytes"] // 2
+    assert report["utilisation"][0]["decode_bw"] > 0 and "decode BW" in out
     assert "prefill tok/s" in out and "openjamba vs" in out
     assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_weight_bytes_are_the_active_parameters(tied):
+    """A decode step reads the active parameters (top-k experts) but only one row of an untied embedding."""
+    from openjamba.bench.measure import decode_weight_bytes
+    from openjamba.info import count_parameters
+    from openjamba.model import JambaForCausalLM
+
+    config = get_preset("tiny", tie_word_embeddings=tied)
+    model = JambaForCausalLM(config)
+    unread_rows = 0 if tied else (config.vocab_size - 1) * config.hidden_size
+    assert config.num_experts > config.num_experts_per_tok
+    assert decode_weight_bytes(model, config) == 4 * (count_parameters(config)["active"] - unread_rows)
 
 
 def test_training_phase_runs_in_its_own_worker():

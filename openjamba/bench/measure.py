@@ -1,5 +1,6 @@
-"""Timing and memory sampling for the benchmark: best-of-N wall time, peak memory of a block, and this
-machine's own matmul throughput and copy bandwidth (the denominators of utilisation figures)."""
+"""Timing and memory sampling for the benchmark: best-of-N wall time, peak memory of a block, this machine's own
+matmul throughput, copy and read bandwidth (the denominators of utilisation figures), and the bytes a decode step
+must read."""
 
 from __future__ import annotations
 
@@ -105,6 +106,30 @@ def copy_bytes_per_s(device: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     return 2 * nbytes / best_time(lambda: dst.copy_(src), device, repeats=10, budget_s=2.0)
 
+
+def read_bytes_per_s(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """Achievable memory read bandwidth with the current threads: the best of several sums of an array far larger
+    than any cache. A decode step reads every active weight once, so this is the rate its floor is measured by."""
+    src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    src.sum()  # touch every page and wake the threads before timing
+    return nbytes / best_time(lambda: src.sum(), device, repeats=10, budget_s=2.0)
+
+
+def decode_weight_bytes(model: torch.nn.Module, config) -> int:
+    """Bytes of weights one decode step reads per token: every parameter and buffer once (quantized weights and
+    their scales as stored), the MoE experts at top-k / E of theirs, the embedding table one row (unless the LM
+    head shares it, which reads it all)."""
+    share = config.num_experts_per_tok / config.num_experts
+    tied = getattr(config, "tie_word_embeddings", False)
+    total = 0.0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "embed_tokens" in name and not tied:
+            total += t.nbytes / t.shape[0]
+        elif ".experts." in name or name.endswith(".experts"):
+            total += t.nbytes * share
+        else:
+            total += t.nbytes
+    return int(total)
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:

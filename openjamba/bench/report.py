@@ -44,9 +44,18 @@ def ratios(rows: list[dict[str, Any]], compare: tuple[str, ...]) -> list[dict[st
 
 
 def utilisation(rows: list[dict[str, Any]], matmul_flops_s: float) -> list[dict[str, Any]]:
-    return [{"impl": r["impl"], "context": r["context"], "batch": r["batch"],
-             **{f"{k.split('_')[0]}_mfu": r[k] / matmul_flops_s for k in ("prefill_flops_s", "train_flops_s")
-                if k in r}} for r in rows]
+    """MFU of prefill and training (over the machine's matmul rate); decode bandwidth utilisation: the bytes a
+    decode step reads (active weights + cache) per second of it, over the worker's own measured read bandwidth."""
+    out = []
+    for r in rows:
+        entry = {"impl": r["impl"], "context": r["context"], "batch": r["batch"],
+                 **{f"{k.split('_')[0]}_mfu": r[k] / matmul_flops_s for k in ("prefill_flops_s", "train_flops_s")
+                    if k in r}}
+        if all(k in r for k in ("decode_read_bytes", "decode_ms", "read_bytes_s")):
+            entry["decode_bw"] = r["decode_read_bytes"] / (r["decode_ms"] / 1e3) / r["read_bytes_s"]
+            entry["decode_floor_ms"] = r["decode_read_bytes"] / r["read_bytes_s"] * 1e3
+        out.append(entry)
+    return out
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -67,9 +76,14 @@ def format_bench_report(report: dict[str, Any]) -> str:
     lines = [f"openjamba bench: {report['model']} on {m.get('gpu', m['cpu'])} ({m['device']}, {m['threads']} threads, "
              f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}); "
              f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
+    read = [r["read_bytes_s"] for r in report["rows"] if "read_bytes_s" in r]
+    if read:
+        lines[0] += (f"; memory read {min(read) / 1e9:,.0f}-{max(read) / 1e9:,.0f} GB/s (decode floor = bytes read "
+                     "per token / that rate; decode BW = floor / decode time)")
     mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
-               ("decode ms/tok", "decode_ms", "n"), ("train tok/s", "train_tok_s", "n"),
+               ("decode ms/tok", "decode_ms", "n"), ("decode floor", "decode_floor_ms", "n"),
+               ("decode BW", "decode_bw", "pct"), ("train tok/s", "train_tok_s", "n"),
                ("train MFU", "train_mfu", "pct"), ("model mem", "model_mem_bytes", "bytes"),
                ("peak mem", "peak_mem_bytes", "bytes"), ("train peak", "train_peak_mem_bytes", "bytes"),
                ("cache", "cache_bytes", "bytes")]

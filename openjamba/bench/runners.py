@@ -29,6 +29,10 @@ class Runner:
     def cache_bytes(self) -> int | None:
         return None
 
+    def cache_read_bytes(self, length: int) -> int | None:
+        """Bytes of cache a decode step at `length` cached tokens reads, when known."""
+        return None
+
     def train_step(self, ids: torch.Tensor) -> None:
         self.model.zero_grad(set_to_none=True)
         self.model(ids, labels=ids).loss.backward()
@@ -57,6 +61,11 @@ class OpenJambaRunner(Runner):
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
+
+    def cache_read_bytes(self, length: int) -> int:
+        """The Mamba states whole, and the attention K/V of `length` tokens (of the buffers' static capacity)."""
+        capacity = self.cache.max_length or max(1, self.cache.seq_len)
+        return int(self.cache.mamba_nbytes() + self.cache.kv_nbytes() * min(1.0, length / capacity))
 
 
 class TransformersRunner(Runner):

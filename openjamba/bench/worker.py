@@ -23,7 +23,7 @@ import torch
 from ..config import JambaConfig
 from ..info import forward_flops
 from ..runtime import parse_dtype
-from .measure import PeakMemory, best_time, current_memory, sync
+from .measure import PeakMemory, best_time, current_memory, decode_weight_bytes, read_bytes_per_s, sync
 from .runners import Runner, build_runner
 
 RESULT_PREFIX = "OPENJAMBA_BENCH_RESULT "
@@ -82,6 +82,9 @@ def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: Ja
     out.update(prefill_s=seconds, prefill_tok_s=batch * context / seconds, peak_mem_bytes=peak.peak,
                prefill_flops_s=forward_flops(config, context, batch, logits=1) / seconds)
     if "decode" in spec["phases"] and spec["decode_tokens"] > 0:
+        if runner.device.type == "cpu":  # this process's read bandwidth on its threads: the decode floor's rate
+            report_progress("memory read bandwidth", force=True)
+            out["read_bytes_s"] = read_bytes_per_s(runner.device)
         token = logits.argmax(-1)
         sync(runner.device)
         start = time.perf_counter()
@@ -91,6 +94,9 @@ def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: Ja
         sync(runner.device)
         out["decode_ms"] = (time.perf_counter() - start) * 1e3 / spec["decode_tokens"]
         out["decode_tok_s"] = batch * 1e3 / out["decode_ms"]
+        cache_read = runner.cache_read_bytes(context + spec["decode_tokens"] // 2)  # at the middle of the decode
+        if cache_read is not None:
+            out["decode_read_bytes"] = decode_weight_bytes(runner.model, config) + cache_read
     cache = runner.cache_bytes()
     if cache is not None:
         out["cache_bytes"] = cache

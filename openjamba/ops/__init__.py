@@ -191,6 +191,7 @@ def mamba_step(
     D: torch.Tensor,
 ) -> torch.Tensor:
     """A Mamba mixer's one-token step from in_proj's output to out_proj's input; see `ops.decode.mamba_step_ref`."""
-    fn = _op(xz.device, "mamba_step") or mamba_step_ref
-    return fn(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias,
-              A_log, D)
+    args = (xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias,
+            A_log, D)
+    fn = _op(xz.device, "mamba_step")
+    return fn(*args) if fn is not None else mamba_step_ref(*args, state_update=selective_state_update)

@@ -46,12 +46,14 @@ def mamba_step_ref(
     dt_bias: torch.Tensor,
     A_log: torch.Tensor,
     D: torch.Tensor,
+    state_update=selective_state_update_ref,
 ) -> torch.Tensor:
     """One token through a Mamba mixer, from in_proj's output xz (batch, 2 * inner) to out_proj's input (batch, inner).
 
     window (batch, K - 1, inner) and ssm (batch, inner, N) are the layer's cached conv inputs and SSM state, both
     updated in place. conv_weight: (inner, K); x_proj_weight: (rank + 2N, inner); norm_weights: the RMSNorm weights
-    of dt, B and C; dt_proj_weight: (inner, rank); dt_bias, D: (inner,); A_log: (inner, N).
+    of dt, B and C; dt_proj_weight: (inner, rank); dt_bias, D: (inner,); A_log: (inner, N). `state_update` runs the
+    SSM step (the dispatcher passes a device's kernel for it where there is no fused step).
     """
     inner, rank, state = xz.shape[-1] // 2, dt_proj_weight.shape[1], A_log.shape[1]
     u, z = xz[:, :inner], xz[:, inner:]  # (batch, inner) each
@@ -59,5 +61,5 @@ def mamba_step_ref(
     dt, B, C = F.linear(u, x_proj_weight).split([rank, state, state], dim=-1)
     dt, B, C = (rms_norm(t, w, eps) for t, w in zip((dt, B, C), norm_weights))
     dt = F.linear(dt, dt_proj_weight)  # bias and softplus are applied in the state's dtype
-    return selective_state_update_ref(ssm, u, dt, -torch.exp(A_log.to(ssm.dtype)), B, C, D.to(ssm.dtype), z,
-                                      dt_bias.to(ssm.dtype), delta_softplus=True)
+    return state_update(ssm, u, dt, -torch.exp(A_log.to(ssm.dtype)), B, C, D.to(ssm.dtype), z,
+                        dt_bias.to(ssm.dtype), delta_softplus=True)
