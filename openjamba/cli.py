@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import sys
 import warnings
@@ -16,7 +17,7 @@ import torch
 from . import runtime
 from .config import PRESETS, JambaConfig, get_preset
 from .files import write_atomic
-from .info import DTYPE_BYTES, checkpoint_dtype_name, format_model_report, model_report
+from .info import DTYPE_BYTES, checkpoint_dtype_name, format_model_report, human_bytes, model_report
 from .runtime import default_device
 from .train.config import add_arguments as add_train_arguments
 
@@ -81,27 +82,83 @@ def device_name(text: str) -> str:
 
 # ---------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> None:
+    from .info import context_that_fits, format_fit, parse_bytes, weight_bytes
+
     config, name = model_config_from_args(args)
     if args.model and any(Path(args.model).glob("*.safetensors*")):  # a config.json alone still plans memory
         from .hf import check_checkpoint
 
         check_checkpoint(args.model)
-    report = model_report(config, name, args.context, args.batch, args.cache_dtype or checkpoint_dtype_name(config))
+    cache_dtype = args.cache_dtype or checkpoint_dtype_name(config)
+    report = model_report(config, name, args.context, args.batch, cache_dtype)
+    try:
+        report["weight_bytes"] = weight_bytes(config, args.quantize, args.weight_dtype, args.skip_mamba)
+        report["weight_scheme"] = {"quantize": args.quantize, "weight_dtype": args.weight_dtype,
+                                   "skip_mamba": args.skip_mamba}
+        if args.device_memory:
+            report["fit"] = context_that_fits(config, parse_bytes(args.device_memory), args.quantize,
+                                              args.weight_dtype, cache_dtype, args.skip_mamba, args.reserve,
+                                              args.batch)
+    except ValueError as err:
+        raise SystemExit(f"openjamba info: error: {err}") from None
     if args.json:
         print(json.dumps(report))
-    else:
-        print(format_model_report(report))
+        return
+    print(format_model_report(report))
+    w = report["weight_bytes"]
+    scheme = (args.quantize or args.weight_dtype) + (f" (Mamba in {args.weight_dtype})" if args.skip_mamba else "")
+    print(f"\nweights ({scheme}): {human_bytes(w['total'])}")
+    if args.device_memory:
+        print(f"\nlargest context in {args.device_memory}:\n" + format_fit(report["fit"]))
+
+
+def load_model(args: argparse.Namespace, device: str):
+    """The checkpoint `--model` names, in `--dtype`, quantized as `--quantize` asks; load errors as one line."""
+    from .hf import CheckpointError
+    from .model import JambaForCausalLM
+
+    try:
+        return JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
+                                                quantize=getattr(args, "quantize", None))
+    except (CheckpointError, ValueError) as err:
+        raise SystemExit(f"openjamba {args.verb}: error: {err}") from None
+
+
+# ---------------------------------------------------------------------- quantize
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .hf import CheckpointError, load_pretrained
+
+    out = Path(args.out)
+    if out.resolve() == Path(args.model).resolve():
+        raise SystemExit("openjamba quantize: error: --out must differ from --model")
+    try:
+        model = load_pretrained(args.model, dtype=torch.float32, quantize=args.quantize, group_size=args.group_size,
+                                prepare_kernels=False)
+    except (CheckpointError, ValueError) as err:
+        raise SystemExit(f"openjamba quantize: error: {err}") from None
+    model.save_pretrained(out, max_shard_size=args.max_shard_size)
+    copied = []
+    for file in sorted(Path(args.model).iterdir()):  # tokenizer and chat-template files travel with the weights
+        if file.is_file() and file.name != "config.json" and not file.name.startswith("model") \
+                and file.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            shutil.copy2(file, out / file.name)
+            copied.append(file.name)
+    q = model.quantization
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{args.quantize}: {len(q['modules'])} weights quantized"
+          + (f" (groups of {q['group_size']}; int8 fallback for {len(q['int8_fallback'])})"
+             if args.quantize == "int4" else "")
+          + f"; {size / 1e9:.2f} GB of safetensors -> {out}" + (f"; copied {', '.join(copied)}" if copied else ""))
 
 
 # ---------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import TextStreamer
-    from .model import JambaForCausalLM
     from .tokenizer import load_tokenizer
 
     device = args.device or default_device()
     kv_dtype = resolve_dtype(args.kv_dtype, device, "--kv-dtype") if args.kv_dtype else None
-    model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    model = load_model(args, device)
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -170,7 +227,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .corpus import CorpusStats, read_corpus
     from .eval.perplexity import evaluate_texts
-    from .model import JambaForCausalLM
     from .tokenizer import load_tokenizer
 
     if not args.paths and not args.tasks:
@@ -178,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.tasks and importlib.util.find_spec("lm_eval") is None:
         raise SystemExit("openjamba eval --tasks needs lm-evaluation-harness: pip install 'openjamba[eval]'")
     device = args.device or default_device()
-    model = JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+    model = load_model(args, device)
     model.eval()
     tokenizer = load_tokenizer(args.model)
     report: dict = {"model": str(args.model)}
@@ -320,6 +376,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             phases=tuple(args.phases.split(",")), compare=tuple(args.compare), device=device, dtype=dtype,
             kv_dtype=args.kv_dtype, threads=args.threads, decode_tokens=args.decode_tokens,
             prefill_chunk=args.prefill_chunk, repeats=args.repeats, timeout_s=args.timeout, seed=args.seed,
+            quantize=args.quantize,
         )
     except ValueError as err:
         raise SystemExit(f"openjamba bench: error: {err}") from None
@@ -371,6 +428,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- parser
+QUANTIZE_CHOICES = ("int8", "int4")  # openjamba.quant.METHODS, named here so the parser needs no torch import
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="openjamba", description=__doc__)
     parser.add_argument("--debug", action="store_true", help=f"show full tracebacks on errors (or set {DEBUG_ENV}=1)")
@@ -385,6 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default=None, choices=sorted(DTYPE_BYTES),
                       help="dtype of the K/V cache and conv state (default: the checkpoint's dtype with --model, "
                            "bf16 for a preset; --dtype is the older spelling)")
+    info.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                      help="weight bytes with openjamba's int8/int4 weight-only quantization")
+    info.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                      help="dtype of the weights left in full precision (default bf16)")
+    info.add_argument("--skip-mamba", action="store_true",
+                      help="keep the Mamba layers' projections in --weight-dtype (Jamba-v0.1's model-card recipe)")
+    info.add_argument("--device-memory", default=None, metavar="SIZE",
+                      help="also the largest context that fits this memory, e.g. 80GB (10^9 B) or 80GiB")
+    info.add_argument("--reserve", type=float, default=0.1,
+                      help="share of --device-memory kept for the CUDA context, allocator and framework (0.1)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     info.set_defaults(func=cmd_info)
 
@@ -400,7 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--kv-dtype", default=None, help="attention K/V cache dtype, e.g. bf16 under fp32 weights "
                      "(half the cache; default: the model's)")
+    gen.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                     help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
     gen.set_defaults(func=cmd_generate)
+
+    qnt = verbs.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (safetensors) that loads "
+                                            "without the full-precision weights")
+    qnt.add_argument("--model", type=Path, required=True, help="full-precision checkpoint directory")
+    qnt.add_argument("--out", type=Path, required=True, help="output directory")
+    qnt.add_argument("--quantize", choices=QUANTIZE_CHOICES, required=True)
+    qnt.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                     help="int4 inputs per scale/zero (default 128; a smaller one where a weight needs it)")
+    qnt.add_argument("--max-shard-size", default="5GB")
+    qnt.set_defaults(func=cmd_quantize)
 
     prep = verbs.add_parser("prepare", help="train a tokenizer and tokenize text into shards for training")
     prep.add_argument("paths", nargs="*", help="text files, directories and .jsonl files (default: the Python "
@@ -439,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", default=None, help="lm-eval: a directory of extra task YAML files")
     ev.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
+    ev.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                    help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the human lines")
     ev.add_argument("--output", default=None, help="also write the JSON report to this file")
     ev.set_defaults(func=cmd_eval)
@@ -469,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--kv-dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="openjamba's attention K/V cache dtype (default: the model's)")
+    bench.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                       help="openjamba's weights quantized at load (a preset's random weights: built quantized, "
+                            "weight by weight)")
     bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
     bench.set_defaults(func=cmd_bench)

@@ -22,6 +22,7 @@ from .files import write_atomic
 # Keys transformers writes into config.json that carry no architecture information for us: kept, not warned.
 _HF_BOOKKEEPING_KEYS = {
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "quantization_config",  # written by `openjamba quantize`, read by hf.load_pretrained
     "use_mambapy", "use_associative_scan", "auto_map", "return_dict", "output_hidden_states",
     "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
     "tie_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",

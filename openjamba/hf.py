@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import quant
 from .config import JambaConfig
 from .files import write_atomic
 
@@ -85,17 +86,21 @@ def per_expert_names(param: str, num_experts: int) -> list[str]:
 
 
 def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under their checkpoint names, experts split per expert (views, not copies)."""
+    """The model's tensors under their checkpoint names, experts split per expert (views, not copies).
+
+    A quantized weight `X.weight` is written as its format's tensors `X.qweight`, `X.scales` (and `X.zeros`).
+    """
     config = model.config
-    for name, tensor in model.state_dict().items():
+    for name, value in quant.logical_state(model):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: transformers writes only the embedding
-        pieces = per_expert_names(name, tensor.shape[0])
-        if pieces:
+        parts = value.items() if isinstance(value, dict) else [("weight", value)]
+        for part, tensor in parts:
+            pieces = per_expert_names(name, tensor.shape[0])
             for piece in pieces:
-                yield piece, checkpoint_target(piece, config).view(tensor)
-        else:
-            yield name, tensor
+                yield piece.removesuffix(".weight") + f".{part}", checkpoint_target(piece, config).view(tensor)
+            if not pieces:
+                yield (name.removesuffix(".weight") + f".{part}") if part != "weight" else name, tensor
 
 
 # ---------------------------------------------------------------------- reading a checkpoint directory
@@ -246,44 +251,81 @@ def check_checkpoint(path: str | Path) -> JambaConfig:
     return _inspect(Path(path))[0]
 
 
-def _inspect(path: Path):
+def _inspect(path: Path, quantize: str | None = None):
     from .model import JambaForCausalLM
 
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a checkpoint directory with config.json)")
+    quant.check_method(quantize)
     config = JambaConfig.from_pretrained(path)
     files = find_weight_files(path)
     entries = read_headers(files)
+    method, pieces = quantize, {}
+    stored = config.extra.get("quantization_config")
+    if stored is not None:  # written by `openjamba quantize`: checked as the full-precision weights it stands for
+        method = _stored_method(stored, quantize)
+        entries, pieces = quant_checkpoint_entries(entries)
     with torch.device("meta"):
         model = JambaForCausalLM(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    return config, entries, check_tensors(entries, expected, config), model
+    return config, entries, check_tensors(entries, expected, config), model, method, pieces
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+    quantize: str | None = None, group_size: int | None = None, prepare_kernels: bool = True,
 ):
-    """Load a local Hugging Face Jamba checkpoint directory. See the module docstring."""
+    """Load a local Hugging Face Jamba checkpoint directory. See the module docstring.
+
+    `quantize` ("int8" or "int4"; see `openjamba.quant`) quantizes each weight as it is read, a block of rows at a
+    time, so peak memory stays near the quantized size; a checkpoint written by `openjamba quantize` loads
+    quantized without it. `prepare_kernels=False` leaves the weights in the documented layout (for saving them).
+    """
     path = Path(path)
-    config, entries, targets, model = _inspect(path)
+    config, entries, targets, model, method, pieces = _inspect(path, quantize)
+    stored = config.extra.get("quantization_config") or {}
+    group_size = group_size or stored.get("group_size") or quant.DEFAULT_GROUP_SIZE
 
     dtype = dtype or _default_dtype(entries, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
         warnings.warn(f"loading in {dtype} on CPU: half-precision matmuls are very slow on most CPUs; "
                       "pass dtype=torch.float32 for speed", stacklevel=2)
-    model = keep_fp32(model.to(dtype)).to_empty(device=device)  # dtypes first: converting on meta allocates nothing
-    model.tie_weights()
+    weights = {}
+    if method is not None:  # swap in quantized layers while everything is still on the meta device
+        weights = {name: quant.QuantizedWeight(_quantized_layout(name, shape, method, group_size, pieces, targets))
+                   for name, shape in quant.quantized_params(model).items()}
+        quant.install(model, weights, prepare=False)
+    model = keep_fp32(model.to(dtype))  # dtypes first: converting on meta allocates nothing
+    for weight in weights.values():
+        weight.keep_float32_scales()
+    model = model.to_empty(device=device)
+    if method is None:
+        model.tie_weights()
     params = model.state_dict(keep_vars=True)
+    quantized = quant.quantized_weights(model)
     by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    to_quantize = []
     for name, target in targets.items():
-        by_file.setdefault(entries[name].file, []).append((name, target.view(params[target.param])))
+        param = target.param
+        if param == "model.embed_tokens.weight" and config.tie_word_embeddings and "lm_head.weight" in quantized:
+            param = "lm_head.weight"  # the tied table is quantized as the LM head
+        if param in quantized:
+            to_quantize.append((name, target, quantized[param]))
+        else:
+            by_file.setdefault(entries[name].file, []).append((name, target.view(params[param])))
     with torch.no_grad():
         for file, destinations in by_file.items():
             copy_from_file(file, destinations)
+        for name, target, weight in to_quantize:  # one tensor at a time, a block of rows at a time
+            _fill_quantized(weight, target, name, entries[name], pieces)
         _warn_non_finite(model, path)
+    if method is not None:
+        if prepare_kernels:
+            quant.prepare_all(model)
+        model.quantization = quant.quantization_config(method, group_size, quantized)
     model.eval()
     return model
 
@@ -300,6 +342,81 @@ def _warn_non_finite(model, path: Path) -> None:
     if bad:
         warnings.warn(f"{path} has NaN or infinite values in {len(bad)} tensor(s) ({_some(bad, ', ', 3)}); "
                       "the model's outputs will be meaningless", stacklevel=3)
+
+
+def _stored_method(stored: dict, requested: str | None) -> str:
+    method = stored.get("method") if isinstance(stored, dict) else None
+    if method not in quant.METHODS:
+        raise CheckpointError(f"config.json's quantization_config has method {method!r}; openjamba reads "
+                              f"{', '.join(quant.METHODS)} checkpoints written by `openjamba quantize`")
+    if requested is not None and requested != method:
+        raise CheckpointError(f"the checkpoint is already quantized to {method}; it cannot be loaded as {requested} "
+                              "(quantize the full-precision checkpoint instead)")
+    return method
+
+
+def quant_checkpoint_entries(entries: dict[str, TensorEntry]) -> tuple[dict[str, TensorEntry], dict[str, dict]]:
+    """A quantized checkpoint's `X.qweight`/`X.scales`/`X.zeros` seen as the logical `X.weight` (N, K) entries
+    that `check_tensors` checks, and X.weight -> {"qweight": (stored name, entry), ...} for each of them."""
+    logical, pieces = {}, {}
+    for name, entry in entries.items():
+        if name.endswith((".scales", ".zeros")):
+            continue
+        if not name.endswith(".qweight"):
+            logical[name] = entry
+            continue
+        if entry.dtype not in (torch.int8, torch.uint8):
+            raise CheckpointError(f"{name} is {entry.dtype}; a quantized weight is int8 or uint8 (packed int4)")
+        base = name.removesuffix(".qweight")
+        parts = {"qweight": (name, entry)}
+        for part in ("scales",) if entry.dtype == torch.int8 else ("scales", "zeros"):
+            if f"{base}.{part}" not in entries:
+                raise CheckpointError(f"quantized checkpoint is missing {base}.{part} (needed by {name})")
+            parts[part] = (f"{base}.{part}", entries[f"{base}.{part}"])
+        shape = entry.shape[:-1] + (entry.shape[-1] * (2 if entry.dtype == torch.uint8 else 1),)
+        logical[f"{base}.weight"] = TensorEntry(entry.file, torch.float32, shape)
+        pieces[f"{base}.weight"] = parts
+    return logical, pieces
+
+
+def _quantized_layout(param: str, shape, method: str, group_size: int, pieces: dict, targets: dict) -> dict:
+    """Empty (meta) tensors in the format this parameter will hold: from a quantized checkpoint its own (int8 for a
+    tensor quantization left in int8, the group it used), else what `quant.quantize_weight` will produce."""
+    for name, target in targets.items():
+        if name in pieces and (target.param == param or (param == "lm_head.weight"
+                                                         and target.param == "model.embed_tokens.weight")):
+            qweight, scales = pieces[name]["qweight"][1], pieces[name]["scales"][1]
+            if qweight.dtype == torch.int8:
+                return quant.empty_quantized(shape, "int8", device="meta")
+            group = shape[-1] // scales.shape[-1]
+            if quant.int4_group_size(shape[-1], shape[-2], group) != group:
+                raise CheckpointError(f"{name}: int4 groups of {group} do not fit a {list(shape[-2:])} weight")
+            return quant.empty_quantized(shape, "int4", group, device="meta")
+    return quant.empty_quantized(shape, method, group_size, device="meta")
+
+
+def _fill_quantized(weight, target: Target, name: str, entry: TensorEntry, pieces: dict) -> None:
+    """Write one checkpoint tensor into a quantized parameter (an expert's half, a whole matrix): copied when the
+    checkpoint is quantized, else read, quantized and dropped a block of rows at a time."""
+    dests = {key: target.view(tensor) for key, tensor in weight.tensors().items()}
+    if name in pieces:
+        for key, dest in dests.items():
+            stored, source = pieces[name].get(key, (None, None))
+            if source is None or tuple(source.shape) != tuple(dest.shape) or (key == "qweight"
+                                                                              and source.dtype != dest.dtype):
+                found = f"{list(source.shape)} {source.dtype}" if source is not None else "missing"
+                raise CheckpointError(f"{name.removesuffix('.weight')}.{key}: checkpoint {found}, expected "
+                                      f"{list(dest.shape)} {dest.dtype} (does quantization_config match?)")
+            copy_from_file(source.file, [(stored, dest)])
+        return
+    with safe_open(entry.file, framework="pt") as handle:
+        if len(entry.shape) == 2:  # read a block of rows at a time
+            rows = handle.get_slice(name)
+            read = lambda start, stop: rows[start:stop]  # noqa: E731
+        else:  # a fused (E, N, K) expert tensor: read whole
+            full = read_tensor(handle, name).reshape(-1, entry.shape[-1])
+            read = lambda start, stop: full[start:stop]  # noqa: E731
+        quant.quantize_rows(read, entry.shape, "int8", out=dests)
 
 
 # ---------------------------------------------------------------------- writing a checkpoint directory
@@ -350,6 +467,9 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB", 
     for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         if stale.name not in written:
             stale.unlink()
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        model.config.extra["quantization_config"] = quantization
     model.config.save_pretrained(path, dtype=str(model.dtype).removeprefix("torch."))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -169,3 +169,102 @@ def format_model_report(report: dict[str, Any]) -> str:
             f"{human_bytes(row['kv_cache_bytes']):>13}{human_bytes(row['mamba_state_bytes']):>14}"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- weight bytes and the context that fits
+def weight_bytes(config: JambaConfig, quantize: str | None = None, weight_dtype: str = "bf16",
+                 skip_mamba: bool = False, group_size: int | None = None) -> dict[str, int]:
+    """Bytes of the weights, tensor by tensor as `openjamba.quant` stores them (scales and zeros in fp32).
+
+    `skip_mamba` keeps the Mamba mixers' projections in `weight_dtype` (the Jamba-v0.1 model card's 8-bit recipe,
+    `llm_int8_skip_modules=["mamba"]`). Returns {"quantized", "full_precision", "total"} bytes.
+    """
+    import torch
+
+    from . import quant
+    from .model import JambaForCausalLM
+
+    quant.check_method(quantize)
+    group_size = group_size or quant.DEFAULT_GROUP_SIZE
+    with torch.device("meta"):
+        model = JambaForCausalLM(config)
+    targets = quant.quantized_params(model) if quantize else {}
+    if skip_mamba:
+        targets = {n: s for n, s in targets.items() if ".mamba." not in n}
+    full = quantized = 0
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name in targets:
+            made = quant.empty_quantized(tuple(tensor.shape), quantize, group_size, device="meta")
+            quantized += sum(t.numel() * t.element_size() for t in made.values())
+        else:
+            full += tensor.numel() * DTYPE_BYTES[weight_dtype]
+    if config.tie_word_embeddings and "lm_head.weight" in targets and quantize == "int4":
+        shape = tuple(model.lm_head.weight.shape)  # the tied lookup's own copy of the documented layout
+        made = quant.empty_quantized(shape, quantize, group_size, device="meta")
+        quantized += sum(t.numel() * t.element_size() for t in made.values())
+    if config.tie_word_embeddings and "lm_head.weight" in targets:
+        full -= model.lm_head.weight.numel() * DTYPE_BYTES[weight_dtype]  # the table is the quantized head
+    return {"quantized": quantized, "full_precision": full, "total": quantized + full}
+
+
+def activation_bytes_per_token(config: JambaConfig, dtype: str = "bf16") -> int:
+    """An allowance for the activations of one unchunked prefill, per token of context: the largest working set of a
+    Mamba layer (layer input and residual 2H, in_proj output 2Di, conv output Di, dt Di, scan output Di). An
+    estimate of what an implementation without chunking keeps alive, not a measurement."""
+    values = 2 * config.hidden_size + 5 * config.mamba_inner_size if config.mamba_layer_indices else \
+        2 * config.hidden_size + 2 * config.intermediate_size
+    return values * DTYPE_BYTES[dtype]
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '512MB', '1e9'."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot parse a memory size from {text!r} (examples: 80GB, 24GiB, 512MB)")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    return int(float(match.group(1)) * units[(match.group(2) or "B").lower()])
+
+
+def context_that_fits(config: JambaConfig, device_bytes: int, quantize: str | None = None, weight_dtype: str = "bf16",
+                      cache_dtype: str = "bf16", skip_mamba: bool = False, reserve_fraction: float = 0.1,
+                      batch: int = 1) -> dict[str, Any]:
+    """The largest context (batch 1 by default) whose weights, K/V cache, Mamba state and activation allowance fit
+    in `device_bytes` after reserving `reserve_fraction` of it (CUDA context, allocator fragmentation, framework).
+
+    tokens = (device - reserve - weights - Mamba state) / (K/V bytes per token + activation bytes per token)
+    """
+    weights = weight_bytes(config, quantize, weight_dtype, skip_mamba)
+    reserve = int(device_bytes * reserve_fraction)
+    state = mamba_state_bytes(config, batch, cache_dtype)
+    kv_per_token = kv_cache_bytes(config, 1, batch, cache_dtype)
+    act_per_token = activation_bytes_per_token(config, weight_dtype) * batch
+    free = device_bytes - reserve - weights["total"] - state
+    tokens = max(0, free // (kv_per_token + act_per_token))
+    return {"device_bytes": device_bytes, "reserve_bytes": reserve, "reserve_fraction": reserve_fraction,
+            "weight_bytes": weights, "mamba_state_bytes": state, "kv_bytes_per_token": kv_per_token,
+            "activation_bytes_per_token": act_per_token, "free_bytes": free, "max_context": int(tokens),
+            "quantize": quantize, "skip_mamba": skip_mamba, "weight_dtype": weight_dtype, "batch": batch}
+
+
+def format_fit(fit: dict[str, Any]) -> str:
+    w = fit["weight_bytes"]
+    scheme = fit["quantize"] or fit["weight_dtype"]
+    if fit["quantize"] and fit["skip_mamba"]:
+        scheme += f" (Mamba layers in {fit['weight_dtype']})"
+    per_token = fit["kv_bytes_per_token"] + fit["activation_bytes_per_token"]
+    return "\n".join([
+        f"weights ({scheme}): {human_bytes(w['total'])} = {human_bytes(w['quantized'])} quantized + "
+        f"{human_bytes(w['full_precision'])} in {fit['weight_dtype']}",
+        f"device {human_bytes(fit['device_bytes'])} - reserve {fit['reserve_fraction']:.0%} "
+        f"({human_bytes(fit['reserve_bytes'])}: CUDA context, allocator, framework) - weights - Mamba state "
+        f"{human_bytes(fit['mamba_state_bytes'])} = {human_bytes(fit['free_bytes'])} for the context",
+        f"per token: K/V {fit['kv_bytes_per_token']:,} B + activation allowance "
+        f"{fit['activation_bytes_per_token']:,} B (one unchunked prefill's Mamba working set) = {per_token:,} B",
+        f"largest context: {human_bytes(fit['free_bytes'])} / {per_token:,} B = {fit['max_context']:,} tokens "
+        f"(batch {fit['batch']})",
+    ])

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
+from .quant import linear_without_bias
 
 
 class Linear(nn.Linear):
@@ -159,7 +160,7 @@ class MambaMixer(nn.Module):
         u = _zero_padding(u, token_mask)
 
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # bias and softplus are applied in fp32 below
+        dt = linear_without_bias(self.dt_proj, self.dt_layernorm(dt))  # bias and softplus: in fp32 below
         B, C = self.b_layernorm(B), self.c_layernorm(C)
         A = -torch.exp(self.A_log.float())
         scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
@@ -449,11 +450,12 @@ class JambaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.final_layernorm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (the norms' dtype: never quantized)."""
+        return self.model.final_layernorm.weight.dtype
 
     def num_parameters(self, active: bool = False) -> int:
         """The parameters this model holds (tied weights once); with `active`, only what one token uses: each MoE
@@ -479,12 +481,16 @@ class JambaForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+        quantize: str | None = None,
     ) -> JambaForCausalLM:
-        """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`."""
+        """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`.
+
+        `quantize` ("int8", "int4") quantizes the large projections' weights as they load (see `openjamba.quant`).
+        """
         from .hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
         """Write config.json and safetensors (per-expert layout, which transformers loads), and the tokenizer."""

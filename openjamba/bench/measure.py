@@ -52,6 +52,11 @@ def _rss_bytes() -> int:
         return _max_rss_bytes()
 
 
+def peak_so_far(device: torch.device) -> int:
+    """The process's peak memory until now (loading the model, for one): max RSS, or torch's peak on CUDA."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
+
+
 class PeakMemory:
     """Peak memory while the block runs. CUDA: torch's peak allocation. CPU: the process's resident set, sampled
     every few milliseconds by a thread (torch releases the GIL inside ops; sparse enough not to slow what is timed),

@@ -74,7 +74,8 @@ def format_bench_report(report: dict[str, Any]) -> str:
     """The report as the tables `openjamba bench` prints."""
     m = report["machine"]
     lines = [f"openjamba bench: {report['model']} on {m.get('gpu', m['cpu'])} ({m['device']}, {m['threads']} threads, "
-             f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}); "
+             f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}"
+             f"{', weights ' + report['quantize'] if report.get('quantize') else ''}); "
              f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
     read = [r["read_bytes_s"] for r in report["rows"] if "read_bytes_s" in r]
     if read:
@@ -85,6 +86,7 @@ def format_bench_report(report: dict[str, Any]) -> str:
                ("decode ms/tok", "decode_ms", "n"), ("decode floor", "decode_floor_ms", "n"),
                ("decode BW", "decode_bw", "pct"), ("train tok/s", "train_tok_s", "n"),
                ("train MFU", "train_mfu", "pct"), ("model mem", "model_mem_bytes", "bytes"),
+               ("load peak", "load_peak_mem_bytes", "bytes"),
                ("peak mem", "peak_mem_bytes", "bytes"), ("train peak", "train_peak_mem_bytes", "bytes"),
                ("cache", "cache_bytes", "bytes")]
     rows = [{**r, **mfu.get((r["impl"], r["context"], r["batch"]), {})} for r in report["rows"]]

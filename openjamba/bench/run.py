@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import JambaConfig, attention_only_config
+from ..quant import check_method
 from ..runtime import parse_dtype
 from .measure import copy_bytes_per_s, machine_info, matmul_flops_per_s
 from .report import merge_cells, ratios, utilisation
@@ -47,6 +48,7 @@ def run_bench(
     timeout_s: float = 3600.0,
     seed: int = 0,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Measure every cell and return the report (see `report.format_bench_report`); nothing is printed but progress."""
     from tqdm import tqdm
@@ -56,6 +58,7 @@ def run_bench(
             raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     if kv_dtype is not None:
         parse_dtype(kv_dtype, "kv_dtype")
+    check_method(quantize)
     for impl in compare:
         if impl not in IMPLS[1:]:
             raise ValueError(f"unknown --compare {impl!r}; choose from {', '.join(IMPLS[1:])}")
@@ -76,7 +79,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="openjamba-bench-") as tmp:
         sources = _model_sources(config, model_dir, compare, Path(tmp), seed)
         common = dict(device=device, dtype=dtype, kv_dtype=kv_dtype, threads=threads, decode_tokens=decode_tokens,
-                      prefill_chunk=prefill_chunk, repeats=repeats, seed=seed)
+                      prefill_chunk=prefill_chunk, repeats=repeats, seed=seed, quantize=quantize)
         cells = plan_cells(["openjamba", *compare], list(contexts), list(batches), list(phases))
         results = []
         bar = tqdm(cells, desc="bench", unit="cell", disable=None if progress else True, file=sys.stderr)
@@ -88,7 +91,8 @@ def run_bench(
             results.append({**cell, **launch_worker(spec, timeout_s,
                                                     lambda text, label=label: bar.set_postfix_str(f"{label}: {text}"))})
     rows = merge_cells(results)
-    return {"model": name, "machine": machine, "dtype": dtype, "kv_dtype": kv_dtype, "prefill_chunk": prefill_chunk,
+    return {"model": name, "machine": machine, "dtype": dtype, "kv_dtype": kv_dtype, "quantize": quantize,
+            "prefill_chunk": prefill_chunk,
             "decode_tokens": decode_tokens, "rows": rows, "ratios": ratios(rows, compare),
             "utilisation": utilisation(rows, machine["matmul_flops_s"])}
 

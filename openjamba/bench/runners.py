@@ -92,8 +92,14 @@ def build_runner(spec: dict[str, Any], device: torch.device, dtype: torch.dtype,
         return TransformersRunner(model, device)
     from ..model import JambaForCausalLM
 
+    quantize = spec.get("quantize") if spec["impl"] == "openjamba" else None
     if spec.get("model_dir"):
-        model = JambaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device=device)
+        model = JambaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device=device, quantize=quantize)
+    elif quantize:
+        from ..quant import random_quantized_model
+
+        model = random_quantized_model(JambaConfig.from_dict(spec["config"]), quantize, dtype, spec["seed"])
+        model.to(device)
     else:
         torch.manual_seed(spec["seed"])
         with torch.device(device):

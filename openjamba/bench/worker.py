@@ -23,7 +23,7 @@ import torch
 from ..config import JambaConfig
 from ..info import forward_flops
 from ..runtime import parse_dtype
-from .measure import PeakMemory, best_time, current_memory, decode_weight_bytes, read_bytes_per_s, sync
+from .measure import PeakMemory, best_time, current_memory, decode_weight_bytes, peak_so_far, read_bytes_per_s, sync
 from .runners import Runner, build_runner
 
 RESULT_PREFIX = "OPENJAMBA_BENCH_RESULT "
@@ -48,7 +48,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     batch, context = spec["batch"], spec["context"]
     ids = torch.randint(0, config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    result: dict[str, Any] = {"model_mem_bytes": current_memory(device)}
+    result: dict[str, Any] = {"model_mem_bytes": current_memory(device), "load_peak_mem_bytes": peak_so_far(device)}
     phases = spec["phases"]
     if "prefill" in phases or "decode" in phases:
         result.update(_measure_inference(runner, ids, spec, config))
