@@ -172,6 +172,41 @@ def format_model_report(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- weight bytes and the context that fits
+def weight_shapes(config: JambaConfig) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(parameter, shape, quantized by `openjamba.quant`) for every weight, as the model holds them (experts fused);
+    a tied LM head is listed once, as lm_head.weight."""
+    H, I, E, V = config.hidden_size, config.intermediate_size, config.num_experts, config.vocab_size
+    Di, N, K, R = config.mamba_inner_size, config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank
+    hd, heads, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    bias = config.mamba_proj_bias
+    out = [("lm_head.weight", (V, H), True), ("model.final_layernorm.weight", (H,), False)]
+    if not config.tie_word_embeddings:
+        out.append(("model.embed_tokens.weight", (V, H), False))
+    for i, (kind, experts) in enumerate(zip(config.layers_block_type, config.layers_num_experts)):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (H,), False), (p + "pre_ff_layernorm.weight", (H,), False)]
+        if kind == "attention":
+            out += [(p + f"self_attn.{n}.weight", s, True) for n, s in
+                    (("q_proj", (heads * hd, H)), ("k_proj", (kv * hd, H)), ("v_proj", (kv * hd, H)),
+                     ("o_proj", (H, heads * hd)))]
+        else:
+            m = p + "mamba."
+            out += [(m + "in_proj.weight", (2 * Di, H), True), (m + "x_proj.weight", (R + 2 * N, Di), True),
+                    (m + "dt_proj.weight", (Di, R), True), (m + "out_proj.weight", (H, Di), True),
+                    (m + "conv1d.weight", (Di, 1, K), False), (m + "A_log", (Di, N), False), (m + "D", (Di,), False),
+                    (m + "dt_proj.bias", (Di,), False), (m + "norms", (R + 2 * N,), False)]
+            out += [(m + "in_proj.bias", (2 * Di,), False), (m + "out_proj.bias", (H,), False)] if bias else []
+            out += [(m + "conv1d.bias", (Di,), False)] if config.mamba_conv_bias else []
+        f = p + "feed_forward."
+        if experts > 1:
+            out += [(f + "router.weight", (E, H), False), (f + "experts.gate_up_proj", (E, 2 * I, H), True),
+                    (f + "experts.down_proj", (E, H, I), True)]
+        else:
+            out += [(f + f"{n}.weight", s, True) for n, s in
+                    (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
+    return out
+
+
 def weight_bytes(config: JambaConfig, quantize: str | None = None, weight_dtype: str = "bf16",
                  skip_mamba: bool = False, group_size: int | None = None) -> dict[str, int]:
     """Bytes of the weights, tensor by tensor as `openjamba.quant` stores them (scales and zeros in fp32).
@@ -179,33 +214,21 @@ def weight_bytes(config: JambaConfig, quantize: str | None = None, weight_dtype:
     `skip_mamba` keeps the Mamba mixers' projections in `weight_dtype` (the Jamba-v0.1 model card's 8-bit recipe,
     `llm_int8_skip_modules=["mamba"]`). Returns {"quantized", "full_precision", "total"} bytes.
     """
-    import torch
-
     from . import quant
-    from .model import JambaForCausalLM
 
     quant.check_method(quantize)
     group_size = group_size or quant.DEFAULT_GROUP_SIZE
-    with torch.device("meta"):
-        model = JambaForCausalLM(config)
-    targets = quant.quantized_params(model) if quantize else {}
-    if skip_mamba:
-        targets = {n: s for n, s in targets.items() if ".mamba." not in n}
     full = quantized = 0
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name in targets:
-            made = quant.empty_quantized(tuple(tensor.shape), quantize, group_size, device="meta")
-            quantized += sum(t.numel() * t.element_size() for t in made.values())
+    for name, shape, quantizable in weight_shapes(config):
+        if quantize and quantizable and not (skip_mamba and ".mamba." in name):
+            made = quant.empty_quantized(shape, quantize, group_size, device="meta")
+            copies = 2 if name == "lm_head.weight" and config.tie_word_embeddings and quantize == "int4" else 1
+            quantized += copies * sum(t.numel() * t.element_size() for t in made.values())
         else:
-            full += tensor.numel() * DTYPE_BYTES[weight_dtype]
-    if config.tie_word_embeddings and "lm_head.weight" in targets and quantize == "int4":
-        shape = tuple(model.lm_head.weight.shape)  # the tied lookup's own copy of the documented layout
-        made = quant.empty_quantized(shape, quantize, group_size, device="meta")
-        quantized += sum(t.numel() * t.element_size() for t in made.values())
-    if config.tie_word_embeddings and "lm_head.weight" in targets:
-        full -= model.lm_head.weight.numel() * DTYPE_BYTES[weight_dtype]  # the table is the quantized head
+            numel = 1
+            for d in shape:
+                numel *= d
+            full += numel * DTYPE_BYTES[weight_dtype]
     return {"quantized": quantized, "full_precision": full, "total": quantized + full}
 
 

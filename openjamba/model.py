@@ -27,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
-from .quant import linear_without_bias
 
 
 class Linear(nn.Linear):
@@ -160,7 +159,7 @@ class MambaMixer(nn.Module):
         u = _zero_padding(u, token_mask)
 
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = linear_without_bias(self.dt_proj, self.dt_layernorm(dt))  # bias and softplus: in fp32 below
+        dt = _without_bias(self.dt_proj, self.dt_layernorm(dt))  # bias and softplus are applied in fp32 below
         B, C = self.b_layernorm(B), self.c_layernorm(C)
         A = -torch.exp(self.A_log.float())
         scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
@@ -189,6 +188,11 @@ class MambaMixer(nn.Module):
         return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias,
                               self.x_proj.weight, norms, self.dt_layernorm.eps, self.dt_proj.weight,
                               self.dt_proj.bias, self.A_log, self.D)
+
+
+def _without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's product alone: nn.Linear, or a quantized one (openjamba.quant.QuantizedLinear.matmul)."""
+    return linear.matmul(x) if hasattr(linear, "matmul") else F.linear(x, linear.weight)
 
 
 def _zero_padding(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -221,7 +225,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
         num_tokens, top_k = expert_index.shape
-        if num_tokens == 1:  # a decode step: its k experts side by side, the index never leaving the device
+        if num_tokens == 1 and isinstance(self.gate_up_proj, torch.Tensor):  # a decode step: its k experts
+            # side by side, the index never leaving the device (quantized experts take the grouped path below)
             return self.decode_step(x, expert_index[0], expert_weight[0])
         flat_expert = expert_index.reshape(-1)  # (N*k,)
         order = flat_expert.argsort(stable=True)  # group the (token, slot) pairs by expert
@@ -240,8 +245,13 @@ class Experts(nn.Module):
 
     def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU on rows (n, H) -> (n, H)."""
-        gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = _expert_linear(rows, self.gate_up_proj, e).chunk(2, dim=-1)
+        return _expert_linear(F.silu(gate) * up, self.down_proj, e)
+
+
+def _expert_linear(x: torch.Tensor, weight, e: int) -> torch.Tensor:
+    """x @ weight[e].T for a fused expert parameter, or a quantized one (openjamba.quant.QuantizedWeight.linear)."""
+    return F.linear(x, weight[e]) if isinstance(weight, torch.Tensor) else weight.linear(x, e)
 
 
 class SparseMoE(nn.Module):

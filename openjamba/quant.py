@@ -300,42 +300,19 @@ class QuantizedEmbedding(nn.Module):
         return dequantize({name: getattr(self, name)[ids] for name in names}, self.dtype_of_output.dtype)
 
 
-def make_quantized_experts(experts: nn.Module, gate_up: QuantizedWeight, down: QuantizedWeight) -> nn.Module:
-    """The model's Experts with quantized fused weights (E, 2I, H) and (E, H, I): each expert's matrices through
-    the same kernels as a linear layer (decoding runs the k selected experts one after the other)."""
-    from .model import Experts
-
-    class QuantizedExperts(Experts):
-        def __init__(self) -> None:
-            nn.Module.__init__(self)
-            self.num_experts = experts.num_experts
-            self.gate_up_proj = gate_up
-            self.down_proj = down
-
-        def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-            gate, up = self.gate_up_proj.linear(rows, e).chunk(2, dim=-1)
-            return self.down_proj.linear(F.silu(gate) * up, e)
-
-    return QuantizedExperts()
-
-
-def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer's matrix product alone: an nn.Linear or a QuantizedLinear."""
-    if isinstance(linear, QuantizedLinear):
-        return linear.matmul(x)
-    return F.linear(x, linear.weight)
-
-
 # ---------------------------------------------------------------------- which tensors, and the model swap
+def _is_fused_experts(module: nn.Module) -> bool:
+    """The model's Experts: fused (E, 2I, H) and (E, H, I) parameters, applied one expert matrix at a time."""
+    return isinstance(getattr(module, "gate_up_proj", None), nn.Parameter)
+
+
 def quantized_params(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """State-dict names of the weights `quantize` replaces, with their shapes (works on a meta model)."""
-    from .model import Experts
-
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not KEEP_FULL_PRECISION.search(name):
             out[f"{name}.weight"] = tuple(module.weight.shape)
-        elif isinstance(module, Experts):
+        elif _is_fused_experts(module):
             out[f"{name}.gate_up_proj"] = tuple(module.gate_up_proj.shape)
             out[f"{name}.down_proj"] = tuple(module.down_proj.shape)
     return out
@@ -345,16 +322,17 @@ def install(model: nn.Module, weights: dict[str, QuantizedWeight], prepare: bool
     """Swap the model's quantized layers for their quantized versions. `weights`: param name -> QuantizedWeight
     (as `quantized_params` names them); linear biases are kept. A tied embedding looks up the LM head's table.
     `prepare=False` when the buffers are still to be filled (loading): call `prepare_all` afterwards."""
-    from .model import Experts
-
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Linear) and f"{name}.weight" in weights:
             setattr(parent, child, QuantizedLinear(weights[f"{name}.weight"], module.bias))
-        elif isinstance(module, Experts) and f"{name}.gate_up_proj" in weights:
-            setattr(parent, child, make_quantized_experts(
-                module, weights[f"{name}.gate_up_proj"], weights[f"{name}.down_proj"]))
+        elif _is_fused_experts(module) and f"{name}.gate_up_proj" in weights:
+            # The Experts module stays; its fused parameters become quantized weights (model.Experts.expert
+            # applies either kind, one expert matrix at a time).
+            for param in ("gate_up_proj", "down_proj"):
+                delattr(module, param)
+                setattr(module, param, weights[f"{name}.{param}"])
     if model.config.tie_word_embeddings and "lm_head.weight" in weights:
         dtype = model.model.final_layernorm.weight.dtype
         model.model.embed_tokens = QuantizedEmbedding(weights["lm_head.weight"], dtype)
@@ -435,45 +413,3 @@ def quantization_config(method: str, group_size: int, weights: dict[str, Quantiz
         block["group_sizes_used"] = groups
         block["int8_fallback"] = fallback
     return block
-
-
-@torch.no_grad()
-def random_quantized_model(config, method: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                           group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """A randomly initialised quantized model built weight by weight (benchmarks of shapes with no checkpoint):
-    peak memory is the quantized model plus one full-precision weight, never the full-precision model."""
-    from .model import JambaForCausalLM, MambaMixer, RMSNorm, init_mamba_parameters
-
-    check_method(method)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = JambaForCausalLM(config)
-    std = config.initializer_range
-    weights = {}
-    for name, shape in quantized_params(model).items():
-        rows = quantize_rows(lambda start, stop, K=shape[-1]: torch.empty(stop - start, K).normal_(0.0, std),
-                             shape, method, group_size)
-        weights[name] = QuantizedWeight(rows)
-    install(model, weights, prepare=False)
-    model = model.to(dtype)
-    for weight in weights.values():
-        weight.keep_float32_scales()
-    # to_empty would discard the quantized buffers: give only the still-empty (meta) tensors storage.
-    for module in model.modules():
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.is_meta:
-                fresh = torch.empty(tensor.shape, dtype=tensor.dtype)
-                if isinstance(module, RMSNorm) or name == "D":
-                    fresh.fill_(1.0)
-                elif name == "bias":
-                    fresh.zero_()
-                elif tensor.dtype.is_floating_point:
-                    fresh.normal_(0.0, std)
-                setattr(module, name, nn.Parameter(fresh, requires_grad=False) if isinstance(tensor, nn.Parameter)
-                        else fresh)
-    for module in model.modules():
-        if isinstance(module, MambaMixer):
-            init_mamba_parameters(module)
-    prepare_all(model)
-    model.quantization = quantization_config(method, group_size, weights)
-    return model.eval()

@@ -96,8 +96,6 @@ def build_runner(spec: dict[str, Any], device: torch.device, dtype: torch.dtype,
     if spec.get("model_dir"):
         model = JambaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device=device, quantize=quantize)
     elif quantize:
-        from ..quant import random_quantized_model
-
         model = random_quantized_model(JambaConfig.from_dict(spec["config"]), quantize, dtype, spec["seed"])
         model.to(device)
     else:
@@ -106,3 +104,56 @@ def build_runner(spec: dict[str, Any], device: torch.device, dtype: torch.dtype,
             model = JambaForCausalLM(JambaConfig.from_dict(spec["config"])).to(dtype)
     kv_dtype = parse_dtype(spec["kv_dtype"], "kv_dtype") if spec.get("kv_dtype") else None
     return OpenJambaRunner(model, device, spec["decode_tokens"], kv_dtype, on_progress)
+
+
+@torch.no_grad()
+def random_quantized_model(config: JambaConfig, method: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                           group_size: int = 128) -> torch.nn.Module:
+    """A randomly initialised quantized model built weight by weight (benchmarks of shapes with no checkpoint):
+    peak memory is the quantized model plus one full-precision weight, never the full-precision model."""
+    from torch import nn
+
+    from ..model import JambaForCausalLM, MambaMixer, RMSNorm, init_mamba_parameters
+    from ..quant import (
+        QuantizedWeight,
+        check_method,
+        install,
+        prepare_all,
+        quantization_config,
+        quantize_rows,
+        quantized_params,
+    )
+
+    check_method(method)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = JambaForCausalLM(config)
+    std = config.initializer_range
+    weights = {}
+    for name, shape in quantized_params(model).items():
+        rows = quantize_rows(lambda start, stop, K=shape[-1]: torch.empty(stop - start, K).normal_(0.0, std),
+                             shape, method, group_size)
+        weights[name] = QuantizedWeight(rows)
+    install(model, weights, prepare=False)
+    model = model.to(dtype)
+    for weight in weights.values():
+        weight.keep_float32_scales()
+    # to_empty would discard the quantized buffers: give only the still-empty (meta) tensors storage.
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor.is_meta:
+                fresh = torch.empty(tensor.shape, dtype=tensor.dtype)
+                if isinstance(module, RMSNorm) or name == "D":
+                    fresh.fill_(1.0)
+                elif name == "bias":
+                    fresh.zero_()
+                elif tensor.dtype.is_floating_point:
+                    fresh.normal_(0.0, std)
+                setattr(module, name, nn.Parameter(fresh, requires_grad=False) if isinstance(tensor, nn.Parameter)
+                        else fresh)
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            init_mamba_parameters(module)
+    prepare_all(model)
+    model.quantization = quantization_config(method, group_size, weights)
+    return model.eval()
