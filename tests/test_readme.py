@@ -32,6 +32,7 @@ TINY = {
     "generate": ["--max-new-tokens", "3"],
     "eval": ["--batch-size", "2"],
     "prepare": ["--vocab-size", "300"],
+    "quantize": [],
     "train": ["--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "16", "--eval-every", "0",
               "--eval-batches", "1", "--save-every", "0", "--threads", "1"],
     "bench": ["--contexts", "16,32", "--batch-sizes", "1", "--decode-tokens", "2", "--repeats", "1", "--threads", "1"],
