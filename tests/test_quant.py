@@ -304,3 +304,17 @@ def test_int4_packing_in_row_blocks_equals_one_call(monkeypatch):
     monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 128)  # blocks of 64 rows
     blocks = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
     assert torch.equal(whole.qweight, blocks.qweight)
+
+
+def test_chat_and_serve_load_quantized(tmp_path):
+    """`serve` and `chat` share `serve.server.load`: --quantize reaches the model, and the engine generates."""
+    from openjamba.cli import build_parser
+    from openjamba.serve.server import load
+
+    _checkpoint_with_tokenizer(tmp_path)
+    for verb in ("serve", "chat"):
+        args = build_parser().parse_args([verb, "--model", str(tmp_path), "--quantize", "int8", "--threads", "1"])
+        model, tokenizer, engine = load(args)
+        assert model.quantization["method"] == "int8"
+    ids = torch.tensor([tokenizer.encode("def f(")])
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3

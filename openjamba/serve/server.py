@@ -15,6 +15,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "tokenizer files)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="prompt tokens per prefill step, interleaved with decode steps (default 512)")
@@ -59,7 +61,8 @@ def load(args: argparse.Namespace, **engine_kwargs):
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    model = JambaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    model = JambaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device,
+                                             quantize=getattr(args, "quantize", None))
     model.eval()
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
