@@ -131,7 +131,7 @@ def test_completion_logprobs_match_the_model(model, tokenizer, client):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
     first = int(logits.argmax())
-    assert lp.tokens[0] == tokenizer.decode([first])
+    assert lp.tokens[0] == tokenizer.token_text(first)  # the text it adds, leading space kept
     assert lp.token_logprobs[0] == pytest.approx(float(logits[first]), abs=1e-4)
     assert len(lp.top_logprobs[0]) <= 2 and max(lp.top_logprobs[0].values()) == pytest.approx(
         float(logits.max()), abs=1e-4)

@@ -15,8 +15,7 @@ from .api import Choice, ServerConfig, Submission, check_key, error_response, sa
 def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> None:
     hidden = frozenset(getattr(tokenizer, "eos_token_ids", None) or [])
 
-    def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id], skip_special_tokens=False)
+    token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
