@@ -176,7 +176,6 @@ class MambaMixer(nn.Module):
             state.update(window, final)
         return self.out_proj(y)
 
-
     def _plain_step_projections(self) -> bool:
         """Whether x_proj and dt_proj hold plain weight matrices, which the fused decode step reads directly."""
         return type(self.x_proj) is Linear and type(self.dt_proj) is Linear
