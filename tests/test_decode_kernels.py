@@ -31,8 +31,10 @@ def all_sizes_threaded(monkeypatch):
     torch.set_num_threads(threads)
 
 
-# out 37 and in 45: partial blocks of 4 rows and a scalar tail after the vectors; 1..4 rows of x and one token.
-@pytest.mark.parametrize("shape", [(1, 45), (2, 45), (3, 45), (4, 45), (1, 1, 45), (2, 1, 45)])
+# out 37 and in 45: partial tiles of W rows and a scalar tail after the vectors; 1..33 rows of x (tiles of 1..6 rows,
+# several groups of them, more rows than the kernel takes) and one token.
+@pytest.mark.parametrize("shape", [(1, 45), (2, 45), (3, 45), (4, 45), (5, 45), (7, 45), (13, 45), (32, 45),
+                                   (33, 45), (1, 1, 45), (2, 1, 45), (3, 5, 45)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_f_linear(all_sizes_threaded, shape, bias):
     x, w = randn(*shape), randn(37, 45, seed=1)
@@ -42,14 +44,42 @@ def test_linear_matches_f_linear(all_sizes_threaded, shape, bias):
     torch.testing.assert_close(cpu_kernels.linear(x32, w32, b32), F.linear(x32, w32, b32), atol=1e-5, rtol=1e-5)
 
 
-def test_linear_large_matrix_over_threads(all_sizes_threaded):
-    x, w = randn(1, 1, 700), randn(1030, 700, seed=1)
-    torch.testing.assert_close(cpu_kernels.linear(x, w), F.linear(x, w), atol=1e-12, rtol=1e-12)
+@pytest.mark.parametrize("out_features, in_features", [(1030, 700), (3, 5), (64, 16)])
+def test_linear_large_and_odd_shapes_over_threads(all_sizes_threaded, out_features, in_features):
+    w = randn(out_features, in_features, seed=1)
+    for rows in (1, 2, 6, 7, 19):
+        x = randn(rows, 1, in_features)
+        torch.testing.assert_close(cpu_kernels.linear(x, w), F.linear(x, w), atol=1e-12, rtol=1e-12)
+
+
+def test_linear_reads_strided_rows(all_sizes_threaded):
+    """A column slice and the last token of each row (uniform row strides) are read in place; a transposed input
+    (no unit stride) is copied first. Each against F.linear on a contiguous copy."""
+    w, b = randn(37, 45, seed=1), randn(37, seed=2)
+    wide, seq = randn(9, 60), randn(3, 8, 45)
+    for x in (wide[:, 5:50], seq[:, -1:], seq[:, -1], randn(45, 6).t(), wide[2, 5:50]):
+        assert not x.is_contiguous() or x.dim() == 1
+        torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x.contiguous(), w, b), atol=1e-12,
+                                   rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_is_batch_invariant(all_sizes_threaded, dtype):
+    """Each row's output bits are the same alone, among any number of other rows and on any number of threads: a
+    greedy request then decodes the same tokens alone or batched with others."""
+    w, b = randn(300, 257, dtype=dtype, seed=1), randn(300, dtype=dtype, seed=2)
+    x = randn(cpu_kernels.LINEAR_MAX_ROWS, 257, dtype=dtype)
+    torch.set_num_threads(1)
+    alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        for rows in (2, 5, 6, 7, 12, 16, cpu_kernels.LINEAR_MAX_ROWS):
+            assert torch.equal(cpu_kernels.linear(x[:rows], w, b), alone[:rows]), (threads, rows)
 
 
 def test_linear_falls_back_where_it_does_not_apply(all_sizes_threaded):
     w = randn(8, 6, seed=1)
-    for x in (randn(5, 6), randn(2, 6).t().contiguous().t(), randn(2, 6).to(torch.bfloat16)):  # 5 rows, strided
+    for x in (randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 6), randn(2, 6).to(torch.bfloat16)):  # too many rows, bf16
         expected = F.linear(x, w.to(x.dtype))
         torch.testing.assert_close(cpu_kernels.linear(x, w.to(x.dtype)), expected)
     with pytest.raises(RuntimeError):  # a shape mismatch is F.linear's error, never a read past the weight

@@ -316,7 +316,7 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------------------------------------------
 # Decoding: matrix-vector products and the Mamba step (references in ops/decode.py).
 
-LINEAR_MAX_ROWS = 4  # rows (batch x tokens) up to which linear.cpp runs a product; above, F.linear (MKL's GEMM)
+LINEAR_MAX_ROWS = 32  # rows (batch x tokens) up to which linear.cpp runs a product; above, F.linear (MKL's GEMM)
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
 LINEAR_SERIAL_BELOW = 1 << 18  # weights below which one thread streams the matrix (waking another costs more)
 _FLOATS = (torch.float32, torch.float64)
@@ -334,12 +334,15 @@ def _plain_fn(name: str, dtype: torch.dtype):
 
 @eager_under_compile
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; a product of up to LINEAR_MAX_ROWS rows (a decode step's) in fp32/fp64 streams the weight over
-    all threads, split by output rows (MKL's matrix-vector product reads it at about half the memory bandwidth).
-    Called dozens of times per decoded token, so the checks are kept to cheap attribute reads (~3 us in all)."""
+    """`F.linear`; a product of up to LINEAR_MAX_ROWS rows (a decode step's: one per sequence) in fp32/fp64 streams
+    the weight once for all rows, over all threads, split by output rows (MKL's matrix-vector product reads it at
+    about half the memory bandwidth, and its few-row products use a second thread poorly). Each row's result is
+    summed in the same order whatever the other rows and the thread count (linear.cpp), so a sequence gets the
+    same bits alone or in a batch. Called dozens of times per decoded token, so the checks are kept to cheap
+    attribute reads (~3 us in all)."""
     dtype, w_shape = x.dtype, weight.shape
     if (dtype not in _FLOATS or weight.dtype != dtype or len(w_shape) != 2 or x.shape[-1] != w_shape[1]
-            or w_shape[0] * w_shape[1] < LINEAR_MIN_WEIGHTS or not (x.is_contiguous() and weight.is_contiguous())
+            or w_shape[0] * w_shape[1] < LINEAR_MIN_WEIGHTS or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != dtype or bias.shape != w_shape[:1] or not bias.is_contiguous()))
             or _needs_grad(x, weight, bias)):
         return F.linear(x, weight, bias)
@@ -348,9 +351,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows > LINEAR_MAX_ROWS or rows == 0:
         return F.linear(x, weight, bias)
     y = x.new_empty(*x.shape[:-1], out_features)
+    x_stride = in_features
+    if not x.is_contiguous():  # rows at a uniform stride (a column slice, the last token's rows) are read in place
+        x = x.reshape(rows, in_features)
+        x = x if x.stride(1) == 1 else x.contiguous()
+        x_stride = x.stride(0)
     threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
     _plain_fn("linear", dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), None,
-                               y.data_ptr(), rows, in_features, out_features, in_features, out_features, 0, threads)
+                               y.data_ptr(), rows, in_features, out_features, x_stride, out_features, 0, threads)
     return y
 
 
