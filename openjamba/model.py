@@ -9,6 +9,11 @@ Read top to bottom:
   DecoderLayer     pre-norm residual block: mixer (attention or Mamba) then FFN (MLP or MoE)
   JambaForCausalLM embeddings, the layers in the config's plan, final norm, LM head; loss and MoE aux loss
 
+The decode fast path: a cached one-token step (`JambaForCausalLM.decode_step`, taken by `forward` when it applies)
+runs each module's `decode_step` on rows (B, H) instead of its `forward`. Same math, fewer ops: small models decode
+at the speed of their op count, so there the residual adds are fused into the norm after the mixer and into the
+FFN's kernel, and a whole FFN block (a MoE's router, top-k, experts and weighted sum included) is one call.
+
 Module and parameter names equal Hugging Face's, so a checkpoint's tensors map one to one; the only exception
 is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj`) and converted in `hf.py`.
 """
@@ -176,6 +181,12 @@ class MambaMixer(nn.Module):
             state.update(window, final)
         return self.out_proj(y)
 
+    def decode_step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """`forward` for one cached token per row: x (B, H) -> (B, H), `state` updated in place."""
+        if not self._plain_step_projections():
+            return self(x.unsqueeze(1), None, state).squeeze(1)
+        return self.out_proj(self._fused_decode_step(self.in_proj(x), state))
+
     def _plain_step_projections(self) -> bool:
         """Whether x_proj and dt_proj hold plain weight matrices, which the fused decode step reads directly."""
         return type(self.x_proj) is Linear and type(self.dt_proj) is Linear
@@ -209,6 +220,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode_step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + forward(x) for a decode step's rows (B, H); plain weights in one kernel call."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if all(type(p) is Linear for p in projections) and x.shape[0] <= ops.fused_step_rows(x.device):
+            return ops.mlp_step(x, *(p.weight for p in projections), residual)
+        return residual + self(x)
 
 
 class Experts(nn.Module):
@@ -270,6 +288,15 @@ class SparseMoE(nn.Module):
         out = self.experts(flat, index, weight.to(x.dtype))
         return out.view_as(x), router_logits
 
+    def decode_step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + forward(x)[0] for a decode step's rows (B, H): with plain weights, routing, the chosen experts
+        and their weighted sum in one call that reads each chosen expert once for all rows (no host sync)."""
+        experts = self.experts
+        if (type(self.router) is Linear and isinstance(experts.gate_up_proj, torch.Tensor)
+                and x.shape[0] <= ops.fused_step_rows(x.device)):
+            return ops.moe_step(x, self.router.weight, experts.gate_up_proj, experts.down_proj, self.top_k, residual)
+        return residual + self(x)[0]
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(.)). The mixer is `mamba` or `self_attn`."""
@@ -302,6 +329,16 @@ class DecoderLayer(nn.Module):
         else:
             h = self.feed_forward(h)
         return x + h, router_logits
+
+    def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
+        """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after."""
+        h = self.input_layernorm(x)
+        if self.is_attention:
+            h = self.self_attn(h.unsqueeze(1), attn_mask, layer_cache).squeeze(1)
+        else:
+            h = self.mamba.decode_step(h, layer_cache)
+        x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
+        return self.feed_forward.decode_step(h, x)
 
 
 class JambaModel(nn.Module):
@@ -375,6 +412,9 @@ class JambaForCausalLM(nn.Module):
         The MoE aux loss is computed when training (labels given) or when `output_router_logits` asks for it.
         """
         batch, length = input_ids.shape
+        if (cache is not None and length == 1 and attention_mask is None and labels is None and not self.training
+                and not (output_router_logits or (output_router_logits is None and self.config.output_router_logits))):
+            return self.decode_step(input_ids[:, 0], cache)
         past = cache.seq_len if cache is not None else 0
         if cache is None or length > 1:  # not in a decode step: its token came from the model itself
             self._check_token_ids(input_ids)
@@ -411,6 +451,17 @@ class JambaForCausalLM(nn.Module):
             if aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         return CausalLMOutput(logits, loss, aux_loss, tuple(all_router_logits) if want_aux else None)
+
+    def decode_step(self, tokens: torch.Tensor, cache: HybridCache) -> CausalLMOutput:
+        """The decode fast path: one token per row (B,) through every layer's `decode_step`, advancing `cache`.
+        What `forward` computes for a cached one-token step (its logits (B, 1, V)), on rows (B, H) throughout."""
+        key_valid = cache.extend_key_mask(None, 1)
+        attn_mask = AttentionMask.build(key_valid, cache.seq_len, 1, tokens.device, cache.row_starts)
+        x = self.model.embed_tokens(tokens)  # (B, H)
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            x = layer.decode_step(x, attn_mask, layer_cache)
+        cache.advance(1)
+        return CausalLMOutput(self.lm_head(self.model.final_layernorm(x)).unsqueeze(1))
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """An id beyond the embedding table would fail deep inside as a bare IndexError (or read garbage on GPU)."""

@@ -1,5 +1,6 @@
-"""The decode step's CPU kernels (ops/csrc/linear.cpp, rms_norm.cpp, mamba_step.cpp) against their plain PyTorch
-references (ops/decode.py) in float64 and float32, and a decode step of the model with and without them."""
+"""The decode step's CPU kernels (ops/csrc/linear.cpp, rms_norm.cpp, mamba_step.cpp, ffn_step.cpp) against their
+plain PyTorch references (ops/decode.py) in float64 and float32, their batch invariance (a row's bits do not depend
+on the other rows), and a decode step of the model with and without them."""
 
 from __future__ import annotations
 
@@ -163,6 +164,109 @@ def test_mamba_step_reference_is_the_mixers_plain_path():
             results.append((mixer(x, None, state), state.conv.clone(), state.ssm.clone()))
     for name, e, g in zip(("output", "window", "state"), *results):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_add_rms_norm_matches_reference(dtype):
+    x, h, w = randn(3, 37, dtype=dtype), randn(3, 37, dtype=dtype, seed=1), randn(37, dtype=dtype, seed=2)
+    s = x + h
+    expected = (s, s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for fn in (decode.add_rms_norm_ref, cpu_kernels.add_rms_norm):
+        for name, e, g in zip(("sum", "norm"), expected, fn(x, h, w, 1e-6)):
+            torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
+
+
+def ffn_inputs(rows, hidden=45, inner=37, experts=6, dtype=torch.float64):
+    """Random inputs of mlp_step / moe_step: hidden 45 and inner 37 leave partial blocks and scalar tails."""
+    x, residual = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype, seed=1)
+    router = randn(experts, hidden, dtype=dtype, seed=2)
+    gate_up, down = randn(experts, 2 * inner, hidden, dtype=dtype, seed=3), randn(experts, hidden, inner, dtype=dtype,
+                                                                                  seed=4)
+    return x, residual, router, gate_up * 0.3, down * 0.3
+
+
+def moe_by_hand(x, residual, router, gate_up, down, top_k):
+    """The MoE block written out row by row and slot by slot; routing on the logits rounded to fp32, the softmax in
+    float64 rounded to fp32 (the model's fp32 softmax, correctly rounded)."""
+    inner, out = down.shape[2], residual.clone()
+    probs = torch.softmax((x @ router.T).float().double(), -1).float()
+    for r in range(x.shape[0]):
+        weight, index = torch.topk(probs[r], top_k)
+        for w, e in zip(weight.tolist(), index.tolist()):
+            gate, up = gate_up[e, :inner] @ x[r], gate_up[e, inner:] @ x[r]
+            out[r] += torch.tensor(w, dtype=x.dtype) * (down[e] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_ffn_steps_match_references(monkeypatch, dtype, tol, threads, rows):
+    """moe_step (routing, top-2 of 6 experts, weighted sum, residual) and mlp_step against the references and a
+    by-hand loop; with 16 rows most experts are chosen by several rows, which the kernel groups."""
+    monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    x, residual, router, gate_up, down = ffn_inputs(rows, dtype=dtype)
+    inner = down.shape[2]
+    gate, up, down0 = gate_up[0, :inner].contiguous(), gate_up[0, inner:].contiguous(), down[0].contiguous()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        moe, mlp = cpu_kernels.moe_step(x, router, gate_up, down, 2, residual), cpu_kernels.mlp_step(
+            x, gate, up, down0, residual)
+    finally:
+        torch.set_num_threads(saved)
+    expected = moe_by_hand(x, residual, router, gate_up, down, 2)
+    atol = tol * expected.abs().max()  # outputs reach ~30: sums of that size differ by their rounding
+    torch.testing.assert_close(decode.moe_step_ref(x, router, gate_up, down, 2, residual), expected, atol=atol,
+                               rtol=tol)
+    torch.testing.assert_close(moe, expected, atol=atol, rtol=tol)
+    expected = residual + (F.silu(x @ gate.T) * (x @ up.T)) @ down0.T
+    atol = tol * expected.abs().max()
+    torch.testing.assert_close(decode.mlp_step_ref(x, gate, up, down0, residual), expected, atol=atol, rtol=tol)
+    torch.testing.assert_close(mlp, expected, atol=atol, rtol=tol)
+
+
+def test_moe_step_reference_is_the_models_moe_block():
+    """moe_step_ref is model.SparseMoE (plus the residual), up to the routing weights' fp32 rounding."""
+    model = random_model().double()
+    moe = next(layer.feed_forward for layer in model.model.layers if layer.is_moe)
+    x, residual = randn(5, model.config.hidden_size), randn(5, model.config.hidden_size, seed=1)
+    with torch.no_grad():
+        expected = residual + moe(x)[0]
+        got = decode.moe_step_ref(x, moe.router.weight, moe.experts.gate_up_proj, moe.experts.down_proj, moe.top_k,
+                                  residual)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_kernels_are_batch_invariant(monkeypatch, threads):
+    """Each row of a 16-row call equals, bit for bit, the same row computed alone: a server's greedy outputs must not
+    depend on which other requests share the batch."""
+    monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, residual, router, gate_up, down = ffn_inputs(16, dtype=torch.float32)
+        inner, w = down.shape[2], x[0].abs()
+        gate, up, down0 = gate_up[0, :inner].contiguous(), gate_up[0, inner:].contiguous(), down[0].contiguous()
+        mamba = {k: v.float() if torch.is_tensor(v) else v for k, v in mamba_inputs(batch=16).items()}
+        mamba["norm_weights"] = tuple(t.float() for t in mamba_inputs()["norm_weights"])
+        calls = {
+            "moe_step": lambda rows: cpu_kernels.moe_step(x[rows], router, gate_up, down, 2, residual[rows]),
+            "mlp_step": lambda rows: cpu_kernels.mlp_step(x[rows], gate, up, down0, residual[rows]),
+            "add_rms_norm": lambda rows: torch.cat(cpu_kernels.add_rms_norm(x[rows], residual[rows], w, 1e-6), -1),
+            "rms_norm": lambda rows: cpu_kernels.rms_norm(x[rows], w, 1e-6),
+            "mamba_step": lambda rows: torch.cat([t.flatten(1) for t in run_step(cpu_kernels.mamba_step, {
+                k: v[rows] if k in ("xz", "window", "ssm") else v for k, v in mamba.items()})], 1),
+        }
+        for name, call in calls.items():
+            together = call(slice(0, 16))
+            alone = torch.cat([call(slice(r, r + 1)) for r in range(16)])
+            assert torch.equal(together, alone), name
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("kernels", [False, True])

@@ -10,9 +10,10 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
-`mamba_step`, `rms_norm` with the signatures below; an op it lacks falls back to the plain PyTorch one. The last
-four serve the one-token decode step (ops/decode.py has their references): every projection of the model goes
-through `linear` (model.Linear), which on CPU streams a few-row product's weight over all threads.
+`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step` with the signatures below; an op it lacks falls
+back to the plain PyTorch one. The last seven serve the one-token decode step (ops/decode.py has their references):
+every projection of the model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
+over all threads.
 Attention over a long cache is in ops/attention.py: `chunk_attention` for a chunk continuing a cached sequence
 (no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
 The conv's decoding step `causal_conv1d_update` is plain PyTorch on every device (ops/conv.py).
@@ -30,11 +31,12 @@ import torch.nn.functional as F
 
 from .attention import attend_to_all_sdpa, chunk_attention, to_dtype_of
 from .conv import causal_conv1d_ref, causal_conv1d_update
-from .decode import expert_linear_ref, mamba_step_ref
+from .decode import DECODE_MAX_ROWS, add_rms_norm_ref, expert_linear_ref, mamba_step_ref, mlp_step_ref, moe_step_ref
 from .decode import rms_norm as rms_norm_ref
 from .scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
+    "add_rms_norm",
     "attend_to_all",
     "attend_to_all_sdpa",
     "attend_to_rows",
@@ -45,9 +47,12 @@ __all__ = [
     "chunk_attention",
     "expert_linear",
     "expert_linear_ref",
+    "fused_step_rows",
     "linear",
     "mamba_step",
     "mamba_step_ref",
+    "mlp_step",
+    "moe_step",
     "rms_norm",
     "rms_norm_ref",
     "selective_scan",
@@ -195,3 +200,34 @@ def mamba_step(
             A_log, D)
     fn = _op(xz.device, "mamba_step")
     return fn(*args) if fn is not None else mamba_step_ref(*args, state_update=selective_state_update)
+
+
+def add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + h, rms_norm(x + h)): a residual add and the norm after it; see `ops.decode.add_rms_norm_ref`."""
+    fn = _op(x.device, "add_rms_norm") or add_rms_norm_ref
+    return fn(x, h, weight, eps)
+
+
+def fused_step_rows(device: torch.device) -> int:
+    """Rows up to which a decode step takes `mlp_step` and `moe_step` on this device: the compiled kernels read each
+    expert once for all the rows that chose it; the references gather every row's experts, so there one row only."""
+    return DECODE_MAX_ROWS if _op(device, "moe_step") is not None else 1
+
+
+def mlp_step(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """residual + SwiGLU MLP of a decode step's rows (rows, H); see `ops.decode.mlp_step_ref`."""
+    fn = _op(x.device, "mlp_step") or mlp_step_ref
+    return fn(x, gate, up, down, residual)
+
+
+def moe_step(
+    x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """residual + MoE block of a decode step's rows (rows, H), routing included; see `ops.decode.moe_step_ref`."""
+    fn = _op(x.device, "moe_step") or moe_step_ref
+    return fn(x, router, gate_up, down, top_k, residual)

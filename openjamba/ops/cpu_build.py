@@ -26,7 +26,7 @@ import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
-           CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp")
+           CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp")
 HEADERS = (CSRC / "common.h",)
 ABI_VERSION = 4
 
@@ -146,10 +146,18 @@ class MambaStepArgs(ctypes.Structure):
                           "window h y scratch"))
 
 
+class FfnStepArgs(ctypes.Structure):
+    """`FfnStepArgs` of ffn_step.cpp."""
+
+    _fields_ = _fields("rows hidden inner experts top_k threads x_stride expert_stride down_stride", "",
+                       "x residual router_w gate_w up_w down_w out")
+
+
 # linear.cpp's arguments: x, weight, bias, index, y, then rows, in, out, x_stride, y_stride, matrix_stride, threads.
 # Plain arguments, not a structure: decoding makes dozens of these calls per token, and this is the cheapest call.
 LINEAR_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
 RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double]  # x, weight, y, rows, width, eps
+ADD_RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double]  # x, h, weight, s, y, ...
 
 
 def make_args(cls: type[ctypes.Structure], **values: int | torch.Tensor | None) -> ctypes.Structure:
@@ -183,7 +191,7 @@ def _field_kinds(cls: type[ctypes.Structure]) -> dict:
 
 _FUNCTIONS = {"scan_forward": ScanArgs, "scan_backward": ScanArgs, "conv_forward": ConvArgs,
               "conv_backward": ConvArgs, "attend_to_all": AttendArgs, "attend_to_all_bf16": AttendArgs,
-              "mamba_step": MambaStepArgs}
+              "mamba_step": MambaStepArgs, "ffn_step": FfnStepArgs}
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
@@ -201,7 +209,8 @@ def library() -> ctypes.CDLL:
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = [ctypes.POINTER(cls)], None
             for suffix in ("f32", "f64"):
-                for name, argtypes in (("linear", LINEAR_ARGTYPES), ("rms_norm", RMS_NORM_ARGTYPES)):
+                for name, argtypes in (("linear", LINEAR_ARGTYPES), ("rms_norm", RMS_NORM_ARGTYPES),
+                                       ("add_rms_norm", ADD_RMS_NORM_ARGTYPES)):
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from . import cpu_build
 from .attention import attend_to_all_sdpa
-from .cpu_build import AttendArgs, ConvArgs, MambaStepArgs, ScanArgs, call, make_args
-from .decode import expert_linear_ref, mamba_step_ref
+from .cpu_build import AttendArgs, ConvArgs, FfnStepArgs, MambaStepArgs, ScanArgs, call, make_args
+from .decode import DECODE_MAX_ROWS, add_rms_norm_ref, expert_linear_ref, mamba_step_ref, mlp_step_ref, moe_step_ref
 from .decode import rms_norm as rms_norm_ref
 from .scan import selective_scan_ref
 
@@ -367,7 +367,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Same contract as `ops.decode.rms_norm`; a few rows (a decode step's) in one kernel call."""
     dtype, width = x.dtype, x.shape[-1]
     if (dtype not in _FLOATS or weight.dtype != dtype or weight.shape != (width,) or not x.is_contiguous()
-            or not weight.is_contiguous() or x.numel() > LINEAR_MAX_ROWS * width or _needs_grad(x, weight)):
+            or not weight.is_contiguous() or x.numel() > DECODE_MAX_ROWS * width or _needs_grad(x, weight)):
         return rms_norm_ref(x, weight, eps)
     y = torch.empty_like(x)
     _plain_fn("rms_norm", dtype)(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // width, width, eps)
@@ -429,3 +429,61 @@ def mamba_step(
                      scratch=scratch)
     call("mamba_step", dtype, args)
     return y
+
+
+def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """All of one float kernel dtype, contiguous, and not needing autograd."""
+    return (dtype in _FLOATS and all(t.dtype == dtype and t.is_contiguous() for t in tensors)
+            and not _needs_grad(*tensors))
+
+
+@eager_under_compile
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Same contract as `ops.decode.add_rms_norm_ref`, in one call for a decode step's rows."""
+    width = x.shape[-1]
+    if (not _plain_rows(x.dtype, x, h, weight) or h.shape != x.shape or weight.shape != (width,)
+            or x.numel() > DECODE_MAX_ROWS * width):
+        return add_rms_norm_ref(x, h, weight, eps)
+    s, y = torch.empty_like(x), torch.empty_like(x)
+    _plain_fn("add_rms_norm", x.dtype)(x.data_ptr(), h.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(),
+                                       x.numel() // width, width, eps)
+    return s, y
+
+
+def _ffn_step(x, residual, router, gate, up, down, experts: int, top_k: int, expert_stride: int, down_stride: int):
+    rows, hidden = x.shape
+    inner = down.shape[-1]
+    out = torch.empty_like(residual)
+    weights = (1 if router is None else top_k) * 3 * inner * hidden
+    args = make_args(FfnStepArgs, rows=rows, hidden=hidden, inner=inner, experts=experts, top_k=top_k,
+                     threads=1 if weights < LINEAR_SERIAL_BELOW else torch.get_num_threads(), x_stride=hidden,
+                     expert_stride=expert_stride, down_stride=down_stride, x=x, residual=residual, router_w=router,
+                     gate_w=gate, up_w=up, down_w=down, out=out)
+    call("ffn_step", x.dtype, args)
+    return out
+
+
+@eager_under_compile
+def mlp_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor):
+    """Same contract as `ops.decode.mlp_step_ref`, in one call of ffn_step.cpp (one expert, no router)."""
+    if (not _plain_rows(x.dtype, x, gate, up, down, residual) or x.dim() != 2 or not 0 < x.shape[0] <= DECODE_MAX_ROWS
+            or residual.shape != x.shape or gate.shape != up.shape or gate.dim() != 2 or gate.shape[1] != x.shape[1]
+            or down.shape != gate.shape[::-1]):
+        return mlp_step_ref(x, gate, up, down, residual)
+    return _ffn_step(x, residual, None, gate, up, down, 1, 1, 0, 0)
+
+
+@eager_under_compile
+def moe_step(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+             residual: torch.Tensor):
+    """Same contract as `ops.decode.moe_step_ref`, in one call of ffn_step.cpp: routing, the chosen experts (each
+    expert's weights read once for all the rows that chose it) and the weighted sum; no host synchronisation."""
+    experts, hidden = router.shape
+    if (not _plain_rows(x.dtype, x, router, gate_up, down, residual) or x.dim() != 2
+            or not 0 < x.shape[0] <= DECODE_MAX_ROWS or residual.shape != x.shape or x.shape[1] != hidden
+            or gate_up.dim() != 3 or gate_up.shape[0] != experts or gate_up.shape[2] != hidden
+            or down.shape != (experts, hidden, gate_up.shape[1] // 2) or not 0 < top_k <= experts):
+        return moe_step_ref(x, router, gate_up, down, top_k, residual)
+    inner = down.shape[2]
+    return _ffn_step(x, residual, router, gate_up, gate_up[:, inner:], down, experts, top_k, gate_up.stride(0),
+                     down.stride(0))

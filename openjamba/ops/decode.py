@@ -1,11 +1,12 @@
 """The one-token decoding step's fused ops, as plain PyTorch references: a projection of a few rows, a decode step's
-MoE expert projections, and the Mamba mixer's whole step between in_proj and out_proj.
+MoE expert projections, the Mamba mixer's whole step between in_proj and out_proj, a residual add with the norm
+after it, and a whole feed-forward block (MLP or MoE: router, top-k, experts, weighted sum) with its residual add.
 
 Decoding reads every weight once per token, so it is bound by memory bandwidth (large models) or by per-op overhead
-(small ones). The compiled CPU kernels (ops/csrc/linear.cpp, ops/csrc/mamba_step.cpp) stream each weight matrix over
-all threads and run the Mamba step in one call; the functions here define what they compute, are the fallback on
-other devices, and are what the tests compare them with. None of them synchronises with the host, so a decode
-step can be captured or compiled.
+(small ones). The compiled CPU kernels (ops/csrc/linear.cpp, mamba_step.cpp, rms_norm.cpp, ffn_step.cpp) stream
+each weight matrix over all threads and run each fused step in one call; the functions here define what they
+compute, are the fallback on other devices, and are what the tests compare them with. None of them synchronises
+with the host, so a decode step can be captured or compiled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 
 from .conv import causal_conv1d_update
 from .scan import selective_state_update_ref
+
+DECODE_MAX_ROWS = 16  # rows (a serving batch) up to which the compiled fused FFN step (mlp_step, moe_step) runs
 
 
 def expert_linear_ref(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -63,3 +66,38 @@ def mamba_step_ref(
     dt = F.linear(dt, dt_proj_weight)  # bias and softplus are applied in the state's dtype
     return state_update(ssm, u, dt, -torch.exp(A_log.to(ssm.dtype)), B, C, D.to(ssm.dtype), z,
                         dt_bias.to(ssm.dtype), delta_softplus=True)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual branch h joining the stream x, and the norm of the sum: (x + h, rms_norm(x + h))."""
+    s = x + h
+    return s, rms_norm(s, weight, eps)
+
+
+def mlp_step_ref(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """residual + the SwiGLU MLP (model.MLP) of x (rows, H): gate, up (I, H), down (H, I) -> (rows, H)."""
+    return residual + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def moe_step_ref(
+    x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """residual + the MoE block (model.SparseMoE) of x (rows, H): router (E, H), gate_up (E, 2I, H), down (E, H, I).
+
+    The routing probabilities are fp32, as the model's, here correctly rounded from a float64 softmax (the kernel
+    computes them the same way; torch's fp32 softmax can differ from it by an ulp). Each row's top_k experts'
+    outputs are summed in top-k order, weighted by their probabilities (not renormalised).
+    """
+    rows, hidden = x.shape
+    probs = torch.softmax(F.linear(x, router).float().double(), dim=-1).float()
+    weight, index = torch.topk(probs, top_k, dim=-1)  # (rows, k)
+    flat = index.reshape(-1)
+    each = x.unsqueeze(1).expand(rows, top_k, hidden).reshape(-1, hidden)  # (rows * k, H): a row per chosen expert
+    gate, up = expert_linear_ref(each, gate_up, flat).chunk(2, dim=-1)  # (rows * k, I) each
+    out = expert_linear_ref(F.silu(gate) * up, down, flat).view(rows, top_k, hidden)
+    return residual + (weight.to(x.dtype).unsqueeze(1) @ out).squeeze(1)

@@ -1,0 +1,235 @@
+// A decode step's feed-forward block in one call: a SwiGLU MLP, or a MoE layer (router, softmax, top-k, the chosen
+// experts and their weighted sum), plus the residual add. ops/decode.py has the plain PyTorch references
+// (`mlp_step_ref`, `moe_step_ref`) and the contract:
+//
+//   p      = softmax(router_w @ x) in fp32 (E experts); the top_k largest (ties: lower index first), unrenormalised
+//   a_k    = silu(gate_e @ x) * (up_e @ x)          for each chosen expert e = index_k   (inner values)
+//   out    = residual + sum_k p_k * (down_e @ a_k)  (slots in top-k order, from zero)
+//
+// An MLP is the same with one expert, no router and p = 1 (a product by 1 is exact).
+//
+// For a few rows (a serving batch), the rows are grouped by expert so that each chosen expert's weights stream from
+// memory once per step, not once per row. Every value is computed by one dot product whose order depends on nothing
+// but its own two vectors, so a row's result bits do not depend on the other rows of the batch, nor on the threads.
+//   x, residual, out: (rows, hidden) with row strides x_stride / hidden;  out may alias residual
+//   router_w: (experts, hidden) or null;  gate_w, up_w: (inner, hidden) of expert 0, then every expert_stride
+//   down_w: (hidden, inner) of expert 0, then every down_stride
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace openjamba;
+
+constexpr int WROWS = 4;  // weight rows per inner step (four streams keep the prefetchers busy)
+constexpr int XROWS = 4;  // rows of x per pass over those weight rows (the rest of an expert's rows: more passes)
+
+struct FfnStepArgs {
+  int64_t rows, hidden, inner, experts, top_k, threads, x_stride, expert_stride, down_stride;
+  const void *x, *residual, *router_w, *gate_w, *up_w, *down_w;
+  void* out;
+};
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[m][r] = w_r . x_m for nr <= WROWS weight rows (row stride n) and M x rows, all of length n. Each sum is one
+// chain of vector multiply-adds, then the lanes in order, then the scalar tail: the same for every M.
+template <typename T, int M>
+inline void dots(const T* const* x, const T* w, int64_t n, int nr, T out[XROWS][WROWS]) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[WROWS][M] = {};
+  const T* wr[WROWS];
+  for (int r = 0; r < WROWS; ++r) wr[r] = w + std::min(r, nr - 1) * n;  // a short block repeats its last row
+  const int64_t vec_end = n / L * L;
+  for (int64_t k = 0; k < vec_end; k += L) {
+    V xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = load(x[m] + k);
+    for (int r = 0; r < WROWS; ++r) {
+      const V wv = load(wr[r] + k);
+      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+    }
+  }
+  for (int r = 0; r < WROWS; ++r)
+    for (int m = 0; m < M; ++m) {
+      T s = T(0);
+      for (int i = 0; i < L; ++i) s += acc[r][m][i];
+      for (int64_t k = vec_end; k < n; ++k) s += wr[r][k] * x[m][k];
+      out[m][r] = s;
+    }
+}
+
+template <typename T>
+inline void dots_any(int M, const T* const* x, const T* w, int64_t n, int nr, T out[XROWS][WROWS]) {
+  switch (M) {
+    case 1: return dots<T, 1>(x, w, n, nr, out);
+    case 2: return dots<T, 2>(x, w, n, nr, out);
+    case 3: return dots<T, 3>(x, w, n, nr, out);
+    default: return dots<T, 4>(x, w, n, nr, out);
+  }
+}
+
+template <typename T>
+inline T silu(T v) {
+  return v * Math<T>::sigmoid(v);
+}
+
+// The slots (row, k) that chose one expert.
+struct Group {
+  int64_t expert;
+  std::vector<int64_t> slots;  // row * top_k + k
+};
+
+// Routing of every row: probabilities in fp32 as the model computes them (correctly rounded from a double
+// softmax), the top_k kept in descending order. MLP: one expert, weight 1.
+template <typename T>
+void route(const FfnStepArgs& a, int64_t K, std::vector<int64_t>& index, std::vector<T>& weight) {
+  const int64_t E = a.experts, H = a.hidden;
+  const T* x = static_cast<const T*>(a.x);
+  const T* rw = static_cast<const T*>(a.router_w);
+  std::vector<float> logits(E);
+  std::vector<int64_t> order(E);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    if (rw == nullptr) {
+      index[r * K] = 0;
+      weight[r * K] = T(1);
+      continue;
+    }
+    const T* xr = x + r * a.x_stride;
+    for (int64_t e = 0; e < E; ++e) {
+      const T* we = rw + e * H;
+      T s = T(0);
+      for (int64_t i = 0; i < H; ++i) s += we[i] * xr[i];
+      logits[e] = static_cast<float>(s);
+    }
+    const double top = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    std::vector<double> ex(E);
+    for (int64_t e = 0; e < E; ++e) sum += ex[e] = std::exp(static_cast<double>(logits[e]) - top);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return logits[i] > logits[j]; });
+    for (int64_t k = 0; k < K; ++k) {
+      index[r * K + k] = order[k];
+      weight[r * K + k] = static_cast<T>(static_cast<float>(ex[order[k]] / sum));
+    }
+  }
+}
+
+// Work items: [begin, end) output rows of one group's matrix, in multiples of WROWS.
+struct Item {
+  int64_t group, begin, end;
+};
+
+std::vector<Item> split(int64_t groups, int64_t rows_per_group, int64_t threads) {
+  const int64_t blocks = (rows_per_group + WROWS - 1) / WROWS;
+  const int64_t per_group = threads == 1 ? 1 : std::max<int64_t>(1, std::min(blocks, 8 * threads / groups));
+  std::vector<Item> items;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < per_group; ++i)
+      items.push_back({g, std::min(rows_per_group, blocks * i / per_group * WROWS),
+                       std::min(rows_per_group, blocks * (i + 1) / per_group * WROWS)});
+  return items;
+}
+
+// Rows [j0, j1) of matrix w (rows of length n) against the vectors xs[0..count): y[s][j] for each vector s.
+template <typename T, typename Emit>
+void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const std::vector<const T*>& xs, Emit emit) {
+  T out[XROWS][WROWS];
+  const int64_t count = static_cast<int64_t>(xs.size());
+  for (int64_t j = j0; j < j1; j += WROWS) {
+    const int nr = static_cast<int>(std::min<int64_t>(WROWS, j1 - j));
+    for (int64_t s0 = 0; s0 < count; s0 += XROWS) {
+      const int M = static_cast<int>(std::min<int64_t>(XROWS, count - s0));
+      dots_any<T>(M, xs.data() + s0, w + j * n, n, nr, out);
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < nr; ++r) emit(s0 + m, j + r, out[m][r]);
+    }
+  }
+}
+
+template <typename T>
+void ffn_step(const FfnStepArgs& a) {
+  const int64_t H = a.hidden, I = a.inner, K = a.router_w ? a.top_k : 1, R = a.rows;
+  std::vector<int64_t> index(R * K);
+  std::vector<T> weight(R * K);
+  route<T>(a, K, index, weight);
+
+  std::vector<Group> groups;  // chosen experts in ascending order, each with its slots in (row, k) order
+  for (int64_t e = 0; e < std::max<int64_t>(1, a.experts); ++e) {
+    Group g{e, {}};
+    for (int64_t s = 0; s < R * K; ++s)
+      if (index[s] == e) g.slots.push_back(s);
+    if (!g.slots.empty()) groups.push_back(std::move(g));
+  }
+  const int64_t G = static_cast<int64_t>(groups.size());
+  std::vector<T> act(R * K * I), expert_out(R * K * H);
+  const T* x = static_cast<const T*>(a.x);
+  const T* residual = static_cast<const T*>(a.residual);
+  T* out = static_cast<T*>(a.out);
+  std::vector<std::vector<const T*>> x_rows(G), act_rows(G);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t s : groups[g].slots) {
+      x_rows[g].push_back(x + (s / K) * a.x_stride);
+      act_rows[g].push_back(act.data() + s * I);
+    }
+  const std::vector<Item> up_items = split(G, I, a.threads), down_items = split(G, H, a.threads);
+  const int64_t n_up = static_cast<int64_t>(up_items.size()), n_down = static_cast<int64_t>(down_items.size());
+
+#pragma omp parallel num_threads(a.threads)
+  {
+    // 1. gate and up products of each chosen expert over its rows, then silu(gate) * up.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_up; ++i) {
+      const Item& it = up_items[i];
+      const Group& g = groups[it.group];
+      const T* gate = static_cast<const T*>(a.gate_w) + g.expert * a.expert_stride;
+      const T* up = static_cast<const T*>(a.up_w) + g.expert * a.expert_stride;
+      const std::vector<int64_t>& slots = g.slots;
+      matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group],
+                     [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = v; });
+      matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group],
+                     [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = silu(act[slots[s] * I + j]) * v; });
+    }
+    // 2. down products of each chosen expert over its rows' activations.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_down; ++i) {
+      const Item& it = down_items[i];
+      const Group& g = groups[it.group];
+      const T* down = static_cast<const T*>(a.down_w) + g.expert * a.down_stride;
+      const std::vector<int64_t>& slots = g.slots;
+      matrix_rows<T>(down, I, it.begin, it.end, act_rows[it.group],
+                     [&](int64_t s, int64_t j, T v) { expert_out[slots[s] * H + j] = v; });
+    }
+    // 3. each row's weighted sum over its slots, plus the residual.
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < H; ++j) {
+        T acc = T(0);
+        for (int64_t k = 0; k < K; ++k) acc += weight[r * K + k] * expert_out[(r * K + k) * H + j];
+        out[r * H + j] = residual[r * H + j] + acc;
+      }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void ffn_step_f32(const FfnStepArgs* a) { ffn_step<float>(*a); }
+void ffn_step_f64(const FfnStepArgs* a) { ffn_step<double>(*a); }
+
+}  // extern "C"
