@@ -318,7 +318,7 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 LINEAR_MAX_ROWS = 32  # rows (batch x tokens) up to which linear.cpp runs a product; above, F.linear (MKL's GEMM)
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
-LINEAR_SERIAL_BELOW = 1 << 18  # weights below which one thread streams the matrix (waking another costs more)
+LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more)
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -356,7 +356,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x = x.reshape(rows, in_features)
         x = x if x.stride(1) == 1 else x.contiguous()
         x_stride = x.stride(0)
-    threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    threads = 1 if rows * out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
     _plain_fn("linear", dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), None,
                                y.data_ptr(), rows, in_features, out_features, x_stride, out_features, 0, threads)
     return y
