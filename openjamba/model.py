@@ -242,8 +242,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
         """x: (N, H); expert_index, expert_weight: (N, k). Each token's k expert outputs, weighted and summed."""
         num_tokens, top_k = expert_index.shape
-        if num_tokens == 1 and isinstance(self.gate_up_proj, torch.Tensor):  # a decode step: its k experts
-            # side by side, the index never leaving the device (quantized experts take the grouped path below)
+        if num_tokens == 1:  # a decode step: its k experts side by side, the index never leaving the device
             return self.decode_step(x, expert_index[0], expert_weight[0])
         flat_expert = expert_index.reshape(-1)  # (N*k,)
         order = flat_expert.argsort(stable=True)  # group the (token, slot) pairs by expert
@@ -256,14 +255,20 @@ class Experts(nn.Module):
     def decode_step(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """One token x (1, H) through its experts index (k,), weighted by weight (k,): (1, H). No host sync."""
         rows = x.expand(index.shape[0], -1)  # (k, H): the token once per chosen expert
-        gate, up = ops.expert_linear(rows, self.gate_up_proj, index).chunk(2, dim=-1)  # (k, I) each
-        out = ops.expert_linear(F.silu(gate) * up, self.down_proj, index)  # (k, H)
+        gate, up = _experts_by_index(rows, self.gate_up_proj, index).chunk(2, dim=-1)  # (k, I) each
+        out = _experts_by_index(F.silu(gate) * up, self.down_proj, index)  # (k, H)
         return (weight.unsqueeze(0) @ out.to(weight.dtype)).to(x.dtype)  # weighted sum of the k rows: (1, H)
 
     def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU on rows (n, H) -> (n, H)."""
         gate, up = _expert_linear(rows, self.gate_up_proj, e).chunk(2, dim=-1)
         return _expert_linear(F.silu(gate) * up, self.down_proj, e)
+
+
+def _experts_by_index(x: torch.Tensor, weight, index: torch.Tensor) -> torch.Tensor:
+    """Row r of x through expert index[r]: `ops.expert_linear` for a fused expert parameter, or a quantized one
+    (openjamba.quant.QuantizedWeight.expert_linear); either reads the chosen matrices where they lie."""
+    return ops.expert_linear(x, weight, index) if isinstance(weight, torch.Tensor) else weight.expert_linear(x, index)
 
 
 def _expert_linear(x: torch.Tensor, weight, e: int) -> torch.Tensor:

@@ -10,28 +10,32 @@ The formats (what a quantized checkpoint stores for a weight `X.weight` of shape
         two 4-bit values per byte, column 2j in the low nibble          + zeros[n, k // g]
 Scales and zeros are rounded to bf16 values when quantizing (stored as fp32), so the bf16 kernels apply them exactly.
 
-The matrix products use PyTorch's own weight-only kernels on CPU (`aten._weight_int8pack_mm`, and
-`aten._weight_int4pack_mm_for_cpu` on its packed layout, as gpt-fast does), which take bf16 activations: inputs are
-rounded to bf16 and outputs returned in the caller's dtype. Elsewhere (CUDA) the weight is dequantized to the
+On CPU the products run in openjamba's own kernels (ops/csrc/quant_linear.cpp), which read the documented layout
+where it lies and quantize the activations per row to int8 in blocks (32 inputs for int8 weights, one weight group
+for int4), so each block is an integer dot product (AVX-512 VNNI where the CPU has it); `kernel_reference` is that
+arithmetic in plain PyTorch. Elsewhere (CUDA), or where the kernels cannot run, the weight is dequantized to the
 activation dtype and applied with F.linear: `reference_linear`, the plain path every kernel is tested against.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 METHODS = ("int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts; a smaller one is used if K needs it
-INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel packs output rows in blocks of 16
-# The CPU int8 kernel returns garbage for some input sizes (24 inputs, or fewer than 16, in torch 2.13): the kernels
-# serve weights with a multiple of 32 inputs (every int4 group is one), the reference the rest (tiny matrices).
+# The CPU kernels serve weights with a multiple of 32 inputs (every int4 group is one), the reference the rest.
 KERNEL_K_MULTIPLE = 32
+INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale in the int8 kernel (int4: one weight group)
 # nn.Linear modules that stay in full precision (the router decides which experts run: small and sensitive).
 KEEP_FULL_PRECISION = re.compile(r"(^|\.)router$")
 
@@ -54,10 +58,9 @@ def _round_to_bf16(t: torch.Tensor) -> torch.Tensor:
 def int4_group_size(in_features: int, out_features: int, preferred: int = DEFAULT_GROUP_SIZE) -> int | None:
     """The int4 group for a (out, in) weight: `preferred`, else the largest smaller one dividing `in_features`.
 
-    None when no group fits or the rows do not fill the kernel's blocks of 16: that tensor is stored in int8.
+    None when no group fits: that tensor is stored in int8. (`out_features` is accepted for the callers' symmetry;
+    the kernels take any number of rows.)
     """
-    if out_features % INT4_ROW_MULTIPLE:
-        return None
     for group in (preferred,) + tuple(g for g in INT4_GROUP_SIZES if g < preferred):
         if in_features % group == 0:
             return group
@@ -158,13 +161,62 @@ def empty_quantized(shape: tuple[int, ...], method: str, group_size: int = DEFAU
             "zeros": torch.empty(*lead, N, K // group, device=device)}
 
 
+# ---------------------------------------------------------------------- the CPU kernels and their reference
+def quantize_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, K) -> int8 values (rows, K) and scales (rows, K / block): the CPU kernels' activations, symmetric per
+    block of `block` inputs, x ~ q * scale, q = round-half-even(x * 127 / max|x|), the same fp32 operations."""
+    rows, K = x.shape
+    blocks = x.float().reshape(rows, K // block, block)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv[..., None]).to(torch.int8).reshape(rows, K)
+    return q, amax / 127.0
+
+
+def kernel_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the CPU kernel computes for x (..., K), in float64: x quantized as `quantize_activations` does, times
+    the dequantized weight. The kernel equals it up to fp32 accumulation (its block sums are exact integers)."""
+    K = x.shape[-1]
+    block = INT8_ACTIVATION_BLOCK if tensors["qweight"].dtype == torch.int8 else K // tensors["scales"].shape[-1]
+    flat = x.reshape(-1, K)
+    q, scales = quantize_activations(flat, block)
+    xd = (q.double().view(flat.shape[0], -1, block) * scales.double()[..., None]).view(flat.shape)
+    return F.linear(xd, dequantize(tensors, torch.float64)).view(*x.shape[:-1], -1)
+
+
+def _cpu_library() -> ctypes.CDLL | None:
+    """The compiled CPU kernels, or None when they cannot run here (no compiler, or OPENJAMBA_KERNEL=torch): the
+    reference serves then. Asked on every product (a dictionary lookup), so a backend switch takes effect."""
+    return None if ops.backend_for(_CPU) is None else _quant_functions()
+
+
+_CPU = torch.device("cpu")
+
+
+@functools.cache
+def _quant_functions() -> ctypes.CDLL:
+    """The kernel library with the quantized products' signatures set."""
+    from .ops import cpu_build
+
+    lib = cpu_build.library()
+    lib.qlinear_int8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6
+    lib.qlinear_int4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7
+    lib.qlinear_quantize_activations.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    for fn in (lib.qlinear_int8, lib.qlinear_int4, lib.qlinear_quantize_activations):
+        fn.restype = None
+    return lib
+
+
+# Weights below which one thread runs a product (waking a second costs more than it saves).
+SERIAL_BELOW = 1 << 18
+
+
 # ---------------------------------------------------------------------- modules
 class QuantizedWeight(nn.Module):
     """A quantized (..., N, K) weight (one matrix, or one per expert), applied by `linear(x, *index)`.
 
-    Buffers `qweight`, `scales` (and `zeros` for int4) hold the documented format. `prepare()` builds the CPU
-    kernels' operands once loading is done; for int4 on CPU the kernel's packed layout then replaces `qweight`
-    (one copy of the weight in memory), and `tensors()` unpacks it again when saving.
+    Buffers `qweight`, `scales` (and `zeros` for int4) hold the documented format, which the CPU kernels read as it
+    is: the weight exists once in memory, in the layout a checkpoint stores.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -174,8 +226,6 @@ class QuantizedWeight(nn.Module):
         self.bits = 8 if self.qweight.dtype == torch.int8 else 4
         self.in_features = self.qweight.shape[-1] * (2 if self.bits == 4 else 1)
         self.out_features = self.qweight.shape[-2]
-        self.cpu_packed = False  # int4: qweight holds the CPU kernel's layout
-        self.kernel_scales: torch.Tensor | None = None  # bf16 operands of the CPU kernels
 
     def keep_float32_scales(self) -> None:
         """Undo a model-wide dtype conversion for the scales and zeros (they are stored and applied in fp32)."""
@@ -187,76 +237,75 @@ class QuantizedWeight(nn.Module):
     def group_size(self) -> int | None:
         return self.in_features // self.scales.shape[-1] if self.bits == 4 else None
 
-    @torch.no_grad()
     def prepare(self) -> QuantizedWeight:
-        """Build the CPU kernels' operands (called once the buffers hold their final values)."""
-        if self.qweight.device.type != "cpu" or self.in_features % KERNEL_K_MULTIPLE:
-            return self
-        if self.bits == 8:
-            self.kernel_scales = self.scales.to(torch.bfloat16)
-        elif not self.cpu_packed:
-            packed = torch.empty_like(self.qweight)
-            for source, dest in zip(self.qweight.reshape(-1, *self.qweight.shape[-2:]),
-                                    packed.view(-1, *packed.shape[-2:])):
-                _pack_int4_for_cpu(source, dest)
-            self.qweight = packed
-            # (..., N, groups) scales and zeros -> the kernel's (..., groups, N, 2)
-            self.kernel_scales = torch.stack([self.scales, self.zeros], -1).transpose(-3, -2).contiguous().to(
-                torch.bfloat16)
-            self.cpu_packed = True
+        """Once the buffers hold their final values: make them contiguous fp32-scaled tensors the kernels can read
+        (they already are after loading; nothing is repacked)."""
+        for name, t in self.tensors().items():
+            if not t.is_contiguous():
+                setattr(self, name, t.contiguous())
+        self.keep_float32_scales()
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The documented format (what a checkpoint stores): unpacks the CPU int4 layout when it is in use."""
+        """The documented format (what a checkpoint stores)."""
         out = {"qweight": self.qweight, "scales": self.scales}
         if self.bits == 4:
             out["zeros"] = self.zeros
-            if self.cpu_packed:
-                out["qweight"] = self._unpack_cpu_layout()
         return out
 
-    def _unpack_cpu_layout(self) -> torch.Tensor:
-        """Recover the int4 values from the kernel's (undocumented) layout by applying it to the identity matrix:
-        with scale 1 and zero 8 every group dequantizes to q itself, and q <= 15 is exact in bf16."""
-        K, N = self.in_features, self.out_features
-        packed = self.qweight.reshape(-1, *self.qweight.shape[-2:])
-        groups = self.scales.shape[-1]
-        unit = torch.stack([torch.ones(groups, N), torch.full((groups, N), 8.0)], -1).to(torch.bfloat16)
-        eye = torch.eye(K, dtype=torch.bfloat16)
-        rows = []
-        for m in packed:
-            values = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, m, K // groups, unit)  # (K, N) = q^T
-            q = values.t().round().to(torch.uint8)
-            rows.append(q[:, 0::2] | (q[:, 1::2] << 4))
-        return torch.stack(rows).reshape(*self.qweight.shape[:-2], N, K // 2)
+    def linear(self, x: torch.Tensor, *index: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w.T (+ bias) for the weight w[index] (an expert's matrix) or the whole weight when it is one matrix."""
+        out = self._cpu_kernel(x, bias, index, None)
+        if out is not None:
+            return out
+        out = reference_linear(x, {k: v[index] if index else v for k, v in self.tensors().items()})
+        return out if bias is None else out + bias.to(out.dtype)
 
-    def linear(self, x: torch.Tensor, *index: int) -> torch.Tensor:
-        """x @ w.T for the weight w[index] (an expert's matrix) or the whole weight when it is one matrix."""
-        if self.kernel_scales is None or x.device.type != "cpu":
-            return reference_linear(x, {k: v[index] if index else v for k, v in self.tensors().items()})
-        q = self.qweight[index] if index else self.qweight
-        scales = self.kernel_scales[index] if index else self.kernel_scales
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels take bf16 activations
+    def expert_linear(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Row r of x (rows, K) times matrix index[r] of a stacked (E, N, K) weight: (rows, N), the chosen matrices
+        read where they lie and the index read by the kernel (a decode step's experts: no host synchronisation).
+        The same contract as `ops.expert_linear` for a full-precision stack."""
+        out = self._cpu_kernel(x, None, (), index)
+        if out is not None:
+            return out
+        chosen = dequantize({k: v.index_select(0, index) for k, v in self.tensors().items()}, x.dtype)  # (rows, N, K)
+        return torch.bmm(x.unsqueeze(1), chosen.transpose(1, 2)).squeeze(1)
+
+    def _cpu_kernel(self, x: torch.Tensor, bias: torch.Tensor | None, index: tuple,
+                    gather: torch.Tensor | None) -> torch.Tensor | None:
+        """The product in ops/csrc/quant_linear.cpp, or None where it does not apply (another device or dtype,
+        autograd, a weight whose inputs are not a multiple of 32, no compiled kernels)."""
+        K, N = self.in_features, self.out_features
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
+                or (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0
+                or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+            return None
+        lib = _cpu_library()
+        if lib is None:
+            return None
+        flat = x.reshape(-1, K)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        rows = flat.shape[0]
+        tensors = {k: v[index] for k, v in self.tensors().items()} if index else self.tensors()
+        if gather is not None:
+            gather = gather.to(torch.int64).contiguous()
+        y = torch.empty(rows, N)
+        threads = 1 if N * K < SERIAL_BELOW else torch.get_num_threads()
+        pointers = (None if bias is None else bias.data_ptr(), None if gather is None else gather.data_ptr(),
+                    y.data_ptr())
         if self.bits == 8:
-            out = torch.ops.aten._weight_int8pack_mm(flat, q, scales)
+            lib.qlinear_int8(flat.data_ptr(), tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(), *pointers,
+                             rows, K, N, flat.stride(0), N, threads)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, q, self.group_size, scales)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            lib.qlinear_int4(flat.data_ptr(), tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
+                             tensors["zeros"].data_ptr(), *pointers, rows, K, N, self.group_size, flat.stride(0), N,
+                             threads)
+        return y.view(*x.shape[:-1], N)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"int{self.bits}, shape={tuple(self.qweight.shape[:-2])+(self.out_features, self.in_features)}{group}"
-
-
-def _pack_int4_for_cpu(values: torch.Tensor, out: torch.Tensor) -> None:
-    """The CPU int4 kernel's layout of one (N, K/2) matrix of the documented layout, into `out` (same shape). The
-    kernel packs rows in tiles of 64 when N allows, so a large matrix is packed a block of rows at a time (blocks
-    of a multiple of 64 rows give the same bytes as one call) and no int32 copy of it is ever whole."""
-    rows, K = values.shape[0], values.shape[1] * 2
-    step = rows if rows % 64 else max(64, CHUNK_ELEMENTS // K // 64 * 64)
-    for start in range(0, rows, step):
-        block = unpack_int4(values[start:start + step]).to(torch.int32)
-        out[start:start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
 
 
 class QuantizedLinear(nn.Module):
@@ -273,17 +322,12 @@ class QuantizedLinear(nn.Module):
         return self.quantized.linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quantized.linear(x)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return self.quantized.linear(x, bias=self.bias)
 
 
 class QuantizedEmbedding(nn.Module):
-    """The lookup into a tied, quantized embedding/LM-head table: each looked-up row is dequantized.
-
-    It reads the LM head's tensors in the documented layout, taken by `snapshot()` before the head is prepared:
-    for int8 the very same tensors; for int4 the head then moves to the kernel's layout, which packs rows in
-    blocks, so the lookup keeps the documented one (half a byte per weight, the only duplicate).
-    """
+    """The lookup into a tied, quantized embedding/LM-head table: each looked-up row is dequantized from the LM
+    head's own tensors (no second copy of the table)."""
 
     def __init__(self, head: QuantizedWeight, dtype: torch.dtype) -> None:
         super().__init__()
@@ -291,13 +335,8 @@ class QuantizedEmbedding(nn.Module):
         # Carries the activations' dtype through model.to(dtype) (an empty tensor, not saved).
         self.register_buffer("dtype_of_output", torch.empty(0, dtype=dtype), persistent=False)
 
-    def snapshot(self) -> None:
-        for name, tensor in self.head[0].tensors().items():
-            self.register_buffer(name, tensor, persistent=False)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        names = ("qweight", "scales", "zeros") if hasattr(self, "zeros") else ("qweight", "scales")
-        return dequantize({name: getattr(self, name)[ids] for name in names}, self.dtype_of_output.dtype)
+        return dequantize({name: t[ids] for name, t in self.head[0].tensors().items()}, self.dtype_of_output.dtype)
 
 
 # ---------------------------------------------------------------------- which tensors, and the model swap
@@ -342,10 +381,7 @@ def install(model: nn.Module, weights: dict[str, QuantizedWeight], prepare: bool
 
 
 def prepare_all(model: nn.Module) -> None:
-    """Once the quantized buffers hold their values: the tied lookup's view of them, then the kernels' operands."""
-    for module in model.modules():
-        if isinstance(module, QuantizedEmbedding):
-            module.snapshot()
+    """Once the quantized buffers hold their values: ready them for the kernels, and return freed memory."""
     for weight in quantized_weights(model).values():
         weight.prepare()
     release_freed_memory()
@@ -406,7 +442,7 @@ def quantization_config(method: str, group_size: int, weights: dict[str, Quantiz
     fallback = sorted(n for n, w in weights.items() if w.bits != BITS[method])
     groups = sorted({w.group_size for w in weights.values() if w.bits == 4})
     block = {"quant_method": "openjamba", "method": method, "bits": BITS[method],
-             "format": "weight-only; activations in bf16 inside the kernels",
+             "format": "weight-only; CPU kernels quantize activations to int8 per block",
              "modules": sorted(weights)}
     if method == "int4":
         block["group_size"] = group_size

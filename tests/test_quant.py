@@ -15,28 +15,90 @@ from openjamba.tokenizer import Tokenizer as TextTokenizer
 
 from .conftest import make_config, random_model, randomize_
 
-# The CPU kernels take bf16 activations and return bf16 outputs: against the reference applied to the same
-# bf16-rounded input in fp32, they differ by the output's rounding (2^-8 relative) plus accumulation order.
-KERNEL_RTOL = 2 ** -7
+# The CPU kernels quantize activations to int8 (blocks of 32 inputs for int8 weights, one weight group for int4) and
+# sum each block's integer products exactly: against `kernel_reference` (the same arithmetic in float64) they
+# differ by fp32 accumulation only. Against the plain reference (full-precision activations) they differ by the
+# activations' rounding, at most half a step of max|x| / 127 per block: measured 0.5-0.9% of the largest output on
+# random data, bounded here at 2%.
+KERNEL_RTOL = 1e-5
+ACTIVATION_RTOL = 0.02
 
 
-def assert_kernel_matches(out: torch.Tensor, x: torch.Tensor, tensors: dict) -> None:
-    ref = quant.reference_linear(x.to(torch.bfloat16).float(), tensors)
+def assert_kernel_matches(out: torch.Tensor, x: torch.Tensor, tensors: dict, bias=None) -> None:
+    ref = quant.kernel_reference(x, tensors)
+    plain = quant.reference_linear(x, tensors)
+    if bias is not None:
+        ref, plain = ref + bias.double(), plain + bias
     scale = ref.abs().max().item()
-    assert (out - ref).abs().max().item() <= KERNEL_RTOL * scale
+    assert (out.double() - ref).abs().max().item() <= KERNEL_RTOL * scale
+    assert (out - plain).abs().max().item() <= ACTIVATION_RTOL * scale
+
+
+SHAPES = [(64, 256, 128), (40, 160, 32), (36, 96, 32), (64, 512, 256), (20, 192, 64), (7, 64, 32)]  # N, K, group
 
 
 @pytest.mark.parametrize("method", quant.METHODS)
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_kernel_matches_dequantized_reference(method, tokens):
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
+def test_kernel_matches_dequantized_reference(method, rows):
+    torch.manual_seed(rows)
+    for N, K, group in SHAPES:
+        tensors = quant.quantize_weight(torch.randn(N, K), method, group)
+        assert tensors["qweight"].dtype == (torch.int8 if method == "int8" else torch.uint8)
+        qw = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
+        x = torch.randn(2, rows, K)
+        bias = torch.randn(N)
+        out = qw.linear(x, bias=bias)
+        assert out.shape == (2, rows, N) and out.dtype == torch.float32
+        assert_kernel_matches(out, x, tensors, bias)
+        # strided rows (a slice of a wider tensor) read in place
+        wide = torch.randn(rows, K + 32)
+        assert_kernel_matches(qw.linear(wide[:, :K]), wide[:, :K], tensors)
+
+
+def test_activation_quantization_matches_the_kernel():
+    """The kernel's activation rounding (ops/csrc/quant_linear.cpp) is exactly `quant.quantize_activations`."""
+    lib = quant._cpu_library()
+    x = torch.randn(3, 128) * torch.logspace(-3, 3, 128)
+    x[1] = 0.0  # a zero block has scale 0 and values 0
+    x[2, :32] = torch.arange(32) - 15.5  # ties round to even
+    for block in (32, 64, 128):
+        q, scales = torch.empty(3, 128, dtype=torch.int8), torch.empty(3, 128 // block)
+        lib.qlinear_quantize_activations(x.data_ptr(), q.data_ptr(), scales.data_ptr(), 3, 128, block)
+        ref_q, ref_scales = quant.quantize_activations(x, block)
+        assert torch.equal(q, ref_q) and torch.equal(scales, ref_scales)
+
+
+def test_plain_cpp_build_matches(tmp_path):
+    """The kernels without AVX-512 (an AVX2 build: the plain C++ loops) give the same products."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from openjamba.ops import cpu_build
+
+    cxx = cpu_build._compiler()
+    if cxx is None or shutil.which("uname") is None or subprocess.run(["uname", "-m"], capture_output=True,
+                                                                         text=True).stdout.strip() != "x86_64":
+        pytest.skip("needs an x86-64 C++ compiler")
+    lib_path = tmp_path / "quant_plain.so"
+    subprocess.run([cxx, *cpu_build.BASE_FLAGS, "-march=x86-64-v3", "-fopenmp", "-o", str(lib_path),
+                    str(cpu_build.CSRC / "quant_linear.cpp")], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    assert lib.qlinear_vnni() == 0
+    lib.qlinear_int8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6
+    lib.qlinear_int4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7
     torch.manual_seed(0)
-    weight = torch.randn(64, 256)
-    tensors = quant.quantize_weight(weight, method)
-    qw = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
-    x = torch.randn(2, tokens, 256)
-    out = qw.linear(x)
-    assert out.shape == (2, tokens, 64) and out.dtype == torch.float32
-    assert_kernel_matches(out, x, tensors)
+    for method in quant.METHODS:
+        for N, K, group in SHAPES:
+            tensors = quant.quantize_weight(torch.randn(N, K), method, group)
+            x, y = torch.randn(5, K), torch.empty(5, N)
+            q, s = tensors["qweight"], tensors["scales"]
+            if q.dtype == torch.int8:
+                lib.qlinear_int8(x.data_ptr(), q.data_ptr(), s.data_ptr(), None, None, y.data_ptr(), 5, K, N, K, N, 2)
+            else:
+                lib.qlinear_int4(x.data_ptr(), q.data_ptr(), s.data_ptr(), tensors["zeros"].data_ptr(), None, None,
+                                 y.data_ptr(), 5, K, N, K // s.shape[-1], K, N, 2)
+            assert_kernel_matches(y, x, tensors)
 
 
 @pytest.mark.parametrize("method", quant.METHODS)
@@ -58,13 +120,15 @@ def test_int4_group_fallback():
     assert quant.int4_group_size(5120, 192) == 128
     assert quant.int4_group_size(160, 5120) == 32  # Jamba's dt_proj (dt_rank 160): groups of 32
     assert quant.int4_group_size(48, 32) is None  # no group divides 48 inputs: int8
-    assert quant.int4_group_size(64, 18) is None  # rows not in blocks of 16: int8
-    assert quant.quantize_weight(torch.randn(18, 64), "int4")["qweight"].dtype == torch.int8
+    assert quant.int4_group_size(64, 18) == 64  # any number of rows
+    assert quant.quantize_weight(torch.randn(18, 48), "int4")["qweight"].dtype == torch.int8
     with pytest.raises(quant.QuantizationError, match="groups of 32"):
         quant.quantize_int4(torch.randn(16, 48), 32)
 
 
 def test_expert_weights_by_index():
+    """One expert matrix by its number (prefill's grouped path), and each row through its own expert by an index
+    tensor the kernel reads (a decode step's experts)."""
     torch.manual_seed(0)
     weight = torch.randn(3, 32, 64)  # (E, N, K)
     for method in quant.METHODS:
@@ -73,14 +137,12 @@ def test_expert_weights_by_index():
         x = torch.randn(4, 64)
         for e in range(3):
             assert_kernel_matches(qw.linear(x, e), x, {k: v[e] for k, v in tensors.items()})
-
-
-def test_cpu_int4_layout_unpacks_exactly():
-    torch.manual_seed(0)
-    tensors = quant.quantize_int4(torch.randn(2, 32, 64), 32)
-    qw = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
-    assert qw.cpu_packed
-    assert torch.equal(qw.tensors()["qweight"], tensors["qweight"])
+        index = torch.tensor([2, 0, 2, 1])
+        out = qw.expert_linear(x, index)
+        for r, e in enumerate(index.tolist()):
+            assert_kernel_matches(out[r:r + 1], x[r:r + 1], {k: v[e] for k, v in tensors.items()})
+        token = x[:1].expand(2, -1)  # a decode step's one token, once per chosen expert (stride 0)
+        assert torch.equal(qw.expert_linear(token, index[:2]), qw.expert_linear(token.contiguous(), index[:2]))
 
 
 def small_weights_model(name: str, vocab_size: int = 128) -> JambaForCausalLM:
@@ -91,36 +153,65 @@ def small_weights_model(name: str, vocab_size: int = 128) -> JambaForCausalLM:
     return randomize_(model, 0, scale=0.05).eval()
 
 
-# Largest logit error of a tiny quantized model against fp32, as a fraction of the largest logit (measured 0.013
-# for int8 and 0.10-0.13 for int4 in groups of 32 on these models; the bounds leave 2x).
-LOGIT_TOLERANCE = {"int8": 0.03, "int4": 0.25}
+# Logit error of a tiny quantized model against fp32, as the RMS of the difference over the RMS of the logits. Measured
+# on these models over six prompts: int8 1.5-3% (6% for one prompt whose expert choice flips), of which the weights
+# alone (fp32 arithmetic on the dequantized weights) give 1.1-2.8%; int4 (groups of 32) 13-17%, weights alone the same.
+LOGIT_TOLERANCE = {"int8": 0.08, "int4": 0.25}
+
+
+def _rms_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("method", quant.METHODS)
 @pytest.mark.parametrize("name", ["moe-gqa", "dense-mha-biases-tied"])
-def test_quantized_model_logits_near_fp32(method, name):
+def test_quantized_model_logits_near_fp32(method, name, monkeypatch):
     model = small_weights_model(name)
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-        dequantized = small_weights_model(name)  # fp32 arithmetic on the quantized weights: isolates the kernels
-        state = dequantized.state_dict()
-        for param in quant.quantized_params(dequantized):
-            state[param].copy_(quant.dequantize(quant.quantize_weight(state[param], method, 32)))
-        plain = dequantized(ids).logits
         quant.quantize_model(model, method, group_size=32)
         out = model(ids).logits
+        # Every product through kernel_reference instead (float64, the kernels' arithmetic): the model's wiring of
+        # the kernels (biases, strided rows, experts by number) changes nothing but fp32 accumulation, which can
+        # move a later layer's activation across a rounding boundary (measured up to 0.2%; 1e-7 per product).
+        def reference(self, x, bias, index, gather):
+            if x.shape[-1] % quant.KERNEL_K_MULTIPLE:
+                return None  # the plain reference serves these (as in the model)
+            tensors = {k: v[index] for k, v in self.tensors().items()} if index else self.tensors()
+            y = quant.kernel_reference(x, tensors).float()
+            return y if bias is None else y + bias
+        monkeypatch.setattr(quant.QuantizedWeight, "_cpu_kernel", reference)
+        through_reference = model(ids).logits
     assert not any(isinstance(m, torch.nn.Linear) and not n.endswith("router") for n, m in model.named_modules())
-    scale = ref.abs().max().item()
-    err = (out - ref).abs().max().item() / scale
-    assert 0 < err < LOGIT_TOLERANCE[method], err
-    # Kernels (bf16 activations) against fp32 arithmetic on the same weights: bf16 rounding only.
-    assert (out - plain).abs().max().item() < 0.01 * scale
+    assert 0 < _rms_error(out, ref) < LOGIT_TOLERANCE[method]
+    assert _rms_error(out, through_reference) < 0.01
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_quantized_decode_never_syncs(method):
+    """A quantized MoE model's decode steps (experts through the kernels by index) never read a tensor into
+    Python, and equal the same steps with the grouped (one expert at a time) path."""
+    model = quant.quantize_model(random_model("moe-gqa", hidden_size=64, vocab_size=128), method, group_size=32)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.make_cache(1, max_length=8)
+        pieces = [model(ids[:, :5], cache=cache).logits]
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+                patch.setattr(torch.Tensor, name, _refuse)
+            pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=0.03 * full.abs().max().item(), rtol=0)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("host synchronisation in a decode step")
 
 
 @pytest.mark.parametrize("method", quant.METHODS)
 def test_quantized_decode_matches_full_forward(method):
-    """The cached one-token path (the kernels at one row, the experts one by one) agrees with a full forward."""
+    """The cached one-token path (the kernels at one row, the experts by index) agrees with a full forward."""
     model = quant.quantize_model(random_model("moe-gqa", hidden_size=64, vocab_size=128), method, group_size=32)
     ids = torch.randint(3, 128, (1, 6))
     with torch.no_grad():
@@ -296,14 +387,6 @@ def test_bench_quantized_preset():
     assert row["load_peak_mem_bytes"] >= row["model_mem_bytes"] > 0
     with pytest.raises(ValueError, match="unknown quantization"):
         run_bench(get_preset("tiny"), "tiny", quantize="int2", progress=False)
-
-
-def test_int4_packing_in_row_blocks_equals_one_call(monkeypatch):
-    tensors = quant.quantize_int4(torch.randn(320, 128, generator=torch.Generator().manual_seed(0)), 32)
-    whole = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 128)  # blocks of 64 rows
-    blocks = quant.QuantizedWeight({k: v.clone() for k, v in tensors.items()}).prepare()
-    assert torch.equal(whole.qweight, blocks.qweight)
 
 
 def test_chat_and_serve_load_quantized(tmp_path):

@@ -1,0 +1,378 @@
+// Products with int8 / int4 weight-only quantized matrices: y = x W^T (+ bias), W in openjamba.quant's documented
+// layout (docs/quantization.md), read where it lies:
+//
+//   int8  q: int8 (out, in), scales (out,)                       W[n, k] = q[n, k] * scales[n]
+//   int4  q: uint8 (out, in/2), scales, zeros (out, in/group)    W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g]
+//         (two values per byte: column 2j in the low nibble, 2j+1 in the high one; g = k / group)
+//
+//   x: (rows, in) fp32 with row stride x_stride;  y: (rows, out) with row stride y_stride;  bias: (out,) or null
+//   gathered: W is a stack (E, out, in) and row r of x uses matrix index[r] (a decode step's MoE experts)
+//
+// Activations are quantized per row to int8 in blocks (as llama.cpp's Q8 activations), so the products are
+// integer dot products (AVX-512 VNNI `vpdpbusd`: 64 byte products per instruction):
+//   int8 weights: blocks of 32 inputs, x[k] ~ xs[b] * xq[k] with xs[b] = max|x in b| / 127, xq in [-127, 127];
+//   int4 weights: blocks of one weight group (the group's scale and zero then apply to one integer sum).
+// Per block the integer dot is exact; blocks are summed in fp32. `qlinear_quantize_*` exposes the activation
+// quantization so the tests can check the kernel exactly against the same arithmetic in PyTorch.
+//
+// Decoding reads every weight once per token, so the work is split by output rows over threads (each streams its
+// own contiguous slice of W, several rows at once), as linear.cpp does for fp32. For more than a few rows of x the
+// rows are taken in passes over a block of weight rows that stays in L1, so W still streams from memory once.
+//
+// Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs as plain C++ loops the compiler
+// vectorises for whatever the build targets.
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define OPENJAMBA_VNNI 1
+#include <immintrin.h>
+#else
+#define OPENJAMBA_VNNI 0
+#endif
+
+namespace {
+
+constexpr int ROWS = 4;        // weight rows per inner step
+constexpr int X_PASS = 4;      // rows of x per pass over a block of weight rows
+constexpr int INT8_BLOCK = 32;  // activation block of int8 weights
+constexpr int PIECE = 128;     // int4 columns per 64-byte piece of a weight row
+constexpr int PAD = 64;        // bytes after each quantized activation row (vector loads may run past the end)
+
+inline float round_even(float v) { return std::nearbyint(v); }  // the default rounding mode: half to even
+
+// Quantize `n` values of x in one block: xq[k] = round(x[k] * 127 / amax); returns amax / 127 (0 for a zero block).
+inline float quantize_block(const float* x, int64_t n, int8_t* xq, int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t s = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t v = static_cast<int32_t>(round_even(x[k] * inv));
+    xq[k] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *sum = s;
+  return amax / 127.0f;
+}
+
+// One row of x quantized for the int8 kernel: xq (in + PAD bytes, zero past `in`), block scales, and (for the VNNI
+// path, which multiplies q + 128 as unsigned bytes) 128 * sum_b xs[b] * sum(xq in b).
+struct Int8Row {
+  int8_t* xq;
+  float* xs;  // (in / INT8_BLOCK)
+  float offset;
+};
+
+void quantize_int8_row(const float* x, int64_t in, Int8Row& row) {
+  std::memset(row.xq + in, 0, PAD);
+  double offset = 0.0;
+  for (int64_t b = 0; b < in / INT8_BLOCK; ++b) {
+    int32_t sum;
+    row.xs[b] = quantize_block(x + b * INT8_BLOCK, INT8_BLOCK, row.xq + b * INT8_BLOCK, &sum);
+    offset += static_cast<double>(row.xs[b]) * sum;
+  }
+  row.offset = static_cast<float>(128.0 * offset);
+}
+
+// One row of x quantized for the int4 kernel, in blocks of `group`; within each piece of P = min(group, PIECE)
+// columns the P/2 even columns come first, then the P/2 odd ones, matching the low and high nibbles of P/2 weight
+// bytes. xsum[g] = xs[g] * sum(xq in g) carries the zeros.
+struct Int4Row {
+  int8_t* xq;
+  float *xs, *xsum;  // (in / group) each
+};
+
+void quantize_int4_row(const float* x, int64_t in, int64_t group, int8_t* tmp, Int4Row& row) {
+  std::memset(row.xq + in, 0, PAD);
+  const int64_t piece = std::min<int64_t>(group, PIECE);
+  for (int64_t g = 0; g < in / group; ++g) {
+    int32_t sum;
+    row.xs[g] = quantize_block(x + g * group, group, tmp, &sum);
+    row.xsum[g] = row.xs[g] * static_cast<float>(sum);
+    for (int64_t p = 0; p < group; p += piece) {
+      int8_t* dst = row.xq + g * group + p;
+      for (int64_t j = 0; j < piece / 2; ++j) {
+        dst[j] = tmp[p + 2 * j];
+        dst[piece / 2 + j] = tmp[p + 2 * j + 1];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dot products of ROWS weight rows with M quantized rows of x: out[m][r] (before the per-row int8 scale).
+
+#if OPENJAMBA_VNNI
+
+inline __mmask64 tail_mask(int64_t bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
+
+// int8: per 64 columns, (q + 128) as unsigned bytes times xq, 16 lanes of 4 products; lanes 0-7 lie in one block
+// of 32 and lanes 8-15 in the next, so one vector of per-lane scales converts both.
+template <int M>
+inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, float out[X_PASS][ROWS]) {
+  __m512 acc[ROWS][M];
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t k = 0; k < in; k += 64) {
+    const __mmask64 mask = tail_mask(in - k);
+    __m512i xv[M];
+    __m512 sv[M];
+    for (int m = 0; m < M; ++m) {
+      xv[m] = _mm512_loadu_si512(x[m].xq + k);
+      const int64_t b = k / INT8_BLOCK;
+      // lanes 0-7: block b, lanes 8-15: block b + 1 (past the last block the xq are zero, any scale will do)
+      const float s1 = k + INT8_BLOCK < in ? x[m].xs[b + 1] : 0.0f;
+      sv[m] = _mm512_permutexvar_ps(half, _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, s1, x[m].xs[b]));
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w[r] + k), flip);  // q + 128
+      for (int m = 0; m < M; ++m) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv[m], acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]) - x[m].offset;
+}
+
+// int4: per piece of up to 128 columns (64 bytes), the low nibbles against the even columns and the high ones
+// against the odd; each piece's integer sum is scaled by its group's weight scale times the activation scale.
+template <int M>
+inline void int4_rows(const uint8_t* const* w, const float* const* scales, const float* const* zeros,
+                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
+  __m512 acc[ROWS][M];
+  float zacc[ROWS][M] = {};
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t piece = std::min<int64_t>(group, PIECE);
+  const __mmask64 mask = tail_mask(piece / 2);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < in / group; ++g) {
+    for (int r = 0; r < ROWS; ++r) {
+      const float zz = zeros[r][g] - 8.0f * scales[r][g];
+      for (int m = 0; m < M; ++m) zacc[r][m] += zz * x[m].xsum[g];
+    }
+    for (int64_t p = g * group; p < (g + 1) * group; p += piece) {
+      __m512i xe[M], xo[M];
+      for (int m = 0; m < M; ++m) {
+        xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p);
+        xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p + piece / 2);
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p / 2);
+        const __m512i lo = _mm512_and_si512(wv, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
+        for (int m = 0; m < M; ++m) {
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
+          dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
+          const __m512 scale = _mm512_set1_ps(scales[r][g] * x[m].xs[g]);
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]) + zacc[r][m];
+}
+
+#else  // plain C++: per block, an integer dot product, then one fp32 multiply-add
+
+template <int M>
+inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, float out[X_PASS][ROWS]) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < in / INT8_BLOCK; ++b) {
+        const int8_t* wb = w[r] + b * INT8_BLOCK;
+        const int8_t* xb = x[m].xq + b * INT8_BLOCK;
+        int32_t dot = 0;
+        for (int k = 0; k < INT8_BLOCK; ++k) dot += static_cast<int32_t>(wb[k]) * xb[k];
+        acc += x[m].xs[b] * static_cast<float>(dot);
+      }
+      out[m][r] = acc;
+    }
+}
+
+template <int M>
+inline void int4_rows(const uint8_t* const* w, const float* const* scales, const float* const* zeros,
+                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
+  const int64_t piece = std::min<int64_t>(group, PIECE);
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.0f;
+      for (int64_t g = 0; g < in / group; ++g) {
+        int32_t dot = 0;
+        for (int64_t p = g * group; p < (g + 1) * group; p += piece) {
+          const uint8_t* wb = w[r] + p / 2;
+          const int8_t* xe = x[m].xq + p;
+          const int8_t* xo = xe + piece / 2;
+          for (int64_t j = 0; j < piece / 2; ++j) dot += (wb[j] & 15) * xe[j] + (wb[j] >> 4) * xo[j];
+        }
+        acc += scales[r][g] * x[m].xs[g] * static_cast<float>(dot) +
+               (zeros[r][g] - 8.0f * scales[r][g]) * x[m].xsum[g];
+      }
+      out[m][r] = acc;
+    }
+}
+
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// Threading and the two entry points.
+
+struct QArgs {
+  const float* x;
+  const void* q;
+  const float *scales, *zeros, *bias;
+  const int64_t* index;
+  float* y;
+  int64_t rows, in, out, group, x_stride, y_stride, threads;
+};
+
+// Output rows of work item i of n: contiguous, in multiples of ROWS.
+inline void item_range(int64_t out, int64_t n, int64_t i, int64_t& j0, int64_t& j1) {
+  const int64_t blocks = (out + ROWS - 1) / ROWS;
+  j0 = std::min(out, blocks * i / n * ROWS);
+  j1 = std::min(out, blocks * (i + 1) / n * ROWS);
+}
+
+template <typename Block>
+void for_row_blocks(const QArgs& a, Block block) {
+  // Several items per thread, taken as threads come free (a descheduled thread delays one item, not its share).
+  const int64_t items = a.threads == 1 ? 1 : std::min<int64_t>((a.out + ROWS - 1) / ROWS, 8 * a.threads);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < items; ++i) {
+    int64_t j0, j1;
+    item_range(a.out, items, i, j0, j1);
+    for (int64_t j = j0; j < j1; j += ROWS) block(j, static_cast<int>(std::min<int64_t>(ROWS, j1 - j)));
+  }
+}
+
+// The rows of x that go through one matrix in one pass: all of them, or (gathered) the one row that chose it.
+struct Pass {
+  int64_t first, count, matrix;
+};
+
+std::vector<Pass> passes(const QArgs& a) {
+  std::vector<Pass> out;
+  for (int64_t r = 0; r < a.rows; r += (a.index ? 1 : X_PASS))
+    out.push_back({r, a.index ? 1 : std::min<int64_t>(X_PASS, a.rows - r), a.index ? a.index[r] : 0});
+  return out;
+}
+
+inline void store(const QArgs& a, const Pass& p, int64_t j, int nr, const float out[X_PASS][ROWS],
+                  const float* row_scale) {
+  for (int64_t m = 0; m < p.count; ++m)
+    for (int r = 0; r < nr; ++r) {
+      const float v = row_scale ? row_scale[j + r] * out[m][r] : out[m][r];
+      a.y[(p.first + m) * a.y_stride + j + r] = v + (a.bias ? a.bias[j + r] : 0.0f);
+    }
+}
+
+void linear_int8(const QArgs& a) {
+  const int64_t stride = a.in + PAD;
+  std::vector<int8_t> xq(a.rows * stride);
+  std::vector<float> xs(a.rows * (a.in / INT8_BLOCK));
+  std::vector<Int8Row> xrows(a.rows);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    xrows[r] = {xq.data() + r * stride, xs.data() + r * (a.in / INT8_BLOCK), 0.0f};
+    quantize_int8_row(a.x + r * a.x_stride, a.in, xrows[r]);
+  }
+  const std::vector<Pass> todo = passes(a);
+  const int8_t* q = static_cast<const int8_t*>(a.q);
+  for_row_blocks(a, [&](int64_t j, int nr) {
+    for (const Pass& p : todo) {
+      const int8_t* wq = q + p.matrix * a.out * a.in;
+      const int8_t* w[ROWS];
+      for (int r = 0; r < ROWS; ++r) w[r] = wq + (j + std::min(r, nr - 1)) * a.in;  // short blocks repeat a row
+      float out[X_PASS][ROWS];
+      const Int8Row* x = xrows.data() + p.first;
+      switch (p.count) {
+        case 1: int8_rows<1>(w, x, a.in, out); break;
+        case 2: int8_rows<2>(w, x, a.in, out); break;
+        case 3: int8_rows<3>(w, x, a.in, out); break;
+        default: int8_rows<4>(w, x, a.in, out); break;
+      }
+      store(a, p, j, nr, out, a.scales + p.matrix * a.out);
+    }
+  });
+}
+
+void linear_int4(const QArgs& a) {
+  const int64_t stride = a.in + PAD, groups = a.in / a.group;
+  std::vector<int8_t> xq(a.rows * stride), tmp(a.group);
+  std::vector<float> xs(a.rows * groups), xsum(a.rows * groups);
+  std::vector<Int4Row> xrows(a.rows);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    xrows[r] = {xq.data() + r * stride, xs.data() + r * groups, xsum.data() + r * groups};
+    quantize_int4_row(a.x + r * a.x_stride, a.in, a.group, tmp.data(), xrows[r]);
+  }
+  const std::vector<Pass> todo = passes(a);
+  const uint8_t* q = static_cast<const uint8_t*>(a.q);
+  for_row_blocks(a, [&](int64_t j, int nr) {
+    for (const Pass& p : todo) {
+      const uint8_t* w[ROWS];
+      const float *s[ROWS], *z[ROWS];
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t n = p.matrix * a.out + j + std::min(r, nr - 1);  // short blocks repeat a row
+        w[r] = q + n * (a.in / 2);
+        s[r] = a.scales + n * groups;
+        z[r] = a.zeros + n * groups;
+      }
+      float out[X_PASS][ROWS];
+      const Int4Row* x = xrows.data() + p.first;
+      switch (p.count) {
+        case 1: int4_rows<1>(w, s, z, x, a.in, a.group, out); break;
+        case 2: int4_rows<2>(w, s, z, x, a.in, a.group, out); break;
+        case 3: int4_rows<3>(w, s, z, x, a.in, a.group, out); break;
+        default: int4_rows<4>(w, s, z, x, a.in, a.group, out); break;
+      }
+      store(a, p, j, nr, out, nullptr);
+    }
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// x, q, scales, bias, index, y; rows, in, out, x_stride, y_stride, threads. `in` a multiple of 32.
+void qlinear_int8(const void* x, const void* q, const void* scales, const void* bias, const void* index, void* y,
+                  int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t threads) {
+  linear_int8({static_cast<const float*>(x), q, static_cast<const float*>(scales), nullptr,
+               static_cast<const float*>(bias), static_cast<const int64_t*>(index), static_cast<float*>(y), rows,
+               in, out, 0, x_stride, y_stride, threads});
+}
+
+// x, q, scales, zeros, bias, index, y; rows, in, out, group, x_stride, y_stride, threads. `group` a multiple of 32
+// dividing `in`, and (when above 128) a multiple of 128.
+void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
+                  const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
+                  int64_t y_stride, int64_t threads) {
+  linear_int4({static_cast<const float*>(x), q, static_cast<const float*>(scales), static_cast<const float*>(zeros),
+               static_cast<const float*>(bias), static_cast<const int64_t*>(index), static_cast<float*>(y), rows,
+               in, out, group, x_stride, y_stride, threads});
+}
+
+// The activation quantization alone (for tests): x (rows, in) -> xq (rows, in) int8 and scales (rows, in / block).
+void qlinear_quantize_activations(const void* x, void* xq, void* scales, int64_t rows, int64_t in, int64_t block) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < in / block; ++b) {
+      int32_t sum;
+      static_cast<float*>(scales)[r * (in / block) + b] =
+          quantize_block(static_cast<const float*>(x) + r * in + b * block, block,
+                         static_cast<int8_t*>(xq) + r * in + b * block, &sum);
+    }
+}
+
+// 1 when the integer dot products use AVX-512 VNNI, 0 for the plain C++ loops.
+int qlinear_vnni() { return OPENJAMBA_VNNI; }
+
+}  // extern "C"
