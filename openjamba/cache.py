@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import ops
+
 if TYPE_CHECKING:
     from .model import JambaForCausalLM
 
@@ -108,8 +110,8 @@ class HybridCache:
         self.max_length = max_length
         self.seq_len = 0
         self.key_mask: torch.Tensor | None = None  # (B, tokens) bools, only once padding has been seen
-        # Row i's keys are columns row_starts[i]:seq_len, set by add_rows/remove_rows when the rows' lengths differ
-        # so much that attending to each row's own keys beats one masked call over all columns (see ops.attend_to_rows).
+        # Row i's keys are columns row_starts[i]:seq_len, set by add_rows/remove_rows when rows of their own lengths
+        # attend to their own keys (ops.attend_to_rows) rather than through one masked call over all columns.
         self.row_starts: list[int] | None = None
         self.layers: list[KVCache | MambaState] = []
         for layer in model.model.layers:
@@ -223,8 +225,10 @@ class HybridCache:
         self._find_row_starts()
 
     def _find_row_starts(self, max_padding: float = 0.5) -> None:
-        """Set `row_starts` when every row's keys are one run ending at the last column (as add_rows leaves them)
-        and more than `max_padding` of the columns are padding; otherwise None (the masked path). One sync."""
+        """Set `row_starts` when every row's keys are one run ending at the last column (as add_rows leaves them),
+        else None (the masked path). Where the device has a one-call `attend_to_rows` (the CPU kernels) that is
+        always worth it; otherwise (a loop over rows) only when more than `max_padding` of the columns are
+        padding. One host sync."""
         self.row_starts = None
         if self.key_mask is None or self.batch_size == 0:
             return
@@ -233,7 +237,8 @@ class HybridCache:
         starts = self.seq_len - lengths  # (B,)
         columns = torch.arange(self.seq_len, device=mask.device)
         right_aligned = torch.equal(mask, columns[None, :] >= starts[:, None])
-        if right_aligned and float(lengths.sum()) < (1 - max_padding) * mask.numel():
+        one_call = hasattr(ops.backend_for(mask.device), "attend_to_rows")
+        if right_aligned and (one_call or float(lengths.sum()) < (1 - max_padding) * mask.numel()):
             self.row_starts = starts.tolist()
 
     def row_state(self, row: int, logits: torch.Tensor | None = None) -> RowState:

@@ -81,10 +81,10 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask.is_causal and mask.past_length > 0:  # a chunk continuing a cached sequence
             out = ops.chunk_attention(q, k, v, dropout)
+        elif length == 1 and mask.row_starts is not None and dropout == 0.0:  # rows of their own lengths
+            out = ops.attend_to_rows(q, k, v, mask.row_starts)  # each row over its own keys, not all columns
         elif length == 1 and mask.mask is None and dropout == 0.0:  # a decode step: sees every key
             out = ops.attend_to_all(q, k, v)
-        elif length == 1 and mask.row_starts is not None and dropout == 0.0:  # rows of very different lengths
-            out = ops.attend_to_rows(q, k, v, mask.row_starts)  # each row over its own keys, not all columns
         else:  # K/V from a narrower cache (make_cache's kv_dtype) are widened; the other paths do it themselves
             out = F.scaled_dot_product_attention(
                 q, ops.to_dtype_of(k, q), ops.to_dtype_of(v, q), attn_mask=mask.mask, is_causal=mask.is_causal,
@@ -112,6 +112,8 @@ class AttentionMask:
             # Causal over the chunk, aligned to the last keys: one new token sees every key, and a longer chunk
             # continuing a cached sequence goes to ops.chunk_attention (no (T, past + T) mask on CPU).
             return AttentionMask(past_length, None, is_causal=length > 1)
+        if row_starts is not None and length == 1:  # each row's keys are one run: no mask needed
+            return AttentionMask(past_length, None, is_causal=False, row_starts=row_starts)
         total = past_length + length
         query_pos = torch.arange(past_length, total, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None, :]

@@ -117,3 +117,36 @@ def test_model_decoding_uses_the_kernel_and_matches_plain_pytorch(monkeypatch, d
         results.append(torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 40)], 1).float())
     assert calls, "decode steps did not reach the compiled kernel"
     torch.testing.assert_close(results[1], results[0], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [17, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attend_to_rows_is_one_call_with_each_rows_own_result(monkeypatch, head_dim, dtype):
+    """Rows of their own lengths in one buffer (right-aligned, as a serving batch holds them): one kernel call gives
+    each row bit for bit what `attend_to_all` gives it alone over its own keys, whatever its batch-mates, and
+    matches attention written out in float64."""
+    monkeypatch.setattr(cpu_kernels, "ATTEND_BLOCK", 16)  # several key blocks per row, rows with different counts
+    starts = [0, 37, 50, 12, 52]
+    q, k, v = inputs(len(starts), 8, 2, 1, 53, head_dim, dtype=dtype, seed=3)
+    got = cpu_kernels.attend_to_rows(q, k, v, starts)
+    for i, s in enumerate(starts):
+        alone = cpu_kernels.attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+        assert torch.equal(got[i:i + 1], alone), f"row {i}"
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got[i:i + 1], reference(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]).to(dtype),
+                                   atol=tol, rtol=tol)
+    # Other batch-mates (another order, other lengths) leave a row's bits alone.
+    again = cpu_kernels.attend_to_rows(q[[3, 1]], k[[3, 1]], v[[3, 1]], [starts[3], 1])
+    assert torch.equal(again[0], got[3])
+    torch.testing.assert_close(ops.attend_to_rows_ref(q, k, v, starts), got, atol=0, rtol=0)
+
+
+def test_attend_to_rows_with_a_bf16_cache_and_bad_starts():
+    starts = [3, 0]
+    q, k, v = inputs(2, 4, 2, 1, 40, 32, dtype=torch.float32, seed=4)
+    k, v = k.bfloat16(), v.bfloat16()
+    got = cpu_kernels.attend_to_rows(q, k, v, starts)
+    for i, s in enumerate(starts):
+        assert torch.equal(got[i:i + 1], cpu_kernels.attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]))
+    with pytest.raises(ValueError, match="starts"):
+        cpu_kernels.attend_to_rows(q, k, v, [0, 40])

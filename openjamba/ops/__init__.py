@@ -40,6 +40,7 @@ __all__ = [
     "attend_to_all",
     "attend_to_all_sdpa",
     "attend_to_rows",
+    "attend_to_rows_ref",
     "backend_for",
     "causal_conv1d",
     "causal_conv1d_ref",
@@ -157,9 +158,14 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 def attend_to_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> torch.Tensor:
-    """A decode step over rows of their own lengths: row i's query (heads, 1, hd) sees keys starts[i]: only, through
-    `attend_to_all` one row at a time, so a short row never pays for the columns of a long one (and gets exactly
-    what it gets decoding alone)."""
+    """A decode step over rows of their own lengths: row i's query (heads, 1, hd) sees keys starts[i]: only, so a
+    short row never pays for the columns of a long one, and gets exactly what it gets decoding alone."""
+    fn = _op(q.device, "attend_to_rows") or attend_to_rows_ref
+    return fn(q, k, v, starts)
+
+
+def attend_to_rows_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """`attend_to_all` one row at a time over its own keys: the reference of `attend_to_rows`."""
     return torch.cat([attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]) for i, s in enumerate(starts)])
 
 

@@ -135,7 +135,7 @@ class AttendArgs(ctypes.Structure):
 
     _fields_ = _fields("batch kv_heads rows length head_dim block threads q_batch_stride q_head_stride q_row_stride "
                        "k_batch_stride k_head_stride k_token_stride v_batch_stride v_head_stride v_token_stride",
-                       "", "q k v out")
+                       "", "q k v out starts")
 
 
 class MambaStepArgs(ctypes.Structure):

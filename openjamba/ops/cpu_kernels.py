@@ -291,25 +291,46 @@ def attend_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """Same contract as `ops.attention.attend_to_all_sdpa`; reads each K/V row once for all the query heads sharing
     it, split into key blocks over threads. K/V in fp32 or fp64 (with q alike), or bf16 (q any float type, computed
     in fp32: a bf16 model's cache is read at half the bytes). Autograd and other dtypes go to the SDPA version."""
-    batch, heads, length, head_dim = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
+    if not _attend_supported(q, k, v):
+        return attend_to_all_sdpa(q, k, v)
+    return _attend(q, k, v, None, q.shape[0] * k.shape[2])
+
+
+@eager_under_compile
+def attend_to_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """Same contract as `ops.attend_to_rows_ref` in one call: batch row i sees keys starts[i]: only, each row's
+    result bit for bit what `attend_to_all` gives it alone (its key blocks are counted from its own start)."""
+    if len(starts) != q.shape[0] or not all(0 <= s < k.shape[2] for s in starts):
+        raise ValueError(f"attend_to_rows: starts {starts} do not fit {q.shape[0]} rows of {k.shape[2]} keys")
+    if not _attend_supported(q, k, v):
+        return torch.cat([attend_to_all_sdpa(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+                          for i, s in enumerate(starts)])
+    keys = k.shape[2] * len(starts) - sum(starts)
+    return _attend(q, k, v, torch.tensor(starts, dtype=torch.int64), keys)
+
+
+def _attend_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     bf16_cache = k.dtype == v.dtype == torch.bfloat16
     same_float = q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float64)
-    supported = keys > 0 and (bf16_cache or same_float)
-    if not supported or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return attend_to_all_sdpa(q, k, v)
+    return k.shape[2] > 0 and (bf16_cache or same_float) and not _needs_grad(q, k, v)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor | None, keys: int) -> torch.Tensor:
+    """attend_to_all.cpp over k, v (B, kv_heads, S, hd); `keys`: the keys all rows see together (for threading)."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
     dtype = _compute_dtype(q)
     # (B, heads, T, hd) -> (B, kv_heads, group * T, hd): the query rows of each K/V head
     rows = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
     rows, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, k, v))
     out = torch.empty(rows.shape, dtype=dtype)
     (qb, qh, qr, _), (kb, kh, kt, _), (vb, vh, vt, _) = rows.stride(), k.stride(), v.stride()
-    args = make_args(AttendArgs, batch=batch, kv_heads=kv_heads, rows=rows.shape[2], length=keys, head_dim=head_dim,
-                     block=ATTEND_BLOCK, threads=_threads(batch * heads * length * keys * head_dim),
+    args = make_args(AttendArgs, batch=batch, kv_heads=kv_heads, rows=rows.shape[2], length=k.shape[2],
+                     head_dim=head_dim, block=ATTEND_BLOCK, threads=_threads(heads * length * keys * head_dim),
                      q_batch_stride=qb, q_head_stride=qh, q_row_stride=qr, k_batch_stride=kb, k_head_stride=kh,
                      k_token_stride=kt, v_batch_stride=vb, v_head_stride=vh, v_token_stride=vt,
-                     q=rows, k=k, v=v, out=out)
-    call("attend_to_all_bf16" if bf16_cache else "attend_to_all", dtype, args)
+                     q=rows, k=k, v=v, out=out, starts=starts)
+    call("attend_to_all_bf16" if k.dtype == torch.bfloat16 else "attend_to_all", dtype, args)
     return out.reshape(batch, heads, length, head_dim).to(q.dtype)
 
 

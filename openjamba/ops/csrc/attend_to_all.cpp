@@ -4,6 +4,8 @@
 //   k, v: (batch, kv_heads, length, head_dim)  any batch/head/token strides (a view of the cache buffer); in the
 //         compute type, or bf16 (a bf16 model's cache: half the bytes to read, widened exactly on load)
 //   out: (batch, kv_heads, rows, head_dim) contiguous
+//   starts: null (every batch row sees all `length` keys), or per batch row the first key it sees (a serving batch
+//         of rows with their own lengths, right-aligned in one buffer: row b's keys are [starts[b], length))
 //   out_r = sum_t softmax_t(q_r . k_t / sqrt(head_dim)) v_t
 //
 // A decode step should be bound by reading the cache (4 flops per 8 bytes of K/V per query row), so the cache is
@@ -11,6 +13,7 @@
 // `block` tokens, and each (batch, head, block) work item computes the scores of all its rows into a small buffer,
 // their exponentials against each row's block maximum, and the exp-weighted sums of the block's V rows. A second
 // pass merges the blocks of each (batch, head) by their maxima and sums. Blocks give the threads work at batch 1.
+// A batch row's blocks are counted from its own first key, so its result is bit for bit the one it gets alone.
 // With AVX2, fp32 and head sizes that are multiples of 16 use intrinsics (the *_avx2 functions), which load each
 // K and V row once for all the query rows; every other case uses plain vectorisable loops, row by row.
 
@@ -34,6 +37,7 @@ struct AttendArgs {
   int64_t k_batch_stride, k_head_stride, k_token_stride;
   int64_t v_batch_stride, v_head_stride, v_token_stride;
   void *q, *k, *v, *out;
+  const int64_t* starts;
 };
 
 // One block's partial result for every row of its head: max score, sum of exponentials, weighted V sum.
@@ -234,8 +238,11 @@ void attend_block(const AttendArgs& a, int64_t b, int64_t h, int64_t t0, int64_t
 
 template <typename T, typename KV>
 void attend(const AttendArgs& a) {
-  const int64_t R = a.rows, hd = a.head_dim;
-  const int64_t blocks = (a.length + a.block - 1) / a.block, heads = a.batch * a.kv_heads;
+  const int64_t R = a.rows, hd = a.head_dim, heads = a.batch * a.kv_heads;
+  auto start = [&](int64_t b) { return a.starts ? a.starts[b] : int64_t(0); };
+  auto blocks_of = [&](int64_t b) { return (a.length - start(b) + a.block - 1) / a.block; };
+  int64_t blocks = 0;  // of the longest row
+  for (int64_t b = 0; b < a.batch; ++b) blocks = std::max(blocks, blocks_of(b));
   // Partials of every (batch, head, block): [heads][blocks] x (max [R], sum [R], acc [R][hd]).
   std::vector<T> partials(heads * blocks * R * (hd + 2));
   auto partial = [&](int64_t bh, int64_t blk) {
@@ -247,22 +254,23 @@ void attend(const AttendArgs& a) {
     std::vector<T> buffer;  // one block's scores, per thread
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < heads * blocks; ++item) {
-      const int64_t bh = item / blocks, blk = item % blocks;
-      const int64_t t0 = blk * a.block, t1 = std::min(a.length, t0 + a.block);
-      attend_block<T, KV>(a, bh / a.kv_heads, bh % a.kv_heads, t0, t1, partial(bh, blk), buffer);
+      const int64_t bh = item / blocks, blk = item % blocks, b = bh / a.kv_heads;
+      const int64_t t0 = start(b) + blk * a.block, t1 = std::min(a.length, t0 + a.block);
+      if (t0 < t1) attend_block<T, KV>(a, b, bh % a.kv_heads, t0, t1, partial(bh, blk), buffer);
     }
   }
   // Merge: out_r = sum_blk e^(max_blk - M) acc_blk / sum_blk e^(max_blk - M) sum_blk, M the largest block maximum.
 #pragma omp parallel for num_threads(std::min<int64_t>(a.threads, heads)) schedule(static)
   for (int64_t bh = 0; bh < heads; ++bh) {
+    const int64_t own_blocks = blocks_of(bh / a.kv_heads);
     T* out = static_cast<T*>(a.out) + bh * R * hd;
     for (int64_t r = 0; r < R; ++r) {
       T m = -std::numeric_limits<T>::infinity();
-      for (int64_t blk = 0; blk < blocks; ++blk) m = std::max(m, partial(bh, blk).max[r]);
+      for (int64_t blk = 0; blk < own_blocks; ++blk) m = std::max(m, partial(bh, blk).max[r]);
       T total = 0;
       T* o = out + r * hd;
       std::fill(o, o + hd, T(0));
-      for (int64_t blk = 0; blk < blocks; ++blk) {
+      for (int64_t blk = 0; blk < own_blocks; ++blk) {
         const Partial<T> p = partial(bh, blk);
         const T w = Math<T>::exp_scaled(p.max[r] - m);
         total += w * p.sum[r];
