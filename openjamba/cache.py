@@ -87,8 +87,12 @@ class KVCache:
         rows = self.k.shape[0]
         for name in ("k", "v"):
             mine, theirs = getattr(self, name), getattr(other, name)
-            joined = mine.new_zeros(rows + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+            # Each element written once: the padding columns zeroed (a masked key must hold a finite value), the
+            # used ones copied; the headroom after `columns` is written by `append` before it is ever read.
+            joined = mine.new_empty(rows + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+            joined[:rows, :, :columns - used].zero_()
             joined[:rows, :, columns - used:columns] = mine[:, :, :used]
+            joined[rows:, :, :columns - other_used].zero_()
             joined[rows:, :, columns - other_used:columns] = theirs[:, :, :other_used]
             setattr(self, name, joined)
 

@@ -270,6 +270,63 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
     assert sum(v for k, v in order[start:end] if k == "prefill") == len(long_prompt)  # 8 chunks, interleaved
 
 
+def test_a_prefilled_row_joins_the_batch_in_the_iteration_after_its_last_chunk(model, monkeypatch):
+    """The iteration that runs a prompt's last chunk does only that chunk and the step: the new row joins the batch
+    (`add_rows`) at the start of the next one, and its outputs still equal `generate`."""
+    from openjamba.cache import HybridCache
+
+    vocab, chunk = model.config.vocab_size, 8
+    short, long_prompt = prompts_of([4], vocab, seed=15)[0], prompts_of([30], vocab, seed=16)[0]
+    sink = Collector()
+    forward, add_rows = model.forward, HybridCache.add_rows
+
+    def logged_forward(input_ids, *args, **kwargs):
+        with sink.done:
+            sink.order.append(("prefill" if input_ids.shape[1] > 1 else "step", input_ids.shape[0]))
+        return forward(input_ids, *args, **kwargs)
+
+    def logged_add_rows(self, other):
+        with sink.done:
+            sink.order.append(("add_rows", other.batch_size))
+        return add_rows(self, other)
+
+    monkeypatch.setattr(model, "forward", logged_forward)
+    monkeypatch.setattr(HybridCache, "add_rows", logged_add_rows)
+    with Engine(model, prefill_chunk=chunk, reuse=False) as engine:
+        first = engine.submit(short, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), sink)
+        with sink.done:
+            assert sink.done.wait_for(lambda: len(sink.tokens.get(first, [])) >= 2, TIMEOUT)
+        second = engine.submit(long_prompt, GREEDY, sink)
+        sink.wait([first, second])
+    order = sink.order
+    joined = order.index(("add_rows", 1))
+    last_chunk = max(i for i, e in enumerate(order[:joined]) if e[0] == "prefill")
+    between = [kind for kind, _ in order[last_chunk + 1:joined]]
+    assert "step" in between and "prefill" not in between, order  # a step over the old batch came in between
+    assert order[last_chunk + 1:joined].count(("token", second)) == 1  # its first token was sent at once
+    assert sink.tokens[second] == solo_generate(model, long_prompt, 8, chunk=chunk)
+    assert sink.tokens[first] == solo_generate(model, short, 12, chunk=chunk)
+
+
+def test_a_request_cancelled_while_joining_leaves_no_row(model):
+    """Cancelled between its last prefill chunk and its joining, a request finishes "cancelled" and never joins."""
+    engine = Engine(model, prefill_chunk=64)  # driven by hand: no loop thread
+    sink = Collector()
+    ids = [engine.submit(p, GREEDY, sink) for p in prompts_of([5, 9], model.config.vocab_size, seed=17)]
+    with torch.inference_mode():
+        engine._admit()
+        engine._prefill_some()
+        assert engine.stats()["running"] == 2 and engine._batch is None  # both prefilled, both joining
+        engine._apply_cancels({ids[0]})
+        engine._join()
+        engine._decode()
+    assert sink.finish[ids[0]].reason == "cancelled" and len(sink.tokens[ids[0]]) == 1
+    assert engine._batch.batch_size == 1 and [r.id for r in engine._running] == [ids[1]]
+    assert sink.tokens[ids[1]] == solo_generate(model, prompts_of([5, 9], model.config.vocab_size, seed=17)[1], 2, 64)
+    engine.stop()
+    assert sink.finish[ids[1]].reason == "cancelled" and engine._batch is None
+
+
 def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(model, monkeypatch):
     from openjamba.serve import engine as engine_module
 

@@ -7,10 +7,11 @@ Each iteration of the loop
   3. prefills admitted prompts, oldest first, at most `prefill_chunk` tokens per iteration in all (and no more
      than `step_token_budget` less one per running row), so a long prompt delays the running streams by one chunk
      per step, not by its whole length (prompts that start from nothing and fit the budget together go through
-     one left-padded forward); a prompt whose prefill is done samples its first token and its row joins the
-     running batch (`HybridCache.add_rows`: rows keep their own lengths),
-  4. runs one decode step for all running rows, samples each row with its own parameters and generator, and
-     retires the rows that finished.
+     one left-padded forward); a prompt whose prefill is done samples its first token at once, and its row joins
+     the running batch at the start of the next iteration (`HybridCache.add_rows`: rows keep their own lengths),
+     so the iteration that runs a prompt's last chunk does no more than any other: one chunk and one step,
+  4. runs one decode step for all running rows, samples all rows in one pass (serve/sampling.py), each with its
+     own parameters and generator, and retires the rows that finished.
 
 Events go to each request's `on_event` callback, called from the engine thread: a `TokenEvent` per generated
 token (a finishing stop token included), then one `FinishEvent`. A failure inside a step finishes the requests it
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import HybridCache, RowState
-from ..generate import decode_step, prefill, sample_next
+from ..generate import decode_step, prefill
+from .sampling import RowSampling, Sampled, sample_rows
 from .state_store import StateStore
 
 
@@ -99,6 +101,7 @@ class _Request:
     keep_at: list[int] = field(default_factory=list)  # prompt positions to keep the state at, ascending
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     admitted: float | None = None  # time.monotonic() when it left the queue
+    sampling: RowSampling | None = None  # its sampling settings and generator, set when admitted
 
 
 class Engine:
@@ -146,6 +149,7 @@ class Engine:
         # Owned by the engine thread:
         self._prefilling: list[_Request] = []
         self._running: list[_Request] = []  # row i of self._batch is self._running[i]
+        self._joining: list[tuple[list[_Request], HybridCache]] = []  # prefilled rows joining at the next iteration
         self._batch: HybridCache | None = None
         self._counters = dict(generated_tokens_total=0, prompt_tokens_total=0, cached_prompt_tokens_total=0,
                               queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
@@ -232,8 +236,8 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
         batch = self._batch
-        return dict(running=len(self._running), prefilling=len(self._prefilling), waiting=waiting,
-                    **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
+        return dict(running=len(self._running) + self._joining_count(), prefilling=len(self._prefilling),
+                    waiting=waiting, **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
                     store_max_bytes=self.store.max_bytes, batch_cache_bytes=batch.nbytes() if batch else 0)
 
     def export_state(self, tokens: list[int]) -> dict[str, torch.Tensor] | None:
@@ -311,16 +315,20 @@ class Engine:
                 try:
                     self._apply_cancels(cancels)
                     self._admit()
+                    self._join()
                     self._prefill_some()
                     self._decode()
                 except Exception as err:  # noqa: BLE001 - a failure outside a step: fail what is in flight, go on
-                    requests = self._prefilling + self._running
-                    self._prefilling, self._running, self._batch = [], [], None
+                    requests = self._prefilling + self._running + [r for rs, _ in self._joining for r in rs]
+                    self._prefilling, self._running, self._joining, self._batch = [], [], [], None
                     self._fail(requests, err)
             self._shutdown()
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running or self._cancels)
+        return bool(self._waiting or self._prefilling or self._running or self._joining or self._cancels)
+
+    def _joining_count(self) -> int:
+        return sum(len(requests) for requests, _ in self._joining)
 
     def _apply_cancels(self, ids: set[int]) -> None:
         if not ids:
@@ -336,11 +344,20 @@ class Engine:
         rows = [i for i, r in enumerate(self._running) if r.id in ids]
         cancelled = [self._running[i] for i in rows]
         self._remove_rows(rows)
+        for requests, cache in list(self._joining):
+            gone = [i for i, r in enumerate(requests) if r.id in ids]
+            if gone:
+                cancelled += [requests[i] for i in gone]
+                requests[:] = [r for i, r in enumerate(requests) if i not in gone]
+                if requests:
+                    cache.remove_rows(gone)
+                else:
+                    self._joining.remove((requests, cache))
         for request in cancelled:
             self._finish(request, "cancelled")
 
     def _admit(self) -> None:
-        while len(self._prefilling) + len(self._running) < self.max_running:
+        while len(self._prefilling) + len(self._running) + self._joining_count() < self.max_running:
             with self._lock:
                 if not self._waiting:
                     return
@@ -358,8 +375,9 @@ class Engine:
         """Its generator, and its one-row cache: from the longest stored state its prompt extends, or empty."""
         p = request.params
         if p.temperature > 0:
-            request.generator = torch.Generator(device=self.model.device)
+            request.generator = torch.Generator()  # on the host: one uniform number per token (serve/sampling.py)
             request.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        request.sampling = RowSampling(p.temperature, p.top_k, p.top_p, request.generator, p.logprobs)
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
         found = self.store.lookup(request.prompt) if self.reuse else None
@@ -434,11 +452,12 @@ class Engine:
                 self._keep(request.prompt, cache, i, logits[i])
             self._start_decoding(group, cache, logits)
         except Exception as err:  # noqa: BLE001
-            self._fail([r for r in group if r not in self._running], err)
+            self._fail([r for r in group if not r.output], err)  # the others have had their first token
         return width * len(group)
 
     def _start_decoding(self, requests: list[_Request], cache: HybridCache, logits: torch.Tensor) -> None:
-        """Sample each prompt's first token from its logits (B, V); the rows not finished by it join the batch."""
+        """Sample each prompt's first token from its logits (B, V); the rows not finished by it join the batch at the
+        next iteration (`_join`)."""
         sampled = self._sample(requests, logits)
         done = {}
         for i, (request, token) in enumerate(zip(requests, sampled)):
@@ -449,13 +468,23 @@ class Engine:
         if len(done) < len(requests):
             if done:
                 cache.remove_rows(list(done))
-            if self._batch is None:
-                self._batch = cache
-            else:
-                self._batch.add_rows(cache)
-            self._running.extend(r for i, r in enumerate(requests) if i not in done)
+            self._joining.append(([r for i, r in enumerate(requests) if i not in done], cache))
         for i, reason in done.items():
             self._finish(requests[i], reason)
+
+    def _join(self) -> None:
+        """The rows whose prefill finished in the previous iteration join the running batch."""
+        joining, self._joining = self._joining, []
+        for requests, cache in joining:
+            try:
+                if self._batch is None:
+                    self._batch = cache
+                else:
+                    self._batch.add_rows(cache)
+            except Exception as err:  # noqa: BLE001 - these rows cannot join; the batch is untouched
+                self._fail(requests, err)
+                continue
+            self._running.extend(requests)
 
     def _decode(self) -> None:
         if not self._running:
@@ -491,25 +520,9 @@ class Engine:
             self._batch.remove_rows(rows)
 
     # ------------------------------------------------------------------ sampling and events
-    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> list[tuple[int, float | None, list | None]]:
-        """One (token, logprob, top logprobs) per row of logits (B, V); greedy rows in one argmax."""
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, request in enumerate(requests):
-            p = request.params
-            if p.temperature > 0:
-                token = int(sample_next(logits[i:i + 1], True, p.temperature, p.top_k or None,
-                                        p.top_p if p.top_p < 1 else None, request.generator)[0])
-            else:
-                token = greedy[i]
-            logprob = top = None
-            if p.logprobs is not None:
-                logprobs = torch.log_softmax(logits[i].float(), dim=-1)
-                logprob = float(logprobs[token])
-                values, ids = logprobs.topk(min(p.logprobs, logprobs.shape[0]))
-                top = list(zip(ids.tolist(), values.tolist()))
-            out.append((token, logprob, top))
-        return out
+    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> list[Sampled]:
+        """One (token, logprob, top logprobs) per row of logits (B, V), all rows in one batched pass."""
+        return sample_rows(logits, [r.sampling for r in requests])
 
     def _emit(self, request: _Request, sampled: tuple) -> str | None:
         """Send a token; the finish reason if the request is done with it, else None."""
@@ -554,6 +567,7 @@ class Engine:
         with self._lock:
             pending = list(self._waiting)
             self._waiting.clear()
-        for request in pending + self._prefilling + self._running:
+        joining = [r for requests, _ in self._joining for r in requests]
+        for request in pending + self._prefilling + joining + self._running:
             self._finish(request, "cancelled", "the engine stopped")
-        self._prefilling, self._running, self._batch = [], [], None
+        self._prefilling, self._running, self._joining, self._batch = [], [], [], None
