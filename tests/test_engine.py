@@ -92,6 +92,33 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward_and_equal_genera
         assert sink.tokens[i] == solo_generate(model, prompt, 8, chunk=512)
 
 
+def test_prompts_resumed_from_stored_states_with_as_many_tokens_left_share_one_forward(model):
+    """Requests extending stored states (a shared system prompt, here two of its lengths) by the same number of
+    tokens are prefilled in one forward of their joined caches, and equal `generate`."""
+    vocab = model.config.vocab_size
+    system, more = prompts_of([20, 6], vocab, seed=18)
+    suffixes = prompts_of([7, 7, 7], vocab, seed=19)
+    prompts = [system + suffixes[0], system + suffixes[1], system + more + suffixes[2]]
+    sink = Collector()
+    shapes = []
+    forward = model.forward
+    model.forward = lambda input_ids, *a, **k: (shapes.append(tuple(input_ids.shape)), forward(input_ids, *a, **k))[1]
+    try:
+        with Engine(model) as engine:
+            for stored in (system, system + more):
+                sink.wait([engine.submit(stored, SamplingParams(max_tokens=1, temperature=0), sink)])
+            shapes.clear()
+            with engine._lock:  # all three queued before the loop looks: one iteration admits them together
+                ids = [engine.submit(p, GREEDY, sink) for p in prompts]
+            sink.wait(ids)
+    finally:
+        del model.forward
+    assert shapes[0] == (3, 7)  # the three resumed prompts' 7 new tokens each, in one forward
+    assert [sink.finish[i].cached_tokens for i in ids] == [20, 20, 26]
+    for prompt, i in zip(prompts, ids):
+        assert sink.tokens[i] == solo_generate(model, prompt, 8, chunk=512)
+
+
 def test_32_concurrent_greedy_requests_equal_each_alone(model):
     prompts = prompts_of([3 + 3 * i for i in range(32)], model.config.vocab_size, seed=1)
     with Engine(model, prefill_chunk=32, reuse=False) as engine:

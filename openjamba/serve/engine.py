@@ -6,10 +6,11 @@ Each iteration of the loop
      state its prompt extends (serve/state_store.py) on a one-row cache of its own,
   3. prefills admitted prompts, oldest first, at most `prefill_chunk` tokens per iteration in all (and no more
      than `step_token_budget` less one per running row), so a long prompt delays the running streams by one chunk
-     per step, not by its whole length (prompts that start from nothing and fit the budget together go through
-     one left-padded forward); a prompt whose prefill is done samples its first token at once, and its row joins
-     the running batch at the start of the next iteration (`HybridCache.add_rows`: rows keep their own lengths),
-     so the iteration that runs a prompt's last chunk does no more than any other: one chunk and one step,
+     per step, not by its whole length (prompts that fit the budget together go through one forward: from
+     nothing, left-padded, or from stored states with as many tokens left); a prompt whose prefill is done
+     samples its first token at once, and its row joins the running batch at the start of the next iteration
+     (`HybridCache.add_rows`: rows keep their own lengths), so the iteration that runs a prompt's last chunk does
+     no more than any other: one chunk and one step,
   4. runs one decode step for all running rows, samples all rows in one pass (serve/sampling.py), each with its
      own parameters and generator, and retires the rows that finished.
 
@@ -422,30 +423,33 @@ class Engine:
                 self._fail([request], err)
 
     def _prefill_together(self, budget: int) -> int:
-        """Prefill the oldest prompts that start from nothing and fit in `budget` all at once, in one forward of a
-        left-padded batch (many short prompts arriving together: one pass over the weights, not one each).
-        Returns the tokens spent (padding included), 0 if fewer than two such prompts are first in line."""
-        group, width = [], 0
-        for request in self._prefilling:
-            if request.prefilled > 0 or request.keep_at:
-                break
-            wider = max(width, len(request.prompt))
-            if wider * (len(group) + 1) > budget:
-                break
-            group.append(request)
-            width = wider
+        """Prefill the oldest prompts that fit in `budget` all at once, in one forward (many prompts arriving
+        together: one pass over the weights, not one each): prompts that start from nothing as a left-padded batch,
+        or prompts resumed from stored states (a shared system prompt) with the same number of tokens left, their
+        one-row caches joined (`add_rows`). Returns the tokens spent (padding included), 0 if fewer than two such
+        prompts are first in line."""
+        group = self._together(budget)
         if len(group) < 2:
             return 0
+        fresh = group[0].prefilled == 0
+        width = max(len(r.prompt) - r.prefilled for r in group)
         for request in group:
             self._prefilling.remove(request)
-            request.cache = None
         try:
-            ids = torch.zeros(len(group), width, dtype=torch.long)  # (B, width), prompts right-aligned
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for i, request in enumerate(group):
-                ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
-                mask[i, width - len(request.prompt):] = 1
-            cache = self.model.make_cache(len(group), kv_dtype=self.kv_dtype)
+            if fresh:  # (B, width), prompts right-aligned after their padding
+                ids = torch.zeros(len(group), width, dtype=torch.long)
+                mask = torch.zeros(len(group), width, dtype=torch.long)
+                for i, request in enumerate(group):
+                    ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
+                    mask[i, width - len(request.prompt):] = 1
+                cache = self.model.make_cache(len(group), kv_dtype=self.kv_dtype)
+            else:  # (B, width): every row has `width` tokens left, so no padding goes into a running state
+                ids, mask = torch.tensor([r.prompt[r.prefilled:] for r in group]), None
+                cache = group[0].cache
+                for request in group[1:]:
+                    cache.add_rows(request.cache)
+            for request in group:
+                request.cache = None
             logits = prefill(self.model, ids, cache, chunk_size=width, attention_mask=mask)
             for i, request in enumerate(group):
                 request.prefilled = len(request.prompt)
@@ -454,6 +458,22 @@ class Engine:
         except Exception as err:  # noqa: BLE001
             self._fail([r for r in group if not r.output], err)  # the others have had their first token
         return width * len(group)
+
+    def _together(self, budget: int) -> list[_Request]:
+        """The oldest prefilling requests that `_prefill_together` can run as one batch within `budget` tokens."""
+        group: list[_Request] = []
+        width = 0
+        for request in self._prefilling:
+            rest = len(request.prompt) - request.prefilled
+            fresh = request.prefilled == 0
+            if request.keep_at or (group and fresh != (group[0].prefilled == 0)) or (group and not fresh and
+                                                                                      rest != width):
+                break
+            if max(width, rest) * (len(group) + 1) > budget:
+                break
+            group.append(request)
+            width = max(width, rest)
+        return group
 
     def _start_decoding(self, requests: list[_Request], cache: HybridCache, logits: torch.Tensor) -> None:
         """Sample each prompt's first token from its logits (B, V); the rows not finished by it join the batch at the
