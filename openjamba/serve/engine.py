@@ -466,8 +466,9 @@ class Engine:
         for request in self._prefilling:
             rest = len(request.prompt) - request.prefilled
             fresh = request.prefilled == 0
-            if request.keep_at or (group and fresh != (group[0].prefilled == 0)) or (group and not fresh and
-                                                                                      rest != width):
+            if rest == 0 or request.keep_at:  # nothing left to read (its stored logits suffice), or stops to make
+                break
+            if group and (fresh != (group[0].prefilled == 0) or not fresh and rest != width):
                 break
             if max(width, rest) * (len(group) + 1) > budget:
                 break
