@@ -13,7 +13,7 @@
 //
 // Batch invariance: every output y[m][j] is summed in the same order whatever the number of rows, the tile it falls
 // in and the number of threads: one vector accumulator over k (lane l takes k = l, l + lanes, ... in order), its
-// lanes added left to right, then the scalar tail in order, then the bias. So a row's output bits do not depend on
+// lanes added in a fixed tree, then the scalar tail in order, then the bias. So a row's output bits do not depend on
 // the other rows of the call (a request decodes the same tokens alone or in a batch) nor on the thread count.
 
 #include <algorithm>
@@ -43,11 +43,28 @@ inline typename Vec<T>::type load(const T* p) {
   return v;
 }
 
+// The sum of a vector's N lanes as a fixed tree: the upper half added to the lower, lane by lane, until one lane is
+// left (four vector adds for 16 lanes, where a scalar loop takes 16 extracts and 16 dependent adds).
+template <typename T, int N>
+struct Half {
+  typedef T type __attribute__((vector_size(N * sizeof(T) / 2)));
+};
+
+template <typename T, int N, typename V>
+inline T tree_sum(V v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    typename Half<T, N>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return tree_sum<T, N / 2>(lo + hi);
+  }
+}
+
 template <typename T>
 inline T hsum(typename Vec<T>::type v) {
-  T s = T(0);
-  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
-  return s;
+  return tree_sum<T, Vec<T>::lanes>(v);
 }
 
 // y[m][js[r]] for r < nr (nr <= R) and m < M: rows js[0..nr) of W against M rows of x.
