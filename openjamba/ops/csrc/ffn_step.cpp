@@ -24,8 +24,9 @@ namespace {
 
 using namespace openjamba;
 
-constexpr int WROWS = 4;  // weight rows per inner step (four streams keep the prefetchers busy)
-constexpr int XROWS = 4;  // rows of x per pass over those weight rows (the rest of an expert's rows: more passes)
+constexpr int WROWS_ONE = 8;  // weight rows per step for one row of x (eight sequential streams)
+constexpr int WROWS = 4;      // weight rows per step for several rows of x
+constexpr int XROWS = 4;      // rows of x per tile (the rest of an expert's rows: more tiles over the same weights)
 
 struct FfnStepArgs {
   int64_t rows, hidden, inner, experts, top_k, threads, x_stride, expert_stride, down_stride;
@@ -46,40 +47,45 @@ inline typename Vec<T>::type load(const T* p) {
   return v;
 }
 
-// out[m][r] = w_r . x_m for nr <= WROWS weight rows (row stride n) and M x rows, all of length n. Each sum is one
-// chain of vector multiply-adds, then the lanes in order, then the scalar tail: the same for every M.
-template <typename T, int M>
-inline void dots(const T* const* x, const T* w, int64_t n, int nr, T out[XROWS][WROWS]) {
+// emit(m, js[r], w_js[r] . x_m) for r < nr <= R weight rows (row length n) and M rows of x. Each sum is one chain
+// of vector multiply-adds over k, then its lanes in order, then the scalar tail: the same whatever R, M and nr.
+template <typename T, int R, int M, typename Emit>
+inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  V acc[WROWS][M] = {};
-  const T* wr[WROWS];
-  for (int r = 0; r < WROWS; ++r) wr[r] = w + std::min(r, nr - 1) * n;  // a short block repeats its last row
+  V acc[R][M] = {};
+  const T* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + js[std::min(r, nr - 1)] * n;  // a short tile repeats its last row
   const int64_t vec_end = n / L * L;
   for (int64_t k = 0; k < vec_end; k += L) {
-    V xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = load(x[m] + k);
-    for (int r = 0; r < WROWS; ++r) {
-      const V wv = load(wr[r] + k);
-      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load(wr[r] + k);
+    for (int m = 0; m < M; ++m) {
+      const V xv = load(x[m] + k);
+      for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
     }
   }
-  for (int r = 0; r < WROWS; ++r)
+  for (int r = 0; r < nr; ++r)
     for (int m = 0; m < M; ++m) {
       T s = T(0);
       for (int i = 0; i < L; ++i) s += acc[r][m][i];
       for (int64_t k = vec_end; k < n; ++k) s += wr[r][k] * x[m][k];
-      out[m][r] = s;
+      emit(m, js[r], s);
     }
 }
 
-template <typename T>
-inline void dots_any(int M, const T* const* x, const T* w, int64_t n, int nr, T out[XROWS][WROWS]) {
-  switch (M) {
-    case 1: return dots<T, 1>(x, w, n, nr, out);
-    case 2: return dots<T, 2>(x, w, n, nr, out);
-    case 3: return dots<T, 3>(x, w, n, nr, out);
-    default: return dots<T, 4>(x, w, n, nr, out);
+// Rows [j0, j1) of matrix w (row length n) against M rows of x. The R rows of a tile come from R consecutive
+// stretches of the span, one row further into each at every tile, so each of the R streams reads w sequentially.
+template <typename T, int M, typename Emit>
+void span(const T* const* x, const T* w, int64_t n, int64_t j0, int64_t j1, Emit& emit) {
+  constexpr int R = M == 1 ? WROWS_ONE : WROWS;
+  const int64_t stretch = (j1 - j0 + R - 1) / R;
+  for (int64_t t = 0; t < stretch; ++t) {
+    int64_t js[R];
+    int nr = 0;
+    for (int r = 0; r < R; ++r)
+      if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
+    tile<T, R, M>(x, w, n, js, nr, emit);
   }
 }
 
@@ -129,34 +135,36 @@ void route(const FfnStepArgs& a, int64_t K, std::vector<int64_t>& index, std::ve
   }
 }
 
-// Work items: [begin, end) output rows of one group's matrix, in multiples of WROWS.
+// Work items: [begin, end) output rows of one group's matrix, in multiples of WROWS_ONE.
 struct Item {
   int64_t group, begin, end;
 };
 
 std::vector<Item> split(int64_t groups, int64_t rows_per_group, int64_t threads) {
-  const int64_t blocks = (rows_per_group + WROWS - 1) / WROWS;
+  const int64_t blocks = (rows_per_group + WROWS_ONE - 1) / WROWS_ONE;
   const int64_t per_group = threads == 1 ? 1 : std::max<int64_t>(1, std::min(blocks, 8 * threads / groups));
   std::vector<Item> items;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i)
-      items.push_back({g, std::min(rows_per_group, blocks * i / per_group * WROWS),
-                       std::min(rows_per_group, blocks * (i + 1) / per_group * WROWS)});
+      items.push_back({g, std::min(rows_per_group, blocks * i / per_group * WROWS_ONE),
+                       std::min(rows_per_group, blocks * (i + 1) / per_group * WROWS_ONE)});
   return items;
 }
 
-// Rows [j0, j1) of matrix w (rows of length n) against the vectors xs[0..count): y[s][j] for each vector s.
+// Rows [j0, j1) of matrix w (row length n) against the vectors xs: emit(s, j, w_j . xs[s]) for each vector s. A
+// group of up to XROWS vectors passes over the rows at once; more vectors, more passes (the span's weights are then
+// read again from cache, not from memory).
 template <typename T, typename Emit>
 void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const std::vector<const T*>& xs, Emit emit) {
-  T out[XROWS][WROWS];
   const int64_t count = static_cast<int64_t>(xs.size());
-  for (int64_t j = j0; j < j1; j += WROWS) {
-    const int nr = static_cast<int>(std::min<int64_t>(WROWS, j1 - j));
-    for (int64_t s0 = 0; s0 < count; s0 += XROWS) {
-      const int M = static_cast<int>(std::min<int64_t>(XROWS, count - s0));
-      dots_any<T>(M, xs.data() + s0, w + j * n, n, nr, out);
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < nr; ++r) emit(s0 + m, j + r, out[m][r]);
+  for (int64_t s0 = 0; s0 < count; s0 += XROWS) {
+    auto shifted = [&](int64_t m, int64_t j, T v) { emit(s0 + m, j, v); };
+    const T* const* x = xs.data() + s0;
+    switch (std::min<int64_t>(XROWS, count - s0)) {
+      case 1: span<T, 1>(x, w, n, j0, j1, shifted); break;
+      case 2: span<T, 2>(x, w, n, j0, j1, shifted); break;
+      case 3: span<T, 3>(x, w, n, j0, j1, shifted); break;
+      default: span<T, 4>(x, w, n, j0, j1, shifted); break;
     }
   }
 }

@@ -12,7 +12,7 @@
 // work is split over threads by channels (conv, state update) and by rows of x_proj; the tiny norms run on one.
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
 //   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
-//   y: (batch, channels);  scratch: (batch, 2 * (rank + 2N) + channels) floats of workspace
+//   y: (batch, channels);  scratch: (batch, rank + 2N + channels) values of workspace
 
 #include <algorithm>
 
@@ -46,6 +46,31 @@ void rms_norm(T* v, const T* weight, int64_t n, double eps) {
   for (int64_t i = 0; i < n; ++i) sum += v[i] * v[i];
   const T scale = T(1) / std::sqrt(sum / T(n) + T(eps));
   for (int64_t i = 0; i < n; ++i) v[i] = v[i] * scale * weight[i];
+}
+
+// Sums of products in lanes, the lanes then added as a tree: a per-channel reduction over a few dozen values
+// (`omp simd reduction` adds the lanes one after another, a chain as long as the lanes, for every channel).
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T>
+inline T tree_sum(T* part) {
+  for (int w = kLanes<T> / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) part[i] += part[i + w];
+  return part[0];
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int L = kLanes<T>;
+  T part[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+#pragma omp simd
+    for (int i = 0; i < L; ++i) part[i] += a[k + i] * b[k + i];
+  T s = tree_sum(part);
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
 }
 
 // Channels [c0, c1) of item i of n, in multiples of W.
@@ -115,17 +140,23 @@ void step(const MambaStepArgs& a) {
       int64_t c0, c1;
       channel_range(D_, items, i, c0, c1);
       for (int64_t c = c0; c < c1; ++c) {
-        const T* wr = dtw + c * R;
-        T pre = dt_bias ? dt_bias[c] : T(0);
-#pragma omp simd reduction(+ : pre)
-        for (int64_t r = 0; r < R; ++r) pre += wr[r] * dt_low[r];
-        const T dt = Math<T>::softplus(pre);
+        const T dt = Math<T>::softplus((dt_bias ? dt_bias[c] : T(0)) + dot(dtw + c * R, dt_low, R));
         const T du = dt * u[c];
         T* hc = h + c * N;
         const T* al = A_log + c * N;
-        T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t n = 0; n < N; ++n) {
+        constexpr int L = kLanes<T>;
+        T part[L] = {};
+        int64_t n0 = 0;
+        for (; n0 + L <= N; n0 += L)
+#pragma omp simd
+          for (int i = 0; i < L; ++i) {
+            const int64_t n = n0 + i;
+            const T hn = exp_of<T>(-dt * exp_of<T>(al[n])) * hc[n] + du * Bv[n];
+            hc[n] = hn;
+            part[i] += Cv[n] * hn;
+          }
+        T acc = tree_sum(part);
+        for (int64_t n = n0; n < N; ++n) {
           const T hn = exp_of<T>(-dt * exp_of<T>(al[n])) * hc[n] + du * Bv[n];
           hc[n] = hn;
           acc += Cv[n] * hn;
