@@ -441,7 +441,7 @@ def mamba_step(
     batch, inner = xz.shape[0], xz.shape[1] // 2
     rank, state = dt_proj_weight.shape[1], A_log.shape[1]
     y = torch.empty(batch, inner, dtype=dtype)
-    scratch = torch.empty(batch, rank + 2 * state + inner, dtype=dtype)
+    scratch = torch.empty(batch, rank + 2 * state + 3 * inner, dtype=dtype)
     # Positional, pointers straight from the tensors (alive in this frame for the call): a third of make_args' cost.
     args = MambaStepArgs(batch, inner, conv_weight.shape[1], rank, state,
                          _threads(batch * inner * (x_proj_weight.shape[0] + state)), xz.stride(0), eps,

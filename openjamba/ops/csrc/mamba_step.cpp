@@ -12,7 +12,7 @@
 // work is split over threads by channels (conv, state update) and by rows of x_proj; the tiny norms run on one.
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
 //   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
-//   y: (batch, channels);  scratch: (batch, rank + 2N + channels) values of workspace
+//   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
 
 #include <algorithm>
 
@@ -98,9 +98,9 @@ void step(const MambaStepArgs& a) {
     T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
     T* h = static_cast<T*>(a.h) + b * D_ * N;
     T* y = static_cast<T*>(a.y) + b * D_;
-    T* proj = static_cast<T*>(a.scratch) + b * (P + D_);  // x_proj's output (dt, B, C)
-    T* u = proj + P;                                      // the conv's output
-    // 1. conv over the window and the new input, then silu; the window moves on by one token.
+    T* proj = static_cast<T*>(a.scratch) + b * (P + 3 * D_);  // x_proj's output (dt, B, C)
+    T* u = proj + P;                                          // the conv's output, then 2 channels of workspace
+    // 1. conv over the window and the new input, then silu (vectorised over channels); the window moves on.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       int64_t c0, c1;
@@ -108,9 +108,10 @@ void step(const MambaStepArgs& a) {
       for (int64_t c = c0; c < c1; ++c) {
         T acc = conv_bias ? conv_bias[c] : T(0);
         for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
-        acc += conv_w[c * K + K - 1] * xz[c];
-        u[c] = silu(acc);
+        u[c] = acc + conv_w[c * K + K - 1] * xz[c];
       }
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
       for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
                                                         window + k * D_ + c0);
       if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
@@ -134,13 +135,22 @@ void step(const MambaStepArgs& a) {
     const T* dt_low = proj;
     const T* Bv = proj + R;
     const T* Cv = proj + R + N;
-    // 4. dt_proj, softplus, state update, skip connection and gate, channel by channel.
+    // 4. dt_proj, softplus, state update, skip connection and gate: the per-channel scalar functions (softplus,
+    // silu) in loops over channels, which vectorise; the state update of each channel over its N states.
+    T* dt_all = u + D_;  // dt per channel, then the state's output C . h
+    T* gate_all = dt_all + D_;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       int64_t c0, c1;
       channel_range(D_, items, i, c0, c1);
+      for (int64_t c = c0; c < c1; ++c) dt_all[c] = (dt_bias ? dt_bias[c] : T(0)) + dot(dtw + c * R, dt_low, R);
+#pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
-        const T dt = Math<T>::softplus((dt_bias ? dt_bias[c] : T(0)) + dot(dtw + c * R, dt_low, R));
+        dt_all[c] = Math<T>::softplus(dt_all[c]);
+        gate_all[c] = silu(z[c]);
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const T dt = dt_all[c];
         const T du = dt * u[c];
         T* hc = h + c * N;
         const T* al = A_log + c * N;
@@ -161,8 +171,10 @@ void step(const MambaStepArgs& a) {
           hc[n] = hn;
           acc += Cv[n] * hn;
         }
-        y[c] = (acc + (Dp ? Dp[c] : T(0)) * u[c]) * silu(z[c]);
+        dt_all[c] = acc;
       }
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) y[c] = (dt_all[c] + (Dp ? Dp[c] : T(0)) * u[c]) * gate_all[c];
     }
   }
 }
