@@ -274,10 +274,11 @@ class QuantizedWeight(nn.Module):
     def _cpu_kernel(self, x: torch.Tensor, bias: torch.Tensor | None, index: tuple,
                     gather: torch.Tensor | None) -> torch.Tensor | None:
         """The product in ops/csrc/quant_linear.cpp, or None where it does not apply (another device or dtype,
-        autograd, a weight whose inputs are not a multiple of 32, no compiled kernels)."""
+        autograd, a weight whose inputs are not a multiple of 32, no compiled kernels). Called for every projection
+        of every decoded token, so it reads the buffers directly and checks only what can differ."""
         K, N = self.in_features, self.out_features
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
-                or (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
+                or (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0
                 or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
             return None
         lib = _cpu_library()
@@ -287,7 +288,10 @@ class QuantizedWeight(nn.Module):
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
         rows = flat.shape[0]
-        tensors = {k: v[index] for k, v in self.tensors().items()} if index else self.tensors()
+        buffers = self._buffers
+        q, scales = buffers["qweight"], buffers["scales"]
+        if index:
+            q, scales = q[index], scales[index]
         if gather is not None:
             gather = gather.to(torch.int64).contiguous()
         y = torch.empty(rows, N)
@@ -295,12 +299,12 @@ class QuantizedWeight(nn.Module):
         pointers = (None if bias is None else bias.data_ptr(), None if gather is None else gather.data_ptr(),
                     y.data_ptr())
         if self.bits == 8:
-            lib.qlinear_int8(flat.data_ptr(), tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(), *pointers,
-                             rows, K, N, flat.stride(0), N, threads)
+            lib.qlinear_int8(flat.data_ptr(), q.data_ptr(), scales.data_ptr(), *pointers, rows, K, N, flat.stride(0),
+                             N, threads)
         else:
-            lib.qlinear_int4(flat.data_ptr(), tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
-                             tensors["zeros"].data_ptr(), *pointers, rows, K, N, self.group_size, flat.stride(0), N,
-                             threads)
+            zeros = buffers["zeros"][index] if index else buffers["zeros"]
+            lib.qlinear_int4(flat.data_ptr(), q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), *pointers, rows, K,
+                             N, K // scales.shape[-1], flat.stride(0), N, threads)
         return y.view(*x.shape[:-1], N)
 
     def extra_repr(self) -> str:
