@@ -300,7 +300,7 @@ def load_pretrained(
         quant.install(model, weights, prepare=False)
     model = keep_fp32(model.to(dtype))  # dtypes first: converting on meta allocates nothing
     for weight in weights.values():
-        weight.keep_float32_scales()
+        weight.restore_scale_dtypes()
     model = model.to_empty(device=device)
     if method is None:
         model.tie_weights()

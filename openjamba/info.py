@@ -209,7 +209,8 @@ def weight_shapes(config: JambaConfig) -> list[tuple[str, tuple[int, ...], bool]
 
 def weight_bytes(config: JambaConfig, quantize: str | None = None, weight_dtype: str = "bf16",
                  skip_mamba: bool = False, group_size: int | None = None) -> dict[str, int]:
-    """Bytes of the weights, tensor by tensor as `openjamba.quant` stores them (scales and zeros in fp32).
+    """Bytes of the weights, tensor by tensor as `openjamba.quant` stores them (int8 scales in fp32, int4 scales and
+    zeros in bf16).
 
     `skip_mamba` keeps the Mamba mixers' projections in `weight_dtype` (the Jamba-v0.1 model card's 8-bit recipe,
     `llm_int8_skip_modules=["mamba"]`). Returns {"quantized", "full_precision", "total"} bytes.

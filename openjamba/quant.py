@@ -6,9 +6,10 @@ the router, an untied embedding and the Mamba state stay in full precision.
 
 The formats (what a quantized checkpoint stores for a weight `X.weight` of shape (N, K); see docs/quantization.md):
   int8  X.qweight int8 (N, K), X.scales fp32 (N,)               w[n, k] = q[n, k] * scales[n]
-  int4  X.qweight uint8 (N, K/2), X.scales, X.zeros fp32 (N, K/g)   w[n, k] = (q[n, k] - 8) * scales[n, k // g]
+  int4  X.qweight uint8 (N, K/2), X.scales, X.zeros bf16 (N, K/g)   w[n, k] = (q[n, k] - 8) * scales[n, k // g]
         two 4-bit values per byte, column 2j in the low nibble          + zeros[n, k // g]
-Scales and zeros are rounded to bf16 values when quantizing (stored as fp32), so the bf16 kernels apply them exactly.
+int8 scales are rounded to bf16 values too (stored as fp32: one per row). int4's scales and zeros are 4 of every 68
+bytes a decode step reads, so they are kept in bf16; checkpoints written with fp32 ones (bf16-exact) load unchanged.
 
 On CPU the products run in openjamba's own kernels (ops/csrc/quant_linear.cpp), which read the documented layout
 where it lies and quantize the activations per row to int8 in blocks (32 inputs for int8 weights, one weight group
@@ -36,6 +37,7 @@ INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts; a sma
 # The CPU kernels serve weights with a multiple of 32 inputs (every int4 group is one), the reference the rest.
 KERNEL_K_MULTIPLE = 32
 INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale in the int8 kernel (int4: one weight group)
+INT4_SCALE_DTYPE = torch.bfloat16  # int4 scales and zeros (bf16-exact by construction)
 # nn.Linear modules that stay in full precision (the router decides which experts run: small and sensitive).
 KEEP_FULL_PRECISION = re.compile(r"(^|\.)router$")
 
@@ -86,7 +88,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     zeros = _round_to_bf16(low + 8 * scales)  # w = (q - 8) * scale + zero, the kernel's convention
     q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(*lead, N, K)
-    return {"qweight": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales, "zeros": zeros}
+    return {"qweight": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales.to(INT4_SCALE_DTYPE),
+            "zeros": zeros.to(INT4_SCALE_DTYPE)}
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -157,8 +160,8 @@ def empty_quantized(shape: tuple[int, ...], method: str, group_size: int = DEFAU
         return {"qweight": torch.empty(*lead, N, K, dtype=torch.int8, device=device),
                 "scales": torch.empty(*lead, N, device=device)}
     return {"qweight": torch.empty(*lead, N, K // 2, dtype=torch.uint8, device=device),
-            "scales": torch.empty(*lead, N, K // group, device=device),
-            "zeros": torch.empty(*lead, N, K // group, device=device)}
+            "scales": torch.empty(*lead, N, K // group, dtype=INT4_SCALE_DTYPE, device=device),
+            "zeros": torch.empty(*lead, N, K // group, dtype=INT4_SCALE_DTYPE, device=device)}
 
 
 # ---------------------------------------------------------------------- the CPU kernels and their reference
@@ -227,23 +230,25 @@ class QuantizedWeight(nn.Module):
         self.in_features = self.qweight.shape[-1] * (2 if self.bits == 4 else 1)
         self.out_features = self.qweight.shape[-2]
 
-    def keep_float32_scales(self) -> None:
-        """Undo a model-wide dtype conversion for the scales and zeros (they are stored and applied in fp32)."""
-        self.scales = self.scales.float()
+    def restore_scale_dtypes(self) -> None:
+        """Undo a model-wide dtype conversion for the scales and zeros: fp32 for int8, bf16 for int4 (the kernels'
+        operands; the values are bf16-exact, so either conversion is lossless)."""
+        dtype = torch.float32 if self.bits == 8 else INT4_SCALE_DTYPE
+        self.scales = self.scales.to(dtype)
         if self.bits == 4:
-            self.zeros = self.zeros.float()
+            self.zeros = self.zeros.to(dtype)
 
     @property
     def group_size(self) -> int | None:
         return self.in_features // self.scales.shape[-1] if self.bits == 4 else None
 
     def prepare(self) -> QuantizedWeight:
-        """Once the buffers hold their final values: make them contiguous fp32-scaled tensors the kernels can read
+        """Once the buffers hold their final values: make them contiguous, scales in the kernels' dtypes
         (they already are after loading; nothing is repacked)."""
         for name, t in self.tensors().items():
             if not t.is_contiguous():
                 setattr(self, name, t.contiguous())
-        self.keep_float32_scales()
+        self.restore_scale_dtypes()
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:

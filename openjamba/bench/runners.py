@@ -137,7 +137,7 @@ def random_quantized_model(config: JambaConfig, method: str, dtype: torch.dtype 
     install(model, weights, prepare=False)
     model = model.to(dtype)
     for weight in weights.values():
-        weight.keep_float32_scales()
+        weight.restore_scale_dtypes()
     # to_empty would discard the quantized buffers: give only the still-empty (meta) tensors storage.
     for module in model.modules():
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

@@ -1,8 +1,8 @@
 // Products with int8 / int4 weight-only quantized matrices: y = x W^T (+ bias), W in openjamba.quant's documented
 // layout (docs/quantization.md), read where it lies:
 //
-//   int8  q: int8 (out, in), scales (out,)                       W[n, k] = q[n, k] * scales[n]
-//   int4  q: uint8 (out, in/2), scales, zeros (out, in/group)    W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g]
+//   int8  q: int8 (out, in), scales fp32 (out,)                 W[n, k] = q[n, k] * scales[n]
+//   int4  q: uint8 (out, in/2), scales, zeros bf16 (out, in/g)  W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g]
 //         (two values per byte: column 2j in the low nibble, 2j+1 in the high one; g = k / group)
 //
 //   x: (rows, in) fp32 with row stride x_stride;  y: (rows, out) with row stride y_stride;  bias: (out,) or null
@@ -43,6 +43,8 @@ constexpr int PIECE = 128;     // int4 columns per 64-byte piece of a weight row
 constexpr int PAD = 64;        // bytes after each quantized activation row (vector loads may run past the end)
 
 inline float round_even(float v) { return std::nearbyint(v); }  // the default rounding mode: half to even
+
+inline float bf16(uint16_t b) { return openjamba::bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 // Quantize `n` values of x in one block: xq[k] = round(x[k] * 127 / amax); returns amax / 127 (0 for a zero block).
 inline float quantize_block(const float* x, int64_t n, int8_t* xq, int32_t* sum) {
@@ -160,7 +162,7 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
 // int4: per piece of up to 128 columns (64 bytes), the low nibbles against the even columns and the high ones
 // against the odd; each piece's integer sum is scaled by its group's weight scale times the activation scale.
 template <int M>
-inline void int4_rows(const uint8_t* const* w, const float* const* scales, const float* const* zeros,
+inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
   const int64_t ahead = OPENJAMBA_QAHEAD * ROWS * in / 2;
   __m512 acc[ROWS][M];
@@ -171,8 +173,10 @@ inline void int4_rows(const uint8_t* const* w, const float* const* scales, const
   const __mmask64 mask = tail_mask(piece / 2);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < in / group; ++g) {
+    float s[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      const float zz = zeros[r][g] - 8.0f * scales[r][g];
+      s[r] = bf16(scales[r][g]);
+      const float zz = bf16(zeros[r][g]) - 8.0f * s[r];
       for (int m = 0; m < M; ++m) zacc[r][m] += zz * x[m].xsum[g];
     }
     for (int64_t p = g * group; p < (g + 1) * group; p += piece) {
@@ -189,7 +193,7 @@ inline void int4_rows(const uint8_t* const* w, const float* const* scales, const
         for (int m = 0; m < M; ++m) {
           __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
           dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-          const __m512 scale = _mm512_set1_ps(scales[r][g] * x[m].xs[g]);
+          const __m512 scale = _mm512_set1_ps(s[r] * x[m].xs[g]);
           acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
         }
       }
@@ -218,7 +222,7 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
 }
 
 template <int M>
-inline void int4_rows(const uint8_t* const* w, const float* const* scales, const float* const* zeros,
+inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
   const int64_t piece = std::min<int64_t>(group, PIECE);
   for (int r = 0; r < ROWS; ++r)
@@ -232,8 +236,8 @@ inline void int4_rows(const uint8_t* const* w, const float* const* scales, const
           const int8_t* xo = xe + piece / 2;
           for (int64_t j = 0; j < piece / 2; ++j) dot += (wb[j] & 15) * xe[j] + (wb[j] >> 4) * xo[j];
         }
-        acc += scales[r][g] * x[m].xs[g] * static_cast<float>(dot) +
-               (zeros[r][g] - 8.0f * scales[r][g]) * x[m].xsum[g];
+        const float sg = bf16(scales[r][g]);
+        acc += sg * x[m].xs[g] * static_cast<float>(dot) + (bf16(zeros[r][g]) - 8.0f * sg) * x[m].xsum[g];
       }
       out[m][r] = acc;
     }
@@ -246,8 +250,8 @@ inline void int4_rows(const uint8_t* const* w, const float* const* scales, const
 
 struct QArgs {
   const float* x;
-  const void* q;
-  const float *scales, *zeros, *bias;
+  const void *q, *scales, *zeros;  // scales: fp32 (int8) or bf16 (int4); zeros: bf16
+  const float* bias;
   const int64_t* index;
   float* y;
   int64_t rows, in, out, group, x_stride, y_stride, threads;
@@ -317,7 +321,7 @@ void linear_int8(const QArgs& a) {
         case 3: int8_rows<3>(w, x, a.in, out); break;
         default: int8_rows<4>(w, x, a.in, out); break;
       }
-      store(a, p, j, nr, out, a.scales + p.matrix * a.out);
+      store(a, p, j, nr, out, static_cast<const float*>(a.scales) + p.matrix * a.out);
     }
   });
 }
@@ -336,12 +340,12 @@ void linear_int4(const QArgs& a) {
   for_row_blocks(a, [&](int64_t j, int nr) {
     for (const Pass& p : todo) {
       const uint8_t* w[ROWS];
-      const float *s[ROWS], *z[ROWS];
+      const uint16_t *s[ROWS], *z[ROWS];
       for (int r = 0; r < ROWS; ++r) {
         const int64_t n = p.matrix * a.out + j + std::min(r, nr - 1);  // short blocks repeat a row
         w[r] = q + n * (a.in / 2);
-        s[r] = a.scales + n * groups;
-        z[r] = a.zeros + n * groups;
+        s[r] = static_cast<const uint16_t*>(a.scales) + n * groups;
+        z[r] = static_cast<const uint16_t*>(a.zeros) + n * groups;
       }
       float out[X_PASS][ROWS];
       const Int4Row* x = xrows.data() + p.first;
@@ -363,19 +367,19 @@ extern "C" {
 // x, q, scales, bias, index, y; rows, in, out, x_stride, y_stride, threads. `in` a multiple of 32.
 void qlinear_int8(const void* x, const void* q, const void* scales, const void* bias, const void* index, void* y,
                   int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t threads) {
-  linear_int8({static_cast<const float*>(x), q, static_cast<const float*>(scales), nullptr,
-               static_cast<const float*>(bias), static_cast<const int64_t*>(index), static_cast<float*>(y), rows,
-               in, out, 0, x_stride, y_stride, threads});
+  linear_int8({static_cast<const float*>(x), q, scales, nullptr, static_cast<const float*>(bias),
+               static_cast<const int64_t*>(index), static_cast<float*>(y), rows, in, out, 0, x_stride, y_stride,
+               threads});
 }
 
-// x, q, scales, zeros, bias, index, y; rows, in, out, group, x_stride, y_stride, threads. `group` a multiple of 32
-// dividing `in`, and (when above 128) a multiple of 128.
+// x, q, scales (bf16), zeros (bf16), bias, index, y; rows, in, out, group, x_stride, y_stride, threads. `group` a
+// multiple of 32 dividing `in`, and (when above 128) a multiple of 128.
 void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
                   const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
                   int64_t y_stride, int64_t threads) {
-  linear_int4({static_cast<const float*>(x), q, static_cast<const float*>(scales), static_cast<const float*>(zeros),
-               static_cast<const float*>(bias), static_cast<const int64_t*>(index), static_cast<float*>(y), rows,
-               in, out, group, x_stride, y_stride, threads});
+  linear_int4({static_cast<const float*>(x), q, scales, zeros, static_cast<const float*>(bias),
+               static_cast<const int64_t*>(index), static_cast<float*>(y), rows, in, out, group, x_stride, y_stride,
+               threads});
 }
 
 // The activation quantization alone (for tests): x (rows, in) -> xq (rows, in) int8 and scales (rows, in / block).
