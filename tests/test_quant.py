@@ -279,6 +279,24 @@ def test_quantized_checkpoint_errors(tmp_path):
         JambaForCausalLM.from_pretrained(tmp_path / "q", quantize="int3")
 
 
+def test_int4_checkpoint_with_fp32_scales_loads(tmp_path):
+    """Checkpoints written before int4 scales and zeros moved to bf16 hold them in fp32 (bf16-exact): they load to
+    the same model."""
+    from safetensors.torch import load_file, save_file
+
+    model = quant.quantize_model(random_model("moe-gqa", hidden_size=64, vocab_size=128), "int4", group_size=32)
+    model.save_pretrained(tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    assert tensors["model.layers.0.mamba.in_proj.scales"].dtype == torch.bfloat16
+    save_file({k: v.float() if k.endswith((".scales", ".zeros")) else v for k, v in tensors.items()},
+              tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    loaded = JambaForCausalLM.from_pretrained(tmp_path / "q")
+    assert loaded.model.layers[0].mamba.in_proj.quantized.scales.dtype == torch.bfloat16
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_tied_embedding_lookup_is_quantized_table():
     model = random_model("dense-mha-biases-tied", hidden_size=64, vocab_size=128)
     for method in quant.METHODS:

@@ -113,16 +113,17 @@ void quantize_int4_row(const float* x, int64_t in, int64_t group, int8_t* tmp, I
 inline __mmask64 tail_mask(int64_t bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
 
 // A quantized row is short (2.5 KB for 2560 int8 inputs): too short for the hardware prefetchers to ramp up on
-// each. So while one block of ROWS rows is read, the matching line of the next block (rows + ROWS, `ahead` bytes
-// further in a matrix) is requested: the slice a thread streams is contiguous, and this keeps it ahead.
+// each. So while one block of ROWS rows is read, the matching line two blocks further (`ahead` bytes: the slice a
+// thread streams is contiguous) is requested into L2 (into L1 it would evict the rows in use). Measured on one
+// thread, 8192 x 2560, one run: int4 product 1.27 ms without, 0.99 into L1, 0.53-0.56 into L2.
 #ifndef OPENJAMBA_QAHEAD
-#define OPENJAMBA_QAHEAD 1
+#define OPENJAMBA_QAHEAD 2
 #endif
 #ifndef OPENJAMBA_QPREFETCH
 #define OPENJAMBA_QPREFETCH 1
 #endif
 inline void prefetch(const void* p) {
-  if (OPENJAMBA_QPREFETCH) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  if (OPENJAMBA_QPREFETCH) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
 
 // int8: per 64 columns, (q + 128) as unsigned bytes times xq, 16 lanes of 4 products; lanes 0-7 lie in one block
