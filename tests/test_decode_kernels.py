@@ -69,18 +69,18 @@ def test_linear_is_batch_invariant(all_sizes_threaded, dtype):
     """Each row's output bits are the same alone, among any number of other rows and on any number of threads: a
     greedy request then decodes the same tokens alone or batched with others."""
     w, b = randn(300, 257, dtype=dtype, seed=1), randn(300, dtype=dtype, seed=2)
-    x = randn(cpu_kernels.LINEAR_MAX_ROWS, 257, dtype=dtype)
+    x = randn(decode.DECODE_MAX_ROWS, 257, dtype=dtype)
     torch.set_num_threads(1)
     alone = torch.cat([cpu_kernels.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        for rows in (2, 5, 6, 7, 12, 16, cpu_kernels.LINEAR_MAX_ROWS):
+        for rows in (2, 5, 6, 7, 12, 16, 17, 31, decode.DECODE_MAX_ROWS):
             assert torch.equal(cpu_kernels.linear(x[:rows], w, b), alone[:rows]), (threads, rows)
 
 
 def test_linear_falls_back_where_it_does_not_apply(all_sizes_threaded):
     w = randn(8, 6, seed=1)
-    for x in (randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 6), randn(2, 6).to(torch.bfloat16)):  # too many rows, bf16
+    for x in (randn(decode.DECODE_MAX_ROWS + 1, 6), randn(2, 6).to(torch.bfloat16)):  # too many rows, bf16
         expected = F.linear(x, w.to(x.dtype))
         torch.testing.assert_close(cpu_kernels.linear(x, w.to(x.dtype)), expected)
     with pytest.raises(RuntimeError):  # a shape mismatch is F.linear's error, never a read past the weight
@@ -201,10 +201,10 @@ def moe_by_hand(x, residual, router, gate_up, down, top_k):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, decode.DECODE_MAX_ROWS])
 def test_ffn_steps_match_references(monkeypatch, dtype, tol, threads, rows):
     """moe_step (routing, top-2 of 6 experts, weighted sum, residual) and mlp_step against the references and a
-    by-hand loop; with 16 rows most experts are chosen by several rows, which the kernel groups."""
+    by-hand loop; with 16 or 32 rows most experts are chosen by several rows, which the kernel groups."""
     monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
     x, residual, router, gate_up, down = ffn_inputs(rows, dtype=dtype)
     inner = down.shape[2]
@@ -241,17 +241,18 @@ def test_moe_step_reference_is_the_models_moe_block():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_kernels_are_batch_invariant(monkeypatch, threads):
-    """Each row of a 16-row call equals, bit for bit, the same row computed alone: a server's greedy outputs must not
-    depend on which other requests share the batch."""
+    """Each row of a call of 2..DECODE_MAX_ROWS rows (the server's batch) equals, bit for bit, the same row computed
+    alone: a server's greedy outputs must not depend on which other requests share the batch."""
     monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
     monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    most = decode.DECODE_MAX_ROWS
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, residual, router, gate_up, down = ffn_inputs(16, dtype=torch.float32)
+        x, residual, router, gate_up, down = ffn_inputs(most, dtype=torch.float32)
         inner, w = down.shape[2], x[0].abs()
         gate, up, down0 = gate_up[0, :inner].contiguous(), gate_up[0, inner:].contiguous(), down[0].contiguous()
-        mamba = {k: v.float() if torch.is_tensor(v) else v for k, v in mamba_inputs(batch=16).items()}
+        mamba = {k: v.float() if torch.is_tensor(v) else v for k, v in mamba_inputs(batch=most).items()}
         mamba["norm_weights"] = tuple(t.float() for t in mamba_inputs()["norm_weights"])
         calls = {
             "moe_step": lambda rows: cpu_kernels.moe_step(x[rows], router, gate_up, down, 2, residual[rows]),
@@ -262,11 +263,42 @@ def test_decode_kernels_are_batch_invariant(monkeypatch, threads):
                 k: v[rows] if k in ("xz", "window", "ssm") else v for k, v in mamba.items()})], 1),
         }
         for name, call in calls.items():
-            together = call(slice(0, 16))
-            alone = torch.cat([call(slice(r, r + 1)) for r in range(16)])
-            assert torch.equal(together, alone), name
+            alone = torch.cat([call(slice(r, r + 1)) for r in range(most)])
+            for count in range(2, most + 1):
+                for first in {0, most - count}:  # the first rows and the last ones
+                    together = call(slice(first, first + count))
+                    assert torch.equal(together, alone[first:first + count]), (name, first, count)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_step_is_batch_invariant(monkeypatch, all_sizes_threaded, threads):
+    """A decode step of the model (MoE, attention and Mamba layers, every kernel) over DECODE_MAX_ROWS rows of
+    different lengths, joined as a server joins requests (`add_rows`), gives each row the logits it gets alone, bit
+    for bit."""
+    from openjamba.cache import HybridCache
+
+    monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+    torch.set_num_threads(threads)
+    monkeypatch.setitem(ops._chosen, "cpu", cpu_kernels)
+    model = random_model().eval()
+    gen = torch.Generator().manual_seed(2)
+    most, vocab = decode.DECODE_MAX_ROWS, model.config.vocab_size
+    states = []
+    with torch.no_grad():
+        for r in range(most):
+            cache = model.make_cache(1)
+            model(torch.randint(0, vocab, (1, 3 + r % 5), generator=gen), cache=cache)
+            states.append(cache.row_state(0))
+        tokens = torch.randint(0, vocab, (most,), generator=gen)
+        alone = torch.cat([model.decode_step(tokens[r:r + 1], HybridCache.from_row_state(model, states[r])).logits
+                           for r in range(most)])
+        batch = HybridCache.from_row_state(model, states[0])
+        for state in states[1:]:
+            batch.add_rows(HybridCache.from_row_state(model, state))
+        together = model.decode_step(tokens, batch).logits
+    assert torch.equal(together, alone)
 
 
 @pytest.mark.parametrize("kernels", [False, True])

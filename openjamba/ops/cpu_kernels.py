@@ -337,7 +337,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Ten
 # --------------------------------------------------------------------------------------------------------------
 # Decoding: matrix-vector products and the Mamba step (references in ops/decode.py).
 
-LINEAR_MAX_ROWS = 32  # rows (batch x tokens) up to which linear.cpp runs a product; above, F.linear (MKL's GEMM)
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
 LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more)
 _FLOATS = (torch.float32, torch.float64)
@@ -355,7 +354,7 @@ def _plain_fn(name: str, dtype: torch.dtype):
 
 @eager_under_compile
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; a product of up to LINEAR_MAX_ROWS rows (a decode step's: one per sequence) in fp32/fp64 streams
+    """`F.linear`; a product of up to DECODE_MAX_ROWS rows (a decode step's: one per sequence) in fp32/fp64 streams
     the weight once for all rows, over all threads, split by output rows (MKL's matrix-vector product reads it at
     about half the memory bandwidth, and its few-row products use a second thread poorly). Each row's result is
     summed in the same order whatever the other rows and the thread count (linear.cpp), so a sequence gets the
@@ -369,7 +368,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     out_features, in_features = w_shape
     rows = x.numel() // in_features
-    if rows > LINEAR_MAX_ROWS or rows == 0:
+    if rows > DECODE_MAX_ROWS or rows == 0:
         return F.linear(x, weight, bias)
     y = x.new_empty(*x.shape[:-1], out_features)
     x_stride = in_features
@@ -400,7 +399,7 @@ def expert_linear(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -
     """Same contract as `ops.decode.expert_linear_ref`: row r of x times matrix index[r] of weights, which the
     kernel reads where it lies (no gathered copy, no host synchronisation: the index is read by the kernel)."""
     rows, in_features = x.shape
-    if (not 0 < rows <= LINEAR_MAX_ROWS or x.dtype not in _FLOATS or weights.dtype != x.dtype or weights.dim() != 3
+    if (not 0 < rows <= DECODE_MAX_ROWS or x.dtype not in _FLOATS or weights.dtype != x.dtype or weights.dim() != 3
             or weights.shape[2] != in_features or not weights.is_contiguous() or index.shape != (rows,)
             or _needs_grad(x, weights)):
         return expert_linear_ref(x, weights, index)

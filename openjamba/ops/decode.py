@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from .conv import causal_conv1d_update
 from .scan import selective_state_update_ref
 
-DECODE_MAX_ROWS = 16  # rows (a serving batch) up to which the compiled fused FFN step (mlp_step, moe_step) runs
+# Rows (a serving batch: the engine's default max_running) up to which every compiled decode kernel runs (linear,
+# expert_linear, rms_norm, add_rms_norm, mlp_step, moe_step; mamba_step takes any batch). One limit for all of them:
+# each kernel's row results are batch-invariant, and a batch beyond it falls back to torch ops, which are not, so a
+# greedy request gives the same tokens alone or among up to this many others.
+DECODE_MAX_ROWS = 32
 
 
 def expert_linear_ref(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
