@@ -280,8 +280,8 @@ def test_decode_step_is_batch_invariant(monkeypatch, all_sizes_threaded, threads
     from openjamba.cache import HybridCache
 
     monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
-    torch.set_num_threads(threads)
     monkeypatch.setitem(ops._chosen, "cpu", cpu_kernels)
+    torch.set_num_threads(1)  # the prompts (not under test) on one thread: quick on a loaded machine
     model = random_model().eval()
     gen = torch.Generator().manual_seed(2)
     most, vocab = decode.DECODE_MAX_ROWS, model.config.vocab_size
@@ -292,6 +292,7 @@ def test_decode_step_is_batch_invariant(monkeypatch, all_sizes_threaded, threads
             model(torch.randint(0, vocab, (1, 3 + r % 5), generator=gen), cache=cache)
             states.append(cache.row_state(0))
         tokens = torch.randint(0, vocab, (most,), generator=gen)
+        torch.set_num_threads(threads)
         alone = torch.cat([model.decode_step(tokens[r:r + 1], HybridCache.from_row_state(model, states[r])).logits
                            for r in range(most)])
         batch = HybridCache.from_row_state(model, states[0])
