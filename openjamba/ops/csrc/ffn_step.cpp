@@ -26,7 +26,7 @@ using namespace openjamba;
 
 constexpr int WROWS_ONE = 8;  // weight rows per step for one row of x (eight sequential streams)
 constexpr int WROWS = 4;      // weight rows per step for several rows of x
-constexpr int XROWS = 4;      // rows of x per tile (the rest of an expert's rows: more tiles over the same weights)
+constexpr int XROWS = 6;      // rows of x per tile at most: 4 x 6 accumulators + 4 weight vectors fit 32 registers
 
 struct FfnStepArgs {
   int64_t rows, hidden, inner, experts, top_k, threads, x_stride, expert_stride, down_stride;
@@ -47,8 +47,27 @@ inline typename Vec<T>::type load(const T* p) {
   return v;
 }
 
+// The sum of a vector's N lanes as a fixed tree: the upper half added to the lower, lane by lane, until one lane is
+// left (four vector adds for 16 lanes, where a scalar loop takes 16 extracts and 16 dependent adds).
+template <typename T, int N>
+struct Half {
+  typedef T type __attribute__((vector_size(N * sizeof(T) / 2)));
+};
+
+template <typename T, int N, typename V>
+inline T tree_sum(V v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    typename Half<T, N>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return tree_sum<T, N / 2>(lo + hi);
+  }
+}
+
 // emit(m, js[r], w_js[r] . x_m) for r < nr <= R weight rows (row length n) and M rows of x. Each sum is one chain
-// of vector multiply-adds over k, then its lanes in order, then the scalar tail: the same whatever R, M and nr.
+// of vector multiply-adds over k, then its lanes in a fixed tree, then the scalar tail: the same whatever R, M, nr.
 template <typename T, int R, int M, typename Emit>
 inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit) {
   using V = typename Vec<T>::type;
@@ -67,25 +86,59 @@ inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, in
   }
   for (int r = 0; r < nr; ++r)
     for (int m = 0; m < M; ++m) {
-      T s = T(0);
-      for (int i = 0; i < L; ++i) s += acc[r][m][i];
+      T s = tree_sum<T, L>(acc[r][m]);
       for (int64_t k = vec_end; k < n; ++k) s += wr[r][k] * x[m][k];
       emit(m, js[r], s);
     }
 }
 
-// Rows [j0, j1) of matrix w (row length n) against M rows of x. The R rows of a tile come from R consecutive
-// stretches of the span, one row further into each at every tile, so each of the R streams reads w sequentially.
-template <typename T, int M, typename Emit>
-void span(const T* const* x, const T* w, int64_t n, int64_t j0, int64_t j1, Emit& emit) {
-  constexpr int R = M == 1 ? WROWS_ONE : WROWS;
-  const int64_t stretch = (j1 - j0 + R - 1) / R;
+// R consecutive stretches of the rows [j0, j1) (R of them when the span is long enough), one tile per step t: row
+// j0 + r * stretch + t of each, so each of the R streams reads w sequentially.
+template <int R>
+inline int tile_rows(int64_t j0, int64_t j1, int64_t stretch, int64_t t, int64_t* js) {
+  int nr = 0;
+  for (int r = 0; r < R; ++r)
+    if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
+  return nr;
+}
+
+// tile<T, WROWS, m> for a run-time m in [1, M].
+template <typename T, int M = XROWS, typename Emit>
+inline void tile_m(int m, const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit) {
+  if constexpr (M == 1) {
+    tile<T, WROWS, 1>(x, w, n, js, nr, emit);
+  } else {
+    if (m == M) return tile<T, WROWS, M>(x, w, n, js, nr, emit);
+    tile_m<T, M - 1>(m, x, w, n, js, nr, emit);
+  }
+}
+
+// Rows [j0, j1) of matrix w (row length n) against the vectors xs: emit(s, j, w_j . xs[s]) for each vector s. With
+// several vectors, every tile of WROWS weight rows is loaded once and all vectors pass over it while it is in L1,
+// in groups of at most XROWS of nearly equal size (8 vectors: two groups of 4, not 6 + 2).
+template <typename T, typename Emit>
+void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const std::vector<const T*>& xs, Emit emit) {
+  const int64_t count = static_cast<int64_t>(xs.size());
+  if (count == 1) {
+    constexpr int R = WROWS_ONE;
+    const int64_t stretch = (j1 - j0 + R - 1) / R;
+    for (int64_t t = 0; t < stretch; ++t) {
+      int64_t js[R];
+      const int nr = tile_rows<R>(j0, j1, stretch, t, js);
+      tile<T, R, 1>(xs.data(), w, n, js, nr, emit);
+    }
+    return;
+  }
+  const int64_t groups = (count + XROWS - 1) / XROWS;
+  const int64_t stretch = (j1 - j0 + WROWS - 1) / WROWS;
   for (int64_t t = 0; t < stretch; ++t) {
-    int64_t js[R];
-    int nr = 0;
-    for (int r = 0; r < R; ++r)
-      if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
-    tile<T, R, M>(x, w, n, js, nr, emit);
+    int64_t js[WROWS];
+    const int nr = tile_rows<WROWS>(j0, j1, stretch, t, js);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t s0 = count * g / groups, s1 = count * (g + 1) / groups;
+      auto shifted = [&](int64_t m, int64_t j, T v) { emit(s0 + m, j, v); };
+      tile_m<T>(static_cast<int>(s1 - s0), xs.data() + s0, w, n, js, nr, shifted);
+    }
   }
 }
 
@@ -151,24 +204,6 @@ std::vector<Item> split(int64_t groups, int64_t rows_per_group, int64_t threads)
   return items;
 }
 
-// Rows [j0, j1) of matrix w (row length n) against the vectors xs: emit(s, j, w_j . xs[s]) for each vector s. A
-// group of up to XROWS vectors passes over the rows at once; more vectors, more passes (the span's weights are then
-// read again from cache, not from memory).
-template <typename T, typename Emit>
-void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const std::vector<const T*>& xs, Emit emit) {
-  const int64_t count = static_cast<int64_t>(xs.size());
-  for (int64_t s0 = 0; s0 < count; s0 += XROWS) {
-    auto shifted = [&](int64_t m, int64_t j, T v) { emit(s0 + m, j, v); };
-    const T* const* x = xs.data() + s0;
-    switch (std::min<int64_t>(XROWS, count - s0)) {
-      case 1: span<T, 1>(x, w, n, j0, j1, shifted); break;
-      case 2: span<T, 2>(x, w, n, j0, j1, shifted); break;
-      case 3: span<T, 3>(x, w, n, j0, j1, shifted); break;
-      default: span<T, 4>(x, w, n, j0, j1, shifted); break;
-    }
-  }
-}
-
 template <typename T>
 void ffn_step(const FfnStepArgs& a) {
   const int64_t H = a.hidden, I = a.inner, K = a.router_w ? a.top_k : 1, R = a.rows;
@@ -184,7 +219,7 @@ void ffn_step(const FfnStepArgs& a) {
     if (!g.slots.empty()) groups.push_back(std::move(g));
   }
   const int64_t G = static_cast<int64_t>(groups.size());
-  std::vector<T> act(R * K * I), expert_out(R * K * H);
+  std::vector<T> act(R * K * I), up_out(R * K * I), expert_out(R * K * H);
   const T* x = static_cast<const T*>(a.x);
   const T* residual = static_cast<const T*>(a.residual);
   T* out = static_cast<T*>(a.out);
@@ -199,7 +234,7 @@ void ffn_step(const FfnStepArgs& a) {
 
 #pragma omp parallel num_threads(a.threads)
   {
-    // 1. gate and up products of each chosen expert over its rows, then silu(gate) * up.
+    // 1. gate and up products of each chosen expert over its rows, then act = silu(gate) * up.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_up; ++i) {
       const Item& it = up_items[i];
@@ -210,7 +245,12 @@ void ffn_step(const FfnStepArgs& a) {
       matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group],
                      [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = v; });
       matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group],
-                     [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = silu(act[slots[s] * I + j]) * v; });
+                     [&](int64_t s, int64_t j, T v) { up_out[slots[s] * I + j] = v; });
+      for (int64_t s : slots) {  // a separate loop, so that silu is vectorised
+        T* a_s = act.data() + s * I;
+        const T* u_s = up_out.data() + s * I;
+        for (int64_t j = it.begin; j < it.end; ++j) a_s[j] = silu(a_s[j]) * u_s[j];
+      }
     }
     // 2. down products of each chosen expert over its rows' activations.
 #pragma omp for schedule(dynamic, 1)
