@@ -15,6 +15,11 @@
 //   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
 
 #include <algorithm>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -60,6 +65,15 @@ inline T tree_sum(T* part) {
   return part[0];
 }
 
+#ifdef __AVX512F__
+// The same tree in registers: the loops above compile to narrowing stores and reloads through the stack, which
+// stall store forwarding once per channel (most of the state update's time).
+template <>
+inline float tree_sum<float>(float* part) {
+  return _mm512_reduce_add_ps(_mm512_loadu_ps(part));
+}
+#endif
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   constexpr int L = kLanes<T>;
@@ -80,101 +94,145 @@ inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, i
   c1 = std::min(channels, blocks * (i + 1) / n * W);
 }
 
+// The state update of row b over channels [c0, c0 + w), w <= W, given A * exp_scale (As) and dt_proj's weights
+// transposed (dtw_t, (rank, W)) for those channels, both prepared once per call and shared by every row. Each
+// channel's arithmetic is the same whatever the block, the row count or the thread count (batch invariance).
+template <typename T>
+void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As, const T* dtw_t) {
+  const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
+  const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
+  const T* z = xz + D_ + c0;
+  const T* proj = static_cast<const T*>(a.scratch) + b * (P + 3 * D_);
+  const T* u = proj + P + c0;
+  const T* dt_bias = static_cast<const T*>(a.dt_bias);
+  const T* Dp = static_cast<const T*>(a.D);
+  const T* dt_low = proj;
+  const T* Bv = proj + R;
+  const T* Cv = proj + R + N;
+  T* h = static_cast<T*>(a.h) + (b * D_ + c0) * N;
+  T* y = static_cast<T*>(a.y) + b * D_ + c0;
+  // dt_proj over the block's channels, rank by rank (a fixed order per channel), then softplus and the gate.
+  T dt[W], out[W];
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) dt[j] = dt_bias ? dt_bias[c0 + j] : T(0);
+  for (int64_t k = 0; k < R; ++k) {
+    const T dk = dt_low[k];
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) dt[j] += dtw_t[k * W + j] * dk;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
+  // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
+  // C * h go to a tile first and are summed after, so the channels' sums overlap instead of waiting on each other.
+  constexpr int L = kLanes<T>;
+  if (N == L) {
+    alignas(64) T prod[W][L];
+    for (int64_t j = 0; j < w; ++j) {
+      const T dtj = dt[j];
+      const T du = dtj * u[j];
+      T* hc = h + j * L;
+      const T* aj = As + j * L;
+#pragma omp simd
+      for (int i = 0; i < L; ++i) {
+        const T hn = Math<T>::exp_scaled(dtj * aj[i]) * hc[i] + du * Bv[i];
+        hc[i] = hn;
+        prod[j][i] = Cv[i] * hn;
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) out[j] = tree_sum(prod[j]);
+  } else {
+    for (int64_t j = 0; j < w; ++j) {
+      const T dtj = dt[j];
+      const T du = dtj * u[j];
+      T* hc = h + j * N;
+      const T* aj = As + j * N;
+      T part[L] = {};
+      int64_t n0 = 0;
+      for (; n0 + L <= N; n0 += L)
+#pragma omp simd
+        for (int i = 0; i < L; ++i) {
+          const int64_t n = n0 + i;
+          const T hn = Math<T>::exp_scaled(dtj * aj[n]) * hc[n] + du * Bv[n];
+          hc[n] = hn;
+          part[i] += Cv[n] * hn;
+        }
+      T acc = tree_sum(part);
+      for (int64_t n = n0; n < N; ++n) {
+        const T hn = Math<T>::exp_scaled(dtj * aj[n]) * hc[n] + du * Bv[n];
+        hc[n] = hn;
+        acc += Cv[n] * hn;
+      }
+      out[j] = acc;
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
+}
+
+// Phases over all rows at once, so that each weight is read once per call and each per-channel constant
+// (exp(A_log), dt_proj's transposed block) is computed once per call rather than once per row.
 template <typename T>
 void step(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, K = a.kernel, R = a.rank, N = a.state, P = R + 2 * N;
+  const int64_t D_ = a.channels, K = a.kernel, R = a.rank, N = a.state, P = R + 2 * N, B_ = a.batch;
   const T* conv_w = static_cast<const T*>(a.conv_w);
   const T* conv_bias = static_cast<const T*>(a.conv_bias);
   const T* xw = static_cast<const T*>(a.x_proj_w);
   const T* dtw = static_cast<const T*>(a.dt_proj_w);
-  const T* dt_bias = static_cast<const T*>(a.dt_bias);
   const T* A_log = static_cast<const T*>(a.A_log);
-  const T* Dp = static_cast<const T*>(a.D);
+  T* scratch = static_cast<T*>(a.scratch);  // per row: x_proj's output (dt, B, C), then the conv's output u
   const int64_t items = a.threads;
 #pragma omp parallel num_threads(a.threads)
-  for (int64_t b = 0; b < a.batch; ++b) {
-    const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
-    const T* z = xz + D_;
-    T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
-    T* h = static_cast<T*>(a.h) + b * D_ * N;
-    T* y = static_cast<T*>(a.y) + b * D_;
-    T* proj = static_cast<T*>(a.scratch) + b * (P + 3 * D_);  // x_proj's output (dt, B, C)
-    T* u = proj + P;                                          // the conv's output, then 2 channels of workspace
+  {
     // 1. conv over the window and the new input, then silu (vectorised over channels); the window moves on.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       int64_t c0, c1;
       channel_range(D_, items, i, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) {
-        T acc = conv_bias ? conv_bias[c] : T(0);
-        for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
-        u[c] = acc + conv_w[c * K + K - 1] * xz[c];
-      }
+      for (int64_t b = 0; b < B_; ++b) {
+        const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
+        T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
+        T* u = scratch + b * (P + 3 * D_) + P;
+        for (int64_t c = c0; c < c1; ++c) {
+          T acc = conv_bias ? conv_bias[c] : T(0);
+          for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
+          u[c] = acc + conv_w[c * K + K - 1] * xz[c];
+        }
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
-      for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
-                                                        window + k * D_ + c0);
-      if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
+        for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
+        for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
+                                                          window + k * D_ + c0);
+        if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
+      }
     }
-    // 2. x_proj: rank + 2N dot products over the channels.
+    // 2. x_proj: rank + 2N dot products over the channels per row, each weight row read once for all rows.
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < P; ++r) {
       const T* wr = xw + r * D_;
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < D_; ++c) acc += wr[c] * u[c];
-      proj[r] = acc;
+      for (int64_t b = 0; b < B_; ++b) scratch[b * (P + 3 * D_) + r] = dot(wr, scratch + b * (P + 3 * D_) + P, D_);
     }
-    // 3. the three norms (a few hundred values: one thread).
-#pragma omp single
-    {
+    // 3. the three norms of each row (a few dozen values each).
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B_; ++b) {
+      T* proj = scratch + b * (P + 3 * D_);
       rms_norm<T>(proj, static_cast<const T*>(a.dt_norm_w), R, a.eps);
       rms_norm<T>(proj + R, static_cast<const T*>(a.B_norm_w), N, a.eps);
       rms_norm<T>(proj + R + N, static_cast<const T*>(a.C_norm_w), N, a.eps);
     }
-    const T* dt_low = proj;
-    const T* Bv = proj + R;
-    const T* Cv = proj + R + N;
-    // 4. dt_proj, softplus, state update, skip connection and gate: the per-channel scalar functions (softplus,
-    // silu) in loops over channels, which vectorise; the state update of each channel over its N states.
-    T* dt_all = u + D_;  // dt per channel, then the state's output C . h
-    T* gate_all = dt_all + D_;
+    // 4. per block of W channels: A = -exp(A_log) and dt_proj's weights transposed, once; then each row's
+    // dt_proj, softplus, state update, skip connection and gate.
+    std::vector<T> As(W * N), dtw_t(R * W);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       int64_t c0, c1;
       channel_range(D_, items, i, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) dt_all[c] = (dt_bias ? dt_bias[c] : T(0)) + dot(dtw + c * R, dt_low, R);
+      for (int64_t cb = c0; cb < c1; cb += W) {
+        const int64_t w = std::min<int64_t>(W, c1 - cb);
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) {
-        dt_all[c] = Math<T>::softplus(dt_all[c]);
-        gate_all[c] = silu(z[c]);
+        for (int64_t e = 0; e < w * N; ++e) As[e] = -exp_of<T>(A_log[cb * N + e]) * Math<T>::exp_scale;
+        for (int64_t j = 0; j < w; ++j)
+          for (int64_t k = 0; k < R; ++k) dtw_t[k * W + j] = dtw[(cb + j) * R + k];
+        for (int64_t b = 0; b < B_; ++b) update_block<T>(a, b, cb, w, As.data(), dtw_t.data());
       }
-      for (int64_t c = c0; c < c1; ++c) {
-        const T dt = dt_all[c];
-        const T du = dt * u[c];
-        T* hc = h + c * N;
-        const T* al = A_log + c * N;
-        constexpr int L = kLanes<T>;
-        T part[L] = {};
-        int64_t n0 = 0;
-        for (; n0 + L <= N; n0 += L)
-#pragma omp simd
-          for (int i = 0; i < L; ++i) {
-            const int64_t n = n0 + i;
-            const T hn = exp_of<T>(-dt * exp_of<T>(al[n])) * hc[n] + du * Bv[n];
-            hc[n] = hn;
-            part[i] += Cv[n] * hn;
-          }
-        T acc = tree_sum(part);
-        for (int64_t n = n0; n < N; ++n) {
-          const T hn = exp_of<T>(-dt * exp_of<T>(al[n])) * hc[n] + du * Bv[n];
-          hc[n] = hn;
-          acc += Cv[n] * hn;
-        }
-        dt_all[c] = acc;
-      }
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) y[c] = (dt_all[c] + (Dp ? Dp[c] : T(0)) * u[c]) * gate_all[c];
     }
   }
 }
