@@ -74,17 +74,22 @@ inline float tree_sum<float>(float* part) {
 }
 #endif
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+// M dot products of one weight row w with rows x[0..M): each row's lanes and order are those of M = 1, so a row's
+// result does not depend on the rows beside it; M > 1 reads w once for M rows and runs M independent chains.
+template <typename T, int M>
+inline void dots(const T* w, const T* const* x, T* const* out, int64_t n) {
   constexpr int L = kLanes<T>;
-  T part[L] = {};
+  alignas(64) T part[M][L] = {};
   int64_t k = 0;
   for (; k + L <= n; k += L)
+    for (int m = 0; m < M; ++m)
 #pragma omp simd
-    for (int i = 0; i < L; ++i) part[i] += a[k + i] * b[k + i];
-  T s = tree_sum(part);
-  for (; k < n; ++k) s += a[k] * b[k];
-  return s;
+      for (int i = 0; i < L; ++i) part[m][i] += w[k + i] * x[m][k + i];
+  for (int m = 0; m < M; ++m) {
+    T s = tree_sum(part[m]);
+    for (int64_t t = k; t < n; ++t) s += w[t] * x[m][t];
+    *out[m] = s;
+  }
 }
 
 // Channels [c0, c1) of item i of n, in multiples of W.
@@ -208,7 +213,22 @@ void step(const MambaStepArgs& a) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < P; ++r) {
       const T* wr = xw + r * D_;
-      for (int64_t b = 0; b < B_; ++b) scratch[b * (P + 3 * D_) + r] = dot(wr, scratch + b * (P + 3 * D_) + P, D_);
+      constexpr int M = 4;
+      const T* x[M];
+      T* out[M];
+      int64_t b = 0;
+      for (; b + M <= B_; b += M) {
+        for (int m = 0; m < M; ++m) {
+          out[m] = scratch + (b + m) * (P + 3 * D_) + r;
+          x[m] = scratch + (b + m) * (P + 3 * D_) + P;
+        }
+        dots<T, M>(wr, x, out, D_);
+      }
+      for (; b < B_; ++b) {
+        out[0] = scratch + b * (P + 3 * D_) + r;
+        x[0] = scratch + b * (P + 3 * D_) + P;
+        dots<T, 1>(wr, x, out, D_);
+      }
     }
     // 3. the three norms of each row (a few dozen values each).
 #pragma omp for schedule(static)
@@ -218,21 +238,25 @@ void step(const MambaStepArgs& a) {
       rms_norm<T>(proj + R, static_cast<const T*>(a.B_norm_w), N, a.eps);
       rms_norm<T>(proj + R + N, static_cast<const T*>(a.C_norm_w), N, a.eps);
     }
-    // 4. per block of W channels: A = -exp(A_log) and dt_proj's weights transposed, once; then each row's
-    // dt_proj, softplus, state update, skip connection and gate.
-    std::vector<T> As(W * N), dtw_t(R * W);
+    // 4. for the thread's channels: A = -exp(A_log) * exp_scale and dt_proj's weights transposed per block of W
+    // channels, once; then row by row (each row's state read in order), dt_proj, softplus, state update, skip
+    // connection and gate.
+    std::vector<T> As, dtw_t;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       int64_t c0, c1;
       channel_range(D_, items, i, c0, c1);
-      for (int64_t cb = c0; cb < c1; cb += W) {
-        const int64_t w = std::min<int64_t>(W, c1 - cb);
+      As.resize((c1 - c0) * N);
+      dtw_t.resize(((c1 - c0 + W - 1) / W) * R * W);
 #pragma omp simd
-        for (int64_t e = 0; e < w * N; ++e) As[e] = -exp_of<T>(A_log[cb * N + e]) * Math<T>::exp_scale;
-        for (int64_t j = 0; j < w; ++j)
-          for (int64_t k = 0; k < R; ++k) dtw_t[k * W + j] = dtw[(cb + j) * R + k];
-        for (int64_t b = 0; b < B_; ++b) update_block<T>(a, b, cb, w, As.data(), dtw_t.data());
-      }
+      for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = -exp_of<T>(A_log[c0 * N + e]) * Math<T>::exp_scale;
+      for (int64_t cb = c0; cb < c1; cb += W)
+        for (int64_t j = 0; j < std::min<int64_t>(W, c1 - cb); ++j)
+          for (int64_t k = 0; k < R; ++k) dtw_t[(cb - c0) * R + k * W + j] = dtw[(cb + j) * R + k];
+      for (int64_t b = 0; b < B_; ++b)
+        for (int64_t cb = c0; cb < c1; cb += W)
+          update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N,
+                          dtw_t.data() + (cb - c0) * R);
     }
   }
 }
