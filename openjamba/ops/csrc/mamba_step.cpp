@@ -8,8 +8,11 @@
 //   h     = exp(dt * A) * h + dt * u * B   (A = -exp(A_log); h the (channels, N) SSM state, fp32, in place)
 //   y     = (C . h + D * u) * silu(z)
 //
-// Decoding is bound by per-call overhead for small models: this replaces ~25 tensor ops per layer and token. The
-// work is split over threads by channels (conv, state update) and by rows of x_proj; the tiny norms run on one.
+// Decoding is bound by per-call overhead for small models: this replaces ~25 tensor ops per layer and token. Each
+// phase covers all the batch's rows, so a serving batch reads each weight once and computes the per-channel
+// constants (exp(A_log), dt_proj's transposed blocks) once; a row's arithmetic never depends on the other rows or
+// the thread count. The work is split over threads by channels (conv, state update), by rows of x_proj and by
+// batch rows (the norms).
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
 //   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
 //   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
