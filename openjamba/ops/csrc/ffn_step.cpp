@@ -16,6 +16,7 @@
 //   down_w: (hidden, inner) of expert 0, then every down_stride
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -47,27 +48,45 @@ inline typename Vec<T>::type load(const T* p) {
   return v;
 }
 
-// The sum of a vector's N lanes as a fixed tree: the upper half added to the lower, lane by lane, until one lane is
-// left (four vector adds for 16 lanes, where a scalar loop takes 16 extracts and 16 dependent adds).
-template <typename T, int N>
-struct Half {
-  typedef T type __attribute__((vector_size(N * sizeof(T) / 2)));
-};
+// The lane sums of many vectors at once, each as one fixed tree (lane i + lane i + L/2 first, then the halves of
+// those, down to one lane), by a transposing network: each level adds the halves of two vectors into one, so L
+// vectors give one vector of their L sums in L - 1 vector adds (log2(L) per vector when summed one at a time).
+template <int Half>
+constexpr int source_lane(int out_lane, int upper) {  // a lane of (a, b) concatenated, in blocks of 2 * Half
+  return out_lane / Half * 2 * Half + upper * Half + out_lane % Half;
+}
 
-template <typename T, int N, typename V>
-inline T tree_sum(V v) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    typename Half<T, N>::type lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    return tree_sum<T, N / 2>(lo + hi);
+template <typename T, int Half, std::size_t... Lane>
+inline typename Vec<T>::type pair_sums(typename Vec<T>::type a, typename Vec<T>::type b,
+                                       std::index_sequence<Lane...>) {
+  return __builtin_shufflevector(a, b, source_lane<Half>(Lane, 0)...) +
+         __builtin_shufflevector(a, b, source_lane<Half>(Lane, 1)...);
+}
+
+// buf[0..count) -> buf[0..count / 2), level after level, until lane i of buf[0] holds the sum of input i.
+template <typename T, int Half = Vec<T>::lanes / 2>
+inline void lane_sums(typename Vec<T>::type* buf, int count) {
+  if constexpr (Half >= 1) {
+    for (int i = 0; i < count / 2; ++i)
+      buf[i] = pair_sums<T, Half>(buf[2 * i], buf[2 * i + 1], std::make_index_sequence<Vec<T>::lanes>());
+    lane_sums<T, Half / 2>(buf, count / 2);
+  }
+}
+
+// sums[i] = the lane sum of v[i] for i < N: the same tree for every i, whatever N.
+template <typename T, int N>
+inline void lane_sums_of(const typename Vec<T>::type* v, T* sums) {
+  constexpr int L = Vec<T>::lanes;
+  for (int g = 0; g < N; g += L) {
+    typename Vec<T>::type buf[L];
+    for (int i = 0; i < L; ++i) buf[i] = g + i < N ? v[g + i] : typename Vec<T>::type{};
+    lane_sums<T>(buf, L);
+    std::memcpy(sums + g, &buf[0], sizeof(T) * std::min(L, N - g));
   }
 }
 
 // emit(m, js[r], w_js[r] . x_m) for r < nr <= R weight rows (row length n) and M rows of x. Each sum is one chain
-// of vector multiply-adds over k, then its lanes in a fixed tree, then the scalar tail: the same whatever R, M, nr.
+// of vector multiply-adds over k, then its lanes in a fixed tree (lane_sums), then the scalar tail: the same whatever R, M, nr.
 template <typename T, int R, int M, typename Emit>
 inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit) {
   using V = typename Vec<T>::type;
@@ -92,9 +111,11 @@ inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, in
       for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
     }
   }
+  T sums[R * M];
+  lane_sums_of<T, R * M>(&acc[0][0], sums);
   for (int r = 0; r < nr; ++r)
     for (int m = 0; m < M; ++m) {
-      T s = tree_sum<T, L>(acc[r][m]);
+      T s = sums[r * M + m];
       for (int64_t k = vec_end; k < n; ++k) s += wr[r][k] * x[m][k];
       emit(m, js[r], s);
     }
