@@ -308,3 +308,20 @@ def test_conv_gradcheck():
     args = conv_inputs(2, 5, 3, 3, seed=4)
     leaves = [v.clone().requires_grad_(True) for v in args.values()]
     assert torch.autograd.gradcheck(lambda *t: cpu_kernels.causal_conv1d(*t), leaves)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_library_builds_without_avx512(tmp_path, march):
+    """The kernels compile for a CPU without AVX-512 (most laptops: AVX2, or plain x86-64). A build that fails
+    there leaves such a machine on the plain PyTorch ops, so every source must compile for it, not only for
+    this machine's -march=native."""
+    import platform
+    import subprocess
+
+    cxx = cpu_build._compiler()
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 C++ compiler")
+    result = subprocess.run(
+        [cxx, *cpu_build.BASE_FLAGS, f"-march={march}", "-fopenmp", "-o", str(tmp_path / "lib.so"),
+         *map(str, cpu_build.SOURCES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,6 +14,18 @@ namespace openjamba {
 #endif
 constexpr int W = OPENJAMBA_LANES;
 
+// Holds a vector in a register: an empty asm that takes it in one, so GCC cannot fold its load into every
+// multiply-add that uses it (a tile loop then becomes load-bound). Only where a 64-byte vector is one register
+// (AVX-512); elsewhere the constraint would be impossible, so it does nothing.
+template <typename V>
+inline void keep_in_register(V& v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Math. fp32 uses inline, branch-free versions the compiler can vectorise (libm calls cannot be, and a call in the
 // state loop would also spill every register); fp64 uses libm, since it exists for exact comparisons in tests.

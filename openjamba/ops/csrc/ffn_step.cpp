@@ -97,17 +97,17 @@ inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, in
   const int64_t vec_end = n / L * L;
   for (int64_t k = 0; k < vec_end; k += L) {
     V wv[R];
-    // Each vector loaded once and held in a register (the empty asm): otherwise GCC folds the loads of w or of x
+    // Each vector loaded once and held in a register (keep_in_register): otherwise GCC folds the loads of w or of x
     // into every multiply-add that uses them, and the loop becomes load-bound (20 loads for 16 multiply-adds in a
     // 4 x 4 tile).
     for (int r = 0; r < R; ++r) {
       V w_r = load(wr[r] + k);
-      if constexpr (M > 1) asm("" : "+v"(w_r));
+      if constexpr (M > 1) keep_in_register(w_r);
       wv[r] = w_r;
     }
     for (int m = 0; m < M; ++m) {
       V xv = load(x[m] + k);
-      if constexpr (M > 1) asm("" : "+v"(xv));
+      if constexpr (M > 1) keep_in_register(xv);
       for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
     }
   }

@@ -77,18 +77,18 @@ inline void tile(const T* const* x, const T* w, const T* bias, T* const* y, int6
   for (int r = 0; r < R; ++r) wr[r] = w + js[std::min(r, nr - 1)] * in;  // a short tile repeats its last row
   const int64_t vec_end = in / L * L;
   for (int64_t k = 0; k < vec_end; k += L) {
-    // Each vector loaded once and held in a register (the empty asm): otherwise GCC folds the loads of W or of x
+    // Each vector loaded once and held in a register (keep_in_register): otherwise GCC folds the loads of W or of x
     // into every multiply-add that uses them, and the loop becomes load-bound (28 loads for 24 multiply-adds in a
     // 4 x 6 tile).
     V wv[R];
     for (int r = 0; r < R; ++r) {
       V w_r = load(wr[r] + k);
-      if constexpr (M > 1) asm("" : "+v"(w_r));
+      if constexpr (M > 1) keep_in_register(w_r);
       wv[r] = w_r;
     }
     for (int m = 0; m < M; ++m) {
       V xv = load(x[m] + k);
-      if constexpr (M > 1) asm("" : "+v"(xv));
+      if constexpr (M > 1) keep_in_register(xv);
       for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
     }
   }
