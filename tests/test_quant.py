@@ -68,6 +68,35 @@ def test_activation_quantization_matches_the_kernel():
         assert torch.equal(q, ref_q) and torch.equal(scales, ref_scales)
 
 
+def test_kernel_rows_independent_of_threads_and_rows():
+    """Work items of about 1 MB read as four streams: a matrix of several items with uneven stretches gives each
+    output the same bits on 1 or 2 threads, alone or among other rows of x."""
+
+    lib = quant._cpu_library()
+    if lib is None:
+        pytest.skip("no compiled kernels")
+    torch.manual_seed(0)
+    N, K = 1031, 1024  # 1 MB of int8: several items on 2 threads, stretches of unequal length
+    for method in quant.METHODS:
+        tensors = quant.quantize_weight(torch.randn(N, K), method, 128)
+        q, s = tensors["qweight"], tensors["scales"]
+        x = torch.randn(5, K)
+        outs = []
+        for rows, threads in ((5, 1), (5, 2), (1, 2), (1, 1)):
+            y = torch.empty(rows, N)
+            args = (rows, K, N)
+            if method == "int8":
+                lib.qlinear_int8(x.data_ptr(), q.data_ptr(), s.data_ptr(), None, None, y.data_ptr(), *args, K, N,
+                                 threads)
+            else:
+                lib.qlinear_int4(x.data_ptr(), q.data_ptr(), s.data_ptr(), tensors["zeros"].data_ptr(), None, None,
+                                 y.data_ptr(), *args, K // s.shape[-1], K, N, threads)
+            outs.append(y)
+        assert_kernel_matches(outs[0], x, tensors)
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[3], outs[2])
+
+
 def test_plain_cpp_build_matches(tmp_path):
     """The kernels without AVX-512 (an AVX2 build: the plain C++ loops) give the same products."""
     import ctypes

@@ -15,8 +15,8 @@
 // Per block the integer dot is exact; blocks are summed in fp32. `qlinear_quantize_*` exposes the activation
 // quantization so the tests can check the kernel exactly against the same arithmetic in PyTorch.
 //
-// Decoding reads every weight once per token, so the work is split by output rows over threads (each streams its
-// own contiguous slice of W, several rows at once), as linear.cpp does for fp32. For more than a few rows of x the
+// Decoding reads every weight once per token, so the work is split by output rows over threads in work items of
+// about 1 MB, each read as ROWS sequential streams (see `for_row_blocks`), as linear.cpp does for fp32. For more than a few rows of x the
 // rows are taken in passes over a block of weight rows that stays in L1, so W still streams from memory once.
 //
 // Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs as plain C++ loops the compiler
@@ -40,6 +40,7 @@ constexpr int ROWS = 4;        // weight rows per inner step
 constexpr int X_PASS = 4;      // rows of x per pass over a block of weight rows
 constexpr int INT8_BLOCK = 32;  // activation block of int8 weights
 constexpr int PIECE = 128;     // int4 columns per 64-byte piece of a weight row
+constexpr int64_t ITEM_BYTES = 1 << 20;  // weight bytes per work item
 constexpr int PAD = 64;        // bytes after each quantized activation row (vector loads may run past the end)
 
 inline float round_even(float v) { return std::nearbyint(v); }  // the default rounding mode: half to even
@@ -112,25 +113,10 @@ void quantize_int4_row(const float* x, int64_t in, int64_t group, int8_t* tmp, I
 
 inline __mmask64 tail_mask(int64_t bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
 
-// A quantized row is short (2.5 KB for 2560 int8 inputs): too short for the hardware prefetchers to ramp up on
-// each. So while one block of ROWS rows is read, the matching line two blocks further (`ahead` bytes: the slice a
-// thread streams is contiguous) is requested into L2 (into L1 it would evict the rows in use). Measured on one
-// thread, 8192 x 2560, one run: int4 product 1.27 ms without, 0.99 into L1, 0.53-0.56 into L2.
-#ifndef OPENJAMBA_QAHEAD
-#define OPENJAMBA_QAHEAD 2
-#endif
-#ifndef OPENJAMBA_QPREFETCH
-#define OPENJAMBA_QPREFETCH 1
-#endif
-inline void prefetch(const void* p) {
-  if (OPENJAMBA_QPREFETCH) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-}
-
 // int8: per 64 columns, (q + 128) as unsigned bytes times xq, 16 lanes of 4 products; lanes 0-7 lie in one block
 // of 32 and lanes 8-15 in the next, so one vector of per-lane scales converts both.
 template <int M>
 inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, float out[X_PASS][ROWS]) {
-  const int64_t ahead = OPENJAMBA_QAHEAD * ROWS * in;
   __m512 acc[ROWS][M];
   for (int r = 0; r < ROWS; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -148,7 +134,6 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
       sv[m] = _mm512_permutexvar_ps(half, _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, s1, x[m].xs[b]));
     }
     for (int r = 0; r < ROWS; ++r) {
-      prefetch(w[r] + k + ahead);
       const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w[r] + k), flip);  // q + 128
       for (int m = 0; m < M; ++m) {
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
@@ -165,7 +150,6 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
 template <int M>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
-  const int64_t ahead = OPENJAMBA_QAHEAD * ROWS * in / 2;
   __m512 acc[ROWS][M];
   float zacc[ROWS][M] = {};
   for (int r = 0; r < ROWS; ++r)
@@ -187,7 +171,6 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
         xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p + piece / 2);
       }
       for (int r = 0; r < ROWS; ++r) {
-        prefetch(w[r] + p / 2 + ahead);
         const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p / 2);
         const __m512i lo = _mm512_and_si512(wv, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
@@ -258,23 +241,36 @@ struct QArgs {
   int64_t rows, in, out, group, x_stride, y_stride, threads;
 };
 
-// Output rows of work item i of n: contiguous, in multiples of ROWS.
-inline void item_range(int64_t out, int64_t n, int64_t i, int64_t& j0, int64_t& j1) {
-  const int64_t blocks = (out + ROWS - 1) / ROWS;
-  j0 = std::min(out, blocks * i / n * ROWS);
-  j1 = std::min(out, blocks * (i + 1) / n * ROWS);
-}
-
+// Work items: slices of `per_item` output rows (a multiple of ROWS), about ITEM_BYTES of weights each, at least
+// four per thread when threaded, taken as threads come free (a descheduled thread delays one item, not its share).
+// Within an item the ROWS rows of a step come from ROWS consecutive stretches of the item, one row further into
+// each at every step, so each of the ROWS streams reads W straight through across rows: a quantized row is short
+// (2.5 KB int8, 1.25 KB int4 at 2560 inputs), and a stream that jumped to a new place at every row would make the
+// hardware prefetcher ramp up again each time. Read so, W needs no software prefetch (it only slowed the products).
+// A row's result does not depend on which rows share its step, nor on the items or the thread count.
 template <typename Block>
-void for_row_blocks(const QArgs& a, Block block) {
-  // Several items per thread, taken as threads come free (a descheduled thread delays one item, not its share).
-  const int64_t items = a.threads == 1 ? 1 : std::min<int64_t>((a.out + ROWS - 1) / ROWS, 8 * a.threads);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < items; ++i) {
-    int64_t j0, j1;
-    item_range(a.out, items, i, j0, j1);
-    for (int64_t j = j0; j < j1; j += ROWS) block(j, static_cast<int>(std::min<int64_t>(ROWS, j1 - j)));
+void for_row_blocks(const QArgs& a, int64_t row_bytes, Block block) {
+  const int64_t units = (a.out + ROWS - 1) / ROWS;
+  int64_t n = std::max<int64_t>(1, a.out * row_bytes / ITEM_BYTES);
+  if (a.threads > 1) n = std::max<int64_t>(n, 4 * a.threads);
+  n = std::min(n, units);
+  const int64_t per_item = (units + n - 1) / n * ROWS, items = (a.out + per_item - 1) / per_item;
+  auto item = [&](int64_t i) {
+    const int64_t j0 = i * per_item, j1 = std::min(a.out, j0 + per_item), stretch = (j1 - j0 + ROWS - 1) / ROWS;
+    for (int64_t t = 0; t < stretch; ++t) {
+      int64_t js[ROWS];
+      int nr = 0;
+      for (int r = 0; r < ROWS; ++r)
+        if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
+      block(js, nr);
+    }
+  };
+  if (a.threads <= 1 || items == 1) {
+    for (int64_t i = 0; i < items; ++i) item(i);
+    return;
   }
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < items; ++i) item(i);
 }
 
 // The rows of x that go through one matrix in one pass: all of them, or (gathered) the one row that chose it.
@@ -289,12 +285,13 @@ std::vector<Pass> passes(const QArgs& a) {
   return out;
 }
 
-inline void store(const QArgs& a, const Pass& p, int64_t j, int nr, const float out[X_PASS][ROWS],
+inline void store(const QArgs& a, const Pass& p, const int64_t* js, int nr, const float out[X_PASS][ROWS],
                   const float* row_scale) {
   for (int64_t m = 0; m < p.count; ++m)
     for (int r = 0; r < nr; ++r) {
-      const float v = row_scale ? row_scale[j + r] * out[m][r] : out[m][r];
-      a.y[(p.first + m) * a.y_stride + j + r] = v + (a.bias ? a.bias[j + r] : 0.0f);
+      const int64_t j = js[r];
+      const float v = row_scale ? row_scale[j] * out[m][r] : out[m][r];
+      a.y[(p.first + m) * a.y_stride + j] = v + (a.bias ? a.bias[j] : 0.0f);
     }
 }
 
@@ -309,11 +306,11 @@ void linear_int8(const QArgs& a) {
   }
   const std::vector<Pass> todo = passes(a);
   const int8_t* q = static_cast<const int8_t*>(a.q);
-  for_row_blocks(a, [&](int64_t j, int nr) {
+  for_row_blocks(a, a.in, [&](const int64_t* js, int nr) {
     for (const Pass& p : todo) {
       const int8_t* wq = q + p.matrix * a.out * a.in;
       const int8_t* w[ROWS];
-      for (int r = 0; r < ROWS; ++r) w[r] = wq + (j + std::min(r, nr - 1)) * a.in;  // short blocks repeat a row
+      for (int r = 0; r < ROWS; ++r) w[r] = wq + js[std::min(r, nr - 1)] * a.in;  // short steps repeat a row
       float out[X_PASS][ROWS];
       const Int8Row* x = xrows.data() + p.first;
       switch (p.count) {
@@ -322,7 +319,7 @@ void linear_int8(const QArgs& a) {
         case 3: int8_rows<3>(w, x, a.in, out); break;
         default: int8_rows<4>(w, x, a.in, out); break;
       }
-      store(a, p, j, nr, out, static_cast<const float*>(a.scales) + p.matrix * a.out);
+      store(a, p, js, nr, out, static_cast<const float*>(a.scales) + p.matrix * a.out);
     }
   });
 }
@@ -338,12 +335,12 @@ void linear_int4(const QArgs& a) {
   }
   const std::vector<Pass> todo = passes(a);
   const uint8_t* q = static_cast<const uint8_t*>(a.q);
-  for_row_blocks(a, [&](int64_t j, int nr) {
+  for_row_blocks(a, a.in / 2 + 4 * groups, [&](const int64_t* js, int nr) {
     for (const Pass& p : todo) {
       const uint8_t* w[ROWS];
       const uint16_t *s[ROWS], *z[ROWS];
       for (int r = 0; r < ROWS; ++r) {
-        const int64_t n = p.matrix * a.out + j + std::min(r, nr - 1);  // short blocks repeat a row
+        const int64_t n = p.matrix * a.out + js[std::min(r, nr - 1)];  // short steps repeat a row
         w[r] = q + n * (a.in / 2);
         s[r] = static_cast<const uint16_t*>(a.scales) + n * groups;
         z[r] = static_cast<const uint16_t*>(a.zeros) + n * groups;
@@ -356,7 +353,7 @@ void linear_int4(const QArgs& a) {
         case 3: int4_rows<3>(w, s, z, x, a.in, a.group, out); break;
         default: int4_rows<4>(w, s, z, x, a.in, a.group, out); break;
       }
-      store(a, p, j, nr, out, nullptr);
+      store(a, p, js, nr, out, nullptr);
     }
   });
 }
