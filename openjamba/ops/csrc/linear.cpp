@@ -19,6 +19,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "tiles.h"
 
 namespace {
 
@@ -30,76 +31,6 @@ constexpr int ROWS_X = 6;       // rows of x per tile: 4 x 6 accumulators + 4 we
 constexpr int64_t ITEM_BYTES = 1 << 20;        // W per work item with up to ROWS_X rows of x (one pass over W)
 constexpr int64_t ITEM_BYTES_REUSED = 1 << 17;  // with more: the item stays in L2 while each group of ROWS_X passes
 
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
-};
-
-template <typename T>
-inline typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// The sum of a vector's N lanes as a fixed tree: the upper half added to the lower, lane by lane, until one lane is
-// left (four vector adds for 16 lanes, where a scalar loop takes 16 extracts and 16 dependent adds).
-template <typename T, int N>
-struct Half {
-  typedef T type __attribute__((vector_size(N * sizeof(T) / 2)));
-};
-
-template <typename T, int N, typename V>
-inline T tree_sum(V v) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    typename Half<T, N>::type lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    return tree_sum<T, N / 2>(lo + hi);
-  }
-}
-
-template <typename T>
-inline T hsum(typename Vec<T>::type v) {
-  return tree_sum<T, Vec<T>::lanes>(v);
-}
-
-// y[m][js[r]] for r < nr (nr <= R) and m < M: rows js[0..nr) of W against M rows of x.
-template <typename T, int R, int M>
-inline void tile(const T* const* x, const T* w, const T* bias, T* const* y, int64_t in, const int64_t* js, int nr) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  V acc[R][M] = {};
-  const T* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + js[std::min(r, nr - 1)] * in;  // a short tile repeats its last row
-  const int64_t vec_end = in / L * L;
-  for (int64_t k = 0; k < vec_end; k += L) {
-    // Each vector loaded once and held in a register (keep_in_register): otherwise GCC folds the loads of W or of x
-    // into every multiply-add that uses them, and the loop becomes load-bound (28 loads for 24 multiply-adds in a
-    // 4 x 6 tile).
-    V wv[R];
-    for (int r = 0; r < R; ++r) {
-      V w_r = load(wr[r] + k);
-      if constexpr (M > 1) keep_in_register(w_r);
-      wv[r] = w_r;
-    }
-    for (int m = 0; m < M; ++m) {
-      V xv = load(x[m] + k);
-      if constexpr (M > 1) keep_in_register(xv);
-      for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
-    }
-  }
-  for (int r = 0; r < nr; ++r)
-    for (int m = 0; m < M; ++m) {
-      T s = hsum<T>(acc[r][m]);
-      for (int64_t k = vec_end; k < in; ++k) s += wr[r][k] * x[m][k];
-      y[m][js[r]] = s + (bias ? bias[js[r]] : T(0));
-    }
-}
-
 // Output rows [j0, j1) for M rows of x. The R rows of a tile come from R consecutive stretches of the span, one
 // row further into each at every tile, so each of the R streams reads W sequentially across rows (a stream that
 // restarted at every new row would make the hardware prefetcher ramp up again each time).
@@ -107,12 +38,11 @@ template <typename T, int M>
 void span(const T* const* x, const T* w, const T* bias, T* const* y, int64_t in, int64_t j0, int64_t j1) {
   constexpr int R = M == 1 ? ROWS_W_ONE : ROWS_W;
   const int64_t stretch = (j1 - j0 + R - 1) / R;
+  auto emit = [&](int m, int64_t j, T s) { y[m][j] = s + (bias ? bias[j] : T(0)); };
   for (int64_t t = 0; t < stretch; ++t) {
     int64_t js[R];
-    int nr = 0;
-    for (int r = 0; r < R; ++r)
-      if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
-    tile<T, R, M>(x, w, bias, y, in, js, nr);
+    const int nr = tile_rows<R>(j0, j1, stretch, t, js);
+    tile<T, R, M>(x, w, in, js, nr, emit);
   }
 }
 
