@@ -320,7 +320,8 @@ def test_a_prefilled_row_joins_the_batch_in_the_iteration_after_its_last_chunk(m
     monkeypatch.setattr(model, "forward", logged_forward)
     monkeypatch.setattr(HybridCache, "add_rows", logged_add_rows)
     with Engine(model, prefill_chunk=chunk, reuse=False) as engine:
-        first = engine.submit(short, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), sink)
+        # long enough to be still decoding when the second joins, however late the submit below runs
+        first = engine.submit(short, SamplingParams(max_tokens=96, temperature=0, ignore_eos=True), sink)
         with sink.done:
             assert sink.done.wait_for(lambda: len(sink.tokens.get(first, [])) >= 2, TIMEOUT)
         second = engine.submit(long_prompt, GREEDY, sink)
@@ -332,7 +333,7 @@ def test_a_prefilled_row_joins_the_batch_in_the_iteration_after_its_last_chunk(m
     assert "step" in between and "prefill" not in between, order  # a step over the old batch came in between
     assert order[last_chunk + 1:joined].count(("token", second)) == 1  # its first token was sent at once
     assert sink.tokens[second] == solo_generate(model, long_prompt, 8, chunk=chunk)
-    assert sink.tokens[first] == solo_generate(model, short, 12, chunk=chunk)
+    assert sink.tokens[first] == solo_generate(model, short, 96, chunk=chunk)
 
 
 def test_a_request_cancelled_while_joining_leaves_no_row(model):
