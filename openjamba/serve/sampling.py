@@ -67,7 +67,7 @@ def _draw(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
     if plain:
         index = torch.tensor(plain, device=device)
         tokens[index] = _invert(scaled[index].softmax(-1), uniform[index])
-    filtered = [i for i in range(len(rows)) if i not in set(plain)]
+    filtered = sorted(set(range(len(rows))) - set(plain))
     index = torch.tensor(filtered, device=device)
     tokens[index] = _filtered(scaled[index], [rows[i] for i in filtered], uniform[index])
     return tokens
