@@ -129,4 +129,5 @@ def test_worker_progress_reaches_the_callback():
     seen: list[str] = []
     result = launch_worker(spec, timeout_s=300, on_progress=seen.append)
     assert result["prefill_tok_s"] > 0 and result["decode_ms"] > 0
-    assert "prefill" in seen and "decode" in seen
+    assert "prefill" in seen and any(line.startswith("decode") for line in seen)
+    assert len(result["read_bytes_s_probes"]) == 2  # one probe before each round: 2 tokens, 2 rounds

@@ -112,12 +112,12 @@ def copy_bytes_per_s(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / best_time(lambda: dst.copy_(src), device, repeats=10, budget_s=2.0)
 
 
-def read_bytes_per_s(device: torch.device, nbytes: int = 1 << 28) -> float:
+def read_bytes_per_s(device: torch.device, nbytes: int = 1 << 28, budget_s: float = 2.0) -> float:
     """Achievable memory read bandwidth with the current threads: the best of several sums of an array far larger
     than any cache. A decode step reads every active weight once, so this is the rate its floor is measured by."""
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     src.sum()  # touch every page and wake the threads before timing
-    return nbytes / best_time(lambda: src.sum(), device, repeats=10, budget_s=2.0)
+    return nbytes / best_time(lambda: src.sum(), device, repeats=10, budget_s=budget_s)
 
 
 def decode_weight_bytes(model: torch.nn.Module, config) -> int:

@@ -77,10 +77,11 @@ def format_bench_report(report: dict[str, Any]) -> str:
              f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}"
              f"{', weights ' + report['quantize'] if report.get('quantize') else ''}); "
              f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
-    read = [r["read_bytes_s"] for r in report["rows"] if "read_bytes_s" in r]
+    read = [p for r in report["rows"] for p in r.get("read_bytes_s_probes", [r.get("read_bytes_s")]) if p]
     if read:
-        lines[0] += (f"; memory read {min(read) / 1e9:,.0f}-{max(read) / 1e9:,.0f} GB/s (decode floor = bytes read "
-                     "per token / that rate; decode BW = floor / decode time)")
+        lines[0] += (f"; memory read {min(read) / 1e9:,.0f}-{max(read) / 1e9:,.0f} GB/s (probed between decode "
+                     "rounds; decode floor = bytes read per token / the run's median probe; decode BW = floor / "
+                     "decode time)")
     mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
                ("decode ms/tok", "decode_ms", "n"), ("decode floor", "decode_floor_ms", "n"),
