@@ -405,22 +405,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from .bench.serve import SERVE_PHASES, format_serve_report, plot_serve_report, run_serve_bench
     from .model import JambaForCausalLM
+    from .serve.engine import on_fresh_thread
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as `serve`: the model is built on a thread that exits, the engines compute
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
     if unknown := set(phases) - set(SERVE_PHASES):
         raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(SERVE_PHASES)}")
     config, name = model_config_from_args(args)
-    if args.model:
-        model = JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    else:
+
+    def build() -> JambaForCausalLM:
+        if args.model:
+            return JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         torch.manual_seed(args.seed)
-        model = JambaForCausalLM(config)
-    report = run_serve_bench(model, name, phases=phases, streams=args.streams, prefix=args.prefix_tokens,
-                             suffix=args.suffix_tokens, output=args.output_tokens, history=args.history,
-                             long_prompt=args.long_prompt, prefill_chunk=args.prefill_chunk, seed=args.seed)
+        return JambaForCausalLM(config)
+
+    model = on_fresh_thread(build, threads)
+    report = run_serve_bench(model, name, threads=threads, phases=phases, streams=args.streams,
+                             prefix=args.prefix_tokens, suffix=args.suffix_tokens, output=args.output_tokens,
+                             history=args.history, long_prompt=args.long_prompt, prefill_chunk=args.prefill_chunk,
+                             seed=args.seed)
     print(format_serve_report(report))
     if args.plot:
         print(f"plot: {plot_serve_report(report, args.plot)}")

@@ -257,7 +257,8 @@ def test_bad_input_is_a_value_error(model):
 
 
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
-    """A long prompt arriving while streams decode delays each of their tokens by at most one chunk."""
+    """A long prompt arriving while streams decode delays each of their tokens by at most one chunk, and that chunk
+    is the step's token budget less the decode rows' tokens (vLLM's `max_num_batched_tokens`)."""
     vocab, chunk = model.config.vocab_size, 8
     short = prompts_of([4, 5], vocab, seed=6)
     long_prompt = prompts_of([60], vocab, seed=7)[0]
@@ -284,9 +285,12 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
             sink.wait(ids)
     finally:
         del model.forward
+        assert engine.prefill_tokens(len(short)) == chunk - len(short)
     order = sink.order
-    start = order.index(("prefill", chunk))  # the long prompt's first chunk
+    start = order.index(("prefill", chunk - len(short)))  # the long prompt's first chunk, beside 2 decode rows
     end = max(i for i, e in enumerate(order) if e == ("token", ids[2]))
+    chunks = [v for k, v in order[start:end] if k == "prefill"]
+    assert chunks[:-1] == [chunk - len(short)] * (len(chunks) - 1), chunks
     prefill_since_token = 0
     for kind, value in order[start:end]:
         if kind == "prefill":

@@ -8,8 +8,12 @@ Three measurements, all in one run so their ratios compare like with like:
   resumes from the state stored after turn one and reads only the new tokens) against reuse off (re-reads all).
 - `interference`: a `--long-prompt`-token prompt arrives while 8 streams decode; the worst gap between two
   tokens of those streams while it is prefilled and until its row has joined the batch (it decodes a few tokens),
-  against the bound "one prefill chunk plus one decode step" (both measured here: the chunk at the prompt's
-  deepest position, the step as the streams' median gap before).
+  against the bound "one prefill chunk plus one decode step", both measured here: the step as the streams' median
+  gap before; the chunk as the engine runs it (its size the engine's budget less the 8 decode tokens), the same
+  prompt prefilled alone in those chunks on a thread like the engine's, the slowest chunk of a pass, median of 3.
+
+Every engine computes on its own thread with `threads` intra-op threads, and so does the alone timing; the
+caller's thread should hold one intra-op thread (`openjamba bench-serve` does): see serve/engine.py on OpenMP pools.
 
 The engine is the server's (`openjamba serve` adds only HTTP and text around it); timestamps are taken in its
 event callbacks, so they are what a client would see less the network. Prints a table, then JSON as the last line.
@@ -28,7 +32,8 @@ from typing import Any
 
 import torch
 
-from ..serve.engine import Engine, FinishEvent, SamplingParams
+from ..generate import prefill
+from ..serve.engine import Engine, FinishEvent, SamplingParams, on_fresh_thread
 from .measure import machine_info
 
 SERVE_PHASES = ("streams", "chat", "interference")
@@ -98,11 +103,11 @@ class Tokens:
 
 # ---------------------------------------------------------------------- phases
 def bench_streams(model, streams: tuple[int, ...], reuse: bool, tokens: Tokens, prefix: list[int], suffix: int,
-                  output: int, prefill_chunk: int) -> list[dict]:
+                  output: int, prefill_chunk: int, threads: int) -> list[dict]:
     rows = []
     params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
     with Engine(model, max_running=max(streams), max_waiting=max(streams), prefill_chunk=prefill_chunk,
-                reuse=reuse) as engine:
+                reuse=reuse, threads=threads) as engine:
         # warm-up, and the shared system prompt read once (with reuse on, every stream then starts from its state)
         wait([submit(engine, prefix, SamplingParams(max_tokens=2, temperature=0.0))])
         for n in streams:
@@ -122,13 +127,14 @@ def bench_streams(model, streams: tuple[int, ...], reuse: bool, tokens: Tokens, 
     return rows
 
 
-def bench_chat(model, tokens: Tokens, history: int, new: int, output: int, prefill_chunk: int) -> dict:
+def bench_chat(model, tokens: Tokens, history: int, new: int, output: int, prefill_chunk: int, threads: int) -> dict:
     """TTFT of a chat's second turn with reuse on and off; the same token ids in both."""
     first_prompt = tokens(history)
     turn2 = tokens(new)
     result: dict[str, Any] = dict(history_tokens=history, new_tokens=new)
     for reuse in (True, False):
-        with Engine(model, max_running=1, max_waiting=1, prefill_chunk=prefill_chunk, reuse=reuse) as engine:
+        with Engine(model, max_running=1, max_waiting=1, prefill_chunk=prefill_chunk, reuse=reuse,
+                    threads=threads) as engine:
             first = submit(engine, first_prompt, SamplingParams(max_tokens=output, temperature=0.0))
             wait([first])
             reply = first.ids
@@ -143,17 +149,20 @@ def bench_chat(model, tokens: Tokens, history: int, new: int, output: int, prefi
     return result
 
 
-def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, prefill_chunk: int) -> dict:
+def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, prefill_chunk: int,
+                       threads: int) -> dict:
     params = SamplingParams(max_tokens=model.config.max_position_embeddings - 64, temperature=0.0, ignore_eos=True)
+    prompt = tokens(long_prompt)
     with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk,
-                reuse=False) as engine:
+                reuse=False, threads=threads) as engine:
+        chunk = engine.prefill_tokens(streams)  # what each iteration prefills while the streams decode
         decoding = [submit(engine, tokens(16), params) for _ in range(streams)]
         while min(len(r.tokens) for r in decoding) < 12:
             time.sleep(0.01)
         arrive = time.perf_counter()
         before = [g for r in decoding for a, g in zip(r.tokens[1:], r.gaps()) if a <= arrive][-8 * streams:]
         # It decodes a few tokens too, so its row joins the batch: the window below covers its joining.
-        long = submit(engine, tokens(long_prompt), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        long = submit(engine, prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         wait([long])
         joined = long.tokens[1]  # its first token from a decode step: its row had joined the batch
         time.sleep(0.2)  # a few more steps after it
@@ -162,47 +171,55 @@ def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, pr
         wait(decoding)
     during = [b - a for r in decoding for a, b in zip(r.tokens, r.tokens[1:]) if b > arrive and a < joined]
     step_s = statistics.median(before)
-    chunk_s = _chunk_time(model, tokens, long_prompt, prefill_chunk)
+    passes = on_fresh_thread(lambda: _chunk_times(model, prompt, chunk), threads)
+    slowest = [max(p) for p in passes]
+    chunk_s = statistics.median(slowest)
     worst = max(during)
-    return dict(streams=streams, long_prompt_tokens=long_prompt, prefill_chunk=prefill_chunk,
+    return dict(streams=streams, long_prompt_tokens=long_prompt, prefill_chunk=prefill_chunk, chunk_tokens=chunk,
+                alone_slowest_chunk_ms=[1e3 * t for t in slowest],
+                alone_chunks_ms=[round(1e3 * t, 1) for t in passes[0]],
                 prefill_s=long.tokens[0] - arrive, step_ms=1e3 * step_s, chunk_ms=1e3 * chunk_s,
                 bound_ms=1e3 * (step_s + chunk_s), worst_gap_ms=1e3 * worst,
                 median_gap_during_prefill_ms=1e3 * statistics.median(during),
                 gaps_during_prefill=len(during), within_bound=worst <= step_s + chunk_s)
 
 
-@torch.no_grad()
-def _chunk_time(model, tokens: Tokens, length: int, chunk: int, repeats: int = 2) -> float:
-    """Seconds of the deepest prefill chunk of a `length`-token prompt on a one-row cache (best of `repeats`)."""
-    best = float("inf")
-    start = max(0, length - chunk)
-    ids = torch.tensor([tokens(length)])
-    for _ in range(repeats):
-        cache = model.make_cache(1)
-        for s in range(0, start, chunk):
-            model(ids[:, s: min(s + chunk, start)], cache=cache, logits_to_keep=1)
-        t = time.perf_counter()
-        model(ids[:, start:], cache=cache, logits_to_keep=1)
-        best = min(best, time.perf_counter() - t)
-    return best
+@torch.inference_mode()
+def _chunk_times(model, prompt: list[int], chunk: int, passes: int = 3) -> list[list[float]]:
+    """Seconds of each `chunk`-token prefill of `prompt` alone, as the engine runs them (`generate.prefill` into a
+    fresh one-row cache, the same positions), for each of `passes` passes."""
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(passes):
+        cache, times = model.make_cache(1), []
+        for start in range(0, len(prompt), chunk):
+            t = time.perf_counter()
+            prefill(model, ids[:, start:start + chunk], cache, chunk_size=chunk)
+            times.append(time.perf_counter() - t)
+        out.append(times)
+    return out
 
 
 # ---------------------------------------------------------------------- the run
-def run_serve_bench(model, name: str, *, phases=SERVE_PHASES, streams=(1, 2, 4, 8, 16), prefix=256, suffix=32,
-                    output=128, history=4000, new=32, long_prompt=4000, prefill_chunk=512, seed=0) -> dict:
+def run_serve_bench(model, name: str, *, threads: int | None = None, phases=SERVE_PHASES, streams=(1, 2, 4, 8, 16),
+                    prefix=256, suffix=32, output=128, history=4000, new=32, long_prompt=4000, prefill_chunk=512,
+                    seed=0) -> dict:
+    """`threads`: each engine's intra-op threads (default: the caller's count)."""
     model.eval()
+    threads = threads if threads is not None else torch.get_num_threads()
     tokens = Tokens(model.config.vocab_size, seed)
-    report: dict[str, Any] = dict(model=name, machine=machine(model), prefill_chunk=prefill_chunk,
+    report: dict[str, Any] = dict(model=name, machine=machine(model, threads), prefill_chunk=prefill_chunk,
                                   settings=dict(prefix=prefix, suffix=suffix, output=output, history=history,
                                                 new=new, long_prompt=long_prompt))
     if "streams" in phases:
         shared = tokens(prefix)
         report["streams"] = [row for reuse in (True, False) for row in
-                             bench_streams(model, streams, reuse, tokens, shared, suffix, output, prefill_chunk)]
+                             bench_streams(model, streams, reuse, tokens, shared, suffix, output, prefill_chunk,
+                                           threads)]
     if "chat" in phases:
-        report["chat"] = bench_chat(model, tokens, history, new, 16, prefill_chunk)
+        report["chat"] = bench_chat(model, tokens, history, new, 16, prefill_chunk, threads)
     if "interference" in phases:
-        report["interference"] = bench_interference(model, tokens, long_prompt, 8, prefill_chunk)
+        report["interference"] = bench_interference(model, tokens, long_prompt, 8, prefill_chunk, threads)
     report["targets"] = targets(report)
     return report
 
@@ -223,9 +240,9 @@ def targets(report: dict) -> dict:
     return out
 
 
-def machine(model) -> dict:
+def machine(model, threads: int) -> dict:
     """`machine_info`, plus the load average: on a shared machine the figures depend on it."""
-    info = machine_info(model.device, torch.get_num_threads())
+    info = machine_info(model.device, threads)
     info["load_avg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return info
 
@@ -257,7 +274,7 @@ def format_serve_report(report: dict) -> str:
         lines += [f"\n{i['long_prompt_tokens']}-token prompt arriving while {i['streams']} streams decode: prefilled "
                   f"in {i['prefill_s']:.2f} s; gaps meanwhile: median {i['median_gap_during_prefill_ms']:.0f} ms, "
                   f"worst {i['worst_gap_ms']:.0f} ms vs bound {i['bound_ms']:.0f} ms "
-                  f"(one {i['prefill_chunk']}-token chunk {i['chunk_ms']:.0f} ms + one step {i['step_ms']:.0f} ms)"]
+                  f"(one {i['chunk_tokens']}-token chunk {i['chunk_ms']:.0f} ms + one step {i['step_ms']:.0f} ms)"]
     if report.get("targets"):
         lines.append("\ntargets:")
         for key, t in report["targets"].items():

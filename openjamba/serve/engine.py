@@ -4,9 +4,11 @@ Each iteration of the loop
   1. applies cancellations (a cancelled row leaves the batch at once, its memory freed),
   2. admits waiting requests while fewer than `max_running` are in flight, each starting from the longest stored
      state its prompt extends (serve/state_store.py) on a one-row cache of its own,
-  3. prefills admitted prompts, oldest first, at most `prefill_chunk` tokens per iteration in all (and no more
-     than `step_token_budget` less one per running row), so a long prompt delays the running streams by one chunk
-     per step, not by its whole length (prompts that fit the budget together go through one forward: from
+  3. prefills admitted prompts, oldest first, within the iteration's token budget: `step_token_budget` tokens
+     (default `prefill_chunk`) less one per running row, the tokens of this iteration's decode step, as vLLM's
+     `max_num_batched_tokens` counts them (8 rows decoding under a budget of 512 leave a 504-token chunk), and
+     never more than `prefill_chunk`; so a long prompt delays the running streams by one chunk per step, not by
+     its whole length (prompts that fit the budget together go through one forward: from
      nothing, left-padded, or from stored states with as many tokens left); a prompt whose prefill is done
      samples its first token at once, and its row joins the running batch at the start of the next iteration
      (`HybridCache.add_rows`: rows keep their own lengths), so the iteration that runs a prompt's last chunk does
@@ -17,6 +19,15 @@ Each iteration of the loop
 Events go to each request's `on_event` callback, called from the engine thread: a `TokenEvent` per generated
 token (a finishing stop token included), then one `FinishEvent`. A failure inside a step finishes the requests it
 touched with reason "error" and the loop goes on.
+
+The loop runs on a thread of its own with `threads` intra-op threads. With torch's OpenMP backend (libgomp) every
+thread that runs multi-threaded ops keeps a pool of worker threads for as long as it lives, and once the pools of a
+process hold more threads than the machine has CPUs, libgomp stops spin-waiting between parallel regions: each
+region then wakes its workers through the kernel, and on two threads a 512-token prefill chunk of `cpu-bench`
+took ~15-20% longer in the engine's thread than in a process with one pool (elementwise ops of 256K elements: 61
+against 20 us). So whoever loads the model for an engine should do it on a thread that then exits
+(`on_fresh_thread`) and keep its own thread to one intra-op thread (`torch.set_num_threads(1)`), as
+`openjamba serve`, `chat` and `bench-serve` do: the engine's thread then holds the process's only pool.
 
 Sampling is per row: a request's `torch.Generator` (seeded from `seed`, else random) is used only for its own
 tokens, so a seeded request samples the same tokens whatever else runs. Rows of one batch are computed together,
@@ -37,6 +48,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +56,31 @@ from ..cache import HybridCache, RowState
 from ..generate import decode_step, prefill
 from .sampling import RowSampling, Sampled, sample_rows
 from .state_store import StateStore
+
+T = TypeVar("T")
+
+
+def on_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
+    """`fn()` run on a new thread with `threads` intra-op threads (default: the caller's count); its result, or
+    its exception raised here. The thread exits after it and its OpenMP pool with it, so the heavy work of loading
+    a model leaves no second pool beside the engine's (see the module's docstring)."""
+    threads = threads if threads is not None else torch.get_num_threads()
+    result: list = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        try:
+            result.append((True, fn()))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            result.append((False, err))
+
+    thread = threading.Thread(target=run, name="openjamba-compute")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 @dataclass
@@ -119,12 +156,15 @@ class Engine:
         max_context: int | None = None,
         eos_token_ids: list[int] | None = None,
         kv_dtype: torch.dtype | None = None,
+        threads: int | None = None,
     ) -> None:
-        """`step_token_budget` (default prefill_chunk + max_running): tokens one iteration may process, decode rows
-        included (prefill gets the rest, at most `prefill_chunk`, at least 1). `store_bytes`: the state store's
-        bound. `max_context`: the limit of prompt + max_tokens (default the config's max_position_embeddings).
-        `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s."""
-        for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk)):
+        """`step_token_budget` (default prefill_chunk): tokens one iteration may process, its decode rows included
+        (prefill gets the rest, at most `prefill_chunk`, at least 1: `prefill_tokens`). `store_bytes`: the state
+        store's bound. `max_context`: the limit of prompt + max_tokens (default the config's max_position_embeddings).
+        `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s. `threads`: the loop thread's intra-op
+        threads (default: `torch.get_num_threads()` of the thread creating the engine)."""
+        threads = threads if threads is not None else torch.get_num_threads()
+        for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("threads", threads)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if max_waiting < 0:
@@ -134,7 +174,8 @@ class Engine:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
-        self.step_token_budget = step_token_budget if step_token_budget is not None else prefill_chunk + max_running
+        self.step_token_budget = step_token_budget if step_token_budget is not None else prefill_chunk
+        self.threads = threads
         self.reuse = reuse
         self.store = StateStore(store_bytes)
         self.max_context = max_context if max_context is not None else self.config.max_position_embeddings
@@ -305,6 +346,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -396,9 +438,14 @@ class Engine:
             wanted.add(found.shared)  # where this prompt departs from a stored sequence
         request.keep_at = sorted(n for n in wanted if request.prefilled < n < len(request.prompt))
 
+    def prefill_tokens(self, running: int) -> int:
+        """Prompt tokens one iteration prefills while `running` rows decode: the step's budget less their tokens,
+        at most `prefill_chunk`, at least 1."""
+        return min(self.prefill_chunk, max(self.step_token_budget - running, 1))
+
     def _prefill_some(self) -> None:
         """Prefill chunks, oldest request first, within this iteration's token budget; move finished prefills on."""
-        budget = min(self.prefill_chunk, max(self.step_token_budget - len(self._running), 1))
+        budget = self.prefill_tokens(len(self._running))
         budget -= self._prefill_together(budget)
         for request in list(self._prefilling):
             if budget <= 0:

@@ -46,10 +46,10 @@ def load(args: argparse.Namespace, **engine_kwargs):
     from ..model import JambaForCausalLM
     from ..runtime import default_device, resolve_dtype
     from ..tokenizer import load_tokenizer
-    from .engine import Engine
+    from .engine import Engine, on_fresh_thread
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread computes nothing heavy: the engine's thread holds the one OpenMP pool
     device = args.device or default_device()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"no config.json in {args.model}: --model takes a checkpoint directory")
@@ -61,14 +61,14 @@ def load(args: argparse.Namespace, **engine_kwargs):
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    model = JambaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device,
-                                             quantize=getattr(args, "quantize", None))
+    model = on_fresh_thread(lambda: JambaForCausalLM.from_pretrained(
+        args.model, dtype=dtype, device=device, quantize=getattr(args, "quantize", None)), threads)
     model.eval()
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
     engine = Engine(model, prefill_chunk=args.prefill_chunk, reuse=not args.no_reuse,
                     store_bytes=int(args.state_store * 2**20), max_context=max_context, eos_token_ids=eos,
-                    **engine_kwargs)
+                    threads=threads, **engine_kwargs)
     return model, tokenizer, engine
 
 
