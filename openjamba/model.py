@@ -153,8 +153,9 @@ class MambaMixer(nn.Module):
         """x: (B, T, hidden). token_mask: (B, T), 0 at padding. state: carried conv window and SSM state."""
         xz = self.in_proj(x)  # (B, T, 2 * inner)
         decoding = state is not None and x.shape[1] == 1
-        if decoding and token_mask is None and self._plain_step_projections():
-            return self.out_proj(self._fused_decode_step(xz[:, 0], state).unsqueeze(1))
+        weights = self._step_weights() if decoding and token_mask is None else None
+        if weights is not None:
+            return self.out_proj(self._fused_decode_step(xz[:, 0], state, weights).unsqueeze(1))
         u, gate = xz.chunk(2, dim=-1)  # (B, T, inner) each
         # Padding is zeroed before and after the conv, so pads never reach the conv window or the SSM state.
         u = _zero_padding(u, token_mask)
@@ -185,21 +186,26 @@ class MambaMixer(nn.Module):
 
     def decode_step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """`forward` for one cached token per row: x (B, H) -> (B, H), `state` updated in place."""
-        if not self._plain_step_projections():
+        weights = self._step_weights()
+        if weights is None:
             return self(x.unsqueeze(1), None, state).squeeze(1)
-        return self.out_proj(self._fused_decode_step(self.in_proj(x), state))
+        return self.out_proj(self._fused_decode_step(self.in_proj(x), state, weights))
 
-    def _plain_step_projections(self) -> bool:
-        """Whether x_proj and dt_proj hold plain weight matrices, which the fused decode step reads directly."""
-        return type(self.x_proj) is Linear and type(self.dt_proj) is Linear
+    def _step_weights(self) -> tuple | None:
+        """The weights of x_proj and dt_proj as the fused decode step reads them: plain matrices, or quantized
+        weights (openjamba.quant.QuantizedLinear's); None when either is something else."""
+        x_proj, dt_proj = (p.weight if type(p) is Linear else getattr(p, "quantized", None)
+                           for p in (self.x_proj, self.dt_proj))
+        return None if x_proj is None or dt_proj is None else (x_proj, dt_proj)
 
-    def _fused_decode_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
+    def _fused_decode_step(self, xz: torch.Tensor, state: MambaState, weights: tuple) -> torch.Tensor:
         """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op: decoding
-        small models is bound by per-op overhead. xz: (B, 2 * inner) -> (B, inner); `state` updated in place."""
+        small models is bound by per-op overhead. xz: (B, 2 * inner) -> (B, inner); `state` updated in place;
+        weights: `_step_weights()`."""
+        x_proj, dt_proj = weights
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
-        return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias,
-                              self.x_proj.weight, norms, self.dt_layernorm.eps, self.dt_proj.weight,
-                              self.dt_proj.bias, self.A_log, self.D)
+        return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms,
+                              self.dt_layernorm.eps, dt_proj, self.dt_proj.bias, self.A_log, self.D)
 
 
 def _without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

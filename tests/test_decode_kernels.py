@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openjamba import ops
+from openjamba import ops, quant
+from openjamba.model import MambaMixer
 from openjamba.ops import cpu_kernels, decode
 
 from .conftest import random_model
@@ -159,11 +160,88 @@ def test_mamba_step_reference_is_the_mixers_plain_path():
         state = next(c for c, layer in zip(cache.layers, model.model.layers) if not layer.is_attention)
         state.conv.copy_(randn(*state.conv.shape, seed=4))
         state.ssm.copy_(randn(*state.ssm.shape, seed=5))
-        mixer._plain_step_projections = lambda fused=fused: fused
+        mixer._step_weights = (lambda: None) if not fused else MambaMixer._step_weights.__get__(mixer)
         with torch.no_grad():
             results.append((mixer(x, None, state), state.conv.clone(), state.ssm.clone()))
     for name, e, g in zip(("output", "window", "state"), *results):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def quantized_mamba_inputs(method: str, batch: int = 2, inner: int = 96, rank: int = 32, state: int = 16):
+    """`mamba_inputs` in fp32 with x_proj and dt_proj quantized (groups of 32): inner 96 = six vector blocks, split
+    unevenly over two threads; rank 32 = one int4 group. The kernels take inputs in multiples of 32."""
+    args = {k: v.float() if torch.is_tensor(v) else v
+            for k, v in mamba_inputs(batch=batch, inner=inner, rank=rank, state=state).items()}
+    args["norm_weights"] = tuple(t.float() for t in args["norm_weights"])
+    for name in ("x_proj_weight", "dt_proj_weight"):
+        args[name] = quant.QuantizedWeight(quant.quantize_weight(args[name], method, 32)).prepare()
+    return args
+
+
+class KernelArithmetic:
+    """A quantized weight whose product is `quant.kernel_reference`: the CPU kernels' arithmetic in float64."""
+
+    def __init__(self, weight: quant.QuantizedWeight) -> None:
+        self.weight, self.in_features = weight, weight.in_features
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.kernel_reference(x, self.weight.tensors()).to(x.dtype)
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_quantized_mamba_step_matches_reference(monkeypatch, method, conv_bias):
+    """mamba_step with quantized x_proj and dt_proj (their products quant_linear.cpp's, inside the one call) against
+    the reference step with the kernels' product arithmetic (`kernel_reference`): equal up to fp32 rounding; against
+    the dequantized weights' plain step, within the activations' int8 rounding. The same bits on 1 and 2 threads."""
+    monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0)  # the step's phases and both products split over threads
+    monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0)
+    args = quantized_mamba_inputs(method)
+    if not conv_bias:
+        args["conv_bias"] = None
+    arithmetic = {**args, **{k: KernelArithmetic(args[k]) for k in ("x_proj_weight", "dt_proj_weight")}}
+    dequantized = {**args, **{k: quant.dequantize(args[k].tensors()) for k in ("x_proj_weight", "dt_proj_weight")}}
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_step(cpu_kernels.mamba_step, args)
+        torch.set_num_threads(2)
+        two = run_step(cpu_kernels.mamba_step, args)
+    finally:
+        torch.set_num_threads(saved)
+    expected, plain = run_step(decode.mamba_step_ref, arithmetic), run_step(decode.mamba_step_ref, dequantized)
+    for name, e, p, g1, g2 in zip(("output", "window", "state"), expected, plain, one, two):
+        assert torch.equal(g1, g2), name
+        torch.testing.assert_close(g1, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
+        assert (g1 - p).abs().max() <= 0.05 * p.abs().max(), name
+    # The dispatcher's reference path (no kernels: each weight's own `linear`) gives the same step.
+    reference = run_step(decode.mamba_step_ref, args)
+    for name, e, g in zip(("output", "window", "state"), expected, reference):
+        torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_quantized_mixer_takes_the_fused_step(monkeypatch):
+    """A quantized model's Mamba layers decode through the one fused call (not op by op), and it gives what the
+    op-by-op path of the same quantized layer gives."""
+    model = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32), "int4", group_size=32)
+    mixer = next(layer.mamba for layer in model.model.layers if not layer.is_attention)
+    assert mixer._step_weights() is not None
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "call", lambda name, *a, _call=cpu_kernels.call: calls.append(name) or
+                        _call(name, *a))
+    x = randn(2, model.config.hidden_size, dtype=torch.float32)
+    results = []
+    for fused in (False, True):
+        cache = model.make_cache(2)
+        state = next(c for c, layer in zip(cache.layers, model.model.layers) if not layer.is_attention)
+        state.conv.copy_(randn(*state.conv.shape, seed=4))
+        state.ssm.copy_(randn(*state.ssm.shape, seed=5))
+        mixer._step_weights = (lambda: None) if not fused else MambaMixer._step_weights.__get__(mixer)
+        with torch.no_grad():
+            results.append((mixer.decode_step(x, state), state.conv.clone(), state.ssm.clone()))
+    assert calls.count("mamba_step") == 1
+    for name, e, g in zip(("output", "window", "state"), *results):
+        torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -262,6 +340,10 @@ def test_decode_kernels_are_batch_invariant(monkeypatch, threads):
             "mamba_step": lambda rows: torch.cat([t.flatten(1) for t in run_step(cpu_kernels.mamba_step, {
                 k: v[rows] if k in ("xz", "window", "ssm") else v for k, v in mamba.items()})], 1),
         }
+        for method in quant.METHODS:  # x_proj and dt_proj quantized: their products inside the step
+            quantized = quantized_mamba_inputs(method, batch=most)
+            calls[f"mamba_step {method}"] = lambda rows, q=quantized: torch.cat([t.flatten(1) for t in run_step(
+                cpu_kernels.mamba_step, {k: v[rows] if k in ("xz", "window", "ssm") else v for k, v in q.items()})], 1)
         for name, call in calls.items():
             alone = torch.cat([call(slice(r, r + 1)) for r in range(most)])
             for count in range(2, most + 1):

@@ -193,15 +193,16 @@ def mamba_step(
     ssm: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    x_proj_weight: torch.Tensor,
+    x_proj_weight,
     norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     eps: float,
-    dt_proj_weight: torch.Tensor,
+    dt_proj_weight,
     dt_bias: torch.Tensor,
     A_log: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
-    """A Mamba mixer's one-token step from in_proj's output to out_proj's input; see `ops.decode.mamba_step_ref`."""
+    """A Mamba mixer's one-token step from in_proj's output to out_proj's input; see `ops.decode.mamba_step_ref`
+    (x_proj_weight and dt_proj_weight: matrices, or quantized weights)."""
     args = (xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias,
             A_log, D)
     fn = _op(xz.device, "mamba_step")

@@ -144,7 +144,9 @@ class MambaStepArgs(ctypes.Structure):
     _fields_ = (_fields("batch channels kernel rank state threads xz_stride", "", "")
                 + [("eps", ctypes.c_double)]
                 + _fields("", "", "xz conv_w conv_bias x_proj_w dt_norm_w B_norm_w C_norm_w dt_proj_w dt_bias A_log D "
-                          "window h y scratch"))
+                          "window h y scratch")
+                + _fields("x_bits x_group x_threads dt_bits dt_group dt_threads", "",
+                          "x_scales x_zeros dt_scales dt_zeros"))
 
 
 class FfnStepArgs(ctypes.Structure):

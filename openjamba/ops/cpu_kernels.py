@@ -339,6 +339,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Ten
 
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
 LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more)
+QUANT_K_MULTIPLE = 32  # inputs of a quantized weight the kernels take a multiple of (openjamba.quant)
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -420,35 +421,64 @@ def mamba_step(
     ssm: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    x_proj_weight: torch.Tensor,
+    x_proj_weight,
     norm_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     eps: float,
-    dt_proj_weight: torch.Tensor,
+    dt_proj_weight,
     dt_bias: torch.Tensor,
     A_log: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as `ops.decode.mamba_step_ref`, in one call of mamba_step.cpp when every tensor has the SSM
-    state's dtype (fp32 or fp64) and is contiguous (xz: its rows); otherwise the reference."""
-    params = (conv_weight, conv_bias, x_proj_weight, *norm_weights, dt_proj_weight, dt_bias, A_log, D)
+    state's dtype (fp32 or fp64) and is contiguous (xz: its rows); otherwise the reference. x_proj_weight and
+    dt_proj_weight may be quantized weights (fp32 only): their products are then quant_linear.cpp's, run inside
+    the call, and give what the weights' own `linear` gives."""
     dtype = ssm.dtype
-    if (dtype not in _FLOATS or any(t is not None and (t.dtype != dtype or not t.is_contiguous())
-                                    for t in (window, ssm, *params))
+    x_fields, dt_fields = _step_projection(x_proj_weight, dtype), _step_projection(dt_proj_weight, dtype)
+    params = (conv_weight, conv_bias, *norm_weights, dt_bias, A_log, D)
+    if (dtype not in _FLOATS or x_fields is None or dt_fields is None
+            or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in (window, ssm, *params))
             or xz.dtype != dtype or xz.stride(-1) != 1 or _needs_grad(xz, *params)):
         return mamba_step_ref(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
                               dt_proj_weight, dt_bias, A_log, D)
     batch, inner = xz.shape[0], xz.shape[1] // 2
-    rank, state = dt_proj_weight.shape[1], A_log.shape[1]
+    rank, state = _in_features(dt_proj_weight), A_log.shape[1]
     y = torch.empty(batch, inner, dtype=dtype)
     scratch = torch.empty(batch, rank + 2 * state + 3 * inner, dtype=dtype)
     # Positional, pointers straight from the tensors (alive in this frame for the call): a third of make_args' cost.
-    args = MambaStepArgs(batch, inner, conv_weight.shape[1], rank, state,
-                         _threads(batch * inner * (x_proj_weight.shape[0] + state)), xz.stride(0), eps,
+    args = MambaStepArgs(batch, inner, conv_weight.shape[1], rank, state, _threads(batch * inner * (rank + 3 * state)),
+                         xz.stride(0), eps,
                          *(None if t is None else t.data_ptr() for t in (
-                             xz, conv_weight, conv_bias, x_proj_weight, *norm_weights, dt_proj_weight, dt_bias, A_log,
-                             D, window, ssm, y, scratch)))
+                             xz, conv_weight, conv_bias, x_fields[0], *norm_weights, dt_fields[0], dt_bias, A_log, D,
+                             window, ssm, y, scratch)),
+                         *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:])
     call("mamba_step", dtype, args)
     return y
+
+
+def _in_features(weight) -> int:
+    return weight.shape[1] if isinstance(weight, torch.Tensor) else weight.in_features
+
+
+def _step_projection(weight, dtype: torch.dtype) -> tuple | None:
+    """mamba_step.cpp's fields for x_proj or dt_proj: (weight, bits, group, threads, scales, zeros); bits 0 for a
+    plain matrix of the step's dtype. None where the kernel cannot read it (the reference serves then)."""
+    if isinstance(weight, torch.Tensor):
+        ok = weight.dtype == dtype and weight.is_contiguous() and weight.dim() == 2 and not _needs_grad(weight)
+        return (weight, 0, 0, 0, None, None) if ok else None
+    # A quantized weight (openjamba.quant.QuantizedWeight): what its own CPU kernel takes, in its documented layout.
+    q, scales, bits = weight.qweight, weight.scales, weight.bits
+    out_features, in_features = weight.out_features, weight.in_features
+    if (dtype != torch.float32 or q.dim() != 2 or q.device.type != "cpu" or in_features % QUANT_K_MULTIPLE
+            or scales.dtype != (torch.float32 if bits == 8 else torch.bfloat16)
+            or not (q.is_contiguous() and scales.is_contiguous())):
+        return None
+    zeros = weight.zeros if bits == 4 else None
+    if zeros is not None and (zeros.dtype != torch.bfloat16 or not zeros.is_contiguous()):
+        return None
+    threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    return (q, bits, weight.group_size or 0, threads, scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr())
 
 
 def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:

@@ -16,8 +16,14 @@
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
 //   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
 //   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
+//
+// x_proj and dt_proj may instead be quantized weights (openjamba.quant's int8 / int4 layout; fp32 only): x_bits or
+// dt_bits is then 8 or 4, the weight pointer holds q, and *_scales / *_zeros / *_group the rest of the format. Their
+// products are those of quant_linear.cpp (qlinear_int8 / qlinear_int4, called here between the phases: each takes
+// all the threads itself), so a quantized step computes exactly what the quantized layer computes product by product.
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -25,6 +31,15 @@
 #endif
 
 #include "common.h"
+
+extern "C" {
+// quant_linear.cpp's products (same library).
+void qlinear_int8(const void* x, const void* q, const void* scales, const void* bias, const void* index, void* y,
+                  int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t threads);
+void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
+                  const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
+                  int64_t y_stride, int64_t threads);
+}
 
 namespace {
 
@@ -36,6 +51,9 @@ struct MambaStepArgs {
   const void *xz, *conv_w, *conv_bias, *x_proj_w, *dt_norm_w, *B_norm_w, *C_norm_w, *dt_proj_w, *dt_bias, *A_log,
       *D;
   void *window, *h, *y, *scratch;
+  // Quantized projections (0 bits: a plain weight matrix of the step's dtype); each product's own thread count.
+  int64_t x_bits, x_group, x_threads, dt_bits, dt_group, dt_threads;
+  const void *x_scales, *x_zeros, *dt_scales, *dt_zeros;
 };
 
 template <typename T>
@@ -103,8 +121,9 @@ inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, i
 }
 
 // The state update of row b over channels [c0, c0 + w), w <= W, given A * exp_scale (As) and dt_proj's weights
-// transposed (dtw_t, (rank, W)) for those channels, both prepared once per call and shared by every row. Each
-// channel's arithmetic is the same whatever the block, the row count or the thread count (batch invariance).
+// transposed (dtw_t, (rank, W)) for those channels, both prepared once per call and shared by every row (dtw_t
+// null: dt_proj is quantized, its product already in the row's scratch). Each channel's arithmetic is the same
+// whatever the block, the row count or the thread count (batch invariance).
 template <typename T>
 void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As, const T* dtw_t) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
@@ -121,12 +140,18 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
   T* y = static_cast<T*>(a.y) + b * D_ + c0;
   // dt_proj over the block's channels, rank by rank (a fixed order per channel), then softplus and the gate.
   T dt[W], out[W];
+  if (dtw_t) {
 #pragma omp simd
-  for (int64_t j = 0; j < w; ++j) dt[j] = dt_bias ? dt_bias[c0 + j] : T(0);
-  for (int64_t k = 0; k < R; ++k) {
-    const T dk = dt_low[k];
+    for (int64_t j = 0; j < w; ++j) dt[j] = dt_bias ? dt_bias[c0 + j] : T(0);
+    for (int64_t k = 0; k < R; ++k) {
+      const T dk = dt_low[k];
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) dt[j] += dtw_t[k * W + j] * dk;
+      for (int64_t j = 0; j < w; ++j) dt[j] += dtw_t[k * W + j] * dk;
+    }
+  } else {
+    const T* dt_proj = proj + P + D_ + c0;  // the quantized product (the reference adds the bias after it)
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) dt[j] = dt_proj[j] + (dt_bias ? dt_bias[c0 + j] : T(0));
   }
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
@@ -178,89 +203,155 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 }
 
 // Phases over all rows at once, so that each weight is read once per call and each per-channel constant
-// (exp(A_log), dt_proj's transposed block) is computed once per call rather than once per row.
+// (exp(A_log), dt_proj's transposed block) is computed once per call rather than once per row. Each phase is a
+// work-shared loop (`omp for`): inside a parallel region the threads split it, outside it one thread runs it all.
+// Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then a quantized dt_proj's
+// output (channels each).
+
+// 1. conv over the window and the new input, then silu (vectorised over channels); the window moves on.
 template <typename T>
-void step(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, K = a.kernel, R = a.rank, N = a.state, P = R + 2 * N, B_ = a.batch;
+void conv_phase(const MambaStepArgs& a) {
+  const int64_t D_ = a.channels, K = a.kernel, P = a.rank + 2 * a.state, items = a.threads;
   const T* conv_w = static_cast<const T*>(a.conv_w);
   const T* conv_bias = static_cast<const T*>(a.conv_bias);
+  T* scratch = static_cast<T*>(a.scratch);
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < items; ++i) {
+    int64_t c0, c1;
+    channel_range(D_, items, i, c0, c1);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
+      T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
+      T* u = scratch + b * (P + 3 * D_) + P;
+      for (int64_t c = c0; c < c1; ++c) {
+        T acc = conv_bias ? conv_bias[c] : T(0);
+        for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
+        u[c] = acc + conv_w[c * K + K - 1] * xz[c];
+      }
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
+      for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
+                                                        window + k * D_ + c0);
+      if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
+    }
+  }
+}
+
+// 2. x_proj (plain weights): rank + 2N dot products over the channels per row, each weight row read once for all
+// rows.
+template <typename T>
+void x_proj_phase(const MambaStepArgs& a) {
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, B_ = a.batch;
   const T* xw = static_cast<const T*>(a.x_proj_w);
-  const T* dtw = static_cast<const T*>(a.dt_proj_w);
+  T* scratch = static_cast<T*>(a.scratch);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < P; ++r) {
+    const T* wr = xw + r * D_;
+    constexpr int M = 4;
+    const T* x[M];
+    T* out[M];
+    int64_t b = 0;
+    for (; b + M <= B_; b += M) {
+      for (int m = 0; m < M; ++m) {
+        out[m] = scratch + (b + m) * (P + 3 * D_) + r;
+        x[m] = scratch + (b + m) * (P + 3 * D_) + P;
+      }
+      dots<T, M>(wr, x, out, D_);
+    }
+    for (; b < B_; ++b) {
+      out[0] = scratch + b * (P + 3 * D_) + r;
+      x[0] = scratch + b * (P + 3 * D_) + P;
+      dots<T, 1>(wr, x, out, D_);
+    }
+  }
+}
+
+// 3. the three norms of each row (a few dozen values each).
+template <typename T>
+void norm_phase(const MambaStepArgs& a) {
+  const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
+  T* scratch = static_cast<T*>(a.scratch);
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < a.batch; ++b) {
+    T* proj = scratch + b * (P + 3 * D_);
+    rms_norm<T>(proj, static_cast<const T*>(a.dt_norm_w), R, a.eps);
+    rms_norm<T>(proj + R, static_cast<const T*>(a.B_norm_w), N, a.eps);
+    rms_norm<T>(proj + R + N, static_cast<const T*>(a.C_norm_w), N, a.eps);
+  }
+}
+
+// 4. for the thread's channels: A = -exp(A_log) * exp_scale and (plain weights) dt_proj's weights transposed per
+// block of W channels, once; then row by row (each row's state read in order), dt_proj, softplus, state update,
+// skip connection and gate.
+template <typename T>
+void update_phase(const MambaStepArgs& a) {
+  const int64_t D_ = a.channels, R = a.rank, N = a.state, items = a.threads;
+  const T* dtw = a.dt_bits ? nullptr : static_cast<const T*>(a.dt_proj_w);
   const T* A_log = static_cast<const T*>(a.A_log);
-  T* scratch = static_cast<T*>(a.scratch);  // per row: x_proj's output (dt, B, C), then the conv's output u
-  const int64_t items = a.threads;
-#pragma omp parallel num_threads(a.threads)
-  {
-    // 1. conv over the window and the new input, then silu (vectorised over channels); the window moves on.
+  std::vector<T> As, dtw_t;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < items; ++i) {
-      int64_t c0, c1;
-      channel_range(D_, items, i, c0, c1);
-      for (int64_t b = 0; b < B_; ++b) {
-        const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
-        T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
-        T* u = scratch + b * (P + 3 * D_) + P;
-        for (int64_t c = c0; c < c1; ++c) {
-          T acc = conv_bias ? conv_bias[c] : T(0);
-          for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
-          u[c] = acc + conv_w[c * K + K - 1] * xz[c];
-        }
+  for (int64_t i = 0; i < items; ++i) {
+    int64_t c0, c1;
+    channel_range(D_, items, i, c0, c1);
+    As.resize((c1 - c0) * N);
 #pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
-        for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
-                                                          window + k * D_ + c0);
-        if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
-      }
-    }
-    // 2. x_proj: rank + 2N dot products over the channels per row, each weight row read once for all rows.
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < P; ++r) {
-      const T* wr = xw + r * D_;
-      constexpr int M = 4;
-      const T* x[M];
-      T* out[M];
-      int64_t b = 0;
-      for (; b + M <= B_; b += M) {
-        for (int m = 0; m < M; ++m) {
-          out[m] = scratch + (b + m) * (P + 3 * D_) + r;
-          x[m] = scratch + (b + m) * (P + 3 * D_) + P;
-        }
-        dots<T, M>(wr, x, out, D_);
-      }
-      for (; b < B_; ++b) {
-        out[0] = scratch + b * (P + 3 * D_) + r;
-        x[0] = scratch + b * (P + 3 * D_) + P;
-        dots<T, 1>(wr, x, out, D_);
-      }
-    }
-    // 3. the three norms of each row (a few dozen values each).
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B_; ++b) {
-      T* proj = scratch + b * (P + 3 * D_);
-      rms_norm<T>(proj, static_cast<const T*>(a.dt_norm_w), R, a.eps);
-      rms_norm<T>(proj + R, static_cast<const T*>(a.B_norm_w), N, a.eps);
-      rms_norm<T>(proj + R + N, static_cast<const T*>(a.C_norm_w), N, a.eps);
-    }
-    // 4. for the thread's channels: A = -exp(A_log) * exp_scale and dt_proj's weights transposed per block of W
-    // channels, once; then row by row (each row's state read in order), dt_proj, softplus, state update, skip
-    // connection and gate.
-    std::vector<T> As, dtw_t;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < items; ++i) {
-      int64_t c0, c1;
-      channel_range(D_, items, i, c0, c1);
-      As.resize((c1 - c0) * N);
+    for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = -exp_of<T>(A_log[c0 * N + e]) * Math<T>::exp_scale;
+    if (dtw) {
       dtw_t.resize(((c1 - c0 + W - 1) / W) * R * W);
-#pragma omp simd
-      for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = -exp_of<T>(A_log[c0 * N + e]) * Math<T>::exp_scale;
       for (int64_t cb = c0; cb < c1; cb += W)
         for (int64_t j = 0; j < std::min<int64_t>(W, c1 - cb); ++j)
           for (int64_t k = 0; k < R; ++k) dtw_t[(cb - c0) * R + k * W + j] = dtw[(cb + j) * R + k];
-      for (int64_t b = 0; b < B_; ++b)
-        for (int64_t cb = c0; cb < c1; cb += W)
-          update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N,
-                          dtw_t.data() + (cb - c0) * R);
     }
+    for (int64_t b = 0; b < a.batch; ++b)
+      for (int64_t cb = c0; cb < c1; cb += W)
+        update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N,
+                        dtw ? dtw_t.data() + (cb - c0) * R : nullptr);
+  }
+}
+
+// A quantized product over the batch's rows of scratch: x at column x_col, y to column y_col (row stride P + 3D).
+void quantized_product(const MambaStepArgs& a, int64_t bits, const void* q, const void* scales, const void* zeros,
+                       int64_t group, int64_t threads, int64_t in, int64_t out, int64_t x_col, int64_t y_col) {
+  const int64_t stride = a.rank + 2 * a.state + 3 * a.channels;
+  float* scratch = static_cast<float*>(a.scratch);
+  if (bits == 8)
+    qlinear_int8(scratch + x_col, q, scales, nullptr, nullptr, scratch + y_col, a.batch, in, out, stride, stride,
+                 threads);
+  else
+    qlinear_int4(scratch + x_col, q, scales, zeros, nullptr, nullptr, scratch + y_col, a.batch, in, out, group,
+                 stride, stride, threads);
+}
+
+template <typename T>
+void step(const MambaStepArgs& a) {
+  if (!a.x_bits && !a.dt_bits) {  // plain weights: the four phases in one parallel region
+#pragma omp parallel num_threads(a.threads)
+    {
+      conv_phase<T>(a);
+      x_proj_phase<T>(a);
+      norm_phase<T>(a);
+      update_phase<T>(a);
+    }
+    return;
+  }
+  // Quantized projections (fp32 only, as their kernels): each product runs its own parallel region between the
+  // phases.
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t D_ = a.channels, R = a.rank, P = R + 2 * a.state;
+#pragma omp parallel num_threads(a.threads)
+    conv_phase<T>(a);
+    if (a.x_bits)
+      quantized_product(a, a.x_bits, a.x_proj_w, a.x_scales, a.x_zeros, a.x_group, a.x_threads, D_, P, P, 0);
+    else {
+#pragma omp parallel num_threads(a.threads)
+      x_proj_phase<T>(a);
+    }
+    norm_phase<T>(a);  // a few dozen values per row: not worth waking the threads
+    if (a.dt_bits)
+      quantized_product(a, a.dt_bits, a.dt_proj_w, a.dt_scales, a.dt_zeros, a.dt_group, a.dt_threads, R, D_, 0,
+                        P + D_);
+#pragma omp parallel num_threads(a.threads)
+    update_phase<T>(a);
   }
 }
 
