@@ -26,55 +26,11 @@ namespace {
 
 using namespace openjamba;
 
-constexpr int WROWS_ONE = 8;  // weight rows per step for one row of x (eight sequential streams)
-constexpr int WROWS = 4;      // weight rows per step for several rows of x
-constexpr int XROWS = 6;      // rows of x per tile at most: 4 x 6 accumulators + 4 weight vectors fit 32 registers
-
 struct FfnStepArgs {
   int64_t rows, hidden, inner, experts, top_k, threads, x_stride, expert_stride, down_stride;
   const void *x, *residual, *router_w, *gate_w, *up_w, *down_w;
   void* out;
 };
-
-// tile<T, WROWS, m> for a run-time m in [1, M].
-template <typename T, int M = XROWS, typename Emit>
-inline void tile_m(int m, const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit) {
-  if constexpr (M == 1) {
-    tile<T, WROWS, 1>(x, w, n, js, nr, emit);
-  } else {
-    if (m == M) return tile<T, WROWS, M>(x, w, n, js, nr, emit);
-    tile_m<T, M - 1>(m, x, w, n, js, nr, emit);
-  }
-}
-
-// Rows [j0, j1) of matrix w (row length n) against the vectors xs: emit(s, j, w_j . xs[s]) for each vector s. With
-// several vectors, every tile of WROWS weight rows is loaded once and all vectors pass over it while it is in L1,
-// in groups of at most XROWS of nearly equal size (8 vectors: two groups of 4, not 6 + 2).
-template <typename T, typename Emit>
-void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const std::vector<const T*>& xs, Emit emit) {
-  const int64_t count = static_cast<int64_t>(xs.size());
-  if (count == 1) {
-    constexpr int R = WROWS_ONE;
-    const int64_t stretch = (j1 - j0 + R - 1) / R;
-    for (int64_t t = 0; t < stretch; ++t) {
-      int64_t js[R];
-      const int nr = tile_rows<R>(j0, j1, stretch, t, js);
-      tile<T, R, 1>(xs.data(), w, n, js, nr, emit);
-    }
-    return;
-  }
-  const int64_t groups = (count + XROWS - 1) / XROWS;
-  const int64_t stretch = (j1 - j0 + WROWS - 1) / WROWS;
-  for (int64_t t = 0; t < stretch; ++t) {
-    int64_t js[WROWS];
-    const int nr = tile_rows<WROWS>(j0, j1, stretch, t, js);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t s0 = count * g / groups, s1 = count * (g + 1) / groups;
-      auto shifted = [&](int64_t m, int64_t j, T v) { emit(s0 + m, j, v); };
-      tile_m<T>(static_cast<int>(s1 - s0), xs.data() + s0, w, n, js, nr, shifted);
-    }
-  }
-}
 
 template <typename T>
 inline T silu(T v) {
@@ -122,19 +78,19 @@ void route(const FfnStepArgs& a, int64_t K, std::vector<int64_t>& index, std::ve
   }
 }
 
-// Work items: [begin, end) output rows of one group's matrix, in multiples of WROWS_ONE.
+// Work items: [begin, end) output rows of one group's matrix, in multiples of TILE_W_ONE.
 struct Item {
   int64_t group, begin, end;
 };
 
 std::vector<Item> split(int64_t groups, int64_t rows_per_group, int64_t threads) {
-  const int64_t blocks = (rows_per_group + WROWS_ONE - 1) / WROWS_ONE;
+  const int64_t blocks = (rows_per_group + TILE_W_ONE - 1) / TILE_W_ONE;
   const int64_t per_group = threads == 1 ? 1 : std::max<int64_t>(1, std::min(blocks, 8 * threads / groups));
   std::vector<Item> items;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i)
-      items.push_back({g, std::min(rows_per_group, blocks * i / per_group * WROWS_ONE),
-                       std::min(rows_per_group, blocks * (i + 1) / per_group * WROWS_ONE)});
+      items.push_back({g, std::min(rows_per_group, blocks * i / per_group * TILE_W_ONE),
+                       std::min(rows_per_group, blocks * (i + 1) / per_group * TILE_W_ONE)});
   return items;
 }
 
@@ -176,9 +132,10 @@ void ffn_step(const FfnStepArgs& a) {
       const T* gate = static_cast<const T*>(a.gate_w) + g.expert * a.expert_stride;
       const T* up = static_cast<const T*>(a.up_w) + g.expert * a.expert_stride;
       const std::vector<int64_t>& slots = g.slots;
-      matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group],
+      const int64_t n_slots = static_cast<int64_t>(slots.size());
+      matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
                      [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = v; });
-      matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group],
+      matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
                      [&](int64_t s, int64_t j, T v) { up_out[slots[s] * I + j] = v; });
       for (int64_t s : slots) {  // a separate loop, so that silu is vectorised
         T* a_s = act.data() + s * I;
@@ -193,7 +150,8 @@ void ffn_step(const FfnStepArgs& a) {
       const Group& g = groups[it.group];
       const T* down = static_cast<const T*>(a.down_w) + g.expert * a.down_stride;
       const std::vector<int64_t>& slots = g.slots;
-      matrix_rows<T>(down, I, it.begin, it.end, act_rows[it.group],
+      const int64_t n_slots = static_cast<int64_t>(slots.size());
+      matrix_rows<T>(down, I, it.begin, it.end, act_rows[it.group].data(), n_slots,
                      [&](int64_t s, int64_t j, T v) { expert_out[slots[s] * H + j] = v; });
     }
     // 3. each row's weighted sum over its slots, plus the residual.
