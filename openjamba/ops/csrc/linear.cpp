@@ -6,10 +6,10 @@
 //
 // A one-token step reads every weight once and does two flops per weight, so it is bound by memory bandwidth: the
 // work is split by output rows over threads (each item a contiguous slice of W), and each thread walks several rows
-// of W at once with vector accumulators. With several rows of x (a batch of sequences), a tile of ROWS_W rows of W
-// times up to ROWS_X rows of x keeps ROWS_W * ROWS_X accumulators in registers, so each weight loaded feeds every
-// row of x; an item's slice of W (ITEM_BYTES) stays in L2 while successive groups of ROWS_X rows pass over it. The
-// vectors are GCC/clang vector types, so the same code compiles to AVX-512, AVX2 or SSE, whatever the build targets.
+// of W at once with vector accumulators. With several rows of x (a batch of sequences), every row of x passes over
+// each small tile of W while it is in L1, in register tiles of a few rows of W times a few rows of x (tiles.h's
+// matrix_rows), so W is read from memory once per call, prefetched ahead. The vectors are GCC/clang vector types,
+// so the same code compiles to AVX-512, AVX2 or SSE, whatever the build targets.
 //
 // Batch invariance: every output y[m][j] is summed in the same order whatever the number of rows, the tile it falls
 // in and the number of threads: one vector accumulator over k (lane l takes k = l, l + lanes, ... in order), its
