@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from openjamba.serve.engine import Engine, EngineFull, FinishEvent, SamplingParams, TokenEvent
+from openjamba.serve.engine import Engine, EngineFull, FinishEvent, SamplingParams, TokenEvent, on_fresh_thread
 
 from .conftest import random_model
 
@@ -506,3 +506,15 @@ def test_stop_finishes_what_is_in_flight_even_from_a_callback(model):
     assert sink.finish[first].error == "the engine stopped"
     with pytest.raises(RuntimeError, match="stopped"):
         engine.submit([3], GREEDY, sink)
+
+
+def test_on_fresh_thread_runs_with_its_threads_and_hands_back_result_or_error(model):
+    caller = threading.current_thread()
+    assert on_fresh_thread(lambda: (torch.get_num_threads(), threading.current_thread() is caller), 1) == (1, False)
+    with pytest.raises(ValueError, match="inside"):
+        on_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("inside")))
+    with pytest.raises(ValueError, match="threads"):
+        Engine(model, threads=0)
+    with Engine(model, threads=1) as engine:  # the loop sets its own thread count, whatever the caller's
+        tokens, _ = run(engine, prompts_of([5], model.config.vocab_size, seed=40), GREEDY)
+    assert tokens[0] == solo_generate(model, prompts_of([5], model.config.vocab_size, seed=40)[0], 8, chunk=512)

@@ -23,11 +23,12 @@ touched with reason "error" and the loop goes on.
 The loop runs on a thread of its own with `threads` intra-op threads. With torch's OpenMP backend (libgomp) every
 thread that runs multi-threaded ops keeps a pool of worker threads for as long as it lives, and once the pools of a
 process hold more threads than the machine has CPUs, libgomp stops spin-waiting between parallel regions: each
-region then wakes its workers through the kernel, and on two threads a 512-token prefill chunk of `cpu-bench`
-took ~15-20% longer in the engine's thread than in a process with one pool (elementwise ops of 256K elements: 61
-against 20 us). So whoever loads the model for an engine should do it on a thread that then exits
-(`on_fresh_thread`) and keep its own thread to one intra-op thread (`torch.set_num_threads(1)`), as
-`openjamba serve`, `chat` and `bench-serve` do: the engine's thread then holds the process's only pool.
+region then wakes its workers through the kernel: on two threads a 262,144-element multiply took 61 us in a second
+thread against 20 us with one pool, and a 512-token prefill chunk of `cpu-bench` ran on one thread's worth of CPU
+in the engine's thread where it used two in the main thread (docs/serving.md). So whoever loads the model for an
+engine should do it on a thread that then exits (`on_fresh_thread`) and keep its own thread to one intra-op thread
+(`torch.set_num_threads(1)`), as `openjamba serve`, `chat` and `bench-serve` do: the engine's thread then holds
+the process's only pool.
 
 Sampling is per row: a request's `torch.Generator` (seeded from `seed`, else random) is used only for its own
 tokens, so a seeded request samples the same tokens whatever else runs. Rows of one batch are computed together,
