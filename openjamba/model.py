@@ -194,9 +194,7 @@ class MambaMixer(nn.Module):
     def _step_weights(self) -> tuple | None:
         """The weights of x_proj and dt_proj as the fused decode step reads them: plain matrices, or quantized
         weights (openjamba.quant.QuantizedLinear's); None when either is something else."""
-        x_proj, dt_proj = (p.weight if type(p) is Linear else getattr(p, "quantized", None)
-                           for p in (self.x_proj, self.dt_proj))
-        return None if x_proj is None or dt_proj is None else (x_proj, dt_proj)
+        return _step_weights(self.x_proj, self.dt_proj)
 
     def _fused_decode_step(self, xz: torch.Tensor, state: MambaState, weights: tuple) -> torch.Tensor:
         """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op: decoding
@@ -206,6 +204,14 @@ class MambaMixer(nn.Module):
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
         return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms,
                               self.dt_layernorm.eps, dt_proj, self.dt_proj.bias, self.A_log, self.D)
+
+
+def _step_weights(*projections: nn.Module) -> tuple | None:
+    """What a fused decode step reads for each projection: a plain Linear's weight matrix, or a quantized layer's
+    weight (openjamba.quant.QuantizedLinear.quantized, which the kernels read in its stored layout); None when any
+    is something else."""
+    weights = tuple(p.weight if type(p) is Linear else getattr(p, "quantized", None) for p in projections)
+    return None if any(w is None for w in weights) else weights
 
 
 def _without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -230,10 +236,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def decode_step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + forward(x) for a decode step's rows (B, H); plain weights in one kernel call."""
-        projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if all(type(p) is Linear for p in projections) and x.shape[0] <= ops.fused_step_rows(x.device):
-            return ops.mlp_step(x, *(p.weight for p in projections), residual)
+        """residual + forward(x) for a decode step's rows (B, H); plain or quantized weights in one kernel call."""
+        weights = _step_weights(self.gate_proj, self.up_proj, self.down_proj)
+        if weights is not None and x.shape[0] <= ops.fused_step_rows(x.device):
+            return ops.mlp_step(x, *weights, residual)
         return residual + self(x)
 
 

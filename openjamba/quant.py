@@ -280,16 +280,17 @@ class QuantizedWeight(nn.Module):
                     gather: torch.Tensor | None) -> torch.Tensor | None:
         """The product in ops/csrc/quant_linear.cpp, or None where it does not apply (another device or dtype,
         autograd, a weight whose inputs are not a multiple of 32, no compiled kernels). Called for every projection
-        of every decoded token, so it reads the buffers directly and checks only what can differ."""
+        of every decoded token, so it reads the buffers directly, checks only what can differ, and takes a decode
+        step's rows (B, K) as they are (no reshape, no view)."""
         K, N = self.in_features, self.out_features
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
+        if (x.dtype != torch.float32 or not x.is_cpu or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
                 or (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0
                 or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
             return None
         lib = _cpu_library()
         if lib is None:
             return None
-        flat = x.reshape(-1, K)
+        flat = x if x.dim() == 2 else x.reshape(-1, K)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
         rows = flat.shape[0]
@@ -310,7 +311,7 @@ class QuantizedWeight(nn.Module):
             zeros = buffers["zeros"][index] if index else buffers["zeros"]
             lib.qlinear_int4(flat.data_ptr(), q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), *pointers, rows, K,
                              N, K // scales.shape[-1], flat.stride(0), N, threads)
-        return y.view(*x.shape[:-1], N)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""

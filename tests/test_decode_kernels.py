@@ -305,6 +305,41 @@ def test_ffn_steps_match_references(monkeypatch, dtype, tol, threads, rows):
     torch.testing.assert_close(mlp, expected, atol=atol, rtol=tol)
 
 
+def quantized_mlp_inputs(method: str, rows: int, hidden: int = 64, inner: int = 96):
+    """x, gate, up, down, residual of an MLP step in fp32, its weights quantized (groups of 32)."""
+    x, residual = randn(rows, hidden, dtype=torch.float32), randn(rows, hidden, dtype=torch.float32, seed=1)
+    weights = [quant.QuantizedWeight(quant.quantize_weight(randn(*shape, seed=seed) * 0.3, method, 32)).prepare()
+               for shape, seed in (((inner, hidden), 2), ((inner, hidden), 3), ((hidden, inner), 4))]
+    return x, *weights, residual
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_mlp_step_matches_reference(monkeypatch, method, rows):
+    """mlp_step with quantized weights (one call of quant_step.cpp) against the reference with the kernels' product
+    arithmetic (`kernel_reference`): equal up to fp32 rounding (its silu and the kernel's differ by an ulp, which
+    can move one activation of the down product across a rounding step); against the dequantized weights' plain MLP,
+    within the activations' int8 rounding. The same bits on 1 and 2 threads."""
+    monkeypatch.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0)
+    x, gate, up, down, residual = quantized_mlp_inputs(method, rows)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.mlp_step(x, gate, up, down, residual)
+        torch.set_num_threads(2)
+        two = cpu_kernels.mlp_step(x, gate, up, down, residual)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, two)
+    expected = decode.mlp_step_ref(x, *(KernelArithmetic(w) for w in (gate, up, down)), residual)
+    plain = decode.mlp_step_ref(x, *(quant.dequantize(w.tensors()) for w in (gate, up, down)), residual)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(one, expected, atol=1e-4 * scale, rtol=1e-4)
+    assert (one - plain).abs().max() <= 0.05 * scale
+    torch.testing.assert_close(decode.mlp_step_ref(x, gate, up, down, residual), expected, atol=1e-4 * scale,
+                               rtol=1e-4)
+
+
 def test_moe_step_reference_is_the_models_moe_block():
     """moe_step_ref is model.SparseMoE (plus the residual), up to the routing weights' fp32 rounding."""
     model = random_model().double()
@@ -340,6 +375,10 @@ def test_decode_kernels_are_batch_invariant(monkeypatch, threads):
             "mamba_step": lambda rows: torch.cat([t.flatten(1) for t in run_step(cpu_kernels.mamba_step, {
                 k: v[rows] if k in ("xz", "window", "ssm") else v for k, v in mamba.items()})], 1),
         }
+        for method in quant.METHODS:  # quantized weights: the products inside the step
+            qx, qgate, qup, qdown, qres = quantized_mlp_inputs(method, most)
+            calls[f"mlp_step {method}"] = lambda rows, a=(qx, qgate, qup, qdown, qres): cpu_kernels.mlp_step(
+                a[0][rows], *a[1:4], a[4][rows])
         for method in quant.METHODS:  # x_proj and dt_proj quantized: their products inside the step
             quantized = quantized_mamba_inputs(method, batch=most)
             calls[f"mamba_step {method}"] = lambda rows, q=quantized: torch.cat([t.flatten(1) for t in run_step(

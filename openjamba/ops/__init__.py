@@ -223,10 +223,9 @@ def fused_step_rows(device: torch.device) -> int:
     return DECODE_MAX_ROWS if _op(device, "moe_step") is not None else 1
 
 
-def mlp_step(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor
-) -> torch.Tensor:
-    """residual + SwiGLU MLP of a decode step's rows (rows, H); see `ops.decode.mlp_step_ref`."""
+def mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.Tensor:
+    """residual + SwiGLU MLP of a decode step's rows (rows, H); see `ops.decode.mlp_step_ref` (the weights:
+    matrices, or quantized weights)."""
     fn = _op(x.device, "mlp_step") or mlp_step_ref
     return fn(x, gate, up, down, residual)
 

@@ -27,7 +27,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
-           CSRC / "quant_linear.cpp")
+           CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "tiles.h")
 ABI_VERSION = 4
 
@@ -149,6 +149,19 @@ class MambaStepArgs(ctypes.Structure):
                           "x_scales x_zeros dt_scales dt_zeros"))
 
 
+class QuantWeight(ctypes.Structure):
+    """`QuantWeight` of quant_step.cpp: a quantized weight in openjamba.quant's layout."""
+
+    _fields_ = _fields("bits group threads", "", "q scales zeros")
+
+
+class QuantMlpArgs(ctypes.Structure):
+    """`QuantMlpArgs` of quant_step.cpp."""
+
+    _fields_ = (_fields("rows hidden inner x_stride", "", "") + [(n, QuantWeight) for n in ("gate", "up", "down")]
+                + _fields("", "", "x residual out scratch"))
+
+
 class FfnStepArgs(ctypes.Structure):
     """`FfnStepArgs` of ffn_step.cpp."""
 
@@ -217,6 +230,7 @@ def library() -> ctypes.CDLL:
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int
+            lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(QuantMlpArgs)], None
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _error = str(err)

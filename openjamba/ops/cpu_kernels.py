@@ -12,6 +12,7 @@ Training memory of the scan: the forward keeps only the state entering every chu
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 
@@ -20,7 +21,17 @@ import torch.nn.functional as F
 
 from . import cpu_build
 from .attention import attend_to_all_sdpa
-from .cpu_build import AttendArgs, ConvArgs, FfnStepArgs, MambaStepArgs, ScanArgs, call, make_args
+from .cpu_build import (
+    AttendArgs,
+    ConvArgs,
+    FfnStepArgs,
+    MambaStepArgs,
+    QuantMlpArgs,
+    QuantWeight,
+    ScanArgs,
+    call,
+    make_args,
+)
 from .decode import DECODE_MAX_ROWS, add_rms_norm_ref, expert_linear_ref, mamba_step_ref, mlp_step_ref, moe_step_ref
 from .decode import rms_norm as rms_norm_ref
 from .scan import selective_scan_ref
@@ -466,10 +477,16 @@ def _step_projection(weight, dtype: torch.dtype) -> tuple | None:
     if isinstance(weight, torch.Tensor):
         ok = weight.dtype == dtype and weight.is_contiguous() and weight.dim() == 2 and not _needs_grad(weight)
         return (weight, 0, 0, 0, None, None) if ok else None
-    # A quantized weight (openjamba.quant.QuantizedWeight): what its own CPU kernel takes, in its documented layout.
+    operands = _quantized_operands(weight) if dtype == torch.float32 else None
+    return None if operands is None else (weight.qweight, *operands[:3], *operands[4:])
+
+
+def _quantized_operands(weight) -> tuple | None:
+    """A quantized weight (openjamba.quant.QuantizedWeight, one matrix) as the kernels take it, in its documented
+    layout: (bits, group, threads, q, scales, zeros) pointers and counts; None where they cannot read it."""
     q, scales, bits = weight.qweight, weight.scales, weight.bits
     out_features, in_features = weight.out_features, weight.in_features
-    if (dtype != torch.float32 or q.dim() != 2 or q.device.type != "cpu" or in_features % QUANT_K_MULTIPLE
+    if (q.dim() != 2 or not q.is_cpu or in_features % QUANT_K_MULTIPLE
             or scales.dtype != (torch.float32 if bits == 8 else torch.bfloat16)
             or not (q.is_contiguous() and scales.is_contiguous())):
         return None
@@ -477,8 +494,26 @@ def _step_projection(weight, dtype: torch.dtype) -> tuple | None:
     if zeros is not None and (zeros.dtype != torch.bfloat16 or not zeros.is_contiguous()):
         return None
     threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
-    return (q, bits, weight.group_size or 0, threads, scales.data_ptr(),
+    return (bits, weight.group_size or 0, threads, q.data_ptr(), scales.data_ptr(),
             None if zeros is None else zeros.data_ptr())
+
+
+def _quantized_mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.Tensor:
+    """mlp_step with quantized weights: one call of quant_step.cpp (its products quant_linear.cpp's)."""
+    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
+    inner = gate.out_features
+    operands = [_quantized_operands(w) for w in (gate, up, down)]
+    if (x.dtype != torch.float32 or not 0 < rows <= DECODE_MAX_ROWS or x.stride(-1) != 1 or None in operands
+            or residual.dtype != torch.float32 or residual.shape != x.shape or not residual.is_contiguous()
+            or gate.in_features != hidden or up.in_features != hidden or up.out_features != inner
+            or down.in_features != inner or down.out_features != hidden or _needs_grad(x, residual)):
+        return mlp_step_ref(x, gate, up, down, residual)
+    out = torch.empty_like(residual)
+    scratch = torch.empty(rows, 2 * inner)
+    args = QuantMlpArgs(rows, hidden, inner, x.stride(0), *(QuantWeight(*o) for o in operands), x.data_ptr(),
+                        residual.data_ptr(), out.data_ptr(), scratch.data_ptr())
+    cpu_build.library().quant_mlp_step(ctypes.byref(args))
+    return out
 
 
 def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
@@ -514,7 +549,10 @@ def _ffn_step(x, residual, router, gate, up, down, experts: int, top_k: int, exp
 
 @eager_under_compile
 def mlp_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor):
-    """Same contract as `ops.decode.mlp_step_ref`, in one call of ffn_step.cpp (one expert, no router)."""
+    """Same contract as `ops.decode.mlp_step_ref`, in one call of ffn_step.cpp (one expert, no router), or of
+    quant_step.cpp for quantized weights (openjamba.quant.QuantizedWeight)."""
+    if not isinstance(gate, torch.Tensor):
+        return _quantized_mlp_step(x, gate, up, down, residual)
     if (not _plain_rows(x.dtype, x, gate, up, down, residual) or x.dim() != 2 or not 0 < x.shape[0] <= DECODE_MAX_ROWS
             or residual.shape != x.shape or gate.shape != up.shape or gate.dim() != 2 or gate.shape[1] != x.shape[1]
             or down.shape != gate.shape[::-1]):

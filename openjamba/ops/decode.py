@@ -89,11 +89,10 @@ def add_rms_norm_ref(
     return s, rms_norm(s, weight, eps)
 
 
-def mlp_step_ref(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor
-) -> torch.Tensor:
-    """residual + the SwiGLU MLP (model.MLP) of x (rows, H): gate, up (I, H), down (H, I) -> (rows, H)."""
-    return residual + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def mlp_step_ref(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.Tensor:
+    """residual + the SwiGLU MLP (model.MLP) of x (rows, H): gate, up (I, H), down (H, I) -> (rows, H). The weights
+    may be quantized weights (openjamba.quant.QuantizedWeight), applied by their own `linear`."""
+    return residual + _project(F.silu(_project(x, gate)) * _project(x, up), down)
 
 
 def moe_step_ref(
