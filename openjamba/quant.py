@@ -251,6 +251,15 @@ class QuantizedWeight(nn.Module):
         self.restore_scale_dtypes()
         return self
 
+    def kernel_operands(self) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(bits, int4 group or 0, q, scales, zeros or None): what a fused decode-step kernel reads (ops.mamba_step,
+        ops.mlp_step). Read from the buffers directly: called for several weights of every layer and token."""
+        buffers = self._buffers
+        scales = buffers["scales"]
+        if self.bits == 8:
+            return 8, 0, buffers["qweight"], scales, None
+        return 4, self.in_features // scales.shape[-1], buffers["qweight"], scales, buffers["zeros"]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The documented format (what a checkpoint stores)."""
         out = {"qweight": self.qweight, "scales": self.scales}

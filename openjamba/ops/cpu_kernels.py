@@ -459,9 +459,9 @@ def mamba_step(
     # Positional, pointers straight from the tensors (alive in this frame for the call): a third of make_args' cost.
     args = MambaStepArgs(batch, inner, conv_weight.shape[1], rank, state, _threads(batch * inner * (rank + 3 * state)),
                          xz.stride(0), eps,
-                         *(None if t is None else t.data_ptr() for t in (
-                             xz, conv_weight, conv_bias, x_fields[0], *norm_weights, dt_fields[0], dt_bias, A_log, D,
-                             window, ssm, y, scratch)),
+                         *(None if t is None else t.data_ptr() for t in (xz, conv_weight, conv_bias)), x_fields[0],
+                         *(t.data_ptr() for t in norm_weights), dt_fields[0],
+                         *(None if t is None else t.data_ptr() for t in (dt_bias, A_log, D, window, ssm, y, scratch)),
                          *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:])
     call("mamba_step", dtype, args)
     return y
@@ -472,30 +472,27 @@ def _in_features(weight) -> int:
 
 
 def _step_projection(weight, dtype: torch.dtype) -> tuple | None:
-    """mamba_step.cpp's fields for x_proj or dt_proj: (weight, bits, group, threads, scales, zeros); bits 0 for a
-    plain matrix of the step's dtype. None where the kernel cannot read it (the reference serves then)."""
+    """mamba_step.cpp's fields for x_proj or dt_proj: (weight, bits, group, threads, scales, zeros), pointers and
+    counts; bits 0 for a plain matrix of the step's dtype. None where the kernel cannot read it (the reference
+    serves then)."""
     if isinstance(weight, torch.Tensor):
         ok = weight.dtype == dtype and weight.is_contiguous() and weight.dim() == 2 and not _needs_grad(weight)
-        return (weight, 0, 0, 0, None, None) if ok else None
+        return (weight.data_ptr(), 0, 0, 0, None, None) if ok else None
     operands = _quantized_operands(weight) if dtype == torch.float32 else None
-    return None if operands is None else (weight.qweight, *operands[:3], *operands[4:])
+    return None if operands is None else (operands[3], *operands[:3], *operands[4:])
 
 
 def _quantized_operands(weight) -> tuple | None:
     """A quantized weight (openjamba.quant.QuantizedWeight, one matrix) as the kernels take it, in its documented
     layout: (bits, group, threads, q, scales, zeros) pointers and counts; None where they cannot read it."""
-    q, scales, bits = weight.qweight, weight.scales, weight.bits
-    out_features, in_features = weight.out_features, weight.in_features
-    if (q.dim() != 2 or not q.is_cpu or in_features % QUANT_K_MULTIPLE
+    bits, group, q, scales, zeros = weight.kernel_operands()
+    if (q.dim() != 2 or not q.is_cpu or weight.in_features % QUANT_K_MULTIPLE
             or scales.dtype != (torch.float32 if bits == 8 else torch.bfloat16)
-            or not (q.is_contiguous() and scales.is_contiguous())):
+            or not (q.is_contiguous() and scales.is_contiguous())
+            or (zeros is not None and (zeros.dtype != torch.bfloat16 or not zeros.is_contiguous()))):
         return None
-    zeros = weight.zeros if bits == 4 else None
-    if zeros is not None and (zeros.dtype != torch.bfloat16 or not zeros.is_contiguous()):
-        return None
-    threads = 1 if out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
-    return (bits, weight.group_size or 0, threads, q.data_ptr(), scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr())
+    threads = 1 if q.numel() < LINEAR_SERIAL_BELOW // (2 if bits == 4 else 1) else torch.get_num_threads()
+    return bits, group, threads, q.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr()
 
 
 def _quantized_mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.Tensor:
