@@ -114,14 +114,11 @@ inline int tile_rows(int64_t j0, int64_t j1, int64_t stretch, int64_t t, int64_t
 
 constexpr int TILE_W_ONE = 8;  // weight rows per tile for one vector (eight sequential streams keep prefetchers busy)
 constexpr int TILE_W = 4;      // weight rows per tile for several vectors
-constexpr int TILE_X = 4;      // vectors per tile when there are more than TILE_X_ONE_PASS: 4 x 4 sums fill one
-                               // reduction network, with no padding
-constexpr int TILE_X_ONE_PASS = 6;  // up to this many vectors pass in one tile (4 x 6: 24 sums + 4 weights in
-                                    // registers): one pass costs less than two smaller ones
+constexpr int TILE_X = 4;      // vectors per tile at most: 4 x 4 sums fill one reduction network, with no padding
 constexpr int PREFETCH_TILES = 2;  // how far ahead the weight rows are prefetched (1 to 16 measure alike)
 
 // tile<T, TILE_W, m> for a run-time m in [1, M].
-template <typename T, bool Ahead, int M = TILE_X_ONE_PASS, typename Emit>
+template <typename T, bool Ahead, int M = TILE_X, typename Emit>
 inline void tile_m(int m, const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit,
                    const T* const* ahead) {
   if constexpr (M == 1) {
@@ -134,8 +131,8 @@ inline void tile_m(int m, const T* const* x, const T* w, int64_t n, const int64_
 
 // Rows [j0, j1) of matrix w (row length n) against the vectors xs[0..count): emit(s, j, w_j . xs[s]) for each
 // vector s. With several vectors, each tile of TILE_W weight rows is read from memory once (prefetched while an
-// earlier tile computes) and every vector passes over it while it is in L1: up to TILE_X_ONE_PASS vectors in one
-// group, more in groups of at most TILE_X of nearly equal size (7 vectors: groups of 3 and 4).
+// earlier tile computes) and every vector passes over it while it is in L1, in groups of at most TILE_X of nearly
+// equal size (6 vectors: two groups of 3).
 template <typename T, typename Emit>
 void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const T* const* xs, int64_t count, Emit emit) {
   if (count == 1) {
@@ -148,7 +145,7 @@ void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const T* const* 
     }
     return;
   }
-  const int64_t groups = count <= TILE_X_ONE_PASS ? 1 : (count + TILE_X - 1) / TILE_X;
+  const int64_t groups = (count + TILE_X - 1) / TILE_X;
   const int64_t stretch = (j1 - j0 + TILE_W - 1) / TILE_W;
   for (int64_t t = 0; t < stretch; ++t) {
     int64_t js[TILE_W], far[TILE_W];
