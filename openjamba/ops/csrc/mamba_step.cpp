@@ -31,15 +31,8 @@
 #endif
 
 #include "common.h"
+#include "quant_linear.h"
 
-extern "C" {
-// quant_linear.cpp's products (same library).
-void qlinear_int8(const void* x, const void* q, const void* scales, const void* bias, const void* index, void* y,
-                  int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t threads);
-void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
-                  const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
-                  int64_t y_stride, int64_t threads);
-}
 
 namespace {
 
@@ -310,16 +303,12 @@ void update_phase(const MambaStepArgs& a) {
 }
 
 // A quantized product over the batch's rows of scratch: x at column x_col, y to column y_col (row stride P + 3D).
-void quantized_product(const MambaStepArgs& a, int64_t bits, const void* q, const void* scales, const void* zeros,
-                       int64_t group, int64_t threads, int64_t in, int64_t out, int64_t x_col, int64_t y_col) {
+void scratch_product(const MambaStepArgs& a, int64_t bits, const void* q, const void* scales, const void* zeros,
+                     int64_t group, int64_t threads, int64_t in, int64_t out, int64_t x_col, int64_t y_col) {
   const int64_t stride = a.rank + 2 * a.state + 3 * a.channels;
   float* scratch = static_cast<float*>(a.scratch);
-  if (bits == 8)
-    qlinear_int8(scratch + x_col, q, scales, nullptr, nullptr, scratch + y_col, a.batch, in, out, stride, stride,
-                 threads);
-  else
-    qlinear_int4(scratch + x_col, q, scales, zeros, nullptr, nullptr, scratch + y_col, a.batch, in, out, group,
-                 stride, stride, threads);
+  quantized_product(bits, group, threads, q, scales, zeros, scratch + x_col, scratch + y_col, a.batch, in, out,
+                    stride, stride);
 }
 
 template <typename T>
@@ -341,15 +330,15 @@ void step(const MambaStepArgs& a) {
 #pragma omp parallel num_threads(a.threads)
     conv_phase<T>(a);
     if (a.x_bits)
-      quantized_product(a, a.x_bits, a.x_proj_w, a.x_scales, a.x_zeros, a.x_group, a.x_threads, D_, P, P, 0);
+      scratch_product(a, a.x_bits, a.x_proj_w, a.x_scales, a.x_zeros, a.x_group, a.x_threads, D_, P, P, 0);
     else {
 #pragma omp parallel num_threads(a.threads)
       x_proj_phase<T>(a);
     }
     norm_phase<T>(a);  // a few dozen values per row: not worth waking the threads
     if (a.dt_bits)
-      quantized_product(a, a.dt_bits, a.dt_proj_w, a.dt_scales, a.dt_zeros, a.dt_group, a.dt_threads, R, D_, 0,
-                        P + D_);
+      scratch_product(a, a.dt_bits, a.dt_proj_w, a.dt_scales, a.dt_zeros, a.dt_group, a.dt_threads, R, D_, 0,
+                      P + D_);
 #pragma omp parallel num_threads(a.threads)
     update_phase<T>(a);
   }

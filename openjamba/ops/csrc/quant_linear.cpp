@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common.h"
+#include "quant_linear.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define OPENJAMBA_VNNI 1

@@ -13,15 +13,7 @@
 #include <cstdint>
 
 #include "common.h"
-
-extern "C" {
-// quant_linear.cpp's products (same library).
-void qlinear_int8(const void* x, const void* q, const void* scales, const void* bias, const void* index, void* y,
-                  int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t threads);
-void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
-                  const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
-                  int64_t y_stride, int64_t threads);
-}
+#include "quant_linear.h"
 
 namespace {
 
@@ -40,11 +32,8 @@ struct QuantMlpArgs {
 
 void product(const QuantWeight& w, const float* x, float* y, int64_t rows, int64_t in, int64_t out, int64_t x_stride,
              int64_t y_stride) {
-  if (w.bits == 8)
-    qlinear_int8(x, w.q, w.scales, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, w.threads);
-  else
-    qlinear_int4(x, w.q, w.scales, w.zeros, nullptr, nullptr, y, rows, in, out, w.group, x_stride, y_stride,
-                 w.threads);
+  openjamba::quantized_product(w.bits, w.group, w.threads, w.q, w.scales, w.zeros, x, y, rows, in, out, x_stride,
+                               y_stride);
 }
 
 inline float silu(float v) { return v * openjamba::Math<float>::sigmoid(v); }
