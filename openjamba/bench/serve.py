@@ -11,6 +11,8 @@ Three measurements, all in one run so their ratios compare like with like:
   against the bound "one prefill chunk plus one decode step", both measured here: the step as the streams' median
   gap before; the chunk as the engine runs it (its size the engine's budget less the 8 decode tokens), the same
   prompt prefilled alone in those chunks on a thread like the engine's, the slowest chunk of a pass, median of 3.
+  The engine first prefills one prompt of that length, so both are measured in a warm process (as a server that
+  has run a while).
 
 Every engine computes on its own thread with `threads` intra-op threads, and so does the alone timing; the
 caller's thread should hold one intra-op thread (`openjamba bench-serve` does): see serve/engine.py on OpenMP pools.
@@ -156,6 +158,11 @@ def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, pr
     with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk,
                 reuse=False, threads=threads) as engine:
         chunk = engine.prefill_tokens(streams)  # what each iteration prefills while the streams decode
+        # A server that has run a while: the first long prefill of a process page-faults its fresh memory (~8,000
+        # minor faults on each of its first five 504-token chunks on cpu-bench, ~20 ms each on this VM, as glibc's
+        # mmap threshold rises to the chunks' buffers), a one-time cost the alone chunks below, timed later in the
+        # same process, would not pay.
+        wait([submit(engine, tokens(long_prompt), SamplingParams(max_tokens=1, temperature=0.0))])
         decoding = [submit(engine, tokens(16), params) for _ in range(streams)]
         while min(len(r.tokens) for r in decoding) < 12:
             time.sleep(0.01)
