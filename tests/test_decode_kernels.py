@@ -148,12 +148,9 @@ def test_mamba_step_matches_reference(monkeypatch, dtype, tol, threads, conv_bia
         torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
 
 
-def test_mamba_step_reference_is_the_mixers_plain_path():
-    """The fused step (kernel or reference) gives what the mixer's op-by-op path gives: output and both states. In
-    float64 up to 1e-6: the op-by-op path rounds A, D and the dt bias to fp32 (the state's usual dtype) first."""
-    model = random_model().double()
-    mixer = next(layer.mamba for layer in model.model.layers if not layer.is_attention)
-    x = randn(2, 1, model.config.hidden_size)
+def steps_op_by_op_and_fused(model, mixer, step) -> list[tuple[torch.Tensor, ...]]:
+    """`step(state)` of a Mamba mixer of `model` from the same random states of a 2-row cache, first op by op (no
+    fused-step weights), then fused: (output, conv window, SSM state) of each."""
     results = []
     for fused in (False, True):
         cache = model.make_cache(2)
@@ -162,7 +159,17 @@ def test_mamba_step_reference_is_the_mixers_plain_path():
         state.ssm.copy_(randn(*state.ssm.shape, seed=5))
         mixer._step_weights = (lambda: None) if not fused else MambaMixer._step_weights.__get__(mixer)
         with torch.no_grad():
-            results.append((mixer(x, None, state), state.conv.clone(), state.ssm.clone()))
+            results.append((step(state), state.conv.clone(), state.ssm.clone()))
+    return results
+
+
+def test_mamba_step_reference_is_the_mixers_plain_path():
+    """The fused step (kernel or reference) gives what the mixer's op-by-op path gives: output and both states. In
+    float64 up to 1e-6: the op-by-op path rounds A, D and the dt bias to fp32 (the state's usual dtype) first."""
+    model = random_model().double()
+    mixer = next(layer.mamba for layer in model.model.layers if not layer.is_attention)
+    x = randn(2, 1, model.config.hidden_size)
+    results = steps_op_by_op_and_fused(model, mixer, lambda state: mixer(x, None, state))
     for name, e, g in zip(("output", "window", "state"), *results):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=name)
 
@@ -230,15 +237,7 @@ def test_quantized_mixer_takes_the_fused_step(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "call", lambda name, *a, _call=cpu_kernels.call: calls.append(name) or
                         _call(name, *a))
     x = randn(2, model.config.hidden_size, dtype=torch.float32)
-    results = []
-    for fused in (False, True):
-        cache = model.make_cache(2)
-        state = next(c for c, layer in zip(cache.layers, model.model.layers) if not layer.is_attention)
-        state.conv.copy_(randn(*state.conv.shape, seed=4))
-        state.ssm.copy_(randn(*state.ssm.shape, seed=5))
-        mixer._step_weights = (lambda: None) if not fused else MambaMixer._step_weights.__get__(mixer)
-        with torch.no_grad():
-            results.append((mixer.decode_step(x, state), state.conv.clone(), state.ssm.clone()))
+    results = steps_op_by_op_and_fused(model, mixer, lambda state: mixer.decode_step(x, state))
     assert calls.count("mamba_step") == 1
     for name, e, g in zip(("output", "window", "state"), *results):
         torch.testing.assert_close(g, e, atol=1e-4 * e.abs().max().item(), rtol=1e-4, msg=name)
