@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import cpu_kernels
 
 METHODS = ("int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts; a smaller one is used if K needs it
-# The CPU kernels serve weights with a multiple of 32 inputs (every int4 group is one), the reference the rest.
-KERNEL_K_MULTIPLE = 32
 INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale in the int8 kernel (int4: one weight group)
 INT4_SCALE_DTYPE = torch.bfloat16  # int4 scales and zeros (bf16-exact by construction)
 # nn.Linear modules that stay in full precision (the router decides which experts run: small and sensitive).
@@ -210,9 +209,6 @@ def _quant_functions() -> ctypes.CDLL:
     return lib
 
 
-# Weights below which one thread runs a product (waking a second costs more than it saves).
-SERIAL_BELOW = 1 << 18
-
 
 # ---------------------------------------------------------------------- modules
 class QuantizedWeight(nn.Module):
@@ -288,11 +284,11 @@ class QuantizedWeight(nn.Module):
     def _cpu_kernel(self, x: torch.Tensor, bias: torch.Tensor | None, index: tuple,
                     gather: torch.Tensor | None) -> torch.Tensor | None:
         """The product in ops/csrc/quant_linear.cpp, or None where it does not apply (another device or dtype,
-        autograd, a weight whose inputs are not a multiple of 32, no compiled kernels). Called for every projection
-        of every decoded token, so it reads the buffers directly, checks only what can differ, and takes a decode
-        step's rows (B, K) as they are (no reshape, no view)."""
+        autograd, a weight whose inputs are not a multiple of QUANT_K_MULTIPLE, no compiled kernels). Called for
+        every projection of every decoded token, so it reads the buffers directly, checks only what can differ, and
+        takes a decode step's rows (B, K) as they are (no reshape, no view)."""
         K, N = self.in_features, self.out_features
-        if (x.dtype != torch.float32 or not x.is_cpu or K % KERNEL_K_MULTIPLE or x.shape[-1] != K
+        if (x.dtype != torch.float32 or not x.is_cpu or K % cpu_kernels.QUANT_K_MULTIPLE or x.shape[-1] != K
                 or (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0
                 or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
             return None
@@ -310,7 +306,7 @@ class QuantizedWeight(nn.Module):
         if gather is not None:
             gather = gather.to(torch.int64).contiguous()
         y = torch.empty(rows, N)
-        threads = 1 if N * K < SERIAL_BELOW else torch.get_num_threads()
+        threads = cpu_kernels.product_threads(N * K)
         pointers = (None if bias is None else bias.data_ptr(), None if gather is None else gather.data_ptr(),
                     y.data_ptr())
         if self.bits == 8:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from openjamba import JambaForCausalLM, quant
 from openjamba.hf import CheckpointError
+from openjamba.ops import cpu_kernels
 from openjamba.tokenizer import Tokenizer as TextTokenizer
 
 from .conftest import make_config, random_model, randomize_
@@ -205,7 +206,7 @@ def test_quantized_model_logits_near_fp32(method, name, monkeypatch):
         # the kernels (biases, strided rows, experts by number) changes nothing but fp32 accumulation, which can
         # move a later layer's activation across a rounding boundary (measured up to 0.2%; 1e-7 per product).
         def reference(self, x, bias, index, gather):
-            if x.shape[-1] % quant.KERNEL_K_MULTIPLE:
+            if x.shape[-1] % cpu_kernels.QUANT_K_MULTIPLE:
                 return None  # the plain reference serves these (as in the model)
             tensors = {k: v[index] for k, v in self.tensors().items()} if index else self.tensors()
             y = quant.kernel_reference(x, tensors).float()

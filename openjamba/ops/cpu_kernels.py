@@ -350,7 +350,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Ten
 
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
 LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more)
-QUANT_K_MULTIPLE = 32  # inputs of a quantized weight the kernels take a multiple of (openjamba.quant)
+QUANT_K_MULTIPLE = 32  # the quantized products take weights with a multiple of this many inputs (quant_linear.cpp)
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -359,6 +359,12 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 @functools.cache
+def product_threads(work: int) -> int:
+    """Threads for a product of `work` multiply-adds per weight pass (rows x weights, or one matrix's weights):
+    one below LINEAR_SERIAL_BELOW, where waking another thread costs more than it saves; else all."""
+    return 1 if work < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+
+
 def _plain_fn(name: str, dtype: torch.dtype):
     """A kernel taking plain arguments (linear, rms_norm) for fp32 or fp64."""
     return getattr(cpu_build.library(), f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
@@ -388,7 +394,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x = x.reshape(rows, in_features)
         x = x if x.stride(1) == 1 else x.contiguous()
         x_stride = x.stride(0)
-    threads = 1 if rows * out_features * in_features < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    threads = product_threads(rows * out_features * in_features)
     _plain_fn("linear", dtype)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), None,
                                y.data_ptr(), rows, in_features, out_features, x_stride, out_features, 0, threads)
     return y
@@ -419,7 +425,7 @@ def expert_linear(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -
     x = x if x.stride(-1) == 1 else x.contiguous()
     index = index.to(torch.int64).contiguous()
     y = torch.empty(rows, out_features, dtype=x.dtype)
-    threads = 1 if weights[0].numel() < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    threads = product_threads(weights[0].numel())
     _plain_fn("linear", x.dtype)(x.data_ptr(), weights.data_ptr(), None, index.data_ptr(), y.data_ptr(), rows,
                                  in_features, out_features, x.stride(0), out_features, weights.stride(0), threads)
     return y
@@ -491,7 +497,7 @@ def _quantized_operands(weight) -> tuple | None:
             or not (q.is_contiguous() and scales.is_contiguous())
             or (zeros is not None and (zeros.dtype != torch.bfloat16 or not zeros.is_contiguous()))):
         return None
-    threads = 1 if q.numel() < LINEAR_SERIAL_BELOW // (2 if bits == 4 else 1) else torch.get_num_threads()
+    threads = product_threads(weight.out_features * weight.in_features)
     return bits, group, threads, q.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr()
 
 
@@ -537,7 +543,7 @@ def _ffn_step(x, residual, router, gate, up, down, experts: int, top_k: int, exp
     inner = down.shape[-1]
     out = torch.empty_like(residual)
     weights = (1 if router is None else top_k) * 3 * inner * hidden
-    threads = 1 if weights < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    threads = product_threads(weights)
     args = FfnStepArgs(rows, hidden, inner, experts, top_k, threads, hidden, expert_stride, down_stride,
                        *(None if t is None else t.data_ptr() for t in (x, residual, router, gate, up, down, out)))
     call("ffn_step", x.dtype, args)
