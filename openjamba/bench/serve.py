@@ -158,10 +158,10 @@ def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, pr
     with Engine(model, max_running=streams + 1, max_waiting=streams + 1, prefill_chunk=prefill_chunk,
                 reuse=False, threads=threads) as engine:
         chunk = engine.prefill_tokens(streams)  # what each iteration prefills while the streams decode
-        # A server that has run a while: the first long prefill of a process page-faults its fresh memory (~8,000
-        # minor faults on each of its first five 504-token chunks on cpu-bench, ~20 ms each on this VM, as glibc's
-        # mmap threshold rises to the chunks' buffers), a one-time cost the alone chunks below, timed later in the
-        # same process, would not pay.
+        # A server that has run a while: the first long prefill of a process page-faults its fresh memory
+        # (5,600-8,600 minor faults on each of its first five 504-token chunks on cpu-bench, 10-25 ms each on this
+        # VM; likely glibc's mmap threshold rising to the chunks' buffers), a one-time cost the alone chunks below,
+        # timed later in the same process, would not pay.
         wait([submit(engine, tokens(long_prompt), SamplingParams(max_tokens=1, temperature=0.0))])
         decoding = [submit(engine, tokens(16), params) for _ in range(streams)]
         while min(len(r.tokens) for r in decoding) < 12:
