@@ -558,9 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: bf16 on GPU, fp32 on CPU")
     bench.add_argument("--kv-dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="openjamba's attention K/V cache dtype (default: the model's)")
-    bench.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+    bench.add_argument("--quantize", default=None, metavar="{int8,int4}[,...]",
                        help="openjamba's weights quantized at load (a preset's random weights: built quantized, "
-                            "weight by weight)")
+                            "weight by weight); a comma-separated list (none = unquantized), e.g. none,int8,int4, "
+                            "measures every format in one process per cell, decode interleaved, with their ratios")
     bench.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
     bench.set_defaults(func=cmd_bench)

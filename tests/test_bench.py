@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from openjamba.bench import PeakMemory, launch_worker, plan_cells, ratios, run_bench
+from openjamba.bench.report import format_ratios
 from openjamba.cli import _parse_count, main
 from openjamba.config import get_preset
 
@@ -131,3 +132,74 @@ def test_worker_progress_reaches_the_callback():
     assert result["prefill_tok_s"] > 0 and result["decode_ms"] > 0
     assert "prefill" in seen and any(line.startswith("decode") for line in seen)
     assert len(result["read_bytes_s_probes"]) == 2  # one probe before each round: 2 tokens, 2 rounds
+
+
+def test_a_quantize_list_measures_every_format_in_one_worker_interleaved():
+    """`--quantize none,int8,int4`: one row per format from ONE worker (they share its read probes), ratios against
+    the first format, and each format decodes exactly the tokens its own one-format run decodes (same seed, same
+    weights), so interleaving the models' decode steps left each model's cache alone."""
+    from openjamba.bench import format_bench_report
+
+    config = get_preset("tiny")
+    common = dict(contexts=(40,), phases=("prefill", "decode"), threads=1, repeats=1, decode_tokens=5, progress=False)
+    report = run_bench(config, "tiny", quantize="none,int8,int4", **common)
+    rows = {row["weights"]: row for row in report["rows"]}
+    assert list(rows) == report["formats"] == ["fp32", "int8", "int4"] and report["quantize"] == "none,int8,int4"
+    probes = rows["fp32"]["read_bytes_s_probes"]
+    assert len(probes) == 5  # min(8 rounds, 5 tokens): one probe per round, shared by the three formats
+    for row in rows.values():
+        assert "errors" not in row, row
+        assert row["read_bytes_s_probes"] == probes and len(row["decode_round_ms"]) == 5
+        assert row["decode_ms"] > 0 and row["prefill_tok_s"] > 0 and row["model_mem_bytes"] > 0
+        assert "load_peak_mem_bytes" not in row and "peak_mem_bytes" not in row  # not one format's in one process
+    assert rows["int4"]["decode_read_bytes"] < rows["int8"]["decode_read_bytes"] < rows["fp32"]["decode_read_bytes"]
+    ratios_by = {r["weights"]: r for r in report["format_ratios"]}
+    assert set(ratios_by) == {"int8", "int4"}
+    for weights, entry in ratios_by.items():
+        assert entry["versus"] == "fp32"
+        assert entry["decode_speedup"] == pytest.approx(rows["fp32"]["decode_ms"] / rows[weights]["decode_ms"])
+        spread = entry["decode_speedup_rounds"]
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+        assert spread["min"] == min(f / q for f, q in zip(rows["fp32"]["decode_round_ms"],
+                                                          rows[weights]["decode_round_ms"]))
+    table = format_bench_report(report)
+    assert "openjamba int8" in table and "weight formats vs fp32" in table and "load peak" not in table
+    for quantize, weights in ((None, "fp32"), ("int8", "int8")):
+        alone = run_bench(config, "tiny", quantize=quantize, **common)["rows"][0]
+        assert "weights" not in alone and "load_peak_mem_bytes" in alone
+        assert alone["decode_ids"] == rows[weights]["decode_ids"], weights
+        assert len(alone["decode_ids"][0]) == 5
+
+
+def test_interleaved_rounds_rotate_the_formats_after_each_probe():
+    spec = dict(impl="openjamba", config=get_preset("tiny").to_dict(), model_dir=None, seed=0, device="cpu",
+                dtype="fp32", threads=1, decode_tokens=3, prefill_chunk=16, repeats=1, context=24, batch=1,
+                phases=["decode"], quantize=None, formats=["none", "int8", "int4"])
+    seen: list[str] = []
+    result = launch_worker(spec, timeout_s=300, on_progress=seen.append)
+    assert [r["decode_ms"] > 0 for r in result["formats"]] == [True] * 3
+    after_probe = [seen[i + 1].split(":")[0] for i, line in enumerate(seen) if line == "memory read bandwidth"]
+    assert after_probe == ["none", "int8", "int4"]
+    assert {"building the none model", "int8: prefill", "int4: decode (2/3 tokens)"} <= set(seen)
+
+
+def test_format_ratios_are_the_first_formats_time_over_each():
+    rows = [dict(impl="openjamba", context=8, batch=1, weights="fp32", decode_ms=4.0, decode_round_ms=[4.0, 6.0, 4.0],
+                 model_mem_bytes=400),
+            dict(impl="openjamba", context=8, batch=1, weights="int8", decode_ms=1.0, decode_round_ms=[1.0, 1.0, 2.0],
+                 model_mem_bytes=100)]
+    (entry,) = format_ratios(rows, ["fp32", "int8"])
+    assert entry == dict(weights="int8", versus="fp32", context=8, batch=1, decode_speedup=4.0, model_mem_ratio=0.25,
+                         decode_round_speedups=[4.0, 6.0, 2.0],
+                         decode_speedup_rounds={"min": 2.0, "median": 4.0, "max": 6.0})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(quantize="none,int2"), "unknown quantization 'int2' in 'none,int2'"),
+    (dict(quantize="int8,none,int8"), "names 'int8' twice"),
+    (dict(quantize="none,int8", compare=("attention-only",)), "give --quantize one format"),
+    (dict(quantize="none,int4", phases=("decode", "train")), "phase 'train' runs each model in its own process"),
+])
+def test_bad_quantize_lists_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_bench(get_preset("tiny"), "tiny", progress=False, **kwargs)

@@ -1,20 +1,31 @@
-"""The benchmark's report: worker cells merged into rows, ratios against the compared models, utilisation, and
-the printed tables and plot."""
+"""The benchmark's report: worker cells merged into rows, ratios against the compared models (or, for a
+--quantize list, against the first weight format), utilisation, and the printed tables and plot."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ..info import human_bytes
 
 
+def row_key(row: dict[str, Any]) -> tuple:
+    """What names a row: implementation, context, batch, and the weight format when a run compares several."""
+    return row["impl"], row["context"], row["batch"], row.get("weights")
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return f"{row['impl']} {row['weights']}" if "weights" in row else row["impl"]
+
+
 def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (impl, context, batch), the phase groups' figures side by side."""
+    """One row per (impl, context, batch[, weights]), the phase groups' figures side by side."""
     rows: dict[tuple, dict[str, Any]] = {}
     for cell in results:
-        key = (cell["impl"], cell["context"], cell["batch"])
-        row = rows.setdefault(key, {"impl": key[0], "context": key[1], "batch": key[2]})
+        key = row_key(cell)
+        row = rows.setdefault(key, {"impl": key[0], "context": key[1], "batch": key[2],
+                                    **({"weights": key[3]} if key[3] else {})})
         for field, value in cell.items():
             if field == "error":
                 row.setdefault("errors", []).append(f"{'+'.join(cell['phases'])}: {value}")
@@ -26,21 +37,44 @@ def merge_cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def ratios(rows: list[dict[str, Any]], compare: tuple[str, ...]) -> list[dict[str, Any]]:
     """For each compared implementation and cell: its time over ours (speed-up) and our memory over its memory."""
     ours = {(r["context"], r["batch"]): r for r in rows if r["impl"] == "openjamba"}
+    return [{"versus": row["impl"], "context": row["context"], "batch": row["batch"],
+             **_speedups(ours[(row["context"], row["batch"])], row)}
+            for row in rows if row["impl"] != "openjamba" and (row["context"], row["batch"]) in ours]
+
+
+def format_ratios(rows: list[dict[str, Any]], weights: list[str]) -> list[dict[str, Any]]:
+    """For each weight format after the first, per cell: the first format's time over its own (its speed-up) and
+    its model memory over the first's; for decode also each interleaved round's speed-up (min/median/max and the
+    list), whose spread shows whether the memory rate moved between the formats' turns of a round."""
+    first = {(r["context"], r["batch"]): r for r in rows if r.get("weights") == weights[0]}
     out = []
     for row in rows:
-        if row["impl"] == "openjamba" or (row["context"], row["batch"]) not in ours:
+        base = first.get((row["context"], row["batch"]))
+        if row.get("weights") in (None, weights[0]) or base is None:
             continue
-        base = ours[(row["context"], row["batch"])]
-        entry: dict[str, Any] = {"versus": row["impl"], "context": row["context"], "batch": row["batch"]}
-        for field in ("prefill_s", "decode_ms", "train_s"):
-            if field in row and field in base:
-                entry[f"{field.split('_')[0]}_speedup"] = row[field] / base[field]
-        for field in ("peak_mem_bytes", "added_mem_bytes", "train_peak_mem_bytes", "train_added_mem_bytes",
-                      "cache_bytes"):
-            if field in row and field in base:
-                entry[f"{field.replace('_bytes', '')}_ratio"] = base[field] / row[field]
+        entry: dict[str, Any] = {"weights": row["weights"], "versus": weights[0], "context": row["context"],
+                                 "batch": row["batch"], **_speedups(row, base)}
+        if "model_mem_bytes" in row and "model_mem_bytes" in base:
+            entry["model_mem_ratio"] = row["model_mem_bytes"] / base["model_mem_bytes"]
+        if "decode_round_ms" in row and "decode_round_ms" in base:
+            rounds = [b / r for b, r in zip(base["decode_round_ms"], row["decode_round_ms"])]
+            entry["decode_round_speedups"] = rounds
+            entry["decode_speedup_rounds"] = {"min": min(rounds), "median": statistics.median(rounds),
+                                              "max": max(rounds)}
         out.append(entry)
     return out
+
+
+def _speedups(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
+    """Their time over ours per phase (speed-up) and our memory over theirs, for the fields both rows have."""
+    entry = {}
+    for field in ("prefill_s", "decode_ms", "train_s"):
+        if field in theirs and field in ours:
+            entry[f"{field.split('_')[0]}_speedup"] = theirs[field] / ours[field]
+    for field in ("peak_mem_bytes", "added_mem_bytes", "train_peak_mem_bytes", "train_added_mem_bytes", "cache_bytes"):
+        if field in theirs and field in ours:
+            entry[f"{field.replace('_bytes', '')}_ratio"] = ours[field] / theirs[field]
+    return entry
 
 
 def utilisation(rows: list[dict[str, Any]], matmul_flops_s: float) -> list[dict[str, Any]]:
@@ -49,6 +83,7 @@ def utilisation(rows: list[dict[str, Any]], matmul_flops_s: float) -> list[dict[
     out = []
     for r in rows:
         entry = {"impl": r["impl"], "context": r["context"], "batch": r["batch"],
+                 **({"weights": r["weights"]} if "weights" in r else {}),
                  **{f"{k.split('_')[0]}_mfu": r[k] / matmul_flops_s for k in ("prefill_flops_s", "train_flops_s")
                     if k in r}}
         if all(k in r for k in ("decode_read_bytes", "decode_ms", "read_bytes_s")):
@@ -82,7 +117,12 @@ def format_bench_report(report: dict[str, Any]) -> str:
         lines[0] += (f"; memory read {min(read) / 1e9:,.0f}-{max(read) / 1e9:,.0f} GB/s (probed between decode "
                      "rounds; decode floor = bytes read per token / the run's median probe; decode BW = floor / "
                      "decode time)")
-    mfu = {(u["impl"], u["context"], u["batch"]): u for u in report["utilisation"]}
+    if report.get("formats"):
+        lines.append(f"weight formats {', '.join(report['formats'])}: one process per cell builds every format's "
+                     "model; decode interleaved round by round (each round a read probe, then every format's share "
+                     "of tokens, order rotated); model mem = resident growth while that model was built. Load and "
+                     "prefill peaks are not per format in one process: measure them with one --quantize value")
+    mfu = {row_key(u): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
                ("decode ms/tok", "decode_ms", "n"), ("decode floor", "decode_floor_ms", "n"),
                ("decode BW", "decode_bw", "pct"), ("train tok/s", "train_tok_s", "n"),
@@ -90,12 +130,12 @@ def format_bench_report(report: dict[str, Any]) -> str:
                ("load peak", "load_peak_mem_bytes", "bytes"),
                ("peak mem", "peak_mem_bytes", "bytes"), ("train peak", "train_peak_mem_bytes", "bytes"),
                ("cache", "cache_bytes", "bytes")]
-    rows = [{**r, **mfu.get((r["impl"], r["context"], r["batch"]), {})} for r in report["rows"]]
+    rows = [{**r, **mfu.get(row_key(r), {})} for r in report["rows"]]
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     header = f"{'model':<16}{'context':>9}{'batch':>6}" + "".join(f"{c[0]:>15}" for c in columns)
     lines += ["", header]
     for r in rows:
-        lines.append(f"{r['impl']:<16}{r['context']:>9}{r['batch']:>6}"
+        lines.append(f"{row_label(r):<16}{r['context']:>9}{r['batch']:>6}"
                      + "".join(f"{_fmt(r.get(c[1]), c[2]):>15}" for c in columns))
         lines += [f"    error {e}" for e in r.get("errors", [])]
     if report["ratios"]:
@@ -108,13 +148,24 @@ def format_bench_report(report: dict[str, Any]) -> str:
         for r in report["ratios"]:
             lines.append(f"{r['versus']:<16}{r['context']:>9}{r['batch']:>6}"
                          + "".join(f"{_fmt(r.get(k), 'x'):>22}" for k in keys))
+    if report.get("format_ratios"):
+        lines += ["", f"weight formats vs {report['formats'][0]}, in one process (speedup = {report['formats'][0]}'s "
+                  "time / theirs; decode rounds: each round's speed-up, min / median / max)",
+                  f"{'weights':<16}{'context':>9}{'batch':>6}{'prefill_speedup':>22}{'decode_speedup':>22}"
+                  f"{'decode rounds':>26}{'model_mem_ratio':>22}"]
+        for r in report["format_ratios"]:
+            spread = r.get("decode_speedup_rounds")
+            spread = "/".join(f"{spread[k]:.2f}" for k in ("min", "median", "max")) + "x" if spread else "-"
+            lines.append(f"{r['weights']:<16}{r['context']:>9}{r['batch']:>6}{_fmt(r.get('prefill_speedup'), 'x'):>22}"
+                         f"{_fmt(r.get('decode_speedup'), 'x'):>22}{spread:>26}"
+                         f"{_fmt(r.get('model_mem_ratio'), 'x'):>22}")
     scan_rows = [r for r in report["rows"] if "scan_fwd_ns" in r]
     if scan_rows:
         lines += ["", "selective scan alone at one Mamba layer's shape (ns per batch*channel*step*state element); "
                   "model share = scan time x Mamba layers / prefill time"]
         for r in scan_rows:
             share = r["scan_fwd_model_s"] / r["prefill_s"] if "prefill_s" in r else None
-            lines.append(f"  {r['impl']} context {r['context']} batch {r['batch']}: {r['scan_backend']} forward "
+            lines.append(f"  {row_label(r)} context {r['context']} batch {r['batch']}: {r['scan_backend']} forward "
                          f"{r['scan_fwd_ns']:.2f} ns, backward {r['scan_bwd_ns']:.2f} ns; "
                          f"{_fmt(share, 'pct')} of prefill")
     prof_rows = [r for r in report["rows"] if "profile_total_s" in r]
@@ -122,14 +173,15 @@ def format_bench_report(report: dict[str, Any]) -> str:
         lines += ["", "profiled prefill (share of wall time): matmul / attention / selective scan"]
         for r in prof_rows:
             t = r["profile_total_s"]
-            lines.append(f"  {r['impl']} context {r['context']} batch {r['batch']}: "
+            lines.append(f"  {row_label(r)} context {r['context']} batch {r['batch']}: "
                          f"{_fmt(r['profile_matmul_s'] / t, 'pct')} / {_fmt(r['profile_attention_s'] / t, 'pct')} / "
                          f"{_fmt(r['profile_scan_s'] / t, 'pct')} of {t:.2f} s")
     return "\n".join(lines)
 
 
 def plot_bench_report(report: dict[str, Any], file: str | Path) -> Path:
-    """Throughput and memory against context length, one line per (implementation, batch), as the paper's figures."""
+    """Throughput and memory against context length, one line per (implementation[, weights], batch), as the
+    paper's figures."""
     from ..plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -139,7 +191,7 @@ def plot_bench_report(report: dict[str, Any], file: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     series: dict[tuple[str, int], list[dict]] = {}
     for r in report["rows"]:
-        series.setdefault((r["impl"], r["batch"]), []).append(r)
+        series.setdefault((row_label(r), r["batch"]), []).append(r)
     for ax, (field, title) in zip(axes[0], panels):
         for (impl, batch), rows in series.items():
             points = sorted((r["context"], r[field]) for r in rows if field in r)

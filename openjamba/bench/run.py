@@ -1,5 +1,6 @@
 """Orchestration of `openjamba bench`: check the request, measure the machine, plan one worker per cell, run
-them in turn with a progress bar, and assemble the report (`report.py` formats and plots it)."""
+them in turn with a progress bar, and assemble the report (`report.py` formats and plots it). A --quantize list
+(`none,int8,int4`) keeps one worker per cell, in which every format is built and their decode interleaved."""
 
 from __future__ import annotations
 
@@ -11,15 +12,43 @@ from typing import Any
 import torch
 
 from ..config import JambaConfig, attention_only_config
-from ..quant import check_method
+from ..quant import METHODS, QuantizationError
 from ..runtime import parse_dtype
 from .measure import copy_bytes_per_s, machine_info, matmul_flops_per_s
-from .report import merge_cells, ratios, utilisation
+from .report import format_ratios, merge_cells, ratios, utilisation
 from .worker import launch_worker
 
 IMPLS = ("openjamba", "transformers", "attention-only")
 PHASES = ("prefill", "decode", "train", "scan", "profile")
 DEFAULT_PHASES = ("prefill", "decode", "scan")
+FULL_PRECISION = "none"  # in a --quantize list: the model in --dtype, unquantized
+
+
+def parse_formats(quantize: str | None) -> list[str]:
+    """--quantize as a list of weight formats: one method (or none), or several separated by commas, which are
+    then measured in one process (`worker.run_formats`)."""
+    formats = [FULL_PRECISION] if quantize is None else [f.strip() for f in quantize.split(",")]
+    choices = (FULL_PRECISION, *METHODS)
+    for f in formats:
+        if f not in choices:
+            raise QuantizationError(f"unknown quantization {f!r}{f' in {quantize!r}' if len(formats) > 1 else ''}; "
+                                    f"choose from {', '.join(choices)} (or several, comma-separated)")
+        if formats.count(f) > 1:
+            raise QuantizationError(f"--quantize {quantize!r} names {f!r} twice")
+    return formats
+
+
+def _check_formats(formats: list[str], compare: tuple[str, ...], phases: tuple[str, ...]) -> None:
+    """Several formats compare weight formats against each other, in one process: nothing else fits in it."""
+    if len(formats) < 2:
+        return
+    if compare:
+        raise ValueError(f"--compare {compare[0]} compares one openjamba model with another implementation: give "
+                         "--quantize one format for it (several formats are compared with each other)")
+    apart = [p for p in phases if p in ("train", "profile")]
+    if apart:
+        raise ValueError(f"phase {apart[0]!r} runs each model in its own process: give --quantize one format for "
+                         "it (several formats measure prefill, decode and scan, in one process)")
 
 def plan_cells(impls: list[str], contexts: list[int], batches: list[int], phases: list[str]) -> list[dict[str, Any]]:
     """One worker per (impl, context, batch, phase group). Training and profiling run apart from inference, so each
@@ -50,7 +79,9 @@ def run_bench(
     progress: bool = True,
     quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Measure every cell and return the report (see `report.format_bench_report`); nothing is printed but progress."""
+    """Measure every cell and return the report (see `report.format_bench_report`); nothing is printed but progress.
+    `quantize`: one weight format ("int8", "int4"; None or "none" = unquantized), or several separated by commas,
+    compared in one process per cell: rows then carry "weights", and the report "format_ratios" against the first."""
     from tqdm import tqdm
 
     for phase in phases:
@@ -58,7 +89,7 @@ def run_bench(
             raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
     if kv_dtype is not None:
         parse_dtype(kv_dtype, "kv_dtype")
-    check_method(quantize)
+    formats = parse_formats(quantize)
     for impl in compare:
         if impl not in IMPLS[1:]:
             raise ValueError(f"unknown --compare {impl!r}; choose from {', '.join(IMPLS[1:])}")
@@ -67,6 +98,10 @@ def run_bench(
 
         if importlib.util.find_spec("transformers") is None:
             raise ValueError("--compare transformers needs transformers: pip install 'openjamba[dev]'")
+    _check_formats(formats, compare, phases)
+    interleaved = len(formats) > 1
+    quantize = ",".join(formats) if interleaved else None if formats == [FULL_PRECISION] else formats[0]
+    weights = [dtype if f == FULL_PRECISION else f for f in formats]  # each format's label in rows and ratios
     dev = torch.device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -80,6 +115,8 @@ def run_bench(
         sources = _model_sources(config, model_dir, compare, Path(tmp), seed)
         common = dict(device=device, dtype=dtype, kv_dtype=kv_dtype, threads=threads, decode_tokens=decode_tokens,
                       prefill_chunk=prefill_chunk, repeats=repeats, seed=seed, quantize=quantize)
+        if interleaved:  # one worker per cell builds every format (worker.run_formats)
+            common.update(quantize=None, formats=formats)
         cells = plan_cells(["openjamba", *compare], list(contexts), list(batches), list(phases))
         results = []
         bar = tqdm(cells, desc="bench", unit="cell", disable=None if progress else True, file=sys.stderr)
@@ -88,13 +125,24 @@ def run_bench(
                                 f"{'+'.join(cell['phases'])}")
             spec = {**common, **cell, **sources[cell["impl"]]}
             label = f"{cell['impl']} {cell['context']}x{cell['batch']}"
-            results.append({**cell, **launch_worker(spec, timeout_s,
-                                                    lambda text, label=label: bar.set_postfix_str(f"{label}: {text}"))})
+            outcome = launch_worker(spec, timeout_s, lambda text, label=label: bar.set_postfix_str(f"{label}: {text}"))
+            results += _format_cells(cell, outcome, weights) if interleaved else [{**cell, **outcome}]
     rows = merge_cells(results)
-    return {"model": name, "machine": machine, "dtype": dtype, "kv_dtype": kv_dtype, "quantize": quantize,
-            "prefill_chunk": prefill_chunk,
-            "decode_tokens": decode_tokens, "rows": rows, "ratios": ratios(rows, compare),
-            "utilisation": utilisation(rows, machine["matmul_flops_s"])}
+    report = {"model": name, "machine": machine, "dtype": dtype, "kv_dtype": kv_dtype, "quantize": quantize,
+              "prefill_chunk": prefill_chunk,
+              "decode_tokens": decode_tokens, "rows": rows, "ratios": ratios(rows, compare),
+              "utilisation": utilisation(rows, machine["matmul_flops_s"])}
+    if interleaved:
+        report["formats"] = weights
+        report["format_ratios"] = format_ratios(rows, weights)
+    return report
+
+
+def _format_cells(cell: dict[str, Any], outcome: dict[str, Any], weights: list[str]) -> list[dict[str, Any]]:
+    """An interleaved worker's result as one cell per weight format (`weights`: their labels, in the worker's
+    order); a worker that failed fails every format's cell."""
+    per_format = outcome.get("formats") or [outcome] * len(weights)
+    return [{**cell, "weights": label, **result} for label, result in zip(weights, per_format)]
 
 
 def _build_kernels(device: torch.device) -> None:

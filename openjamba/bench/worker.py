@@ -1,5 +1,7 @@
 """The worker process: one (implementation, context, batch) cell measured in a fresh Python process, so its peak
-memory is its own, and the launcher that runs it and reads back its result and progress lines.
+memory is its own, and the launcher that runs it and reads back its result and progress lines. A cell of
+several weight formats (`openjamba bench --quantize none,int8,int4`) is the exception: its formats share one
+process, so that their decode can be interleaved (`run_formats`).
 
 The protocol is two line prefixes: the worker prints `RESULT_PREFIX + json` on stdout when done, and
 `PROGRESS_PREFIX + text` on stderr as it goes (`report_progress`); anything else on stderr is kept for the
@@ -41,18 +43,21 @@ def report_progress(text: str, every_s: float = 1.0, force: bool = False) -> Non
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (implementation, context, batch) cell: the phases in spec["phases"]."""
+    """Measure one (implementation, context, batch) cell: the phases in spec["phases"]; with spec["formats"]
+    (several weight formats), every format's model in this one process (`run_formats`)."""
     torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), parse_dtype(spec["dtype"])
-    runner = build_runner(spec, device, dtype, on_progress=report_progress)
     config = JambaConfig.from_dict(spec["config"])
     batch, context = spec["batch"], spec["context"]
     ids = torch.randint(0, config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
+    if spec.get("formats"):
+        return {"formats": run_formats(spec, ids, config, device, dtype)}
+    runner = build_runner(spec, device, dtype, on_progress=report_progress)
     result: dict[str, Any] = {"model_mem_bytes": current_memory(device), "load_peak_mem_bytes": peak_so_far(device)}
     phases = spec["phases"]
     if "prefill" in phases or "decode" in phases:
-        result.update(_measure_inference(runner, ids, spec, config))
+        result.update(_measure_inference({"": runner}, ids, spec, config)[""])
     if "train" in phases:
         result.update(_measure_training(runner, ids, spec, config))
     if "profile" in phases:
@@ -65,58 +70,119 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def run_formats(spec: dict[str, Any], ids: torch.Tensor, config: JambaConfig, device: torch.device,
+                dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Several weight formats of one model (spec["formats"], "none" = unquantized), all in this process: each
+    model built as a one-format worker builds it (same seed, so each format's weights are those of its own
+    one-format run), prefilled in turn, then decoded interleaved round by round (`_measure_decode`). On a VM whose
+    memory rate switches from minute to minute, only this puts every format's decode under the same conditions,
+    so their ratios hold; the price is that memory peaks are not any one format's (each result has the resident
+    growth while its model was built, and no peak). One result per format, in order."""
+    runners = {}
+    grown = {}
+    for fmt in spec["formats"]:
+        report_progress(f"building the {fmt} model", force=True)
+        before = current_memory(device)
+        runners[fmt] = build_runner({**spec, "quantize": None if fmt == "none" else fmt}, device, dtype,
+                                    on_progress=lambda text, fmt=fmt: report_progress(f"{fmt}: {text}"))
+        grown[fmt] = current_memory(device) - before
+    results = _measure_inference(runners, ids, spec, config)
+    for fmt, result in results.items():
+        result.pop("peak_mem_bytes", None)
+        result["model_mem_bytes"] = grown[fmt]
+    first = results[spec["formats"][0]]
+    if "scan" in spec["phases"] and config.mamba_layer_indices:  # the scan alone has no weights: measured once
+        first.update(_measure_scan(config, ids.shape[0], ids.shape[1], device, dtype, spec["repeats"]))
+    return list(results.values())
+
+
 @torch.no_grad()
-def _measure_inference(runner: Runner, ids: torch.Tensor, spec: dict, config: JambaConfig) -> dict[str, Any]:
-    runner.model.eval()
-    runner.prefill(ids[:, : min(128, ids.shape[1])], spec["prefill_chunk"])  # warm-up: kernels, allocator
-    out: dict[str, Any] = {}
-    logits = None
-
-    def prefill() -> None:
-        nonlocal logits
-        logits = runner.prefill(ids, spec["prefill_chunk"])
-
-    report_progress("prefill", force=True)
-    with PeakMemory(runner.device) as peak:
-        seconds = best_time(prefill, runner.device, spec["repeats"])
+def _measure_inference(runners: dict[str, Runner], ids: torch.Tensor, spec: dict, config: JambaConfig
+                       ) -> dict[str, dict[str, Any]]:
+    """Prefill with each runner in turn (best of spec["repeats"]), then decode them together (`_measure_decode`).
+    `runners` maps a name (its progress prefix; "" for a one-model cell) to a runner; results by the same names."""
+    out: dict[str, dict[str, Any]] = {}
+    tokens: dict[str, torch.Tensor] = {}
     batch, context = ids.shape
-    out.update(prefill_s=seconds, prefill_tok_s=batch * context / seconds, peak_mem_bytes=peak.peak,
-               prefill_flops_s=forward_flops(config, context, batch, logits=1) / seconds)
+    for name, runner in runners.items():
+        runner.model.eval()
+        runner.prefill(ids[:, : min(128, ids.shape[1])], spec["prefill_chunk"])  # warm-up: kernels, allocator
+        logits = None
+
+        def prefill(runner: Runner = runner) -> None:
+            nonlocal logits
+            logits = runner.prefill(ids, spec["prefill_chunk"])
+
+        report_progress(f"{name}: prefill" if name else "prefill", force=True)
+        with PeakMemory(runner.device) as peak:
+            seconds = best_time(prefill, runner.device, spec["repeats"])
+        out[name] = dict(prefill_s=seconds, prefill_tok_s=batch * context / seconds, peak_mem_bytes=peak.peak,
+                         prefill_flops_s=forward_flops(config, context, batch, logits=1) / seconds)
+        tokens[name] = logits.argmax(-1)
     if "decode" in spec["phases"] and spec["decode_tokens"] > 0:
-        out.update(_measure_decode(runner, logits.argmax(-1), spec["decode_tokens"]))
-        cache_read = runner.cache_read_bytes(context + spec["decode_tokens"] // 2)  # at the middle of the decode
-        if cache_read is not None:
-            out["decode_read_bytes"] = decode_weight_bytes(runner.model, config) + cache_read
-    cache = runner.cache_bytes()
-    if cache is not None:
-        out["cache_bytes"] = cache
+        rounds = DECODE_ROUNDS if len(runners) == 1 else INTERLEAVED_ROUNDS
+        decoded = _measure_decode(runners, tokens, spec["decode_tokens"], rounds)
+        for name, runner in runners.items():
+            out[name].update(decoded[name])
+            cache_read = runner.cache_read_bytes(context + spec["decode_tokens"] // 2)  # at the middle of the decode
+            if cache_read is not None:
+                out[name]["decode_read_bytes"] = decode_weight_bytes(runner.model, config) + cache_read
+    for name, runner in runners.items():
+        cache = runner.cache_bytes()
+        if cache is not None:
+            out[name]["cache_bytes"] = cache
     return out
 
 
-def _measure_decode(runner: Runner, token: torch.Tensor, tokens: int, rounds: int = 4) -> dict[str, Any]:
-    """Decode `tokens` tokens in up to `rounds` timed rounds. On CPU each round is preceded by a read-bandwidth
-    probe: a VM's memory rate drifts by a third within minutes, so the floor a decode is judged by is measured
-    beside it, and the reported rate is the median of the probes (the list is kept)."""
-    out: dict[str, Any] = {}
-    cpu = runner.device.type == "cpu"
-    probes, seconds, done = [], 0.0, 0
-    for r in range(min(rounds, tokens)):
-        if cpu:
+DECODE_ROUNDS = 4
+INTERLEAVED_ROUNDS = 8  # several formats: more, shorter rounds, so the per-round ratios show their spread
+
+
+def _measure_decode(runners: dict[str, Runner], tokens: dict[str, torch.Tensor], count: int, rounds: int
+                    ) -> dict[str, dict[str, Any]]:
+    """Decode `count` tokens with each runner, from its `tokens`, greedily, in up to `rounds` timed rounds. On CPU
+    each round is preceded by a read-bandwidth probe: a VM's memory rate drifts by a third within minutes (or
+    switches between two levels), so the floor a decode is judged by is measured beside it, and the reported rate
+    is the median of the probes (the list is kept). With several runners every round decodes each one's share in
+    turn, starting one further along each round, so none always runs right after the probe; each one's per-round
+    ms/token is kept (`decode_round_ms`), from which `report.format_ratios` takes per-round ratios."""
+    names = list(runners)
+    device = runners[names[0]].device
+    rounds = min(rounds, count)
+    probes: list[float] = []
+    seconds = dict.fromkeys(names, 0.0)
+    round_ms: dict[str, list[float]] = {name: [] for name in names}
+    decoded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    done = 0
+    for r in range(rounds):
+        if device.type == "cpu":
             report_progress("memory read bandwidth", force=True)
-            probes.append(read_bytes_per_s(runner.device, budget_s=0.5))
-        report_progress(f"decode ({done}/{tokens} tokens)", force=True)
-        share = tokens * (r + 1) // min(rounds, tokens) - done
-        sync(runner.device)
-        start = time.perf_counter()
-        for _ in range(share):
-            token = runner.decode(token).argmax(-1)
-        sync(runner.device)
-        seconds, done = seconds + time.perf_counter() - start, done + share
-    out["decode_ms"] = seconds * 1e3 / tokens
-    out["decode_tok_s"] = token.shape[0] * 1e3 / out["decode_ms"]
-    if probes:
-        out["read_bytes_s"] = statistics.median(probes)
-        out["read_bytes_s_probes"] = probes
+            probes.append(read_bytes_per_s(device, budget_s=0.5))
+        share = count * (r + 1) // rounds - done
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            report_progress(f"{name + ': ' if name else ''}decode ({done}/{count} tokens)", force=True)
+            runner, token = runners[name], tokens[name]
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(share):
+                token = runner.decode(token).argmax(-1)
+                decoded[name].append(token)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            tokens[name] = token
+            seconds[name] += elapsed
+            round_ms[name].append(elapsed * 1e3 / share)
+        done += share
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        ms = seconds[name] * 1e3 / count
+        out[name] = {"decode_ms": ms, "decode_tok_s": tokens[name].shape[0] * 1e3 / ms,
+                     "decode_ids": torch.stack(decoded[name], dim=1).tolist()}  # (batch, count): greedy tokens
+        if len(names) > 1:
+            out[name]["decode_round_ms"] = round_ms[name]
+        if probes:
+            out[name]["read_bytes_s"] = statistics.median(probes)
+            out[name]["read_bytes_s_probes"] = probes
     return out
 
 
