@@ -46,7 +46,7 @@ NOT_RUN = {
     "ablate": "minutes of training: test_ablate runs the smoke settings",
 }
 SLOW_VERBS = {"bench"}  # worker processes per cell: under the slow marker
-LARGE_PRESETS = {"jamba-v0.1", "gpu-1b", "cpu-bench", "jamba-1.5-mini", "jamba-1.5-large"}
+LARGE_PRESETS = {"jamba-v0.1", "gpu-1b", "cpu-bench", "jamba-1.5-mini", "jamba-1.5-large", "jamba-reasoning-3b"}
 
 
 def readme_commands() -> list[list[str]]:
