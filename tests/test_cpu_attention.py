@@ -47,7 +47,7 @@ def test_matches_reference_in_float64_and_float32(monkeypatch, keys, head_dim):
 
 
 # Query rows per K/V head (group x queries) from 1 to 9: the AVX2 code keeps up to 8 vectors of sums in registers
-# (rows x head size / 8) and accumulates larger ones in L1.
+# (rows x head size / 8; 16 with AVX-512's 32 registers) and accumulates larger ones in L1.
 @pytest.mark.parametrize("heads,kv_heads,queries", [(4, 4, 1), (4, 2, 1), (6, 2, 1), (8, 2, 1), (8, 1, 1), (6, 2, 3)])
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
 def test_grouped_heads_and_several_queries(heads, kv_heads, queries, head_dim):

@@ -123,7 +123,9 @@ void block_scores_avx2(const AttendArgs& a, const float* q, const KV* k, int64_t
 }
 
 // acc[r] = sum_j w[r][j] v_j for every row r, reading the V rows in order, each once for all the rows.
-// When R rows of PR vectors (head_dim = 8 PR) fit in 8 registers (the tiny models' 2 x 32), the sums stay there.
+// When R rows of PR vectors (head_dim = 8 PR) fit in 8 registers (the tiny models' 2 x 32; 16 of 32 registers with
+// AVX-512: 4 x 32), the sums stay there: the same multiply-adds in the same order as in L1, without a store and a
+// reload between them.
 template <int R, int PR, typename KV>
 void weighted_sums_in_registers(const float* w, int64_t n, const KV* v, int64_t stride, float* acc) {
   __m256 sum[R][PR];
@@ -176,6 +178,10 @@ void block_weighted_sums_avx2(const AttendArgs& a, const float* w, int64_t n, co
     switch (a.rows) {
       case 1: return weighted_sums_in_registers<1, 4, KV>(w, n, v, stride, acc);
       case 2: return weighted_sums_in_registers<2, 4, KV>(w, n, v, stride, acc);
+#ifdef __AVX512VL__  // 32 vector registers: 4 rows of head size 32 (16 sums) fit beside the V row
+      case 3: return weighted_sums_in_registers<3, 4, KV>(w, n, v, stride, acc);
+      case 4: return weighted_sums_in_registers<4, 4, KV>(w, n, v, stride, acc);
+#endif
     }
   }
   weighted_sums_in_l1(a, w, n, v, acc);

@@ -32,6 +32,7 @@
 
 #include "common.h"
 #include "quant_linear.h"
+#include "tiles.h"
 
 
 namespace {
@@ -149,23 +150,28 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
   // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
-  // C * h go to a tile first and are summed after, so the channels' sums overlap instead of waiting on each other.
+  // C * h of the block's channels are summed together after (tiles.h's lane_sums_of: the tree of tree_sum, in
+  // about a third of the instructions), so the channels' sums overlap instead of waiting on each other.
   constexpr int L = kLanes<T>;
   if (N == L) {
-    alignas(64) T prod[W][L];
+    using V = typename Vec<T>::type;
+    V prod[W];
+    for (int64_t j = w; j < W; ++j) prod[j] = V{};  // a short block's unused sums
     for (int64_t j = 0; j < w; ++j) {
       const T dtj = dt[j];
       const T du = dtj * u[j];
       T* hc = h + j * L;
       const T* aj = As + j * L;
+      alignas(64) T p[L];
 #pragma omp simd
       for (int i = 0; i < L; ++i) {
         const T hn = Math<T>::exp_scaled(dtj * aj[i]) * hc[i] + du * Bv[i];
         hc[i] = hn;
-        prod[j][i] = Cv[i] * hn;
+        p[i] = Cv[i] * hn;
       }
+      prod[j] = load(p);
     }
-    for (int64_t j = 0; j < w; ++j) out[j] = tree_sum(prod[j]);
+    lane_sums_of<T, W>(prod, out);  // the block's W sums at once, each by tree_sum's tree
   } else {
     for (int64_t j = 0; j < w; ++j) {
       const T dtj = dt[j];
@@ -201,31 +207,42 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 // Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then a quantized dt_proj's
 // output (channels each).
 
-// 1. conv over the window and the new input, then silu (vectorised over channels); the window moves on.
+// 1. conv over the window and the new input, then silu, vectorised over channels: the taps transposed once per
+// call (wt: (K, channels of the item)), then each row tap by tap (per channel: the bias, then the taps in order);
+// the window moves on.
 template <typename T>
 void conv_phase(const MambaStepArgs& a) {
   const int64_t D_ = a.channels, K = a.kernel, P = a.rank + 2 * a.state, items = a.threads;
   const T* conv_w = static_cast<const T*>(a.conv_w);
   const T* conv_bias = static_cast<const T*>(a.conv_bias);
   T* scratch = static_cast<T*>(a.scratch);
+  std::vector<T> wt;
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
     channel_range(D_, items, i, c0, c1);
+    const int64_t n = c1 - c0;
+    wt.resize(K * n);
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t k = 0; k < K; ++k) wt[k * n + c] = conv_w[(c0 + c) * K + k];
     for (int64_t b = 0; b < a.batch; ++b) {
-      const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
+      const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride + c0;
       T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
-      T* u = scratch + b * (P + 3 * D_) + P;
-      for (int64_t c = c0; c < c1; ++c) {
-        T acc = conv_bias ? conv_bias[c] : T(0);
-        for (int64_t k = 0; k < K - 1; ++k) acc += conv_w[c * K + k] * window[k * D_ + c];
-        u[c] = acc + conv_w[c * K + K - 1] * xz[c];
-      }
+      T* u = scratch + b * (P + 3 * D_) + P + c0;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) u[c] = silu(u[c]);
+      for (int64_t c = 0; c < n; ++c) u[c] = conv_bias ? conv_bias[c0 + c] : T(0);
+      for (int64_t k = 0; k < K - 1; ++k) {
+        const T* wk = wt.data() + k * n;
+        const T* win = window + k * D_ + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) u[c] += wk[c] * win[c];
+      }
+      const T* w_last = wt.data() + (K - 1) * n;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) u[c] = silu(u[c] + w_last[c] * xz[c]);
       for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
                                                         window + k * D_ + c0);
-      if (K > 1) std::copy(xz + c0, xz + c1, window + (K - 2) * D_ + c0);
+      if (K > 1) std::copy(xz, xz + n, window + (K - 2) * D_ + c0);
     }
   }
 }
