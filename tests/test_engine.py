@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import pytest
 import torch
 
-from openjamba.serve.engine import Engine, EngineFull, FinishEvent, SamplingParams, TokenEvent, on_fresh_thread
+from openjamba.serve.engine import (
+    Engine,
+    EngineFull,
+    FinishEvent,
+    SamplingParams,
+    TokenEvent,
+    hold_freed_memory,
+    on_fresh_thread,
+)
 
 from .conftest import random_model
 
@@ -518,3 +527,11 @@ def test_on_fresh_thread_runs_with_its_threads_and_hands_back_result_or_error(mo
     with Engine(model, threads=1) as engine:  # the loop sets its own thread count, whatever the caller's
         tokens, _ = run(engine, prompts_of([5], model.config.vocab_size, seed=40), GREEDY)
     assert tokens[0] == solo_generate(model, prompts_of([5], model.config.vocab_size, seed=40)[0], 8, chunk=512)
+
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_loop_holds_freed_memory_with_glibc():
+    """The engine's loop fixes glibc's malloc thresholds (serve/engine.py: freed prefill buffers stay in the
+    process); glibc accepts both values (mallopt returns 0 for a value out of its range)."""
+    assert on_fresh_thread(hold_freed_memory, 1)
