@@ -28,9 +28,11 @@
 #include "common.h"
 #include "quant_linear.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define OPENJAMBA_VNNI 1
-#include <immintrin.h>
 #else
 #define OPENJAMBA_VNNI 0
 #endif
@@ -49,7 +51,25 @@ inline float round_even(float v) { return std::nearbyint(v); }  // the default r
 inline float bf16(uint16_t b) { return openjamba::bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 // Quantize `n` values of x in one block: xq[k] = round(x[k] * 127 / amax); returns amax / 127 (0 for a zero block).
+// With AVX-512 (n a multiple of 16, as every block is) the same operations 16 at a time: the maximum is exact in any
+// order and each value is rounded alone (vcvtps2dq rounds half to even, as nearbyint), so the bits are the same.
 inline float quantize_block(const float* x, int64_t n, int8_t* xq, int32_t* sum) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (n % 16 == 0) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + k)), m);  // NaN: skipped
+    const float amax = _mm512_reduce_max_ps(m);
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + k), _mm512_cvtepi32_epi8(v));
+      s = _mm512_add_epi32(s, v);
+    }
+    *sum = _mm512_reduce_add_epi32(s);
+    return amax / 127.0f;
+  }
+#endif
   float amax = 0.0f;
   for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -82,9 +102,10 @@ void quantize_int8_row(const float* x, int64_t in, Int8Row& row) {
   row.offset = static_cast<float>(128.0 * offset);
 }
 
-// One row of x quantized for the int4 kernel, in blocks of `group`; within each piece of P = min(group, PIECE)
-// columns the P/2 even columns come first, then the P/2 odd ones, matching the low and high nibbles of P/2 weight
-// bytes. xsum[g] = xs[g] * sum(xq in g) carries the zeros.
+// One row of x quantized for the int4 kernel, in blocks of `group`, laid out in pieces of PIECE columns (the last
+// piece of a row may be shorter, a multiple of 32): within a piece of P columns its P/2 even columns come first, then
+// its P/2 odd ones, matching the low and high nibbles of the piece's P/2 weight bytes. xsum[g] = xs[g] * sum(xq in g)
+// carries the zeros. `tmp`: `in` bytes of workspace.
 struct Int4Row {
   int8_t* xq;
   float *xs, *xsum;  // (in / group) each
@@ -92,17 +113,30 @@ struct Int4Row {
 
 void quantize_int4_row(const float* x, int64_t in, int64_t group, int8_t* tmp, Int4Row& row) {
   std::memset(row.xq + in, 0, PAD);
-  const int64_t piece = std::min<int64_t>(group, PIECE);
   for (int64_t g = 0; g < in / group; ++g) {
     int32_t sum;
-    row.xs[g] = quantize_block(x + g * group, group, tmp, &sum);
+    row.xs[g] = quantize_block(x + g * group, group, tmp + g * group, &sum);
     row.xsum[g] = row.xs[g] * static_cast<float>(sum);
-    for (int64_t p = 0; p < group; p += piece) {
-      int8_t* dst = row.xq + g * group + p;
-      for (int64_t j = 0; j < piece / 2; ++j) {
-        dst[j] = tmp[p + 2 * j];
-        dst[piece / 2 + j] = tmp[p + 2 * j + 1];
-      }
+  }
+  for (int64_t p0 = 0; p0 < in; p0 += PIECE) {
+    const int64_t P = std::min<int64_t>(PIECE, in - p0);
+    int8_t* dst = row.xq + p0;
+#if defined(__AVX512VBMI__)
+    if (P == PIECE) {  // bytes 0, 2, .. 126 of the two 64-byte halves, then 1, 3, .. 127
+      const __m512i even = _mm512_set_epi8(126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104, 102, 100, 98,
+                                           96, 94, 92, 90, 88, 86, 84, 82, 80, 78, 76, 74, 72, 70, 68, 66, 64, 62, 60,
+                                           58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22,
+                                           20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_add_epi8(even, _mm512_set1_epi8(1));
+      const __m512i a = _mm512_loadu_si512(tmp + p0), b = _mm512_loadu_si512(tmp + p0 + 64);
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi8(a, even, b));
+      _mm512_storeu_si512(dst + 64, _mm512_permutex2var_epi8(a, odd, b));
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < P / 2; ++j) {
+      dst[j] = tmp[p0 + 2 * j];
+      dst[P / 2 + j] = tmp[p0 + 2 * j + 1];
     }
   }
 }
@@ -157,45 +191,86 @@ inline __m512i high_nibbles(__m512i v) {
 #endif
 }
 
-// int4: per piece of up to 128 columns (64 bytes), the low nibbles against the even columns and the high ones
-// against the odd; each piece's integer sum is scaled by its group's weight scale times the activation scale.
-template <int M>
+// int4 weights, per piece of up to 128 columns (64 weight bytes): the low nibbles against the piece's even columns
+// and the high ones against its odd columns, 16 lanes of 8 columns each. A lane's integer sum lies in one group, so
+// it is scaled by that group's weight scale times its activation scale. Those combined scales (and the zeros' term,
+// sum over groups of (zero - 8 scale) * xsum) are computed 16 groups at a time before the chunk's pieces, so the
+// piece loop does only vector work: per row and piece a load, two unpacks, two `vpdpbusd`, a convert and one
+// multiply-add. SMALL: groups of 32 or 64, several per piece (each lane takes its group's scale by a permute);
+// otherwise one group spans the whole piece (one broadcast).
+constexpr int CHUNK_GROUPS = 16;
+
+inline __m512 bf16_to_f32(__mmask16 mask, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+template <int M, bool SMALL>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
   __m512 acc[ROWS][M];
-  float zacc[ROWS][M] = {};
+  #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
+    #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const int64_t piece = std::min<int64_t>(group, PIECE);
-  const __mmask64 mask = tail_mask(piece / 2);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int64_t g = 0; g < in / group; ++g) {
-    float s[ROWS];
+  // lane l covers columns 8l .. 8l + 7 of its piece: group l / 4 (groups of 32) or l / 8 (64) of the piece's groups
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               group == 32 ? 2 : 3);
+  const __mmask16 piece_groups = group == 32 ? 0xF : 0x3;
+  const int64_t groups = in / group;
+  alignas(64) float cs[ROWS][M][CHUNK_GROUPS];  // the chunk's combined scales
+  for (int64_t g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
+    const int64_t ng = std::min<int64_t>(CHUNK_GROUPS, groups - g0);
+    const __mmask16 gm = static_cast<__mmask16>((1u << ng) - 1);
+    #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
-      s[r] = bf16(scales[r][g]);
-      const float zz = bf16(zeros[r][g]) - 8.0f * s[r];
-      for (int m = 0; m < M; ++m) zacc[r][m] += zz * x[m].xsum[g];
-    }
-    for (int64_t p = g * group; p < (g + 1) * group; p += piece) {
-      __m512i xe[M], xo[M];
+      const __m512 s = bf16_to_f32(gm, scales[r] + g0);
+      const __m512 zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, bf16_to_f32(gm, zeros[r] + g0));  // zero - 8 s
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p);
-        xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p + piece / 2);
+        _mm512_store_ps(cs[r][m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(gm, x[m].xs + g0)));
+        acc[r][m] = _mm512_fmadd_ps(zz, _mm512_maskz_loadu_ps(gm, x[m].xsum + g0), acc[r][m]);
       }
+    }
+    // The chunk's pieces: whole ones, then (at the end of a row) one of 32, 64 or 96 columns. gl: the chunk's group
+    // of the piece's first column, advanced without a division.
+    const int64_t end = std::min(in, (g0 + ng) * group), pieces_per_group = SMALL ? 1 : group / PIECE;
+    int64_t p0 = g0 * group, gl = 0, in_group = 0;
+    auto piece = [&](__mmask64 mask, int64_t half) {
+      __m512i xe[M], xo[M];
+      #pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
+        xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
+      }
+      #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p / 2);
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
         const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
+        #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
           __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
           dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-          const __m512 scale = _mm512_set1_ps(s[r] * x[m].xs[g]);
+          const __m512 scale = SMALL ? _mm512_permutexvar_ps(lane_group,
+                                                             _mm512_maskz_loadu_ps(piece_groups, cs[r][m] + gl))
+                                     : _mm512_set1_ps(cs[r][m][gl]);
           acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
         }
       }
+    };
+    for (; p0 + PIECE <= end; p0 += PIECE) {
+      piece(~__mmask64(0), PIECE / 2);
+      if (SMALL)
+        gl += PIECE / group;
+      else if (++in_group == pieces_per_group)
+        in_group = 0, ++gl;
     }
+    if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
   }
+  #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
-    for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]) + zacc[r][m];
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
 #else  // plain C++: per block, an integer dot product, then one fp32 multiply-add
@@ -216,20 +291,24 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
     }
 }
 
-template <int M>
+// int4: per group, the integer sum over its columns, piece by piece (a group of 32 or 64 lies in one piece; one of
+// 256 or more spans several), each piece's stretch of weight bytes against its even and odd activations.
+template <int M, bool SMALL>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
-  const int64_t piece = std::min<int64_t>(group, PIECE);
   for (int r = 0; r < ROWS; ++r)
     for (int m = 0; m < M; ++m) {
       float acc = 0.0f;
       for (int64_t g = 0; g < in / group; ++g) {
         int32_t dot = 0;
-        for (int64_t p = g * group; p < (g + 1) * group; p += piece) {
-          const uint8_t* wb = w[r] + p / 2;
-          const int8_t* xe = x[m].xq + p;
-          const int8_t* xo = xe + piece / 2;
-          for (int64_t j = 0; j < piece / 2; ++j) dot += (wb[j] & 15) * xe[j] + (wb[j] >> 4) * xo[j];
+        for (int64_t c = g * group; c < (g + 1) * group;) {
+          const int64_t p0 = c / PIECE * PIECE, half = std::min<int64_t>(PIECE, in - p0) / 2;
+          const int64_t stop = std::min((g + 1) * group, p0 + PIECE);
+          const uint8_t* wb = w[r] + c / 2;
+          const int8_t* xe = x[m].xq + p0 + (c - p0) / 2;
+          const int8_t* xo = xe + half;
+          for (int64_t j = 0; j < (stop - c) / 2; ++j) dot += (wb[j] & 15) * xe[j] + (wb[j] >> 4) * xo[j];
+          c = stop;
         }
         const float sg = bf16(scales[r][g]);
         acc += sg * x[m].xs[g] * static_cast<float>(dot) + (bf16(zeros[r][g]) - 8.0f * sg) * x[m].xsum[g];
@@ -335,9 +414,20 @@ void linear_int8(const QArgs& a) {
   });
 }
 
+template <bool SMALL>
+inline void int4_pass(int64_t count, const uint8_t* const* w, const uint16_t* const* s, const uint16_t* const* z,
+                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
+  switch (count) {
+    case 1: int4_rows<1, SMALL>(w, s, z, x, in, group, out); break;
+    case 2: int4_rows<2, SMALL>(w, s, z, x, in, group, out); break;
+    case 3: int4_rows<3, SMALL>(w, s, z, x, in, group, out); break;
+    default: int4_rows<4, SMALL>(w, s, z, x, in, group, out); break;
+  }
+}
+
 void linear_int4(const QArgs& a) {
   const int64_t stride = a.in + PAD, groups = a.in / a.group;
-  std::vector<int8_t> xq(a.rows * stride), tmp(a.group);
+  std::vector<int8_t> xq(a.rows * stride), tmp(a.in);
   std::vector<float> xs(a.rows * groups), xsum(a.rows * groups);
   std::vector<Int4Row> xrows(a.rows);
   for (int64_t r = 0; r < a.rows; ++r) {
@@ -358,12 +448,10 @@ void linear_int4(const QArgs& a) {
       }
       float out[X_PASS][ROWS];
       const Int4Row* x = xrows.data() + p.first;
-      switch (p.count) {
-        case 1: int4_rows<1>(w, s, z, x, a.in, a.group, out); break;
-        case 2: int4_rows<2>(w, s, z, x, a.in, a.group, out); break;
-        case 3: int4_rows<3>(w, s, z, x, a.in, a.group, out); break;
-        default: int4_rows<4>(w, s, z, x, a.in, a.group, out); break;
-      }
+      if (a.group < PIECE)
+        int4_pass<true>(p.count, w, s, z, x, a.in, a.group, out);
+      else
+        int4_pass<false>(p.count, w, s, z, x, a.in, a.group, out);
       store(a, p, js, nr, out, nullptr);
     }
   });
