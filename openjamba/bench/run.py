@@ -50,6 +50,7 @@ def _check_formats(formats: list[str], compare: tuple[str, ...], phases: tuple[s
         raise ValueError(f"phase {apart[0]!r} runs each model in its own process: give --quantize one format for "
                          "it (several formats measure prefill, decode and scan, in one process)")
 
+
 def plan_cells(impls: list[str], contexts: list[int], batches: list[int], phases: list[str]) -> list[dict[str, Any]]:
     """One worker per (impl, context, batch, phase group). Training and profiling run apart from inference, so each
     phase's peak memory is its own (and a profiler running out of memory loses only its own cell)."""
