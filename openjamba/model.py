@@ -200,10 +200,15 @@ class MambaMixer(nn.Module):
         """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op: decoding
         small models is bound by per-op overhead. xz: (B, 2 * inner) -> (B, inner); `state` updated in place;
         weights: `_step_weights()`."""
+        return ops.mamba_step(xz, *self.step_args(state, weights))
+
+    def step_args(self, state: MambaState, weights: tuple) -> tuple:
+        """`ops.mamba_step`'s arguments after xz: the state, the conv, the x_proj / dt_proj weights (`weights`), the
+        norms, A_log and D."""
         x_proj, dt_proj = weights
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
-        return ops.mamba_step(xz, state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms,
-                              self.dt_layernorm.eps, dt_proj, self.dt_proj.bias, self.A_log, self.D)
+        return (state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms,
+                self.dt_layernorm.eps, dt_proj, self.dt_proj.bias, self.A_log, self.D)
 
 
 def _step_weights(*projections: nn.Module) -> tuple | None:
@@ -350,7 +355,14 @@ class DecoderLayer(nn.Module):
         return x + h, router_logits
 
     def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
-        """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after."""
+        """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
+        A Mamba layer with an MLP whose projections are all quantized is one op (`ops.mamba_layer_step`)."""
+        quantized = self._quantized_mamba_layer(x)
+        if quantized is not None:
+            in_proj, out_proj, mlp, step_weights = quantized
+            norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
+            step = self.mamba.step_args(layer_cache, step_weights)
+            return ops.mamba_layer_step(x, norms[0], in_proj, step, out_proj, norms[1], mlp)
         h = self.input_layernorm(x)
         if self.is_attention:
             h = self.self_attn(h.unsqueeze(1), attn_mask, layer_cache).squeeze(1)
@@ -358,6 +370,21 @@ class DecoderLayer(nn.Module):
             h = self.mamba.decode_step(h, layer_cache)
         x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
         return self.feed_forward.decode_step(h, x)
+
+    def _quantized_mamba_layer(self, x: torch.Tensor) -> tuple | None:
+        """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases), decoding a few rows: the
+        quantized weights (in_proj, out_proj, (gate, up, down), the mixer's `_step_weights()`); else None."""
+        if (self.is_attention or self.is_moe or not hasattr(self.mamba.in_proj, "quantized")
+                or x.shape[0] > ops.fused_step_rows(x.device)):
+            return None
+        mixer, mlp = self.mamba, self.feed_forward
+        layers = (mixer.in_proj, mixer.out_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        weights = tuple(getattr(p, "quantized", None) for p in layers)
+        step_weights = mixer._step_weights()
+        if (any(w is None for w in weights) or step_weights is None or mixer.in_proj.bias is not None
+                or mixer.out_proj.bias is not None):
+            return None
+        return weights[0], weights[1], weights[2:], step_weights
 
 
 class JambaModel(nn.Module):

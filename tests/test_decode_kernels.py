@@ -252,6 +252,63 @@ def test_quantized_mixer_takes_the_fused_step(monkeypatch):
     torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=0, msg="output")
 
 
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
+    """A Mamba layer with an MLP, all quantized, decodes in one call of quant_step.cpp, which gives the bits its six
+    parts give call by call (each part is the same kernel), the same on 1 and 2 threads and for a row alone or in
+    the batch; against the plain reference (torch's norms, conv and state update, the quantized products) it
+    differs by ulps, which can move an int8 activation a step (bound: the activations' rounding, as in test_quant)."""
+    model = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96), method, 32)
+    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and not la.is_moe)
+    x = randn(3, 64, dtype=torch.float32, seed=7)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "mamba_layer_step", lambda *a, _f=cpu_kernels.mamba_layer_step:
+                        calls.append(1) or _f(*a))
+
+    def run(fn, rows=slice(None), threads=2):
+        cache = model.make_cache(3)
+        state = cache.layers[index]
+        state.conv.copy_(randn(*state.conv.shape, dtype=torch.float32, seed=4))
+        state.ssm.copy_(randn(*state.ssm.shape, dtype=torch.float32, seed=5))
+        state.conv, state.ssm = state.conv[rows].clone(), state.ssm[rows].clone()
+        saved = torch.get_num_threads()
+        with monkeypatch.context() as m, torch.no_grad():  # every product and phase on `threads` threads
+            m.setattr(cpu_kernels, "SERIAL_BELOW", 0)
+            m.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0)
+            torch.set_num_threads(threads)
+            cpu_kernels.product_threads.cache_clear()
+            try:
+                return fn(x[rows].contiguous(), state), state.conv, state.ssm
+            finally:
+                torch.set_num_threads(saved)
+                cpu_kernels.product_threads.cache_clear()
+
+    def parts(x, state):  # the model's path call by call (no one-call op)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "mamba_layer_step", lambda *a: None)
+            return layer.decode_step(x, None, state)
+
+    def reference(x, state):
+        in_proj, out_proj, mlp, step_weights = layer._quantized_mamba_layer(x)
+        step = layer.mamba.step_args(state, step_weights)
+        norms = [(n.weight, n.eps) for n in (layer.input_layernorm, layer.pre_ff_layernorm)]
+        return decode.mamba_layer_step_ref(x, norms[0], in_proj, step, out_proj, norms[1], mlp)
+
+    fused = run(lambda x, state: layer.decode_step(x, None, state))
+    assert calls == [1]
+    for got, expected in zip(fused, run(parts)):
+        assert torch.equal(got, expected)
+    for got, expected in zip(fused, run(lambda x, state: layer.decode_step(x, None, state), threads=1)):
+        assert torch.equal(got, expected)
+    alone = run(lambda x, state: layer.decode_step(x, None, state), rows=slice(1, 2))
+    for got, expected in zip(alone, fused):
+        assert torch.equal(got, expected[1:2])
+    plain = run(reference)
+    torch.testing.assert_close(fused[0], plain[0], atol=2e-2 * plain[0].abs().max().item(), rtol=0)
+    for got, expected in zip(fused[1:], plain[1:]):
+        torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_add_rms_norm_matches_reference(dtype):
     x, h, w = randn(3, 37, dtype=dtype), randn(3, 37, dtype=dtype, seed=1), randn(37, dtype=dtype, seed=2)

@@ -10,9 +10,10 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
-`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step` with the signatures below; an op it lacks falls
-back to the plain PyTorch one. The last seven serve the one-token decode step (ops/decode.py has their references):
-every projection of the model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
+`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `mamba_layer_step` with the signatures below;
+an op it lacks falls back to the plain PyTorch one (`mamba_layer_step` may also return None: then its parts run).
+The last eight serve the one-token decode step (ops/decode.py has their references): every projection of the
+model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
 over all threads.
 Attention over a long cache is in ops/attention.py: `chunk_attention` for a chunk continuing a cached sequence
 (no (chunk, context) mask on CPU), `attend_to_all_sdpa` for a decode step.
@@ -50,6 +51,7 @@ __all__ = [
     "expert_linear_ref",
     "fused_step_rows",
     "linear",
+    "mamba_layer_step",
     "mamba_step",
     "mamba_step_ref",
     "mlp_step",
@@ -228,6 +230,26 @@ def mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.T
     matrices, or quantized weights)."""
     fn = _op(x.device, "mlp_step") or mlp_step_ref
     return fn(x, gate, up, down, residual)
+
+
+def mamba_layer_step(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
+                     mlp: tuple) -> torch.Tensor:
+    """A Mamba layer and its MLP for a decode step's rows (rows, H): one op where the device has it (CPU: all five
+    projections quantized), else its parts, each with the device's fast path; see `ops.decode.mamba_layer_step_ref`
+    for the arguments."""
+    fn = _op(x.device, "mamba_layer_step")
+    out = fn(x, in_norm, in_proj, step, out_proj, ff_norm, mlp) if fn is not None else None
+    if out is not None:
+        return out
+    h = rms_norm(x, *in_norm)
+    y = mamba_step(_product(h, in_proj), *step)
+    s, h = add_rms_norm(x, _product(y, out_proj), *ff_norm)
+    return mlp_step(h, *mlp, s)
+
+
+def _product(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T with the device's fast path: a weight matrix, or a quantized weight's own product."""
+    return linear(x, weight) if isinstance(weight, torch.Tensor) else weight.linear(x)
 
 
 def moe_step(

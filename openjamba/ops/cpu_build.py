@@ -28,7 +28,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
            CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp")
-HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h")
+HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h")
 ABI_VERSION = 4
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
@@ -162,6 +162,15 @@ class QuantMlpArgs(ctypes.Structure):
                 + _fields("", "", "x residual out scratch"))
 
 
+class QuantMambaLayerArgs(ctypes.Structure):
+    """`QuantMambaLayerArgs` of quant_step.cpp."""
+
+    _fields_ = (_fields("rows hidden inner", "", "") + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
+                + [(n, QuantWeight) for n in ("in_proj", "out_proj")]
+                + _fields("", "", "x in_norm_w ff_norm_w out scratch")
+                + [("mamba", MambaStepArgs), ("mlp", QuantMlpArgs)])
+
+
 class FfnStepArgs(ctypes.Structure):
     """`FfnStepArgs` of ffn_step.cpp."""
 
@@ -231,6 +240,8 @@ def library() -> ctypes.CDLL:
                     fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int
             lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(QuantMlpArgs)], None
+            lib.quant_mamba_layer_step.argtypes = [ctypes.POINTER(QuantMambaLayerArgs)]
+            lib.quant_mamba_layer_step.restype = None
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _error = str(err)

@@ -26,6 +26,7 @@ from .cpu_build import (
     ConvArgs,
     FfnStepArgs,
     MambaStepArgs,
+    QuantMambaLayerArgs,
     QuantMlpArgs,
     QuantWeight,
     ScanArgs,
@@ -450,27 +451,37 @@ def mamba_step(
     state's dtype (fp32 or fp64) and is contiguous (xz: its rows); otherwise the reference. x_proj_weight and
     dt_proj_weight may be quantized weights (fp32 only): their products are then quant_linear.cpp's, run inside
     the call, and give what the weights' own `linear` gives."""
+    fields = _mamba_step_fields(xz.shape[0], xz.shape[1] // 2, window, ssm, conv_weight, conv_bias, x_proj_weight,
+                                norm_weights, eps, dt_proj_weight, dt_bias, A_log, D)
+    if fields is None or xz.dtype != ssm.dtype or xz.stride(-1) != 1 or _needs_grad(xz):
+        return mamba_step_ref(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
+                              dt_proj_weight, dt_bias, A_log, D)
+    batch, inner, rank, state = xz.shape[0], xz.shape[1] // 2, _in_features(dt_proj_weight), A_log.shape[1]
+    y = torch.empty(batch, inner, dtype=ssm.dtype)
+    scratch = torch.empty(batch, rank + 2 * state + 3 * inner, dtype=ssm.dtype)
+    fields[6], fields[8], fields[21], fields[22] = xz.stride(0), xz.data_ptr(), y.data_ptr(), scratch.data_ptr()
+    call("mamba_step", ssm.dtype, MambaStepArgs(*fields))
+    return y
+
+
+def _mamba_step_fields(batch, inner, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
+                       dt_proj_weight, dt_bias, A_log, D) -> list | None:
+    """mamba_step.cpp's MambaStepArgs for `mamba_step`'s arguments but xz, in field order (pointers straight from the
+    tensors, alive in the caller's frame for the call: a third of make_args' cost), the row fields (xz_stride, xz,
+    y, scratch: 6, 8, 21, 22) left for the caller; None where the kernel cannot run them (the reference serves)."""
     dtype = ssm.dtype
     x_fields, dt_fields = _step_projection(x_proj_weight, dtype), _step_projection(dt_proj_weight, dtype)
     params = (conv_weight, conv_bias, *norm_weights, dt_bias, A_log, D)
     if (dtype not in _FLOATS or x_fields is None or dt_fields is None
             or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in (window, ssm, *params))
-            or xz.dtype != dtype or xz.stride(-1) != 1 or _needs_grad(xz, *params)):
-        return mamba_step_ref(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
-                              dt_proj_weight, dt_bias, A_log, D)
-    batch, inner = xz.shape[0], xz.shape[1] // 2
+            or _needs_grad(*params)):
+        return None
     rank, state = _in_features(dt_proj_weight), A_log.shape[1]
-    y = torch.empty(batch, inner, dtype=dtype)
-    scratch = torch.empty(batch, rank + 2 * state + 3 * inner, dtype=dtype)
-    # Positional, pointers straight from the tensors (alive in this frame for the call): a third of make_args' cost.
-    args = MambaStepArgs(batch, inner, conv_weight.shape[1], rank, state, _threads(batch * inner * (rank + 3 * state)),
-                         xz.stride(0), eps,
-                         *(None if t is None else t.data_ptr() for t in (xz, conv_weight, conv_bias)), x_fields[0],
-                         *(t.data_ptr() for t in norm_weights), dt_fields[0],
-                         *(None if t is None else t.data_ptr() for t in (dt_bias, A_log, D, window, ssm, y, scratch)),
-                         *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:])
-    call("mamba_step", dtype, args)
-    return y
+    return [batch, inner, conv_weight.shape[1], rank, state, _threads(batch * inner * (rank + 3 * state)), 0, eps,
+            None, *(None if t is None else t.data_ptr() for t in (conv_weight, conv_bias)), x_fields[0],
+            *(t.data_ptr() for t in norm_weights), dt_fields[0],
+            *(None if t is None else t.data_ptr() for t in (dt_bias, A_log, D, window, ssm)), None, None,
+            *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:]]
 
 
 def _in_features(weight) -> int:
@@ -516,6 +527,39 @@ def _quantized_mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor)
     args = QuantMlpArgs(rows, hidden, inner, x.stride(0), *(QuantWeight(*o) for o in operands), x.data_ptr(),
                         residual.data_ptr(), out.data_ptr(), scratch.data_ptr())
     cpu_build.library().quant_mlp_step(ctypes.byref(args))
+    return out
+
+
+@eager_under_compile
+def mamba_layer_step(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
+                     mlp: tuple) -> torch.Tensor | None:
+    """`ops.decode.mamba_layer_step_ref` in one call of quant_step.cpp when the five projections are quantized
+    weights the kernels read, x is (rows, H) fp32 and the Mamba step's tensors are what `mamba_step` takes; None
+    otherwise (ops.mamba_layer_step then runs the parts). Decoding a quantized 3B model spent about as long in the
+    Python of the six calls per layer (the caches cold after the weights streamed through) as in their small ops."""
+    ssm, dt_proj, A_log = step[1], step[7], step[9]
+    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
+    inner = ssm.shape[1]
+    projections = [None if isinstance(w, torch.Tensor) else _quantized_operands(w)
+                   for w in (in_proj, out_proj, *mlp)]
+    fields = _mamba_step_fields(rows, inner, *step) if None not in projections else None
+    intermediate = mlp[0].out_features if fields is not None else 0
+    if (fields is None or x.dtype != torch.float32 or not 0 < rows <= DECODE_MAX_ROWS or not x.is_contiguous()
+            or (in_proj.in_features, in_proj.out_features, out_proj.in_features, out_proj.out_features)
+            != (hidden, 2 * inner, inner, hidden)
+            or (mlp[1].in_features, mlp[1].out_features, mlp[2].in_features, mlp[2].out_features)
+            != (hidden, intermediate, intermediate, hidden) or mlp[0].in_features != hidden
+            or not _plain_rows(torch.float32, in_norm[0], ff_norm[0]) or _needs_grad(x)):
+        return None
+    rank, state = _in_features(dt_proj), A_log.shape[1]
+    out = torch.empty_like(x)
+    scratch = torch.empty(rows * (4 * hidden + 6 * inner + rank + 2 * state + 2 * intermediate))
+    gate, up, down = (QuantWeight(*o) for o in projections[2:])
+    args = QuantMambaLayerArgs(rows, hidden, inner, in_norm[1], ff_norm[1], QuantWeight(*projections[0]),
+                               QuantWeight(*projections[1]), x.data_ptr(), in_norm[0].data_ptr(),
+                               ff_norm[0].data_ptr(), out.data_ptr(), scratch.data_ptr(), MambaStepArgs(*fields),
+                               QuantMlpArgs(rows, hidden, intermediate, hidden, gate, up, down))
+    cpu_build.library().quant_mamba_layer_step(ctypes.byref(args))
     return out
 
 
