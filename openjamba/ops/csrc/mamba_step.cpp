@@ -78,24 +78,6 @@ inline float tree_sum<float>(float* part) {
 }
 #endif
 
-// M dot products of one weight row w with rows x[0..M): each row's lanes and order are those of M = 1, so a row's
-// result does not depend on the rows beside it; M > 1 reads w once for M rows and runs M independent chains.
-template <typename T, int M>
-inline void dots(const T* w, const T* const* x, T* const* out, int64_t n) {
-  constexpr int L = kLanes<T>;
-  alignas(64) T part[M][L] = {};
-  int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int m = 0; m < M; ++m)
-#pragma omp simd
-      for (int i = 0; i < L; ++i) part[m][i] += w[k + i] * x[m][k + i];
-  for (int m = 0; m < M; ++m) {
-    T s = tree_sum(part[m]);
-    for (int64_t t = k; t < n; ++t) s += w[t] * x[m][t];
-    *out[m] = s;
-  }
-}
-
 // Channels [c0, c1) of item i of n, in multiples of W.
 inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, int64_t& c1) {
   const int64_t blocks = (channels + W - 1) / W;
@@ -236,33 +218,20 @@ void conv_phase(const MambaStepArgs& a) {
   }
 }
 
-// 2. x_proj (plain weights): rank + 2N dot products over the channels per row, each weight row read once for all
-// rows.
+// 2. x_proj (plain weights): rank + 2N dot products over the channels per row, in tiles.h's register tiles (each
+// weight row read once for all the batch's rows; a row's sums the same whatever the rows beside it), the weight
+// rows split over the threads.
 template <typename T>
 void x_proj_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, B_ = a.batch;
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, stride = P + 3 * D_, items = a.threads;
   const T* xw = static_cast<const T*>(a.x_proj_w);
   T* scratch = static_cast<T*>(a.scratch);
+  std::vector<const T*> u(a.batch);  // each row's conv output
+  for (int64_t b = 0; b < a.batch; ++b) u[b] = scratch + b * stride + P;
 #pragma omp for schedule(static)
-  for (int64_t r = 0; r < P; ++r) {
-    const T* wr = xw + r * D_;
-    constexpr int M = 4;
-    const T* x[M];
-    T* out[M];
-    int64_t b = 0;
-    for (; b + M <= B_; b += M) {
-      for (int m = 0; m < M; ++m) {
-        out[m] = scratch + (b + m) * (P + 3 * D_) + r;
-        x[m] = scratch + (b + m) * (P + 3 * D_) + P;
-      }
-      dots<T, M>(wr, x, out, D_);
-    }
-    for (; b < B_; ++b) {
-      out[0] = scratch + b * (P + 3 * D_) + r;
-      x[0] = scratch + b * (P + 3 * D_) + P;
-      dots<T, 1>(wr, x, out, D_);
-    }
-  }
+  for (int64_t i = 0; i < items; ++i)
+    matrix_rows<T>(xw, D_, P * i / items, P * (i + 1) / items, u.data(), a.batch,
+                   [&](int64_t b, int64_t j, T v) { scratch[b * stride + j] = v; });
 }
 
 // 3. the three norms of each row (a few dozen values each).
