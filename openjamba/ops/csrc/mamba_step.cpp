@@ -10,7 +10,7 @@
 //
 // Decoding is bound by per-call overhead for small models: this replaces ~25 tensor ops per layer and token. Each
 // phase covers all the batch's rows, so a serving batch reads each weight once and computes the per-channel
-// constants (exp(A_log), dt_proj's transposed blocks) once; a row's arithmetic never depends on the other rows or
+// constant (exp(A_log)) once; a row's arithmetic never depends on the other rows or
 // the thread count. The work is split over threads by channels (conv, state update), by rows of x_proj and by
 // batch rows (the norms).
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
@@ -85,39 +85,27 @@ inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, i
   c1 = std::min(channels, blocks * (i + 1) / n * W);
 }
 
-// The state update of row b over channels [c0, c0 + w), w <= W, given A * exp_scale (As) and dt_proj's weights
-// transposed (dtw_t, (rank, W)) for those channels, both prepared once per call and shared by every row (dtw_t
-// null: dt_proj is quantized, its product already in the row's scratch). Each channel's arithmetic is the same
-// whatever the block, the row count or the thread count (batch invariance).
+// The state update of row b over channels [c0, c0 + w), w <= W, given A * exp_scale (As) for those channels,
+// prepared once per call and shared by every row, and dt_proj's product already in the row's scratch. Each
+// channel's arithmetic is the same whatever the block, the row count or the thread count (batch invariance).
 template <typename T>
-void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As, const T* dtw_t) {
+void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
   const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
   const T* z = xz + D_ + c0;
   const T* proj = static_cast<const T*>(a.scratch) + b * (P + 3 * D_);
   const T* u = proj + P + c0;
+  const T* dt_proj = proj + P + D_ + c0;
   const T* dt_bias = static_cast<const T*>(a.dt_bias);
   const T* Dp = static_cast<const T*>(a.D);
-  const T* dt_low = proj;
   const T* Bv = proj + R;
   const T* Cv = proj + R + N;
   T* h = static_cast<T*>(a.h) + (b * D_ + c0) * N;
   T* y = static_cast<T*>(a.y) + b * D_ + c0;
-  // dt_proj over the block's channels, rank by rank (a fixed order per channel), then softplus and the gate.
+  // dt_proj's product plus the bias (the reference's order), then softplus.
   T dt[W], out[W];
-  if (dtw_t) {
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) dt[j] = dt_bias ? dt_bias[c0 + j] : T(0);
-    for (int64_t k = 0; k < R; ++k) {
-      const T dk = dt_low[k];
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) dt[j] += dtw_t[k * W + j] * dk;
-    }
-  } else {
-    const T* dt_proj = proj + P + D_ + c0;  // the quantized product (the reference adds the bias after it)
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) dt[j] = dt_proj[j] + (dt_bias ? dt_bias[c0 + j] : T(0));
-  }
+  for (int64_t j = 0; j < w; ++j) dt[j] = dt_proj[j] + (dt_bias ? dt_bias[c0 + j] : T(0));
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
   // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
@@ -172,11 +160,11 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
   for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
 }
 
-// Phases over all rows at once, so that each weight is read once per call and each per-channel constant
-// (exp(A_log), dt_proj's transposed block) is computed once per call rather than once per row. Each phase is a
+// Phases over all rows at once, so that each weight is read once per call and the per-channel constant
+// (exp(A_log)) is computed once per call rather than once per row. Each phase is a
 // work-shared loop (`omp for`): inside a parallel region the threads split it, outside it one thread runs it all.
-// Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then a quantized dt_proj's
-// output (channels each).
+// Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then dt_proj's output
+// (channels each).
 
 // 1. conv over the window and the new input, then silu, vectorised over channels: the taps transposed once per
 // call (wt: (K, channels of the item)), then each row tap by tap (per channel: the bias, then the taps in order);
@@ -248,15 +236,19 @@ void norm_phase(const MambaStepArgs& a) {
   }
 }
 
-// 4. for the thread's channels: A = -exp(A_log) * exp_scale and (plain weights) dt_proj's weights transposed per
-// block of W channels, once; then row by row (each row's state read in order), dt_proj, softplus, state update,
-// skip connection and gate.
+// 4. for the thread's channels: A = -exp(A_log) * exp_scale once; (plain weights) dt_proj's product of every row
+// for those channels, each weight row read once for all rows (tiles.h's matrix_rows: a row's sums in the same order
+// whatever the rows beside it); then row by row (each row's state read in order), softplus, state update, skip
+// connection and gate.
 template <typename T>
 void update_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, R = a.rank, N = a.state, items = a.threads;
+  const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N, items = a.threads;
   const T* dtw = a.dt_bits ? nullptr : static_cast<const T*>(a.dt_proj_w);
   const T* A_log = static_cast<const T*>(a.A_log);
-  std::vector<T> As, dtw_t;
+  T* scratch = static_cast<T*>(a.scratch);
+  std::vector<const T*> dt_low(a.batch);  // each row's normalised dt (rank values at the start of its scratch)
+  for (int64_t b = 0; b < a.batch; ++b) dt_low[b] = scratch + b * (P + 3 * D_);
+  std::vector<T> As;
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
@@ -264,16 +256,12 @@ void update_phase(const MambaStepArgs& a) {
     As.resize((c1 - c0) * N);
 #pragma omp simd
     for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = -exp_of<T>(A_log[c0 * N + e]) * Math<T>::exp_scale;
-    if (dtw) {
-      dtw_t.resize(((c1 - c0 + W - 1) / W) * R * W);
-      for (int64_t cb = c0; cb < c1; cb += W)
-        for (int64_t j = 0; j < std::min<int64_t>(W, c1 - cb); ++j)
-          for (int64_t k = 0; k < R; ++k) dtw_t[(cb - c0) * R + k * W + j] = dtw[(cb + j) * R + k];
-    }
+    if (dtw)
+      matrix_rows<T>(dtw, R, c0, c1, dt_low.data(), a.batch,
+                     [&](int64_t b, int64_t j, T v) { scratch[b * (P + 3 * D_) + P + D_ + j] = v; });
     for (int64_t b = 0; b < a.batch; ++b)
       for (int64_t cb = c0; cb < c1; cb += W)
-        update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N,
-                        dtw ? dtw_t.data() + (cb - c0) * R : nullptr);
+        update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
   }
 }
 
