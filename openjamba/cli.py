@@ -634,6 +634,7 @@ _STOPPED_BY: list[int] = []  # SIGTERM, when it is what stopped the verb (its ex
 def main(argv: list[str] | None = None) -> None:
     """Run one verb. Any error is one line on stderr and a non-zero exit; `--debug` (or OPENJAMBA_DEBUG=1)
     shows the full traceback instead."""
+    runtime.use_huge_pages()  # before anything large is allocated
     args = build_parser().parse_args(argv)
     if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         args.func(args)

@@ -25,7 +25,7 @@ import torch
 
 from ..config import JambaConfig
 from ..info import forward_flops
-from ..runtime import parse_dtype
+from ..runtime import parse_dtype, use_huge_pages
 from .measure import PeakMemory, best_time, current_memory, decode_weight_bytes, peak_so_far, read_bytes_per_s, sync
 from .runners import Runner, build_runner
 
@@ -309,6 +309,7 @@ def launch_worker(spec: dict[str, Any], timeout_s: float, on_progress: Callable[
 
 def main() -> None:
     """Worker entry point: `python -m openjamba.bench --worker SPEC_JSON` prints one result line."""
+    use_huge_pages()  # as `openjamba` itself runs: the weights and the read probe alike
     if len(sys.argv) != 3 or sys.argv[1] != "--worker":
         raise SystemExit("internal worker of `openjamba bench`; run `openjamba bench --help`")
     result = run_worker(json.loads(sys.argv[2]))
