@@ -10,9 +10,8 @@
 //
 // Decoding is bound by per-call overhead for small models: this replaces ~25 tensor ops per layer and token. Each
 // phase covers all the batch's rows, so a serving batch reads each weight once and computes the per-channel
-// constant (exp(A_log)) once; a row's arithmetic never depends on the other rows or
-// the thread count. The work is split over threads by channels (conv, state update), by rows of x_proj and by
-// batch rows (the norms).
+// constant (exp(A_log)) once; a row's arithmetic never depends on the other rows or the thread count. The work is
+// split over threads by channels (conv, state update), by rows of x_proj and by batch rows (the norms).
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
 //   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
 //   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
@@ -161,8 +160,8 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 }
 
 // Phases over all rows at once, so that each weight is read once per call and the per-channel constant
-// (exp(A_log)) is computed once per call rather than once per row. Each phase is a
-// work-shared loop (`omp for`): inside a parallel region the threads split it, outside it one thread runs it all.
+// (exp(A_log)) is computed once per call rather than once per row. Each phase is a work-shared loop (`omp for`):
+// inside a parallel region the threads split it, outside it one thread runs it all.
 // Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then dt_proj's output
 // (channels each).
 
