@@ -374,7 +374,7 @@ class DecoderLayer(nn.Module):
     def _quantized_mamba_layer(self, x: torch.Tensor) -> tuple | None:
         """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases), decoding a few rows: the
         quantized weights (in_proj, out_proj, (gate, up, down), the mixer's `_step_weights()`); else None."""
-        if (self.is_attention or self.is_moe or not hasattr(self.mamba.in_proj, "quantized")
+        if (self.is_attention or self.is_moe or isinstance(self.mamba.in_proj, Linear)
                 or x.shape[0] > ops.fused_step_rows(x.device)):
             return None
         mixer, mlp = self.mamba, self.feed_forward
