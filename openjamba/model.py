@@ -21,7 +21,9 @@ is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -142,6 +144,7 @@ class MambaMixer(nn.Module):
         self.dt_proj = Linear(self.dt_rank, inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(inner, self.state_size))
         self.D = nn.Parameter(torch.empty(inner))
+        self._decay: tuple | None = None  # (A_log, its data pointer and version, A): see decay_rates
         self.out_proj = Linear(inner, hidden, bias=config.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(self.dt_rank, config.rms_norm_eps)
         self.b_layernorm = RMSNorm(self.state_size, config.rms_norm_eps)
@@ -203,12 +206,30 @@ class MambaMixer(nn.Module):
         return ops.mamba_step(xz, *self.step_args(state, weights))
 
     def step_args(self, state: MambaState, weights: tuple) -> tuple:
-        """`ops.mamba_step`'s arguments after xz: the state, the conv, the x_proj / dt_proj weights (`weights`), the
-        norms, A_log and D."""
+        """`ops.mamba_step`'s arguments after xz: the state, then `step_params(weights)`."""
+        return (state.conv, state.ssm, *self.step_params(weights))
+
+    def step_params(self, weights: tuple) -> tuple:
+        """`ops.mamba_step`'s arguments after the state: the conv, the x_proj / dt_proj weights (`weights`), the
+        norms, A (`decay_rates`) and D."""
         x_proj, dt_proj = weights
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
-        return (state.conv, state.ssm, self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms,
-                self.dt_layernorm.eps, dt_proj, self.dt_proj.bias, self.A_log, self.D)
+        return (self.conv1d.weight[:, 0], self.conv1d.bias, x_proj, norms, self.dt_layernorm.eps, dt_proj,
+                self.dt_proj.bias, self.decay_rates(), self.D)
+
+    def decay_rates(self) -> torch.Tensor:
+        """A = -exp(A_log), as the decode step takes it: computed once and kept while A_log holds the same values
+        (the same tensor, storage and version: any in-place update, e.g. an optimizer step or load_state_dict, bumps
+        the version), instead of channels x N exponentials per layer and token. Computed afresh, differentiable,
+        when autograd tracks A_log."""
+        A_log = self.A_log
+        if (A_log.requires_grad and torch.is_grad_enabled()) or A_log.is_inference():  # (no version counter)
+            return -torch.exp(A_log)
+        kept = self._decay
+        if kept is None or kept[0] is not A_log or kept[1] != (A_log.data_ptr(), A_log._version):
+            with torch.no_grad():
+                kept = self._decay = (A_log, (A_log.data_ptr(), A_log._version), -torch.exp(A_log))
+        return kept[2]
 
 
 def _step_weights(*projections: nn.Module) -> tuple | None:
@@ -356,13 +377,10 @@ class DecoderLayer(nn.Module):
 
     def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
         """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
-        A Mamba layer with an MLP whose projections are all quantized is one op (`ops.mamba_layer_step`)."""
-        quantized = self._quantized_mamba_layer(x)
-        if quantized is not None:
-            in_proj, out_proj, mlp, step_weights = quantized
-            norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
-            step = self.mamba.step_args(layer_cache, step_weights)
-            return ops.mamba_layer_step(x, norms[0], in_proj, step, out_proj, norms[1], mlp)
+        A Mamba layer with an MLP whose projections are all quantized is one prepared op (`_prepared_step`)."""
+        prepared = self._prepared_step(x)
+        if prepared is not None:
+            return prepared(x, layer_cache.conv, layer_cache.ssm)
         h = self.input_layernorm(x)
         if self.is_attention:
             h = self.self_attn(h.unsqueeze(1), attn_mask, layer_cache).squeeze(1)
@@ -371,11 +389,33 @@ class DecoderLayer(nn.Module):
         x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
         return self.feed_forward.decode_step(h, x)
 
-    def _quantized_mamba_layer(self, x: torch.Tensor) -> tuple | None:
-        """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases), decoding a few rows: the
-        quantized weights (in_proj, out_proj, (gate, up, down), the mixer's `_step_weights()`); else None."""
-        if (self.is_attention or self.is_moe or isinstance(self.mamba.in_proj, Linear)
-                or x.shape[0] > ops.fused_step_rows(x.device)):
+    def _prepared_step(self, x: torch.Tensor):
+        """This layer's decode step bound to its weights (`ops.prepare_mamba_layer_step`: one call on CPU) when it is
+        a Mamba layer with an MLP, all quantized, decoding a few rows; else None. Binding reads and checks every
+        weight (on a 3B model as long as the call's own small ops took), so it is kept, for the kernels and thread
+        count it was made for, while the layer holds the same weights (`ModuleSnapshot`). Not under autograd."""
+        device = x.device
+        if (self.is_attention or self.is_moe or isinstance(self.mamba.in_proj, Linear) or torch.is_grad_enabled()
+                or x.shape[0] > ops.fused_step_rows(device)):
+            return None
+        key = (device, ops.backend_for(device), torch.get_num_threads())
+        kept = _PREPARED_STEPS.get(self)
+        if kept is None or kept[0] != key or not kept[1].unchanged():
+            snapshot = ModuleSnapshot(self, versioned=(self.mamba.A_log,))  # A is computed from A_log
+            weights = self._quantized_mamba_layer()
+            step = None
+            if weights is not None:
+                in_proj, out_proj, mlp, step_weights = weights
+                norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
+                step = ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
+                                                    norms[1], mlp, device)
+            kept = _PREPARED_STEPS[self] = (key, snapshot, step)
+        return kept[2]
+
+    def _quantized_mamba_layer(self) -> tuple | None:
+        """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases): the quantized weights
+        (in_proj, out_proj, (gate, up, down), the mixer's `_step_weights()`); else None."""
+        if self.is_attention or self.is_moe:
             return None
         mixer, mlp = self.mamba, self.feed_forward
         layers = (mixer.in_proj, mixer.out_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -385,6 +425,37 @@ class DecoderLayer(nn.Module):
                 or mixer.out_proj.bias is not None):
             return None
         return weights[0], weights[1], weights[2:], step_weights
+
+
+_PREPARED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, snapshot, prepared step)
+
+
+class ModuleSnapshot:
+    """What a module tree holds: each submodule, parameter and buffer slot's object, each tensor's storage, and the
+    version of the `versioned` tensors. Something built from the tree that keeps raw pointers (a prepared decode
+    step) stays valid while `unchanged()`: swapping a module or tensor (quantizing, load_state_dict(assign=True)),
+    moving or converting one (`.to()` swaps storages) or updating a versioned tensor in place makes it false; other
+    in-place updates are seen through the pointers. It keeps what it saw alive until it is replaced. Checked per
+    layer and token, in C-level loops (microseconds)."""
+
+    def __init__(self, module: nn.Module, versioned: tuple[torch.Tensor, ...] = ()) -> None:
+        self.slots = [d for m in module.modules() for d in (m._modules, m._parameters, m._buffers)]
+        self.objects = tuple(chain.from_iterable(map(dict.values, self.slots)))  # kept alive: ids stay theirs
+        self.ids = tuple(map(id, self.objects))
+        self.tensors = tuple(o for o in self.objects if isinstance(o, torch.Tensor))
+        self.pointers = tuple(map(torch.Tensor.data_ptr, self.tensors))
+        self.versioned, self.versions = versioned, _versions(versioned)
+
+    def unchanged(self) -> bool:
+        versions = _versions(self.versioned)
+        return (versions is not None and versions == self.versions
+                and tuple(map(id, chain.from_iterable(map(dict.values, self.slots)))) == self.ids
+                and tuple(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers)
+
+
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...] | None:
+    """The tensors' version counters; None when one has none (made under torch.inference_mode: never unchanged)."""
+    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
 
 
 class JambaModel(nn.Module):

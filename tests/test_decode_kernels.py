@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from openjamba import model as model_module
 from openjamba import ops, quant
 from openjamba.model import MambaMixer
 from openjamba.ops import cpu_kernels, decode
@@ -121,7 +122,7 @@ def mamba_inputs(batch=2, inner=37, kernel=4, rank=5, state=8, dtype=torch.float
         conv_weight=r(inner, kernel), conv_bias=r(inner) if conv_bias else None,
         x_proj_weight=r(rank + 2 * state, inner), norm_weights=(1 + r(rank), 1 + r(state), 1 + r(state)), eps=1e-6,
         dt_proj_weight=r(inner, rank), dt_bias=r(inner) - 1.0,
-        A_log=torch.log(torch.rand(inner, state, generator=g) * 4 + 0.5).to(dtype), D=r(inner),
+        A=-(torch.rand(inner, state, generator=g) * 4 + 0.5).to(dtype), D=r(inner),
     )
 
 
@@ -262,8 +263,12 @@ def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
     index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and not la.is_moe)
     x = randn(3, 64, dtype=torch.float32, seed=7)
     calls = []
-    monkeypatch.setattr(cpu_kernels, "mamba_layer_step", lambda *a, _f=cpu_kernels.mamba_layer_step:
-                        calls.append(1) or _f(*a))
+
+    def counted(*args, _prepare=cpu_kernels.prepare_mamba_layer_step):
+        step = _prepare(*args)
+        return None if step is None else lambda *a: calls.append(1) or step(*a)
+
+    monkeypatch.setattr(cpu_kernels, "prepare_mamba_layer_step", counted)
 
     def run(fn, rows=slice(None), threads=2):
         cache = model.make_cache(3)
@@ -285,11 +290,11 @@ def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
 
     def parts(x, state):  # the model's path call by call (no one-call op)
         with monkeypatch.context() as m:
-            m.setattr(cpu_kernels, "mamba_layer_step", lambda *a: None)
+            m.setattr(layer, "_prepared_step", lambda x: None)
             return layer.decode_step(x, None, state)
 
     def reference(x, state):
-        in_proj, out_proj, mlp, step_weights = layer._quantized_mamba_layer(x)
+        in_proj, out_proj, mlp, step_weights = layer._quantized_mamba_layer()
         step = layer.mamba.step_args(state, step_weights)
         norms = [(n.weight, n.eps) for n in (layer.input_layernorm, layer.pre_ff_layernorm)]
         return decode.mamba_layer_step_ref(x, norms[0], in_proj, step, out_proj, norms[1], mlp)
@@ -307,6 +312,95 @@ def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
     torch.testing.assert_close(fused[0], plain[0], atol=2e-2 * plain[0].abs().max().item(), rtol=0)
     for got, expected in zip(fused[1:], plain[1:]):
         torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
+def test_decay_rates_follow_A_log():
+    """The mixer's kept A = -exp(A_log) (what every decode step reads) follows A_log through in-place updates
+    (an optimizer step, load_state_dict), conversions and replacement, and is computed afresh, with its gradient,
+    under autograd."""
+    mixer = next(layer.mamba for layer in random_model().model.layers if not layer.is_attention)
+    with torch.no_grad():
+        first = mixer.decay_rates()
+        assert mixer.decay_rates() is first  # kept between steps
+        assert torch.equal(first, -torch.exp(mixer.A_log))
+        mixer.A_log.mul_(0.5)  # in place: the same tensor and storage, a new version
+        assert torch.equal(mixer.decay_rates(), -torch.exp(mixer.A_log))
+        mixer.load_state_dict({**mixer.state_dict(), "A_log": torch.zeros_like(mixer.A_log)})
+        assert torch.equal(mixer.decay_rates(), -torch.ones_like(first))
+        mixer.double()
+        assert mixer.decay_rates().dtype == torch.float64
+        mixer.A_log = torch.nn.Parameter(torch.full_like(mixer.A_log, 2.0))
+        assert torch.equal(mixer.decay_rates(), -torch.exp(torch.full_like(mixer.A_log, 2.0)))
+    A = mixer.decay_rates()  # grad enabled and A_log requires grad: differentiable
+    A.sum().backward()
+    assert torch.equal(mixer.A_log.grad, A.detach())
+
+
+def test_module_snapshot_sees_swaps_moves_and_versions():
+    """ModuleSnapshot (what keeps a prepared decode step valid): unchanged through in-place updates, which the step's
+    pointers see, but not through a swapped module, parameter or storage, a new slot, or an in-place update of a
+    versioned tensor (one something was computed from)."""
+    layer = next(la for la in random_model().model.layers if not la.is_attention)
+    mixer = layer.mamba
+
+    @torch.no_grad()
+    def in_place(t: torch.Tensor) -> None:
+        t.mul_(2.0)
+
+    changes = {
+        "nothing": lambda: None,
+        "D in place": lambda: in_place(mixer.D),
+        "A_log in place": lambda: in_place(mixer.A_log),
+        "storage": lambda: setattr(mixer.D, "data", mixer.D.data.clone()),  # what .to() does
+        "parameter": lambda: setattr(mixer, "D", torch.nn.Parameter(mixer.D.detach().clone())),
+        "module": lambda: setattr(mixer, "out_proj", torch.nn.Identity()),
+        "new slot": lambda: mixer.conv1d.register_buffer("extra", torch.zeros(1)),
+    }
+    for name, change in changes.items():
+        snapshot = model_module.ModuleSnapshot(layer, versioned=(mixer.A_log,))
+        change()
+        assert snapshot.unchanged() == (name in ("nothing", "D in place")), name
+
+
+def test_prepared_layer_step_follows_the_weights(monkeypatch):
+    """A quantized layer's prepared step (kept between tokens) gives what the layer's call-by-call path gives after
+    its weights change: A_log in place, a norm and a quantized projection replaced, new values loaded in place."""
+    model = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96), "int8", 32)
+    other = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96, seed=5),
+                                 "int8", 32)
+    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and not la.is_moe)
+    x = randn(2, 64, dtype=torch.float32, seed=7)
+
+    def step(prepared: bool) -> torch.Tensor:
+        state = model.make_cache(2).layers[index]
+        state.ssm.copy_(randn(*state.ssm.shape, dtype=torch.float32, seed=5))
+        with monkeypatch.context() as m, torch.no_grad():
+            if not prepared:
+                m.setattr(layer, "_prepared_step", lambda x: None)
+            out = layer.decode_step(x, None, state)
+        return torch.cat([out.flatten(), state.conv.flatten(), state.ssm.flatten()])
+
+    before = step(True)
+    assert model_module._PREPARED_STEPS[layer][2] is not None  # the one-call step is the one kept
+    assert torch.equal(before, step(False))
+    target = other.model.layers[index]
+
+    @torch.no_grad()
+    def halve_A_log() -> None:
+        layer.mamba.A_log.mul_(0.5)
+
+    changes = [
+        halve_A_log,
+        lambda: setattr(layer.pre_ff_layernorm, "weight", torch.nn.Parameter(torch.rand(64) + 0.5)),
+        lambda: setattr(layer.feed_forward, "down_proj", target.feed_forward.down_proj),
+        lambda: layer.load_state_dict(target.state_dict()),
+    ]
+    for i, change in enumerate(changes):
+        change()
+        after = step(True)
+        assert not torch.equal(after, before), i
+        assert torch.equal(after, step(False)), i
+        before = after
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

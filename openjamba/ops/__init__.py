@@ -10,8 +10,9 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
-`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `mamba_layer_step` with the signatures below;
-an op it lacks falls back to the plain PyTorch one (`mamba_layer_step` may also return None: then its parts run).
+`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step` with the signatures
+below; an op it lacks falls back to the plain PyTorch one (`prepare_mamba_layer_step` may also return None, and its
+step None for a call: then the layer's parts run).
 The last eight serve the one-token decode step (ops/decode.py has their references): every projection of the
 model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
 over all threads.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -51,8 +53,8 @@ __all__ = [
     "expert_linear_ref",
     "fused_step_rows",
     "linear",
-    "mamba_layer_step",
     "mamba_step",
+    "prepare_mamba_layer_step",
     "mamba_step_ref",
     "mlp_step",
     "moe_step",
@@ -200,13 +202,12 @@ def mamba_step(
     eps: float,
     dt_proj_weight,
     dt_bias: torch.Tensor,
-    A_log: torch.Tensor,
+    A: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
     """A Mamba mixer's one-token step from in_proj's output to out_proj's input; see `ops.decode.mamba_step_ref`
-    (x_proj_weight and dt_proj_weight: matrices, or quantized weights)."""
-    args = (xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias,
-            A_log, D)
+    (x_proj_weight and dt_proj_weight: matrices, or quantized weights; A = -exp(A_log))."""
+    args = (xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias, A, D)
     fn = _op(xz.device, "mamba_step")
     return fn(*args) if fn is not None else mamba_step_ref(*args, state_update=selective_state_update)
 
@@ -232,15 +233,28 @@ def mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.T
     return fn(x, gate, up, down, residual)
 
 
-def mamba_layer_step(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
-                     mlp: tuple) -> torch.Tensor:
-    """A Mamba layer and its MLP for a decode step's rows (rows, H): one op where the device has it (CPU: all five
-    projections quantized), else its parts, each with the device's fast path; see `ops.decode.mamba_layer_step_ref`
-    for the arguments."""
-    fn = _op(x.device, "mamba_layer_step")
-    out = fn(x, in_norm, in_proj, step, out_proj, ff_norm, mlp) if fn is not None else None
-    if out is not None:
-        return out
+def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple, mlp: tuple,
+                             device: torch.device) -> Callable[..., torch.Tensor]:
+    """A Mamba layer and its MLP bound to their weights for a run of decode steps: `step(x, window, ssm)` gives
+    `ops.decode.mamba_layer_step_ref` of a decode step's rows x (rows, H) with the layer's conv window and SSM state
+    (updated in place); params: the Mamba step's arguments after the state (see `mamba_step`). One call of the
+    device's kernel where it has one for these weights and rows (CPU: all five projections quantized), else the
+    parts, each with the device's fast path. Binding reads and checks every weight once: the step may be called
+    while those tensors stay the ones bound (model.DecoderLayer keeps it while the layer is unchanged)."""
+    prepare = _op(device, "prepare_mamba_layer_step")
+    fused = prepare(in_norm, in_proj, params, out_proj, ff_norm, mlp) if prepare is not None else None
+
+    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        out = fused(x, window, ssm) if fused is not None else None
+        return out if out is not None else _mamba_layer_parts(x, in_norm, in_proj, (window, ssm, *params), out_proj,
+                                                               ff_norm, mlp)
+
+    return step
+
+
+def _mamba_layer_parts(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
+                       mlp: tuple) -> torch.Tensor:
+    """`ops.decode.mamba_layer_step_ref` op by op, each op with the device's fast path."""
     h = rms_norm(x, *in_norm)
     y = mamba_step(_product(h, in_proj), *step)
     s, h = add_rms_norm(x, _product(y, out_proj), *ff_norm)

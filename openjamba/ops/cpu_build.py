@@ -29,7 +29,7 @@ SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "atte
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
            CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h")
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
 # -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
@@ -143,7 +143,7 @@ class MambaStepArgs(ctypes.Structure):
 
     _fields_ = (_fields("batch channels kernel rank state threads xz_stride", "", "")
                 + [("eps", ctypes.c_double)]
-                + _fields("", "", "xz conv_w conv_bias x_proj_w dt_norm_w B_norm_w C_norm_w dt_proj_w dt_bias A_log D "
+                + _fields("", "", "xz conv_w conv_bias x_proj_w dt_norm_w B_norm_w C_norm_w dt_proj_w dt_bias A D "
                           "window h y scratch")
                 + _fields("x_bits x_group x_threads dt_bits dt_group dt_threads", "",
                           "x_scales x_zeros dt_scales dt_zeros"))

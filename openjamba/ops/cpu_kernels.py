@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -444,43 +445,44 @@ def mamba_step(
     eps: float,
     dt_proj_weight,
     dt_bias: torch.Tensor,
-    A_log: torch.Tensor,
+    A: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as `ops.decode.mamba_step_ref`, in one call of mamba_step.cpp when every tensor has the SSM
     state's dtype (fp32 or fp64) and is contiguous (xz: its rows); otherwise the reference. x_proj_weight and
     dt_proj_weight may be quantized weights (fp32 only): their products are then quant_linear.cpp's, run inside
     the call, and give what the weights' own `linear` gives."""
-    fields = _mamba_step_fields(xz.shape[0], xz.shape[1] // 2, window, ssm, conv_weight, conv_bias, x_proj_weight,
-                                norm_weights, eps, dt_proj_weight, dt_bias, A_log, D)
-    if fields is None or xz.dtype != ssm.dtype or xz.stride(-1) != 1 or _needs_grad(xz):
-        return mamba_step_ref(xz, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
-                              dt_proj_weight, dt_bias, A_log, D)
-    batch, inner, rank, state = xz.shape[0], xz.shape[1] // 2, _in_features(dt_proj_weight), A_log.shape[1]
+    params = (conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias, A, D)
+    fields = _mamba_step_fields(xz.shape[1] // 2, ssm.dtype, *params)
+    if (fields is None or xz.dtype != ssm.dtype or xz.stride(-1) != 1 or _needs_grad(xz)
+            or not _plain_rows(ssm.dtype, window, ssm)):
+        return mamba_step_ref(xz, window, ssm, *params)
+    batch, inner, rank, state = xz.shape[0], xz.shape[1] // 2, fields[3], fields[4]
     y = torch.empty(batch, inner, dtype=ssm.dtype)
     scratch = torch.empty(batch, rank + 2 * state + 3 * inner, dtype=ssm.dtype)
-    fields[6], fields[8], fields[21], fields[22] = xz.stride(0), xz.data_ptr(), y.data_ptr(), scratch.data_ptr()
+    fields[0], fields[5], fields[6] = batch, _threads(batch * inner * (rank + 3 * state)), xz.stride(0)
+    fields[8], fields[19], fields[20], fields[21], fields[22] = (t.data_ptr() for t in (xz, window, ssm, y, scratch))
     call("mamba_step", ssm.dtype, MambaStepArgs(*fields))
     return y
 
 
-def _mamba_step_fields(batch, inner, window, ssm, conv_weight, conv_bias, x_proj_weight, norm_weights, eps,
-                       dt_proj_weight, dt_bias, A_log, D) -> list | None:
-    """mamba_step.cpp's MambaStepArgs for `mamba_step`'s arguments but xz, in field order (pointers straight from the
-    tensors, alive in the caller's frame for the call: a third of make_args' cost), the row fields (xz_stride, xz,
-    y, scratch: 6, 8, 21, 22) left for the caller; None where the kernel cannot run them (the reference serves)."""
-    dtype = ssm.dtype
+def _mamba_step_fields(inner, dtype, conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight,
+                       dt_bias, A, D) -> list | None:
+    """mamba_step.cpp's MambaStepArgs for the step's parameters (`mamba_step`'s arguments after the state) in field
+    order (pointers straight from the tensors: a third of make_args' cost), the per-call fields (batch, threads,
+    xz_stride, xz, window, h, y, scratch: 0, 5, 6, 8, 19-22) left for the caller; None where the kernel cannot run
+    them (the reference serves)."""
     x_fields, dt_fields = _step_projection(x_proj_weight, dtype), _step_projection(dt_proj_weight, dtype)
-    params = (conv_weight, conv_bias, *norm_weights, dt_bias, A_log, D)
+    params = (conv_weight, conv_bias, *norm_weights, dt_bias, A, D)
     if (dtype not in _FLOATS or x_fields is None or dt_fields is None
-            or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in (window, ssm, *params))
+            or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in params)
             or _needs_grad(*params)):
         return None
-    rank, state = _in_features(dt_proj_weight), A_log.shape[1]
-    return [batch, inner, conv_weight.shape[1], rank, state, _threads(batch * inner * (rank + 3 * state)), 0, eps,
+    rank, state = _in_features(dt_proj_weight), A.shape[1]
+    return [0, inner, conv_weight.shape[1], rank, state, 0, 0, eps,
             None, *(None if t is None else t.data_ptr() for t in (conv_weight, conv_bias)), x_fields[0],
             *(t.data_ptr() for t in norm_weights), dt_fields[0],
-            *(None if t is None else t.data_ptr() for t in (dt_bias, A_log, D, window, ssm)), None, None,
+            *(None if t is None else t.data_ptr() for t in (dt_bias, A, D)), None, None, None, None,
             *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:]]
 
 
@@ -530,37 +532,58 @@ def _quantized_mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor)
     return out
 
 
-@eager_under_compile
-def mamba_layer_step(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
-                     mlp: tuple) -> torch.Tensor | None:
-    """`ops.decode.mamba_layer_step_ref` in one call of quant_step.cpp when the five projections are quantized
-    weights the kernels read, x is (rows, H) fp32 and the Mamba step's tensors are what `mamba_step` takes; None
-    otherwise (ops.mamba_layer_step then runs the parts). Decoding a quantized 3B model spent about as long in the
-    Python of the six calls per layer (the caches cold after the weights streamed through) as in their small ops."""
-    ssm, dt_proj, A_log = step[1], step[7], step[9]
-    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
-    inner = ssm.shape[1]
-    projections = [None if isinstance(w, torch.Tensor) else _quantized_operands(w)
-                   for w in (in_proj, out_proj, *mlp)]
-    fields = _mamba_step_fields(rows, inner, *step) if None not in projections else None
-    intermediate = mlp[0].out_features if fields is not None else 0
-    if (fields is None or x.dtype != torch.float32 or not 0 < rows <= DECODE_MAX_ROWS or not x.is_contiguous()
-            or (in_proj.in_features, in_proj.out_features, out_proj.in_features, out_proj.out_features)
-            != (hidden, 2 * inner, inner, hidden)
-            or (mlp[1].in_features, mlp[1].out_features, mlp[2].in_features, mlp[2].out_features)
-            != (hidden, intermediate, intermediate, hidden) or mlp[0].in_features != hidden
-            or not _plain_rows(torch.float32, in_norm[0], ff_norm[0]) or _needs_grad(x)):
+def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple,
+                             mlp: tuple) -> Callable | None:
+    """`ops.prepare_mamba_layer_step` as one call of quant_step.cpp per step (`ops.decode.mamba_layer_step_ref`):
+    the weights' pointers, shapes and checks done here once, so a step fills in only its rows and the state. None
+    where the kernel cannot read these weights (all five projections quantized weights the kernels read, the Mamba
+    step's parameters what `mamba_step` takes in fp32); the step returns None for rows (fp32 (rows, H), contiguous)
+    or a state it cannot take, and under autograd (ops.prepare_mamba_layer_step then runs the parts). Decoding a
+    quantized 3B model spent about as long in the Python gathering these arguments per layer and token as in the
+    call's small ops."""
+    quantized = (in_proj, out_proj, *mlp)
+    projections = [None if isinstance(w, torch.Tensor) else _quantized_operands(w) for w in quantized]
+    A = params[7]
+    fields = _mamba_step_fields(A.shape[0], torch.float32, *params) if None not in projections else None
+    if fields is None:
         return None
-    rank, state = _in_features(dt_proj), A_log.shape[1]
-    out = torch.empty_like(x)
-    scratch = torch.empty(rows * (4 * hidden + 6 * inner + rank + 2 * state + 2 * intermediate))
+    hidden, inner, intermediate = in_proj.in_features, A.shape[0], mlp[0].out_features
+    if ((in_proj.out_features, out_proj.in_features, out_proj.out_features) != (2 * inner, inner, hidden)
+            or any((w.in_features, w.out_features) != (hidden, intermediate) for w in mlp[:2])
+            or (mlp[2].in_features, mlp[2].out_features) != (intermediate, hidden)
+            or not _plain_rows(torch.float32, in_norm[0], ff_norm[0])):
+        return None
+    rank, state = fields[3], fields[4]
+    step_work, per_row = inner * (rank + 3 * state), 4 * hidden + 6 * inner + rank + 2 * state + 2 * intermediate
     gate, up, down = (QuantWeight(*o) for o in projections[2:])
-    args = QuantMambaLayerArgs(rows, hidden, inner, in_norm[1], ff_norm[1], QuantWeight(*projections[0]),
-                               QuantWeight(*projections[1]), x.data_ptr(), in_norm[0].data_ptr(),
-                               ff_norm[0].data_ptr(), out.data_ptr(), scratch.data_ptr(), MambaStepArgs(*fields),
-                               QuantMlpArgs(rows, hidden, intermediate, hidden, gate, up, down))
-    cpu_build.library().quant_mamba_layer_step(ctypes.byref(args))
-    return out
+    bound = QuantMambaLayerArgs(0, hidden, inner, in_norm[1], ff_norm[1], QuantWeight(*projections[0]),
+                                QuantWeight(*projections[1]), None, in_norm[0].data_ptr(), ff_norm[0].data_ptr(),
+                                None, None, MambaStepArgs(*fields),
+                                QuantMlpArgs(0, hidden, intermediate, hidden, gate, up, down))
+    # Every tensor the pointers point into, kept alive with the step; the parameters also for the autograd check.
+    parameters = (in_norm[0], ff_norm[0], *(t for t in params if isinstance(t, torch.Tensor)), *params[3])
+    tensors = (*parameters, *(t for w in (*quantized, params[2], params[5]) if not isinstance(w, torch.Tensor)
+                              for t in w.kernel_operands()[2:] if t is not None))
+    run = cpu_build.library().quant_mamba_layer_step
+
+    @eager_under_compile
+    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
+        rows = x.shape[0]
+        if (x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != hidden or not 0 < rows <= DECODE_MAX_ROWS
+                or not x.is_contiguous() or not _plain_rows(torch.float32, window, ssm)
+                or (torch.is_grad_enabled() and _needs_grad(x, *parameters))):
+            return None
+        out = torch.empty_like(x)
+        scratch = torch.empty(rows * per_row)
+        args = QuantMambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
+        args.rows, args.x, args.out, args.scratch = rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr()
+        mamba = args.mamba  # a view into args
+        mamba.threads, mamba.window, mamba.h = _threads(rows * step_work), window.data_ptr(), ssm.data_ptr()
+        run(ctypes.byref(args))
+        return out
+
+    step.tensors = tensors
+    return step
 
 
 def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:

@@ -51,7 +51,7 @@ def mamba_step_ref(
     eps: float,
     dt_proj_weight,
     dt_bias: torch.Tensor,
-    A_log: torch.Tensor,
+    A: torch.Tensor,
     D: torch.Tensor,
     state_update=selective_state_update_ref,
 ) -> torch.Tensor:
@@ -59,20 +59,21 @@ def mamba_step_ref(
 
     window (batch, K - 1, inner) and ssm (batch, inner, N) are the layer's cached conv inputs and SSM state, both
     updated in place. conv_weight: (inner, K); x_proj_weight: (rank + 2N, inner); norm_weights: the RMSNorm weights
-    of dt, B and C; dt_proj_weight: (inner, rank); dt_bias, D: (inner,); A_log: (inner, N). `state_update` runs the
-    SSM step (the dispatcher passes a device's kernel for it where there is no fused step).
+    of dt, B and C; dt_proj_weight: (inner, rank); dt_bias, D: (inner,); A: (inner, N), -exp(A_log) (the mixer keeps
+    it between steps: `model.MambaMixer.decay_rates`). `state_update` runs the SSM step (the dispatcher passes a
+    device's kernel for it where there is no fused step).
 
     x_proj_weight and dt_proj_weight may also be quantized weights (openjamba.quant.QuantizedWeight), applied by
     their `linear`: the step of a quantized layer.
     """
-    inner, state = xz.shape[-1] // 2, A_log.shape[1]
+    inner, state = xz.shape[-1] // 2, A.shape[1]
     rank = dt_proj_weight.shape[1] if isinstance(dt_proj_weight, torch.Tensor) else dt_proj_weight.in_features
     u, z = xz[:, :inner], xz[:, inner:]  # (batch, inner) each
     u = causal_conv1d_update(u, conv_weight, conv_bias, window)
     dt, B, C = _project(u, x_proj_weight).split([rank, state, state], dim=-1)
     dt, B, C = (rms_norm(t, w, eps) for t, w in zip((dt, B, C), norm_weights))
     dt = _project(dt, dt_proj_weight)  # bias and softplus are applied in the state's dtype
-    return state_update(ssm, u, dt, -torch.exp(A_log.to(ssm.dtype)), B, C, D.to(ssm.dtype), z,
+    return state_update(ssm, u, dt, A.to(ssm.dtype), B, C, D.to(ssm.dtype), z,
                         dt_bias.to(ssm.dtype), delta_softplus=True)
 
 

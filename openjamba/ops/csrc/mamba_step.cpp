@@ -5,15 +5,16 @@
 //   u     = silu(conv_bias + sum_k conv_w[:, k] * [window, u][k]); window shifted by one, u appended (in place)
 //   dt, B, C = x_proj_w @ u, split (rank, N, N); each RMS-normalised with its weight
 //   dt    = softplus(dt_proj_w @ dt + dt_bias)
-//   h     = exp(dt * A) * h + dt * u * B   (A = -exp(A_log); h the (channels, N) SSM state, fp32, in place)
+//   h     = exp(dt * A) * h + dt * u * B   (A = -exp(A_log), given; h the (channels, N) SSM state, in place)
 //   y     = (C . h + D * u) * silu(z)
 //
 // Decoding is bound by per-call overhead for small models: this replaces ~25 tensor ops per layer and token. Each
-// phase covers all the batch's rows, so a serving batch reads each weight once and computes the per-channel
-// constant (exp(A_log)) once; a row's arithmetic never depends on the other rows or the thread count. The work is
-// split over threads by channels (conv, state update), by rows of x_proj and by batch rows (the norms).
+// phase covers all the batch's rows, so a serving batch reads each weight once; a row's arithmetic never depends on
+// the other rows or the thread count. A comes in ready (the model keeps -exp(A_log) between steps: recomputing
+// channels x N exponentials per layer and token cost as much as the state update itself). The work is split over
+// threads by channels (conv, state update), by rows of x_proj and by batch rows (the norms).
 //   xz: (batch, 2 * channels) rows, row stride xz_stride;  window: (batch, K - 1, channels);  conv_w: (channels, K)
-//   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A_log: (channels, N);  h: (batch, channels, N)
+//   x_proj_w: (rank + 2N, channels);  dt_proj_w: (channels, rank);  A: (channels, N);  h: (batch, channels, N)
 //   y: (batch, channels);  scratch: (batch, rank + 2N + 3 channels) values of workspace
 //
 // x_proj and dt_proj may instead be quantized weights (openjamba.quant's int8 / int4 layout; fp32 only): x_bits or
@@ -41,11 +42,6 @@ using namespace openjamba;
 template <typename T>
 inline T silu(T x) {
   return x * Math<T>::sigmoid(x);
-}
-
-template <typename T>
-inline T exp_of(T x) {
-  return Math<T>::exp_scaled(x * Math<T>::exp_scale);
 }
 
 template <typename T>
@@ -160,7 +156,7 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 }
 
 // Phases over all rows at once, so that each weight is read once per call and the per-channel constant
-// (exp(A_log)) is computed once per call rather than once per row. Each phase is a work-shared loop (`omp for`):
+// (A * exp_scale) is prepared once per call rather than once per row. Each phase is a work-shared loop (`omp for`):
 // inside a parallel region the threads split it, outside it one thread runs it all.
 // Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then dt_proj's output
 // (channels each).
@@ -235,7 +231,7 @@ void norm_phase(const MambaStepArgs& a) {
   }
 }
 
-// 4. for the thread's channels: A = -exp(A_log) * exp_scale once; (plain weights) dt_proj's product of every row
+// 4. for the thread's channels: A * exp_scale once; (plain weights) dt_proj's product of every row
 // for those channels, each weight row read once for all rows (tiles.h's matrix_rows: a row's sums in the same order
 // whatever the rows beside it); then row by row (each row's state read in order), softplus, state update, skip
 // connection and gate.
@@ -243,7 +239,7 @@ template <typename T>
 void update_phase(const MambaStepArgs& a) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N, items = a.threads;
   const T* dtw = a.dt_bits ? nullptr : static_cast<const T*>(a.dt_proj_w);
-  const T* A_log = static_cast<const T*>(a.A_log);
+  const T* A = static_cast<const T*>(a.A);
   T* scratch = static_cast<T*>(a.scratch);
   std::vector<const T*> dt_low(a.batch);  // each row's normalised dt (rank values at the start of its scratch)
   for (int64_t b = 0; b < a.batch; ++b) dt_low[b] = scratch + b * (P + 3 * D_);
@@ -254,7 +250,7 @@ void update_phase(const MambaStepArgs& a) {
     channel_range(D_, items, i, c0, c1);
     As.resize((c1 - c0) * N);
 #pragma omp simd
-    for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = -exp_of<T>(A_log[c0 * N + e]) * Math<T>::exp_scale;
+    for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = A[c0 * N + e] * Math<T>::exp_scale;
     if (dtw)
       matrix_rows<T>(dtw, R, c0, c1, dt_low.data(), a.batch,
                      [&](int64_t b, int64_t j, T v) { scratch[b * (P + 3 * D_) + P + D_ + j] = v; });

@@ -10,7 +10,7 @@ namespace openjamba {
 struct MambaStepArgs {
   int64_t batch, channels, kernel, rank, state, threads, xz_stride;
   double eps;
-  const void *xz, *conv_w, *conv_bias, *x_proj_w, *dt_norm_w, *B_norm_w, *C_norm_w, *dt_proj_w, *dt_bias, *A_log,
+  const void *xz, *conv_w, *conv_bias, *x_proj_w, *dt_norm_w, *B_norm_w, *C_norm_w, *dt_proj_w, *dt_bias, *A,
       *D;
   void *window, *h, *y, *scratch;
   // Quantized projections (0 bits: a plain weight matrix of the step's dtype); each product's own thread count.
