@@ -21,9 +21,7 @@ is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
+from .ops.prepared import kept_while_unchanged
 
 
 class Linear(nn.Linear):
@@ -393,24 +392,23 @@ class DecoderLayer(nn.Module):
         """This layer's decode step bound to its weights (`ops.prepare_mamba_layer_step`: one call on CPU) when it is
         a Mamba layer with an MLP, all quantized, decoding a few rows; else None. Binding reads and checks every
         weight (on a 3B model as long as the call's own small ops took), so it is kept, for the kernels and thread
-        count it was made for, while the layer holds the same weights (`ModuleSnapshot`). Not under autograd."""
+        count it was made for, while the layer holds the same weights (`ops.prepared`). Not under autograd."""
         device = x.device
         if (self.is_attention or self.is_moe or isinstance(self.mamba.in_proj, Linear) or torch.is_grad_enabled()
                 or x.shape[0] > ops.fused_step_rows(device)):
             return None
         key = (device, ops.backend_for(device), torch.get_num_threads())
-        kept = _PREPARED_STEPS.get(self)
-        if kept is None or kept[0] != key or not kept[1].unchanged():
-            snapshot = ModuleSnapshot(self, versioned=(self.mamba.A_log,))  # A is computed from A_log
-            weights = self._quantized_mamba_layer()
-            step = None
-            if weights is not None:
-                in_proj, out_proj, mlp, step_weights = weights
-                norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
-                step = ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
-                                                    norms[1], mlp, device)
-            kept = _PREPARED_STEPS[self] = (key, snapshot, step)
-        return kept[2]
+        # A is computed from A_log: an in-place update of A_log must rebind too
+        return kept_while_unchanged(self, key, (self.mamba.A_log,), lambda: self._bind_quantized_step(device))
+
+    def _bind_quantized_step(self, device: torch.device):
+        weights = self._quantized_mamba_layer()
+        if weights is None:
+            return None
+        in_proj, out_proj, mlp, step_weights = weights
+        norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
+        return ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
+                                            norms[1], mlp, device)
 
     def _quantized_mamba_layer(self) -> tuple | None:
         """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases): the quantized weights
@@ -425,37 +423,6 @@ class DecoderLayer(nn.Module):
                 or mixer.out_proj.bias is not None):
             return None
         return weights[0], weights[1], weights[2:], step_weights
-
-
-_PREPARED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, snapshot, prepared step)
-
-
-class ModuleSnapshot:
-    """What a module tree holds: each submodule, parameter and buffer slot's object, each tensor's storage, and the
-    version of the `versioned` tensors. Something built from the tree that keeps raw pointers (a prepared decode
-    step) stays valid while `unchanged()`: swapping a module or tensor (quantizing, load_state_dict(assign=True)),
-    moving or converting one (`.to()` swaps storages) or updating a versioned tensor in place makes it false; other
-    in-place updates are seen through the pointers. It keeps what it saw alive until it is replaced. Checked per
-    layer and token, in C-level loops (microseconds)."""
-
-    def __init__(self, module: nn.Module, versioned: tuple[torch.Tensor, ...] = ()) -> None:
-        self.slots = [d for m in module.modules() for d in (m._modules, m._parameters, m._buffers)]
-        self.objects = tuple(chain.from_iterable(map(dict.values, self.slots)))  # kept alive: ids stay theirs
-        self.ids = tuple(map(id, self.objects))
-        self.tensors = tuple(o for o in self.objects if isinstance(o, torch.Tensor))
-        self.pointers = tuple(map(torch.Tensor.data_ptr, self.tensors))
-        self.versioned, self.versions = versioned, _versions(versioned)
-
-    def unchanged(self) -> bool:
-        versions = _versions(self.versioned)
-        return (versions is not None and versions == self.versions
-                and tuple(map(id, chain.from_iterable(map(dict.values, self.slots)))) == self.ids
-                and tuple(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers)
-
-
-def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...] | None:
-    """The tensors' version counters; None when one has none (made under torch.inference_mode: never unchanged)."""
-    return None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
 
 
 class JambaModel(nn.Module):

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openjamba import model as model_module
 from openjamba import ops, quant
 from openjamba.model import MambaMixer
-from openjamba.ops import cpu_kernels, decode
+from openjamba.ops import cpu_kernels, decode, prepared
 
 from .conftest import random_model
 
@@ -357,7 +356,7 @@ def test_module_snapshot_sees_swaps_moves_and_versions():
         "new slot": lambda: mixer.conv1d.register_buffer("extra", torch.zeros(1)),
     }
     for name, change in changes.items():
-        snapshot = model_module.ModuleSnapshot(layer, versioned=(mixer.A_log,))
+        snapshot = prepared.ModuleSnapshot(layer, versioned=(mixer.A_log,))
         change()
         assert snapshot.unchanged() == (name in ("nothing", "D in place")), name
 
@@ -381,7 +380,7 @@ def test_prepared_layer_step_follows_the_weights(monkeypatch):
         return torch.cat([out.flatten(), state.conv.flatten(), state.ssm.flatten()])
 
     before = step(True)
-    assert model_module._PREPARED_STEPS[layer][2] is not None  # the one-call step is the one kept
+    assert prepared._KEPT[layer][2] is not None  # the one-call step is the one kept
     assert torch.equal(before, step(False))
     target = other.model.layers[index]
 
