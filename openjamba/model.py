@@ -378,8 +378,9 @@ class DecoderLayer(nn.Module):
         """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
         A Mamba layer with an MLP whose projections are all quantized is one prepared op (`_prepared_step`)."""
         prepared = self._prepared_step(x)
-        if prepared is not None:
-            return prepared(x, layer_cache.conv, layer_cache.ssm)
+        out = prepared(x, layer_cache.conv, layer_cache.ssm) if prepared is not None else None
+        if out is not None:
+            return out
         h = self.input_layernorm(x)
         if self.is_attention:
             h = self.self_attn(h.unsqueeze(1), attn_mask, layer_cache).squeeze(1)

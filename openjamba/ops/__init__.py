@@ -11,8 +11,8 @@ the device is used when available, with a one-line notice when falling back to p
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
 `mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step` with the signatures
-below; an op it lacks falls back to the plain PyTorch one (`prepare_mamba_layer_step` may also return None, and its
-step None for a call: then the layer's parts run).
+below; an op it lacks falls back to the plain PyTorch one (`prepare_mamba_layer_step` has none: without it, or when
+it or its step returns None, the model runs the layer's ops one by one).
 The last eight serve the one-token decode step (ops/decode.py has their references): every projection of the
 model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
 over all threads.
@@ -234,36 +234,16 @@ def mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.T
 
 
 def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple, mlp: tuple,
-                             device: torch.device) -> Callable[..., torch.Tensor]:
-    """A Mamba layer and its MLP bound to their weights for a run of decode steps: `step(x, window, ssm)` gives
-    `ops.decode.mamba_layer_step_ref` of a decode step's rows x (rows, H) with the layer's conv window and SSM state
-    (updated in place); params: the Mamba step's arguments after the state (see `mamba_step`). One call of the
-    device's kernel where it has one for these weights and rows (CPU: all five projections quantized), else the
-    parts, each with the device's fast path. Binding reads and checks every weight once: the step may be called
-    while those tensors stay the ones bound (model.DecoderLayer keeps it while the layer is unchanged)."""
+                             device: torch.device) -> Callable[..., torch.Tensor | None] | None:
+    """A Mamba layer and its MLP bound to their weights for a run of decode steps, as one call of the device's
+    kernel: `step(x, window, ssm)` gives `ops.decode.mamba_layer_step_ref` of a decode step's rows x (rows, H) with
+    the layer's conv window and SSM state (updated in place); params: the Mamba step's arguments after the state
+    (see `mamba_step`). None where the device has no such kernel for these weights (CPU: all five projections
+    quantized), and the step returns None for rows it cannot take: the caller then runs the layer's ops one by one
+    (model.DecoderLayer.decode_step). Binding reads and checks every weight once: the step may be called while those
+    tensors stay the ones bound (model.DecoderLayer keeps it while the layer is unchanged)."""
     prepare = _op(device, "prepare_mamba_layer_step")
-    fused = prepare(in_norm, in_proj, params, out_proj, ff_norm, mlp) if prepare is not None else None
-
-    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
-        out = fused(x, window, ssm) if fused is not None else None
-        return out if out is not None else _mamba_layer_parts(x, in_norm, in_proj, (window, ssm, *params), out_proj,
-                                                               ff_norm, mlp)
-
-    return step
-
-
-def _mamba_layer_parts(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
-                       mlp: tuple) -> torch.Tensor:
-    """`ops.decode.mamba_layer_step_ref` op by op, each op with the device's fast path."""
-    h = rms_norm(x, *in_norm)
-    y = mamba_step(_product(h, in_proj), *step)
-    s, h = add_rms_norm(x, _product(y, out_proj), *ff_norm)
-    return mlp_step(h, *mlp, s)
-
-
-def _product(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight.T with the device's fast path: a weight matrix, or a quantized weight's own product."""
-    return linear(x, weight) if isinstance(weight, torch.Tensor) else weight.linear(x)
+    return prepare(in_norm, in_proj, params, out_proj, ff_norm, mlp) if prepare is not None else None
 
 
 def moe_step(

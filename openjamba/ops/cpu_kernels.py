@@ -538,7 +538,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
     the weights' pointers, shapes and checks done here once, so a step fills in only its rows and the state. None
     where the kernel cannot read these weights (all five projections quantized weights the kernels read, the Mamba
     step's parameters what `mamba_step` takes in fp32); the step returns None for rows (fp32 (rows, H), contiguous)
-    or a state it cannot take, and under autograd (ops.prepare_mamba_layer_step then runs the parts). Decoding a
+    or a state it cannot take, and under autograd (the model then runs the layer's ops one by one). Decoding a
     quantized 3B model spent about as long in the Python gathering these arguments per layer and token as in the
     call's small ops."""
     quantized = (in_proj, out_proj, *mlp)
