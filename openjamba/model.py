@@ -262,10 +262,15 @@ class MLP(nn.Module):
 
     def decode_step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + forward(x) for a decode step's rows (B, H); plain or quantized weights in one kernel call."""
-        weights = _step_weights(self.gate_proj, self.up_proj, self.down_proj)
+        weights = self.step_weights()
         if weights is not None and x.shape[0] <= ops.fused_step_rows(x.device):
-            return ops.mlp_step(x, *weights, residual)
+            return ops.mlp_step(x, *weights[1:], residual)
         return residual + self(x)
+
+    def step_weights(self) -> tuple | None:
+        """("mlp", gate, up, down) as the fused decode steps read them (`_step_weights`), or None."""
+        weights = _step_weights(self.gate_proj, self.up_proj, self.down_proj)
+        return None if weights is None else ("mlp", *weights)
 
 
 class Experts(nn.Module):
@@ -335,11 +340,17 @@ class SparseMoE(nn.Module):
     def decode_step(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + forward(x)[0] for a decode step's rows (B, H): with plain weights, routing, the chosen experts
         and their weighted sum in one call that reads each chosen expert once for all rows (no host sync)."""
-        experts = self.experts
-        if (type(self.router) is Linear and isinstance(experts.gate_up_proj, torch.Tensor)
-                and x.shape[0] <= ops.fused_step_rows(x.device)):
-            return ops.moe_step(x, self.router.weight, experts.gate_up_proj, experts.down_proj, self.top_k, residual)
+        weights = self.step_weights()
+        if weights is not None and x.shape[0] <= ops.fused_step_rows(x.device):
+            return ops.moe_step(x, *weights[1:], residual)
         return residual + self(x)[0]
+
+    def step_weights(self) -> tuple | None:
+        """("moe", router, gate_up, down, top_k) as the fused decode steps read them: plain weights only, else None."""
+        experts = self.experts
+        if type(self.router) is not Linear or not isinstance(experts.gate_up_proj, torch.Tensor):
+            return None
+        return "moe", self.router.weight, experts.gate_up_proj, experts.down_proj, self.top_k
 
 
 class DecoderLayer(nn.Module):
@@ -376,7 +387,7 @@ class DecoderLayer(nn.Module):
 
     def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
         """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
-        A Mamba layer with an MLP whose projections are all quantized is one prepared op (`_prepared_step`)."""
+        A Mamba layer whose weights the device's kernel reads is one prepared op (`_prepared_step`)."""
         prepared = self._prepared_step(x)
         out = prepared(x, layer_cache.conv, layer_cache.ssm) if prepared is not None else None
         if out is not None:
@@ -390,40 +401,39 @@ class DecoderLayer(nn.Module):
         return self.feed_forward.decode_step(h, x)
 
     def _prepared_step(self, x: torch.Tensor):
-        """This layer's decode step bound to its weights (`ops.prepare_mamba_layer_step`: one call on CPU) when it is
-        a Mamba layer with an MLP, all quantized, decoding a few rows; else None. Binding reads and checks every
-        weight (on a 3B model as long as the call's own small ops took), so it is kept, for the kernels and thread
-        count it was made for, while the layer holds the same weights (`ops.prepared`). Not under autograd."""
+        """This Mamba layer's decode step bound to its weights (`ops.prepare_mamba_layer_step`: one call on CPU, for
+        fp32 or quantized projections and an MLP or MoE) when decoding a few rows; else None. Binding reads and
+        checks every weight (on a 3B model as long as the call's own small ops took), so it is kept, for the kernels
+        and thread count it was made for, while the layer holds the same weights (`ops.prepared`). Not under
+        autograd."""
         device = x.device
-        if (self.is_attention or self.is_moe or isinstance(self.mamba.in_proj, Linear) or torch.is_grad_enabled()
-                or x.shape[0] > ops.fused_step_rows(device)):
+        if self.is_attention or torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device):
             return None
         key = (device, ops.backend_for(device), torch.get_num_threads())
         # A is computed from A_log: an in-place update of A_log must rebind too
-        return kept_while_unchanged(self, key, (self.mamba.A_log,), lambda: self._bind_quantized_step(device))
+        return kept_while_unchanged(self, key, (self.mamba.A_log,), lambda: self._bind_step(device))
 
-    def _bind_quantized_step(self, device: torch.device):
-        weights = self._quantized_mamba_layer()
+    def _bind_step(self, device: torch.device):
+        weights = self.step_weights()
         if weights is None:
             return None
-        in_proj, out_proj, mlp, step_weights = weights
+        in_proj, out_proj, ffn, step_weights = weights
         norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
         return ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
-                                            norms[1], mlp, device)
+                                            norms[1], ffn, device)
 
-    def _quantized_mamba_layer(self) -> tuple | None:
-        """A Mamba layer with an MLP, its in/out projections and MLP quantized (no biases): the quantized weights
-        (in_proj, out_proj, (gate, up, down), the mixer's `_step_weights()`); else None."""
-        if self.is_attention or self.is_moe:
+    def step_weights(self) -> tuple | None:
+        """A Mamba layer's weights as its one-call step reads them (no projection biases): (in_proj, out_proj, the
+        FFN's `step_weights()`, the mixer's `_step_weights()`); else None."""
+        if self.is_attention:
             return None
-        mixer, mlp = self.mamba, self.feed_forward
-        layers = (mixer.in_proj, mixer.out_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        weights = tuple(getattr(p, "quantized", None) for p in layers)
-        step_weights = mixer._step_weights()
-        if (any(w is None for w in weights) or step_weights is None or mixer.in_proj.bias is not None
+        mixer = self.mamba
+        weights = _step_weights(mixer.in_proj, mixer.out_proj)
+        ffn, step_weights = self.feed_forward.step_weights(), mixer._step_weights()
+        if (weights is None or ffn is None or step_weights is None or mixer.in_proj.bias is not None
                 or mixer.out_proj.bias is not None):
             return None
-        return weights[0], weights[1], weights[2:], step_weights
+        return *weights, ffn, step_weights
 
 
 class JambaModel(nn.Module):

@@ -252,15 +252,17 @@ def test_quantized_mixer_takes_the_fused_step(monkeypatch):
     torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=0, msg="output")
 
 
-@pytest.mark.parametrize("method", quant.METHODS)
-def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
-    """A Mamba layer with an MLP, all quantized, decodes in one call of quant_step.cpp, which gives the bits its six
-    parts give call by call (each part is the same kernel), the same on 1 and 2 threads and for a row alone or in
-    the batch; against the plain reference (torch's norms, conv and state update, the quantized products) it
-    differs by ulps, which can move an int8 activation a step (bound: the activations' rounding, as in test_quant)."""
-    model = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96), method, 32)
-    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and not la.is_moe)
-    x = randn(3, 64, dtype=torch.float32, seed=7)
+@pytest.mark.parametrize("method, moe", [(None, False), (None, True), *((m, False) for m in quant.METHODS)])
+def test_mamba_layer_is_one_call(monkeypatch, method, moe):
+    """A Mamba layer with fp32 or quantized weights and an MLP or (fp32) MoE decodes in one call of layer_step.cpp,
+    which gives the bits its six parts give call by call (each part is the same kernel), the same on 1 and 2
+    threads and for a row alone or in the batch; against the plain reference (torch's norms, conv and state update,
+    the quantized products) it differs by ulps, which can move an int8 activation a step (bound: the activations'
+    rounding, as in test_quant)."""
+    model = random_model(hidden_size=128, mamba_dt_rank=32, intermediate_size=96)  # fp32 in/out_proj: linear.cpp's
+    model = quant.quantize_model(model, method, 32) if method else model
+    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and la.is_moe == moe)
+    x = randn(3, 128, dtype=torch.float32, seed=7)
     calls = []
 
     def counted(*args, _prepare=cpu_kernels.prepare_mamba_layer_step):
@@ -293,10 +295,10 @@ def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
             return layer.decode_step(x, None, state)
 
     def reference(x, state):
-        in_proj, out_proj, mlp, step_weights = layer._quantized_mamba_layer()
+        in_proj, out_proj, ffn, step_weights = layer.step_weights()
         step = layer.mamba.step_args(state, step_weights)
         norms = [(n.weight, n.eps) for n in (layer.input_layernorm, layer.pre_ff_layernorm)]
-        return decode.mamba_layer_step_ref(x, norms[0], in_proj, step, out_proj, norms[1], mlp)
+        return decode.mamba_layer_step_ref(x, norms[0], in_proj, step, out_proj, norms[1], ffn)
 
     fused = run(lambda x, state: layer.decode_step(x, None, state))
     assert calls == [1]
@@ -308,7 +310,8 @@ def test_quantized_mamba_layer_is_one_call(monkeypatch, method):
     for got, expected in zip(alone, fused):
         assert torch.equal(got, expected[1:2])
     plain = run(reference)
-    torch.testing.assert_close(fused[0], plain[0], atol=2e-2 * plain[0].abs().max().item(), rtol=0)
+    scale = 2e-2 if method else 1e-4
+    torch.testing.assert_close(fused[0], plain[0], atol=scale * plain[0].abs().max().item(), rtol=0)
     for got, expected in zip(fused[1:], plain[1:]):
         torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
 
@@ -361,14 +364,18 @@ def test_module_snapshot_sees_swaps_moves_and_versions():
         assert snapshot.unchanged() == (name in ("nothing", "D in place")), name
 
 
-def test_prepared_layer_step_follows_the_weights(monkeypatch):
-    """A quantized layer's prepared step (kept between tokens) gives what the layer's call-by-call path gives after
-    its weights change: A_log in place, a norm and a quantized projection replaced, new values loaded in place."""
-    model = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96), "int8", 32)
-    other = quant.quantize_model(random_model(hidden_size=64, mamba_dt_rank=32, intermediate_size=96, seed=5),
-                                 "int8", 32)
-    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and not la.is_moe)
-    x = randn(2, 64, dtype=torch.float32, seed=7)
+@pytest.mark.parametrize("method, moe", [("int8", False), (None, True)])
+def test_prepared_layer_step_follows_the_weights(monkeypatch, method, moe):
+    """A layer's prepared step (kept between tokens) gives what the layer's call-by-call path gives after its
+    weights change: A_log in place, a norm and an FFN projection replaced, an fp32 weight updated in place (read
+    through the step's pointers), new values loaded in place."""
+    def make(seed):
+        model = random_model(hidden_size=128, mamba_dt_rank=32, intermediate_size=96, seed=seed)
+        return quant.quantize_model(model, method, 32) if method else model
+
+    model, other = make(0), make(5)
+    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention and la.is_moe == moe)
+    x = randn(2, 128, dtype=torch.float32, seed=7)
 
     def step(prepared: bool) -> torch.Tensor:
         state = model.make_cache(2).layers[index]
@@ -388,10 +395,16 @@ def test_prepared_layer_step_follows_the_weights(monkeypatch):
     def halve_A_log() -> None:
         layer.mamba.A_log.mul_(0.5)
 
+    @torch.no_grad()
+    def halve_norm_in_place() -> None:
+        layer.input_layernorm.weight.mul_(0.5)
+
+    ffn_part = "experts" if moe else "down_proj"
     changes = [
         halve_A_log,
-        lambda: setattr(layer.pre_ff_layernorm, "weight", torch.nn.Parameter(torch.rand(64) + 0.5)),
-        lambda: setattr(layer.feed_forward, "down_proj", target.feed_forward.down_proj),
+        lambda: setattr(layer.pre_ff_layernorm, "weight", torch.nn.Parameter(torch.rand(128) + 0.5)),
+        lambda: setattr(layer.feed_forward, ffn_part, getattr(target.feed_forward, ffn_part)),
+        halve_norm_in_place,
         lambda: layer.load_state_dict(target.state_dict()),
     ]
     for i, change in enumerate(changes):

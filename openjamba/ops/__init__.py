@@ -233,17 +233,19 @@ def mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.T
     return fn(x, gate, up, down, residual)
 
 
-def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple, mlp: tuple,
+def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple, ffn: tuple,
                              device: torch.device) -> Callable[..., torch.Tensor | None] | None:
-    """A Mamba layer and its MLP bound to their weights for a run of decode steps, as one call of the device's
+    """A Mamba layer and its FFN bound to their weights for a run of decode steps, as one call of the device's
     kernel: `step(x, window, ssm)` gives `ops.decode.mamba_layer_step_ref` of a decode step's rows x (rows, H) with
     the layer's conv window and SSM state (updated in place); params: the Mamba step's arguments after the state
-    (see `mamba_step`). None where the device has no such kernel for these weights (CPU: all five projections
-    quantized), and the step returns None for rows it cannot take: the caller then runs the layer's ops one by one
-    (model.DecoderLayer.decode_step). Binding reads and checks every weight once: the step may be called while those
-    tensors stay the ones bound (model.DecoderLayer keeps it while the layer is unchanged)."""
+    (see `mamba_step`); ffn: ("mlp", gate, up, down) or ("moe", router, gate_up, down, top_k), weights as `mlp_step`
+    and `moe_step` take them. None where the device has no such kernel for these weights (CPU: fp32 or quantized
+    projections, an fp32 or quantized MLP or an fp32 MoE), and the step returns None for rows it cannot take: the
+    caller then runs the layer's ops one by one (model.DecoderLayer.decode_step). Binding reads and checks every
+    weight once: the step may be called while those tensors stay the ones bound (model.DecoderLayer keeps it while
+    the layer is unchanged)."""
     prepare = _op(device, "prepare_mamba_layer_step")
-    return prepare(in_norm, in_proj, params, out_proj, ff_norm, mlp) if prepare is not None else None
+    return prepare(in_norm, in_proj, params, out_proj, ff_norm, ffn) if prepare is not None else None
 
 
 def moe_step(

@@ -27,9 +27,9 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
-           CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp")
-HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h")
-ABI_VERSION = 5
+           CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp", CSRC / "layer_step.cpp")
+HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h", CSRC / "ffn_step.h")
+ABI_VERSION = 6
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
 # -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
@@ -149,33 +149,34 @@ class MambaStepArgs(ctypes.Structure):
                           "x_scales x_zeros dt_scales dt_zeros"))
 
 
-class QuantWeight(ctypes.Structure):
-    """`QuantWeight` of quant_step.cpp: a quantized weight in openjamba.quant's layout."""
+class Weight(ctypes.Structure):
+    """`Weight` of quant_linear.h: one weight matrix, fp32 (bits 0) or quantized in openjamba.quant's layout."""
 
     _fields_ = _fields("bits group threads", "", "q scales zeros")
 
 
-class QuantMlpArgs(ctypes.Structure):
-    """`QuantMlpArgs` of quant_step.cpp."""
+class MlpStepArgs(ctypes.Structure):
+    """`MlpStepArgs` of ffn_step.h (quant_step.cpp's MLP)."""
 
-    _fields_ = (_fields("rows hidden inner x_stride", "", "") + [(n, QuantWeight) for n in ("gate", "up", "down")]
+    _fields_ = (_fields("rows hidden inner x_stride", "", "") + [(n, Weight) for n in ("gate", "up", "down")]
                 + _fields("", "", "x residual out scratch"))
 
 
-class QuantMambaLayerArgs(ctypes.Structure):
-    """`QuantMambaLayerArgs` of quant_step.cpp."""
-
-    _fields_ = (_fields("rows hidden inner", "", "") + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
-                + [(n, QuantWeight) for n in ("in_proj", "out_proj")]
-                + _fields("", "", "x in_norm_w ff_norm_w out scratch")
-                + [("mamba", MambaStepArgs), ("mlp", QuantMlpArgs)])
-
-
 class FfnStepArgs(ctypes.Structure):
-    """`FfnStepArgs` of ffn_step.cpp."""
+    """`FfnStepArgs` of ffn_step.h (ffn_step.cpp's MLP or MoE)."""
 
     _fields_ = _fields("rows hidden inner experts top_k threads x_stride expert_stride down_stride", "",
                        "x residual router_w gate_w up_w down_w out")
+
+
+class MambaLayerArgs(ctypes.Structure):
+    """`MambaLayerArgs` of layer_step.cpp."""
+
+    _fields_ = (_fields("rows hidden inner quantized_mlp", "", "")
+                + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
+                + [(n, Weight) for n in ("in_proj", "out_proj")]
+                + _fields("", "", "x in_norm_w ff_norm_w out scratch")
+                + [("mamba", MambaStepArgs), ("ffn", FfnStepArgs), ("mlp", MlpStepArgs)])
 
 
 # linear.cpp's arguments: x, weight, bias, index, y, then rows, in, out, x_stride, y_stride, matrix_stride, threads.
@@ -239,9 +240,8 @@ def library() -> ctypes.CDLL:
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int
-            lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(QuantMlpArgs)], None
-            lib.quant_mamba_layer_step.argtypes = [ctypes.POINTER(QuantMambaLayerArgs)]
-            lib.quant_mamba_layer_step.restype = None
+            lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(MlpStepArgs)], None
+            lib.mamba_layer_step.argtypes, lib.mamba_layer_step.restype = [ctypes.POINTER(MambaLayerArgs)], None
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _error = str(err)

@@ -26,11 +26,11 @@ from .cpu_build import (
     AttendArgs,
     ConvArgs,
     FfnStepArgs,
+    MambaLayerArgs,
     MambaStepArgs,
-    QuantMambaLayerArgs,
-    QuantMlpArgs,
-    QuantWeight,
+    MlpStepArgs,
     ScanArgs,
+    Weight,
     call,
     make_args,
 )
@@ -514,57 +514,143 @@ def _quantized_operands(weight) -> tuple | None:
     return bits, group, threads, q.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr()
 
 
+def _weight(weight) -> Weight | None:
+    """One projection as layer_step.cpp's `Weight`: an fp32 matrix the op-by-op path gives to linear.cpp (as
+    `linear` does: not smaller matrices, which F.linear computes), or a quantized weight the kernels read; None
+    otherwise (the layer then runs op by op)."""
+    if not isinstance(weight, torch.Tensor):
+        operands = _quantized_operands(weight)
+        return None if operands is None else Weight(*operands)
+    if (not _plain_rows(torch.float32, weight) or weight.dim() != 2 or weight.numel() < LINEAR_MIN_WEIGHTS):
+        return None
+    return Weight(0, 0, product_threads(weight.numel()), weight.data_ptr(), None, None)
+
+
+def _shape(weight) -> tuple[int, int]:
+    """(out, in) of a weight matrix or a quantized one."""
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else (weight.out_features, weight.in_features)
+
+
+def _quantized_mlp_args(hidden: int, gate, up, down) -> MlpStepArgs | None:
+    """quant_step.cpp's arguments for an MLP's quantized weights, its rows' fields left for the caller; None where
+    the kernel cannot take them."""
+    weights = [_weight(w) for w in (gate, up, down)]
+    inner = gate.out_features
+    if (None in weights or _shape(gate) != (inner, hidden) or _shape(up) != (inner, hidden)
+            or _shape(down) != (hidden, inner)):
+        return None
+    return MlpStepArgs(0, hidden, inner, hidden, *weights)
+
+
 def _quantized_mlp_step(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> torch.Tensor:
     """mlp_step with quantized weights: one call of quant_step.cpp (its products quant_linear.cpp's)."""
     rows, hidden = x.shape if x.dim() == 2 else (0, 0)
-    inner = gate.out_features
-    operands = [_quantized_operands(w) for w in (gate, up, down)]
-    if (x.dtype != torch.float32 or not 0 < rows <= DECODE_MAX_ROWS or x.stride(-1) != 1 or None in operands
-            or residual.dtype != torch.float32 or residual.shape != x.shape or not residual.is_contiguous()
-            or gate.in_features != hidden or up.in_features != hidden or up.out_features != inner
-            or down.in_features != inner or down.out_features != hidden or _needs_grad(x, residual)):
+    args = _quantized_mlp_args(hidden, gate, up, down) if x.dtype == torch.float32 else None
+    if (args is None or not 0 < rows <= DECODE_MAX_ROWS or x.stride(-1) != 1 or residual.dtype != torch.float32
+            or residual.shape != x.shape or not residual.is_contiguous() or _needs_grad(x, residual)):
         return mlp_step_ref(x, gate, up, down, residual)
     out = torch.empty_like(residual)
-    scratch = torch.empty(rows, 2 * inner)
-    args = QuantMlpArgs(rows, hidden, inner, x.stride(0), *(QuantWeight(*o) for o in operands), x.data_ptr(),
-                        residual.data_ptr(), out.data_ptr(), scratch.data_ptr())
+    scratch = torch.empty(rows, 2 * args.inner)
+    args.rows, args.x_stride, args.x, args.residual = rows, x.stride(0), x.data_ptr(), residual.data_ptr()
+    args.out, args.scratch = out.data_ptr(), scratch.data_ptr()
     cpu_build.library().quant_mlp_step(ctypes.byref(args))
     return out
 
 
-def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple,
-                             mlp: tuple) -> Callable | None:
-    """`ops.prepare_mamba_layer_step` as one call of quant_step.cpp per step (`ops.decode.mamba_layer_step_ref`):
-    the weights' pointers, shapes and checks done here once, so a step fills in only its rows and the state. None
-    where the kernel cannot read these weights (all five projections quantized weights the kernels read, the Mamba
-    step's parameters what `mamba_step` takes in fp32); the step returns None for rows (fp32 (rows, H), contiguous)
-    or a state it cannot take, and under autograd (the model then runs the layer's ops one by one). Decoding a
-    quantized 3B model spent about as long in the Python gathering these arguments per layer and token as in the
-    call's small ops."""
-    quantized = (in_proj, out_proj, *mlp)
-    projections = [None if isinstance(w, torch.Tensor) else _quantized_operands(w) for w in quantized]
-    A = params[7]
-    fields = _mamba_step_fields(A.shape[0], torch.float32, *params) if None not in projections else None
-    if fields is None:
+def _ffn_args(hidden: int, dtype: torch.dtype, router: torch.Tensor | None, gate: torch.Tensor, up: torch.Tensor | None,
+              down: torch.Tensor, top_k: int = 1) -> FfnStepArgs | None:
+    """ffn_step.cpp's arguments for an FFN's plain weights, its rows' fields left for the caller: an MLP (router
+    None; gate, up (I, H), down (H, I)) or a MoE (router (E, H), gate the fused gate_up (E, 2I, H), up None, down
+    (E, H, I)); None where the kernel cannot take them (the reference serves)."""
+    if router is None:
+        if (not _plain_rows(dtype, gate, up, down) or gate.dim() != 2 or gate.shape != up.shape
+                or gate.shape[1] != hidden or down.shape != gate.shape[::-1]):
+            return None
+        experts, top_k, strides = 1, 1, (0, 0)
+    else:
+        experts = router.shape[0]
+        if (not _plain_rows(dtype, router, gate, down) or router.shape != (experts, hidden) or gate.dim() != 3
+                or gate.shape[0] != experts or gate.shape[2] != hidden
+                or down.shape != (experts, hidden, gate.shape[1] // 2) or not 0 < top_k <= experts):
+            return None
+        up, strides = gate[:, down.shape[2]:], (gate.stride(0), down.stride(0))
+    inner = down.shape[-1]
+    threads = product_threads(top_k * 3 * inner * hidden)
+    return FfnStepArgs(0, hidden, inner, experts, top_k, threads, hidden, *strides, None, None,
+                       *(None if t is None else t.data_ptr() for t in (router, gate, up, down)))
+
+
+def _ffn_step(args: FfnStepArgs | None, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+    """One call of ffn_step.cpp with `_ffn_args`' arguments on a decode step's rows; None where it cannot take
+    them."""
+    if (args is None or x.dim() != 2 or not 0 < x.shape[0] <= DECODE_MAX_ROWS or residual.shape != x.shape
+            or not _plain_rows(x.dtype, x, residual)):
         return None
-    hidden, inner, intermediate = in_proj.in_features, A.shape[0], mlp[0].out_features
-    if ((in_proj.out_features, out_proj.in_features, out_proj.out_features) != (2 * inner, inner, hidden)
-            or any((w.in_features, w.out_features) != (hidden, intermediate) for w in mlp[:2])
-            or (mlp[2].in_features, mlp[2].out_features) != (intermediate, hidden)
-            or not _plain_rows(torch.float32, in_norm[0], ff_norm[0])):
+    out = torch.empty_like(residual)
+    args.rows, args.x, args.residual, args.out = x.shape[0], x.data_ptr(), residual.data_ptr(), out.data_ptr()
+    call("ffn_step", x.dtype, args)
+    return out
+
+
+@eager_under_compile
+def mlp_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor):
+    """Same contract as `ops.decode.mlp_step_ref`, in one call of ffn_step.cpp (one expert, no router), or of
+    quant_step.cpp for quantized weights (openjamba.quant.QuantizedWeight)."""
+    if not isinstance(gate, torch.Tensor):
+        return _quantized_mlp_step(x, gate, up, down, residual)
+    out = _ffn_step(_ffn_args(x.shape[-1], x.dtype, None, gate, up, down), x, residual)
+    return mlp_step_ref(x, gate, up, down, residual) if out is None else out
+
+
+@eager_under_compile
+def moe_step(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+             residual: torch.Tensor):
+    """Same contract as `ops.decode.moe_step_ref`, in one call of ffn_step.cpp: routing, the chosen experts (each
+    expert's weights read once for all the rows that chose it) and the weighted sum; no host synchronisation."""
+    out = _ffn_step(_ffn_args(x.shape[-1], x.dtype, router, gate_up, None, down, top_k), x, residual)
+    return moe_step_ref(x, router, gate_up, down, top_k, residual) if out is None else out
+
+
+def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple,
+                             ffn: tuple) -> Callable | None:
+    """`ops.prepare_mamba_layer_step` as one call of layer_step.cpp per step (`ops.decode.mamba_layer_step_ref`):
+    the weights' pointers, shapes and checks done here once, so a step fills in only its rows and the state. The
+    projections fp32 matrices (as `linear` takes them) or quantized weights; the FFN an MLP (fp32 or quantized) or a
+    MoE (fp32), as `mlp_step` and `moe_step` take them; the Mamba step's parameters what `mamba_step` takes in fp32.
+    None where the kernel cannot read these weights; the step returns None for rows (fp32 (rows, H), contiguous) or
+    a state it cannot take, and under autograd (the model then runs the layer's ops one by one). Decoding spent
+    about as long in the Python gathering these arguments per layer and token as in the calls' small ops."""
+    A, hidden = params[7], in_norm[0].shape[0]
+    inner = A.shape[0]
+    fields = _mamba_step_fields(inner, torch.float32, *params)
+    projections = (_weight(in_proj), _weight(out_proj))
+    if (fields is None or None in projections or _shape(in_proj) != (2 * inner, hidden)
+            or _shape(out_proj) != (hidden, inner) or not _plain_rows(torch.float32, in_norm[0], ff_norm[0])
+            or ff_norm[0].shape != (hidden,)):
+        return None
+    kind, *weights = ffn
+    quantized_mlp = kind == "mlp" and not isinstance(weights[0], torch.Tensor)
+    if quantized_mlp:
+        ffn_args, mlp_args = FfnStepArgs(), _quantized_mlp_args(hidden, *weights)
+    else:
+        mlp_args = MlpStepArgs()
+        ffn_args = (_ffn_args(hidden, torch.float32, None, *weights) if kind == "mlp"
+                    else _ffn_args(hidden, torch.float32, weights[0], weights[1], None, *weights[2:]))
+    if (mlp_args if quantized_mlp else ffn_args) is None:
         return None
     rank, state = fields[3], fields[4]
-    step_work, per_row = inner * (rank + 3 * state), 4 * hidden + 6 * inner + rank + 2 * state + 2 * intermediate
-    gate, up, down = (QuantWeight(*o) for o in projections[2:])
-    bound = QuantMambaLayerArgs(0, hidden, inner, in_norm[1], ff_norm[1], QuantWeight(*projections[0]),
-                                QuantWeight(*projections[1]), None, in_norm[0].data_ptr(), ff_norm[0].data_ptr(),
-                                None, None, MambaStepArgs(*fields),
-                                QuantMlpArgs(0, hidden, intermediate, hidden, gate, up, down))
+    step_work = inner * (rank + 3 * state)
+    per_row = 4 * hidden + 6 * inner + rank + 2 * state + 2 * (mlp_args.inner if quantized_mlp else 0)
+    bound = MambaLayerArgs(0, hidden, inner, int(quantized_mlp), in_norm[1], ff_norm[1], *projections, None,
+                           in_norm[0].data_ptr(), ff_norm[0].data_ptr(), None, None, MambaStepArgs(*fields),
+                           ffn_args, mlp_args)
     # Every tensor the pointers point into, kept alive with the step; the parameters also for the autograd check.
-    parameters = (in_norm[0], ff_norm[0], *(t for t in params if isinstance(t, torch.Tensor)), *params[3])
-    tensors = (*parameters, *(t for w in (*quantized, params[2], params[5]) if not isinstance(w, torch.Tensor)
+    parameters = (in_norm[0], ff_norm[0], *(t for t in params if isinstance(t, torch.Tensor)), *params[3],
+                  *(w for w in (in_proj, out_proj, *weights) if isinstance(w, torch.Tensor)))
+    tensors = (*parameters, *(t for w in (in_proj, out_proj, *weights, params[2], params[5])
+                              if not isinstance(w, (torch.Tensor, int))
                               for t in w.kernel_operands()[2:] if t is not None))
-    run = cpu_build.library().quant_mamba_layer_step
+    run = cpu_build.library().mamba_layer_step
 
     @eager_under_compile
     def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
@@ -575,7 +661,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
             return None
         out = torch.empty_like(x)
         scratch = torch.empty(rows * per_row)
-        args = QuantMambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
+        args = MambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
         args.rows, args.x, args.out, args.scratch = rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr()
         mamba = args.mamba  # a view into args
         mamba.threads, mamba.window, mamba.h = _threads(rows * step_work), window.data_ptr(), ssm.data_ptr()
@@ -603,44 +689,3 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
     _plain_fn("add_rms_norm", x.dtype)(x.data_ptr(), h.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(),
                                        x.numel() // width, width, eps)
     return s, y
-
-
-def _ffn_step(x, residual, router, gate, up, down, experts: int, top_k: int, expert_stride: int, down_stride: int):
-    rows, hidden = x.shape
-    inner = down.shape[-1]
-    out = torch.empty_like(residual)
-    weights = (1 if router is None else top_k) * 3 * inner * hidden
-    threads = product_threads(weights)
-    args = FfnStepArgs(rows, hidden, inner, experts, top_k, threads, hidden, expert_stride, down_stride,
-                       *(None if t is None else t.data_ptr() for t in (x, residual, router, gate, up, down, out)))
-    call("ffn_step", x.dtype, args)
-    return out
-
-
-@eager_under_compile
-def mlp_step(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor):
-    """Same contract as `ops.decode.mlp_step_ref`, in one call of ffn_step.cpp (one expert, no router), or of
-    quant_step.cpp for quantized weights (openjamba.quant.QuantizedWeight)."""
-    if not isinstance(gate, torch.Tensor):
-        return _quantized_mlp_step(x, gate, up, down, residual)
-    if (not _plain_rows(x.dtype, x, gate, up, down, residual) or x.dim() != 2 or not 0 < x.shape[0] <= DECODE_MAX_ROWS
-            or residual.shape != x.shape or gate.shape != up.shape or gate.dim() != 2 or gate.shape[1] != x.shape[1]
-            or down.shape != gate.shape[::-1]):
-        return mlp_step_ref(x, gate, up, down, residual)
-    return _ffn_step(x, residual, None, gate, up, down, 1, 1, 0, 0)
-
-
-@eager_under_compile
-def moe_step(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-             residual: torch.Tensor):
-    """Same contract as `ops.decode.moe_step_ref`, in one call of ffn_step.cpp: routing, the chosen experts (each
-    expert's weights read once for all the rows that chose it) and the weighted sum; no host synchronisation."""
-    experts, hidden = router.shape
-    if (not _plain_rows(x.dtype, x, router, gate_up, down, residual) or x.dim() != 2
-            or not 0 < x.shape[0] <= DECODE_MAX_ROWS or residual.shape != x.shape or x.shape[1] != hidden
-            or gate_up.dim() != 3 or gate_up.shape[0] != experts or gate_up.shape[2] != hidden
-            or down.shape != (experts, hidden, gate_up.shape[1] // 2) or not 0 < top_k <= experts):
-        return moe_step_ref(x, router, gate_up, down, top_k, residual)
-    inner = down.shape[2]
-    return _ffn_step(x, residual, router, gate_up, gate_up[:, inner:], down, experts, top_k, gate_up.stride(0),
-                     down.stride(0))

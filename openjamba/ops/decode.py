@@ -97,15 +97,17 @@ def mlp_step_ref(x: torch.Tensor, gate, up, down, residual: torch.Tensor) -> tor
 
 
 def mamba_layer_step_ref(x: torch.Tensor, in_norm: tuple, in_proj, step: tuple, out_proj, ff_norm: tuple,
-                         mlp: tuple) -> torch.Tensor:
-    """A Mamba layer followed by an MLP (model.DecoderLayer) for a decode step's rows x (rows, H) -> (rows, H):
-    in_norm, ff_norm: (weight, eps) of the norms before the mixer and the MLP; in_proj, out_proj: the mixer's
+                         ffn: tuple) -> torch.Tensor:
+    """A Mamba layer and its FFN (model.DecoderLayer) for a decode step's rows x (rows, H) -> (rows, H):
+    in_norm, ff_norm: (weight, eps) of the norms before the mixer and the FFN; in_proj, out_proj: the mixer's
     projections; step: `mamba_step_ref`'s arguments after xz (the conv window and SSM state are updated in place);
-    mlp: (gate, up, down). Projections are weight matrices or quantized weights (openjamba.quant.QuantizedWeight)."""
+    ffn: ("mlp", gate, up, down) or ("moe", router, gate_up, down, top_k). Projections are weight matrices or
+    quantized weights (openjamba.quant.QuantizedWeight)."""
     h = rms_norm(x, *in_norm)
     y = mamba_step_ref(_project(h, in_proj), *step)
     s, h = add_rms_norm_ref(x, _project(y, out_proj), *ff_norm)
-    return mlp_step_ref(h, *mlp, s)
+    kind, *weights = ffn
+    return mlp_step_ref(h, *weights, s) if kind == "mlp" else moe_step_ref(h, *weights, s)
 
 
 def moe_step_ref(

@@ -20,17 +20,12 @@
 #include <vector>
 
 #include "common.h"
+#include "ffn_step.h"
 #include "tiles.h"
 
 namespace {
 
 using namespace openjamba;
-
-struct FfnStepArgs {
-  int64_t rows, hidden, inner, experts, top_k, threads, x_stride, expert_stride, down_stride;
-  const void *x, *residual, *router_w, *gate_w, *up_w, *down_w;
-  void* out;
-};
 
 template <typename T>
 inline T silu(T v) {
@@ -169,7 +164,7 @@ void ffn_step(const FfnStepArgs& a) {
 
 extern "C" {
 
-void ffn_step_f32(const FfnStepArgs* a) { ffn_step<float>(*a); }
-void ffn_step_f64(const FfnStepArgs* a) { ffn_step<double>(*a); }
+void ffn_step_f32(const openjamba::FfnStepArgs* a) { ffn_step<float>(*a); }
+void ffn_step_f64(const openjamba::FfnStepArgs* a) { ffn_step<double>(*a); }
 
 }  // extern "C"

@@ -1,5 +1,6 @@
-// The quantized products of quant_linear.cpp, for the kernels of the same library that call them between their own
-// phases (mamba_step.cpp's quantized x_proj / dt_proj, quant_step.cpp's MLP block). Arguments as documented there.
+// The products of quant_linear.cpp (and linear.cpp's fp32 one), for the kernels of the same library that call them
+// between their own phases (mamba_step.cpp's quantized x_proj / dt_proj, quant_step.cpp's MLP block, layer_step.cpp's
+// whole layer). Arguments as documented there.
 
 #pragma once
 
@@ -11,6 +12,8 @@ void qlinear_int8(const void* x, const void* q, const void* scales, const void* 
 void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
                   const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
                   int64_t y_stride, int64_t threads);
+void linear_f32(const void* x, const void* weight, const void* bias, const void* index, void* y, int64_t rows,
+                int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t matrix_stride, int64_t threads);
 }
 
 namespace openjamba {
@@ -24,6 +27,24 @@ inline void quantized_product(int64_t bits, int64_t group, int64_t threads, cons
     qlinear_int8(x, q, scales, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, threads);
   else
     qlinear_int4(x, q, scales, zeros, nullptr, nullptr, y, rows, in, out, group, x_stride, y_stride, threads);
+}
+
+// One weight matrix as the fused steps read it, in any of the model's formats: bits 0, a plain fp32 (out, in)
+// matrix at q (scales, zeros unused); 8 or 4, a quantized weight (quantized_product's operands). threads: its
+// product's own thread count.
+struct Weight {
+  int64_t bits, group, threads;
+  const void *q, *scales, *zeros;
+};
+
+// y = x W^T for `rows` rows of x, by the product the weight's format takes in the op-by-op path (linear.cpp's for
+// fp32, quant_linear.cpp's otherwise), so a fused step gives the bits of its parts.
+inline void product(const Weight& w, const float* x, float* y, int64_t rows, int64_t in, int64_t out,
+                    int64_t x_stride, int64_t y_stride) {
+  if (w.bits == 0)
+    linear_f32(x, w.q, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, 0, w.threads);
+  else
+    quantized_product(w.bits, w.group, w.threads, w.q, w.scales, w.zeros, x, y, rows, in, out, x_stride, y_stride);
 }
 
 }  // namespace openjamba

@@ -357,7 +357,7 @@ void backward(const ScanArgs& a) {
 
 extern "C" {
 
-int openjamba_abi_version() { return 5; }
+int openjamba_abi_version() { return 6; }
 int openjamba_lanes() { return W; }
 
 void scan_forward_f32(const ScanArgs* a) { forward<float>(*a); }
