@@ -70,8 +70,9 @@ def test_activation_quantization_matches_the_kernel():
 
 
 def test_kernel_rows_independent_of_threads_and_rows():
-    """Work items of about 1 MB read as four streams: a matrix of several items with uneven stretches gives each
-    output the same bits on 1 or 2 threads, alone or among other rows of x."""
+    """Work items of about 1 MB (the last ones cut smaller when threaded) read as two or four streams: a matrix of
+    several items with uneven stretches gives each output the same bits on 1 or 2 threads, alone or among other
+    rows of x."""
 
     lib = quant._cpu_library()
     if lib is None:

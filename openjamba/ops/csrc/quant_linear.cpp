@@ -16,8 +16,9 @@
 // quantization so the tests can check the kernel exactly against the same arithmetic in PyTorch.
 //
 // Decoding reads every weight once per token, so the work is split by output rows over threads in work items of
-// about 1 MB, each read as ROWS sequential streams (see `for_row_blocks`), as linear.cpp does for fp32. For more than a few rows of x the
-// rows are taken in passes over a block of weight rows that stays in L1, so W still streams from memory once.
+// about 1 MB, each read as a few sequential streams (see `for_row_blocks`), as linear.cpp does for fp32. For more
+// than a few rows of x the rows are taken in passes over a block of weight rows that stays in L1, so W still streams
+// from memory once.
 //
 // Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs as plain C++ loops the compiler
 // vectorises for whatever the build targets.
@@ -39,7 +40,7 @@
 
 namespace {
 
-constexpr int ROWS = 4;        // weight rows per inner step
+constexpr int ROWS = 4;        // weight rows per inner step (at most; see int4_products)
 constexpr int X_PASS = 4;      // rows of x per pass over a block of weight rows
 constexpr int INT8_BLOCK = 32;  // activation block of int8 weights
 constexpr int PIECE = 128;     // int4 columns per 64-byte piece of a weight row
@@ -142,7 +143,7 @@ void quantize_int4_row(const float* x, int64_t in, int64_t group, int8_t* tmp, I
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dot products of ROWS weight rows with M quantized rows of x: out[m][r] (before the per-row int8 scale).
+// Dot products of ROWS (int4: R) weight rows with M quantized rows of x: out[m][r] (before the per-row int8 scale).
 
 #if OPENJAMBA_VNNI
 
@@ -204,12 +205,12 @@ inline __m512 bf16_to_f32(__mmask16 mask, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-template <int M, bool SMALL>
+template <int M, bool SMALL, int R>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
-  __m512 acc[ROWS][M];
+  __m512 acc[R][M];
   #pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < R; ++r)
     #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -218,12 +219,12 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
                                                group == 32 ? 2 : 3);
   const __mmask16 piece_groups = group == 32 ? 0xF : 0x3;
   const int64_t groups = in / group;
-  alignas(64) float cs[ROWS][M][CHUNK_GROUPS];  // the chunk's combined scales
+  alignas(64) float cs[R][M][CHUNK_GROUPS];  // the chunk's combined scales
   for (int64_t g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
     const int64_t ng = std::min<int64_t>(CHUNK_GROUPS, groups - g0);
     const __mmask16 gm = static_cast<__mmask16>((1u << ng) - 1);
     #pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m512 s = bf16_to_f32(gm, scales[r] + g0);
       const __m512 zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, bf16_to_f32(gm, zeros[r] + g0));  // zero - 8 s
       #pragma GCC unroll 4
@@ -244,7 +245,7 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
         xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
       }
       #pragma GCC unroll 4
-      for (int r = 0; r < ROWS; ++r) {
+      for (int r = 0; r < R; ++r) {
         const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
         const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
         #pragma GCC unroll 4
@@ -268,7 +269,7 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
     if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
   }
   #pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < R; ++r)
     #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]);
 }
@@ -293,10 +294,10 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
 
 // int4: per group, the integer sum over its columns, piece by piece (a group of 32 or 64 lies in one piece; one of
 // 256 or more spans several), each piece's stretch of weight bytes against its even and odd activations.
-template <int M, bool SMALL>
+template <int M, bool SMALL, int R>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float acc = 0.0f;
       for (int64_t g = 0; g < in / group; ++g) {
@@ -331,26 +332,35 @@ struct QArgs {
   int64_t rows, in, out, group, x_stride, y_stride, threads;
 };
 
-// Work items: slices of `per_item` output rows (a multiple of ROWS), about ITEM_BYTES of weights each, at least
-// four per thread when threaded, taken as threads come free (a descheduled thread delays one item, not its share).
-// Within an item the ROWS rows of a step come from ROWS consecutive stretches of the item, one row further into
-// each at every step, so each of the ROWS streams reads W straight through across rows: a quantized row is short
-// (2.5 KB int8, 1.25 KB int4 at 2560 inputs), and a stream that jumped to a new place at every row would make the
-// hardware prefetcher ramp up again each time. Read so, W needs no software prefetch (it only slowed the products).
+// Work items: slices of whole steps of R output rows, about ITEM_BYTES of weights each, at least four per thread
+// when threaded, taken as threads come free (a descheduled thread delays one item, not its share). When threaded,
+// the last `threads` items' rows are cut into quarters, so that the threads finish a product within about a quarter
+// item of each other (a decode step runs a few hundred products per token; a whole 1 MB item left to one thread at
+// the end of each costs it a few milliseconds per token).
+// Within an item the R rows of a step come from R consecutive stretches of the item, one row further into each at
+// every step, so each of the R streams reads W straight through across rows: a quantized row is short (2.5 KB
+// int8, 1.25 KB int4 at 2560 inputs), and a stream that jumped to a new place at every row would make the hardware
+// prefetcher ramp up again each time. Read so, W needs no software prefetch (it only slowed the products).
 // A row's result does not depend on which rows share its step, nor on the items or the thread count.
-template <typename Block>
+template <int R, typename Block>
 void for_row_blocks(const QArgs& a, int64_t row_bytes, Block block) {
-  const int64_t units = (a.out + ROWS - 1) / ROWS;
+  static_assert(R <= ROWS, "steps of at most ROWS rows");
+  const int64_t units = (a.out + R - 1) / R;  // steps of R rows
   int64_t n = std::max<int64_t>(1, a.out * row_bytes / ITEM_BYTES);
   if (a.threads > 1) n = std::max<int64_t>(n, 4 * a.threads);
   n = std::min(n, units);
-  const int64_t per_item = (units + n - 1) / n * ROWS, items = (a.out + per_item - 1) / per_item;
+  const int64_t per = (units + n - 1) / n, whole = (units + per - 1) / per;
+  const int64_t head = a.threads > 1 ? std::max<int64_t>(0, whole - a.threads) : whole;  // items of `per` steps
+  const int64_t tail_per = a.threads > 1 ? (per + 3) / 4 : per, head_units = std::min(units, head * per);
+  const int64_t items = head + (units - head_units + tail_per - 1) / tail_per;
   auto item = [&](int64_t i) {
-    const int64_t j0 = i * per_item, j1 = std::min(a.out, j0 + per_item), stretch = (j1 - j0 + ROWS - 1) / ROWS;
+    const int64_t u0 = i < head ? i * per : head_units + (i - head) * tail_per;
+    const int64_t u1 = std::min(units, i < head ? u0 + per : u0 + tail_per);
+    const int64_t j0 = u0 * R, j1 = std::min(a.out, u1 * R), stretch = (j1 - j0 + R - 1) / R;
     for (int64_t t = 0; t < stretch; ++t) {
       int64_t js[ROWS];
       int nr = 0;
-      for (int r = 0; r < ROWS; ++r)
+      for (int r = 0; r < R; ++r)
         if (j0 + r * stretch + t < j1) js[nr++] = j0 + r * stretch + t;
       block(js, nr);
     }
@@ -396,7 +406,7 @@ void linear_int8(const QArgs& a) {
   }
   const std::vector<Pass> todo = passes(a);
   const int8_t* q = static_cast<const int8_t*>(a.q);
-  for_row_blocks(a, a.in, [&](const int64_t* js, int nr) {
+  for_row_blocks<ROWS>(a, a.in, [&](const int64_t* js, int nr) {
     for (const Pass& p : todo) {
       const int8_t* wq = q + p.matrix * a.out * a.in;
       const int8_t* w[ROWS];
@@ -414,15 +424,47 @@ void linear_int8(const QArgs& a) {
   });
 }
 
-template <bool SMALL>
-inline void int4_pass(int64_t count, const uint8_t* const* w, const uint16_t* const* s, const uint16_t* const* z,
-                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
-  switch (count) {
-    case 1: int4_rows<1, SMALL>(w, s, z, x, in, group, out); break;
-    case 2: int4_rows<2, SMALL>(w, s, z, x, in, group, out); break;
-    case 3: int4_rows<3, SMALL>(w, s, z, x, in, group, out); break;
-    default: int4_rows<4, SMALL>(w, s, z, x, in, group, out); break;
-  }
+// One row of x streams the weight rows two at a time: with four, a one-row product read its weights and their
+// scales and zeros as twelve streams, and measured 0.9x the GB/s of two (one thread from memory, 3B shapes). More
+// rows of x pass over four weight rows at a time (each x vector serves more rows).
+template <int R>
+void int4_products(const QArgs& a, const std::vector<Pass>& todo, const Int4Row* xrows) {
+  const int64_t groups = a.in / a.group;
+  const uint8_t* q = static_cast<const uint8_t*>(a.q);
+  for_row_blocks<R>(a, a.in / 2 + 4 * groups, [&](const int64_t* js, int nr) {
+    for (const Pass& p : todo) {
+      const uint8_t* w[R];
+      const uint16_t *s[R], *z[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = p.matrix * a.out + js[std::min(r, nr - 1)];  // short steps repeat a row
+        w[r] = q + n * (a.in / 2);
+        s[r] = static_cast<const uint16_t*>(a.scales) + n * groups;
+        z[r] = static_cast<const uint16_t*>(a.zeros) + n * groups;
+      }
+      float out[X_PASS][ROWS];
+      const Int4Row* x = xrows + p.first;
+      const bool small = a.group < PIECE;
+      switch (p.count) {
+        case 1:
+          small ? int4_rows<1, true, R>(w, s, z, x, a.in, a.group, out)
+                : int4_rows<1, false, R>(w, s, z, x, a.in, a.group, out);
+          break;
+        case 2:
+          small ? int4_rows<2, true, R>(w, s, z, x, a.in, a.group, out)
+                : int4_rows<2, false, R>(w, s, z, x, a.in, a.group, out);
+          break;
+        case 3:
+          small ? int4_rows<3, true, R>(w, s, z, x, a.in, a.group, out)
+                : int4_rows<3, false, R>(w, s, z, x, a.in, a.group, out);
+          break;
+        default:
+          small ? int4_rows<4, true, R>(w, s, z, x, a.in, a.group, out)
+                : int4_rows<4, false, R>(w, s, z, x, a.in, a.group, out);
+          break;
+      }
+      store(a, p, js, nr, out, nullptr);
+    }
+  });
 }
 
 void linear_int4(const QArgs& a) {
@@ -435,26 +477,11 @@ void linear_int4(const QArgs& a) {
     quantize_int4_row(a.x + r * a.x_stride, a.in, a.group, tmp.data(), xrows[r]);
   }
   const std::vector<Pass> todo = passes(a);
-  const uint8_t* q = static_cast<const uint8_t*>(a.q);
-  for_row_blocks(a, a.in / 2 + 4 * groups, [&](const int64_t* js, int nr) {
-    for (const Pass& p : todo) {
-      const uint8_t* w[ROWS];
-      const uint16_t *s[ROWS], *z[ROWS];
-      for (int r = 0; r < ROWS; ++r) {
-        const int64_t n = p.matrix * a.out + js[std::min(r, nr - 1)];  // short steps repeat a row
-        w[r] = q + n * (a.in / 2);
-        s[r] = static_cast<const uint16_t*>(a.scales) + n * groups;
-        z[r] = static_cast<const uint16_t*>(a.zeros) + n * groups;
-      }
-      float out[X_PASS][ROWS];
-      const Int4Row* x = xrows.data() + p.first;
-      if (a.group < PIECE)
-        int4_pass<true>(p.count, w, s, z, x, a.in, a.group, out);
-      else
-        int4_pass<false>(p.count, w, s, z, x, a.in, a.group, out);
-      store(a, p, js, nr, out, nullptr);
-    }
-  });
+  const bool one_row = std::all_of(todo.begin(), todo.end(), [](const Pass& p) { return p.count == 1; });
+  if (one_row)
+    int4_products<2>(a, todo, xrows.data());
+  else
+    int4_products<ROWS>(a, todo, xrows.data());
 }
 
 }  // namespace
