@@ -56,13 +56,17 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
+        self.reserve(end)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reserve(self, end: int) -> None:
+        """Room for columns up to `end` (a static cache that lacks it raises)."""
         if end > self.k.shape[2]:
             if self.static:
                 raise ValueError(f"cache is full: {end} tokens exceed its max_length of {self.k.shape[2]}")
             self._grow(max(end, 2 * self.k.shape[2]))
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.k.shape[2]

@@ -199,14 +199,9 @@ class MambaMixer(nn.Module):
         return _step_weights(self.x_proj, self.dt_proj)
 
     def _fused_decode_step(self, xz: torch.Tensor, state: MambaState, weights: tuple) -> torch.Tensor:
-        """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op: decoding
-        small models is bound by per-op overhead. xz: (B, 2 * inner) -> (B, inner); `state` updated in place;
-        weights: `_step_weights()`."""
-        return ops.mamba_step(xz, *self.step_args(state, weights))
-
-    def step_args(self, state: MambaState, weights: tuple) -> tuple:
-        """`ops.mamba_step`'s arguments after xz: the state, then `step_params(weights)`."""
-        return (state.conv, state.ssm, *self.step_params(weights))
+        """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op (per-op
+        overhead bounds small models). xz: (B, 2 * inner) -> (B, inner); `state` updated in place."""
+        return ops.mamba_step(xz, state.conv, state.ssm, *self.step_params(weights))
 
     def step_params(self, weights: tuple) -> tuple:
         """`ops.mamba_step`'s arguments after the state: the conv, the x_proj / dt_proj weights (`weights`), the
@@ -387,11 +382,14 @@ class DecoderLayer(nn.Module):
 
     def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
         """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
-        A Mamba layer whose weights the device's kernel reads is one prepared op (`_prepared_step`)."""
-        prepared = self._prepared_step(x)
-        out = prepared(x, layer_cache.conv, layer_cache.ssm) if prepared is not None else None
-        if out is not None:
-            return out
+        A layer whose weights the device's kernel reads is one prepared op (`_prepared_step`)."""
+        prepared = self._prepared_step(x, attn_mask)
+        if prepared is not None:
+            state = ((layer_cache, attn_mask.past_length, attn_mask.row_starts) if self.is_attention
+                     else (layer_cache.conv, layer_cache.ssm))
+            out = prepared(x, *state)
+            if out is not None:
+                return out
         h = self.input_layernorm(x)
         if self.is_attention:
             h = self.self_attn(h.unsqueeze(1), attn_mask, layer_cache).squeeze(1)
@@ -400,36 +398,40 @@ class DecoderLayer(nn.Module):
         x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
         return self.feed_forward.decode_step(h, x)
 
-    def _prepared_step(self, x: torch.Tensor):
-        """This Mamba layer's decode step bound to its weights (`ops.prepare_mamba_layer_step`: one call on CPU, for
-        fp32 or quantized projections and an MLP or MoE) when decoding a few rows; else None. Binding reads and
-        checks every weight (on a 3B model as long as the call's own small ops took), so it is kept, for the kernels
-        and thread count it was made for, while the layer holds the same weights (`ops.prepared`). Not under
-        autograd."""
+    def _prepared_step(self, x: torch.Tensor, attn_mask: AttentionMask):
+        """This layer's decode step bound to its weights (`ops.prepare_*_layer_step`: one call on CPU) for a few rows
+        (attention: unmasked), else None; kept, for the kernels and thread count it was made for, while the layer
+        holds the same weights (`ops.prepared`): binding checks every weight. Not under autograd."""
         device = x.device
-        if self.is_attention or torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device):
+        if (torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device)
+                or (self.is_attention and (attn_mask.mask is not None or self.training))):
             return None
         key = (device, ops.backend_for(device), torch.get_num_threads())
-        # A is computed from A_log: an in-place update of A_log must rebind too
-        return kept_while_unchanged(self, key, (self.mamba.A_log,), lambda: self._bind_step(device))
+        versioned = () if self.is_attention else (self.mamba.A_log,)  # A = -exp(A_log) is bound: rebind on update
+        return kept_while_unchanged(self, key, versioned, lambda: self._bind_step(device))
 
     def _bind_step(self, device: torch.device):
         weights = self.step_weights()
         if weights is None:
             return None
-        in_proj, out_proj, ffn, step_weights = weights
         norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
+        if self.is_attention:
+            heads = (self.self_attn.num_heads, self.self_attn.num_kv_heads)
+            return ops.prepare_attention_layer_step(norms[0], weights[0], *heads, norms[1], weights[1], device)
+        in_proj, out_proj, ffn, step_weights = weights
         return ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
                                             norms[1], ffn, device)
 
     def step_weights(self) -> tuple | None:
-        """A Mamba layer's weights as its one-call step reads them (no projection biases): (in_proj, out_proj, the
-        FFN's `step_weights()`, the mixer's `_step_weights()`); else None."""
+        """The weights its one-call step reads: attention ((q, k, v, o), the FFN's `step_weights()`), Mamba (in_proj,
+        out_proj, the FFN's, the mixer's `_step_weights()`; no projection biases); else None."""
+        ffn = self.feed_forward.step_weights()
         if self.is_attention:
-            return None
+            attn = self.self_attn
+            projections = _step_weights(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            return None if projections is None or ffn is None else (projections, ffn)
         mixer = self.mamba
-        weights = _step_weights(mixer.in_proj, mixer.out_proj)
-        ffn, step_weights = self.feed_forward.step_weights(), mixer._step_weights()
+        weights, step_weights = _step_weights(mixer.in_proj, mixer.out_proj), mixer._step_weights()
         if (weights is None or ffn is None or step_weights is None or mixer.in_proj.bias is not None
                 or mixer.out_proj.bias is not None):
             return None

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from openjamba import ops, quant
-from openjamba.model import MambaMixer
+from openjamba.cache import KVCache
+from openjamba.model import AttentionMask, MambaMixer
 from openjamba.ops import cpu_kernels, decode, prepared
 
 from .conftest import random_model
@@ -342,12 +343,12 @@ def test_mamba_layer_is_one_call(monkeypatch, method, moe):
 
     def parts(x, state):  # the model's path call by call (no one-call op)
         with monkeypatch.context() as m:
-            m.setattr(layer, "_prepared_step", lambda x: None)
+            m.setattr(layer, "_prepared_step", lambda *a: None)
             return layer.decode_step(x, None, state)
 
     def reference(x, state):
         in_proj, out_proj, ffn, step_weights = layer.step_weights()
-        step = layer.mamba.step_args(state, step_weights)
+        step = (state.conv, state.ssm, *layer.mamba.step_params(step_weights))
         norms = [(n.weight, n.eps) for n in (layer.input_layernorm, layer.pre_ff_layernorm)]
         return decode.mamba_layer_step_ref(x, norms[0], in_proj, step, out_proj, norms[1], ffn)
 
@@ -365,6 +366,71 @@ def test_mamba_layer_is_one_call(monkeypatch, method, moe):
     torch.testing.assert_close(fused[0], plain[0], atol=scale * plain[0].abs().max().item(), rtol=0)
     for got, expected in zip(fused[1:], plain[1:]):
         torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, moe", [(None, False), (None, True), *((m, False) for m in quant.METHODS)])
+def test_attention_layer_is_one_call(monkeypatch, method, moe):
+    """An attention layer (fp32 or quantized projections, an MLP or fp32 MoE) decodes in one call of layer_step.cpp
+    that gives the bits of its ops one by one, the cache's new column included: 3 rows over all keys or from each
+    row's own start (a serving batch), a row alone, 1 and 2 threads, a cache that must grow, and after its weights
+    change. Masked steps (padding without row starts) are left to the op-by-op path."""
+    model = random_model(hidden_size=256, num_attention_heads=8, intermediate_size=96,  # fp32 k_proj: linear.cpp's
+                         expert_layer_offset=0 if moe else 1)
+    model = quant.quantize_model(model, method, 32) if method else model
+    layer = next(la for la in model.model.layers if la.is_attention)
+    assert layer.is_moe == moe
+    past, heads, head_dim = 5, layer.self_attn.num_kv_heads, layer.self_attn.head_dim
+    x = randn(3, 256, dtype=torch.float32, seed=7)
+    keys = [randn(3, heads, past, head_dim, dtype=torch.float32, seed=s) for s in (3, 4)]
+    calls = []
+
+    def counted(*args, _prepare=cpu_kernels.prepare_attention_layer_step):
+        step = _prepare(*args)
+        return None if step is None else lambda *a: calls.append(1) or step(*a)
+
+    monkeypatch.setattr(cpu_kernels, "prepare_attention_layer_step", counted)
+
+    def run(one_call=True, rows=slice(None), threads=2, starts=None):
+        kv = KVCache(3, heads, head_dim, past, False, torch.float32, "cpu")  # full: the step makes room
+        kv.k.copy_(keys[0]), kv.v.copy_(keys[1])
+        kv.k, kv.v = kv.k[rows].clone(), kv.v[rows].clone()
+        mask = AttentionMask(past, None, is_causal=False, row_starts=starts)
+        saved = torch.get_num_threads()
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(cpu_kernels, "SERIAL_BELOW", 0)
+            m.setattr(cpu_kernels, "LINEAR_SERIAL_BELOW", 0)
+            if not one_call:
+                m.setattr(layer, "_prepared_step", lambda *a: None)
+            torch.set_num_threads(threads)
+            cpu_kernels.product_threads.cache_clear()
+            try:
+                return layer.decode_step(x[rows].contiguous(), mask, kv), kv.k[:, :, :past + 1], kv.v[:, :, :past + 1]
+            finally:
+                torch.set_num_threads(saved)
+                cpu_kernels.product_threads.cache_clear()
+
+    def same(got, expected):
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e)
+
+    fused = run()
+    assert calls == [1]
+    same(fused, run(one_call=False))
+    same(fused, run(threads=1))
+    same(run(rows=slice(1, 2)), (t[1:2] for t in fused))
+    same(run(starts=[0, 3, 5]), run(one_call=False, starts=[0, 3, 5]))
+    with torch.no_grad():
+        layer.pre_ff_layernorm.weight.mul_(0.5)  # in place: read through the bound step's pointers
+        layer.self_attn.o_proj = quant.quantize_model(model, "int8", 32).model.layers[2].self_attn.o_proj
+    changed = run()
+    assert not torch.equal(changed[0], fused[0])
+    same(changed, run(one_call=False))
+    with monkeypatch.context() as m:  # a mask (padding, no row starts): op by op
+        m.setattr(cpu_kernels, "prepare_attention_layer_step", lambda *a: pytest.fail("bound for a masked step"))
+        prepared._KEPT.pop(layer)
+        with torch.no_grad():
+            mask = AttentionMask(past, torch.ones(3, 1, 1, past + 1, dtype=torch.bool), is_causal=False)
+            layer.decode_step(x, mask, KVCache(3, heads, head_dim, past + 1, False, torch.float32, "cpu"))
 
 
 def test_decay_rates_follow_A_log():
@@ -433,7 +499,7 @@ def test_prepared_layer_step_follows_the_weights(monkeypatch, method, moe):
         state.ssm.copy_(randn(*state.ssm.shape, dtype=torch.float32, seed=5))
         with monkeypatch.context() as m, torch.no_grad():
             if not prepared:
-                m.setattr(layer, "_prepared_step", lambda x: None)
+                m.setattr(layer, "_prepared_step", lambda *a: None)
             out = layer.decode_step(x, None, state)
         return torch.cat([out.flatten(), state.conv.flatten(), state.ssm.flatten()])
 

@@ -10,9 +10,10 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
-`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step` with the signatures
-below; an op it lacks falls back to the plain PyTorch one (`prepare_mamba_layer_step` has none: without it, or when
-it or its step returns None, the model runs the layer's ops one by one).
+`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step`,
+`prepare_attention_layer_step` with the signatures below; an op it lacks falls back to the plain PyTorch one (the
+`prepare_*` have none: without them, or when they or their step return None, the model runs the layer's ops one by
+one).
 The last eight serve the one-token decode step (ops/decode.py has their references): every projection of the
 model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
 over all threads.
@@ -54,6 +55,7 @@ __all__ = [
     "fused_step_rows",
     "linear",
     "mamba_step",
+    "prepare_attention_layer_step",
     "prepare_mamba_layer_step",
     "mamba_step_ref",
     "mlp_step",
@@ -246,6 +248,20 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
     the layer is unchanged)."""
     prepare = _op(device, "prepare_mamba_layer_step")
     return prepare(in_norm, in_proj, params, out_proj, ff_norm, ffn) if prepare is not None else None
+
+
+def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int, kv_heads: int, ff_norm: tuple,
+                                 ffn: tuple, device: torch.device) -> Callable[..., torch.Tensor | None] | None:
+    """An attention layer and its FFN bound to their weights for a run of decode steps, as one call of the device's
+    kernel: `step(x, kv, position, starts)` gives what model.DecoderLayer.decode_step's ops give for a decode
+    step's rows x (rows, H) with no attention mask: it writes this step's keys and values into column `position` of
+    the layer's cache.KVCache `kv` (making room) and attends over columns starts[i]:position + 1 of row i (starts
+    None: from 0). projections: (q, k, v, o) as `linear` or a
+    quantized layer takes them; in_norm, ff_norm, ffn: as in `prepare_mamba_layer_step`. None where the device has
+    no such kernel for these weights; the step returns None where it cannot run (the caller then runs the ops one
+    by one)."""
+    prepare = _op(device, "prepare_attention_layer_step")
+    return prepare(in_norm, projections, heads, kv_heads, ff_norm, ffn) if prepare is not None else None
 
 
 def moe_step(

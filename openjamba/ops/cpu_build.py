@@ -29,7 +29,7 @@ SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "atte
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
            CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp", CSRC / "layer_step.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "pieces.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h",
-           CSRC / "ffn_step.h")
+           CSRC / "ffn_step.h", CSRC / "attend_to_all.h")
 ABI_VERSION = 6
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
@@ -171,14 +171,29 @@ class FfnStepArgs(ctypes.Structure):
                        "x residual router_w gate_w up_w down_w out")
 
 
+class FfnArgs(ctypes.Structure):
+    """`FfnArgs` of layer_step.cpp: the FFN after a layer's mixer."""
+
+    _fields_ = [("quantized_mlp", ctypes.c_int64), ("ffn", FfnStepArgs), ("mlp", MlpStepArgs)]
+
+
 class MambaLayerArgs(ctypes.Structure):
     """`MambaLayerArgs` of layer_step.cpp."""
 
-    _fields_ = (_fields("rows hidden inner quantized_mlp", "", "")
-                + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
+    _fields_ = (_fields("rows hidden inner", "", "") + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
                 + [(n, Weight) for n in ("in_proj", "out_proj")]
                 + _fields("", "", "x in_norm_w ff_norm_w out scratch")
-                + [("mamba", MambaStepArgs), ("ffn", FfnStepArgs), ("mlp", MlpStepArgs)])
+                + [("mamba", MambaStepArgs), ("ffn", FfnArgs)])
+
+
+class AttentionLayerArgs(ctypes.Structure):
+    """`AttentionLayerArgs` of layer_step.cpp."""
+
+    _fields_ = (_fields("rows hidden heads kv_heads head_dim position", "", "")
+                + [("in_eps", ctypes.c_double), ("ff_eps", ctypes.c_double)]
+                + [(n, Weight) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                + _fields("", "", "x in_norm_w ff_norm_w out scratch")
+                + [("attend", AttendArgs), ("ffn", FfnArgs)])
 
 
 # linear.cpp's arguments: x, weight, bias, index, y, then rows, in, out, x_stride, y_stride, matrix_stride, threads.
@@ -244,6 +259,8 @@ def library() -> ctypes.CDLL:
             lib.openjamba_lanes.restype = ctypes.c_int
             lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(MlpStepArgs)], None
             lib.mamba_layer_step.argtypes, lib.mamba_layer_step.restype = [ctypes.POINTER(MambaLayerArgs)], None
+            lib.attention_layer_step.argtypes = [ctypes.POINTER(AttentionLayerArgs)]
+            lib.attention_layer_step.restype = None
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _error = str(err)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,6 @@ from .cpu_build import (
     AttendArgs,
     ConvArgs,
     FfnStepArgs,
-    MambaLayerArgs,
     MambaStepArgs,
     MlpStepArgs,
     ScanArgs,
@@ -611,67 +609,6 @@ def moe_step(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down:
     return moe_step_ref(x, router, gate_up, down, top_k, residual) if out is None else out
 
 
-def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple,
-                             ffn: tuple) -> Callable | None:
-    """`ops.prepare_mamba_layer_step` as one call of layer_step.cpp per step (`ops.decode.mamba_layer_step_ref`):
-    the weights' pointers, shapes and checks done here once, so a step fills in only its rows and the state. The
-    projections fp32 matrices (as `linear` takes them) or quantized weights; the FFN an MLP (fp32 or quantized) or a
-    MoE (fp32), as `mlp_step` and `moe_step` take them; the Mamba step's parameters what `mamba_step` takes in fp32.
-    None where the kernel cannot read these weights; the step returns None for rows (fp32 (rows, H), contiguous) or
-    a state it cannot take, and under autograd (the model then runs the layer's ops one by one). Decoding spent
-    about as long in the Python gathering these arguments per layer and token as in the calls' small ops."""
-    A, hidden = params[7], in_norm[0].shape[0]
-    inner = A.shape[0]
-    fields = _mamba_step_fields(inner, torch.float32, *params)
-    projections = (_weight(in_proj), _weight(out_proj))
-    if (fields is None or None in projections or _shape(in_proj) != (2 * inner, hidden)
-            or _shape(out_proj) != (hidden, inner) or not _plain_rows(torch.float32, in_norm[0], ff_norm[0])
-            or ff_norm[0].shape != (hidden,)):
-        return None
-    kind, *weights = ffn
-    quantized_mlp = kind == "mlp" and not isinstance(weights[0], torch.Tensor)
-    if quantized_mlp:
-        ffn_args, mlp_args = FfnStepArgs(), _quantized_mlp_args(hidden, *weights)
-    else:
-        mlp_args = MlpStepArgs()
-        ffn_args = (_ffn_args(hidden, torch.float32, None, *weights) if kind == "mlp"
-                    else _ffn_args(hidden, torch.float32, weights[0], weights[1], None, *weights[2:]))
-    if (mlp_args if quantized_mlp else ffn_args) is None:
-        return None
-    rank, state = fields[3], fields[4]
-    step_work = inner * (rank + 3 * state)
-    per_row = 4 * hidden + 6 * inner + rank + 2 * state + 2 * (mlp_args.inner if quantized_mlp else 0)
-    bound = MambaLayerArgs(0, hidden, inner, int(quantized_mlp), in_norm[1], ff_norm[1], *projections, None,
-                           in_norm[0].data_ptr(), ff_norm[0].data_ptr(), None, None, MambaStepArgs(*fields),
-                           ffn_args, mlp_args)
-    # Every tensor the pointers point into, kept alive with the step; the parameters also for the autograd check.
-    parameters = (in_norm[0], ff_norm[0], *(t for t in params if isinstance(t, torch.Tensor)), *params[3],
-                  *(w for w in (in_proj, out_proj, *weights) if isinstance(w, torch.Tensor)))
-    tensors = (*parameters, *(t for w in (in_proj, out_proj, *weights, params[2], params[5])
-                              if not isinstance(w, (torch.Tensor, int))
-                              for t in w.kernel_operands()[2:] if t is not None))
-    run = cpu_build.library().mamba_layer_step
-
-    @eager_under_compile
-    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
-        rows = x.shape[0]
-        if (x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != hidden or not 0 < rows <= DECODE_MAX_ROWS
-                or not x.is_contiguous() or not _plain_rows(torch.float32, window, ssm)
-                or (torch.is_grad_enabled() and _needs_grad(x, *parameters))):
-            return None
-        out = torch.empty_like(x)
-        scratch = torch.empty(rows * per_row)
-        args = MambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
-        args.rows, args.x, args.out, args.scratch = rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr()
-        mamba = args.mamba  # a view into args
-        mamba.threads, mamba.window, mamba.h = _threads(rows * step_work), window.data_ptr(), ssm.data_ptr()
-        run(ctypes.byref(args))
-        return out
-
-    step.tensors = tensors
-    return step
-
-
 def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """All of one float kernel dtype, contiguous, and not needing autograd."""
     return (dtype in _FLOATS and all(t.dtype == dtype and t.is_contiguous() for t in tensors)
@@ -689,3 +626,7 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
     _plain_fn("add_rms_norm", x.dtype)(x.data_ptr(), h.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(),
                                        x.numel() // width, width, eps)
     return s, y
+
+
+# The whole-layer decode steps (cpu_layer_step.py), built on the kernels above.
+from .cpu_layer_step import prepare_attention_layer_step, prepare_mamba_layer_step  # noqa: E402, F401

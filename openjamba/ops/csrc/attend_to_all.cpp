@@ -25,20 +25,12 @@
 #include <immintrin.h>
 #endif
 
+#include "attend_to_all.h"
 #include "common.h"
 
 namespace {
 
 using namespace openjamba;
-
-struct AttendArgs {
-  int64_t batch, kv_heads, rows, length, head_dim, block, threads;
-  int64_t q_batch_stride, q_head_stride, q_row_stride;
-  int64_t k_batch_stride, k_head_stride, k_token_stride;
-  int64_t v_batch_stride, v_head_stride, v_token_stride;
-  void *q, *k, *v, *out;
-  const int64_t* starts;
-};
 
 // One block's partial result for every row of its head: max score, sum of exponentials, weighted V sum.
 template <typename T>
@@ -295,10 +287,10 @@ void attend(const AttendArgs& a) {
 
 extern "C" {
 
-void attend_to_all_f32(const AttendArgs* a) { attend<float, float>(*a); }
-void attend_to_all_f64(const AttendArgs* a) { attend<double, double>(*a); }
+void attend_to_all_f32(const openjamba::AttendArgs* a) { attend<float, float>(*a); }
+void attend_to_all_f64(const openjamba::AttendArgs* a) { attend<double, double>(*a); }
 // bf16 K/V (a bf16 model's cache), computed in fp32, or in fp64 for exact tests.
-void attend_to_all_bf16_f32(const AttendArgs* a) { attend<float, bf16>(*a); }
-void attend_to_all_bf16_f64(const AttendArgs* a) { attend<double, bf16>(*a); }
+void attend_to_all_bf16_f32(const openjamba::AttendArgs* a) { attend<float, bf16>(*a); }
+void attend_to_all_bf16_f64(const openjamba::AttendArgs* a) { attend<double, bf16>(*a); }
 
 }  // extern "C"
