@@ -273,17 +273,42 @@ class HybridCache:
         cls, model: JambaForCausalLM, state: RowState, kv_dtype: torch.dtype | None = None
     ) -> HybridCache:
         """A one-row cache holding `state` exactly, ready to continue (or to join a batch with `add_rows`)."""
-        state.check(model)
-        cache = cls(model, 1, kv_dtype=kv_dtype)
-        for layer, (a, b) in zip(cache.layers, state.layers):
+        return cls.from_row_states(model, [state], kv_dtype=kv_dtype)
+
+    @classmethod
+    def from_row_states(
+        cls, model: JambaForCausalLM, states: list[RowState], kv_dtype: torch.dtype | None = None
+    ) -> HybridCache:
+        """A cache whose row i holds `states[i]` exactly, each row with its own length, as `add_rows` would join the
+        one-row caches of `from_row_state` (the K/V right-aligned, a shorter row's first columns masked) but with
+        each element written once: many stored states resumed together (requests sharing a system prompt)."""
+        if not states:
+            raise ValueError("from_row_states needs at least one state")
+        for state in states:
+            state.check(model)
+        lengths = [state.length for state in states]
+        columns = max(lengths)
+        cache = cls(model, len(states), kv_dtype=kv_dtype)
+        for i, layer in enumerate(cache.layers):
             if isinstance(layer, KVCache):
-                # Copies, never views: the cache is written in place and `state` may be held by a store.
-                layer.k = a[None].to(layer.k, copy=True)  # (1, kv_heads, length, hd)
-                layer.v = b[None].to(layer.v, copy=True)
+                # Copies, never views: the cache is written in place and the states may be held by a store. The
+                # headroom after `columns` (as much again, as `KVCache.append` grows) is written before it is read.
+                for name, which in (("k", 0), ("v", 1)):
+                    joined = layer.k.new_empty(len(states), layer.k.shape[1], 2 * columns, layer.k.shape[3])
+                    for row, state in enumerate(states):
+                        joined[row, :, : columns - state.length].zero_()  # masked keys hold a finite value
+                        joined[row, :, columns - state.length: columns] = state.layers[i][which]
+                    setattr(layer, name, joined)  # (B, kv_heads, capacity, hd)
             else:
-                layer.conv.copy_(a[None])
-                layer.ssm.copy_(b[None])
-        cache.seq_len = state.length
+                for row, state in enumerate(states):
+                    layer.conv[row].copy_(state.layers[i][0])
+                    layer.ssm[row].copy_(state.layers[i][1])
+        cache.seq_len = columns
+        if min(lengths) < columns:
+            device = cache.layers[0].tensors()[0].device
+            starts = torch.tensor([columns - n for n in lengths], device=device)
+            cache.key_mask = torch.arange(columns, device=device)[None, :] >= starts[:, None]  # (B, columns)
+            cache._find_row_starts()
         return cache
 
 

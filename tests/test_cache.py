@@ -203,6 +203,39 @@ def test_row_state_restores_exactly_and_continues_as_one_full_forward(config_nam
     torch.testing.assert_close(torch.stack(steps), full[12:], atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_from_row_states_equals_one_row_caches_joined_by_add_rows(config_name):
+    """Stored states of different lengths restored as one batch in one pass hold exactly what their one-row caches
+    joined by `add_rows` hold (the same K/V columns, masks, row starts and Mamba states), and both continue alike."""
+    from openjamba.cache import HybridCache
+    from openjamba.generate import prefill
+
+    model = random_model(config_name)
+    gen = torch.Generator().manual_seed(10)
+    states = []
+    for n in (7, 12, 12, 3):
+        cache, logits = _prefilled(model, torch.randint(3, model.config.vocab_size, (n,), generator=gen))
+        states.append(cache.row_state(0, logits[0]))
+    joined = HybridCache.from_row_state(model, states[0])
+    for state in states[1:]:
+        joined.add_rows(HybridCache.from_row_state(model, state))
+    together = HybridCache.from_row_states(model, states)
+    assert together.batch_size == 4 and together.seq_len == joined.seq_len == 12
+    assert together.row_lengths() == joined.row_lengths() == [7, 12, 12, 3]
+    assert together.row_starts == joined.row_starts
+    assert torch.equal(together.key_mask, joined.key_mask)
+    for mine, theirs in zip(together.layers, joined.layers):
+        for a, b in zip(mine.tensors(), theirs.tensors()):
+            assert torch.equal(a[:, :, :12] if a.dim() == 4 else a, b[:, :, :12] if b.dim() == 4 else b)
+    assert not any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+                   for state in states for layer, pair in zip(together.layers, state.layers)
+                   for t, s in zip(layer.tensors(), pair))  # copies: the stored states stay as they were
+    more = torch.randint(3, model.config.vocab_size, (4, 5), generator=gen)
+    assert torch.equal(prefill(model, more, together), prefill(model, more, joined))
+    same = HybridCache.from_row_states(model, states[1:3])  # equal lengths: no mask, the unmasked fast paths
+    assert same.key_mask is None and same.row_starts is None and same.seq_len == 12
+
+
 def test_row_state_from_another_model_is_a_clear_error():
     from openjamba.cache import RowState
 

@@ -3,7 +3,8 @@
 Each iteration of the loop
   1. applies cancellations (a cancelled row leaves the batch at once, its memory freed),
   2. admits waiting requests while fewer than `max_running` are in flight, each starting from the longest stored
-     state its prompt extends (serve/state_store.py) on a one-row cache of its own,
+     state its prompt extends (serve/state_store.py), restored when its first chunk runs (several resumed at once
+     into one cache: `HybridCache.from_row_states`),
   3. prefills admitted prompts, oldest first, within the iteration's token budget: `step_token_budget` tokens
      (default `prefill_chunk`) less one per running row, the tokens of this iteration's decode step, as vLLM's
      `max_num_batched_tokens` counts them (8 rows decoding under a budget of 512 leave a 504-token chunk), and
@@ -161,7 +162,8 @@ class _Request:
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    cache: HybridCache | None = None  # its own one-row cache while prefilling
+    resume: RowState | None = None  # the stored state its prompt extends, until its first chunk runs
+    cache: HybridCache | None = None  # its own one-row cache once its first chunk has run alone
     prefilled: int = 0  # prompt tokens in `cache`
     keep_at: list[int] = field(default_factory=list)  # prompt positions to keep the state at, ascending
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
@@ -443,7 +445,8 @@ class Engine:
             self._prefilling.append(request)
 
     def _start(self, request: _Request) -> None:
-        """Its generator, and its one-row cache: from the longest stored state its prompt extends, or empty."""
+        """Its generator, and the longest stored state its prompt extends (restored when its first chunk runs:
+        `_cache_of`, or with others in one pass, `_prefill_together`)."""
         p = request.params
         if p.temperature > 0:
             request.generator = torch.Generator()  # on the host: one uniform number per token (serve/sampling.py)
@@ -455,16 +458,24 @@ class Engine:
         self._counters["store_lookups_total"] += found is not None
         self._counters["store_hits_total"] += found is not None and found.state is not None
         if found is not None and found.state is not None:
-            request.cache = HybridCache.from_row_state(self.model, found.state, kv_dtype=self.kv_dtype)
+            request.resume = found.state
             request.prefilled = request.cached_tokens = found.length
             request.logits = found.state.logits[None] if found.state.logits is not None else None
             self._counters["cached_prompt_tokens_total"] += found.length
-        else:
-            request.cache = self.model.make_cache(1, kv_dtype=self.kv_dtype)
         wanted = set(request.keep_at)
         if found is not None:
             wanted.add(found.shared)  # where this prompt departs from a stored sequence
         request.keep_at = sorted(n for n in wanted if request.prefilled < n < len(request.prompt))
+
+    def _cache_of(self, request: _Request) -> HybridCache:
+        """The request's one-row cache: made on its first use, from its stored state or empty."""
+        if request.cache is None:
+            if request.resume is not None:
+                request.cache = HybridCache.from_row_state(self.model, request.resume, kv_dtype=self.kv_dtype)
+            else:
+                request.cache = self.model.make_cache(1, kv_dtype=self.kv_dtype)
+            request.resume = None
+        return request.cache
 
     def prefill_tokens(self, running: int) -> int:
         """Prompt tokens one iteration prefills while `running` rows decode: the step's budget less their tokens,
@@ -483,14 +494,15 @@ class Engine:
                     end = min(request.prefilled + self.prefill_chunk, request.prefilled + budget, len(request.prompt))
                     end = min([n for n in request.keep_at if n > request.prefilled] + [end])
                     ids = torch.tensor(request.prompt[request.prefilled:end], dtype=torch.long)[None]
-                    request.logits = prefill(self.model, ids, request.cache, chunk_size=end - request.prefilled)
+                    cache = self._cache_of(request)
+                    request.logits = prefill(self.model, ids, cache, chunk_size=end - request.prefilled)
                     budget -= end - request.prefilled
                     request.prefilled = end
                     if end in request.keep_at or end == len(request.prompt):
                         self._keep(request.prompt[:end], request.cache, 0, request.logits[0])
                 if request.prefilled == len(request.prompt):
                     self._prefilling.remove(request)
-                    cache, request.cache = request.cache, None
+                    cache, request.cache = self._cache_of(request), None
                     self._start_decoding([request], cache, request.logits)
             except Exception as err:  # noqa: BLE001
                 if request in self._prefilling:
@@ -501,8 +513,8 @@ class Engine:
         """Prefill the oldest prompts that fit in `budget` all at once, in one forward (many prompts arriving
         together: one pass over the weights, not one each): prompts that start from nothing as a left-padded batch,
         or prompts resumed from stored states (a shared system prompt) with the same number of tokens left, their
-        one-row caches joined (`add_rows`). Returns the tokens spent (padding included), 0 if fewer than two such
-        prompts are first in line."""
+        states restored as one cache in one pass (`HybridCache.from_row_states`). Returns the tokens spent (padding
+        included), 0 if fewer than two such prompts are first in line."""
         group = self._together(budget)
         if len(group) < 2:
             return 0
@@ -520,11 +532,14 @@ class Engine:
                 cache = self.model.make_cache(len(group), kv_dtype=self.kv_dtype)
             else:  # (B, width): every row has `width` tokens left, so no padding goes into a running state
                 ids, mask = torch.tensor([r.prompt[r.prefilled:] for r in group]), None
-                cache = group[0].cache
-                for request in group[1:]:
-                    cache.add_rows(request.cache)
+                if all(r.resume is not None for r in group):  # all restored at once: each element written once
+                    cache = HybridCache.from_row_states(self.model, [r.resume for r in group], kv_dtype=self.kv_dtype)
+                else:  # some part-way through their own chunks
+                    cache = self._cache_of(group[0])
+                    for request in group[1:]:
+                        cache.add_rows(self._cache_of(request))
             for request in group:
-                request.cache = None
+                request.cache = request.resume = None
             logits = prefill(self.model, ids, cache, chunk_size=width, attention_mask=mask)
             for i, request in enumerate(group):
                 request.prefilled = len(request.prompt)
@@ -645,7 +660,7 @@ class Engine:
                 self.cancel(request.id)
 
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
-        request.cache = request.logits = None
+        request.cache = request.logits = request.resume = None
         self._counters["requests_finished_total"] += 1
         if request.admitted is not None:
             self._service_seconds += 0.1 * (time.monotonic() - request.admitted - self._service_seconds)
