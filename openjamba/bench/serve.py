@@ -114,8 +114,9 @@ def bench_streams(model, streams: tuple[int, ...], reuse: bool, tokens: Tokens, 
         # warm-up, and the shared system prompt read once (with reuse on, every stream then starts from its state)
         wait([submit(engine, prefix, SamplingParams(max_tokens=2, temperature=0.0))])
         for n in streams:
+            prompts = [prefix + tokens(suffix) for _ in range(n)]  # made first: the N submits follow each other
             start = time.perf_counter()
-            requests = [submit(engine, prefix + tokens(suffix), params) for _ in range(n)]
+            requests = [submit(engine, prompt, params) for prompt in prompts]
             wait(requests)
             elapsed = max(r.tokens[-1] for r in requests) - start
             generated = sum(len(r.tokens) for r in requests)
