@@ -11,8 +11,8 @@ Read top to bottom:
 
 The decode fast path: a cached one-token step (`JambaForCausalLM.decode_step`, taken by `forward` when it applies)
 runs each module's `decode_step` on rows (B, H) instead of its `forward`. Same math, fewer ops: small models decode
-at the speed of their op count, so there the residual adds are fused into the norm after the mixer and into the
-FFN's kernel, and a whole FFN block (a MoE's router, top-k, experts and weighted sum included) is one call.
+at the speed of their op count, so there the residual adds are fused into the norms and FFN kernels, and on CPU a
+whole layer (mixer, FFN, a MoE's routing included) is one call bound once to its weights (`DecoderLayer`).
 
 Module and parameter names equal Hugging Face's, so a checkpoint's tensors map one to one; the only exception
 is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj`) and converted in `hf.py`.
