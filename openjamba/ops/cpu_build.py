@@ -33,8 +33,7 @@ HEADERS = (CSRC / "common.h", CSRC / "pieces.h", CSRC / "tiles.h", CSRC / "quant
 ABI_VERSION = 6
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack
-# -march=native). OpenMP (the full-sequence kernels) shares torch's runtime (same libgomp soname), so their threads
-# come from one pool; the decode kernels share work through pieces.h's own pool instead (why: there).
+# -march=native). OpenMP shares torch's runtime (same libgomp soname), so threads come from one pool.
 FLAG_SETS = (
     ["-march=native", "-fopenmp"],
     ["-fopenmp"],
@@ -42,7 +41,7 @@ FLAG_SETS = (
     [],
 )
 # -fno-trapping-math lets AVX2 if-convert the selects in exp (results, NaN and inf are unchanged); no -ffast-math.
-BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
+BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
 
 
 def _compiler() -> str | None:
