@@ -4,11 +4,6 @@ on the other rows), and a decode step of the model with and without them."""
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,52 +78,6 @@ def test_linear_is_batch_invariant(all_sizes_threaded, dtype):
         torch.set_num_threads(threads)
         for rows in (2, 5, 6, 7, 12, 16, 17, 31, decode.DECODE_MAX_ROWS):
             assert torch.equal(cpu_kernels.linear(x[:rows], w, b), alone[:rows]), (threads, rows)
-
-
-def _wait_for_child(pid: int, timeout_s: float = 60.0) -> int:
-    """The exit code of a forked child; killed (and reported as a hang) after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError("the forked child hung")
-
-
-def test_kernel_pool_serves_two_python_threads_and_a_forked_child(all_sizes_threaded):
-    """The kernels share one pool of worker threads (ops/csrc/pieces.h) that runs one call at a time: calls from
-    two Python threads at once (the GIL is released during a call) both finish with the same bits as a call alone,
-    and a forked child, where the parent's workers do not exist, gets a fresh pool rather than waiting on them."""
-    w, x = randn(1030, 700, dtype=torch.float32, seed=1), randn(4, 700, dtype=torch.float32)
-    expected = cpu_kernels.linear(x, w)
-    same, errors = [], []
-
-    def calls() -> None:
-        try:
-            for _ in range(100):
-                same.append(torch.equal(cpu_kernels.linear(x, w), expected))
-        except Exception as err:  # reported below: an exception in a thread would otherwise vanish
-            errors.append(err)
-
-    threads = [threading.Thread(target=calls) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads) and not errors
-    assert len(same) == 200 and all(same)
-    if not hasattr(os, "fork"):
-        return
-    pid = os.fork()
-    if pid == 0:  # the child: only the kernel and a byte comparison, then out without running any cleanup
-        try:
-            os._exit(0 if cpu_kernels.linear(x, w).numpy().tobytes() == expected.numpy().tobytes() else 1)
-        finally:
-            os._exit(2)
-    assert _wait_for_child(pid) == 0
 
 
 def test_linear_falls_back_where_it_does_not_apply(all_sizes_threaded):

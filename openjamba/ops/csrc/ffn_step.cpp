@@ -21,7 +21,6 @@
 
 #include "common.h"
 #include "ffn_step.h"
-#include "pieces.h"
 #include "tiles.h"
 
 namespace {
@@ -118,41 +117,47 @@ void ffn_step(const FfnStepArgs& a) {
   const std::vector<Item> up_items = split(G, I, a.threads), down_items = split(G, H, a.threads);
   const int64_t n_up = static_cast<int64_t>(up_items.size()), n_down = static_cast<int64_t>(down_items.size());
 
-  // 1. gate and up products of each chosen expert over its rows, then act = silu(gate) * up.
-  for_pieces(n_up, a.threads, [&](int64_t i) {
-    const Item& it = up_items[i];
-    const Group& g = groups[it.group];
-    const T* gate = static_cast<const T*>(a.gate_w) + g.expert * a.expert_stride;
-    const T* up = static_cast<const T*>(a.up_w) + g.expert * a.expert_stride;
-    const std::vector<int64_t>& slots = g.slots;
-    const int64_t n_slots = static_cast<int64_t>(slots.size());
-    matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
-                   [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = v; });
-    matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
-                   [&](int64_t s, int64_t j, T v) { up_out[slots[s] * I + j] = v; });
-    for (int64_t s : slots) {  // a separate loop, so that silu is vectorised
-      T* a_s = act.data() + s * I;
-      const T* u_s = up_out.data() + s * I;
-      for (int64_t j = it.begin; j < it.end; ++j) a_s[j] = silu(a_s[j]) * u_s[j];
+#pragma omp parallel num_threads(a.threads)
+  {
+    // 1. gate and up products of each chosen expert over its rows, then act = silu(gate) * up.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_up; ++i) {
+      const Item& it = up_items[i];
+      const Group& g = groups[it.group];
+      const T* gate = static_cast<const T*>(a.gate_w) + g.expert * a.expert_stride;
+      const T* up = static_cast<const T*>(a.up_w) + g.expert * a.expert_stride;
+      const std::vector<int64_t>& slots = g.slots;
+      const int64_t n_slots = static_cast<int64_t>(slots.size());
+      matrix_rows<T>(gate, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
+                     [&](int64_t s, int64_t j, T v) { act[slots[s] * I + j] = v; });
+      matrix_rows<T>(up, H, it.begin, it.end, x_rows[it.group].data(), n_slots,
+                     [&](int64_t s, int64_t j, T v) { up_out[slots[s] * I + j] = v; });
+      for (int64_t s : slots) {  // a separate loop, so that silu is vectorised
+        T* a_s = act.data() + s * I;
+        const T* u_s = up_out.data() + s * I;
+        for (int64_t j = it.begin; j < it.end; ++j) a_s[j] = silu(a_s[j]) * u_s[j];
+      }
     }
-  });
-  // 2. down products of each chosen expert over its rows' activations.
-  for_pieces(n_down, a.threads, [&](int64_t i) {
-    const Item& it = down_items[i];
-    const Group& g = groups[it.group];
-    const T* down = static_cast<const T*>(a.down_w) + g.expert * a.down_stride;
-    const std::vector<int64_t>& slots = g.slots;
-    const int64_t n_slots = static_cast<int64_t>(slots.size());
-    matrix_rows<T>(down, I, it.begin, it.end, act_rows[it.group].data(), n_slots,
-                   [&](int64_t s, int64_t j, T v) { expert_out[slots[s] * H + j] = v; });
-  });
-  // 3. each row's weighted sum over its slots, plus the residual (a few thousand values: on this thread).
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < H; ++j) {
-      T acc = T(0);
-      for (int64_t k = 0; k < K; ++k) acc += weight[r * K + k] * expert_out[(r * K + k) * H + j];
-      out[r * H + j] = residual[r * H + j] + acc;
+    // 2. down products of each chosen expert over its rows' activations.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_down; ++i) {
+      const Item& it = down_items[i];
+      const Group& g = groups[it.group];
+      const T* down = static_cast<const T*>(a.down_w) + g.expert * a.down_stride;
+      const std::vector<int64_t>& slots = g.slots;
+      const int64_t n_slots = static_cast<int64_t>(slots.size());
+      matrix_rows<T>(down, I, it.begin, it.end, act_rows[it.group].data(), n_slots,
+                     [&](int64_t s, int64_t j, T v) { expert_out[slots[s] * H + j] = v; });
     }
+    // 3. each row's weighted sum over its slots, plus the residual.
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < H; ++j) {
+        T acc = T(0);
+        for (int64_t k = 0; k < K; ++k) acc += weight[r * K + k] * expert_out[(r * K + k) * H + j];
+        out[r * H + j] = residual[r * H + j] + acc;
+      }
+  }
 }
 
 }  // namespace

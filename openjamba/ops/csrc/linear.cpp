@@ -19,7 +19,6 @@
 #include <algorithm>
 
 #include "common.h"
-#include "pieces.h"
 #include "tiles.h"
 
 namespace {
@@ -38,8 +37,8 @@ struct LinearArgs {
 };
 
 // Work items: slices of `per_item` rows of W (a multiple of TILE_W_ONE), about ITEM_BYTES each, and at least four
-// per thread when threaded, claimed as threads come free (pieces.h): on a loaded machine a descheduled thread then
-// delays the product by at most one item, not by its whole share.
+// per thread when threaded, taken as threads come free: on a loaded machine a descheduled thread then delays the
+// product by one item, not by its whole share.
 struct Items {
   int64_t per_item, count;
   Items(int64_t out, int64_t in, int64_t bytes, int64_t threads) {
@@ -81,8 +80,12 @@ void item(const LinearArgs& a, int64_t j0, int64_t j1) {
 template <typename T>
 void linear(const LinearArgs& a) {
   const Items items(a.out, a.in, sizeof(T), a.threads);
-  for_pieces(items.count, a.threads,
-             [&](int64_t i) { item<T>(a, i * items.per_item, std::min(a.out, (i + 1) * items.per_item)); });
+  if (a.threads <= 1 || items.count == 1) {
+    for (int64_t i = 0; i < items.count; ++i) item<T>(a, i * items.per_item, std::min(a.out, (i + 1) * items.per_item));
+    return;
+  }
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < items.count; ++i) item<T>(a, i * items.per_item, std::min(a.out, (i + 1) * items.per_item));
 }
 
 }  // namespace

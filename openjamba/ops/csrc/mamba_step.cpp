@@ -32,7 +32,6 @@
 
 #include "common.h"
 #include "mamba_step.h"
-#include "pieces.h"
 #include "quant_linear.h"
 #include "tiles.h"
 
@@ -74,13 +73,7 @@ inline float tree_sum<float>(float* part) {
 }
 #endif
 
-// The pieces a phase over channels is split into (pieces.h): a few per thread, so that a descheduled thread holds
-// up the step by a small piece at most; no more than the channel blocks.
-inline int64_t channel_pieces(int64_t channels, int64_t threads) {
-  return std::min((channels + W - 1) / W, threads > 1 ? 4 * threads : int64_t(1));
-}
-
-// Channels [c0, c1) of piece i of n, in multiples of W.
+// Channels [c0, c1) of item i of n, in multiples of W.
 inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, int64_t& c1) {
   const int64_t blocks = (channels + W - 1) / W;
   c0 = std::min(channels, blocks * i / n * W);
@@ -163,8 +156,8 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 }
 
 // Phases over all rows at once, so that each weight is read once per call and the per-channel constant
-// (A * exp_scale) is prepared once per call rather than once per row. Each phase is split into pieces (pieces.h)
-// shared by the call's threads; each value is computed in one piece, in an order that does not depend on the split.
+// (A * exp_scale) is prepared once per call rather than once per row. Each phase is a work-shared loop (`omp for`):
+// inside a parallel region the threads split it, outside it one thread runs it all.
 // Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then dt_proj's output
 // (channels each).
 
@@ -173,15 +166,17 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 // the window moves on.
 template <typename T>
 void conv_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, K = a.kernel, P = a.rank + 2 * a.state, pieces = channel_pieces(D_, a.threads);
+  const int64_t D_ = a.channels, K = a.kernel, P = a.rank + 2 * a.state, items = a.threads;
   const T* conv_w = static_cast<const T*>(a.conv_w);
   const T* conv_bias = static_cast<const T*>(a.conv_bias);
   T* scratch = static_cast<T*>(a.scratch);
-  for_pieces(pieces, a.threads, [&](int64_t i) {
+  std::vector<T> wt;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
-    channel_range(D_, pieces, i, c0, c1);
+    channel_range(D_, items, i, c0, c1);
     const int64_t n = c1 - c0;
-    std::vector<T> wt(K * n);
+    wt.resize(K * n);
     for (int64_t c = 0; c < n; ++c)
       for (int64_t k = 0; k < K; ++k) wt[k * n + c] = conv_w[(c0 + c) * K + k];
     for (int64_t b = 0; b < a.batch; ++b) {
@@ -203,7 +198,7 @@ void conv_phase(const MambaStepArgs& a) {
                                                         window + k * D_ + c0);
       if (K > 1) std::copy(xz, xz + n, window + (K - 2) * D_ + c0);
     }
-  });
+  }
 }
 
 // 2. x_proj (plain weights): rank + 2N dot products over the channels per row, in tiles.h's register tiles (each
@@ -211,23 +206,23 @@ void conv_phase(const MambaStepArgs& a) {
 // rows split over the threads.
 template <typename T>
 void x_proj_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, stride = P + 3 * D_;
-  const int64_t pieces = std::min(P, 2 * a.threads);
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, stride = P + 3 * D_, items = a.threads;
   const T* xw = static_cast<const T*>(a.x_proj_w);
   T* scratch = static_cast<T*>(a.scratch);
   std::vector<const T*> u(a.batch);  // each row's conv output
   for (int64_t b = 0; b < a.batch; ++b) u[b] = scratch + b * stride + P;
-  for_pieces(pieces, a.threads, [&](int64_t i) {
-    matrix_rows<T>(xw, D_, P * i / pieces, P * (i + 1) / pieces, u.data(), a.batch,
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < items; ++i)
+    matrix_rows<T>(xw, D_, P * i / items, P * (i + 1) / items, u.data(), a.batch,
                    [&](int64_t b, int64_t j, T v) { scratch[b * stride + j] = v; });
-  });
 }
 
-// 3. the three norms of each row (a few dozen values each: on the calling thread).
+// 3. the three norms of each row (a few dozen values each).
 template <typename T>
 void norm_phase(const MambaStepArgs& a) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
   T* scratch = static_cast<T*>(a.scratch);
+#pragma omp for schedule(static)
   for (int64_t b = 0; b < a.batch; ++b) {
     T* proj = scratch + b * (P + 3 * D_);
     rms_norm<T>(proj, static_cast<const T*>(a.dt_norm_w), R, a.eps);
@@ -242,16 +237,18 @@ void norm_phase(const MambaStepArgs& a) {
 // connection and gate.
 template <typename T>
 void update_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N, pieces = channel_pieces(D_, a.threads);
+  const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N, items = a.threads;
   const T* dtw = a.dt_bits ? nullptr : static_cast<const T*>(a.dt_proj_w);
   const T* A = static_cast<const T*>(a.A);
   T* scratch = static_cast<T*>(a.scratch);
   std::vector<const T*> dt_low(a.batch);  // each row's normalised dt (rank values at the start of its scratch)
   for (int64_t b = 0; b < a.batch; ++b) dt_low[b] = scratch + b * (P + 3 * D_);
-  for_pieces(pieces, a.threads, [&](int64_t i) {
+  std::vector<T> As;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
-    channel_range(D_, pieces, i, c0, c1);
-    std::vector<T> As((c1 - c0) * N);
+    channel_range(D_, items, i, c0, c1);
+    As.resize((c1 - c0) * N);
 #pragma omp simd
     for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = A[c0 * N + e] * Math<T>::exp_scale;
     if (dtw)
@@ -260,7 +257,7 @@ void update_phase(const MambaStepArgs& a) {
     for (int64_t b = 0; b < a.batch; ++b)
       for (int64_t cb = c0; cb < c1; cb += W)
         update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
-  });
+  }
 }
 
 // A quantized product over the batch's rows of scratch: x at column x_col, y to column y_col (row stride P + 3D).
@@ -274,25 +271,33 @@ void scratch_product(const MambaStepArgs& a, int64_t bits, const void* q, const 
 
 template <typename T>
 void step(const MambaStepArgs& a) {
-  if (!a.x_bits && !a.dt_bits) {  // plain weights
-    conv_phase<T>(a);
-    x_proj_phase<T>(a);
-    norm_phase<T>(a);
-    update_phase<T>(a);
+  if (!a.x_bits && !a.dt_bits) {  // plain weights: the four phases in one parallel region
+#pragma omp parallel num_threads(a.threads)
+    {
+      conv_phase<T>(a);
+      x_proj_phase<T>(a);
+      norm_phase<T>(a);
+      update_phase<T>(a);
+    }
     return;
   }
-  // Quantized projections (fp32 only, as their kernels): their products between the phases.
+  // Quantized projections (fp32 only, as their kernels): each product runs its own parallel region between the
+  // phases.
   if constexpr (std::is_same_v<T, float>) {
     const int64_t D_ = a.channels, R = a.rank, P = R + 2 * a.state;
+#pragma omp parallel num_threads(a.threads)
     conv_phase<T>(a);
     if (a.x_bits)
       scratch_product(a, a.x_bits, a.x_proj_w, a.x_scales, a.x_zeros, a.x_group, a.x_threads, D_, P, P, 0);
-    else
+    else {
+#pragma omp parallel num_threads(a.threads)
       x_proj_phase<T>(a);
-    norm_phase<T>(a);
+    }
+    norm_phase<T>(a);  // a few dozen values per row: not worth waking the threads
     if (a.dt_bits)
       scratch_product(a, a.dt_bits, a.dt_proj_w, a.dt_scales, a.dt_zeros, a.dt_group, a.dt_threads, R, D_, 0,
                       P + D_);
+#pragma omp parallel num_threads(a.threads)
     update_phase<T>(a);
   }
 }
