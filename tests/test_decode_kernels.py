@@ -149,6 +149,18 @@ def test_mamba_step_matches_reference(monkeypatch, dtype, tol, threads, conv_bia
         torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
 
 
+@pytest.mark.parametrize("wrong", ["xz", "window", "ssm", "conv_weight", "x_proj_weight", "dt_proj_weight", "D"])
+def test_mamba_step_with_a_mismatched_shape_raises_instead_of_running_the_kernel(wrong):
+    """The kernel trusts every extent: a tensor of the wrong shape must reach the reference, which raises, and never
+    the kernel (which would read and write out of bounds)."""
+    args = mamba_inputs(dtype=torch.float32)
+    bigger = {"xz": (2, 4 * 37), "window": (2, 3, 74), "ssm": (2, 74, 8), "conv_weight": (74, 4),
+              "x_proj_weight": (21, 74), "dt_proj_weight": (74, 5), "D": (74,)}[wrong]
+    args[wrong] = randn(*bigger, dtype=torch.float32, seed=6)
+    with pytest.raises(RuntimeError):
+        run_step(cpu_kernels.mamba_step, args)
+
+
 def steps_op_by_op_and_fused(model, mixer, step) -> list[tuple[torch.Tensor, ...]]:
     """`step(state)` of a Mamba mixer of `model` from the same random states of a 2-row cache, first op by op (no
     fused-step weights), then fused: (output, conv window, SSM state) of each."""
@@ -251,6 +263,22 @@ def test_quantized_mixer_takes_the_fused_step(monkeypatch):
     # the output's scale here), so the outputs are compared at the activations' rounding, as in test_quant.
     e, g = (r[0] for r in results)
     torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=0, msg="output")
+
+
+def test_bound_mamba_layer_step_declines_a_state_of_another_shape():
+    """The one-call layer step trusts its state's extents: a conv window or SSM state of other rows or channels than
+    its rows and weights make it decline (None: the layer then runs op by op, where torch checks shapes)."""
+    model = random_model(hidden_size=128, mamba_dt_rank=32, intermediate_size=96)
+    index, layer = next((i, la) for i, la in enumerate(model.model.layers) if not la.is_attention)
+    x = randn(2, 128, dtype=torch.float32, seed=7)
+    state = model.make_cache(2).layers[index]
+    conv, ssm = state.conv, state.ssm
+    with torch.no_grad():
+        step = layer._prepared_step(x, None)
+        assert step is not None and step(x, conv, ssm) is not None
+        for window, h in [(conv[:1].clone(), ssm), (conv, ssm[:1].clone()), (torch.zeros(2, conv.shape[1], 1), ssm),
+                          (conv, torch.zeros(2, ssm.shape[1], 2 * ssm.shape[2]))]:
+            assert step(x, window, h) is None
 
 
 @pytest.mark.parametrize("method, moe", [(None, False), (None, True), *((m, False) for m in quant.METHODS)])

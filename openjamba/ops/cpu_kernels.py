@@ -453,7 +453,8 @@ def mamba_step(
     params = (conv_weight, conv_bias, x_proj_weight, norm_weights, eps, dt_proj_weight, dt_bias, A, D)
     fields = _mamba_step_fields(xz.shape[1] // 2, ssm.dtype, *params)
     if (fields is None or xz.dtype != ssm.dtype or xz.stride(-1) != 1 or _needs_grad(xz)
-            or not _plain_rows(ssm.dtype, window, ssm)):
+            or not _plain_rows(ssm.dtype, window, ssm) or xz.shape[1] % 2
+            or not _mamba_state_fits(xz.shape[0], fields, window, ssm)):
         return mamba_step_ref(xz, window, ssm, *params)
     batch, inner, rank, state = xz.shape[0], xz.shape[1] // 2, fields[3], fields[4]
     y = torch.empty(batch, inner, dtype=ssm.dtype)
@@ -476,12 +477,32 @@ def _mamba_step_fields(inner, dtype, conv_weight, conv_bias, x_proj_weight, norm
             or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in params)
             or _needs_grad(*params)):
         return None
-    rank, state = _in_features(dt_proj_weight), A.shape[1]
+    rank, state = _in_features(dt_proj_weight), A.shape[-1]
+    if not _mamba_shapes_fit(inner, rank, state, conv_weight, conv_bias, x_proj_weight, norm_weights,
+                             dt_proj_weight, dt_bias, A, D):
+        return None
     return [0, inner, conv_weight.shape[1], rank, state, 0, 0, eps,
             None, *(None if t is None else t.data_ptr() for t in (conv_weight, conv_bias)), x_fields[0],
             *(t.data_ptr() for t in norm_weights), dt_fields[0],
             *(None if t is None else t.data_ptr() for t in (dt_bias, A, D)), None, None, None, None,
             *x_fields[1:4], *dt_fields[1:4], *x_fields[4:], *dt_fields[4:]]
+
+
+def _mamba_shapes_fit(inner, rank, state, conv_weight, conv_bias, x_proj_weight, norm_weights, dt_proj_weight,
+                      dt_bias, A, D) -> bool:
+    """Whether the step's parameters have the shapes mamba_step.cpp reads them in, for `inner` channels: it trusts
+    every extent, so a mismatch must go to the reference (which raises) rather than read or write out of bounds."""
+    vectors = ((conv_bias, inner), (dt_bias, inner), (D, inner), *zip(norm_weights, (rank, state, state)))
+    return (conv_weight.dim() == 2 and conv_weight.shape[0] == inner and tuple(A.shape) == (inner, state)
+            and _shape(x_proj_weight) == (rank + 2 * state, inner) and _shape(dt_proj_weight) == (inner, rank)
+            and all(t is None or tuple(t.shape) == (n,) for t, n in vectors))
+
+
+def _mamba_state_fits(rows: int, fields: list, window: torch.Tensor, ssm: torch.Tensor) -> bool:
+    """Whether a step's conv window and SSM state are (rows, kernel - 1, inner) and (rows, inner, state) for the
+    `_mamba_step_fields` they go with."""
+    inner, kernel, state = fields[1], fields[2], fields[4]
+    return tuple(window.shape) == (rows, kernel - 1, inner) and tuple(ssm.shape) == (rows, inner, state)
 
 
 def _in_features(weight) -> int:

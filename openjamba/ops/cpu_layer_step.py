@@ -71,6 +71,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
     def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
         rows = x.shape[0]
         if (not _rows_fit(x, hidden) or not kernels._plain_rows(torch.float32, window, ssm)
+                or not kernels._mamba_state_fits(rows, fields, window, ssm)
                 or (torch.is_grad_enabled() and kernels._needs_grad(x, *parameters))):
             return None
         out = torch.empty_like(x)
