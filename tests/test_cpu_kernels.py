@@ -325,3 +325,40 @@ def test_library_builds_without_avx512(tmp_path, march):
         [cxx, *cpu_build.BASE_FLAGS, f"-march={march}", "-fopenmp", "-o", str(tmp_path / "lib.so"),
          *map(str, cpu_build.SOURCES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+# (op, args, expected error): each kernel trusts every extent, so a tensor of another shape must raise before the
+# kernel runs (without the checks several of these read or write out of bounds and abort the process).
+MISMATCHED = {
+    "scan A": (lambda: cpu_kernels.selective_scan(_r(2, 50, 37), _r(2, 50, 37), -_r(10, 16).abs(), _r(2, 50, 16),
+                                                 _r(2, 50, 16)), ValueError),
+    "scan initial state": (lambda: cpu_kernels.selective_scan(_r(2, 50, 37), _r(2, 50, 37), -_r(37, 16).abs(),
+                                                              _r(2, 50, 16), _r(2, 50, 16),
+                                                              initial_state=_r(1, 37, 16)), ValueError),
+    "state update state": (lambda: cpu_kernels.selective_state_update(_r(2, 37, 4), _r(2, 37), _r(2, 37),
+                                                                      -_r(37, 16).abs(), _r(2, 16), _r(2, 16)),
+                           ValueError),
+    "state update u": (lambda: cpu_kernels.selective_state_update(_r(2, 37, 16), _r(2, 74), _r(2, 74),
+                                                                  -_r(37, 16).abs(), _r(2, 16), _r(2, 16)),
+                       ValueError),
+    "conv weight": (lambda: cpu_kernels.causal_conv1d(_r(2, 50, 37), _r(10, 4), _r(37)), ValueError),
+    "conv window": (lambda: cpu_kernels.causal_conv1d(_r(2, 50, 37), _r(37, 4), _r(37), window=_r(1, 3, 37)),
+                    ValueError),
+    "attend v": (lambda: cpu_kernels.attend_to_all(_r(2, 8, 1, 16), _r(2, 2, 100, 16), _r(2, 2, 10, 16)),
+                 ValueError),
+    "attend batch": (lambda: cpu_kernels.attend_to_all(_r(4, 8, 1, 16), _r(2, 2, 100, 16), _r(2, 2, 100, 16)),
+                     ValueError),
+    "expert index": (lambda: cpu_kernels.expert_linear(_r(2, 256), _r(4, 512, 256), torch.tensor([0, 10 ** 6])),
+                     IndexError),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHED))
+def test_kernels_raise_on_shapes_they_cannot_read(case):
+    call, error = MISMATCHED[case]
+    with pytest.raises(error):
+        call()

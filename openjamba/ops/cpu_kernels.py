@@ -88,6 +88,14 @@ def _dense(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def _require_shapes(op: str, **named: tuple) -> None:
+    """Raise a clear error for a tensor whose shape is not what the kernel reads: the kernels trust every extent
+    (a wrong one would read or write out of bounds). named: name=(tensor or None, expected shape)."""
+    for name, (t, shape) in named.items():
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
 def _threads(work: int) -> int:
     return 1 if work < SERIAL_BELOW else max(1, torch.get_num_threads())
 
@@ -178,6 +186,12 @@ def selective_scan(
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `ops.scan.selective_scan_ref`, compiled; differentiable in every tensor input."""
+    batch, length, channels = u.shape
+    state = A.shape[-1]
+    rows, per_channel = (batch, length, channels), (channels,)
+    _require_shapes("selective_scan", delta=(delta, rows), z=(z, rows), A=(A, (channels, state)),
+                    B=(B, (batch, length, state)), C=(C, (batch, length, state)), D=(D, per_channel),
+                    delta_bias=(delta_bias, per_channel), initial_state=(initial_state, (batch, channels, state)))
     if u.shape[1] == 0:  # nothing to scan; the reference returns the right empty shapes
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                   return_final_state)
@@ -205,6 +219,10 @@ def selective_state_update(
     delta_softplus: bool = False,
 ) -> torch.Tensor:
     """One decoding step: the scan kernel over one token, reading and writing `state` in place. No autograd."""
+    rows, n = tuple(u.shape), A.shape[-1]
+    _require_shapes("selective_state_update", state=(state, (*rows, n)), delta=(delta, rows), z=(z, rows),
+                    A=(A, (rows[-1], n)), B=(B, (rows[0], n)), C=(C, (rows[0], n)), D=(D, rows[-1:]),
+                    delta_bias=(delta_bias, rows[-1:]))
     dtype = state.dtype if state.dtype in (torch.float32, torch.float64) else torch.float32
     direct = state.dtype == dtype and state.is_contiguous()
     work = state if direct else state.to(dtype).contiguous()  # updated, then copied back into `state`
@@ -281,6 +299,8 @@ def causal_conv1d(
     """Same contract as `ops.conv.causal_conv1d_ref`: (y, new window), both differentiable."""
     batch, length, channels = x.shape
     kernel = weight.shape[-1]
+    _require_shapes("causal_conv1d", weight=(weight, (channels, kernel)), bias=(bias, (channels,)),
+                    window=(window, (batch, kernel - 1, channels)))
     out_dtype = torch.promote_types(x.dtype, weight.dtype)  # as the reference's x * weight
     tensors = (x, weight, bias, window)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -330,6 +350,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Ten
     """attend_to_all.cpp over k, v (B, kv_heads, S, hd); `keys`: the keys all rows see together (for threading)."""
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
+    _require_shapes("attend_to_all", k=(k, (batch, kv_heads, k.shape[2], head_dim)), v=(v, k.shape))
+    if heads % kv_heads:
+        raise ValueError(f"attend_to_all: {heads} query heads cannot share {kv_heads} K/V heads")
     dtype = _compute_dtype(q)
     # (B, heads, T, hd) -> (B, kv_heads, group * T, hd): the query rows of each K/V head
     rows = q.to(dtype).reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
@@ -424,6 +447,8 @@ def expert_linear(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -
     out_features = weights.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     index = index.to(torch.int64).contiguous()
+    if index.min() < 0 or index.max() >= weights.shape[0]:  # CPU tensors: no device to wait for
+        raise IndexError(f"expert_linear: index {index.tolist()} out of range for {weights.shape[0]} matrices")
     y = torch.empty(rows, out_features, dtype=x.dtype)
     threads = product_threads(weights[0].numel())
     _plain_fn("linear", x.dtype)(x.data_ptr(), weights.data_ptr(), None, index.data_ptr(), y.data_ptr(), rows,
