@@ -14,7 +14,8 @@ A backend module exposes `is_available() -> tuple[bool, str]` (the str says why 
 `prepare_attention_layer_step` with the signatures below; an op it lacks falls back to the plain PyTorch one (the
 `prepare_*` have none: without them, or when they or their step return None, the model runs the layer's ops one by
 one).
-The last eight serve the one-token decode step (ops/decode.py has their references): every projection of the
+The last nine serve the one-token decode step (ops/decode.py has their references; the attention layer's is the
+model's own op-by-op path): every projection of the
 model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
 over all threads.
 Attention over a long cache is in ops/attention.py: `chunk_attention` for a chunk continuing a cached sequence

@@ -424,6 +424,18 @@ void linear_int8(const QArgs& a) {
   });
 }
 
+// int4_rows for a pass of `count` rows of x.
+template <bool SMALL, int R>
+inline void int4_pass(int64_t count, const uint8_t* const* w, const uint16_t* const* s, const uint16_t* const* z,
+                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
+  switch (count) {
+    case 1: int4_rows<1, SMALL, R>(w, s, z, x, in, group, out); break;
+    case 2: int4_rows<2, SMALL, R>(w, s, z, x, in, group, out); break;
+    case 3: int4_rows<3, SMALL, R>(w, s, z, x, in, group, out); break;
+    default: int4_rows<4, SMALL, R>(w, s, z, x, in, group, out); break;
+  }
+}
+
 // One row of x streams the weight rows two at a time: with four, a one-row product read its weights and their
 // scales and zeros as twelve streams, and measured 0.9x the GB/s of two (one thread from memory, 3B shapes). More
 // rows of x pass over four weight rows at a time (each x vector serves more rows).
@@ -442,26 +454,10 @@ void int4_products(const QArgs& a, const std::vector<Pass>& todo, const Int4Row*
         z[r] = static_cast<const uint16_t*>(a.zeros) + n * groups;
       }
       float out[X_PASS][ROWS];
-      const Int4Row* x = xrows + p.first;
-      const bool small = a.group < PIECE;
-      switch (p.count) {
-        case 1:
-          small ? int4_rows<1, true, R>(w, s, z, x, a.in, a.group, out)
-                : int4_rows<1, false, R>(w, s, z, x, a.in, a.group, out);
-          break;
-        case 2:
-          small ? int4_rows<2, true, R>(w, s, z, x, a.in, a.group, out)
-                : int4_rows<2, false, R>(w, s, z, x, a.in, a.group, out);
-          break;
-        case 3:
-          small ? int4_rows<3, true, R>(w, s, z, x, a.in, a.group, out)
-                : int4_rows<3, false, R>(w, s, z, x, a.in, a.group, out);
-          break;
-        default:
-          small ? int4_rows<4, true, R>(w, s, z, x, a.in, a.group, out)
-                : int4_rows<4, false, R>(w, s, z, x, a.in, a.group, out);
-          break;
-      }
+      if (a.group < PIECE)
+        int4_pass<true, R>(p.count, w, s, z, xrows + p.first, a.in, a.group, out);
+      else
+        int4_pass<false, R>(p.count, w, s, z, xrows + p.first, a.in, a.group, out);
       store(a, p, js, nr, out, nullptr);
     }
   });
