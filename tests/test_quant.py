@@ -294,6 +294,27 @@ def test_quantized_checkpoint_save_load_bit_identical(tmp_path, method, name):
     assert "model.layers.0.mamba.in_proj.qweight" in names and "model.layers.0.mamba.in_proj.weight" not in names
 
 
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_quantized_weights_share_one_aligned_buffer(method):
+    """After quantizing, the weights' tensors lie in one buffer starting on a 2 MB boundary (huge pages), each
+    64-byte aligned and with its own shape and dtype; the products give the same bits as from separate tensors."""
+    model = quant.quantize_model(random_model("moe-gqa", hidden_size=64, vocab_size=128), method, group_size=32)
+    weights = list(quant.quantized_weights(model).values())
+    tensors = [t for w in weights for t in w.tensors().values()]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == 1
+    starts = sorted(t.data_ptr() for t in tensors)
+    assert starts[0] % quant.ARENA_ALIGN == 0 and all(p % 64 == 0 for p in starts)
+    assert all(t.is_contiguous() for t in tensors)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gathered = model(ids).logits
+        for w in weights:
+            for name, t in w.tensors().items():
+                setattr(w, name, t.clone())
+        assert torch.equal(model(ids).logits, gathered)
+
+
 def test_quantized_checkpoint_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
