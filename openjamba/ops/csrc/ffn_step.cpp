@@ -38,6 +38,8 @@ struct Group {
   std::vector<int64_t> slots;  // row * top_k + k
 };
 
+constexpr int64_t ROUTE_CHAINS = 8;
+
 // Routing of every row: probabilities in fp32 as the model computes them (correctly rounded from a double
 // softmax), the top_k kept in descending order. MLP: one expert, weight 1.
 template <typename T>
@@ -54,11 +56,14 @@ void route(const FfnStepArgs& a, int64_t K, std::vector<int64_t>& index, std::ve
       continue;
     }
     const T* xr = x + r * a.x_stride;
-    for (int64_t e = 0; e < E; ++e) {
-      const T* we = rw + e * H;
-      T s = T(0);
-      for (int64_t i = 0; i < H; ++i) s += we[i] * xr[i];
-      logits[e] = static_cast<float>(s);
+    // Each logit one sum in order over i; up to ROUTE_CHAINS experts side by side, so that their sums overlap
+    // instead of each waiting on its own previous add (same order per sum, so the same bits).
+    for (int64_t e0 = 0; e0 < E; e0 += ROUTE_CHAINS) {
+      const int64_t n = std::min<int64_t>(ROUTE_CHAINS, E - e0);
+      T s[ROUTE_CHAINS] = {};
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t e = 0; e < n; ++e) s[e] += rw[(e0 + e) * H + i] * xr[i];
+      for (int64_t e = 0; e < n; ++e) logits[e0 + e] = static_cast<float>(s[e]);
     }
     const double top = *std::max_element(logits.begin(), logits.end());
     double sum = 0.0;
