@@ -372,8 +372,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Ten
 # Decoding: matrix-vector products and the Mamba step (references in ops/decode.py).
 
 LINEAR_MIN_WEIGHTS = 1 << 14  # smaller matrices (a router, x_proj) stay with F.linear: its call costs less
-LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more;
-#                                the one-call layer steps apply it as quant_linear.h LINEAR_SERIAL_BELOW)
+LINEAR_SERIAL_BELOW = 1 << 18  # rows x weights below which one thread runs the product (waking another costs more)
 QUANT_K_MULTIPLE = 32  # the quantized products take weights with a multiple of this many inputs (quant_linear.cpp)
 _FLOATS = (torch.float32, torch.float64)
 
@@ -568,8 +567,7 @@ def _weight(weight) -> Weight | None:
         return None if operands is None else Weight(*operands)
     if (not _plain_rows(torch.float32, weight) or weight.dim() != 2 or weight.numel() < LINEAR_MIN_WEIGHTS):
         return None
-    # fp32: the most threads; product() takes one where the rows of a step times the weights are few.
-    return Weight(0, 0, torch.get_num_threads(), weight.data_ptr(), None, None)
+    return Weight(0, 0, product_threads(weight.numel()), weight.data_ptr(), None, None)
 
 
 def _shape(weight) -> tuple[int, int]:

@@ -35,6 +35,18 @@ def _ffn_binding(hidden: int, ffn: tuple) -> tuple[FfnArgs, int] | None:
     return None if args is None else (FfnArgs(0, args, MlpStepArgs()), 0)
 
 
+def _plain_projections(names: tuple[str, ...], weights: tuple) -> tuple[tuple[str, int], ...]:
+    """(field, weights) of each fp32 projection, whose thread count `_set_threads` sets per call."""
+    return tuple((name, w.numel()) for name, w in zip(names, weights) if isinstance(w, torch.Tensor))
+
+
+def _set_threads(args, projections: tuple[tuple[str, int], ...], rows: int) -> None:
+    """Each fp32 projection's threads for this call's rows, as `ops.linear` picks them (rows x weights): binding
+    cannot know the rows, and a 256 x 512 matrix is one thread's work for one row but not for a batch of 16."""
+    for name, weights in projections:
+        getattr(args, name).threads = kernels.product_threads(rows * weights)
+
+
 def _kept_tensors(tensors: tuple, weights: tuple) -> tuple:
     """The tensors a bound step's pointers point into: `tensors` and the quantized weights' buffers."""
     return (*tensors, *(t for w in weights if not isinstance(w, (torch.Tensor, int))
@@ -62,6 +74,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
     bound = MambaLayerArgs(0, hidden, inner, in_norm[1], ff_norm[1], *projections, None, in_norm[0].data_ptr(),
                            ff_norm[0].data_ptr(), None, None, MambaStepArgs(*fields), ffn_binding[0])
     weights = (in_proj, out_proj, *ffn[1:])
+    projections = _plain_projections(("in_proj", "out_proj"), (in_proj, out_proj))
     # The parameters also for the autograd check.
     parameters = (in_norm[0], ff_norm[0], *(t for t in params if isinstance(t, torch.Tensor)), *params[3],
                   *(w for w in weights if isinstance(w, torch.Tensor)))
@@ -78,6 +91,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
         scratch = torch.empty(rows * per_row)
         args = MambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
         args.rows, args.x, args.out, args.scratch = rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr()
+        _set_threads(args, projections, rows)
         mamba = args.mamba  # a view into args
         mamba.threads, mamba.window, mamba.h = kernels._threads(rows * step_work), window.data_ptr(), ssm.data_ptr()
         run(ctypes.byref(args))
@@ -106,6 +120,7 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
                                in_norm[0].data_ptr(), ff_norm[0].data_ptr(), None, None,
                                AttendArgs(block=kernels.ATTEND_BLOCK), ffn_binding[0])
     parameters = (in_norm[0], ff_norm[0], *(w for w in (*projections, *ffn[1:]) if isinstance(w, torch.Tensor)))
+    plain = _plain_projections(("q_proj", "k_proj", "v_proj", "o_proj"), projections)
     run = cpu_build.library().attention_layer_step
 
     @kernels.eager_under_compile
@@ -128,6 +143,7 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
         args = AttentionLayerArgs.from_buffer_copy(bound)
         args.rows, args.position, args.x, args.out = rows, position, x.data_ptr(), out.data_ptr()
         args.scratch = scratch.data_ptr()
+        _set_threads(args, plain, rows)
         attend = args.attend  # a view into args
         attend.threads = kernels._threads(heads * keys * head_dim)
         attend.k_batch_stride, attend.k_head_stride, attend.k_token_stride = k_cache.stride()[:3]

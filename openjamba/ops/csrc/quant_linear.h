@@ -31,25 +31,18 @@ inline void quantized_product(int64_t bits, int64_t group, int64_t threads, cons
 
 // One weight matrix as the fused steps read it, in any of the model's formats: bits 0, a plain fp32 (out, in)
 // matrix at q (scales, zeros unused); 8 or 4, a quantized weight (quantized_product's operands). threads: its
-// product's own thread count (fp32: the most it may take, see `product`).
+// product's own thread count (the one-call layer steps set an fp32 weight's for each call's rows).
 struct Weight {
   int64_t bits, group, threads;
   const void *q, *scales, *zeros;
 };
 
-// Rows x weights below which an fp32 product runs on one thread (waking another costs more): the op-by-op path's
-// rule (ops/cpu_kernels.py LINEAR_SERIAL_BELOW).
-constexpr int64_t LINEAR_SERIAL_BELOW = 1 << 18;
-
 // y = x W^T for `rows` rows of x, by the product the weight's format takes in the op-by-op path (linear.cpp's for
-// fp32, quant_linear.cpp's otherwise), so a fused step gives the bits of its parts. An fp32 weight's `threads` is
-// the most it may take: a product of fewer than LINEAR_SERIAL_BELOW rows x weights (one row of a small matrix) runs
-// on one, a serving batch's rows of the same matrix on all.
+// fp32, quant_linear.cpp's otherwise), so a fused step gives the bits of its parts.
 inline void product(const Weight& w, const float* x, float* y, int64_t rows, int64_t in, int64_t out,
                     int64_t x_stride, int64_t y_stride) {
   if (w.bits == 0)
-    linear_f32(x, w.q, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, 0,
-               rows * in * out < LINEAR_SERIAL_BELOW ? 1 : w.threads);
+    linear_f32(x, w.q, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, 0, w.threads);
   else
     quantized_product(w.bits, w.group, w.threads, w.q, w.scales, w.zeros, x, y, rows, in, out, x_stride, y_stride);
 }
