@@ -80,10 +80,21 @@ inline void channel_range(int64_t channels, int64_t n, int64_t i, int64_t& c0, i
   c1 = std::min(channels, blocks * (i + 1) / n * W);
 }
 
-// The state update of row b over channels [c0, c0 + w), w <= W, given A * exp_scale (As) for those channels,
-// prepared once per call and shared by every row, and dt_proj's product already in the row's scratch. Each
-// channel's arithmetic is the same whatever the block, the row count or the thread count (batch invariance).
-template <typename T>
+// A's factor in the state update, A * exp_scale: prepared (SCALED: the argument is already that product) or taken
+// where it is used (the same product, so the same bits).
+template <typename T, bool SCALED>
+inline T scaled_rate(T a) {
+  if constexpr (SCALED)
+    return a;
+  else
+    return a * Math<T>::exp_scale;
+}
+
+// The state update of row b over channels [c0, c0 + w), w <= W, given As for those channels (SCALED: A * exp_scale,
+// prepared once per call and shared by every row; else A itself, for one row, where preparing it was a pass of its
+// own over A, written and read back) and dt_proj's product already in the row's scratch. Each channel's arithmetic
+// is the same whatever the block, the row count or the thread count (batch invariance).
+template <typename T, bool SCALED>
 void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
   const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
@@ -119,7 +130,7 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
       alignas(64) T p[L];
 #pragma omp simd
       for (int i = 0; i < L; ++i) {
-        const T hn = Math<T>::exp_scaled(dtj * aj[i]) * hc[i] + du * Bv[i];
+        const T hn = Math<T>::exp_scaled(dtj * scaled_rate<T, SCALED>(aj[i])) * hc[i] + du * Bv[i];
         hc[i] = hn;
         p[i] = Cv[i] * hn;
       }
@@ -138,13 +149,13 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 #pragma omp simd
         for (int i = 0; i < L; ++i) {
           const int64_t n = n0 + i;
-          const T hn = Math<T>::exp_scaled(dtj * aj[n]) * hc[n] + du * Bv[n];
+          const T hn = Math<T>::exp_scaled(dtj * scaled_rate<T, SCALED>(aj[n])) * hc[n] + du * Bv[n];
           hc[n] = hn;
           part[i] += Cv[n] * hn;
         }
       T acc = tree_sum(part);
       for (int64_t n = n0; n < N; ++n) {
-        const T hn = Math<T>::exp_scaled(dtj * aj[n]) * hc[n] + du * Bv[n];
+        const T hn = Math<T>::exp_scaled(dtj * scaled_rate<T, SCALED>(aj[n])) * hc[n] + du * Bv[n];
         hc[n] = hn;
         acc += Cv[n] * hn;
       }
@@ -161,43 +172,53 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
 // Per row, scratch holds x_proj's output (dt, B, C: P values), then the conv's output u, then dt_proj's output
 // (channels each).
 
-// 1. conv over the window and the new input, then silu, vectorised over channels: the taps transposed once per
-// call (wt: (K, channels of the item)), then each row tap by tap (per channel: the bias, then the taps in order);
-// the window moves on.
+// The conv of row b over channels [c0, c1), given the taps: channel c's tap k at taps[c * KC + k] (KC > 0: the
+// weight as it lies, KC taps per channel, a constant stride the compiler vectorises) or at taps[k * n + c] (KC 0:
+// transposed); per channel the bias, then the taps in order, then silu; the row's window moves on.
+template <typename T, int KC>
+void conv_row(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t c1, const T* taps, int64_t n) {
+  const int64_t D_ = a.channels, K = KC ? KC : a.kernel, P = a.rank + 2 * a.state;
+  const T* conv_bias = static_cast<const T*>(a.conv_bias);
+  const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride + c0;
+  T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
+  T* u = static_cast<T*>(a.scratch) + b * (P + 3 * D_) + P + c0;
+  const int64_t tap_stride = KC ? KC : 1, k_stride = KC ? 1 : n;  // tap k of channel c: k k_stride + c tap_stride
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) u[c] = conv_bias ? conv_bias[c0 + c] : T(0);
+  for (int64_t k = 0; k < K - 1; ++k) {
+    const T* win = window + k * D_ + c0;
+    const T* tk = taps + k * k_stride;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) u[c] += tk[c * tap_stride] * win[c];
+  }
+  const T* tl = taps + (K - 1) * k_stride;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) u[c] = silu(u[c] + tl[c * tap_stride] * xz[c]);
+  for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
+                                                    window + k * D_ + c0);
+  if (K > 1) std::copy(xz, xz + n, window + (K - 2) * D_ + c0);
+}
+
+// 1. conv over the window and the new input, then silu, vectorised over channels (conv_row): for several rows the
+// taps transposed once per call (wt: (K, channels of the item)), then each row tap by tap.
 template <typename T>
 void conv_phase(const MambaStepArgs& a) {
-  const int64_t D_ = a.channels, K = a.kernel, P = a.rank + 2 * a.state, items = a.threads;
+  const int64_t D_ = a.channels, K = a.kernel, items = a.threads;
   const T* conv_w = static_cast<const T*>(a.conv_w);
-  const T* conv_bias = static_cast<const T*>(a.conv_bias);
-  T* scratch = static_cast<T*>(a.scratch);
   std::vector<T> wt;
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
     channel_range(D_, items, i, c0, c1);
     const int64_t n = c1 - c0;
+    if (a.batch == 1 && K == 4) {  // one row: the taps read where they lie (transposing them cost as much as the conv)
+      conv_row<T, 4>(a, 0, c0, c1, conv_w + c0 * K, n);
+      continue;
+    }
     wt.resize(K * n);
     for (int64_t c = 0; c < n; ++c)
       for (int64_t k = 0; k < K; ++k) wt[k * n + c] = conv_w[(c0 + c) * K + k];
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride + c0;
-      T* window = static_cast<T*>(a.window) + b * (K - 1) * D_;
-      T* u = scratch + b * (P + 3 * D_) + P + c0;
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) u[c] = conv_bias ? conv_bias[c0 + c] : T(0);
-      for (int64_t k = 0; k < K - 1; ++k) {
-        const T* wk = wt.data() + k * n;
-        const T* win = window + k * D_ + c0;
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) u[c] += wk[c] * win[c];
-      }
-      const T* w_last = wt.data() + (K - 1) * n;
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) u[c] = silu(u[c] + w_last[c] * xz[c]);
-      for (int64_t k = 0; k + 1 < K - 1; ++k) std::copy(window + (k + 1) * D_ + c0, window + (k + 1) * D_ + c1,
-                                                        window + k * D_ + c0);
-      if (K > 1) std::copy(xz, xz + n, window + (K - 2) * D_ + c0);
-    }
+    for (int64_t b = 0; b < a.batch; ++b) conv_row<T, 0>(a, b, c0, c1, wt.data(), n);
   }
 }
 
@@ -231,10 +252,10 @@ void norm_phase(const MambaStepArgs& a) {
   }
 }
 
-// 4. for the thread's channels: A * exp_scale once; (plain weights) dt_proj's product of every row
-// for those channels, each weight row read once for all rows (tiles.h's matrix_rows: a row's sums in the same order
-// whatever the rows beside it); then row by row (each row's state read in order), softplus, state update, skip
-// connection and gate.
+// 4. for the thread's channels: (plain weights) dt_proj's product of every row for those channels, each weight row
+// read once for all rows (tiles.h's matrix_rows: a row's sums in the same order whatever the rows beside it); for
+// several rows A * exp_scale once (one row scales A as it reads it); then row by row (each row's state read in
+// order), softplus, state update, skip connection and gate.
 template <typename T>
 void update_phase(const MambaStepArgs& a) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N, items = a.threads;
@@ -248,15 +269,20 @@ void update_phase(const MambaStepArgs& a) {
   for (int64_t i = 0; i < items; ++i) {
     int64_t c0, c1;
     channel_range(D_, items, i, c0, c1);
-    As.resize((c1 - c0) * N);
-#pragma omp simd
-    for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = A[c0 * N + e] * Math<T>::exp_scale;
     if (dtw)
       matrix_rows<T>(dtw, R, c0, c1, dt_low.data(), a.batch,
                      [&](int64_t b, int64_t j, T v) { scratch[b * (P + 3 * D_) + P + D_ + j] = v; });
+    if (a.batch == 1) {
+      for (int64_t cb = c0; cb < c1; cb += W)
+        update_block<T, false>(a, 0, cb, std::min<int64_t>(W, c1 - cb), A + cb * N);
+      continue;
+    }
+    As.resize((c1 - c0) * N);
+#pragma omp simd
+    for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = A[c0 * N + e] * Math<T>::exp_scale;
     for (int64_t b = 0; b < a.batch; ++b)
       for (int64_t cb = c0; cb < c1; cb += W)
-        update_block<T>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
+        update_block<T, true>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
   }
 }
 
