@@ -1,11 +1,15 @@
 """The OpenAI-compatible HTTP API over one `Engine`: routes, validation, errors, SSE streaming, metrics.
 
 Every request becomes one engine request per choice (prompt x n). The engine thread reports tokens through
-`on_event`; each HTTP request owns an asyncio queue that those callbacks feed (`call_soon_threadsafe`), so the
-event loop never blocks on the model. Text is decoded incrementally here, where stop strings are matched: a stop
-string found in the decoded text ends the choice and cancels its engine request, and streamed text holds back
-any tail that could still become a stop string. A client that goes away (a closed stream, or a dropped
-connection while a non-streaming request waits) has its engine requests cancelled, which frees their rows.
+`on_event`; each HTTP request owns an asyncio queue that those callbacks feed, so the event loop never blocks on
+the model. The callbacks only buffer their events (`EventRelay`); after each engine step the buffered events are
+handed to the event loop with one `call_soon_threadsafe`, so 16 streams wake the loop once per step, not 16 times
+(each wake-up is a write to the loop's pipe, and on a two-core machine every one of them competes with the model's
+compute threads for a core and with the engine's thread for the GIL). Text is decoded incrementally here, where
+stop strings are matched: a stop string found in the decoded text ends the choice and cancels its engine request,
+and streamed text holds back any tail that could still become a stop string. A client that goes away (a closed
+stream, or a dropped connection while a non-streaming request waits) has its engine requests cancelled, which frees
+their rows.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,21 +126,54 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------- the bridge to the engine
+class EventRelay:
+    """Carries engine events from the engine thread to the event loops of their HTTP requests, one wake-up of a loop
+    per engine step: `post` buffers, and the engine's step listener (`Engine.add_step_listener`) schedules one
+    `_deliver` per loop with something buffered. With an engine without step listeners every event is scheduled at
+    once."""
+
+    def __init__(self, engine) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        self._per_step = hasattr(engine, "add_step_listener")
+        if self._per_step:
+            engine.add_step_listener(self.flush)
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event) -> None:  # on the engine thread
+        with self._lock:
+            self._pending.setdefault(loop, []).append((queue, event))
+        if not self._per_step:
+            self.flush()
+
+    def flush(self) -> None:
+        """Schedule the delivery of everything buffered (on the engine thread, after a step)."""
+        with self._lock:
+            loops, self._pending = list(self._pending.items()), {}
+        for loop, events in loops:
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the event loop has closed (server shutting down)
+                pass
+
+
+def _deliver(events: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)
+
+
 class Submission:
     """The engine requests of one HTTP request, with the queue their events arrive on."""
 
-    def __init__(self, engine, choices: list[Choice]) -> None:
+    def __init__(self, engine, relay: EventRelay, choices: list[Choice]) -> None:
         self.engine = engine
+        self.relay = relay
         self.choices = choices
         self.by_id: dict[Any, Choice] = {}
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def _on_event(self, event) -> None:  # called on the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop has closed (server shutting down)
-            pass
+        self.relay.post(self.loop, self.queue, event)
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], keep_states_at: list[int] = ()) -> None:
         """Submit every choice; `keep_states_at`: prompt positions whose state the engine should keep."""
@@ -161,15 +199,19 @@ class Submission:
                 choice.ended = True
 
     async def events(self, request: Request | None) -> AsyncIterator[tuple[Choice, str, bool]]:
-        """(choice, new text, choice ended) as tokens arrive; polls for a client disconnect when `request`."""
+        """(choice, new text, choice ended) as tokens arrive; polls for a client disconnect when `request` (a
+        streaming response learns of it from its ASGI server instead)."""
         open_ids = set(self.by_id)
         while open_ids:
-            try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                if request is not None and await request.is_disconnected():
-                    raise ConnectionAbortedError("client disconnected") from None
-                continue
+            if request is None or not self.queue.empty():
+                event = await self.queue.get()
+            else:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    if await request.is_disconnected():
+                        raise ConnectionAbortedError("client disconnected") from None
+                    continue
             choice = self.by_id.get(event.request_id)
             if choice is None or event.request_id not in open_ids:
                 continue
@@ -214,6 +256,7 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
 
     app = FastAPI(title="openjamba", docs_url=None, redoc_url=None, openapi_url=None)
     created = p.now()
+    relay = EventRelay(engine)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception):
@@ -247,7 +290,7 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
         check_key(request, config)
         return {"object": "list", "data": [p.model_card(config.model_name, created)]}
 
-    add_routes(app, engine, tokenizer, config, chat)
+    add_routes(app, engine, relay, tokenizer, config, chat)
     return app
 
 

@@ -18,8 +18,10 @@ Each iteration of the loop
      own parameters and generator, and retires the rows that finished.
 
 Events go to each request's `on_event` callback, called from the engine thread: a `TokenEvent` per generated
-token (a finishing stop token included), then one `FinishEvent`. A failure inside a step finishes the requests it
-touched with reason "error" and the loop goes on.
+token (a finishing stop token included), then one `FinishEvent`. After each iteration's events the loop calls the
+step listeners (`add_step_listener`), so a consumer that buffers events (the HTTP server's event loop) can wake
+once per step rather than once per token. A failure inside a step finishes the requests it touched with reason
+"error" and the loop goes on.
 
 The loop runs on a thread of its own with `threads` intra-op threads. With torch's OpenMP backend (libgomp) every
 thread that runs multi-threaded ops keeps a pool of worker threads for as long as it lives, and once the pools of a
@@ -217,6 +219,7 @@ class Engine:
         self._next_id = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._step_listeners: list[Callable[[], None]] = []
         # Owned by the engine thread:
         self._prefilling: list[_Request] = []
         self._running: list[_Request] = []  # row i of self._batch is self._running[i]
@@ -246,6 +249,7 @@ class Engine:
             self._thread = None
         else:
             self._shutdown()
+            self._after_step()
 
     def __enter__(self) -> Engine:
         self.start()
@@ -301,6 +305,12 @@ class Engine:
         finally:
             if not finished:
                 self.cancel(request_id)
+
+    def add_step_listener(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` on the engine thread after each iteration of the loop, once its events have been sent
+        (and once after the last events when the engine stops): the HTTP server buffers the events of a step and
+        wakes its event loop once for all of them. Exceptions from it are ignored."""
+        self._step_listeners.append(callback)
 
     def stats(self) -> dict:
         """Gauges and counters (read without stopping the loop: each value is current, not all at one instant)."""
@@ -395,7 +405,16 @@ class Engine:
                     requests = self._prefilling + self._running + [r for rs, _ in self._joining for r in rs]
                     self._prefilling, self._running, self._joining, self._batch = [], [], [], None
                     self._fail(requests, err)
+                self._after_step()
             self._shutdown()
+            self._after_step()
+
+    def _after_step(self) -> None:
+        for callback in self._step_listeners:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+                pass
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._joining or self._cancels)

@@ -9,10 +9,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import protocol as p
-from .api import Choice, ServerConfig, Submission, check_key, error_response, sampling_params, streaming_response
+from .api import (
+    Choice,
+    EventRelay,
+    ServerConfig,
+    Submission,
+    check_key,
+    error_response,
+    sampling_params,
+    streaming_response,
+)
 
 
-def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> None:
+def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: ServerConfig, chat) -> None:
     hidden = frozenset(getattr(tokenizer, "eos_token_ids", None) or [])
 
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
@@ -60,7 +69,7 @@ def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> N
 
         choices = [Choice(i * req.n + j, i, decode, req.stop, hidden)
                    for i in range(len(prompts)) for j in range(req.n)]
-        submission = Submission(engine, choices)
+        submission = Submission(engine, relay, choices)
         submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs) for c in choices])
         rid, created = p.new_id("cmpl"), p.now()
         echoes = [tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
@@ -124,7 +133,7 @@ def add_routes(app: FastAPI, engine, tokenizer, config: ServerConfig, chat) -> N
             return tokenizer.decode(ids, skip_special_tokens=False)
 
         choices = [Choice(j, 0, decode, req.stop, hidden) for j in range(req.n)]
-        submission = Submission(engine, choices)
+        submission = Submission(engine, relay, choices)
         count = req.logprob_count()
         submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices],
                           chat.system_prefix(messages, ids))
