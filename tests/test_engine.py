@@ -308,6 +308,13 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
         elif kind == "token" and value == ids[0]:
             prefill_since_token = 0
     assert sum(v for k, v in order[start:end] if k == "prefill") == len(long_prompt)  # 8 chunks, interleaved
+    iterations = engine.iterations()  # the engine's own log agrees: at most one budget of prompt tokens a step
+    assert all(i.prefill_tokens <= chunk for i in iterations)
+    assert sum(i.prefill_tokens for i in iterations) == len(long_prompt) + sum(map(len, short))
+    assert all(i.start <= i.end and i.prefill_s >= 0 and i.decode_s >= 0 for i in iterations)
+    stats = engine.stats()["histograms"]
+    assert stats["prefill_seconds"]["count"] == sum(1 for i in iterations if i.prefill_tokens)
+    assert stats["decode_step_seconds"]["count"] == sum(1 for i in iterations if i.rows)
 
 
 def test_a_prefilled_row_joins_the_batch_in_the_iteration_after_its_last_chunk(model, monkeypatch):

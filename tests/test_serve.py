@@ -92,6 +92,9 @@ def test_models_health_metrics(server, client):
     generated = next(float(line.split()[1]) for line in text.splitlines()
                      if line.startswith("openjamba_generation_tokens_total "))
     assert generated >= 2
+    steps = next(float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("openjamba_engine_decode_step_seconds_count "))
+    assert steps >= 1 and 'openjamba_engine_decode_step_seconds_bucket{le="+Inf"} ' in text
 
 
 def test_completion_equals_generate(model, tokenizer, client):

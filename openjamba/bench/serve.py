@@ -13,7 +13,11 @@ Three measurements, all in one run so their ratios compare like with like:
   prompt prefilled alone in those chunks on a thread like the engine's, the slowest chunk of a pass, median of 3
   (after an untimed pass).
   The engine first prefills one prompt of that length, so both are measured in a warm process (as a server that
-  has run a while).
+  has run a while). Each gap is also attributed with the engine's own iteration log (`Engine.iterations`): the
+  iteration that ends a gap ran some prefill (how many tokens, how long) and one decode step, and whatever else the
+  gap holds is the engine's own overhead ("other"); so the report shows whether a gap over the bound came from a
+  chunk that ran longer inside the engine than alone (another process taking a core for a while, say) or from
+  the engine doing more than one chunk and one step.
 
 Every engine computes on its own thread with `threads` intra-op threads, and so does the alone timing; the
 caller's thread should hold one intra-op thread (`openjamba bench-serve` does): see serve/engine.py on OpenMP pools.
@@ -178,7 +182,11 @@ def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, pr
         for r in decoding:
             engine.cancel(r.request_id)
         wait(decoding)
-    during = [b - a for r in decoding for a, b in zip(r.tokens, r.tokens[1:]) if b > arrive and a < joined]
+        iterations = engine.iterations()
+    pairs = [(a, b) for r in decoding for a, b in zip(r.tokens, r.tokens[1:]) if b > arrive and a < joined]
+    during = [b - a for a, b in pairs]
+    parts = [_attribute(a, b, iterations) for a, b in pairs]
+    worst_parts = parts[during.index(max(during))]
     step_s = statistics.median(before)
     passes = on_fresh_thread(lambda: _chunk_times(model, prompt, chunk), threads)
     slowest = [max(p) for p in passes]
@@ -190,7 +198,23 @@ def bench_interference(model, tokens: Tokens, long_prompt: int, streams: int, pr
                 prefill_s=long.tokens[0] - arrive, step_ms=1e3 * step_s, chunk_ms=1e3 * chunk_s,
                 bound_ms=1e3 * (step_s + chunk_s), worst_gap_ms=1e3 * worst,
                 median_gap_during_prefill_ms=1e3 * statistics.median(during),
-                gaps_during_prefill=len(during), within_bound=worst <= step_s + chunk_s)
+                gaps_during_prefill=len(during), within_bound=worst <= step_s + chunk_s,
+                worst_gap_parts_ms=worst_parts,
+                max_prefill_tokens_in_a_gap=max(p["prefill_tokens"] for p in parts),
+                max_other_ms=max(p["other"] for p in parts),
+                in_engine_chunks_ms=[round(1e3 * i.prefill_s, 1) for i in iterations
+                                     if i.prefill_tokens and arrive < i.start < joined])
+
+
+def _attribute(a: float, b: float, iterations) -> dict:
+    """The parts of a gap between two tokens of a stream sent at `a` and `b` (perf_counter seconds): the prefill
+    and the decode step of the iteration that sent `b`, in ms, and the rest of the gap ("other")."""
+    it = next((i for i in iterations if i.start <= b <= i.end), None)
+    if it is None:  # not in the log (it keeps the last ITERATIONS_KEPT)
+        return dict(prefill=float("nan"), prefill_tokens=0, step=float("nan"), other=float("nan"))
+    step = b - (it.end - it.decode_s)  # the decode step up to the event: its tokens are sent in row order
+    return dict(prefill=round(1e3 * it.prefill_s, 2), prefill_tokens=it.prefill_tokens, step=round(1e3 * step, 2),
+                other=round(1e3 * (b - a - it.prefill_s - step), 2))
 
 
 @torch.inference_mode()
@@ -287,6 +311,13 @@ def format_serve_report(report: dict) -> str:
                   f"in {i['prefill_s']:.2f} s; gaps meanwhile: median {i['median_gap_during_prefill_ms']:.0f} ms, "
                   f"worst {i['worst_gap_ms']:.0f} ms vs bound {i['bound_ms']:.0f} ms "
                   f"(one {i['chunk_tokens']}-token chunk {i['chunk_ms']:.0f} ms + one step {i['step_ms']:.0f} ms)"]
+        if "worst_gap_parts_ms" in i:
+            w = i["worst_gap_parts_ms"]
+            lines += [f"  the worst gap in the engine: a {w['prefill_tokens']}-token prefill {w['prefill']:.1f} ms + "
+                      f"the step {w['step']:.1f} ms + other {w['other']:.1f} ms; in every gap at most "
+                      f"{i['max_prefill_tokens_in_a_gap']} prompt tokens and at most {i['max_other_ms']:.1f} ms other; "
+                      f"chunks in the engine {', '.join(f'{c:.0f}' for c in i['in_engine_chunks_ms'])} ms, alone "
+                      f"{', '.join(f'{c:.0f}' for c in i['alone_chunks_ms'])} ms"]
     if report.get("targets"):
         lines.append("\ntargets:")
         for key, t in report["targets"].items():

@@ -304,6 +304,13 @@ METRICS = [  # (stats key, metric name, type, help)
 ]
 
 
+HISTOGRAM_HELP = {
+    "iteration_seconds": "One iteration of the engine loop: admission, prefill chunks and one decode step.",
+    "prefill_seconds": "The prefill work of an iteration that had some (at most one chunk's budget of tokens).",
+    "decode_step_seconds": "One decode step of the running batch, with sampling and its token events.",
+}
+
+
 def prometheus_text(stats: dict) -> str:
     """Prometheus exposition text: the engine's known counters with help, then any other numeric stat."""
     lines, done = [], set()
@@ -317,6 +324,11 @@ def prometheus_text(stats: dict) -> str:
                   f"{name}_sum {_num(stats['queue_time_seconds_sum'])}",
                   f"{name}_count {_num(stats['queue_time_seconds_count'])}"]
         done |= {"queue_time_seconds_sum", "queue_time_seconds_count"}
+    for key, histogram in sorted(stats.get("histograms", {}).items()):
+        name, text = "openjamba_engine_" + key, HISTOGRAM_HELP.get(key, key)
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{"+Inf" if math.isinf(le) else le}"}} {n}' for le, n in histogram["buckets"]]
+        lines += [f"{name}_sum {_num(histogram['sum'])}", f"{name}_count {_num(histogram['count'])}"]
     for key, value in sorted(stats.items()):
         if key in done or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

@@ -49,7 +49,9 @@ which changes where the prompt is split into chunks.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import itertools
 import platform
 import queue
 import secrets
@@ -146,6 +148,39 @@ class FinishEvent:
 Event = TokenEvent | FinishEvent
 
 
+class Histogram:
+    """Seconds observed, counted in Prometheus' cumulative buckets (`le`: at most that many seconds)."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict:
+        """{"buckets": [(le, cumulative count)...], "sum", "count"}, the last bucket's le inf."""
+        cumulative = list(itertools.accumulate(self.counts))
+        return dict(buckets=list(zip((*self.BOUNDS, float("inf")), cumulative)), sum=self.sum, count=cumulative[-1])
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What one iteration of the loop did and when (`time.perf_counter()` seconds): its prefill work (chunks of
+    prompts, `prefill_tokens` in all) and its decode step for `rows` rows, first tokens, sampling and events
+    included. The engine keeps the last `Engine.ITERATIONS_KEPT`: `Engine.iterations()`."""
+
+    start: float
+    prefill_s: float
+    prefill_tokens: int
+    decode_s: float
+    rows: int
+    end: float
+
+
 class EngineFull(Exception):
     """The waiting queue is full: try again after `retry_after` seconds (a server answers 429 with Retry-After)."""
 
@@ -174,6 +209,8 @@ class _Request:
 
 
 class Engine:
+    ITERATIONS_KEPT = 4096  # `iterations()`: about 20 s of 5 ms decode steps
+
     def __init__(
         self,
         model,
@@ -228,6 +265,10 @@ class Engine:
         self._counters = dict(generated_tokens_total=0, prompt_tokens_total=0, cached_prompt_tokens_total=0,
                               queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
                               requests_failed_total=0, steps_total=0, store_lookups_total=0, store_hits_total=0)
+        self._histograms = dict(iteration_seconds=Histogram(), prefill_seconds=Histogram(),
+                                decode_step_seconds=Histogram())
+        self._iterations: deque[Iteration] = deque(maxlen=self.ITERATIONS_KEPT)
+        self._prefilled_now = 0  # prompt tokens prefilled in the current iteration
         self._service_seconds = 1.0  # moving average of admission-to-finish time, for Retry-After
 
     # ------------------------------------------------------------------ lifecycle
@@ -319,7 +360,13 @@ class Engine:
         batch = self._batch
         return dict(running=len(self._running) + self._joining_count(), prefilling=len(self._prefilling),
                     waiting=waiting, **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
-                    store_max_bytes=self.store.max_bytes, batch_cache_bytes=batch.nbytes() if batch else 0)
+                    store_max_bytes=self.store.max_bytes, batch_cache_bytes=batch.nbytes() if batch else 0,
+                    histograms={name: h.snapshot() for name, h in self._histograms.items()})
+
+    def iterations(self) -> list[Iteration]:
+        """The last `ITERATIONS_KEPT` iterations of the loop, oldest first: where the time between two tokens of a
+        stream went (bench-serve's interference phase attributes its gaps with them)."""
+        return list(self._iterations)
 
     def export_state(self, tokens: list[int]) -> dict[str, torch.Tensor] | None:
         """The state exactly after `tokens` (safetensors-serialisable), or None if no stored state is a prefix of
@@ -396,11 +443,17 @@ class Engine:
                         break
                     cancels, self._cancels = self._cancels, set()
                 try:
+                    start = time.perf_counter()
                     self._apply_cancels(cancels)
                     self._admit()
                     self._join()
+                    before_prefill = time.perf_counter()
+                    self._prefilled_now = 0
                     self._prefill_some()
+                    before_decode = time.perf_counter()
+                    rows = len(self._running)
                     self._decode()
+                    self._timed(start, before_prefill, before_decode, rows)
                 except Exception as err:  # noqa: BLE001 - a failure outside a step: fail what is in flight, go on
                     requests = self._prefilling + self._running + [r for rs, _ in self._joining for r in rs]
                     self._prefilling, self._running, self._joining, self._batch = [], [], [], None
@@ -415,6 +468,17 @@ class Engine:
                 callback()
             except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
                 pass
+
+    def _timed(self, start: float, before_prefill: float, before_decode: float, rows: int) -> None:
+        """Record an iteration's times: the histograms of /metrics and the `iterations()` log."""
+        end = time.perf_counter()
+        prefill_s, decode_s = before_decode - before_prefill, end - before_decode
+        self._histograms["iteration_seconds"].observe(end - start)
+        if self._prefilled_now:
+            self._histograms["prefill_seconds"].observe(prefill_s)
+        if rows:
+            self._histograms["decode_step_seconds"].observe(decode_s)
+        self._iterations.append(Iteration(start, prefill_s, self._prefilled_now, decode_s, rows, end))
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running or self._joining or self._cancels)
@@ -516,6 +580,7 @@ class Engine:
                     ids = torch.tensor(request.prompt[request.prefilled:end], dtype=torch.long)[None]
                     cache = self._cache_of(request)
                     request.logits = prefill(self.model, ids, cache, chunk_size=end - request.prefilled)
+                    self._prefilled_now += end - request.prefilled
                     budget -= end - request.prefilled
                     request.prefilled, read = end, True
                     if end in request.keep_at:
@@ -561,6 +626,7 @@ class Engine:
             for request in group:
                 request.cache = request.resume = None
             logits = prefill(self.model, ids, cache, chunk_size=width, attention_mask=mask)
+            self._prefilled_now += width * len(group)
             for request in group:
                 request.prefilled = len(request.prompt)
             self._start_decoding(group, cache, logits, keep=True)
