@@ -119,11 +119,11 @@ class Tokenizer:
     def token_text(self, index: int) -> str:
         """The text one token adds after other text (a logprob's token string): " Paris" for "▁Paris", where
         `decode([index])` drops the space as the start of a text; a lone byte of a longer character is "�"."""
-        anchor = self._anchor()
+        anchor = self.anchor_token()
         head = self.backend.decode([anchor], skip_special_tokens=False)
         return self.backend.decode([anchor, int(index)], skip_special_tokens=False)[len(head):]
 
-    def _anchor(self) -> int:
+    def anchor_token(self) -> int:
         """A token that decodes to a plain letter, to decode others after it."""
         if not hasattr(self, "_anchor_id"):
             ids = self.backend.encode("a", add_special_tokens=False).ids

@@ -470,3 +470,40 @@ def test_bench_serve_smoke(model):
     assert set(report["targets"]) == {"chat_ttft_reuse", "interference_gap"}  # no 16-stream run here
     assert "targets:" in format_serve_report(report)
     json.dumps(report)
+
+
+# ---------------------------------------------------------------------- incremental decoding
+@pytest.mark.parametrize("kind", ["byte-level BPE", "jamba 1.6 sentencepiece", "jamba2 tokenizer.json"])
+def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_everything_again(kind, tmp_path):
+    """Choice decodes only the tokens since the last complete text (after an anchor token): the text streamed
+    equals what decoding all ids again for every token gives (random ids: byte fallback and skipped special tokens
+    included, where bytes that are no UTF-8 decode differently without context) and, for real text, its decode."""
+    from openjamba.serve.api import Choice
+
+    from .conftest import byte_level_tokenizer
+    from .serve_helpers import CORPUS
+    from .tokenizer_fixtures import write_jamba2, write_jamba16
+
+    if kind == "byte-level BPE":
+        tok = byte_level_tokenizer(CORPUS, vocab_size=400)
+    else:
+        tok = load_tokenizer((write_jamba16 if "1.6" in kind else write_jamba2)(tmp_path / "t"))
+    rng = random.Random(0)
+    for _ in range(60):
+        ids = [rng.randrange(tok.vocab_size) for _k in range(rng.randrange(1, 40))]
+        for skip in (True, False):
+            def decode(x, skip=skip):
+                return tok.decode(x, skip_special_tokens=skip)
+            choice = Choice(0, 0, decode, [], frozenset(), anchor=tok.anchor_token())
+            streamed = "".join(choice.add(TokenEvent(0, t, None, None)) for t in ids)
+            streamed += choice.finish(FinishEvent(0, "length", 1, len(ids), 0))
+            former, emitted = "", 0  # every token: all ids decoded again, the text sent unless it ends mid-character
+            for k in range(1, len(ids) + 1):
+                if not (full := decode(ids[:k])).endswith("\ufffd"):
+                    former, emitted = former + full[emitted:], len(full)
+            assert streamed == former + decode(ids)[emitted:], ids
+            assert choice.text == decode(ids)
+    for text in CORPUS[:4] + ["héllo wörld — 東京 ☃ 🎉 don't stop .  ,x", "a\n\nb  c"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        choice = Choice(0, 0, tok.decode, [], frozenset(), anchor=tok.anchor_token())
+        assert "".join(choice.add(TokenEvent(0, t, None, None)) for t in ids) == tok.decode(ids), text

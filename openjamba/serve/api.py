@@ -73,6 +73,9 @@ class Choice:
     ids: list[int] = field(default_factory=list)
     text: str = ""  # final text up to `emitted` (stop strings cut off)
     emitted: int = 0
+    anchor: int | None = None  # a token that decodes to a plain letter (`Tokenizer.anchor_token`); None: decode all
+    decoded: str = ""  # the text of ids[:read], built a few tokens at a time (`_decoded_after`)
+    read: int = 0
     finish_reason: str | None = None
     stopped_by_string: bool = False
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
@@ -89,8 +92,8 @@ class Choice:
         if event.token_id in self.hidden_ids:
             return ""
         self.ids.append(event.token_id)
-        full = self.decode(self.ids)
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        full = self._decoded_after()
+        if full is None:  # an incomplete multi-byte character: wait for the next token
             return ""
         for stop in self.stops:
             at = full.find(stop, max(0, self.emitted - len(stop) + 1))
@@ -107,6 +110,30 @@ class Choice:
             return ""
         self.finish_reason = {"length": "length", "error": "error"}.get(event.reason, "stop")
         return self._emit(self.decode(self.ids))
+
+    def _decoded_after(self) -> str | None:
+        """The text of all ids, None while it ends inside a multi-byte character. Decoding all ids again for every
+        token costs O(length) per token, so with an `anchor` token only the tokens since the last complete text
+        are decoded, after the anchor (a plain letter: so a tokenizer does not drop their leading space as the start
+        of a text, and a skipped special token among them cannot make another token the first). Where that is not
+        an extension of the anchor's text, or holds bytes that are no UTF-8 (they decode differently without their
+        context), all ids are decoded again."""
+        if self.anchor is None or not self.decoded:  # the text's first characters: as a text starts
+            full = self.decode(self.ids)
+            if full.endswith("\ufffd"):
+                return None
+            self.decoded, self.read = full, len(self.ids)
+            return full
+        head = self.decode([self.anchor])
+        window = self.decode([self.anchor] + self.ids[self.read:])
+        if window.endswith("\ufffd"):
+            return None
+        if "\ufffd" not in window and window.startswith(head):
+            self.decoded += window[len(head):]
+        else:
+            self.decoded = self.decode(self.ids)
+        self.read = len(self.ids)
+        return self.decoded
 
     def _emit(self, text: str) -> str:
         delta = text[self.emitted:]

@@ -25,6 +25,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
     hidden = frozenset(getattr(tokenizer, "eos_token_ids", None) or [])
 
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
+    anchor = tokenizer.anchor_token()  # new tokens are decoded after it, not with all before them (Choice)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
@@ -67,7 +68,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
-        choices = [Choice(i * req.n + j, i, decode, req.stop, hidden)
+        choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor)
                    for i in range(len(prompts)) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs) for c in choices])
@@ -132,7 +133,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=False)
 
-        choices = [Choice(j, 0, decode, req.stop, hidden) for j in range(req.n)]
+        choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
         submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices],
