@@ -381,11 +381,19 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@functools.cache
 def product_threads(work: int) -> int:
     """Threads for a product of `work` multiply-adds per weight pass (rows x weights, or one matrix's weights):
-    one below LINEAR_SERIAL_BELOW, where waking another thread costs more than it saves; else all."""
-    return 1 if work < LINEAR_SERIAL_BELOW else torch.get_num_threads()
+    one below LINEAR_SERIAL_BELOW, where waking another thread costs more than it saves; else all (torch's thread
+    count now: a cache by `work` alone kept the count of the first call after `torch.set_num_threads`)."""
+    return _product_threads(work, torch.get_num_threads())
+
+
+@functools.cache
+def _product_threads(work: int, threads: int) -> int:
+    return 1 if work < LINEAR_SERIAL_BELOW else threads
+
+
+product_threads.cache_clear = _product_threads.cache_clear  # after changing LINEAR_SERIAL_BELOW (tests)
 
 
 def _plain_fn(name: str, dtype: torch.dtype):
