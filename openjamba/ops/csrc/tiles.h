@@ -65,9 +65,9 @@ inline void lane_sums_of(const typename Vec<T>::type* v, T* sums) {
 
 // emit(m, js[r], w_js[r] . x_m) for r < nr <= R weight rows (row length n) and M rows of x. Each sum is one chain
 // of vector multiply-adds over k, then its lanes in a fixed tree (lane_sums), then the scalar tail: the same whatever R, M, nr.
-template <typename T, int R, int M, bool Ahead = false, typename Emit>
+template <typename T, int R, int M, typename Emit>
 inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit,
-                 const T* const* ahead = nullptr) {
+                 const T* const* ahead) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[R][M] = {};
@@ -79,10 +79,9 @@ inline void tile(const T* const* x, const T* w, int64_t n, const int64_t* js, in
     // Each vector loaded once and held in a register (keep_in_register): otherwise GCC folds the loads of w or of x
     // into every multiply-add that uses them, and the loop becomes load-bound (20 loads for 16 multiply-adds in a
     // 4 x 4 tile).
-    // Ahead: lines further on (a later tile's rows, or further along the same rows), one per row and step, into L2
+    // ahead: lines further on (a later tile's rows, or further along the same rows), one per row and step, into L2
     // (prefetcht1).
-    if constexpr (Ahead)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(ahead[r] + k, 0, 2);
+    for (int r = 0; r < R; ++r) __builtin_prefetch(ahead[r] + k, 0, 2);
     for (int r = 0; r < R; ++r) {
       V w_r = load(wr[r] + k);
       if constexpr (M > 1) keep_in_register(w_r);
@@ -123,14 +122,14 @@ constexpr int PREFETCH_TILES = 2;  // how far ahead the weight rows are prefetch
 constexpr int64_t PREFETCH_ONE_BYTES = 1024;
 
 // tile<T, TILE_W, m> for a run-time m in [1, M].
-template <typename T, bool Ahead, int M = TILE_X, typename Emit>
+template <typename T, int M = TILE_X, typename Emit>
 inline void tile_m(int m, const T* const* x, const T* w, int64_t n, const int64_t* js, int nr, Emit& emit,
                    const T* const* ahead) {
   if constexpr (M == 1) {
-    tile<T, TILE_W, 1, Ahead>(x, w, n, js, nr, emit, ahead);
+    tile<T, TILE_W, 1>(x, w, n, js, nr, emit, ahead);
   } else {
-    if (m == M) return tile<T, TILE_W, M, Ahead>(x, w, n, js, nr, emit, ahead);
-    tile_m<T, Ahead, M - 1>(m, x, w, n, js, nr, emit, ahead);
+    if (m == M) return tile<T, TILE_W, M>(x, w, n, js, nr, emit, ahead);
+    tile_m<T, M - 1>(m, x, w, n, js, nr, emit, ahead);
   }
 }
 
@@ -152,7 +151,7 @@ void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const T* const* 
       const int nr = tile_rows<R>(j0, j1, stretch, t, js);
       const T* ahead[R];
       for (int r = 0; r < R; ++r) ahead[r] = w + js[std::min(r, nr - 1)] * n + ahead_by;
-      tile<T, R, 1, true>(xs, w, n, js, nr, emit, ahead);
+      tile<T, R, 1>(xs, w, n, js, nr, emit, ahead);
     }
     return;
   }
@@ -161,9 +160,10 @@ void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const T* const* 
   for (int64_t t = 0; t < stretch; ++t) {
     int64_t js[TILE_W], far[TILE_W];
     const int nr = tile_rows<TILE_W>(j0, j1, stretch, t, js);
-    // The first group's pass also prefetches the rows of the tile PREFETCH_TILES ahead (its own near the end), a
-    // cache line of each row per step, into L2 rather than L1: 4 x 4 lines in flight per step would crowd out the
-    // tile's own loads (measured at 16 vectors: prefetching into L1 gains nothing, into L2 about 25%).
+    // Every group's pass also prefetches the rows of the tile PREFETCH_TILES ahead (its own near the end), a cache
+    // line of each row per step, into L2 rather than L1: 4 x 4 lines in flight per step would crowd out the tile's
+    // own loads (measured at 16 vectors: prefetching into L1 gains nothing, into L2 about 25%). Every pass, not the
+    // first alone, measured faster on weights streamed from memory (a repeat of a line in flight or in L2 is cheap).
     const int64_t t_far = t + PREFETCH_TILES;
     const int far_nr = t_far < stretch ? tile_rows<TILE_W>(j0, j1, stretch, t_far, far) : 0;
     const T* ahead[TILE_W];
@@ -171,10 +171,7 @@ void matrix_rows(const T* w, int64_t n, int64_t j0, int64_t j1, const T* const* 
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t s0 = count * g / groups, s1 = count * (g + 1) / groups;
       auto shifted = [&](int64_t m, int64_t j, T v) { emit(s0 + m, j, v); };
-      if (g == 0)
-        tile_m<T, true>(static_cast<int>(s1 - s0), xs + s0, w, n, js, nr, shifted, ahead);
-      else
-        tile_m<T, false>(static_cast<int>(s1 - s0), xs + s0, w, n, js, nr, shifted, ahead);
+      tile_m<T>(static_cast<int>(s1 - s0), xs + s0, w, n, js, nr, shifted, ahead);
     }
   }
 }
