@@ -16,6 +16,7 @@
 //   down_w: (hidden, inner) of expert 0, then every down_stride
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -38,36 +39,61 @@ struct Group {
   std::vector<int64_t> slots;  // row * top_k + k
 };
 
-constexpr int64_t ROUTE_CHAINS = 8;
+// s + a * b as one fused multiply-add where the hardware has one, as the compiler contracts the plain expression in
+// a scalar loop (spelled out because it does not contract the same expression once it vectorizes a loop).
+template <typename T>
+inline T mul_add(T a, T b, T s) {
+#if defined(__FP_FAST_FMAF) && defined(__FP_FAST_FMA)
+  return std::fma(a, b, s);
+#else
+  return s + a * b;
+#endif
+}
+
+constexpr int64_t ROUTE_ROWS = 4;    // rows whose logits are summed side by side
+constexpr int64_t ROUTE_EXPERTS = 4;  // experts per pass over those rows
+
+// logits[r * E + e] = router_w[e] . x_r for the NR rows from r0, each one sum in order over i. NR x ROUTE_EXPERTS
+// sums side by side, so that they overlap instead of each waiting on its own previous add (the order within each
+// sum is the same whatever NR, so the same bits).
+template <typename T, int64_t NR>
+void router_logits(const FfnStepArgs& a, int64_t r0, float* logits) {
+  const int64_t E = a.experts, H = a.hidden;
+  const T* rw = static_cast<const T*>(a.router_w);
+  const T* xr[NR];
+  for (int64_t r = 0; r < NR; ++r) xr[r] = static_cast<const T*>(a.x) + (r0 + r) * a.x_stride;
+  for (int64_t e0 = 0; e0 < E; e0 += ROUTE_EXPERTS) {
+    const T* we[ROUTE_EXPERTS];
+    for (int64_t e = 0; e < ROUTE_EXPERTS; ++e) we[e] = rw + std::min(e0 + e, E - 1) * H;  // a short pass repeats
+    T s[NR][ROUTE_EXPERTS] = {};
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t r = 0; r < NR; ++r)
+        for (int64_t e = 0; e < ROUTE_EXPERTS; ++e) s[r][e] = mul_add(we[e][i], xr[r][i], s[r][e]);
+    for (int64_t r = 0; r < NR; ++r)
+      for (int64_t e = 0; e < std::min(ROUTE_EXPERTS, E - e0); ++e)
+        logits[(r0 + r) * E + e0 + e] = static_cast<float>(s[r][e]);
+  }
+}
 
 // Routing of every row: probabilities in fp32 as the model computes them (correctly rounded from a double
 // softmax), the top_k kept in descending order. MLP: one expert, weight 1.
 template <typename T>
 void route(const FfnStepArgs& a, int64_t K, std::vector<int64_t>& index, std::vector<T>& weight) {
-  const int64_t E = a.experts, H = a.hidden;
-  const T* x = static_cast<const T*>(a.x);
-  const T* rw = static_cast<const T*>(a.router_w);
-  std::vector<float> logits(E);
+  const int64_t E = a.experts;
+  if (a.router_w == nullptr) {
+    for (int64_t r = 0; r < a.rows; ++r) index[r * K] = 0, weight[r * K] = T(1);
+    return;
+  }
+  std::vector<float> all_logits(a.rows * E);
+  int64_t r0 = 0;
+  for (; r0 + ROUTE_ROWS <= a.rows; r0 += ROUTE_ROWS) router_logits<T, ROUTE_ROWS>(a, r0, all_logits.data());
+  for (; r0 < a.rows; ++r0) router_logits<T, 1>(a, r0, all_logits.data());
   std::vector<int64_t> order(E);
+  std::vector<double> ex(E);
   for (int64_t r = 0; r < a.rows; ++r) {
-    if (rw == nullptr) {
-      index[r * K] = 0;
-      weight[r * K] = T(1);
-      continue;
-    }
-    const T* xr = x + r * a.x_stride;
-    // Each logit one sum in order over i; up to ROUTE_CHAINS experts side by side, so that their sums overlap
-    // instead of each waiting on its own previous add (same order per sum, so the same bits).
-    for (int64_t e0 = 0; e0 < E; e0 += ROUTE_CHAINS) {
-      const int64_t n = std::min<int64_t>(ROUTE_CHAINS, E - e0);
-      T s[ROUTE_CHAINS] = {};
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t e = 0; e < n; ++e) s[e] += rw[(e0 + e) * H + i] * xr[i];
-      for (int64_t e = 0; e < n; ++e) logits[e0 + e] = static_cast<float>(s[e]);
-    }
-    const double top = *std::max_element(logits.begin(), logits.end());
+    const float* logits = all_logits.data() + r * E;
+    const double top = *std::max_element(logits, logits + E);
     double sum = 0.0;
-    std::vector<double> ex(E);
     for (int64_t e = 0; e < E; ++e) sum += ex[e] = std::exp(static_cast<double>(logits[e]) - top);
     for (int64_t e = 0; e < E; ++e) order[e] = e;
     std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return logits[i] > logits[j]; });
