@@ -72,15 +72,15 @@ def test_activation_quantization_matches_the_kernel():
 def test_kernel_rows_independent_of_threads_and_rows():
     """Work items of about 1 MB (the last ones cut smaller when threaded) read as two or four streams: a matrix of
     several items with uneven stretches gives each output the same bits on 1 or 2 threads, alone or among other
-    rows of x."""
+    rows of x; so do short rows (a Mamba dt_proj's 160 inputs), which one row of x also takes four at a time."""
 
     lib = quant._cpu_library()
     if lib is None:
         pytest.skip("no compiled kernels")
     torch.manual_seed(0)
-    N, K = 1031, 1024  # 1 MB of int8: several items on 2 threads, stretches of unequal length
-    for method in quant.METHODS:
-        tensors = quant.quantize_weight(torch.randn(N, K), method, 128)
+    N = 1031  # K = 1024: 1 MB of int8, several items on 2 threads, stretches of unequal length
+    for method, K, group in [(m, K, g) for m in quant.METHODS for K, g in ((1024, 128), (160, 32))]:
+        tensors = quant.quantize_weight(torch.randn(N, K), method, group)
         q, s = tensors["qweight"], tensors["scales"]
         x = torch.randn(5, K)
         outs = []

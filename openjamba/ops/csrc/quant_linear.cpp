@@ -45,6 +45,7 @@ constexpr int X_PASS = 4;      // rows of x per pass over a block of weight rows
 constexpr int INT8_BLOCK = 32;  // activation block of int8 weights
 constexpr int PIECE = 128;     // int4 columns per 64-byte piece of a weight row
 constexpr int64_t ITEM_BYTES = 1 << 20;  // weight bytes per work item
+constexpr int64_t SHORT_ROW = 512;  // int4 rows of at most this many inputs take ROWS per step even for one row of x
 constexpr int PAD = 64;        // bytes after each quantized activation row (vector loads may run past the end)
 
 inline float round_even(float v) { return std::nearbyint(v); }  // the default rounding mode: half to even
@@ -438,7 +439,9 @@ inline void int4_pass(int64_t count, const uint8_t* const* w, const uint16_t* co
 
 // One row of x streams the weight rows two at a time: with four, a one-row product read its weights and their
 // scales and zeros as twelve streams, and measured 0.9x the GB/s of two (one thread from memory, 3B shapes). More
-// rows of x pass over four weight rows at a time (each x vector serves more rows).
+// rows of x pass over four weight rows at a time (each x vector serves more rows), and so do short weight rows
+// (SHORT_ROW inputs or fewer), whose cost is each step's own work (pointers, scales, sums, stores) rather than
+// their few bytes: a Mamba dt_proj (5120 x 160 in groups of 32) took 0.76x the CPU time in steps of four.
 template <int R>
 void int4_products(const QArgs& a, const std::vector<Pass>& todo, const Int4Row* xrows) {
   const int64_t groups = a.in / a.group;
@@ -474,7 +477,7 @@ void linear_int4(const QArgs& a) {
   }
   const std::vector<Pass> todo = passes(a);
   const bool one_row = std::all_of(todo.begin(), todo.end(), [](const Pass& p) { return p.count == 1; });
-  if (one_row)
+  if (one_row && a.in > SHORT_ROW)
     int4_products<2>(a, todo, xrows.data());
   else
     int4_products<ROWS>(a, todo, xrows.data());
