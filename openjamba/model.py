@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
-from .ops.prepared import kept_while_unchanged
+from .ops.prepared import ModelStamp, invalidate, kept_while_unchanged
 
 
 class Linear(nn.Linear):
@@ -383,7 +383,11 @@ class DecoderLayer(nn.Module):
     def decode_step(self, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
         """`forward` for one cached token per row, x (B, H) -> (B, H); the residual adds fused into the ops after.
         A layer whose weights the device's kernel reads is one prepared op (`_prepared_step`)."""
-        prepared = self._prepared_step(x, attn_mask)
+        return self.decode_step_with(self._prepared_step(x, attn_mask), x, attn_mask, layer_cache)
+
+    def decode_step_with(self, prepared, x: torch.Tensor, attn_mask: AttentionMask, layer_cache) -> torch.Tensor:
+        """`decode_step` with the layer's prepared step given (None: op by op), as the model looks them up for all its
+        layers at once (`JambaForCausalLM._prepared_steps`)."""
         if prepared is not None:
             state = ((layer_cache, attn_mask.past_length, attn_mask.row_starts) if self.is_attention
                      else (layer_cache.conv, layer_cache.ssm))
@@ -406,9 +410,11 @@ class DecoderLayer(nn.Module):
         if (torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device)
                 or (self.is_attention and (attn_mask.mask is not None or self.training))):
             return None
-        key = (device, ops.backend_for(device), torch.get_num_threads())
-        versioned = () if self.is_attention else (self.mamba.A_log,)  # A = -exp(A_log) is bound: rebind on update
-        return kept_while_unchanged(self, key, versioned, lambda: self._bind_step(device))
+        return kept_while_unchanged(self, _step_key(device), self._versioned, lambda: self._bind_step(device))
+
+    def _versioned(self) -> tuple[torch.Tensor, ...]:
+        """What the bound step holds a value computed from: A = -exp(A_log). Rebound when it is updated in place."""
+        return () if self.is_attention else (self.mamba.A_log,)
 
     def _bind_step(self, device: torch.device):
         weights = self.step_weights()
@@ -436,6 +442,11 @@ class DecoderLayer(nn.Module):
                 or mixer.out_proj.bias is not None):
             return None
         return *weights, ffn, step_weights
+
+
+def _step_key(device: torch.device) -> tuple:
+    """What a bound decode step was made for besides the weights: device, kernels, thread count."""
+    return device, ops.backend_for(device), torch.get_num_threads()
 
 
 class JambaModel(nn.Module):
@@ -555,10 +566,24 @@ class JambaForCausalLM(nn.Module):
         key_valid = cache.extend_key_mask(None, 1)
         attn_mask = AttentionMask.build(key_valid, cache.seq_len, 1, tokens.device, cache.row_starts)
         x = self.model.embed_tokens(tokens)  # (B, H)
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
-            x = layer.decode_step(x, attn_mask, layer_cache)
+        steps = self._prepared_steps(x, attn_mask)
+        for layer, layer_cache, step in zip(self.model.layers, cache.layers, steps):
+            x = layer.decode_step_with(step, x, attn_mask, layer_cache)
         cache.advance(1)
         return CausalLMOutput(self.lm_head(self.model.final_layernorm(x)).unsqueeze(1))
+
+    def _prepared_steps(self, x: torch.Tensor, attn_mask: AttentionMask) -> list:
+        """Each layer's `DecoderLayer._prepared_step`, kept for all layers together and checked once per token
+        (`ops.prepared.ModelStamp`: per layer, the checks cost ~0.5 ms of a 28-layer model's token)."""
+        layers, device = self.model.layers, x.device
+        if torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device):
+            return [None] * len(layers)
+        steps = kept_while_unchanged(layers, _step_key(device), lambda: sum((la._versioned() for la in layers), ()),
+                                     lambda: [layer._bind_step(device) for layer in layers], ModelStamp)
+        if attn_mask.mask is None and not any(layer.training for layer in layers):
+            return steps
+        return [None if layer.is_attention and (attn_mask.mask is not None or layer.training) else step
+                for layer, step in zip(layers, steps)]
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """An id beyond the embedding table would fail deep inside as a bare IndexError (or read garbage on GPU)."""
@@ -604,6 +629,12 @@ class JambaForCausalLM(nn.Module):
         decode step reads; attention still computes in the model's dtype.
         """
         return HybridCache(self, batch_size, max_length, dtype, kv_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Conversions and moves (`.to()`, `.float()`...) replace buffers in place of the registration hooks that
+        keep bound decode steps honest (`ops.prepared.ModelStamp`): they are rebound."""
+        invalidate()
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:

@@ -458,6 +458,91 @@ def test_module_snapshot_sees_swaps_moves_and_versions():
         assert snapshot.unchanged() == (name in ("nothing", "D in place")), name
 
 
+def test_model_stamp_sees_swaps_moves_and_versions():
+    """ModelStamp (what keeps a model's prepared steps valid, checked once per token): unchanged through in-place
+    updates, which the steps' pointers see, but not through a swapped module or parameter, a new slot, a moved or
+    converted layer or model, an in-place update of a versioned tensor, or `invalidate()`. Its documented blind spot:
+    one tensor given another storage below a layer (the steps keep reading the old one until `invalidate()`)."""
+    model = random_model()
+    layers = model.model.layers
+    mixer = next(la for la in layers if not la.is_attention).mamba
+
+    @torch.no_grad()
+    def in_place(t: torch.Tensor) -> None:
+        t.mul_(2.0)
+
+    changes = {
+        "nothing": lambda: None,
+        "D in place": lambda: in_place(mixer.D),
+        "one storage": lambda: setattr(mixer.D, "data", mixer.D.data.clone()),
+        "A_log in place": lambda: in_place(mixer.A_log),
+        "parameter": lambda: setattr(mixer, "D", torch.nn.Parameter(mixer.D.detach().clone())),
+        "module": lambda: setattr(mixer, "out_proj", torch.nn.Identity()),
+        "new slot": lambda: mixer.conv1d.register_buffer("extra", torch.zeros(1)),
+        "layer converted": lambda: layers[2].double(),
+        "model converted": lambda: model.float(),
+        "invalidate": prepared.invalidate,
+    }
+    for name, change in changes.items():
+        stamp = prepared.ModelStamp(layers, versioned=(mixer.A_log,))
+        change()
+        assert stamp.unchanged() == (name in ("nothing", "D in place", "one storage")), name
+    assert len(stamp.sentinels) == len(layers)
+
+
+def test_model_prepared_steps_follow_the_weights(monkeypatch):
+    """The model's prepared steps (bound for all layers, kept between tokens, checked once per token) give what the
+    layers' op-by-op path gives, bit for bit, after each kind of change between tokens; and are kept while nothing
+    changes."""
+    shape = dict(hidden_size=256, num_attention_heads=8, intermediate_size=96)  # what the one-call kernels take
+    model, other = random_model(**shape), random_model(seed=5, **shape)
+    layers = model.model.layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+
+    @torch.no_grad()
+    def decode(prepared_steps: bool) -> torch.Tensor:
+        cache = model.make_cache(2, max_length=6)
+        model(ids[:, :3], cache=cache)
+        with monkeypatch.context() as m:
+            if not prepared_steps:
+                m.setattr(model, "_prepared_steps", lambda x, mask: [None] * len(layers))
+            return torch.stack([model.decode_step(ids[:, i], cache).logits for i in range(3, 6)])
+
+    before = decode(True)
+    kept = prepared._KEPT[layers][2]
+    assert all(step is not None for step in kept)  # every layer one call
+    assert torch.equal(before, decode(False))
+    decode(True)
+    assert prepared._KEPT[layers][2] is kept  # nothing changed: not bound again
+    mamba = next(i for i, la in enumerate(layers) if not la.is_attention)
+
+    @torch.no_grad()
+    def in_place(t: torch.Tensor, factor: float = 0.5) -> None:
+        t.mul_(factor)
+
+    def swap_storage() -> None:
+        layers[mamba].mamba.D.data = layers[mamba].mamba.D.data * 3.0
+        prepared.invalidate()
+
+    changes = {
+        "A_log in place": lambda: in_place(layers[mamba].mamba.A_log),
+        "weight in place": lambda: in_place(layers[mamba].pre_ff_layernorm.weight),
+        "parameter": lambda: setattr(layers[2].input_layernorm, "weight", torch.nn.Parameter(torch.rand(256) + 0.5)),
+        "module": lambda: setattr(layers[3].feed_forward, "experts", other.model.layers[3].feed_forward.experts),
+        "load_state_dict": lambda: model.load_state_dict(other.state_dict()),
+        "assign": lambda: model.load_state_dict(random_model(seed=6, **shape).state_dict(), assign=True),
+        "storage, invalidate()": swap_storage,
+        "half and back": lambda: model.half().float(),
+        "quantize": lambda: quant.quantize_model(model, "int8", 32),
+    }
+    for name, change in changes.items():
+        change()
+        after = decode(True)
+        assert not torch.equal(after, before), name
+        assert torch.equal(after, decode(False)), name
+        before = after
+
+
 @pytest.mark.parametrize("method, moe", [("int8", False), (None, True)])
 def test_prepared_layer_step_follows_the_weights(monkeypatch, method, moe):
     """A layer's prepared step (kept between tokens) gives what the layer's call-by-call path gives after its

@@ -47,10 +47,12 @@ def _set_threads(args, projections: tuple[tuple[str, int], ...], rows: int) -> N
         getattr(args, name).threads = kernels.product_threads(rows * weights)
 
 
-def _kept_tensors(tensors: tuple, weights: tuple) -> tuple:
-    """The tensors a bound step's pointers point into: `tensors` and the quantized weights' buffers."""
-    return (*tensors, *(t for w in weights if not isinstance(w, (torch.Tensor, int))
-                        for t in w.kernel_operands()[2:] if t is not None))
+def _keep(step: Callable, tensors: tuple, weights: tuple) -> None:
+    """Keep in `step` what its pointers point into: `tensors` and the quantized weights' buffers (`step.tensors`),
+    and their storages, which stay valid even when a tensor is given another storage (`tensor.data = other`)."""
+    step.tensors = (*tensors, *(t for w in weights if not isinstance(w, (torch.Tensor, int))
+                                for t in w.kernel_operands()[2:] if t is not None))
+    step.storages = tuple(t.untyped_storage() for t in step.tensors)
 
 
 def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, ff_norm: tuple,
@@ -97,7 +99,7 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
         run(ctypes.byref(args))
         return out
 
-    step.tensors = _kept_tensors(parameters, (*weights, params[2], params[5]))
+    _keep(step, parameters, (*weights, params[2], params[5]))
     return step
 
 
@@ -153,7 +155,7 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
         run(ctypes.byref(args))
         return out
 
-    step.tensors = _kept_tensors(parameters, (*projections, *ffn[1:]))
+    _keep(step, parameters, (*projections, *ffn[1:]))
     return step
 
 
