@@ -389,9 +389,7 @@ class DecoderLayer(nn.Module):
         """`decode_step` with the layer's prepared step given (None: op by op), as the model looks them up for all its
         layers at once (`JambaForCausalLM._prepared_steps`)."""
         if prepared is not None:
-            state = ((layer_cache, attn_mask.past_length, attn_mask.row_starts) if self.is_attention
-                     else (layer_cache.conv, layer_cache.ssm))
-            out = prepared(x, *state)
+            out = prepared(x, *self.step_state(attn_mask, layer_cache))
             if out is not None:
                 return out
         h = self.input_layernorm(x)
@@ -401,6 +399,12 @@ class DecoderLayer(nn.Module):
             h = self.mamba.decode_step(h, layer_cache)
         x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
         return self.feed_forward.decode_step(h, x)
+
+    def step_state(self, attn_mask: AttentionMask, layer_cache) -> tuple:
+        """What a prepared step takes after x: the K/V cache, its column and row starts, or the Mamba state."""
+        if self.is_attention:
+            return layer_cache, attn_mask.past_length, attn_mask.row_starts
+        return layer_cache.conv, layer_cache.ssm
 
     def _prepared_step(self, x: torch.Tensor, attn_mask: AttentionMask):
         """This layer's decode step bound to its weights (`ops.prepare_*_layer_step`: one call on CPU) for a few rows
@@ -566,11 +570,21 @@ class JambaForCausalLM(nn.Module):
         key_valid = cache.extend_key_mask(None, 1)
         attn_mask = AttentionMask.build(key_valid, cache.seq_len, 1, tokens.device, cache.row_starts)
         x = self.model.embed_tokens(tokens)  # (B, H)
-        steps = self._prepared_steps(x, attn_mask)
-        for layer, layer_cache, step in zip(self.model.layers, cache.layers, steps):
-            x = layer.decode_step_with(step, x, attn_mask, layer_cache)
+        x = self._decode_layers(x, attn_mask, cache)
         cache.advance(1)
         return CausalLMOutput(self.lm_head(self.model.final_layernorm(x)).unsqueeze(1))
+
+    def _decode_layers(self, x: torch.Tensor, attn_mask: AttentionMask, cache: HybridCache) -> torch.Tensor:
+        """Every layer's decode step on x (B, H): where each layer is one prepared step, all in one call of the
+        device's `ops.layer_steps` (no interpreter between layers); else layer by layer."""
+        layers, steps = self.model.layers, self._prepared_steps(x, attn_mask)
+        if None not in steps:
+            out = ops.layer_steps(steps, x, [la.step_state(attn_mask, c) for la, c in zip(layers, cache.layers)])
+            if out is not None:
+                return out
+        for layer, layer_cache, step in zip(layers, cache.layers, steps):
+            x = layer.decode_step_with(step, x, attn_mask, layer_cache)
+        return x
 
     def _prepared_steps(self, x: torch.Tensor, attn_mask: AttentionMask) -> list:
         """Each layer's `DecoderLayer._prepared_step`, kept for all layers together and checked once per token

@@ -491,9 +491,9 @@ def test_model_stamp_sees_swaps_moves_and_versions():
 
 
 def test_model_prepared_steps_follow_the_weights(monkeypatch):
-    """The model's prepared steps (bound for all layers, kept between tokens, checked once per token) give what the
-    layers' op-by-op path gives, bit for bit, after each kind of change between tokens; and are kept while nothing
-    changes."""
+    """The model's prepared steps (bound for all layers, kept between tokens, checked once per token, run in one call
+    of ops.layer_steps) give what the layers' op-by-op path and their steps one by one give, bit for bit, after each
+    kind of change between tokens; and are kept while nothing changes."""
     shape = dict(hidden_size=256, num_attention_heads=8, intermediate_size=96)  # what the one-call kernels take
     model, other = random_model(**shape), random_model(seed=5, **shape)
     layers = model.model.layers
@@ -508,10 +508,20 @@ def test_model_prepared_steps_follow_the_weights(monkeypatch):
                 m.setattr(model, "_prepared_steps", lambda x, mask: [None] * len(layers))
             return torch.stack([model.decode_step(ids[:, i], cache).logits for i in range(3, 6)])
 
+    calls = []
+
+    def counted(*args, _run=cpu_kernels.layer_steps):
+        calls.append(1)
+        return _run(*args)
+
+    monkeypatch.setattr(cpu_kernels, "layer_steps", counted)
     before = decode(True)
     kept = prepared._KEPT[layers][2]
-    assert all(step is not None for step in kept)  # every layer one call
+    assert all(step is not None for step in kept) and len(calls) == 3  # every layer one step, all in one call
     assert torch.equal(before, decode(False))
+    with monkeypatch.context() as m:  # layer by layer, each its prepared step
+        m.setattr(cpu_kernels, "layer_steps", lambda *args: None)
+        assert torch.equal(before, decode(True))
     decode(True)
     assert prepared._KEPT[layers][2] is kept  # nothing changed: not bound again
     mamba = next(i for i, la in enumerate(layers) if not la.is_attention)

@@ -11,9 +11,9 @@ the device is used when available, with a one-line notice when falling back to p
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
 `mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step`,
-`prepare_attention_layer_step` with the signatures below; an op it lacks falls back to the plain PyTorch one (the
-`prepare_*` have none: without them, or when they or their step return None, the model runs the layer's ops one by
-one).
+`prepare_attention_layer_step`, `layer_steps` with the signatures below; an op it lacks falls back to the plain
+PyTorch one (the `prepare_*` and `layer_steps` have none: without them, or when they or their step return None, the
+model runs the layer's ops one by one).
 The last nine serve the one-token decode step (ops/decode.py has their references; the attention layer's is the
 model's own op-by-op path): every projection of the
 model goes through `linear` (model.Linear), which on CPU streams a few-row product's weight
@@ -54,6 +54,7 @@ __all__ = [
     "expert_linear",
     "expert_linear_ref",
     "fused_step_rows",
+    "layer_steps",
     "linear",
     "mamba_step",
     "prepare_attention_layer_step",
@@ -263,6 +264,15 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
     by one)."""
     prepare = _op(device, "prepare_attention_layer_step")
     return prepare(in_norm, projections, heads, kv_heads, ff_norm, ffn) if prepare is not None else None
+
+
+def layer_steps(steps: list, x: torch.Tensor, states: list[tuple]) -> torch.Tensor | None:
+    """The `prepare_*_layer_step` steps of a decode token's layers run in order on x (rows, H), step i with the state
+    `states[i]` it takes, as one call where the device has one (CPU: no interpreter between layers, whose objects a
+    large model's weights evict from the caches); the last step's output. None, with nothing run, where the device
+    has no such call or a step cannot take its rows or state: the caller then runs the steps one by one."""
+    fn = _op(x.device, "layer_steps")
+    return fn(steps, x, states) if fn is not None else None
 
 
 def moe_step(

@@ -683,4 +683,4 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
 
 
 # The whole-layer decode steps (cpu_layer_step.py), built on the kernels above.
-from .cpu_layer_step import prepare_attention_layer_step, prepare_mamba_layer_step  # noqa: E402, F401
+from .cpu_layer_step import layer_steps, prepare_attention_layer_step, prepare_mamba_layer_step  # noqa: E402, F401

@@ -10,6 +10,8 @@ in the calls' small ops. Each part of the layer is the kernel its op-by-op call 
 from __future__ import annotations
 
 import ctypes
+import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -82,23 +84,34 @@ def prepare_mamba_layer_step(in_norm: tuple, in_proj, params: tuple, out_proj, f
                   *(w for w in weights if isinstance(w, torch.Tensor)))
     run = cpu_build.library().mamba_layer_step
 
-    @kernels.eager_under_compile
-    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
+    def arguments(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, window: torch.Tensor,
+                  ssm: torch.Tensor) -> tuple | None:
+        """This call's MambaLayerArgs (and nothing more to keep alive), or None where the kernel cannot take it."""
         rows = x.shape[0]
-        if (not _rows_fit(x, hidden) or not kernels._plain_rows(torch.float32, window, ssm)
+        if (not _rows_fit(x, hidden) or scratch.numel() < rows * per_row
+                or not kernels._plain_rows(torch.float32, window, ssm)
                 or not kernels._mamba_state_fits(rows, fields, window, ssm)
                 or (torch.is_grad_enabled() and kernels._needs_grad(x, *parameters))):
             return None
-        out = torch.empty_like(x)
-        scratch = torch.empty(rows * per_row)
         args = MambaLayerArgs.from_buffer_copy(bound)  # this call's own copy: steps may run in threads
         args.rows, args.x, args.out, args.scratch = rows, x.data_ptr(), out.data_ptr(), scratch.data_ptr()
         _set_threads(args, projections, rows)
         mamba = args.mamba  # a view into args
         mamba.threads, mamba.window, mamba.h = kernels._threads(rows * step_work), window.data_ptr(), ssm.data_ptr()
-        run(ctypes.byref(args))
+        return args, None
+
+    @kernels.eager_under_compile
+    def step(x: torch.Tensor, window: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor | None:
+        if not _rows_fit(x, hidden):
+            return None
+        out = torch.empty_like(x)
+        made = arguments(x, out, _scratch(x.shape[0] * per_row), window, ssm)
+        if made is None:
+            return None
+        run(ctypes.byref(made[0]))
         return out
 
+    step.kind, step.per_row, step.arguments = 0, per_row, arguments
     _keep(step, parameters, (*weights, params[2], params[5]))
     return step
 
@@ -125,21 +138,20 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
     plain = _plain_projections(("q_proj", "k_proj", "v_proj", "o_proj"), projections)
     run = cpu_build.library().attention_layer_step
 
-    @kernels.eager_under_compile
-    def step(x: torch.Tensor, kv, position: int, starts: list[int] | None) -> torch.Tensor | None:
-        """x (rows, H); kv: the layer's cache.KVCache, this step's keys written at column `position`; starts: each
-        row's first key (None: column 0)."""
+    def arguments(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, kv, position: int,
+                  starts: list[int] | None) -> tuple | None:
+        """This call's AttentionLayerArgs and the row starts it points into, or None where the kernel cannot take
+        them (the cache made room for column `position` first)."""
         rows = x.shape[0]
         kv.reserve(position + 1)
         k_cache, v_cache = kv.k, kv.v
-        if (not _rows_fit(x, hidden) or not kernels._plain_rows(torch.float32, k_cache, v_cache)
+        if (not _rows_fit(x, hidden) or scratch.numel() < rows * per_row
+                or not kernels._plain_rows(torch.float32, k_cache, v_cache)
                 or k_cache.shape != v_cache.shape or k_cache.shape[0] != rows or k_cache.shape[1] != kv_heads
                 or k_cache.shape[3] != head_dim or not 0 <= position < k_cache.shape[2]
                 or (starts is not None and (len(starts) != rows or not all(0 <= s <= position for s in starts)))
                 or (torch.is_grad_enabled() and kernels._needs_grad(x, *parameters))):
             return None
-        out = torch.empty_like(x)
-        scratch = torch.empty(rows * per_row)
         first = None if starts is None else torch.tensor(starts, dtype=torch.int64)
         keys = rows * (position + 1) - (0 if starts is None else sum(starts))
         args = AttentionLayerArgs.from_buffer_copy(bound)
@@ -152,11 +164,66 @@ def prepare_attention_layer_step(in_norm: tuple, projections: tuple, heads: int,
         attend.v_batch_stride, attend.v_head_stride, attend.v_token_stride = v_cache.stride()[:3]
         attend.k, attend.v = k_cache.data_ptr(), v_cache.data_ptr()
         attend.starts = None if first is None else first.data_ptr()
-        run(ctypes.byref(args))
+        return args, first
+
+    @kernels.eager_under_compile
+    def step(x: torch.Tensor, kv, position: int, starts: list[int] | None) -> torch.Tensor | None:
+        """x (rows, H); kv: the layer's cache.KVCache, this step's keys written at column `position`; starts: each
+        row's first key (None: column 0)."""
+        if not _rows_fit(x, hidden):
+            return None
+        out = torch.empty_like(x)
+        made = arguments(x, out, _scratch(x.shape[0] * per_row), kv, position, starts)
+        if made is None:
+            return None
+        run(ctypes.byref(made[0]))
         return out
 
+    step.kind, step.per_row, step.arguments = 1, per_row, arguments
     _keep(step, parameters, (*projections, *ffn[1:]))
     return step
+
+
+@kernels.eager_under_compile
+def layer_steps(steps: list, x: torch.Tensor, states: list[tuple]) -> torch.Tensor | None:
+    """`ops.layer_steps`: the prepared steps (this module's) run in order on x (rows, H), step i with the state
+    `states[i]` its own call takes, as one call of layer_step.cpp's `layer_steps`; the last one's output. None, with
+    nothing run, where a step cannot take its rows or state (an attention cache may have made room for a column)."""
+    scratch = _scratch(x.shape[0] * max(step.per_row for step in steps))
+    outs = (torch.empty_like(x), torch.empty_like(x))  # each layer's out is the next one's x: two, in turn
+    made = []
+    for i, (step, state) in enumerate(zip(steps, states)):
+        out = outs[i % 2]
+        args = step.arguments(x, out, scratch, *state)
+        if args is None:
+            return None
+        made.append(args)
+        x = out
+    count = len(made)
+    kinds = (ctypes.c_int64 * count)(*(step.kind for step in steps))
+    pointers = (ctypes.c_void_p * count)(*(ctypes.addressof(args) for args, _ in made))
+    _layer_steps()(kinds, pointers, count)
+    return x
+
+
+@functools.cache
+def _layer_steps():
+    run = cpu_build.library().layer_steps
+    run.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64]
+    run.restype = None
+    return run
+
+
+_thread = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """At least `size` floats of scratch for this thread's next layer step, kept between calls and shared by every
+    layer: one fresh for each call (230 KB for a row of a 3B layer) is mapped and page-faulted in anew each time."""
+    scratch = getattr(_thread, "scratch", None)
+    if scratch is None or scratch.numel() < size:
+        scratch = _thread.scratch = torch.empty(size)
+    return scratch
 
 
 def _norms_fit(hidden: int, *norms: tuple) -> bool:

@@ -145,3 +145,19 @@ void attention_layer_step(const AttentionLayerArgs* a) {
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// A decode token's layers in one call: kinds[i] 0 runs args[i] as a MambaLayerArgs, 1 as an AttentionLayerArgs, in
+// order (each layer's out is the next one's x). Between two of a large model's layers the interpreter's objects
+// are cold in the caches (the weights streamed through them), so a Python call per layer costs tens of us.
+void layer_steps(const int64_t* kinds, void* const* args, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (kinds[i])
+      attention_layer_step(static_cast<const AttentionLayerArgs*>(args[i]));
+    else
+      mamba_layer_step(static_cast<const MambaLayerArgs*>(args[i]));
+  }
+}
+
+}  // extern "C"
