@@ -149,6 +149,41 @@ def test_mamba_step_matches_reference(monkeypatch, dtype, tol, threads, conv_bia
         torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("domain", ["usual", "A > 0 somewhere", "dt infinite somewhere"])
+def test_mamba_step_with_16_states_is_batch_invariant(monkeypatch, dtype, domain):
+    """With 16 states (fp32: mamba_step.cpp's several-row fast path, whole 16-channel blocks and a short one) each of
+    16 rows gets, bit for bit, what it gets alone (the one-row path), on one thread or two; also where A or dt leave
+    the fast path's domain (A > 0 in one channel, dt infinite in one: the general path, non-finite values in
+    the same places)."""
+    rows, inner = 16, 83  # five blocks of 16 channels and three more
+    args = mamba_inputs(batch=rows, inner=inner, rank=7, state=16, dtype=dtype)
+    if domain == "A > 0 somewhere":
+        args["A"][70, 3] = 0.25
+    elif domain == "dt infinite somewhere":
+        args["dt_bias"][5] = float("inf")
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(cpu_kernels, "SERIAL_BELOW", 0 if threads > 1 else 1 << 40)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            together = run_step(cpu_kernels.mamba_step, args)
+            alone = [run_step(cpu_kernels.mamba_step, {k: v[r:r + 1] if k in ("xz", "window", "ssm") else v
+                                                         for k, v in args.items()}) for r in range(rows)]
+        finally:
+            torch.set_num_threads(saved)
+        for name, t, each in zip(("output", "window", "state"), together, zip(*alone)):
+            torch.testing.assert_close(t, torch.cat(each), rtol=0, atol=0, equal_nan=True, msg=name)
+        results.append(together)
+    for name, one, two in zip(("output", "window", "state"), *results):
+        torch.testing.assert_close(two, one, rtol=0, atol=0, equal_nan=True, msg=name)
+    expected = run_step(decode.mamba_step_ref, args)  # and the kernel computes the step
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, e, g in zip(("output", "window", "state"), expected, results[0]):
+        torch.testing.assert_close(g, e, atol=tol, rtol=tol, equal_nan=True, msg=name)
+
+
 @pytest.mark.parametrize("wrong", ["xz", "window", "ssm", "conv_weight", "x_proj_weight", "dt_proj_weight", "D"])
 def test_mamba_step_with_a_mismatched_shape_raises_instead_of_running_the_kernel(wrong):
     """The kernel trusts every extent: a tensor of the wrong shape must reach the reference, which raises, and never

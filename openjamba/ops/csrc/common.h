@@ -42,24 +42,30 @@ inline uint32_t float_to_bits(float f) {
   return b;
 }
 
+// exp2_f32's constants (mamba_step.cpp's exp2_nonpositive repeats its steps 16 lanes at a time).
+constexpr float EXP2_LO = -127.0f;
+constexpr float EXP2_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+constexpr float EXP2_POLY[7] = {1.5370715e-4f, 1.3399858e-3f, 9.6183736e-3f, 5.5503290e-2f,
+                                2.4022648e-1f, 6.9314718e-1f, 1.0f};  // highest degree first
+
 // 2^x = 2^k 2^r with k = round(x), |r| <= 1/2, 2^r by a degree-6 polynomial (least-squares fit for relative
 // error: 2e-9 in exact arithmetic, ~1e-7 = 1.5 ulp after fp32 rounding). Limits: 0 below -126.5 (no denormals), inf
 // from 128 (up, 2^127.49 for x in (127.49, 128)), NaN stays NaN. Branch-free so loops over it vectorise.
 inline float exp2_f32(float x) {
-  const float lo = -127.0f, hi = 127.49f;
+  const float lo = EXP2_LO, hi = 127.49f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const float magic = EXP2_MAGIC;
   const float kb = xc + magic;
   const int32_t k = static_cast<int32_t>(float_to_bits(kb)) - static_cast<int32_t>(float_to_bits(magic));
   const float r = xc - (kb - magic);
-  float p = 1.5370715e-4f;
-  p = p * r + 1.3399858e-3f;
-  p = p * r + 9.6183736e-3f;
-  p = p * r + 5.5503290e-2f;
-  p = p * r + 2.4022648e-1f;
-  p = p * r + 6.9314718e-1f;
-  p = p * r + 1.0f;
+  float p = EXP2_POLY[0];
+  p = p * r + EXP2_POLY[1];
+  p = p * r + EXP2_POLY[2];
+  p = p * r + EXP2_POLY[3];
+  p = p * r + EXP2_POLY[4];
+  p = p * r + EXP2_POLY[5];
+  p = p * r + EXP2_POLY[6];
   const float y = p * bits_to_float(static_cast<uint32_t>(k + 127) << 23);  // k = -127 gives the scale 0
   return x >= 128.0f ? std::numeric_limits<float>::infinity() : y;
 }

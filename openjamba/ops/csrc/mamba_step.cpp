@@ -23,6 +23,7 @@
 // all the threads itself), so a quantized step computes exactly what the quantized layer computes product by product.
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -90,6 +91,31 @@ inline T scaled_rate(T a) {
     return a * Math<T>::exp_scale;
 }
 
+// dt of row b's channels [c0, c0 + w): dt_proj's product (in the row's scratch) plus the bias (the reference's
+// order), then softplus.
+template <typename T>
+inline void block_dt(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, T* dt) {
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state;
+  const T* dt_proj = static_cast<const T*>(a.scratch) + b * (P + 3 * D_) + P + D_ + c0;
+  const T* dt_bias = static_cast<const T*>(a.dt_bias);
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) dt[j] = dt_proj[j] + (dt_bias ? dt_bias[c0 + j] : T(0));
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
+}
+
+// y of row b's channels [c0, c0 + w) from the sums C . h (out): skip connection, then the gate.
+template <typename T>
+inline void block_output(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* out) {
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state;
+  const T* z = static_cast<const T*>(a.xz) + b * a.xz_stride + D_ + c0;
+  const T* u = static_cast<const T*>(a.scratch) + b * (P + 3 * D_) + P + c0;
+  const T* Dp = static_cast<const T*>(a.D);
+  T* y = static_cast<T*>(a.y) + b * D_ + c0;
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
+}
+
 // The state update of row b over channels [c0, c0 + w), w <= W, given As for those channels (SCALED: A * exp_scale,
 // prepared once per call and shared by every row; else A itself, for one row, where preparing it was a pass of its
 // own over A, written and read back) and dt_proj's product already in the row's scratch. Each channel's arithmetic
@@ -97,23 +123,13 @@ inline T scaled_rate(T a) {
 template <typename T, bool SCALED>
 void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
-  const T* xz = static_cast<const T*>(a.xz) + b * a.xz_stride;
-  const T* z = xz + D_ + c0;
   const T* proj = static_cast<const T*>(a.scratch) + b * (P + 3 * D_);
   const T* u = proj + P + c0;
-  const T* dt_proj = proj + P + D_ + c0;
-  const T* dt_bias = static_cast<const T*>(a.dt_bias);
-  const T* Dp = static_cast<const T*>(a.D);
   const T* Bv = proj + R;
   const T* Cv = proj + R + N;
   T* h = static_cast<T*>(a.h) + (b * D_ + c0) * N;
-  T* y = static_cast<T*>(a.y) + b * D_ + c0;
-  // dt_proj's product plus the bias (the reference's order), then softplus.
   T dt[W], out[W];
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) dt[j] = dt_proj[j] + (dt_bias ? dt_bias[c0 + j] : T(0));
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) dt[j] = Math<T>::softplus(dt[j]);
+  block_dt<T>(a, b, c0, w, dt);
   // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
   // C * h of the block's channels are summed together after (tiles.h's lane_sums_of: the tree of tree_sum, in
   // about a third of the instructions), so the channels' sums overlap instead of waiting on each other.
@@ -162,9 +178,110 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
       out[j] = acc;
     }
   }
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
+  block_output<T>(a, b, c0, w, out);
 }
+
+#ifdef __AVX512F__
+// The fast path of several rows, fp32, 16 states (N one vector): update_block<float, true>'s arithmetic, element by
+// element the same operations in the same order (so the same bits as one row alone), where every exponent dt * As is
+// finite and <= 0, which holds when the row's dt (softplus: >= 0) is finite and the block's A (-exp(A_log)) is finite
+// and <= 0 (rows_fit_fast). There exp2_f32's upper clamp and infinity never apply, and the compiled loop, which
+// blends them in per lane, spends a third of its instructions on them; and its one channel per iteration is a
+// dependency chain ~50 cycles long, of which the core overlaps only about two. Here G channels go through each step
+// together (G independent chains, interleaved in the instruction stream).
+constexpr int FAST_G = 4;
+
+// exp2_f32 of G vectors of values that are finite and <= 0: each step of exp2_f32 (common.h), in order, on all G.
+inline void exp2_nonpositive(__m512* x) {
+  const __m512 magic = _mm512_set1_ps(EXP2_MAGIC), lo = _mm512_set1_ps(EXP2_LO);
+  __m512 r[FAST_G];
+  __m512i k[FAST_G];
+#pragma GCC unroll 8
+  for (int q = 0; q < FAST_G; ++q) {
+    const __m512 xc = _mm512_max_ps(x[q], lo);  // x < lo ? lo : x, for x not NaN
+    const __m512 kb = _mm512_add_ps(xc, magic);
+    k[q] = _mm512_sub_epi32(_mm512_castps_si512(kb), _mm512_castps_si512(magic));
+    r[q] = _mm512_sub_ps(xc, _mm512_sub_ps(kb, magic));
+  }
+  __m512 p[FAST_G];
+#pragma GCC unroll 8
+  for (int q = 0; q < FAST_G; ++q) p[q] = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_POLY[0]), r[q], _mm512_set1_ps(EXP2_POLY[1]));
+#pragma GCC unroll 8
+  for (int i = 2; i < 7; ++i)
+#pragma GCC unroll 8
+    for (int q = 0; q < FAST_G; ++q) p[q] = _mm512_fmadd_ps(p[q], r[q], _mm512_set1_ps(EXP2_POLY[i]));
+#pragma GCC unroll 8
+  for (int q = 0; q < FAST_G; ++q) {
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(k[q], _mm512_set1_epi32(127)), 23);
+    x[q] = _mm512_mul_ps(p[q], _mm512_castsi512_ps(bits));
+  }
+}
+
+// Whether the n values from v are all in [lo, hi] (NaN is not).
+inline bool all_within(const float* v, int64_t n, float lo, float hi) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __mmask16 ok = 0xFFFF;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    ok &= _mm512_cmp_ps_mask(x, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, vhi, _CMP_LE_OQ);
+  }
+  bool rest = true;
+  for (; i < n; ++i) rest &= v[i] >= lo && v[i] <= hi;
+  return ok == 0xFFFF && rest;
+}
+
+// The state update of row b over the W channels from c0 (As: A * exp_scale of those channels, dt: block_dt's): the
+// sums C . h to out.
+inline void update_block_fast(const MambaStepArgs& a, int64_t b, int64_t c0, const float* As, const float* dt,
+                              float* out) {
+  constexpr int L = 16;
+  const int64_t D_ = a.channels, R = a.rank, P = R + 2 * L;
+  const float* proj = static_cast<const float*>(a.scratch) + b * (P + 3 * D_);
+  const float* u = proj + P + c0;
+  const __m512 Bv = _mm512_loadu_ps(proj + R), Cv = _mm512_loadu_ps(proj + R + L);
+  float* h = static_cast<float*>(a.h) + (b * D_ + c0) * L;
+  Vec<float>::type prod[W];
+  for (int j0 = 0; j0 < W; j0 += FAST_G) {
+    __m512 e[FAST_G];
+#pragma GCC unroll 8
+    for (int q = 0; q < FAST_G; ++q)
+      e[q] = _mm512_mul_ps(_mm512_set1_ps(dt[j0 + q]), _mm512_loadu_ps(As + (j0 + q) * L));
+    exp2_nonpositive(e);
+#pragma GCC unroll 8
+    for (int q = 0; q < FAST_G; ++q) {
+      const int j = j0 + q;
+      const __m512 du_B = _mm512_mul_ps(_mm512_set1_ps(dt[j] * u[j]), Bv);
+      const __m512 hn = _mm512_fmadd_ps(e[q], _mm512_loadu_ps(h + j * L), du_B);
+      _mm512_storeu_ps(h + j * L, hn);
+      prod[j] = static_cast<Vec<float>::type>(_mm512_mul_ps(Cv, hn));
+    }
+  }
+  lane_sums_of<float, W>(prod, out);  // update_block's sums: the same tree
+}
+
+// update_phase's several rows, fp32, N = 16, over channels [c0, c1) (As: A * exp_scale of those channels), when A
+// there is finite and <= 0: row by row, dt of all the channels (block_dt in one pass, to the row's spare third of
+// scratch), then the W-channel blocks of the rows whose dt fits (update_block_fast, the sums to y), then y's skip
+// connection and gate in one pass (block_output). A row whose dt does not fit, and a last block of fewer than W
+// channels, take update_block<float, true>. Long passes instead of one block at a time let the core overlap the
+// divisions of softplus and silu from channel to channel.
+void update_rows_fast(const MambaStepArgs& a, int64_t c0, int64_t c1, const float* As) {
+  const int64_t D_ = a.channels, P = a.rank + 2 * a.state, full = (c1 - c0) / W * W;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    float* dt = static_cast<float*>(a.scratch) + b * (P + 3 * D_) + P + 2 * D_ + c0;
+    float* y = static_cast<float*>(a.y) + b * D_ + c0;
+    block_dt<float>(a, b, c0, full, dt);
+    if (all_within(dt, full, 0.0f, std::numeric_limits<float>::max())) {
+      for (int64_t j = 0; j < full; j += W) update_block_fast(a, b, c0 + j, As + j * 16, dt + j, y + j);
+      block_output<float>(a, b, c0, full, y);
+    } else {
+      for (int64_t j = 0; j < full; j += W) update_block<float, true>(a, b, c0 + j, W, As + j * 16);
+    }
+    if (full < c1 - c0) update_block<float, true>(a, b, c0 + full, c1 - c0 - full, As + full * 16);
+  }
+}
+#endif
 
 // Phases over all rows at once, so that each weight is read once per call and the per-channel constant
 // (A * exp_scale) is prepared once per call rather than once per row. Each phase is a work-shared loop (`omp for`):
@@ -280,6 +397,14 @@ void update_phase(const MambaStepArgs& a) {
     As.resize((c1 - c0) * N);
 #pragma omp simd
     for (int64_t e = 0; e < (c1 - c0) * N; ++e) As[e] = A[c0 * N + e] * Math<T>::exp_scale;
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float>) {
+      if (N == 16 && all_within(A + c0 * N, (c1 - c0) * N, -std::numeric_limits<float>::max(), 0.0f)) {
+        update_rows_fast(a, c0, c1, As.data());
+        continue;
+      }
+    }
+#endif
     for (int64_t b = 0; b < a.batch; ++b)
       for (int64_t cb = c0; cb < c1; cb += W)
         update_block<T, true>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
