@@ -156,8 +156,8 @@ def test_mamba_step_with_16_states_is_batch_invariant(monkeypatch, dtype, domain
     16 rows gets, bit for bit, what it gets alone (the one-row path), on one thread or two; also where A or dt leave
     the fast path's domain (A > 0 in one channel, dt infinite in one: the general path, non-finite values in
     the same places)."""
-    rows, inner = 16, 83  # five blocks of 16 channels and three more
-    args = mamba_inputs(batch=rows, inner=inner, rank=7, state=16, dtype=dtype)
+    rows, inner = 16, 83  # five blocks of 16 channels and three more; rank two blocks of 16
+    args = mamba_inputs(batch=rows, inner=inner, rank=32, state=16, dtype=dtype)
     if domain == "A > 0 somewhere":
         args["A"][70, 3] = 0.25
     elif domain == "dt infinite somewhere":
