@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from . import quant
 from .config import JambaConfig
 from .files import write_atomic
+from .ops.prepared import invalidate
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -238,10 +239,12 @@ def _default_dtype(entries, config: JambaConfig) -> torch.dtype:
 
 
 def keep_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """Put the SSM dynamics (`FP32_PARAMS`) back in fp32 after a cast to a narrower dtype; returns the model."""
+    """Put the SSM dynamics (`FP32_PARAMS`) back in fp32 after a cast to a narrower dtype; returns the model.
+    Bound decode steps are rebound (`ops.prepared.invalidate`: a storage swap is not a registration they see)."""
     for name, param in model.named_parameters():
         if name.endswith(FP32_PARAMS) and param.dtype.itemsize < 4:
             param.data = param.data.float()
+            invalidate()
     return model
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from openjamba import ops, quant
 from openjamba.cache import KVCache
+from openjamba.hf import FP32_PARAMS, keep_fp32
 from openjamba.model import AttentionMask, MambaMixer
 from openjamba.ops import cpu_kernels, decode, prepared
 
@@ -493,6 +494,14 @@ def test_module_snapshot_sees_swaps_moves_and_versions():
         assert snapshot.unchanged() == (name in ("nothing", "D in place")), name
 
 
+def _with_bf16_dynamics(model):
+    """The model with its A_log / D / dt bias cast as a narrow-dtype load leaves them (their storages swapped)."""
+    for name, param in model.named_parameters():
+        if name.endswith(FP32_PARAMS):
+            param.data = param.data.bfloat16()
+    return model
+
+
 def test_model_stamp_sees_swaps_moves_and_versions():
     """ModelStamp (what keeps a model's prepared steps valid, checked once per token): unchanged through in-place
     updates, which the steps' pointers see, but not through a swapped module or parameter, a new slot, a moved or
@@ -517,6 +526,7 @@ def test_model_stamp_sees_swaps_moves_and_versions():
         "layer converted": lambda: layers[2].double(),
         "model converted": lambda: model.float(),
         "invalidate": prepared.invalidate,
+        "SSM dynamics back to fp32": lambda: keep_fp32(_with_bf16_dynamics(model)),
     }
     for name, change in changes.items():
         stamp = prepared.ModelStamp(layers, versioned=(mixer.A_log,))
