@@ -76,6 +76,7 @@ class Choice:
     anchor: int | None = None  # a token that decodes to a plain letter (`Tokenizer.anchor_token`); None: decode all
     decoded: str = ""  # the text of ids[:read], built a few tokens at a time (`_decoded_after`)
     read: int = 0
+    anchor_text: str | None = None  # decode([anchor]), once
     finish_reason: str | None = None
     stopped_by_string: bool = False
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
@@ -124,7 +125,9 @@ class Choice:
                 return None
             self.decoded, self.read = full, len(self.ids)
             return full
-        head = self.decode([self.anchor])
+        if self.anchor_text is None:
+            self.anchor_text = self.decode([self.anchor])
+        head = self.anchor_text
         window = self.decode([self.anchor] + self.ids[self.read:])
         if window.endswith("\ufffd"):
             return None
