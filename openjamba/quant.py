@@ -206,6 +206,8 @@ def _quant_functions() -> ctypes.CDLL:
     lib.qlinear_quantize_activations.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     for fn in (lib.qlinear_int8, lib.qlinear_int4, lib.qlinear_quantize_activations):
         fn.restype = None
+    lib.qembedding_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.qembedding_rows.restype = ctypes.c_int64
     return lib
 
 
@@ -351,7 +353,38 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("dtype_of_output", torch.empty(0, dtype=dtype), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._cpu_kernel(ids)
+        if out is not None:
+            return out
         return dequantize({name: t[ids] for name, t in self.head[0].tensors().items()}, self.dtype_of_output.dtype)
+
+    def _cpu_kernel(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The rows dequantized by one call of quant_linear.cpp's `qembedding_rows` (a decoded token's lookup was a
+        dozen tensor ops), or None where it does not apply (another device or dtype, no compiled kernels)."""
+        head = self.head[0]
+        buffers = head._buffers
+        q, scales = buffers["qweight"], buffers["scales"]
+        if (self.dtype_of_output.dtype != torch.float32 or not ids.is_cpu or ids.dtype != torch.int64
+                or not q.is_cpu or q.dim() != 2 or not (q.is_contiguous() and scales.is_contiguous())
+                or scales.dtype != (torch.float32 if head.bits == 8 else INT4_SCALE_DTYPE)):
+            return None
+        lib = _cpu_library()
+        if lib is None:
+            return None
+        zeros = buffers.get("zeros")
+        if zeros is not None and (zeros.dtype != INT4_SCALE_DTYPE or not zeros.is_contiguous()):
+            return None
+        flat = ids.reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        K, N = head.in_features, head.out_features
+        out = torch.empty(*ids.shape, K)
+        bad = lib.qembedding_rows(flat.data_ptr(), flat.numel(), q.data_ptr(), scales.data_ptr(),
+                                  None if zeros is None else zeros.data_ptr(), out.data_ptr(), N, K, head.bits,
+                                  head.group_size or 0)
+        if bad >= 0:
+            raise IndexError(f"index {int(flat[bad])} is out of range for an embedding of {N} rows")
+        return out
 
 
 # ---------------------------------------------------------------------- which tensors, and the model swap

@@ -357,6 +357,11 @@ def test_tied_embedding_lookup_is_quantized_table():
         ids = torch.tensor([[3, 50, 127]])
         expected = quant.dequantize(head.tensors())[ids]
         assert torch.equal(m.model.embed_tokens(ids), expected)
+        if quant._cpu_library() is not None:  # the compiled lookup (one call per token) gives the reference's bits
+            assert torch.equal(m.model.embed_tokens._cpu_kernel(ids), expected)
+            assert torch.equal(m.model.embed_tokens(ids[0, 1]), expected[0, 1])
+            with pytest.raises(IndexError, match="128 is out of range"):
+                m.model.embed_tokens(torch.tensor([1, 128]))
         assert (expected - model.model.embed_tokens(ids)).abs().max() < 0.1 * model.lm_head.weight.abs().max()
 
 

@@ -516,6 +516,43 @@ void qlinear_quantize_activations(const void* x, void* xq, void* scales, int64_t
     }
 }
 
+// Rows of a quantized table dequantized (a tied embedding's lookup into the LM head's int8 / int4 tensors): out row i =
+// W[ids[i]], `in` values, W[n, k] = q[n, k] * scales[n] (int8, fp32 scales) or (q[n, k] - 8) * scales[n, g] +
+// zeros[n, g] (int4, bf16 scales and zeros in groups of `group`), each product and sum rounded to fp32 on its own,
+// as `openjamba.quant.dequantize` computes them (so no fused multiply-add). One call instead of a dozen tensor ops per
+// decoded token. Returns -1, or the position of the first id outside [0, out) (nothing written from there on).
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int64_t qembedding_rows(const void* ids, int64_t n, const void* q, const void* scales, const void* zeros, void* out,
+                        int64_t rows, int64_t in, int64_t bits, int64_t group) {
+  const int64_t* id = static_cast<const int64_t*>(ids);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = id[i];
+    if (r < 0 || r >= rows) return i;
+    float* y = static_cast<float*>(out) + i * in;
+    if (bits == 8) {
+      const int8_t* w = static_cast<const int8_t*>(q) + r * in;
+      const float s = static_cast<const float*>(scales)[r];
+      for (int64_t k = 0; k < in; ++k) y[k] = static_cast<float>(w[k]) * s;
+      continue;
+    }
+    const uint8_t* w = static_cast<const uint8_t*>(q) + r * (in / 2);
+    const uint16_t* sr = static_cast<const uint16_t*>(scales) + r * (in / group);
+    const uint16_t* zr = static_cast<const uint16_t*>(zeros) + r * (in / group);
+    for (int64_t g = 0; g < in / group; ++g) {
+      const float s = bf16(sr[g]), z = bf16(zr[g]);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+        const uint8_t b = w[k / 2];
+        const float lo = (static_cast<float>(b & 15) - 8.0f) * s, hi = (static_cast<float>(b >> 4) - 8.0f) * s;
+        y[k] = lo + z;
+        y[k + 1] = hi + z;
+      }
+    }
+  }
+  return -1;
+}
+
 // 1 when the integer dot products use AVX-512 VNNI, 0 for the plain C++ loops.
 int qlinear_vnni() { return OPENJAMBA_VNNI; }
 
