@@ -19,8 +19,9 @@
 //
 // x_proj and dt_proj may instead be quantized weights (openjamba.quant's int8 / int4 layout; fp32 only): x_bits or
 // dt_bits is then 8 or 4, the weight pointer holds q, and *_scales / *_zeros / *_group the rest of the format. Their
-// products are those of quant_linear.cpp (qlinear_int8 / qlinear_int4, called here between the phases: each takes
-// all the threads itself), so a quantized step computes exactly what the quantized layer computes product by product.
+// products are those of quant_linear.cpp (on several threads run inside the step's one parallel region by
+// quant_linear.h's team_product, its threads sharing each product's work items; on one, qlinear_int8 / qlinear_int4
+// between the phases), so a quantized step computes exactly what the quantized layer computes product by product.
 
 #include <algorithm>
 #include <limits>
@@ -432,10 +433,35 @@ void step(const MambaStepArgs& a) {
     }
     return;
   }
-  // Quantized projections (fp32 only, as their kernels): each product runs its own parallel region between the
-  // phases.
+  // Quantized projections (fp32 only, as their kernels).
   if constexpr (std::is_same_v<T, float>) {
     const int64_t D_ = a.channels, R = a.rank, P = R + 2 * a.state;
+    if (a.threads > 1) {
+      // One parallel region: the products' threads share their work items (quant_linear.h's team_product; the same
+      // bits as the product alone), a barrier where the next phase reads their result.
+      const int64_t stride = P + 3 * D_;
+      float* scratch = static_cast<float*>(a.scratch);
+#pragma omp parallel num_threads(a.threads)
+      {
+        conv_phase<T>(a);
+        if (a.x_bits) {
+          team_product({a.x_bits, a.x_group, a.x_threads, a.x_proj_w, a.x_scales, a.x_zeros}, scratch + P,
+                       scratch, a.batch, D_, P, stride, stride);
+#pragma omp barrier
+        } else {
+          x_proj_phase<T>(a);
+        }
+        norm_phase<T>(a);
+        if (a.dt_bits) {
+          team_product({a.dt_bits, a.dt_group, a.dt_threads, a.dt_proj_w, a.dt_scales, a.dt_zeros}, scratch,
+                       scratch + P + D_, a.batch, R, D_, stride, stride);
+#pragma omp barrier
+        }
+        update_phase<T>(a);
+      }
+      return;
+    }
+    // Else each product runs its own parallel region between the phases.
 #pragma omp parallel num_threads(a.threads)
     conv_phase<T>(a);
     if (a.x_bits)

@@ -26,6 +26,10 @@
 #include <algorithm>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "common.h"
 #include "quant_linear.h"
 
@@ -406,6 +410,7 @@ struct QArgs {
   const int64_t* index;
   float* y;
   int64_t rows, in, out, group, x_stride, y_stride, threads;
+  bool team = false;  // called by every thread of the caller's parallel region (qlinear_team)
 };
 
 // Work items: slices of whole steps of R output rows, about ITEM_BYTES of weights each, at least four per thread
@@ -441,6 +446,11 @@ void for_row_blocks(const QArgs& a, int64_t row_bytes, Block block) {
       block(js, nr);
     }
   };
+  if (a.team) {  // the caller's threads share the items; it waits for them where it needs the result
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t i = 0; i < items; ++i) item(i);
+    return;
+  }
   if (a.threads <= 1 || items == 1) {
     for (int64_t i = 0; i < items; ++i) item(i);
     return;
@@ -590,6 +600,25 @@ void qlinear_int4(const void* x, const void* q, const void* scales, const void* 
   linear_int4({static_cast<const float*>(x), q, scales, zeros, static_cast<const float*>(bias),
                static_cast<const int64_t*>(index), static_cast<float*>(y), rows, in, out, group, x_stride, y_stride,
                threads});
+}
+
+// A product (int8 or int4 weights, no bias, no gathering; arguments as quant_linear.h's `quantized_product`) called
+// by every thread of the caller's parallel region, which share its work items (each thread quantizes the rows of x
+// itself: a few microseconds, the same bits) and do not wait for each other at its end: the caller puts a barrier
+// where it reads the result, so a thread done with its items goes on to the next independent work (an MLP's up
+// product after its gate) instead of idling. The same bits as the call alone.
+void qlinear_team(int64_t bits, int64_t group, const void* q, const void* scales, const void* zeros, const float* x,
+                  float* y, int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride,
+                  int64_t threads) {
+  QArgs a{x, q, scales, zeros, nullptr, nullptr, y, rows, in, out, group, x_stride, y_stride, threads};
+  a.team = true;
+#ifdef _OPENMP
+  a.threads = omp_get_num_threads();  // the items as for a product of the team's threads
+#endif
+  if (bits == 8)
+    linear_int8(a);
+  else
+    linear_int4(a);
 }
 
 // The activation quantization alone (for tests): x (rows, in) -> xq (rows, in) int8 and scales (rows, in / block).

@@ -12,6 +12,9 @@ void qlinear_int8(const void* x, const void* q, const void* scales, const void* 
 void qlinear_int4(const void* x, const void* q, const void* scales, const void* zeros, const void* bias,
                   const void* index, void* y, int64_t rows, int64_t in, int64_t out, int64_t group, int64_t x_stride,
                   int64_t y_stride, int64_t threads);
+void qlinear_team(int64_t bits, int64_t group, const void* q, const void* scales, const void* zeros, const float* x,
+                  float* y, int64_t rows, int64_t in, int64_t out, int64_t x_stride, int64_t y_stride,
+                  int64_t threads);
 void linear_f32(const void* x, const void* weight, const void* bias, const void* index, void* y, int64_t rows,
                 int64_t in, int64_t out, int64_t x_stride, int64_t y_stride, int64_t matrix_stride, int64_t threads);
 }
@@ -45,6 +48,13 @@ inline void product(const Weight& w, const float* x, float* y, int64_t rows, int
     linear_f32(x, w.q, nullptr, nullptr, y, rows, in, out, x_stride, y_stride, 0, w.threads);
   else
     quantized_product(w.bits, w.group, w.threads, w.q, w.scales, w.zeros, x, y, rows, in, out, x_stride, y_stride);
+}
+
+// `product` of a quantized weight called by every thread of an enclosing parallel region (quant_linear.cpp's
+// qlinear_team): its threads share the work and nobody waits at its end (the caller's barrier does).
+inline void team_product(const Weight& w, const float* x, float* y, int64_t rows, int64_t in, int64_t out,
+                         int64_t x_stride, int64_t y_stride) {
+  qlinear_team(w.bits, w.group, w.q, w.scales, w.zeros, x, y, rows, in, out, x_stride, y_stride, w.threads);
 }
 
 }  // namespace openjamba
