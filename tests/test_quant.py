@@ -99,6 +99,29 @@ def test_kernel_rows_independent_of_threads_and_rows():
         assert torch.equal(outs[2][0], outs[0][0]) and torch.equal(outs[3], outs[2])
 
 
+def test_int4_long_rows_one_row():
+    """One row of x over long int4 rows (more than 512 inputs: two weight rows per step, their sums reduced
+    together) gives the bits of the same row among several rows of x (four weight rows per step, each reduced
+    alone), and matches the reference: groups of 128 (one per piece) over more than one chunk of 16 groups, groups
+    of 256 and 512 (several pieces per group), odd row counts (a last step of one row)."""
+    lib = quant._cpu_library()
+    if lib is None:
+        pytest.skip("no compiled kernels")
+    torch.manual_seed(0)
+    for N, K, group in ((37, 2560, 128), (9, 1024, 256), (5, 4096, 256), (6, 5120, 512)):
+        tensors = quant.quantize_weight(torch.randn(N, K), "int4", group)
+        q, s, z = tensors["qweight"], tensors["scales"], tensors["zeros"]
+        x = torch.randn(5, K)
+        outs = []
+        for rows in (1, 5):
+            y = torch.empty(rows, N)
+            lib.qlinear_int4(x.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr(), None, None, y.data_ptr(), rows,
+                             K, N, group, K, N, 1)
+            outs.append(y)
+        assert_kernel_matches(outs[1], x, tensors)
+        assert torch.equal(outs[0][0], outs[1][0])
+
+
 def test_plain_cpp_build_matches(tmp_path):
     """The kernels without AVX-512 (an AVX2 build: the plain C++ loops) give the same products."""
     import ctypes

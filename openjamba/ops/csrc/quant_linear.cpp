@@ -52,6 +52,19 @@ constexpr int64_t ITEM_BYTES = 1 << 20;  // weight bytes per work item
 constexpr int64_t SHORT_ROW = 512;  // int4 rows of at most this many inputs take ROWS per step even for one row of x
 constexpr int PAD = 64;        // bytes after each quantized activation row (vector loads may run past the end)
 
+// Quantized activation rows, each starting on a 64-byte boundary (its stride `in + PAD` rounded up to 64): the
+// kernels read x in 64-byte vectors beside each weight vector, and on Zen 4 a vector that straddles two cache lines
+// (a heap block is only 16-byte aligned) made the int4 one-row product ~1.25x slower from L2 (see docs/benchmarks.md).
+struct ActivationRows {
+  int64_t stride;
+  std::vector<int8_t> bytes;
+  ActivationRows(int64_t rows, int64_t in) : stride((in + PAD + 63) / 64 * 64), bytes(rows * stride + 63) {}
+  int8_t* row(int64_t r) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(bytes.data());
+    return bytes.data() + ((64 - base % 64) % 64) + r * stride;
+  }
+};
+
 inline float round_even(float v) { return std::nearbyint(v); }  // the default rounding mode: half to even
 
 inline float bf16(uint16_t b) { return openjamba::bits_to_float(static_cast<uint32_t>(b) << 16); }
@@ -222,11 +235,68 @@ inline __m512i high_nibbles(__m512i v) {
 // sum over groups of (zero - 8 scale) * xsum) are computed 16 groups at a time before the chunk's pieces, so the
 // piece loop does only vector work: per row and piece a load, two unpacks, two `vpdpbusd`, a convert and one
 // multiply-add. SMALL: groups of 32 or 64, several per piece (each lane takes its group's scale by a permute);
-// otherwise one group spans the whole piece (one broadcast).
+// otherwise each group spans one or more whole pieces (one broadcast per group).
 constexpr int CHUNK_GROUPS = 16;
 
 inline __m512 bf16_to_f32(__mmask16 mask, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Groups g0 .. g0 + ng - 1 (ng <= CHUNK_GROUPS) of every weight row and row of x: their combined scales into cs, and
+// their zeros' term added to acc (lane l: group g0 + l).
+template <int M, int R>
+inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* zeros, const Int4Row* x, int64_t g0,
+                         int64_t ng, float (&cs)[R][M][CHUNK_GROUPS], __m512 (&acc)[R][M]) {
+  const __mmask16 gm = static_cast<__mmask16>((1u << ng) - 1);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = bf16_to_f32(gm, scales[r] + g0);
+    const __m512 zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, bf16_to_f32(gm, zeros[r] + g0));  // zero - 8 s
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      _mm512_store_ps(cs[r][m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(gm, x[m].xs + g0)));
+      acc[r][m] = _mm512_fmadd_ps(zz, _mm512_maskz_loadu_ps(gm, x[m].xsum + g0), acc[r][m]);
+    }
+  }
+}
+
+// The whole piece at column p (of x; p / 2 of the weight rows), one group's: acc += its lanes' sums * scale(r, m).
+// x's two vectors are loaded once for all R weight rows and kept in registers (the compiler would otherwise fold
+// them into every row's `vpdpbusd` as memory operands: 2R loads instead of 2, ~3% more time from L2, Zen 4).
+template <int M, int R, typename Scale>
+inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Scale scale, __m512 (&acc)[R][M]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i xe[M], xo[M];
+  #pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    xe[m] = _mm512_load_si512(x[m].xq + p);
+    xo[m] = _mm512_load_si512(x[m].xq + p + PIECE / 2);
+    __asm__("" : "+v"(xe[m]), "+v"(xo[m]));
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512i wv = _mm512_loadu_si512(w[r] + p / 2);
+    const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
+      dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
+      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale(r, m), acc[r][m]);
+    }
+  }
+}
+
+// _mm512_reduce_add_ps of two vectors at once, by the same tree (so the same bits): the halves added, then the
+// halves' halves, then lanes 2 apart, then neighbours; each step one instruction for both vectors.
+struct float2 {
+  float a, b;
+};
+inline float2 reduce_add_2(__m512 a, __m512 b) {
+  __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));  // a: 0-7, b: 8-15
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));     // lanes 0-3: a, 8-11: b
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));           // lanes 2 apart
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));           // neighbours
+  return {_mm512_cvtss_f32(v), _mm_cvtss_f32(_mm512_extractf32x4_ps(v, 2))};
 }
 
 template <int M, bool SMALL, int R>
@@ -237,60 +307,64 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
   for (int r = 0; r < R; ++r)
     #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // lane l covers columns 8l .. 8l + 7 of its piece: group l / 4 (groups of 32) or l / 8 (64) of the piece's groups
-  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               group == 32 ? 2 : 3);
-  const __mmask16 piece_groups = group == 32 ? 0xF : 0x3;
   const int64_t groups = in / group;
   alignas(64) float cs[R][M][CHUNK_GROUPS];  // the chunk's combined scales
-  for (int64_t g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
-    const int64_t ng = std::min<int64_t>(CHUNK_GROUPS, groups - g0);
-    const __mmask16 gm = static_cast<__mmask16>((1u << ng) - 1);
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = bf16_to_f32(gm, scales[r] + g0);
-      const __m512 zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, bf16_to_f32(gm, zeros[r] + g0));  // zero - 8 s
-      #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        _mm512_store_ps(cs[r][m], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(gm, x[m].xs + g0)));
-        acc[r][m] = _mm512_fmadd_ps(zz, _mm512_maskz_loadu_ps(gm, x[m].xsum + g0), acc[r][m]);
+  if (!SMALL) {  // groups of 128 or a multiple: whole pieces only
+    const int64_t pieces_per_group = group / PIECE;
+    for (int64_t g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
+      const int64_t ng = std::min<int64_t>(CHUNK_GROUPS, groups - g0);
+      chunk_scales<M, R>(scales, zeros, x, g0, ng, cs, acc);
+      if (pieces_per_group == 1) {
+        #pragma GCC unroll 2
+        for (int64_t g = 0; g < ng; ++g)
+          whole_piece<M, R>(w, x, (g0 + g) * PIECE, [&](int r, int m) { return _mm512_set1_ps(cs[r][m][g]); }, acc);
+      } else {
+        for (int64_t g = 0; g < ng; ++g)
+          for (int64_t p = (g0 + g) * group; p < (g0 + g + 1) * group; p += PIECE)
+            whole_piece<M, R>(w, x, p, [&](int r, int m) { return _mm512_set1_ps(cs[r][m][g]); }, acc);
       }
     }
-    // The chunk's pieces: whole ones, then (at the end of a row) one of 32, 64 or 96 columns. gl: the chunk's group
-    // of the piece's first column, advanced without a division.
-    const int64_t end = std::min(in, (g0 + ng) * group), pieces_per_group = SMALL ? 1 : group / PIECE;
-    int64_t p0 = g0 * group, gl = 0, in_group = 0;
-    auto piece = [&](__mmask64 mask, int64_t half) {
-      __m512i xe[M], xo[M];
-      #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
-        xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
-      }
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
-        const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    // lane l covers columns 8l .. 8l + 7 of its piece: group l / 4 (groups of 32) or l / 8 (64) of the piece's groups
+    const __m512i lane_group = _mm512_srli_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), group == 32 ? 2 : 3);
+    const __mmask16 piece_groups = group == 32 ? 0xF : 0x3;
+    for (int64_t g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
+      const int64_t ng = std::min<int64_t>(CHUNK_GROUPS, groups - g0);
+      chunk_scales<M, R>(scales, zeros, x, g0, ng, cs, acc);
+      // The chunk's pieces: whole ones, then (at the end of a row) one of 32, 64 or 96 columns. gl: the chunk's
+      // group of the piece's first column.
+      const int64_t end = std::min(in, (g0 + ng) * group);
+      int64_t p0 = g0 * group, gl = 0;
+      auto piece = [&](__mmask64 mask, int64_t half) {
+        __m512i xe[M], xo[M];
         #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
-          dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-          const __m512 scale = SMALL ? _mm512_permutexvar_ps(lane_group,
-                                                             _mm512_maskz_loadu_ps(piece_groups, cs[r][m] + gl))
-                                     : _mm512_set1_ps(cs[r][m][gl]);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+          xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
+          xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
         }
-      }
-    };
-    for (; p0 + PIECE <= end; p0 += PIECE) {
-      piece(~__mmask64(0), PIECE / 2);
-      if (SMALL)
-        gl += PIECE / group;
-      else if (++in_group == pieces_per_group)
-        in_group = 0, ++gl;
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
+          const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
+          #pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
+            dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
+            const __m512 scale = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(piece_groups, cs[r][m] + gl));
+            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+          }
+        }
+      };
+      for (; p0 + PIECE <= end; p0 += PIECE, gl += PIECE / group) piece(~__mmask64(0), PIECE / 2);
+      if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
     }
-    if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
+  }
+  if (R == 2 && M == 1) {
+    const float2 sums = reduce_add_2(acc[0][0], acc[R - 1][0]);
+    out[0][0] = sums.a, out[0][R - 1] = sums.b;
+    return;
   }
   #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
@@ -482,12 +556,11 @@ inline void store(const QArgs& a, const Pass& p, const int64_t* js, int nr, cons
 }
 
 void linear_int8(const QArgs& a) {
-  const int64_t stride = a.in + PAD;
-  std::vector<int8_t> xq(a.rows * stride);
+  ActivationRows xq(a.rows, a.in);
   std::vector<float> xs(a.rows * (a.in / INT8_BLOCK));
   std::vector<Int8Row> xrows(a.rows);
   for (int64_t r = 0; r < a.rows; ++r) {
-    xrows[r] = {xq.data() + r * stride, xs.data() + r * (a.in / INT8_BLOCK), 0.0f};
+    xrows[r] = {xq.row(r), xs.data() + r * (a.in / INT8_BLOCK), 0.0f};
     quantize_int8_row(a.x + r * a.x_stride, a.in, xrows[r]);
   }
   const std::vector<Pass> todo = passes(a);
@@ -564,12 +637,13 @@ void int4_products(const QArgs& a, const std::vector<Pass>& todo, const Int4Row*
 }
 
 void linear_int4(const QArgs& a) {
-  const int64_t stride = a.in + PAD, groups = a.in / a.group;
-  std::vector<int8_t> xq(a.rows * stride), tmp(a.in);
+  const int64_t groups = a.in / a.group;
+  ActivationRows xq(a.rows, a.in);
+  std::vector<int8_t> tmp(a.in);
   std::vector<float> xs(a.rows * groups), xsum(a.rows * groups);
   std::vector<Int4Row> xrows(a.rows);
   for (int64_t r = 0; r < a.rows; ++r) {
-    xrows[r] = {xq.data() + r * stride, xs.data() + r * groups, xsum.data() + r * groups};
+    xrows[r] = {xq.row(r), xs.data() + r * groups, xsum.data() + r * groups};
     quantize_int4_row(a.x + r * a.x_stride, a.in, a.group, tmp.data(), xrows[r]);
   }
   const std::vector<Pass> todo = passes(a);
