@@ -286,19 +286,6 @@ inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Sc
   }
 }
 
-// _mm512_reduce_add_ps of two vectors at once, by the same tree (so the same bits): the halves added, then the
-// halves' halves, then lanes 2 apart, then neighbours; each step one instruction for both vectors.
-struct float2 {
-  float a, b;
-};
-inline float2 reduce_add_2(__m512 a, __m512 b) {
-  __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));  // a: 0-7, b: 8-15
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));     // lanes 0-3: a, 8-11: b
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));           // lanes 2 apart
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));           // neighbours
-  return {_mm512_cvtss_f32(v), _mm_cvtss_f32(_mm512_extractf32x4_ps(v, 2))};
-}
-
 template <int M, bool SMALL, int R>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
@@ -361,15 +348,12 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
     }
   }
-  if (R == 2 && M == 1) {
-    const float2 sums = reduce_add_2(acc[0][0], acc[R - 1][0]);
-    out[0][0] = sums.a, out[0][R - 1] = sums.b;
-    return;
-  }
   #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) out[m][r] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int m = 0; m < M; ++m) {  // steps of two rows reduce each row twice in one reduce4 (no more instructions)
+    float sums[4];
+    reduce4(acc[0][m], acc[1 % R][m], acc[2 % R][m], acc[3 % R][m], sums);
+    for (int r = 0; r < R; ++r) out[m][r] = sums[r];
+  }
 }
 
 // Short int4 rows (SHORT_ROW inputs or fewer) in groups of 32 or 64, ROWS at a time (a Mamba dt_proj: 160 inputs in
