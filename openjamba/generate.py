@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from . import ops
+
 
 class Streamer(Protocol):
     """transformers-compatible streamer: `put` gets the prompt (B, T) first, then each step's tokens (B,)."""
@@ -67,7 +69,7 @@ def sample_next(
 ) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,). Greedy, or temperature -> top-k -> top-p filtering then sampling."""
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return ops.argmax(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

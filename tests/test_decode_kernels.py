@@ -654,6 +654,27 @@ def test_add_rms_norm_matches_reference(dtype):
             torch.testing.assert_close(g, e, atol=tol, rtol=tol, msg=name)
 
 
+@pytest.mark.parametrize("width", [1, 17, 63, 64, 200, 8192])
+def test_argmax_matches_torch(width):
+    """ops.argmax gives torch.argmax's index: first of tied maxima, first NaN, all -inf, tails past whole vectors."""
+    x = randn(9, width, dtype=torch.float32).round(decimals=1)  # rounded: ties among the largest values
+    x[1] = float("-inf")
+    x[2, width // 2] = float("nan")
+    x[3, -1] = float("nan")
+    x[3, 0] = float("inf")
+    x[4] = 0.0
+    x[4, width // 3] = -0.0
+    x[5, -1] = 100.0
+    x[6] = x[6].max()
+    x[7, width // 2:] = float("inf")
+    for rows in (x, x[:, : max(1, width - 1)], x[2:3]):  # also rows at a stride longer than their width
+        assert rows.dtype == torch.float32 and rows.stride(1) == 1  # the kernel's input, not torch's fallback
+        assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(-1))
+        assert torch.equal(ops.argmax(rows), rows.argmax(-1))
+    assert torch.equal(cpu_kernels.argmax(x.double()), x.double().argmax(-1))  # fp64: torch's
+    assert cpu_kernels.argmax(x[:0]).shape == (0,)
+
+
 def ffn_inputs(rows, hidden=45, inner=37, experts=6, dtype=torch.float64):
     """Random inputs of mlp_step / moe_step: hidden 45 and inner 37 leave partial blocks and scalar tails."""
     x, residual = randn(rows, hidden, dtype=dtype), randn(rows, hidden, dtype=dtype, seed=1)

@@ -10,7 +10,7 @@ the device is used when available, with a one-line notice when falling back to p
 
 A backend module exposes `is_available() -> tuple[bool, str]` (the str says why not) and any of
 `selective_scan`, `selective_state_update`, `causal_conv1d`, `attend_to_all`, `linear`, `expert_linear`,
-`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step`,
+`mamba_step`, `rms_norm`, `add_rms_norm`, `mlp_step`, `moe_step`, `prepare_mamba_layer_step`, `argmax`,
 `prepare_attention_layer_step`, `layer_steps` with the signatures below; an op it lacks falls back to the plain
 PyTorch one (the `prepare_*` and `layer_steps` have none: without them, or when they or their step return None, the
 model runs the layer's ops one by one).
@@ -42,6 +42,7 @@ from .scan import selective_scan_chunked, selective_scan_ref, selective_state_up
 
 __all__ = [
     "add_rms_norm",
+    "argmax",
     "attend_to_all",
     "attend_to_all_sdpa",
     "attend_to_rows",
@@ -175,6 +176,12 @@ def attend_to_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: li
 def attend_to_rows_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> torch.Tensor:
     """`attend_to_all` one row at a time over its own keys: the reference of `attend_to_rows`."""
     return torch.cat([attend_to_all(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:]) for i, s in enumerate(starts)])
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of rows (B, V) (a greedy step's tokens from its logits), with the device's fast path."""
+    fn = _op(x.device, "argmax")
+    return fn(x) if fn is not None else x.argmax(-1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
-           CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp", CSRC / "layer_step.cpp")
+           CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp", CSRC / "layer_step.cpp", CSRC / "argmax.cpp")
 HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "mamba_step.h", CSRC / "ffn_step.h",
            CSRC / "attend_to_all.h")
 ABI_VERSION = 6
@@ -199,6 +199,7 @@ class AttentionLayerArgs(ctypes.Structure):
 # Plain arguments, not a structure: decoding makes dozens of these calls per token, and this is the cheapest call.
 LINEAR_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
 RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double]  # x, weight, y, rows, width, eps
+ARGMAX_ARGTYPES = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3  # x, out, rows, width, x_stride
 ADD_RMS_NORM_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double]  # x, h, weight, s, y, ...
 
 
@@ -256,6 +257,7 @@ def library() -> ctypes.CDLL:
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
             lib.openjamba_lanes.restype = ctypes.c_int
+            lib.argmax_rows_f32.argtypes, lib.argmax_rows_f32.restype = ARGMAX_ARGTYPES, None
             lib.quant_mlp_step.argtypes, lib.quant_mlp_step.restype = [ctypes.POINTER(MlpStepArgs)], None
             lib.mamba_layer_step.argtypes, lib.mamba_layer_step.restype = [ctypes.POINTER(MambaLayerArgs)], None
             lib.attention_layer_step.argtypes = [ctypes.POINTER(AttentionLayerArgs)]

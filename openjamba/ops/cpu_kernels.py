@@ -670,6 +670,17 @@ def _plain_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
 
 
 @eager_under_compile
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` for fp32 rows (B, V) in one call (argmax.cpp: the same indices, NaN and ties included); other
+    inputs through torch."""
+    if (x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0 or x.stride(1) != 1 or x.requires_grad):
+        return x.argmax(-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    cpu_build.library().argmax_rows_f32(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0))
+    return out
+
+
+@eager_under_compile
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
     """Same contract as `ops.decode.add_rms_norm_ref`, in one call for a decode step's rows."""
     width = x.shape[-1]

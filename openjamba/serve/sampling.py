@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
+
 CANDIDATES = 256  # logits per row the top-k / top-p filters look at first
 
 
@@ -33,7 +35,7 @@ Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[Sampled]:
     """One (token, logprob, top logprobs) per row of logits (B, V)."""
-    tokens = logits.argmax(-1)
+    tokens = ops.argmax(logits)
     drawn = [i for i, row in enumerate(rows) if row.temperature > 0]
     if drawn:
         index = torch.tensor(drawn, device=logits.device)
