@@ -4,6 +4,8 @@ on the other rows), and a decode step of the model with and without them."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,34 @@ def test_rms_norm_matches_reference(dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(decode.rms_norm(x, w, 1e-6), expected, atol=tol, rtol=tol)
     torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-6), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows,width,offset", [(16, 256, 0), (5, 48, 0), (4, 64, 1), (3, 64, 0)])
+@pytest.mark.parametrize("spread", [True, False])
+def test_layer_step_norms_match_reference_and_each_row_alone(rows, width, offset, spread):
+    """The one-call layer steps' norms (rms_norm.cpp's *_rows_f32): before a product on several threads (spread),
+    from 4 rows (16-multiple widths, 64-byte aligned outputs) they write with streaming stores: the same values as
+    the plain stores of one row alone (batch invariance) and the reference's within rounding. offset 1 puts the
+    outputs off alignment, 3 rows stay below the streaming size: the plain stores."""
+    x, h, w = (randn(rows, width, dtype=torch.float32, seed=i) for i in range(3))
+    w = w[0]
+    y, s, y2 = (torch.empty(rows * width + offset)[offset:].view(rows, width) for _ in range(3))
+    lib = cpu_kernels.cpu_build.library()
+    lib.rms_norm_rows_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_bool]
+    lib.add_rms_norm_rows_f32.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+                                          + [ctypes.c_double, ctypes.c_bool])
+    lib.rms_norm_rows_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), rows, width, 1e-6, spread)
+    lib.add_rms_norm_rows_f32(x.data_ptr(), h.data_ptr(), w.data_ptr(), s.data_ptr(), y2.data_ptr(), rows, width,
+                              1e-6, spread)
+    for r in range(rows):
+        alone = cpu_kernels.rms_norm(x[r:r + 1], w, 1e-6)
+        sum_alone, norm_alone = cpu_kernels.add_rms_norm(x[r:r + 1], h[r:r + 1], w, 1e-6)
+        assert torch.equal(y[r:r + 1], alone) and torch.equal(s[r:r + 1], sum_alone), r
+        assert torch.equal(y2[r:r + 1], norm_alone), r
+    torch.testing.assert_close(y, decode.rms_norm(x.double(), w.double(), 1e-6).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, x + h)
+    torch.testing.assert_close(y2, decode.rms_norm((x + h).double(), w.double(), 1e-6).float(), atol=1e-5,
+                               rtol=1e-5)
 
 
 def mamba_inputs(batch=2, inner=37, kernel=4, rank=5, state=8, dtype=torch.float64, conv_bias=True):

@@ -28,10 +28,11 @@
 #include "mamba_step.h"
 #include "quant_linear.h"
 
-extern "C" {  // rms_norm.cpp
-void rms_norm_f32(const void* x, const void* weight, void* y, int64_t rows, int64_t width, double eps);
-void add_rms_norm_f32(const void* x, const void* h, const void* weight, void* s, void* y, int64_t rows, int64_t width,
-                      double eps);
+extern "C" {  // rms_norm.cpp (spread: the product after the norm runs on several threads)
+void rms_norm_rows_f32(const float* x, const float* weight, float* y, int64_t rows, int64_t width, double eps,
+                       bool spread);
+void add_rms_norm_rows_f32(const float* x, const float* h, const float* weight, float* s, float* y, int64_t rows,
+                           int64_t width, double eps, bool spread);
 }
 
 namespace {
@@ -45,6 +46,9 @@ struct FfnArgs {
   openjamba::FfnStepArgs ffn;
   openjamba::MlpStepArgs mlp;
 };
+
+// Whether the FFN's products run on several threads (its inputs are then read on every thread).
+bool ffn_spread(const FfnArgs& f) { return f.quantized_mlp ? f.mlp.gate.threads > 1 : f.ffn.threads > 1; }
 
 // out = s + ffn(h) for rows of hidden values; scratch: rows * 2 intermediate values (a quantized MLP's).
 void ffn_block(const FfnArgs& f, int64_t rows, int64_t H, const float* h, const float* s, float* out, float* scratch) {
@@ -98,13 +102,13 @@ void mamba_layer_step(const MambaLayerArgs* a) {
   float* h2 = s + rows * H;
   float* mamba_scratch = h2 + rows * H;
   float* ffn_scratch = mamba_scratch + rows * (P + 3 * I);
-  rms_norm_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps);
+  rms_norm_rows_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps, a->in_proj.threads > 1);
   product(a->in_proj, h, xz, rows, H, 2 * I, H, 2 * I);
   openjamba::MambaStepArgs m = a->mamba;
   m.batch = rows, m.xz = xz, m.xz_stride = 2 * I, m.y = y, m.scratch = mamba_scratch;
   mamba_step_f32(&m);
   product(a->out_proj, y, o, rows, I, H, I, H);
-  add_rms_norm_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps);
+  add_rms_norm_rows_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps, ffn_spread(a->ffn));
   ffn_block(a->ffn, rows, H, h2, s, a->out, ffn_scratch);
 }
 
@@ -119,7 +123,7 @@ void attention_layer_step(const AttentionLayerArgs* a) {
   float* s = o + rows * H;
   float* h2 = s + rows * H;
   float* ffn_scratch = h2 + rows * H;
-  rms_norm_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps);
+  rms_norm_rows_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps, a->q_proj.threads > 1);
   product(a->q_proj, h, q, rows, H, Q, H, Q);
   product(a->k_proj, h, k, rows, H, KV, H, KV);
   product(a->v_proj, h, v, rows, H, KV, H, KV);
@@ -140,7 +144,7 @@ void attention_layer_step(const AttentionLayerArgs* a) {
   at.q_batch_stride = Q, at.q_head_stride = group * D, at.q_row_stride = D, at.q = q, at.out = att;
   attend_to_all_f32(&at);
   product(a->o_proj, att, o, rows, Q, H, Q, H);
-  add_rms_norm_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps);
+  add_rms_norm_rows_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps, ffn_spread(a->ffn));
   ffn_block(a->ffn, rows, H, h2, s, a->out, ffn_scratch);
 }
 
