@@ -30,4 +30,5 @@ struct MlpStepArgs {
 extern "C" {
 void ffn_step_f32(const openjamba::FfnStepArgs* a);
 void quant_mlp_step(const openjamba::MlpStepArgs* a);
+void quant_mlp_step_team(const openjamba::MlpStepArgs* a);  // every weight quantized, inside a parallel region
 }

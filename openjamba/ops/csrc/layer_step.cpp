@@ -102,10 +102,34 @@ void mamba_layer_step(const MambaLayerArgs* a) {
   float* h2 = s + rows * H;
   float* mamba_scratch = h2 + rows * H;
   float* ffn_scratch = mamba_scratch + rows * (P + 3 * I);
-  rms_norm_rows_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps, a->in_proj.threads > 1);
-  product(a->in_proj, h, xz, rows, H, 2 * I, H, 2 * I);
   openjamba::MambaStepArgs m = a->mamba;
   m.batch = rows, m.xz = xz, m.xz_stride = 2 * I, m.y = y, m.scratch = mamba_scratch;
+  const openjamba::MlpStepArgs& f = a->ffn.mlp;
+  if (a->in_proj.bits && a->out_proj.bits && m.x_bits && m.dt_bits && a->ffn.quantized_mlp && f.gate.bits &&
+      f.up.bits && f.down.bits && a->in_proj.threads > 1) {
+    // Every product quantized, several threads: the whole layer in one parallel region, each product's work items
+    // shared by its threads (team_product), one thread for the norms, barriers where a result is read. The same
+    // kernels, so the same bits; no thread start and join between the layer's eight products.
+    openjamba::MlpStepArgs mlp = a->ffn.mlp;
+    mlp.rows = rows, mlp.hidden = H, mlp.x_stride = H, mlp.x = h2, mlp.residual = s, mlp.out = a->out;
+    mlp.scratch = ffn_scratch;
+#pragma omp parallel num_threads(a->in_proj.threads)
+    {
+#pragma omp single
+      rms_norm_rows_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps, true);
+      openjamba::team_product(a->in_proj, h, xz, rows, H, 2 * I, H, 2 * I);
+#pragma omp barrier
+      mamba_step_team_f32(&m);
+      openjamba::team_product(a->out_proj, y, o, rows, I, H, I, H);
+#pragma omp barrier
+#pragma omp single
+      add_rms_norm_rows_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps, ffn_spread(a->ffn));
+      quant_mlp_step_team(&mlp);
+    }
+    return;
+  }
+  rms_norm_rows_f32(a->x, a->in_norm_w, h, rows, H, a->in_eps, a->in_proj.threads > 1);
+  product(a->in_proj, h, xz, rows, H, 2 * I, H, 2 * I);
   mamba_step_f32(&m);
   product(a->out_proj, y, o, rows, I, H, I, H);
   add_rms_norm_rows_f32(a->x, o, a->ff_norm_w, s, h2, rows, H, a->ff_eps, ffn_spread(a->ffn));

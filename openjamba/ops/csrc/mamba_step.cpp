@@ -421,6 +421,38 @@ void scratch_product(const MambaStepArgs& a, int64_t bits, const void* q, const 
                     stride, stride);
 }
 
+}  // namespace
+
+extern "C" {
+
+// The quantized fp32 step called by every thread of the caller's parallel region (layer_step.cpp's one region per
+// layer, or the step's own): the products' threads share their work items (quant_linear.h's team_product; the same
+// bits as the product alone), with a barrier where the next phase reads their result; it ends with one.
+void mamba_step_team_f32(const MambaStepArgs* ap) {
+  const MambaStepArgs& a = *ap;
+  const int64_t D_ = a.channels, R = a.rank, P = R + 2 * a.state, stride = P + 3 * D_;
+  float* scratch = static_cast<float*>(a.scratch);
+  conv_phase<float>(a);
+  if (a.x_bits) {
+    team_product({a.x_bits, a.x_group, a.x_threads, a.x_proj_w, a.x_scales, a.x_zeros}, scratch + P, scratch,
+                 a.batch, D_, P, stride, stride);
+#pragma omp barrier
+  } else {
+    x_proj_phase<float>(a);
+  }
+  norm_phase<float>(a);
+  if (a.dt_bits) {
+    team_product({a.dt_bits, a.dt_group, a.dt_threads, a.dt_proj_w, a.dt_scales, a.dt_zeros}, scratch,
+                 scratch + P + D_, a.batch, R, D_, stride, stride);
+#pragma omp barrier
+  }
+  update_phase<float>(a);
+}
+
+}  // extern "C"
+
+namespace {
+
 template <typename T>
 void step(const MambaStepArgs& a) {
   if (!a.x_bits && !a.dt_bits) {  // plain weights: the four phases in one parallel region
@@ -437,28 +469,8 @@ void step(const MambaStepArgs& a) {
   if constexpr (std::is_same_v<T, float>) {
     const int64_t D_ = a.channels, R = a.rank, P = R + 2 * a.state;
     if (a.threads > 1) {
-      // One parallel region: the products' threads share their work items (quant_linear.h's team_product; the same
-      // bits as the product alone), a barrier where the next phase reads their result.
-      const int64_t stride = P + 3 * D_;
-      float* scratch = static_cast<float*>(a.scratch);
 #pragma omp parallel num_threads(a.threads)
-      {
-        conv_phase<T>(a);
-        if (a.x_bits) {
-          team_product({a.x_bits, a.x_group, a.x_threads, a.x_proj_w, a.x_scales, a.x_zeros}, scratch + P,
-                       scratch, a.batch, D_, P, stride, stride);
-#pragma omp barrier
-        } else {
-          x_proj_phase<T>(a);
-        }
-        norm_phase<T>(a);
-        if (a.dt_bits) {
-          team_product({a.dt_bits, a.dt_group, a.dt_threads, a.dt_proj_w, a.dt_scales, a.dt_zeros}, scratch,
-                       scratch + P + D_, a.batch, R, D_, stride, stride);
-#pragma omp barrier
-        }
-        update_phase<T>(a);
-      }
+      mamba_step_team_f32(&a);
       return;
     }
     // Else each product runs its own parallel region between the phases.

@@ -22,4 +22,5 @@ struct MambaStepArgs {
 
 extern "C" {
 void mamba_step_f32(const openjamba::MambaStepArgs* a);
+void mamba_step_team_f32(const openjamba::MambaStepArgs* a);  // quantized projections, inside a parallel region
 }

@@ -39,37 +39,35 @@ void add_residual(float* out, const float* residual, int64_t rows, int64_t H) {
   }
 }
 
-// The block in one parallel region (every weight quantized, several threads): the threads share each product's
-// work items, and up's items follow gate's with no barrier between them; the gate and the residual add, a few
-// microseconds, run on one thread exactly as in the call-by-call block (so the same bits). One region instead of
-// three, and one product's ragged finish instead of two.
-void team_mlp_step(const openjamba::MlpStepArgs* a) {
-  using openjamba::team_product;
-  const int64_t rows = a->rows, H = a->hidden, I = a->inner;
-  float* s = a->scratch;
-#pragma omp parallel num_threads(a->gate.threads)
-  {
-    team_product(a->gate, a->x, s, rows, H, I, a->x_stride, 2 * I);
-    team_product(a->up, a->x, s + I, rows, H, I, a->x_stride, 2 * I);
-#pragma omp barrier
-#pragma omp single
-    gate_rows(s, rows, I);
-    team_product(a->down, s, a->out, rows, I, H, 2 * I, H);
-#pragma omp barrier
-#pragma omp single nowait
-    add_residual(a->out, a->residual, rows, H);
-  }
-}
-
 }  // namespace
 
 extern "C" {
+
+// The block called by every thread of the caller's parallel region (every weight quantized): the threads share each
+// product's work items, and up's items follow gate's with no barrier between them; the gate and the residual add,
+// a few microseconds, run on one thread exactly as in the call-by-call block (so the same bits). The caller's
+// region ends after it (the residual add is not waited for here).
+void quant_mlp_step_team(const openjamba::MlpStepArgs* a) {
+  using openjamba::team_product;
+  const int64_t rows = a->rows, H = a->hidden, I = a->inner;
+  float* s = a->scratch;
+  team_product(a->gate, a->x, s, rows, H, I, a->x_stride, 2 * I);
+  team_product(a->up, a->x, s + I, rows, H, I, a->x_stride, 2 * I);
+#pragma omp barrier
+#pragma omp single
+  gate_rows(s, rows, I);
+  team_product(a->down, s, a->out, rows, I, H, 2 * I, H);
+#pragma omp barrier
+#pragma omp single nowait
+  add_residual(a->out, a->residual, rows, H);
+}
 
 void quant_mlp_step(const openjamba::MlpStepArgs* a) {
   using openjamba::product;
   const int64_t rows = a->rows, H = a->hidden, I = a->inner;
   if (a->gate.bits && a->up.bits && a->down.bits && a->gate.threads > 1) {
-    team_mlp_step(a);
+#pragma omp parallel num_threads(a->gate.threads)
+    quant_mlp_step_team(a);
     return;
   }
   float* s = a->scratch;  // per row: gate(x), then up(x)
