@@ -28,10 +28,10 @@ thread that runs multi-threaded ops keeps a pool of worker threads for as long a
 process hold more threads than the machine has CPUs, libgomp stops spin-waiting between parallel regions: each
 region then wakes its workers through the kernel: on two threads a 262,144-element multiply took 61 us in a second
 thread against 20 us with one pool, and a 512-token prefill chunk of `cpu-bench` ran on one thread's worth of CPU
-in the engine's thread where it used two in the main thread (docs/serving.md). So whoever loads the model for an
-engine should do it on a thread that then exits (`on_fresh_thread`) and keep its own thread to one intra-op thread
-(`torch.set_num_threads(1)`), as `openjamba serve`, `chat` and `bench-serve` do: the engine's thread then holds
-the process's only pool.
+in the engine's thread where it used two in the main thread (docs/serving-notebook.md). So whoever loads the model
+for an engine should do it on a thread that then exits (`on_fresh_thread`) and keep its own thread to one intra-op
+thread (`torch.set_num_threads(1)`), as `openjamba serve`, `chat` and `bench-serve` do: the engine's thread then
+holds the process's only pool.
 
 The loop also keeps freed memory in the process (`hold_freed_memory`): with glibc's default, adaptive malloc
 thresholds, a prefill chunk run between decode steps returned part of its buffers to the system and faulted them

@@ -72,7 +72,7 @@ def load(args: argparse.Namespace, **engine_kwargs):
                     threads=threads, **engine_kwargs)
     # Everything loaded so far lives as long as the process: out of the collector's sight, a full collection (which
     # holds the GIL, so the engine's thread waits through it) scans only what comes later, not the hundreds of
-    # thousands of objects of torch, FastAPI and the model (docs/serving.md has the measured cost).
+    # thousands of objects of torch, FastAPI and the model (docs/serving-notebook.md has the measured cost).
     gc.collect()
     gc.freeze()
     return model, tokenizer, engine
