@@ -286,6 +286,32 @@ inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Sc
   }
 }
 
+// A piece of up to 128 columns whose weights and activations are read under `mask` (groups of 32 or 64, several per
+// piece, or a row's last piece): the low nibbles against the piece's first `half` activations and the high ones
+// against the next `half`; scale(r, m) gives each lane its group's combined scale.
+template <int M, int R, typename Scale>
+inline void masked_piece(const uint8_t* const* w, const Int4Row* x, int64_t p0, int64_t half, __mmask64 mask,
+                         Scale scale, __m512 (&acc)[R][M]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i xe[M], xo[M];
+  #pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
+    xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
+    const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
+      dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
+      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale(r, m), acc[r][m]);
+    }
+  }
+}
+
 template <int M, bool SMALL, int R>
 inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
                       const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
@@ -312,7 +338,6 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       }
     }
   } else {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
     // lane l covers columns 8l .. 8l + 7 of its piece: group l / 4 (groups of 32) or l / 8 (64) of the piece's groups
     const __m512i lane_group = _mm512_srli_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), group == 32 ? 2 : 3);
@@ -325,24 +350,9 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       const int64_t end = std::min(in, (g0 + ng) * group);
       int64_t p0 = g0 * group, gl = 0;
       auto piece = [&](__mmask64 mask, int64_t half) {
-        __m512i xe[M], xo[M];
-        #pragma GCC unroll 4
-        for (int m = 0; m < M; ++m) {
-          xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
-          xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
-        }
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
-          const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
-          #pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) {
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
-            dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-            const __m512 scale = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(piece_groups, cs[r][m] + gl));
-            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
-          }
-        }
+        masked_piece<M, R>(w, x, p0, half, mask, [&](int r, int m) {
+          return _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(piece_groups, cs[r][m] + gl));
+        }, acc);
       };
       for (; p0 + PIECE <= end; p0 += PIECE, gl += PIECE / group) piece(~__mmask64(0), PIECE / 2);
       if (p0 < end) piece(tail_mask((end - p0) / 2), (end - p0) / 2);
@@ -365,7 +375,6 @@ inline void int4_short_rows(const uint8_t* const* w, const uint16_t* const* scal
                             const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
   constexpr int R = ROWS;
   const __mmask16 gm = static_cast<__mmask16>((1u << (in / group)) - 1);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                group == 32 ? 2 : 3);
   __m512 acc[R][M], cs[R][M];  // cs lane g: group g's combined scale (0 past the row's groups)
@@ -383,23 +392,8 @@ inline void int4_short_rows(const uint8_t* const* w, const uint16_t* const* scal
     const int64_t half = std::min<int64_t>(PIECE, in - p0) / 2;
     const __mmask64 mask = tail_mask(half);
     const __m512i lanes = _mm512_add_epi32(lane_group, _mm512_set1_epi32(static_cast<int>(p0 / group)));
-    __m512i xe[M], xo[M];
-    #pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-      xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
-      xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
-    }
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
-      const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
-      #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
-        dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lanes, cs[r][m]), acc[r][m]);
-      }
-    }
+    masked_piece<M, R>(w, x, p0, half, mask, [&](int r, int m) { return _mm512_permutexvar_ps(lanes, cs[r][m]); },
+                       acc);
   }
   #pragma GCC unroll 4
   for (int m = 0; m < M; ++m) {
