@@ -1,8 +1,8 @@
 // The index of each row's largest value, as torch.argmax(x, -1) gives it: the first index of the maximum, or the
 // first NaN where a row has one. A greedy decode step picks its rows' tokens this way from (rows, vocabulary)
-// logits, and torch's CPU argmax reduction takes ~10 us per 8,192 values (160 us for a 16-row step of a small
-// model, serial on one thread: as long as a Mamba layer's whole step). Here each row is two passes of vector
-// compares: its maximum (a NaN noted), then the first index holding it; an exact result, so the same tokens.
+// logits, where torch's CPU argmax reduction runs serially at a fraction of the memory's rate (for a small model's
+// 16-row step, as long as a Mamba layer's whole step: docs/serving-notebook.md). Here each row is two passes of
+// vector compares: its maximum (a NaN noted), then the first index holding it; an exact result, so the same tokens.
 //   x: (rows, width) rows at stride x_stride;  out: (rows,) int64
 
 #include <cmath>
