@@ -260,22 +260,16 @@ inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* z
   }
 }
 
-// The whole piece at column p (of x; p / 2 of the weight rows), one group's: acc += its lanes' sums * scale(r, m).
-// x's two vectors are loaded once for all R weight rows and kept in registers (the compiler would otherwise fold
-// them into every row's `vpdpbusd` as memory operands: 2R loads instead of 2, ~3% more time from L2, Zen 4).
-template <int M, int R, typename Scale>
-inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Scale scale, __m512 (&acc)[R][M]) {
+// One piece's dot products for R weight rows: each row's weight vector (load_w(r): 128 int4 columns, two per byte)
+// unpacked into its low nibbles, against the piece's first activations xe, and its high nibbles, against the next
+// ones xo; acc += each lane's integer sum * scale(r, m).
+template <int M, int R, typename LoadW, typename Scale>
+inline void piece_dots(const __m512i (&xe)[M], const __m512i (&xo)[M], LoadW load_w, Scale scale,
+                       __m512 (&acc)[R][M]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512i xe[M], xo[M];
-  #pragma GCC unroll 4
-  for (int m = 0; m < M; ++m) {
-    xe[m] = _mm512_load_si512(x[m].xq + p);
-    xo[m] = _mm512_load_si512(x[m].xq + p + PIECE / 2);
-    __asm__("" : "+v"(xe[m]), "+v"(xo[m]));
-  }
   #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const __m512i wv = _mm512_loadu_si512(w[r] + p / 2);
+    const __m512i wv = load_w(r);
     const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
     #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
@@ -286,30 +280,34 @@ inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Sc
   }
 }
 
+// The whole piece at column p (of x; p / 2 of the weight rows), one group's: acc += its lanes' sums * scale(r, m).
+// x's two vectors are loaded once for all R weight rows and kept in registers (the compiler would otherwise fold
+// them into every row's `vpdpbusd` as memory operands: 2R loads instead of 2, ~3% more time from L2, Zen 4).
+template <int M, int R, typename Scale>
+inline void whole_piece(const uint8_t* const* w, const Int4Row* x, int64_t p, Scale scale, __m512 (&acc)[R][M]) {
+  __m512i xe[M], xo[M];
+  #pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    xe[m] = _mm512_load_si512(x[m].xq + p);
+    xo[m] = _mm512_load_si512(x[m].xq + p + PIECE / 2);
+    __asm__("" : "+v"(xe[m]), "+v"(xo[m]));
+  }
+  piece_dots<M, R>(xe, xo, [&](int r) { return _mm512_loadu_si512(w[r] + p / 2); }, scale, acc);
+}
+
 // A piece of up to 128 columns whose weights and activations are read under `mask` (groups of 32 or 64, several per
 // piece, or a row's last piece): the low nibbles against the piece's first `half` activations and the high ones
 // against the next `half`; scale(r, m) gives each lane its group's combined scale.
 template <int M, int R, typename Scale>
 inline void masked_piece(const uint8_t* const* w, const Int4Row* x, int64_t p0, int64_t half, __mmask64 mask,
                          Scale scale, __m512 (&acc)[R][M]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512i xe[M], xo[M];
   #pragma GCC unroll 4
   for (int m = 0; m < M; ++m) {
     xe[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0);
     xo[m] = _mm512_maskz_loadu_epi8(mask, x[m].xq + p0 + half);
   }
-  #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2);
-    const __m512i lo = _mm512_and_si512(wv, low4), hi = high_nibbles(wv);
-    #pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
-      dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
-      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale(r, m), acc[r][m]);
-    }
-  }
+  piece_dots<M, R>(xe, xo, [&](int r) { return _mm512_maskz_loadu_epi8(mask, w[r] + p0 / 2); }, scale, acc);
 }
 
 template <int M, bool SMALL, int R>
