@@ -362,8 +362,8 @@ class QuantizedEmbedding(nn.Module):
         """The rows dequantized by one call of quant_linear.cpp's `qembedding_rows` (a decoded token's lookup was a
         dozen tensor ops), or None where it does not apply (another device or dtype, no compiled kernels)."""
         head = self.head[0]
-        buffers = head._buffers
-        q, scales = buffers["qweight"], buffers["scales"]
+        stored = head.tensors()
+        q, scales = stored["qweight"], stored["scales"]
         if (self.dtype_of_output.dtype != torch.float32 or not ids.is_cpu or ids.dtype != torch.int64
                 or not q.is_cpu or q.dim() != 2 or not (q.is_contiguous() and scales.is_contiguous())
                 or scales.dtype != (torch.float32 if head.bits == 8 else INT4_SCALE_DTYPE)):
@@ -371,7 +371,7 @@ class QuantizedEmbedding(nn.Module):
         lib = _cpu_library()
         if lib is None:
             return None
-        zeros = buffers.get("zeros")
+        zeros = stored.get("zeros")
         if zeros is not None and (zeros.dtype != INT4_SCALE_DTYPE or not zeros.is_contiguous()):
             return None
         flat = ids.reshape(-1)
