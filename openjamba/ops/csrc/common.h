@@ -21,6 +21,8 @@ template <typename V>
 inline void keep_in_register(V& v) {
 #if defined(__AVX512F__)
   if constexpr (sizeof(V) == 64) asm("" : "+v"(v));
+#elif defined(__AVX__)
+  if constexpr (sizeof(V) == 32) asm("" : "+x"(v));
 #else
   (void)v;
 #endif

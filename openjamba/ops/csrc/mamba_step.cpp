@@ -57,7 +57,7 @@ void rms_norm(T* v, const T* weight, int64_t n, double eps) {
 // Sums of products in lanes, the lanes then added as a tree: a per-channel reduction over a few dozen values
 // (`omp simd reduction` adds the lanes one after another, a chain as long as the lanes, for every channel).
 template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+constexpr int kLanes = Vec<T>::lanes;  // one vector of the build (tiles.h): 64 bytes with AVX-512, else 32
 
 template <typename T>
 inline T tree_sum(T* part) {

@@ -13,10 +13,15 @@
 
 namespace openjamba {
 
+#if defined(__AVX512F__)
+constexpr int VEC_BYTES = 64;
+#else
+constexpr int VEC_BYTES = 32;
+#endif
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(VEC_BYTES)));
+  static constexpr int lanes = VEC_BYTES / sizeof(T);
 };
 
 template <typename T>
@@ -115,7 +120,7 @@ inline int tile_rows(int64_t j0, int64_t j1, int64_t stretch, int64_t t, int64_t
 
 constexpr int TILE_W_ONE = 8;  // weight rows per tile for one vector (eight sequential streams keep prefetchers busy)
 constexpr int TILE_W = 4;      // weight rows per tile for several vectors
-constexpr int TILE_X = 4;      // vectors per tile at most: 4 x 4 sums fill one reduction network, with no padding
+constexpr int TILE_X = VEC_BYTES / 16;  // vectors per tile at most: 4 x 4 (AVX-512) or 4 x 2 (AVX2) sums fill one reduction network
 constexpr int PREFETCH_TILES = 2;  // how far ahead the weight rows are prefetched (1 to 16 measure alike)
 // How far ahead each stream of a one-vector product prefetches: 1 KB measured best of 0.5, 1 and 2 KB (8192 x 2560
 // and 2560 x 8192 fp32, 1 thread: 1.18-1.29x the GB/s without, on 4 KB and 2 MB pages alike).
