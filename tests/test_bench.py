@@ -203,3 +203,12 @@ def test_format_ratios_are_the_first_formats_time_over_each():
 def test_bad_quantize_lists_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_bench(get_preset("tiny"), "tiny", progress=False, **kwargs)
+
+
+def test_processor_label_names_the_vector_instructions():
+    """Report headers say which vector instructions the CPU has: the kernels' speed depends on it."""
+    from openjamba.bench.measure import processor_label
+
+    assert processor_label({"cpu": "AMD EPYC", "cpu_isa": "AVX2"}) == "AMD EPYC, AVX2"
+    assert processor_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # a report written before the field existed
+    assert processor_label({"cpu": "AMD EPYC", "cpu_isa": "AVX2", "gpu": "NVIDIA H200"}) == "NVIDIA H200"

@@ -140,10 +140,33 @@ def decode_weight_bytes(model: torch.nn.Module, config) -> int:
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """What a report must say about where it was measured."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "device": str(device)}
+            "cpu": _cpu_name(), "cpu_isa": _cpu_vector_isa(), "cpu_count": os.cpu_count(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def processor_label(machine: dict[str, Any]) -> str:
+    """The processor a report ran on, as its headers name it: the GPU's name, else the CPU's with its widest vector
+    instructions (the C++ kernels are compiled for them, so figures from an AVX2 and an AVX-512 CPU differ)."""
+    if "gpu" in machine:
+        return machine["gpu"]
+    return f"{machine['cpu']}, {machine['cpu_isa']}" if machine.get("cpu_isa") else machine["cpu"]
+
+
+# /proc/cpuinfo flags, widest first, and how a report names them.
+_VECTOR_ISAS = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON"))
+
+
+def _cpu_vector_isa() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return next((name for flag, name in _VECTOR_ISAS if flag in flags), None)
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_name() -> str:

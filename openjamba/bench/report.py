@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..info import human_bytes
+from .measure import processor_label
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -108,7 +109,7 @@ def _fmt(value: Any, kind: str) -> str:
 def format_bench_report(report: dict[str, Any]) -> str:
     """The report as the tables `openjamba bench` prints."""
     m = report["machine"]
-    lines = [f"openjamba bench: {report['model']} on {m.get('gpu', m['cpu'])} ({m['device']}, {m['threads']} threads, "
+    lines = [f"openjamba bench: {report['model']} on {processor_label(m)} ({m['device']}, {m['threads']} threads, "
              f"{report['dtype']}{', K/V ' + report['kv_dtype'] if report.get('kv_dtype') else ''}"
              f"{', weights ' + report['quantize'] if report.get('quantize') else ''}); "
              f"matmul {m['matmul_flops_s'] / 1e9:,.0f} GFLOP/s"]
@@ -206,6 +207,6 @@ def plot_bench_report(report: dict[str, Any], file: str | Path) -> Path:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"openjamba bench: {report['model']} ({report['machine'].get('gpu', report['machine']['cpu'])})",
+    fig.suptitle(f"openjamba bench: {report['model']} ({processor_label(report['machine'])})",
                  fontsize=9)
     return save_figure(fig, file, dpi=110)

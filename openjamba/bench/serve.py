@@ -41,7 +41,7 @@ import torch
 
 from ..generate import prefill
 from ..serve.engine import Engine, FinishEvent, SamplingParams, hold_freed_memory, on_fresh_thread
-from .measure import machine_info
+from .measure import machine_info, processor_label
 
 SERVE_PHASES = ("streams", "chat", "interference")
 
@@ -292,7 +292,7 @@ def _stream_line(row: dict) -> str:
 def format_serve_report(report: dict) -> str:
     m = report["machine"]
     lines = [f"serving benchmark: {report['model']}, {m['threads']} threads on {m['cpu_count']} CPUs "
-             f"({m['cpu']}), torch {m['torch']}, prefill chunk {report['prefill_chunk']}"]
+             f"({processor_label(m)}), torch {m['torch']}, prefill chunk {report['prefill_chunk']}"]
     if "streams" in report:
         s = report["settings"]
         lines += [f"\nconcurrent streams: {s['prefix']}-token shared prefix + {s['suffix']} own tokens, "
