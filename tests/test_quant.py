@@ -122,8 +122,10 @@ def test_int4_long_rows_one_row():
         assert torch.equal(outs[0][0], outs[1][0])
 
 
-def test_plain_cpp_build_matches(tmp_path):
-    """The kernels without AVX-512 (an AVX2 build: the plain C++ loops) give the same products."""
+@pytest.mark.parametrize("march, avx2", [("x86-64-v2", 0), ("x86-64-v3", 1)])
+def test_builds_without_avx512_match(tmp_path, march, avx2):
+    """The kernels without AVX-512: the plain C++ loops (x86-64-v2) and the AVX2 ones (x86-64-v3, quant_avx2.h)
+    give the same products, and a row's bits do not depend on the rows beside it or on the thread count."""
     import ctypes
     import shutil
     import subprocess
@@ -135,24 +137,31 @@ def test_plain_cpp_build_matches(tmp_path):
                                                                          text=True).stdout.strip() != "x86_64":
         pytest.skip("needs an x86-64 C++ compiler")
     lib_path = tmp_path / "quant_plain.so"
-    subprocess.run([cxx, *cpu_build.BASE_FLAGS, "-march=x86-64-v3", "-fopenmp", "-o", str(lib_path),
+    subprocess.run([cxx, *cpu_build.BASE_FLAGS, f"-march={march}", "-fopenmp", "-o", str(lib_path),
                     str(cpu_build.CSRC / "quant_linear.cpp")], check=True, capture_output=True)
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.qlinear_vnni() == 0
+    assert lib.qlinear_vnni() == 0 and lib.qlinear_avx2() == avx2
     lib.qlinear_int8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6
     lib.qlinear_int4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7
     torch.manual_seed(0)
     for method in quant.METHODS:
-        for N, K, group in SHAPES:
+        for N, K, group in SHAPES + [(37, 2560, 128), (9, 1024, 256), (6, 160, 32), (5, 4096, 256)]:
             tensors = quant.quantize_weight(torch.randn(N, K), method, group)
-            x, y = torch.randn(5, K), torch.empty(5, N)
             q, s = tensors["qweight"], tensors["scales"]
-            if q.dtype == torch.int8:
-                lib.qlinear_int8(x.data_ptr(), q.data_ptr(), s.data_ptr(), None, None, y.data_ptr(), 5, K, N, K, N, 2)
-            else:
-                lib.qlinear_int4(x.data_ptr(), q.data_ptr(), s.data_ptr(), tensors["zeros"].data_ptr(), None, None,
-                                 y.data_ptr(), 5, K, N, K // s.shape[-1], K, N, 2)
-            assert_kernel_matches(y, x, tensors)
+            x = torch.randn(5, K)
+            outs = []
+            for rows, threads in ((5, 2), (5, 1), (1, 1), (3, 2)):
+                y = torch.empty(rows, N)
+                if q.dtype == torch.int8:
+                    lib.qlinear_int8(x.data_ptr(), q.data_ptr(), s.data_ptr(), None, None, y.data_ptr(), rows, K, N, K,
+                                     N, threads)
+                else:
+                    lib.qlinear_int4(x.data_ptr(), q.data_ptr(), s.data_ptr(), tensors["zeros"].data_ptr(), None,
+                                     None, y.data_ptr(), rows, K, N, K // s.shape[-1], K, N, threads)
+                outs.append(y)
+            assert_kernel_matches(outs[0], x, tensors)
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2][0], outs[0][0])
+            assert torch.equal(outs[3], outs[0][:3])
 
 
 @pytest.mark.parametrize("method", quant.METHODS)

@@ -20,8 +20,8 @@
 // than a few rows of x the rows are taken in passes over a block of weight rows that stays in L1, so W still streams
 // from memory once.
 //
-// Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs as plain C++ loops the compiler
-// vectorises for whatever the build targets.
+// Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs with AVX2 and FMA where the build has
+// them and no AVX-512 (quant_avx2.h), else as plain C++ loops the compiler vectorises for whatever the build targets.
 
 #include <algorithm>
 #include <vector>
@@ -33,13 +33,18 @@
 #include "common.h"
 #include "quant_linear.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define OPENJAMBA_VNNI 1
 #else
 #define OPENJAMBA_VNNI 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define OPENJAMBA_QUANT_AVX2 1
+#else
+#define OPENJAMBA_QUANT_AVX2 0
 #endif
 
 namespace {
@@ -404,6 +409,10 @@ inline void int4_short_rows(const uint8_t* const* w, const uint16_t* const* scal
 // Whether int4_short_rows takes a product's weight rows.
 inline bool short_int4_rows(int64_t in, int64_t group) { return in <= SHORT_ROW && group < PIECE; }
 
+#elif OPENJAMBA_QUANT_AVX2
+
+#include "quant_avx2.h"
+
 #else  // plain C++: per block, an integer dot product, then one fp32 multiply-add
 
 template <int M>
@@ -719,7 +728,8 @@ int64_t qembedding_rows(const void* ids, int64_t n, const void* q, const void* s
   return -1;
 }
 
-// 1 when the integer dot products use AVX-512 VNNI, 0 for the plain C++ loops.
+// 1 when the integer dot products use AVX-512 VNNI, 0 otherwise; qlinear_avx2: 1 when they use AVX2 (quant_avx2.h).
 int qlinear_vnni() { return OPENJAMBA_VNNI; }
+int qlinear_avx2() { return OPENJAMBA_QUANT_AVX2; }
 
 }  // extern "C"

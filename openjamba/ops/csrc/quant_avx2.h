@@ -1,0 +1,211 @@
+// The integer dot products of quant_linear.cpp for CPUs with AVX2 and FMA but no AVX-512 (Intel laptops since
+// Alder Lake, AMD up to Zen 3): the same arithmetic as its AVX-512 VNNI and plain paths (activations quantized per
+// block to int8, an exact integer dot per block, blocks summed in fp32), 32 bytes at a time. A part of
+// quant_linear.cpp, included by it in place of its plain loops: it uses that file's constants and row structures.
+//
+// AVX2 has no `vpdpbusd`; `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs into int16 (saturating),
+// `vpmaddwd` against ones adds pairs of those into int32 lanes:
+//   int8 weights (q in [-127, 127]): |xq| (unsigned) times q with xq's sign (`vpsignb`): each product is q * xq and
+//     both factors are at most 127 in magnitude, so a pair sums to at most 2 * 127 * 127 < 2^15 (no saturation).
+//   int4 weights: the nibbles (0..15, unsigned) times xq: a pair is at most 2 * 15 * 127, and a piece's four such
+//     int16 sums (its two weight vectors' low and high nibbles) at most 15240 < 2^15, so they add in int16 first.
+// Each (weight row, row of x) has one accumulator of 8 fp32 lanes, updated in the same sequence whatever the other
+// rows of its step and pass, so a row's bits depend neither on the rows of x beside it nor on the thread count.
+// AVX2 has 16 vector registers: a pass takes its weight rows in sweeps of at most 8 accumulators (four weight rows
+// for one or two rows of x, two for more).
+//
+// Included inside quant_linear.cpp's anonymous namespace, after <immintrin.h> and its row structures.
+
+constexpr int ACCUMULATORS = 8;  // per sweep: weight rows x rows of x
+
+constexpr int sweep_rows(int rows, int m) { return rows * m <= ACCUMULATORS ? rows : ACCUMULATORS / m; }
+
+// The sum of a vector's 8 lanes, in a fixed order.
+inline float sum_lanes(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+inline __m256i sum_pairs_epi16(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
+
+// int8: per block of 32 columns, 8 lanes of four products each, converted and scaled by the block's activation
+// scale (the weight row's scale applies once, in `store`).
+template <int M>
+inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, float out[X_PASS][ROWS]) {
+  constexpr int RB = sweep_rows(ROWS, M);
+  static_assert(ROWS % RB == 0, "whole sweeps");
+  for (int r0 = 0; r0 < ROWS; r0 += RB) {
+    __m256 acc[RB][M];
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k += INT8_BLOCK) {
+      __m256i xv[M], xa[M];
+      __m256 xs[M];
+      for (int m = 0; m < M; ++m) {
+        xv[m] = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[m].xq + k));
+        xa[m] = _mm256_abs_epi8(xv[m]);
+        xs[m] = _mm256_broadcast_ss(x[m].xs + k / INT8_BLOCK);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r0 + r] + k));
+        for (int m = 0; m < M; ++m) {
+          const __m256i dot = sum_pairs_epi16(_mm256_maddubs_epi16(xa[m], _mm256_sign_epi8(wv, xv[m])));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xs[m], acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < M; ++m) out[m][r0 + r] = sum_lanes(acc[r][m]);
+  }
+}
+
+// int4: the combined scales (weight scale times activation scale) of CHUNK groups and their zeros' term, sum over
+// groups of (zero - 8 scale) * xsum, computed as vectors before the chunk's dot products.
+constexpr int CHUNK = 8;
+
+inline __m256 bf16x8(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// Groups g0 .. g0 + ng - 1 (ng <= CHUNK) of RB weight rows and M rows of x: combined scales into cs (lane l: group
+// g0 + l, zero past ng) and the zeros' term added to acc.
+template <int M, int RB>
+inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* zeros, const Int4Row* x, int64_t g0,
+                         int64_t ng, float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng)), lanes);
+  for (int r = 0; r < RB; ++r) {
+    __m256 s, z;
+    if (ng == CHUNK) {
+      s = bf16x8(scales[r] + g0);
+      z = bf16x8(zeros[r] + g0);
+    } else {  // the row's last groups: read no further than they go
+      alignas(16) uint16_t sb[CHUNK] = {}, zb[CHUNK] = {};
+      std::memcpy(sb, scales[r] + g0, ng * sizeof(uint16_t));
+      std::memcpy(zb, zeros[r] + g0, ng * sizeof(uint16_t));
+      s = bf16x8(sb);
+      z = bf16x8(zb);
+    }
+    const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);  // zero - 8 scale
+    for (int m = 0; m < M; ++m) {
+      _mm256_store_ps(cs[r][m], _mm256_mul_ps(s, _mm256_maskload_ps(x[m].xs + g0, live)));
+      acc[r][m] = _mm256_fmadd_ps(zz, _mm256_maskload_ps(x[m].xsum + g0, live), acc[r][m]);
+    }
+  }
+}
+
+struct Nibbles {
+  __m256i lo, hi;
+};
+
+inline Nibbles nibbles(const uint8_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// The int32 sums (8 lanes) of one piece: its 64 weight bytes as two vectors a and b, the low nibbles against the
+// piece's 64 even columns (xp) and the high ones against its 64 odd columns (xp + 64), the four int16 sums added.
+inline __m256i piece_sums(const Nibbles& a, const Nibbles& b, const int8_t* xp) {
+  const __m256i even = _mm256_add_epi16(_mm256_maddubs_epi16(a.lo, load32(xp)),
+                                        _mm256_maddubs_epi16(b.lo, load32(xp + 32)));
+  const __m256i odd = _mm256_add_epi16(_mm256_maddubs_epi16(a.hi, load32(xp + 64)),
+                                       _mm256_maddubs_epi16(b.hi, load32(xp + 96)));
+  return sum_pairs_epi16(_mm256_add_epi16(even, odd));
+}
+
+// Groups of PIECE columns or a multiple (whole pieces): per group, the int32 sums of its pieces converted and
+// scaled by the group's combined scale.
+template <int M, int RB>
+inline void int4_whole_groups(const uint8_t* const* w, const Int4Row* x, int64_t g0, int64_t ng, int64_t group,
+                              const float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t first = (g0 + g) * group;
+    __m256i sums[RB][M];
+    for (int r = 0; r < RB; ++r) {
+      const Nibbles a = nibbles(w[r] + first / 2), b = nibbles(w[r] + first / 2 + 32);
+      for (int m = 0; m < M; ++m) sums[r][m] = piece_sums(a, b, x[m].xq + first);
+    }
+    for (int64_t p = first + PIECE; p < first + group; p += PIECE)
+      for (int r = 0; r < RB; ++r) {
+        const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
+        for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
+      }
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < M; ++m)
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), _mm256_broadcast_ss(&cs[r][m][g]), acc[r][m]);
+  }
+}
+
+// Groups of 32 or 64 columns (several per piece; a row's last piece may have 32, 64 or 96 columns): each piece in
+// units of 32 weight bytes (64 columns; lanes 0-3 cover its first 32, lanes 4-7 the next 32) and, where 16 bytes
+// remain, one of 16 (lanes 0-3). A unit's low nibbles meet the piece's even columns, its high nibbles the odd ones
+// `half` (the piece's weight bytes) further on; each 4 lanes are scaled by their group's combined scale.
+template <int M, int RB>
+inline void int4_small_groups(const uint8_t* const* w, const Int4Row* x, int64_t in, int64_t g0, int64_t ng,
+                              int64_t group, const float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
+  const int64_t end = std::min(in, (g0 + ng) * group);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t p0 = g0 * group; p0 < end; p0 += PIECE) {
+    const int64_t half = std::min<int64_t>(PIECE, in - p0) / 2;
+    int64_t u = 0;
+    for (; u + 32 <= half; u += 32) {
+      const int64_t gl = (p0 + 2 * u) / group - g0, gh = (p0 + 2 * u + 32) / group - g0;
+      for (int r = 0; r < RB; ++r) {
+        const Nibbles n = nibbles(w[r] + p0 / 2 + u);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = x[m].xq + p0 + u;
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo, load32(xp)),
+                                               _mm256_maddubs_epi16(n.hi, _mm256_loadu_si256(
+                                                   reinterpret_cast<const __m256i*>(xp + half))));
+          const __m256 scale = _mm256_set_m128(_mm_broadcast_ss(&cs[r][m][gh]), _mm_broadcast_ss(&cs[r][m][gl]));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_pairs_epi16(s16)), scale, acc[r][m]);
+        }
+      }
+    }
+    if (u < half) {  // 16 bytes (32 columns, one group's)
+      const int64_t gl = (p0 + 2 * u) / group - g0;
+      for (int r = 0; r < RB; ++r) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + p0 / 2 + u));
+        const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = x[m].xq + p0 + u;
+          const __m128i s16 = _mm_add_epi16(
+              _mm_maddubs_epi16(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp))),
+              _mm_maddubs_epi16(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + half))));
+          const __m128i s32 = _mm_madd_epi16(s16, _mm_set1_epi16(1));
+          const __m256 scale = _mm256_zextps128_ps256(_mm_broadcast_ss(&cs[r][m][gl]));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(s32)), scale, acc[r][m]);
+        }
+      }
+    }
+  }
+}
+
+template <int M, bool SMALL, int R>
+inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
+                      const Int4Row* x, int64_t in, int64_t group, float out[X_PASS][ROWS]) {
+  constexpr int RB = sweep_rows(R, M);
+  static_assert(R % RB == 0, "whole sweeps");
+  const int64_t groups = in / group;
+  for (int r0 = 0; r0 < R; r0 += RB) {
+    __m256 acc[RB][M];
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    alignas(32) float cs[RB][M][CHUNK];
+    for (int64_t g0 = 0; g0 < groups; g0 += CHUNK) {
+      const int64_t ng = std::min<int64_t>(CHUNK, groups - g0);
+      chunk_scales<M, RB>(scales + r0, zeros + r0, x, g0, ng, cs, acc);
+      if (SMALL)
+        int4_small_groups<M, RB>(w + r0, x, in, g0, ng, group, cs, acc);
+      else
+        int4_whole_groups<M, RB>(w + r0, x, g0, ng, group, cs, acc);
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < M; ++m) out[m][r0 + r] = sum_lanes(acc[r][m]);
+  }
+}
