@@ -119,8 +119,15 @@ inline int tile_rows(int64_t j0, int64_t j1, int64_t stretch, int64_t t, int64_t
 }
 
 constexpr int TILE_W_ONE = 8;  // weight rows per tile for one vector (eight sequential streams keep prefetchers busy)
-constexpr int TILE_W = 4;      // weight rows per tile for several vectors
-constexpr int TILE_X = VEC_BYTES / 16;  // vectors per tile at most: 4 x 4 (AVX-512) or 4 x 2 (AVX2) sums fill one reduction network
+#if defined(__AVX512F__)
+constexpr int TILE_W = 4;  // weight rows per tile for several vectors
+constexpr int TILE_X = 4;  // vectors per tile at most: 4 x 4 sums fill one reduction network
+#else
+// 16 vector registers: 3 x 4 accumulators, the 3 weight vectors and one x vector fill them exactly, with 7 loads per
+// 12 multiply-adds (4 x 2 tiles: 6 loads per 8, and fewer independent sums to hide the multiply-add latency).
+constexpr int TILE_W = 3;
+constexpr int TILE_X = 4;
+#endif
 constexpr int PREFETCH_TILES = 2;  // how far ahead the weight rows are prefetched (1 to 16 measure alike)
 // How far ahead each stream of a one-vector product prefetches: 1 KB measured best of 0.5, 1 and 2 KB (8192 x 2560
 // and 2560 x 8192 fp32, 1 thread: 1.18-1.29x the GB/s without, on 4 KB and 2 MB pages alike).
