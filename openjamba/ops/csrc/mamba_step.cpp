@@ -28,7 +28,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -117,6 +117,97 @@ inline void block_output(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t 
   for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define OPENJAMBA_AVX2_STATE 1
+// The fp32 state update with 8-lane vectors (AVX2) when the state is a whole number of them (NV vectors, N = 8 NV):
+// every row, one or several, takes it (so a row's bits never depend on the rows beside it). The generic loop below
+// runs one channel at a time (a dependency chain of ~50 cycles the core overlaps little) and sums each channel's
+// lanes through the stack; here AVX2_G channels go through each step of the exponential together, and the block's
+// sums C . h are added in one transposing network (tiles.h's lane_sums_of).
+constexpr int AVX2_G = 4;
+
+// exp2_f32 (common.h) of n vectors, its steps in its order, each step on all n: the clamps (max(lo, x) is x < lo ? lo
+// : x, NaN kept; min(hi, x) likewise), the rounding to k, the polynomial by multiply-adds, the scale, then inf from
+// 128 up.
+template <int n>
+inline void exp2_vectors(__m256* x) {
+  const __m256 magic = _mm256_set1_ps(EXP2_MAGIC);
+  __m256 r[n];
+  __m256i k[n];
+  for (int q = 0; q < n; ++q) {
+    __m256 xc = _mm256_max_ps(_mm256_set1_ps(EXP2_LO), x[q]);
+    xc = _mm256_min_ps(_mm256_set1_ps(127.49f), xc);
+    const __m256 kb = _mm256_add_ps(xc, magic);
+    k[q] = _mm256_sub_epi32(_mm256_castps_si256(kb), _mm256_castps_si256(magic));
+    r[q] = _mm256_sub_ps(xc, _mm256_sub_ps(kb, magic));
+  }
+  __m256 p[n];
+  for (int q = 0; q < n; ++q) p[q] = _mm256_fmadd_ps(_mm256_set1_ps(EXP2_POLY[0]), r[q], _mm256_set1_ps(EXP2_POLY[1]));
+  for (int i = 2; i < 7; ++i)
+    for (int q = 0; q < n; ++q) p[q] = _mm256_fmadd_ps(p[q], r[q], _mm256_set1_ps(EXP2_POLY[i]));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int q = 0; q < n; ++q) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(k[q], _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p[q], _mm256_castsi256_ps(bits));
+    x[q] = _mm256_blendv_ps(y, inf, _mm256_cmp_ps(x[q], _mm256_set1_ps(128.0f), _CMP_GE_OQ));
+  }
+}
+
+// Channel j's rate vector v: A * exp_scale, prepared (SCALED) or taken here (the same product, so the same bits).
+template <bool SCALED>
+inline __m256 rate_vector(const float* As, int64_t i) {
+  const __m256 a = _mm256_loadu_ps(As + i);
+  return SCALED ? a : _mm256_mul_ps(a, _mm256_set1_ps(Math<float>::exp_scale));
+}
+
+// The w channels from c0 of row b (w <= W; dt: block_dt's): h = exp2(dt * As) h + (dt u) B in place, and the sums
+// C . h (vector 0's products, then each further vector's by a multiply-add, then the lanes by lane_sums_of) to out.
+template <bool SCALED, int NV>
+void update_block_avx2(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const float* As, const float* dt,
+                       float* out) {
+  constexpr int N = 8 * NV;
+  const int64_t D_ = a.channels, R = a.rank, P = R + 2 * N;
+  const float* proj = static_cast<const float*>(a.scratch) + b * (P + 3 * D_);
+  const float* u = proj + P + c0;
+  __m256 Bv[NV], Cv[NV];
+  for (int v = 0; v < NV; ++v) Bv[v] = _mm256_loadu_ps(proj + R + 8 * v), Cv[v] = _mm256_loadu_ps(proj + R + N + 8 * v);
+  float* h = static_cast<float*>(a.h) + (b * D_ + c0) * N;
+  Vec<float>::type prod[W] = {};
+  for (int64_t j0 = 0; j0 < w; j0 += AVX2_G) {
+    const int g = static_cast<int>(std::min<int64_t>(AVX2_G, w - j0));
+    __m256 e[AVX2_G * NV];
+    for (int q = 0; q < AVX2_G; ++q) {
+      const int64_t j = j0 + std::min(q, g - 1);  // a short group repeats its last channel (not stored twice)
+      for (int v = 0; v < NV; ++v)
+        e[q * NV + v] = _mm256_mul_ps(_mm256_set1_ps(dt[j]), rate_vector<SCALED>(As, j * N + 8 * v));
+    }
+    exp2_vectors<AVX2_G * NV>(e);
+    for (int q = 0; q < g; ++q) {
+      const int64_t j = j0 + q;
+      const __m256 du = _mm256_set1_ps(dt[j] * u[j]);
+      __m256 sum = _mm256_setzero_ps();
+      for (int v = 0; v < NV; ++v) {
+        float* hv = h + j * N + 8 * v;
+        const __m256 hn = _mm256_fmadd_ps(e[q * NV + v], _mm256_loadu_ps(hv), _mm256_mul_ps(du, Bv[v]));
+        _mm256_storeu_ps(hv, hn);
+        sum = v == 0 ? _mm256_mul_ps(Cv[v], hn) : _mm256_fmadd_ps(Cv[v], hn, sum);
+      }
+      prod[j] = static_cast<Vec<float>::type>(sum);
+    }
+  }
+  lane_sums_of<float, W>(prod, out);
+}
+
+// update_block_avx2 for the state sizes it covers (N = 8 or 16); false for the others.
+template <bool SCALED>
+bool update_block_vectors(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const float* As, const float* dt,
+                          float* out) {
+  if (a.state == 16) return update_block_avx2<SCALED, 2>(a, b, c0, w, As, dt, out), true;
+  if (a.state == 8) return update_block_avx2<SCALED, 1>(a, b, c0, w, As, dt, out), true;
+  return false;
+}
+#endif
+
 // The state update of row b over channels [c0, c0 + w), w <= W, given As for those channels (SCALED: A * exp_scale,
 // prepared once per call and shared by every row; else A itself, for one row, where preparing it was a pass of its
 // own over A, written and read back) and dt_proj's product already in the row's scratch. Each channel's arithmetic
@@ -131,6 +222,11 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
   T* h = static_cast<T*>(a.h) + (b * D_ + c0) * N;
   T dt[W], out[W];
   block_dt<T>(a, b, c0, w, dt);
+#ifdef OPENJAMBA_AVX2_STATE
+  if constexpr (std::is_same_v<T, float>) {
+    if (update_block_vectors<SCALED>(a, b, c0, w, As, dt, out)) return block_output<T>(a, b, c0, w, out);
+  }
+#endif
   // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
   // C * h of the block's channels are summed together after (tiles.h's lane_sums_of: the tree of tree_sum, in
   // about a third of the instructions), so the channels' sums overlap instead of waiting on each other.
