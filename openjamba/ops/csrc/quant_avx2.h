@@ -37,25 +37,32 @@ inline void int8_rows(const int8_t* const* w, const Int8Row* x, int64_t in, floa
   static_assert(ROWS % RB == 0, "whole sweeps");
   for (int r0 = 0; r0 < ROWS; r0 += RB) {
     __m256 acc[RB][M];
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < in; k += INT8_BLOCK) {
       __m256i xv[M], xa[M];
       __m256 xs[M];
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         xv[m] = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[m].xq + k));
         xa[m] = _mm256_abs_epi8(xv[m]);
         xs[m] = _mm256_broadcast_ss(x[m].xs + k / INT8_BLOCK);
       }
+      #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r0 + r] + k));
+        #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
           const __m256i dot = sum_pairs_epi16(_mm256_maddubs_epi16(xa[m], _mm256_sign_epi8(wv, xv[m])));
           acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xs[m], acc[r][m]);
         }
       }
     }
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) out[m][r0 + r] = sum_lanes(acc[r][m]);
   }
 }
@@ -69,6 +76,20 @@ inline __m256 bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
+// The first n (< CHUNK) of p's values, zero after. Built in a register: a vector load of a buffer just written
+// element by element waits for those stores (store-to-load forwarding fails), ~a third of a short row's time.
+inline __m256 bf16_first(const uint16_t* p, int64_t n) {
+  __m128i v = _mm_setzero_si128();
+  if (n > 0) v = _mm_insert_epi16(v, p[0], 0);
+  if (n > 1) v = _mm_insert_epi16(v, p[1], 1);
+  if (n > 2) v = _mm_insert_epi16(v, p[2], 2);
+  if (n > 3) v = _mm_insert_epi16(v, p[3], 3);
+  if (n > 4) v = _mm_insert_epi16(v, p[4], 4);
+  if (n > 5) v = _mm_insert_epi16(v, p[5], 5);
+  if (n > 6) v = _mm_insert_epi16(v, p[6], 6);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
 // Groups g0 .. g0 + ng - 1 (ng <= CHUNK) of RB weight rows and M rows of x: combined scales into cs (lane l: group
 // g0 + l, zero past ng) and the zeros' term added to acc.
 template <int M, int RB>
@@ -76,19 +97,23 @@ inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* z
                          int64_t ng, float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng)), lanes);
+  #pragma GCC unroll 4
   for (int r = 0; r < RB; ++r) {
     __m256 s, z;
     if (ng == CHUNK) {
       s = bf16x8(scales[r] + g0);
       z = bf16x8(zeros[r] + g0);
-    } else {  // the row's last groups: read no further than they go
-      alignas(16) uint16_t sb[CHUNK] = {}, zb[CHUNK] = {};
-      std::memcpy(sb, scales[r] + g0, ng * sizeof(uint16_t));
-      std::memcpy(zb, zeros[r] + g0, ng * sizeof(uint16_t));
-      s = bf16x8(sb);
-      z = bf16x8(zb);
+    } else if (g0 + ng >= CHUNK) {  // a long row's last groups: the CHUNK ending at the row's end, moved down
+      const __m256i from = _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(CHUNK - ng)));
+      const __m256 keep = _mm256_castsi256_ps(live);
+      s = _mm256_and_ps(_mm256_permutevar8x32_ps(bf16x8(scales[r] + g0 + ng - CHUNK), from), keep);
+      z = _mm256_and_ps(_mm256_permutevar8x32_ps(bf16x8(zeros[r] + g0 + ng - CHUNK), from), keep);
+    } else {  // a row of fewer than CHUNK groups
+      s = bf16_first(scales[r] + g0, ng);
+      z = bf16_first(zeros[r] + g0, ng);
     }
     const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);  // zero - 8 scale
+    #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
       _mm256_store_ps(cs[r][m], _mm256_mul_ps(s, _mm256_maskload_ps(x[m].xs + g0, live)));
       acc[r][m] = _mm256_fmadd_ps(zz, _mm256_maskload_ps(x[m].xsum + g0, live), acc[r][m]);
@@ -126,16 +151,22 @@ inline void int4_whole_groups(const uint8_t* const* w, const Int4Row* x, int64_t
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t first = (g0 + g) * group;
     __m256i sums[RB][M];
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
       const Nibbles a = nibbles(w[r] + first / 2), b = nibbles(w[r] + first / 2 + 32);
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) sums[r][m] = piece_sums(a, b, x[m].xq + first);
     }
     for (int64_t p = first + PIECE; p < first + group; p += PIECE)
+      #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
+        #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
       }
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m)
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), _mm256_broadcast_ss(&cs[r][m][g]), acc[r][m]);
   }
@@ -155,8 +186,10 @@ inline void int4_small_groups(const uint8_t* const* w, const Int4Row* x, int64_t
     int64_t u = 0;
     for (; u + 32 <= half; u += 32) {
       const int64_t gl = (p0 + 2 * u) / group - g0, gh = (p0 + 2 * u + 32) / group - g0;
+      #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const Nibbles n = nibbles(w[r] + p0 / 2 + u);
+        #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
           const int8_t* xp = x[m].xq + p0 + u;
           const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo, load32(xp)),
@@ -169,9 +202,11 @@ inline void int4_small_groups(const uint8_t* const* w, const Int4Row* x, int64_t
     }
     if (u < half) {  // 16 bytes (32 columns, one group's)
       const int64_t gl = (p0 + 2 * u) / group - g0;
+      #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + p0 / 2 + u));
         const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        #pragma GCC unroll 4
         for (int m = 0; m < M; ++m) {
           const int8_t* xp = x[m].xq + p0 + u;
           const __m128i s16 = _mm_add_epi16(
@@ -194,7 +229,9 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
   const int64_t groups = in / group;
   for (int r0 = 0; r0 < R; r0 += RB) {
     __m256 acc[RB][M];
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
     alignas(32) float cs[RB][M][CHUNK];
     for (int64_t g0 = 0; g0 < groups; g0 += CHUNK) {
@@ -205,7 +242,9 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       else
         int4_whole_groups<M, RB>(w + r0, x, g0, ng, group, cs, acc);
     }
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
+      #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) out[m][r0 + r] = sum_lanes(acc[r][m]);
   }
 }
