@@ -16,6 +16,43 @@
 //
 // Included inside quant_linear.cpp's anonymous namespace, after <immintrin.h> and its row structures.
 
+// quant_linear.cpp's quantize_block for n a multiple of 32, with the same bits: the maximum of |x| is exact in any
+// order (a NaN is skipped, as std::max(amax, NaN) does: vmaxps returns its second operand when either is NaN); each
+// value is multiplied by the same inverse and rounded alone (vcvtps2dq: half to even, as nearbyint), and its int8 is
+// the int32's low byte (masked, then packed without saturation), as static_cast<int8_t> takes it.
+inline float quantize_block_avx2(const float* x, int64_t n, int8_t* xq, int32_t* sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m[4];
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) m[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; k += 32)
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) m[i] = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k + 8 * i), magnitude), m[i]);
+  const __m256 m8 = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m256i low_byte = _mm256_set1_epi32(0xFF), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i s = _mm256_setzero_si256();
+  for (int64_t k = 0; k < n; k += 32) {
+    __m256i v[4];
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), inv));
+      s = _mm256_add_epi32(s, v[i]);
+      v[i] = _mm256_and_si256(v[i], low_byte);
+    }
+    // per 128-bit lane: bytes of v0[0..3], v1[0..3], v2[0..3], v3[0..3], then (upper lane) their 4..7
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]), _mm256_packus_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+  return amax / 127.0f;
+}
+
 constexpr int ACCUMULATORS = 8;  // per sweep: weight rows x rows of x
 
 constexpr int sweep_rows(int rows, int m) { return rows * m <= ACCUMULATORS ? rows : ACCUMULATORS / m; }

@@ -77,7 +77,12 @@ inline float bf16(uint16_t b) { return openjamba::bits_to_float(static_cast<uint
 // Quantize `n` values of x in one block: xq[k] = round(x[k] * 127 / amax); returns amax / 127 (0 for a zero block).
 // With AVX-512 (n a multiple of 16, as every block is) the same operations 16 at a time: the maximum is exact in any
 // order and each value is rounded alone (vcvtps2dq rounds half to even, as nearbyint), so the bits are the same.
+// With AVX2 (n a multiple of 32) likewise, 8 at a time (quant_avx2.h).
+inline float quantize_block_avx2(const float* x, int64_t n, int8_t* xq, int32_t* sum);
 inline float quantize_block(const float* x, int64_t n, int8_t* xq, int32_t* sum) {
+#if OPENJAMBA_QUANT_AVX2
+  if (n % 32 == 0) return quantize_block_avx2(x, n, xq, sum);
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if (n % 16 == 0) {
     __m512 m = _mm512_setzero_ps();
