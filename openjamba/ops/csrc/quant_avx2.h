@@ -134,6 +134,12 @@ inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* z
                          int64_t ng, float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng)), lanes);
+  __m256 xs[M], xsum[M];  // read once for all the rows (the stores to cs might alias them)
+  #pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    xs[m] = _mm256_maskload_ps(x[m].xs + g0, live);
+    xsum[m] = _mm256_maskload_ps(x[m].xsum + g0, live);
+  }
   #pragma GCC unroll 4
   for (int r = 0; r < RB; ++r) {
     __m256 s, z;
@@ -152,8 +158,8 @@ inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* z
     const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);  // zero - 8 scale
     #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
-      _mm256_store_ps(cs[r][m], _mm256_mul_ps(s, _mm256_maskload_ps(x[m].xs + g0, live)));
-      acc[r][m] = _mm256_fmadd_ps(zz, _mm256_maskload_ps(x[m].xsum + g0, live), acc[r][m]);
+      _mm256_store_ps(cs[r][m], _mm256_mul_ps(s, xs[m]));
+      acc[r][m] = _mm256_fmadd_ps(zz, xsum[m], acc[r][m]);
     }
   }
 }
