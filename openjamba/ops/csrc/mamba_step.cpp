@@ -128,15 +128,16 @@ constexpr int AVX2_G = 4;
 
 // exp2_f32 (common.h) of n vectors, its steps in its order, each step on all n: the clamps (max(lo, x) is x < lo ? lo
 // : x, NaN kept; min(hi, x) likewise), the rounding to k, the polynomial by multiply-adds, the scale, then inf from
-// 128 up.
-template <int n>
+// 128 up. NONPOSITIVE: every x is <= 0 or NaN, where the upper clamp and the inf step change nothing (min(hi, NaN)
+// is NaN, NaN >= 128 is false), so they are left out: the same bits in fewer instructions.
+template <int n, bool NONPOSITIVE>
 inline void exp2_vectors(__m256* x) {
   const __m256 magic = _mm256_set1_ps(EXP2_MAGIC);
   __m256 r[n];
   __m256i k[n];
   for (int q = 0; q < n; ++q) {
     __m256 xc = _mm256_max_ps(_mm256_set1_ps(EXP2_LO), x[q]);
-    xc = _mm256_min_ps(_mm256_set1_ps(127.49f), xc);
+    if constexpr (!NONPOSITIVE) xc = _mm256_min_ps(_mm256_set1_ps(127.49f), xc);
     const __m256 kb = _mm256_add_ps(xc, magic);
     k[q] = _mm256_sub_epi32(_mm256_castps_si256(kb), _mm256_castps_si256(magic));
     r[q] = _mm256_sub_ps(xc, _mm256_sub_ps(kb, magic));
@@ -149,7 +150,7 @@ inline void exp2_vectors(__m256* x) {
   for (int q = 0; q < n; ++q) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(k[q], _mm256_set1_epi32(127)), 23);
     const __m256 y = _mm256_mul_ps(p[q], _mm256_castsi256_ps(bits));
-    x[q] = _mm256_blendv_ps(y, inf, _mm256_cmp_ps(x[q], _mm256_set1_ps(128.0f), _CMP_GE_OQ));
+    x[q] = NONPOSITIVE ? y : _mm256_blendv_ps(y, inf, _mm256_cmp_ps(x[q], _mm256_set1_ps(128.0f), _CMP_GE_OQ));
   }
 }
 
@@ -162,7 +163,8 @@ inline __m256 rate_vector(const float* As, int64_t i) {
 
 // The w channels from c0 of row b (w <= W; dt: block_dt's): h = exp2(dt * As) h + (dt u) B in place, and the sums
 // C . h (vector 0's products, then each further vector's by a multiply-add, then the lanes by lane_sums_of) to out.
-template <bool SCALED, int NV>
+// NONPOSITIVE: no rate As is > 0; dt (softplus) is >= 0 or NaN, so every exponent is <= 0 or NaN.
+template <bool SCALED, int NV, bool NONPOSITIVE>
 void update_block_avx2(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const float* As, const float* dt,
                        float* out) {
   constexpr int N = 8 * NV;
@@ -181,7 +183,7 @@ void update_block_avx2(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w,
       for (int v = 0; v < NV; ++v)
         e[q * NV + v] = _mm256_mul_ps(_mm256_set1_ps(dt[j]), rate_vector<SCALED>(As, j * N + 8 * v));
     }
-    exp2_vectors<AVX2_G * NV>(e);
+    exp2_vectors<AVX2_G * NV, NONPOSITIVE>(e);
     for (int q = 0; q < g; ++q) {
       const int64_t j = j0 + q;
       const __m256 du = _mm256_set1_ps(dt[j] * u[j]);
@@ -199,12 +201,30 @@ void update_block_avx2(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w,
 }
 
 // update_block_avx2 for the state sizes it covers (N = 8 or 16); false for the others.
+template <bool SCALED, bool NONPOSITIVE>
+bool update_block_sizes(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const float* As, const float* dt,
+                        float* out) {
+  if (a.state == 16) return update_block_avx2<SCALED, 2, NONPOSITIVE>(a, b, c0, w, As, dt, out), true;
+  if (a.state == 8) return update_block_avx2<SCALED, 1, NONPOSITIVE>(a, b, c0, w, As, dt, out), true;
+  return false;
+}
+
 template <bool SCALED>
 bool update_block_vectors(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const float* As, const float* dt,
-                          float* out) {
-  if (a.state == 16) return update_block_avx2<SCALED, 2>(a, b, c0, w, As, dt, out), true;
-  if (a.state == 8) return update_block_avx2<SCALED, 1>(a, b, c0, w, As, dt, out), true;
-  return false;
+                          float* out, bool nonpositive) {
+  return nonpositive ? update_block_sizes<SCALED, true>(a, b, c0, w, As, dt, out)
+                     : update_block_sizes<SCALED, false>(a, b, c0, w, As, dt, out);
+}
+
+// Whether none of the n values from v is > 0 (NaN is not).
+inline bool none_positive(const float* v, int64_t n) {
+  __m256 positive = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    positive = _mm256_or_ps(positive, _mm256_cmp_ps(_mm256_loadu_ps(v + i), _mm256_setzero_ps(), _CMP_GT_OQ));
+  bool rest = false;
+  for (; i < n; ++i) rest |= v[i] > 0.0f;
+  return _mm256_movemask_ps(positive) == 0 && !rest;
 }
 #endif
 
@@ -212,8 +232,9 @@ bool update_block_vectors(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t
 // prepared once per call and shared by every row; else A itself, for one row, where preparing it was a pass of its
 // own over A, written and read back) and dt_proj's product already in the row's scratch. Each channel's arithmetic
 // is the same whatever the block, the row count or the thread count (batch invariance).
+// nonpositive: no value of As is > 0 (a hint for the AVX2 path; the result is the same either way).
 template <typename T, bool SCALED>
-void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As) {
+void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, const T* As, bool nonpositive = false) {
   const int64_t D_ = a.channels, R = a.rank, N = a.state, P = R + 2 * N;
   const T* proj = static_cast<const T*>(a.scratch) + b * (P + 3 * D_);
   const T* u = proj + P + c0;
@@ -224,7 +245,7 @@ void update_block(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t w, cons
   block_dt<T>(a, b, c0, w, dt);
 #ifdef OPENJAMBA_AVX2_STATE
   if constexpr (std::is_same_v<T, float>) {
-    if (update_block_vectors<SCALED>(a, b, c0, w, As, dt, out)) return block_output<T>(a, b, c0, w, out);
+    if (update_block_vectors<SCALED>(a, b, c0, w, As, dt, out, nonpositive)) return block_output<T>(a, b, c0, w, out);
   }
 #endif
   // The state update, vectorised over each channel's states; when N is a whole number of lanes, the products
@@ -486,9 +507,13 @@ void update_phase(const MambaStepArgs& a) {
     if (dtw)
       matrix_rows<T>(dtw, R, c0, c1, dt_low.data(), a.batch,
                      [&](int64_t b, int64_t j, T v) { scratch[b * (P + 3 * D_) + P + D_ + j] = v; });
+    bool nonpositive = false;  // the AVX2 path's hint (update_block)
+#ifdef OPENJAMBA_AVX2_STATE
+    if constexpr (std::is_same_v<T, float>) nonpositive = none_positive(A + c0 * N, (c1 - c0) * N);
+#endif
     if (a.batch == 1) {
       for (int64_t cb = c0; cb < c1; cb += W)
-        update_block<T, false>(a, 0, cb, std::min<int64_t>(W, c1 - cb), A + cb * N);
+        update_block<T, false>(a, 0, cb, std::min<int64_t>(W, c1 - cb), A + cb * N, nonpositive);
       continue;
     }
     As.resize((c1 - c0) * N);
@@ -504,7 +529,7 @@ void update_phase(const MambaStepArgs& a) {
 #endif
     for (int64_t b = 0; b < a.batch; ++b)
       for (int64_t cb = c0; cb < c1; cb += W)
-        update_block<T, true>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N);
+        update_block<T, true>(a, b, cb, std::min<int64_t>(W, c1 - cb), As.data() + (cb - c0) * N, nonpositive);
   }
 }
 
