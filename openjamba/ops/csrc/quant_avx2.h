@@ -200,13 +200,15 @@ inline void int4_whole_groups(const uint8_t* const* w, const Int4Row* x, int64_t
       #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) sums[r][m] = piece_sums(a, b, x[m].xq + first);
     }
-    for (int64_t p = first + PIECE; p < first + group; p += PIECE)
-      #pragma GCC unroll 4
-      for (int r = 0; r < RB; ++r) {
-        const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
+    if (group > PIECE) {  // the group's further pieces
+      for (int64_t p = first + PIECE; p < first + group; p += PIECE)
         #pragma GCC unroll 4
-        for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
-      }
+        for (int r = 0; r < RB; ++r) {
+          const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
+          #pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
+        }
+    }
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r)
       #pragma GCC unroll 4
@@ -282,6 +284,8 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       chunk_scales<M, RB>(scales + r0, zeros + r0, x, g0, ng, cs, acc);
       if (SMALL)
         int4_small_groups<M, RB>(w + r0, x, in, g0, ng, group, cs, acc);
+      else if (group == PIECE && ng == CHUNK)  // the default groups, a whole chunk: constants the compiler unrolls
+        int4_whole_groups<M, RB>(w + r0, x, g0, CHUNK, PIECE, cs, acc);
       else
         int4_whole_groups<M, RB>(w + r0, x, g0, ng, group, cs, acc);
     }
