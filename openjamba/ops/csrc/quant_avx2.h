@@ -1,4 +1,4 @@
-// The integer dot products of quant_linear.cpp for CPUs with AVX2 and FMA but no AVX-512 (Intel laptops since
+// The integer dot products of quant_linear.cpp for CPUs with AVX2 and FMA but not AVX-512 VNNI (Intel laptops since
 // Alder Lake, AMD up to Zen 3): the same arithmetic as its AVX-512 VNNI and plain paths (activations quantized per
 // block to int8, an exact integer dot per block, blocks summed in fp32), 32 bytes at a time. A part of
 // quant_linear.cpp, included by it in place of its plain loops: it uses that file's constants and row structures.

@@ -21,7 +21,8 @@
 // from memory once.
 //
 // Without AVX-512 VNNI/BW (selected at compile time) the same arithmetic runs with AVX2 and FMA where the build has
-// them and no AVX-512 (quant_avx2.h), else as plain C++ loops the compiler vectorises for whatever the build targets.
+// them (quant_avx2.h; AVX-512 CPUs without VNNI, such as Skylake-X, too), else as plain C++ loops the compiler
+// vectorises for whatever the build targets.
 
 #include <algorithm>
 #include <vector>
@@ -41,7 +42,7 @@
 #else
 #define OPENJAMBA_VNNI 0
 #endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__) && !OPENJAMBA_VNNI
 #define OPENJAMBA_QUANT_AVX2 1
 #else
 #define OPENJAMBA_QUANT_AVX2 0
