@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -33,6 +33,23 @@ int64_t row_argmax(const float* x, int64_t width) {
     best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
     nan = unordered != 0;
   }
+#elif defined(__AVX2__)
+  if (width >= 32) {  // the same with four 8-lane vectors, the NaN lanes gathered in a vector of compare masks
+    __m256 m[4];
+    __m256 unordered = _mm256_setzero_ps();
+    for (int q = 0; q < 4; ++q) m[q] = _mm256_loadu_ps(x + 8 * q);
+    for (; i + 32 <= width; i += 32)
+      for (int q = 0; q < 4; ++q) {
+        const __m256 v = _mm256_loadu_ps(x + i + 8 * q);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m[q] = _mm256_max_ps(m[q], v);
+      }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+    best = lanes[0];
+    for (int l = 1; l < 8; ++l) best = lanes[l] > best ? lanes[l] : best;
+    nan = _mm256_movemask_ps(unordered) != 0;
+  }
 #endif
   for (; i < width; ++i) {
     nan |= std::isnan(x[i]);
@@ -47,6 +64,12 @@ int64_t row_argmax(const float* x, int64_t width) {
   const __m512 b = _mm512_set1_ps(best);
   for (; j + 16 <= width; j += 16) {
     const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), b, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#elif defined(__AVX2__)
+  const __m256 b = _mm256_set1_ps(best);
+  for (; j + 8 <= width; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), b, _CMP_EQ_OQ));
     if (hit) return j + __builtin_ctz(hit);
   }
 #endif
