@@ -295,3 +295,123 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       for (int m = 0; m < M; ++m) out[m][r0 + r] = sum_lanes(acc[r][m]);
   }
 }
+
+// bf16_first without branches, for a count n (1 to CHUNK) fixed for a whole product: the pairs of values as 32-bit
+// lanes of a masked load (masked lanes read nothing), and the last value again on its own (for an odd n the load
+// leaves it out: its pair would read past the row).
+struct FirstValues {
+  __m128i pairs;  // lanes below n / 2
+  __m256i last;   // lane n - 1
+};
+
+inline FirstValues first_values(int64_t n) {
+  const int h = static_cast<int>(n);
+  return {_mm_cmpgt_epi32(_mm_set1_epi32(h / 2), _mm_setr_epi32(0, 1, 2, 3)),
+          _mm256_cmpeq_epi32(_mm256_set1_epi32(h - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+}
+
+inline __m256 bf16_first(const uint16_t* p, int64_t n, const FirstValues& f) {
+  const __m128i pairs = _mm_maskload_epi32(reinterpret_cast<const int*>(p), f.pairs);
+  const __m256i last = _mm256_and_si256(f.last, _mm256_set1_epi32(static_cast<int>(p[n - 1])));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_or_si256(_mm256_cvtepu16_epi32(pairs), last), 16));
+}
+
+// Short int4 rows in groups of 32 or 64 whose groups fit one chunk (at most CHUNK: a Mamba dt_proj, 160 inputs in
+// groups of 32), ROWS weight rows at a time: int4_rows<M, true, ROWS>'s arithmetic in its order, so the same bits,
+// but the chunk's combined scales stay in a register (each unit's lanes take theirs by a permute, not through a stack
+// array) and the group is a constant: a short row's cost is its step's own work, not its 80 bytes.
+template <int M, int GROUP>
+inline void int4_short_rows(const uint8_t* const* w, const uint16_t* const* scales, const uint16_t* const* zeros,
+                            const Int4Row* x, int64_t in, float out[X_PASS][ROWS]) {
+  constexpr int R = ROWS;
+  const int64_t ng = in / GROUP;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ng)), lanes);
+  const __m256 low_half = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
+  __m256 xs[M], xsum[M];
+  #pragma GCC unroll 4
+  for (int m = 0; m < M; ++m) {
+    xs[m] = _mm256_maskload_ps(x[m].xs, live);
+    xsum[m] = _mm256_maskload_ps(x[m].xsum, live);
+  }
+  const FirstValues first = first_values(ng);
+  __m256 acc[R][M], cs[R][M];  // cs lane g: group g's combined scale (0 past the row's groups)
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = bf16_first(scales[r], ng, first), z = bf16_first(zeros[r], ng, first);
+    const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);  // zero - 8 scale
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      cs[r][m] = _mm256_mul_ps(s, xs[m]);
+      acc[r][m] = _mm256_fmadd_ps(zz, xsum[m], _mm256_setzero_ps());
+    }
+  }
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t p0 = 0; p0 < in; p0 += PIECE) {
+    const int64_t half = std::min<int64_t>(PIECE, in - p0) / 2;
+    int64_t u = 0;
+    for (; u + 32 <= half; u += 32) {  // lanes 0-3: group gl's 32 columns, lanes 4-7: gh's
+      const int gl = static_cast<int>((p0 + 2 * u) / GROUP), gh = static_cast<int>((p0 + 2 * u + 32) / GROUP);
+      const __m256i pick = _mm256_setr_epi32(gl, gl, gl, gl, gh, gh, gh, gh);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const Nibbles n = nibbles(w[r] + p0 / 2 + u);
+        #pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = x[m].xq + p0 + u;
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo, load32(xp)),
+                                               _mm256_maddubs_epi16(n.hi, _mm256_loadu_si256(
+                                                   reinterpret_cast<const __m256i*>(xp + half))));
+          const __m256 scale = _mm256_permutevar8x32_ps(cs[r][m], pick);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_pairs_epi16(s16)), scale, acc[r][m]);
+        }
+      }
+    }
+    if (u < half) {  // 16 bytes (32 columns, one group's): lanes 0-3, the others zero
+      const __m256i pick = _mm256_set1_epi32(static_cast<int>((p0 + 2 * u) / GROUP));
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + p0 / 2 + u));
+        const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        #pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = x[m].xq + p0 + u;
+          const __m128i s16 = _mm_add_epi16(
+              _mm_maddubs_epi16(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp))),
+              _mm_maddubs_epi16(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + half))));
+          const __m128i s32 = _mm_madd_epi16(s16, _mm_set1_epi16(1));
+          const __m256 scale = _mm256_and_ps(_mm256_permutevar8x32_ps(cs[r][m], pick), low_half);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(s32)), scale, acc[r][m]);
+        }
+      }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) out[m][r] = sum_lanes(acc[r][m]);
+}
+
+template <int GROUP>
+inline void int4_short_pass(int64_t count, const uint8_t* const* w, const uint16_t* const* s,
+                            const uint16_t* const* z, const Int4Row* x, int64_t in, float out[X_PASS][ROWS]) {
+  switch (count) {
+    case 1: int4_short_rows<1, GROUP>(w, s, z, x, in, out); break;
+    case 2: int4_short_rows<2, GROUP>(w, s, z, x, in, out); break;
+    case 3: int4_short_rows<3, GROUP>(w, s, z, x, in, out); break;
+    default: int4_short_rows<4, GROUP>(w, s, z, x, in, out); break;
+  }
+}
+
+// Whether int4_short_rows takes a product's weight rows: groups of 32 or 64, all in one chunk.
+inline bool short_int4_rows(int64_t in, int64_t group) { return group < PIECE && in / group <= CHUNK; }
+
+// int4_short_rows for a pass of `count` rows of x.
+inline void int4_short_pass(int64_t count, const uint8_t* const* w, const uint16_t* const* s,
+                            const uint16_t* const* z, const Int4Row* x, int64_t in, int64_t group,
+                            float out[X_PASS][ROWS]) {
+  if (group == 32)
+    int4_short_pass<32>(count, w, s, z, x, in, out);
+  else
+    int4_short_pass<64>(count, w, s, z, x, in, out);
+}

@@ -589,6 +589,9 @@ inline void int4_pass(int64_t count, const uint8_t* const* w, const uint16_t* co
       }
     }
   }
+#elif OPENJAMBA_QUANT_AVX2
+  if constexpr (SMALL && R == ROWS)
+    if (short_int4_rows(in, group)) return int4_short_pass(count, w, s, z, x, in, group, out);
 #endif
   switch (count) {
     case 1: int4_rows<1, SMALL, R>(w, s, z, x, in, group, out); break;
