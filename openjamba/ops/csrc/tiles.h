@@ -13,6 +13,8 @@
 
 namespace openjamba {
 
+// One vector register of the build: wider GCC vectors compile to pairs of registers, and a tile of them no longer
+// fits the register file (AVX2 has 16).
 #if defined(__AVX512F__)
 constexpr int VEC_BYTES = 64;
 #else
