@@ -44,8 +44,10 @@ inline uint32_t float_to_bits(float f) {
   return b;
 }
 
-// exp2_f32's constants (mamba_step.cpp's exp2_nonpositive repeats its steps 16 lanes at a time).
+// exp2_f32's constants (mamba_step.cpp's exp2_nonpositive and exp2_vectors repeat its steps 16 and 8 lanes at a
+// time).
 constexpr float EXP2_LO = -127.0f;
+constexpr float EXP2_HI = 127.49f;
 constexpr float EXP2_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
 constexpr float EXP2_POLY[7] = {1.5370715e-4f, 1.3399858e-3f, 9.6183736e-3f, 5.5503290e-2f,
                                 2.4022648e-1f, 6.9314718e-1f, 1.0f};  // highest degree first
@@ -54,7 +56,7 @@ constexpr float EXP2_POLY[7] = {1.5370715e-4f, 1.3399858e-3f, 9.6183736e-3f, 5.5
 // error: 2e-9 in exact arithmetic, ~1e-7 = 1.5 ulp after fp32 rounding). Limits: 0 below -126.5 (no denormals), inf
 // from 128 (up, 2^127.49 for x in (127.49, 128)), NaN stays NaN. Branch-free so loops over it vectorise.
 inline float exp2_f32(float x) {
-  const float lo = EXP2_LO, hi = 127.49f;
+  const float lo = EXP2_LO, hi = EXP2_HI;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
   const float magic = EXP2_MAGIC;

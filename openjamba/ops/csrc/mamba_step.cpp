@@ -137,7 +137,7 @@ inline void exp2_vectors(__m256* x) {
   __m256i k[n];
   for (int q = 0; q < n; ++q) {
     __m256 xc = _mm256_max_ps(_mm256_set1_ps(EXP2_LO), x[q]);
-    if constexpr (!NONPOSITIVE) xc = _mm256_min_ps(_mm256_set1_ps(127.49f), xc);
+    if constexpr (!NONPOSITIVE) xc = _mm256_min_ps(_mm256_set1_ps(EXP2_HI), xc);
     const __m256 kb = _mm256_add_ps(xc, magic);
     k[q] = _mm256_sub_epi32(_mm256_castps_si256(kb), _mm256_castps_si256(magic));
     r[q] = _mm256_sub_ps(xc, _mm256_sub_ps(kb, magic));
@@ -154,7 +154,7 @@ inline void exp2_vectors(__m256* x) {
   }
 }
 
-// Channel j's rate vector v: A * exp_scale, prepared (SCALED) or taken here (the same product, so the same bits).
+// The 8 rates from As + i as A * exp_scale: prepared (SCALED) or taken here (the same product, so the same bits).
 template <bool SCALED>
 inline __m256 rate_vector(const float* As, int64_t i) {
   const __m256 a = _mm256_loadu_ps(As + i);

@@ -113,18 +113,26 @@ inline __m256 bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
-// The first n (< CHUNK) of p's values, zero after. Built in a register: a vector load of a buffer just written
-// element by element waits for those stores (store-to-load forwarding fails), ~a third of a short row's time.
-inline __m256 bf16_first(const uint16_t* p, int64_t n) {
-  __m128i v = _mm_setzero_si128();
-  if (n > 0) v = _mm_insert_epi16(v, p[0], 0);
-  if (n > 1) v = _mm_insert_epi16(v, p[1], 1);
-  if (n > 2) v = _mm_insert_epi16(v, p[2], 2);
-  if (n > 3) v = _mm_insert_epi16(v, p[3], 3);
-  if (n > 4) v = _mm_insert_epi16(v, p[4], 4);
-  if (n > 5) v = _mm_insert_epi16(v, p[5], 5);
-  if (n > 6) v = _mm_insert_epi16(v, p[6], 6);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+// The first n (1 to CHUNK) of p's values as fp32, zero after, built in registers without branches: the pairs of
+// values as 32-bit lanes of a masked load (masked lanes read nothing), and the last value again on its own (for an
+// odd n the load leaves it out: its pair would read past the row). A vector load of a buffer just written element by
+// element would wait for those stores (store-to-load forwarding fails): ~a third of a short row's time. FirstValues
+// holds the masks of a count, for products that use one count throughout.
+struct FirstValues {
+  __m128i pairs;  // lanes below n / 2
+  __m256i last;   // lane n - 1
+};
+
+inline FirstValues first_values(int64_t n) {
+  const int h = static_cast<int>(n);
+  return {_mm_cmpgt_epi32(_mm_set1_epi32(h / 2), _mm_setr_epi32(0, 1, 2, 3)),
+          _mm256_cmpeq_epi32(_mm256_set1_epi32(h - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+}
+
+inline __m256 bf16_first(const uint16_t* p, int64_t n, const FirstValues& f) {
+  const __m128i pairs = _mm_maskload_epi32(reinterpret_cast<const int*>(p), f.pairs);
+  const __m256i last = _mm256_and_si256(f.last, _mm256_set1_epi32(static_cast<int>(p[n - 1])));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_or_si256(_mm256_cvtepu16_epi32(pairs), last), 16));
 }
 
 // Groups g0 .. g0 + ng - 1 (ng <= CHUNK) of RB weight rows and M rows of x: combined scales into cs (lane l: group
@@ -152,8 +160,9 @@ inline void chunk_scales(const uint16_t* const* scales, const uint16_t* const* z
       s = _mm256_and_ps(_mm256_permutevar8x32_ps(bf16x8(scales[r] + g0 + ng - CHUNK), from), keep);
       z = _mm256_and_ps(_mm256_permutevar8x32_ps(bf16x8(zeros[r] + g0 + ng - CHUNK), from), keep);
     } else {  // a row of fewer than CHUNK groups
-      s = bf16_first(scales[r] + g0, ng);
-      z = bf16_first(zeros[r] + g0, ng);
+      const FirstValues first = first_values(ng);
+      s = bf16_first(scales[r] + g0, ng, first);
+      z = bf16_first(zeros[r] + g0, ng, first);
     }
     const __m256 zz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z);  // zero - 8 scale
     #pragma GCC unroll 4
@@ -296,25 +305,6 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
   }
 }
 
-// bf16_first without branches, for a count n (1 to CHUNK) fixed for a whole product: the pairs of values as 32-bit
-// lanes of a masked load (masked lanes read nothing), and the last value again on its own (for an odd n the load
-// leaves it out: its pair would read past the row).
-struct FirstValues {
-  __m128i pairs;  // lanes below n / 2
-  __m256i last;   // lane n - 1
-};
-
-inline FirstValues first_values(int64_t n) {
-  const int h = static_cast<int>(n);
-  return {_mm_cmpgt_epi32(_mm_set1_epi32(h / 2), _mm_setr_epi32(0, 1, 2, 3)),
-          _mm256_cmpeq_epi32(_mm256_set1_epi32(h - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
-}
-
-inline __m256 bf16_first(const uint16_t* p, int64_t n, const FirstValues& f) {
-  const __m128i pairs = _mm_maskload_epi32(reinterpret_cast<const int*>(p), f.pairs);
-  const __m256i last = _mm256_and_si256(f.last, _mm256_set1_epi32(static_cast<int>(p[n - 1])));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_or_si256(_mm256_cvtepu16_epi32(pairs), last), 16));
-}
 
 // Short int4 rows in groups of 32 or 64 whose groups fit one chunk (at most CHUNK: a Mamba dt_proj, 160 inputs in
 // groups of 32), ROWS weight rows at a time: int4_rows<M, true, ROWS>'s arithmetic in its order, so the same bits,
