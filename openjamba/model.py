@@ -312,7 +312,7 @@ def _experts_by_index(x: torch.Tensor, weight, index: torch.Tensor) -> torch.Ten
 
 def _expert_linear(x: torch.Tensor, weight, e: int) -> torch.Tensor:
     """x @ weight[e].T for a fused expert parameter, or a quantized one (openjamba.quant.QuantizedWeight.linear)."""
-    return F.linear(x, weight[e]) if isinstance(weight, torch.Tensor) else weight.linear(x, e)
+    return ops.linear(x, weight[e]) if isinstance(weight, torch.Tensor) else weight.linear(x, e)
 
 
 class SparseMoE(nn.Module):
