@@ -405,7 +405,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from .bench.serve import SERVE_PHASES, format_serve_report, plot_serve_report, run_serve_bench
     from .model import JambaForCausalLM
-    from .serve.engine import on_fresh_thread
+    from .runtime import on_fresh_thread
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # as `serve`: the model is built on a thread that exits, the engines compute

@@ -8,14 +8,13 @@ import threading
 import pytest
 import torch
 
+from openjamba.runtime import hold_freed_memory, on_fresh_thread
 from openjamba.serve.engine import (
     Engine,
     EngineFull,
     FinishEvent,
     SamplingParams,
     TokenEvent,
-    hold_freed_memory,
-    on_fresh_thread,
 )
 
 from .conftest import random_model

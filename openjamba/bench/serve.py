@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from ..generate import prefill
-from ..serve.engine import Engine, FinishEvent, SamplingParams, hold_freed_memory, on_fresh_thread
+from ..runtime import hold_freed_memory, on_fresh_thread
+from ..serve.engine import Engine, FinishEvent, SamplingParams
 from .measure import machine_info, processor_label
 
 SERVE_PHASES = ("streams", "chat", "interference")

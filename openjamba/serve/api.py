@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
 from .engine import EngineFull, FinishEvent, SamplingParams, TokenEvent
+from .metrics import prometheus_text
 
 log = logging.getLogger("openjamba.serve")
 
@@ -322,53 +323,6 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
 
     add_routes(app, engine, relay, tokenizer, config, chat)
     return app
-
-
-METRICS = [  # (stats key, metric name, type, help)
-    ("running", "openjamba_requests_running", "gauge", "Requests decoding or prefilling now."),
-    ("waiting", "openjamba_requests_waiting", "gauge", "Requests queued for admission."),
-    ("generated_tokens_total", "openjamba_generation_tokens_total", "counter", "Tokens generated."),
-    ("prompt_tokens_total", "openjamba_prompt_tokens_total", "counter", "Prompt tokens received."),
-    ("cached_prompt_tokens_total", "openjamba_prompt_tokens_cached_total", "counter",
-     "Prompt tokens served from stored state (not prefilled)."),
-]
-
-
-HISTOGRAM_HELP = {
-    "iteration_seconds": "One iteration of the engine loop: admission, prefill chunks and one decode step.",
-    "prefill_seconds": "The prefill work of an iteration that had some (at most one chunk's budget of tokens).",
-    "decode_step_seconds": "One decode step of the running batch, with sampling and its token events.",
-}
-
-
-def prometheus_text(stats: dict) -> str:
-    """Prometheus exposition text: the engine's known counters with help, then any other numeric stat."""
-    lines, done = [], set()
-    for key, name, kind, text in METRICS:
-        if key in stats:
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_num(stats[key])}"]
-            done.add(key)
-    if "queue_time_seconds_sum" in stats and "queue_time_seconds_count" in stats:
-        name = "openjamba_queue_time_seconds"
-        lines += [f"# HELP {name} Time requests waited before their first step.", f"# TYPE {name} summary",
-                  f"{name}_sum {_num(stats['queue_time_seconds_sum'])}",
-                  f"{name}_count {_num(stats['queue_time_seconds_count'])}"]
-        done |= {"queue_time_seconds_sum", "queue_time_seconds_count"}
-    for key, histogram in sorted(stats.get("histograms", {}).items()):
-        name, text = "openjamba_engine_" + key, HISTOGRAM_HELP.get(key, key)
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-        lines += [f'{name}_bucket{{le="{"+Inf" if math.isinf(le) else le}"}} {n}' for le, n in histogram["buckets"]]
-        lines += [f"{name}_sum {_num(histogram['sum'])}", f"{name}_count {_num(histogram['count'])}"]
-    for key, value in sorted(stats.items()):
-        if key in done or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        name = "openjamba_" + "".join(ch if ch.isalnum() else "_" for ch in key)
-        lines += [f"# TYPE {name} {'counter' if key.endswith('_total') else 'gauge'}", f"{name} {_num(value)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
 def sse(data: dict | str) -> bytes:

@@ -23,20 +23,10 @@ step listeners (`add_step_listener`), so a consumer that buffers events (the HTT
 once per step rather than once per token. A failure inside a step finishes the requests it touched with reason
 "error" and the loop goes on.
 
-The loop runs on a thread of its own with `threads` intra-op threads. With torch's OpenMP backend (libgomp) every
-thread that runs multi-threaded ops keeps a pool of worker threads for as long as it lives, and once the pools of a
-process hold more threads than the machine has CPUs, libgomp stops spin-waiting between parallel regions: each
-region then wakes its workers through the kernel: on two threads a 262,144-element multiply took 61 us in a second
-thread against 20 us with one pool, and a 512-token prefill chunk of `cpu-bench` ran on one thread's worth of CPU
-in the engine's thread where it used two in the main thread (docs/serving-notebook.md). So whoever loads the model
-for an engine should do it on a thread that then exits (`on_fresh_thread`) and keep its own thread to one intra-op
-thread (`torch.set_num_threads(1)`), as `openjamba serve`, `chat` and `bench-serve` do: the engine's thread then
-holds the process's only pool.
-
-The loop also keeps freed memory in the process (`hold_freed_memory`): with glibc's default, adaptive malloc
-thresholds, a prefill chunk run between decode steps returned part of its buffers to the system and faulted them
-in again on the next chunk (250-5,200 minor page faults per 504-token chunk of `cpu-bench` in a warm process, 0-800
-with the fixed thresholds; the same chunks run back to back took 0-1 each), a cost the chunk alone does not pay.
+The loop runs on a thread of its own with `threads` intra-op threads; whoever loads the model for an engine
+should do it on a thread that then exits (`runtime.on_fresh_thread`, which says why) and keep its own thread to
+one intra-op thread, as `openjamba serve`, `chat` and `bench-serve` do. The loop also keeps freed memory in the
+process (`runtime.hold_freed_memory`).
 
 Sampling is per row: a request's `torch.Generator` (seeded from `seed`, else random) is used only for its own
 tokens, so a seeded request samples the same tokens whatever else runs. Rows of one batch are computed together,
@@ -49,10 +39,6 @@ which changes where the prompt is split into chunks.
 
 from __future__ import annotations
 
-import bisect
-import ctypes
-import itertools
-import platform
 import queue
 import secrets
 import threading
@@ -61,58 +47,15 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 
 from ..cache import HybridCache, RowState
 from ..generate import decode_step, prefill
+from ..runtime import hold_freed_memory
+from .metrics import Histogram
 from .sampling import RowSampling, Sampled, sample_rows
 from .state_store import StateStore
-
-T = TypeVar("T")
-
-
-def on_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
-    """`fn()` run on a new thread with `threads` intra-op threads (default: the caller's count); its result, or
-    its exception raised here. The thread exits after it and its OpenMP pool with it, so the heavy work of loading
-    a model leaves no second pool beside the engine's (see the module's docstring)."""
-    threads = threads if threads is not None else torch.get_num_threads()
-    result: list = []
-
-    def run() -> None:
-        torch.set_num_threads(threads)
-        try:
-            result.append((True, fn()))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            result.append((False, err))
-
-    thread = threading.Thread(target=run, name="openjamba-compute")
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
-
-
-MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest: smaller blocks come from (and go back to) the heap
-MALLOC_TRIM_THRESHOLD = 256 << 20  # free memory a heap keeps before returning any to the system
-
-
-def hold_freed_memory() -> bool:
-    """Fixed glibc malloc thresholds for this process (`mallopt`), so that the buffers of a prefill chunk, freed,
-    serve the next one instead of being returned to the system and faulted in again (see the module's docstring):
-    blocks under MALLOC_MMAP_THRESHOLD come from the heap, and a heap keeps up to MALLOC_TRIM_THRESHOLD free.
-    The process then holds about its peak memory, as a server does. False where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 @dataclass
@@ -146,25 +89,6 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
-
-
-class Histogram:
-    """Seconds observed, counted in Prometheus' cumulative buckets (`le`: at most that many seconds)."""
-
-    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
-        self.sum += seconds
-
-    def snapshot(self) -> dict:
-        """{"buckets": [(le, cumulative count)...], "sum", "count"}, the last bucket's le inf."""
-        cumulative = list(itertools.accumulate(self.counts))
-        return dict(buckets=list(zip((*self.BOUNDS, float("inf")), cumulative)), sum=self.sum, count=cumulative[-1])
 
 
 @dataclass(frozen=True)

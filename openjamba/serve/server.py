@@ -45,9 +45,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, **engine_kwargs):
     """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags."""
     from ..model import JambaForCausalLM
-    from ..runtime import default_device, resolve_dtype
+    from ..runtime import default_device, on_fresh_thread, resolve_dtype
     from ..tokenizer import load_tokenizer
-    from .engine import Engine, on_fresh_thread
+    from .engine import Engine
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread computes nothing heavy: the engine's thread holds the one OpenMP pool
