@@ -236,7 +236,7 @@ def _step_weights(*projections: nn.Module) -> tuple | None:
 
 def _without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A linear layer's product alone: nn.Linear, or a quantized one (openjamba.quant.QuantizedLinear.matmul)."""
-    return linear.matmul(x) if hasattr(linear, "matmul") else F.linear(x, linear.weight)
+    return linear.matmul(x) if hasattr(linear, "matmul") else ops.linear(x, linear.weight)
 
 
 def _zero_padding(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
