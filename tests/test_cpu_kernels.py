@@ -331,6 +331,79 @@ def test_library_builds_for_each_instruction_set(tmp_path, march):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.fixture(scope="module")
+def avx2_scan_builds(tmp_path_factory) -> list:
+    """selective_scan.cpp for AVX2 + FMA without AVX-512 (x86-64-v3), with its AVX2 forward and without it
+    (OPENJAMBA_PLAIN_SCAN: the plain vectorised loops), loaded; skips where this machine cannot run them."""
+    import ctypes
+    import platform
+    import subprocess
+
+    cxx = cpu_build._compiler()
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 C++ compiler")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs a CPU with AVX2")
+    libs, folder = [], tmp_path_factory.mktemp("avx2_scan")
+    for name, extra in (("avx2", []), ("plain", ["-DOPENJAMBA_PLAIN_SCAN"])):
+        path = folder / f"scan_{name}.so"
+        subprocess.run([cxx, *cpu_build.BASE_FLAGS, "-march=x86-64-v3", "-fopenmp", *extra, "-o", str(path),
+                        str(cpu_build.CSRC / "selective_scan.cpp")], check=True, capture_output=True)
+        lib = ctypes.CDLL(str(path))
+        lib.scan_forward_f32.argtypes = [ctypes.POINTER(cpu_build.ScanArgs)]
+        libs.append(lib)
+    return libs
+
+
+def _scan_outputs(lib, args: dict, softplus: bool, threads: int) -> tuple:
+    """y, the final state and the chunk checkpoints of one fp32 forward call of `lib`."""
+    import ctypes
+
+    batch, length, channels = args["u"].shape
+    state = args["A"].shape[1]
+    y, hT = torch.empty(batch, length, channels), torch.empty(batch, channels, state)
+    ckpt = torch.empty(batch, -(-length // T), channels, state)
+    call = cpu_build.make_args(cpu_build.ScanArgs, batch=batch, length=length, channels=channels, state=state,
+                               chunk=T, groups=threads, threads=threads, softplus=int(softplus), out=y, hT=hT,
+                               ckpt=ckpt, u=args["u"], delta=args["delta"], z=args.get("z"), B=args["B"],
+                               C=args["C"], A=args["A"], D=args.get("D"), bias=args.get("delta_bias"),
+                               h0=args.get("initial_state"))
+    lib.scan_forward_f32(ctypes.byref(call))
+    return y, hT, ckpt
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, where any NaN equals any NaN (compilers may pick either operand's NaN)."""
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
+
+
+# Channels: whole 16-channel blocks and single ones (37, 53), one block (16), single channels only (5); state sizes
+# around the 2-state groups; lengths around the 16-step passes and the 64-step chunks.
+@pytest.mark.parametrize("channels, state", [(37, 16), (53, 8), (16, 4), (40, 5), (37, 24), (5, 16), (21, 1)])
+@pytest.mark.parametrize("length", [1, 7, 17, T + 5])
+def test_avx2_forward_equals_the_plain_loops(avx2_scan_builds, channels, state, length):
+    """The AVX2 forward (selective_scan.cpp's forward_chunk_avx2) computes the plain loops' bits: outputs, final
+    states and checkpoints, with and without softplus, each optional input, A with positive entries (no hint), dt
+    large enough for the decays to underflow, NaN and inf, one or two threads."""
+    avx2, plain = avx2_scan_builds
+    base = {k: v.float() for k, v in scan_inputs(2, length, channels, state, seed=length + state).items()}
+    positive_a = dict(base, A=base["A"] * torch.where(torch.rand(channels, state) < 0.2, -0.05, 1.0))
+    fast_decay = dict(base, delta=base["delta"] * 15, A=base["A"] * 60)
+    special = {k: v.clone() for k, v in base.items()}
+    special["u"][0, -1, 2] = float("nan")
+    special["delta"][1, 0, 3] = float("nan")
+    special["delta"][0, length // 2, 17 % channels] = float("inf")
+    cases = [base, positive_a, fast_decay, special]
+    cases += [{k: v for k, v in base.items() if k not in drop} for drop in (("z",), ("D", "delta_bias"),
+                                                                           ("initial_state",))]
+    for i, args in enumerate(cases):
+        for softplus in (True, False):
+            for threads in (1, 2):
+                got, expected = (_scan_outputs(lib, args, softplus, threads) for lib in (avx2, plain))
+                for name, a, b in zip(("y", "final state", "checkpoints"), got, expected):
+                    assert _same_bits(a, b), (i, softplus, threads, name)
+
+
 def _r(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 

@@ -28,8 +28,8 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp", CSRC / "attend_to_all.cpp", CSRC / "linear.cpp",
            CSRC / "mamba_step.cpp", CSRC / "rms_norm.cpp", CSRC / "ffn_step.cpp",
            CSRC / "quant_linear.cpp", CSRC / "quant_step.cpp", CSRC / "layer_step.cpp", CSRC / "argmax.cpp")
-HEADERS = (CSRC / "common.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "quant_vnni.h", CSRC / "quant_avx2.h",
-           CSRC / "mamba_step.h", CSRC / "ffn_step.h", CSRC / "attend_to_all.h")
+HEADERS = (CSRC / "common.h", CSRC / "avx2_math.h", CSRC / "tiles.h", CSRC / "quant_linear.h", CSRC / "quant_vnni.h",
+           CSRC / "quant_avx2.h", CSRC / "mamba_step.h", CSRC / "ffn_step.h", CSRC / "attend_to_all.h")
 ABI_VERSION = 6
 
 # Tried in order; the first that compiles wins (Apple clang, for one, has no -fopenmp; some compilers lack

@@ -44,8 +44,8 @@ inline uint32_t float_to_bits(float f) {
   return b;
 }
 
-// exp2_f32's constants (mamba_step.cpp's exp2_nonpositive and exp2_vectors repeat its steps 16 and 8 lanes at a
-// time).
+// exp2_f32's constants (mamba_step.cpp's exp2_nonpositive and avx2_math.h's exp2_vectors repeat its steps 16 and 8
+// lanes at a time).
 constexpr float EXP2_LO = -127.0f;
 constexpr float EXP2_HI = 127.49f;
 constexpr float EXP2_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits

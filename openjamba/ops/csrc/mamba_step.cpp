@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2_math.h"
 #include "common.h"
 #include "mamba_step.h"
 #include "quant_linear.h"
@@ -117,7 +118,7 @@ inline void block_output(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t 
   for (int64_t j = 0; j < w; ++j) y[j] = (out[j] + (Dp ? Dp[c0 + j] : T(0)) * u[j]) * silu(z[j]);
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#ifdef OPENJAMBA_AVX2_MATH
 #define OPENJAMBA_AVX2_STATE 1
 // The fp32 state update with 8-lane vectors (AVX2) when the state is a whole number of them (NV vectors, N = 8 NV):
 // every row, one or several, takes it (so a row's bits never depend on the rows beside it). The generic loop below
@@ -125,34 +126,6 @@ inline void block_output(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t 
 // lanes through the stack; here AVX2_G channels go through each step of the exponential together, and the block's
 // sums C . h are added in one transposing network (tiles.h's lane_sums_of).
 constexpr int AVX2_G = 4;
-
-// exp2_f32 (common.h) of n vectors, its steps in its order, each step on all n: the clamps (max(lo, x) is x < lo ? lo
-// : x, NaN kept; min(hi, x) likewise), the rounding to k, the polynomial by multiply-adds, the scale, then inf from
-// 128 up. NONPOSITIVE: every x is <= 0 or NaN, where the upper clamp and the inf step change nothing (min(hi, NaN)
-// is NaN, NaN >= 128 is false), so they are left out: the same bits in fewer instructions.
-template <int n, bool NONPOSITIVE>
-inline void exp2_vectors(__m256* x) {
-  const __m256 magic = _mm256_set1_ps(EXP2_MAGIC);
-  __m256 r[n];
-  __m256i k[n];
-  for (int q = 0; q < n; ++q) {
-    __m256 xc = _mm256_max_ps(_mm256_set1_ps(EXP2_LO), x[q]);
-    if constexpr (!NONPOSITIVE) xc = _mm256_min_ps(_mm256_set1_ps(EXP2_HI), xc);
-    const __m256 kb = _mm256_add_ps(xc, magic);
-    k[q] = _mm256_sub_epi32(_mm256_castps_si256(kb), _mm256_castps_si256(magic));
-    r[q] = _mm256_sub_ps(xc, _mm256_sub_ps(kb, magic));
-  }
-  __m256 p[n];
-  for (int q = 0; q < n; ++q) p[q] = _mm256_fmadd_ps(_mm256_set1_ps(EXP2_POLY[0]), r[q], _mm256_set1_ps(EXP2_POLY[1]));
-  for (int i = 2; i < 7; ++i)
-    for (int q = 0; q < n; ++q) p[q] = _mm256_fmadd_ps(p[q], r[q], _mm256_set1_ps(EXP2_POLY[i]));
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  for (int q = 0; q < n; ++q) {
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(k[q], _mm256_set1_epi32(127)), 23);
-    const __m256 y = _mm256_mul_ps(p[q], _mm256_castsi256_ps(bits));
-    x[q] = NONPOSITIVE ? y : _mm256_blendv_ps(y, inf, _mm256_cmp_ps(x[q], _mm256_set1_ps(128.0f), _CMP_GE_OQ));
-  }
-}
 
 // The 8 rates from As + i as A * exp_scale: prepared (SCALED) or taken here (the same product, so the same bits).
 template <bool SCALED>
@@ -216,16 +189,6 @@ bool update_block_vectors(const MambaStepArgs& a, int64_t b, int64_t c0, int64_t
                      : update_block_sizes<SCALED, false>(a, b, c0, w, As, dt, out);
 }
 
-// Whether none of the n values from v is > 0 (NaN is not).
-inline bool none_positive(const float* v, int64_t n) {
-  __m256 positive = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    positive = _mm256_or_ps(positive, _mm256_cmp_ps(_mm256_loadu_ps(v + i), _mm256_setzero_ps(), _CMP_GT_OQ));
-  bool rest = false;
-  for (; i < n; ++i) rest |= v[i] > 0.0f;
-  return _mm256_movemask_ps(positive) == 0 && !rest;
-}
 #endif
 
 // The state update of row b over channels [c0, c0 + w), w <= W, given As for those channels (SCALED: A * exp_scale,

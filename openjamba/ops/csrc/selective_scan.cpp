@@ -10,16 +10,25 @@
 // Work is split into channel blocks of W channels (the vector width; leftover channels get blocks of width 1) and
 // the blocks into `groups` of consecutive channels. Time is walked in chunks of `chunk` steps, and within a chunk
 // block by block, so each step's inputs are read while their cache lines and pages are hot. The state of a block is
-// a small [state][W] array in L1; every per-channel loop runs over W lanes and is vectorised (exp included).
+// a small [state][W] array in L1; every per-channel loop runs over W lanes and is vectorised (exp included). Built for
+// AVX2 without AVX-512, the fp32 forward of whole blocks takes forward_chunk_avx2 instead: the same bits in explicit
+// 8-lane vectors.
 //
 // Backward: per chunk, recompute the chunk's states from its checkpoint into a (chunk, state, W) buffer, then run
 // the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards. Groups own their channels, so dA, dD and dbias
 // accumulate without races; dB and dC (sums over channels) go to per-group partial buffers.
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "avx2_math.h"
 #include "common.h"
+
+// The AVX2 forward below; OPENJAMBA_PLAIN_SCAN leaves it out (tests build both and compare their bits).
+#if defined(OPENJAMBA_AVX2_MATH) && !defined(OPENJAMBA_PLAIN_SCAN)
+#define OPENJAMBA_AVX2_SCAN 1
+#endif
 
 namespace {
 
@@ -146,12 +155,142 @@ void forward_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_
   }
 }
 
+#ifdef OPENJAMBA_AVX2_SCAN
+// forward_chunk for a whole block in fp32 with AVX2 (W / 8 vectors of 8 lanes): the same operations in the same order
+// (so the same bits), arranged for the core. Steps go in passes of AVX2_STEPS: dt and dt u of every step of the pass,
+// then the states (update_states_avx2), then every step's output. forward_chunk's steps each wait on their dt (softplus:
+// two divisions deep) and then on their sums before the output, chains the core cannot overlap with the state update
+// around them (hundreds of instructions per step); in passes they overlap from step to step. Within a pass, several
+// independent vectors go through each step of the math together (avx2_math.h's exp2_vectors, softplus_vectors,
+// sigmoid_vectors): a long chain per vector leaves the core little to overlap otherwise.
+constexpr int AVX2_STEPS = 16;
+constexpr int AVX2_V = W / 8;
+constexpr int AVX2_G = 2;  // states per update_states_group, their exponentials side by side (more: spills)
+
+// The recurrence of steps [t0, t0 + len) of a block (dt, du: (len, W); sums y to (len, W)): per step and state n,
+// h = exp2(dt A_n) h + du B_n (step_state's multiply-add: the product du B_n added to exp2 * h in one rounding), then
+// y += C_n h by a multiply-add from zero. NONPOSITIVE: every exponent dt A_n is <= 0 or NaN (exp2_vectors' hint).
+// G states at a time from state n: their G * AVX2_V exponentials interleaved, step by step of exp2_vectors.
+template <int G, bool NONPOSITIVE>
+inline void update_states_group(int64_t n, const float* A, const __m256* dtv, const __m256* duv, const float* Bt,
+                                const float* Ct, float* h, __m256* yv) {
+  __m256 e[G * AVX2_V];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < AVX2_V; ++v)
+      e[g * AVX2_V + v] = _mm256_mul_ps(dtv[v], _mm256_loadu_ps(A + (n + g) * W + 8 * v));
+  exp2_vectors<G * AVX2_V, NONPOSITIVE>(e);
+  for (int g = 0; g < G; ++g) {
+    const __m256 bn = _mm256_broadcast_ss(Bt + n + g), cn = _mm256_broadcast_ss(Ct + n + g);
+    for (int v = 0; v < AVX2_V; ++v) {
+      float* hv = h + (n + g) * W + 8 * v;
+      const __m256 hn = _mm256_fmadd_ps(e[g * AVX2_V + v], _mm256_loadu_ps(hv), _mm256_mul_ps(duv[v], bn));
+      _mm256_storeu_ps(hv, hn);
+      yv[v] = _mm256_fmadd_ps(cn, hn, yv[v]);
+    }
+  }
+}
+
+template <bool NONPOSITIVE>
+void update_states_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t len,
+                        const float* dt, const float* du, float* h, float* y) {
+  const int64_t N = a.state;
+  const float* A = p.A;
+  for (int64_t i = 0; i < len; ++i) {
+    const float* Bt = row<float>(a.B, b, t0 + i);
+    const float* Ct = row<float>(a.C, b, t0 + i);
+    __m256 dtv[AVX2_V], duv[AVX2_V], yv[AVX2_V];
+    for (int v = 0; v < AVX2_V; ++v) {
+      dtv[v] = _mm256_loadu_ps(dt + i * W + 8 * v);
+      duv[v] = _mm256_loadu_ps(du + i * W + 8 * v);
+      yv[v] = _mm256_setzero_ps();
+    }
+    int64_t n = 0;
+    for (; n + AVX2_G <= N; n += AVX2_G) update_states_group<AVX2_G, NONPOSITIVE>(n, A, dtv, duv, Bt, Ct, h, yv);
+    for (; n < N; ++n) update_states_group<1, NONPOSITIVE>(n, A, dtv, duv, Bt, Ct, h, yv);
+    for (int v = 0; v < AVX2_V; ++v) _mm256_storeu_ps(y + i * W + 8 * v, yv[v]);
+  }
+}
+
+// Vectors [0, count) of the (len, W) arrays of a pass, AVX2_P at a time: vector q is step q / AVX2_V, lanes
+// 8 (q % AVX2_V) on. A short last group repeats its last vector (computed, not stored twice).
+constexpr int AVX2_P = 4;
+template <typename F>
+inline void pass_groups(int64_t len, F f) {
+  const int64_t count = len * AVX2_V;
+  for (int64_t q0 = 0; q0 < count; q0 += AVX2_P) {
+    int64_t step[AVX2_P], lane[AVX2_P];
+    const int g = static_cast<int>(std::min<int64_t>(AVX2_P, count - q0));
+    for (int k = 0; k < AVX2_P; ++k) {
+      const int64_t q = q0 + std::min(k, g - 1);
+      step[k] = q / AVX2_V, lane[k] = 8 * (q % AVX2_V);
+    }
+    f(step, lane, g);
+  }
+}
+
+// step_dt and dt u (forward_chunk's) of steps [t0, t0 + len) of a block, AVX2_P vectors at a time: dt, du (len, W).
+void step_inputs_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t len, float* dt,
+                      float* du) {
+  pass_groups(len, [&](const int64_t* step, const int64_t* lane, int g) {
+    __m256 x[AVX2_P];
+    for (int k = 0; k < AVX2_P; ++k)
+      x[k] = _mm256_add_ps(_mm256_loadu_ps(row<float>(a.delta, b, t0 + step[k]) + p.d0 + lane[k]),
+                           _mm256_loadu_ps(p.bias + lane[k]));
+    if (a.softplus) softplus_vectors<AVX2_P>(x);
+    for (int k = 0; k < g; ++k) {
+      const __m256 u = _mm256_loadu_ps(row<float>(a.u, b, t0 + step[k]) + p.d0 + lane[k]);
+      _mm256_storeu_ps(dt + step[k] * W + lane[k], x[k]);
+      _mm256_storeu_ps(du + step[k] * W + lane[k], _mm256_mul_ps(x[k], u));
+    }
+  });
+}
+
+// forward_chunk's outputs of steps [t0, t0 + len) of a block from their sums y (len, W), AVX2_P vectors
+// at a time: y + D u by a multiply-add, then times z, times sigmoid(z).
+void step_outputs_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t len,
+                       const float* y) {
+  pass_groups(len, [&](const int64_t* step, const int64_t* lane, int g) {
+    __m256 o[AVX2_P], z[AVX2_P], sg[AVX2_P];
+    for (int k = 0; k < AVX2_P; ++k) {
+      const __m256 u = _mm256_loadu_ps(row<float>(a.u, b, t0 + step[k]) + p.d0 + lane[k]);
+      o[k] = _mm256_fmadd_ps(_mm256_loadu_ps(p.D + lane[k]), u, _mm256_loadu_ps(y + step[k] * W + lane[k]));
+      if (a.z.ptr) sg[k] = z[k] = _mm256_loadu_ps(row<float>(a.z, b, t0 + step[k]) + p.d0 + lane[k]);
+    }
+    if (a.z.ptr) {
+      sigmoid_vectors<AVX2_P>(sg);
+      for (int k = 0; k < AVX2_P; ++k) o[k] = _mm256_mul_ps(_mm256_mul_ps(o[k], z[k]), sg[k]);
+    }
+    for (int k = 0; k < g; ++k) _mm256_storeu_ps(row_out<float>(a.out, b, t0 + step[k]) + p.d0 + lane[k], o[k]);
+  });
+}
+
+void forward_chunk_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t t1, float* h) {
+  // softplus makes dt >= 0 (or NaN), so with no A > 0 every exponent is <= 0 or NaN.
+  const bool nonpositive = a.softplus && none_positive(p.A, a.state * W);
+  alignas(32) float dt[AVX2_STEPS * W], du[AVX2_STEPS * W], y[AVX2_STEPS * W];
+  for (int64_t s0 = t0; s0 < t1; s0 += AVX2_STEPS) {
+    const int64_t len = std::min<int64_t>(AVX2_STEPS, t1 - s0);
+    step_inputs_avx2(a, p, b, s0, len, dt, du);
+    if (nonpositive)
+      update_states_avx2<true>(a, p, b, s0, len, dt, du, h, y);
+    else
+      update_states_avx2<false>(a, p, b, s0, len, dt, du, h, y);
+    step_outputs_avx2(a, p, b, s0, len, y);
+  }
+}
+#endif
+
 template <typename T, int WB>
 void forward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, T* h) {
   const int64_t t0 = c * a.chunk, t1 = std::min(a.length, t0 + a.chunk);
   if (c == 0) load_state<T, WB>(a, a.h0, b, p.d0, h);
   if (a.ckpt) store_state<T, WB>(a, a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, p.d0, h);
-  forward_chunk<T, WB>(a, p, b, t0, t1, h);
+#ifdef OPENJAMBA_AVX2_SCAN
+  if constexpr (std::is_same_v<T, float> && WB == W && W % 8 == 0)
+    forward_chunk_avx2(a, p, b, t0, t1, h);
+  else
+#endif
+    forward_chunk<T, WB>(a, p, b, t0, t1, h);
   if (t1 == a.length && a.hT) store_state<T, WB>(a, a.hT, b, p.d0, h);
 }
 
