@@ -351,6 +351,7 @@ def avx2_scan_builds(tmp_path_factory) -> list:
                         str(cpu_build.CSRC / "selective_scan.cpp")], check=True, capture_output=True)
         lib = ctypes.CDLL(str(path))
         lib.scan_forward_f32.argtypes = [ctypes.POINTER(cpu_build.ScanArgs)]
+        lib.scan_backward_f32.argtypes = [ctypes.POINTER(cpu_build.ScanArgs)]
         libs.append(lib)
     return libs
 
@@ -402,6 +403,47 @@ def test_avx2_forward_equals_the_plain_loops(avx2_scan_builds, channels, state, 
                 got, expected = (_scan_outputs(lib, args, softplus, threads) for lib in (avx2, plain))
                 for name, a, b in zip(("y", "final state", "checkpoints"), got, expected):
                     assert _same_bits(a, b), (i, softplus, threads, name)
+
+
+def _scan_gradients(lib, args: dict, softplus: bool, threads: int) -> dict:
+    """Every gradient of one fp32 backward call of `lib` (after its forward, for the checkpoints)."""
+    import ctypes
+
+    batch, length, channels = args["u"].shape
+    state = args["A"].shape[1]
+    ckpt = _scan_outputs(lib, args, softplus, threads)[2]
+    groups = max(1, min(threads, channels // cpu_build.lanes()))
+    g = torch.Generator().manual_seed(1)
+    dout, dhT = torch.randn(batch, length, channels, generator=g), torch.randn(batch, channels, state, generator=g)
+    rows, per_channel = (batch, length, channels), (channels,)
+    grads = dict(du=torch.zeros(rows), ddelta=torch.zeros(rows), dz=torch.zeros(rows), dA=torch.zeros(channels, state),
+                 dD=torch.zeros(per_channel), dbias=torch.zeros(per_channel), dh0=torch.zeros(batch, channels, state),
+                 dB=torch.zeros(groups, batch, length, state), dC=torch.zeros(groups, batch, length, state))
+    call = cpu_build.make_args(cpu_build.ScanArgs, batch=batch, length=length, channels=channels, state=state,
+                               chunk=T, groups=groups, threads=threads, softplus=int(softplus), ckpt=ckpt, dout=dout,
+                               dhT=dhT, u=args["u"], delta=args["delta"], z=args.get("z"), B=args["B"], C=args["C"],
+                               A=args["A"], D=args.get("D"), bias=args.get("delta_bias"), h0=args.get("initial_state"),
+                               **grads)
+    lib.scan_backward_f32(ctypes.byref(call))
+    return grads
+
+
+@pytest.mark.parametrize("channels, state", [(37, 16), (53, 8), (40, 5), (5, 16)])
+@pytest.mark.parametrize("length", [1, 17, 2 * T + 5])
+def test_avx2_backward_equals_the_plain_loops(avx2_scan_builds, channels, state, length):
+    """The backward's AVX2 recomputation of each chunk's states (recompute_chunk_avx2) gives the plain loops' bits:
+    every gradient equal, with and without softplus, each optional input, A with positive entries."""
+    avx2, plain = avx2_scan_builds
+    base = {k: v.float() for k, v in scan_inputs(2, length, channels, state, seed=length + state).items()}
+    positive_a = dict(base, A=base["A"] * torch.where(torch.rand(channels, state) < 0.2, -0.05, 1.0))
+    cases = [base, positive_a] + [{k: v for k, v in base.items() if k not in drop}
+                                  for drop in (("z",), ("D", "delta_bias", "initial_state"))]
+    for i, args in enumerate(cases):
+        for softplus in (True, False):
+            for threads in (1, 2):
+                got, expected = (_scan_gradients(lib, args, softplus, threads) for lib in (avx2, plain))
+                for name in got:
+                    assert _same_bits(got[name], expected[name]), (i, softplus, threads, name)
 
 
 def _r(*shape):

@@ -167,13 +167,12 @@ constexpr int AVX2_STEPS = 16;
 constexpr int AVX2_V = W / 8;
 constexpr int AVX2_G = 2;  // states per update_states_group, their exponentials side by side (more: spills)
 
-// The recurrence of steps [t0, t0 + len) of a block (dt, du: (len, W); sums y to (len, W)): per step and state n,
-// h = exp2(dt A_n) h + du B_n (step_state's multiply-add: the product du B_n added to exp2 * h in one rounding), then
-// y += C_n h by a multiply-add from zero. NONPOSITIVE: every exponent dt A_n is <= 0 or NaN (exp2_vectors' hint).
-// G states at a time from state n: their G * AVX2_V exponentials interleaved, step by step of exp2_vectors.
-template <int G, bool NONPOSITIVE>
+// States [n, n + G) of one step: h_out = exp2(dt A_n) h_in + du B_n (step_state's multiply-add: the product du B_n
+// added to exp2 * h_in in one rounding), then y += C_n h_out by a multiply-add; the G * AVX2_V exponentials side by
+// side through exp2_vectors. KEEP: the decays exp2(dt A_n) to `decay` too (step_state's KEEP).
+template <int G, bool NONPOSITIVE, bool KEEP>
 inline void update_states_group(int64_t n, const float* A, const __m256* dtv, const __m256* duv, const float* Bt,
-                                const float* Ct, float* h, __m256* yv) {
+                                const float* Ct, const float* h_in, float* h_out, float* decay, __m256* yv) {
   __m256 e[G * AVX2_V];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < AVX2_V; ++v)
@@ -182,22 +181,29 @@ inline void update_states_group(int64_t n, const float* A, const __m256* dtv, co
   for (int g = 0; g < G; ++g) {
     const __m256 bn = _mm256_broadcast_ss(Bt + n + g), cn = _mm256_broadcast_ss(Ct + n + g);
     for (int v = 0; v < AVX2_V; ++v) {
-      float* hv = h + (n + g) * W + 8 * v;
-      const __m256 hn = _mm256_fmadd_ps(e[g * AVX2_V + v], _mm256_loadu_ps(hv), _mm256_mul_ps(duv[v], bn));
-      _mm256_storeu_ps(hv, hn);
+      const int64_t at = (n + g) * W + 8 * v;
+      const __m256 hn = _mm256_fmadd_ps(e[g * AVX2_V + v], _mm256_loadu_ps(h_in + at), _mm256_mul_ps(duv[v], bn));
+      _mm256_storeu_ps(h_out + at, hn);
+      if (KEEP) _mm256_storeu_ps(decay + at, e[g * AVX2_V + v]);
       yv[v] = _mm256_fmadd_ps(cn, hn, yv[v]);
     }
   }
 }
 
-template <bool NONPOSITIVE>
-void update_states_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t len,
-                        const float* dt, const float* du, float* h, float* y) {
+// The recurrence of steps [t0, t0 + len) of a block (dt, du: (len, W); sums y, from zero, to (len, W)). Step i reads
+// the states at h + i h_step and writes them h_step further on: in place (0, the forward) or into the next step's slot
+// (N W: the backward's recomputation, which keeps every step's states, and its decays, (len, N, W) from `decay`).
+// NONPOSITIVE: every exponent dt A_n is <= 0 or NaN (exp2_vectors' hint).
+template <bool NONPOSITIVE, bool KEEP>
+void update_states_avx2(const ScanArgs& a, const float* A, int64_t b, int64_t t0, int64_t len, const float* dt,
+                        const float* du, float* h, int64_t h_step, float* y, float* decay) {
   const int64_t N = a.state;
-  const float* A = p.A;
   for (int64_t i = 0; i < len; ++i) {
     const float* Bt = row<float>(a.B, b, t0 + i);
     const float* Ct = row<float>(a.C, b, t0 + i);
+    const float* h_in = h + i * h_step;
+    float* h_out = h + (i + 1) * h_step;
+    float* decay_i = KEEP ? decay + i * N * W : nullptr;
     __m256 dtv[AVX2_V], duv[AVX2_V], yv[AVX2_V];
     for (int v = 0; v < AVX2_V; ++v) {
       dtv[v] = _mm256_loadu_ps(dt + i * W + 8 * v);
@@ -205,10 +211,26 @@ void update_states_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t 
       yv[v] = _mm256_setzero_ps();
     }
     int64_t n = 0;
-    for (; n + AVX2_G <= N; n += AVX2_G) update_states_group<AVX2_G, NONPOSITIVE>(n, A, dtv, duv, Bt, Ct, h, yv);
-    for (; n < N; ++n) update_states_group<1, NONPOSITIVE>(n, A, dtv, duv, Bt, Ct, h, yv);
+    for (; n + AVX2_G <= N; n += AVX2_G)
+      update_states_group<AVX2_G, NONPOSITIVE, KEEP>(n, A, dtv, duv, Bt, Ct, h_in, h_out, decay_i, yv);
+    for (; n < N; ++n) update_states_group<1, NONPOSITIVE, KEEP>(n, A, dtv, duv, Bt, Ct, h_in, h_out, decay_i, yv);
     for (int v = 0; v < AVX2_V; ++v) _mm256_storeu_ps(y + i * W + 8 * v, yv[v]);
   }
+}
+
+// update_states_avx2 with the hint where it holds (exponents_nonpositive).
+template <bool KEEP>
+void states_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t len, const float* dt,
+                 const float* du, float* h, int64_t h_step, float* y, float* decay, bool nonpositive) {
+  if (nonpositive)
+    update_states_avx2<true, KEEP>(a, p.A, b, t0, len, dt, du, h, h_step, y, decay);
+  else
+    update_states_avx2<false, KEEP>(a, p.A, b, t0, len, dt, du, h, h_step, y, decay);
+}
+
+// Whether every exponent dt A_n of the block is <= 0 or NaN: softplus makes dt >= 0 (or NaN), and no A is > 0.
+inline bool exponents_nonpositive(const ScanArgs& a, const BlockParams<float>& p) {
+  return a.softplus && none_positive(p.A, a.state * W);
 }
 
 // Vectors [0, count) of the (len, W) arrays of a pass, AVX2_P at a time: vector q is step q / AVX2_V, lanes
@@ -265,16 +287,12 @@ void step_outputs_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b
 }
 
 void forward_chunk_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t t0, int64_t t1, float* h) {
-  // softplus makes dt >= 0 (or NaN), so with no A > 0 every exponent is <= 0 or NaN.
-  const bool nonpositive = a.softplus && none_positive(p.A, a.state * W);
+  const bool nonpositive = exponents_nonpositive(a, p);
   alignas(32) float dt[AVX2_STEPS * W], du[AVX2_STEPS * W], y[AVX2_STEPS * W];
   for (int64_t s0 = t0; s0 < t1; s0 += AVX2_STEPS) {
     const int64_t len = std::min<int64_t>(AVX2_STEPS, t1 - s0);
     step_inputs_avx2(a, p, b, s0, len, dt, du);
-    if (nonpositive)
-      update_states_avx2<true>(a, p, b, s0, len, dt, du, h, y);
-    else
-      update_states_avx2<false>(a, p, b, s0, len, dt, du, h, y);
+    states_avx2<false>(a, p, b, s0, len, dt, du, h, 0, y, nullptr, nonpositive);
     step_outputs_avx2(a, p, b, s0, len, y);
   }
 }
@@ -428,12 +446,36 @@ void adjoint_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_
   }
 }
 
+#ifdef OPENJAMBA_AVX2_SCAN
+// recompute_chunk for a whole block in fp32 with AVX2: forward_chunk_avx2's passes, each step's states and decays kept
+// (the same bits as recompute_chunk).
+void recompute_chunk_avx2(const ScanArgs& a, const BlockParams<float>& p, int64_t b, int64_t c, int64_t len,
+                          Scratch<float>& s) {
+  const int64_t N = a.state, t0 = c * a.chunk, chunks = (a.length + a.chunk - 1) / a.chunk;
+  load_state<float, W>(a, a.ckpt, b * chunks + c, p.d0, s.h.data());
+  const bool nonpositive = exponents_nonpositive(a, p);
+  alignas(32) float du[AVX2_STEPS * W];
+  for (int64_t i0 = 0; i0 < len; i0 += AVX2_STEPS) {
+    const int64_t n = std::min<int64_t>(AVX2_STEPS, len - i0);
+    float* dt = s.dt.data() + i0 * W;
+    step_inputs_avx2(a, p, b, t0 + i0, n, dt, du);
+    states_avx2<true>(a, p, b, t0 + i0, n, dt, du, s.h.data() + i0 * N * W, N * W, s.y.data() + i0 * W,
+                      s.decay.data() + i0 * N * W, nonpositive);
+  }
+}
+#endif
+
 template <typename T, int WB>
 void backward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_t c, Scratch<T>& s,
                           Carry<T>& carry) {
   const int64_t t0 = c * a.chunk, len = std::min(a.length, t0 + a.chunk) - t0;
   if (t0 + len == a.length) load_state<T, WB>(a, a.dhT, b, p.d0, carry.g);
-  recompute_chunk<T, WB>(a, p, b, c, len, s);
+#ifdef OPENJAMBA_AVX2_SCAN
+  if constexpr (std::is_same_v<T, float> && WB == W && W % 8 == 0)
+    recompute_chunk_avx2(a, p, b, c, len, s);
+  else
+#endif
+    recompute_chunk<T, WB>(a, p, b, c, len, s);
   adjoint_chunk<T, WB>(a, p, b, c, len, s, carry);
   if (c == 0) store_state<T, WB>(a, a.dh0, b, p.d0, carry.g);
 }
