@@ -19,8 +19,9 @@ namespace openjamba {
 // exp2_f32 (common.h) of n vectors, its steps in its order, each step on all n: the clamps (max(lo, x) is x < lo ? lo
 // : x, NaN kept; min(hi, x) likewise), the rounding to k, the polynomial by multiply-adds, the scale, then inf from
 // 128 up. kb - magic, the rounded xc that r subtracts, is taken as round(xc) (to nearest even, as adding magic
-// rounds; the same value for every clamped xc, NaN included) beside kb rather than after it: a shorter chain. NONPOSITIVE: every x is <= 0 or NaN, where the upper clamp and the inf step change nothing (min(hi, NaN)
-// is NaN, NaN >= 128 is false), so they are left out: the same bits in fewer instructions.
+// rounds; the same value for every clamped xc, NaN included) beside kb rather than after it: a shorter chain.
+// NONPOSITIVE: every x is <= 0 or NaN, where the upper clamp and the inf step change nothing (min(hi, NaN) is NaN,
+// NaN >= 128 is false), so they are left out: the same bits in fewer instructions.
 template <int n, bool NONPOSITIVE>
 inline void exp2_vectors(__m256* x) {
   const __m256 magic = _mm256_set1_ps(EXP2_MAGIC);
