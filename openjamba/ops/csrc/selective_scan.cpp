@@ -165,6 +165,9 @@ void forward_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, int64_
 // sigmoid_vectors): a long chain per vector leaves the core little to overlap otherwise.
 constexpr int AVX2_STEPS = 16;
 constexpr int AVX2_V = W / 8;
+// Which blocks take the AVX2 passes (forward and the backward's recomputation): whole blocks in fp32.
+template <typename T, int WB>
+constexpr bool AVX2_BLOCK = std::is_same_v<T, float> && WB == W && W % 8 == 0;
 constexpr int AVX2_G = 2;  // states per update_states_group, their exponentials side by side (more: spills)
 
 // States [n, n + G) of one step: h_out = exp2(dt A_n) h_in + du B_n (step_state's multiply-add: the product du B_n
@@ -304,7 +307,7 @@ void forward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b, 
   if (c == 0) load_state<T, WB>(a, a.h0, b, p.d0, h);
   if (a.ckpt) store_state<T, WB>(a, a.ckpt, b * ((a.length + a.chunk - 1) / a.chunk) + c, p.d0, h);
 #ifdef OPENJAMBA_AVX2_SCAN
-  if constexpr (std::is_same_v<T, float> && WB == W && W % 8 == 0)
+  if constexpr (AVX2_BLOCK<T, WB>)
     forward_chunk_avx2(a, p, b, t0, t1, h);
   else
 #endif
@@ -471,7 +474,7 @@ void backward_block_chunk(const ScanArgs& a, const BlockParams<T>& p, int64_t b,
   const int64_t t0 = c * a.chunk, len = std::min(a.length, t0 + a.chunk) - t0;
   if (t0 + len == a.length) load_state<T, WB>(a, a.dhT, b, p.d0, carry.g);
 #ifdef OPENJAMBA_AVX2_SCAN
-  if constexpr (std::is_same_v<T, float> && WB == W && W % 8 == 0)
+  if constexpr (AVX2_BLOCK<T, WB>)
     recompute_chunk_avx2(a, p, b, c, len, s);
   else
 #endif
