@@ -11,8 +11,8 @@
 // the blocks into `groups` of consecutive channels. Time is walked in chunks of `chunk` steps, and within a chunk
 // block by block, so each step's inputs are read while their cache lines and pages are hot. The state of a block is
 // a small [state][W] array in L1; every per-channel loop runs over W lanes and is vectorised (exp included). Built for
-// AVX2 without AVX-512, the fp32 forward of whole blocks takes forward_chunk_avx2 instead: the same bits in explicit
-// 8-lane vectors.
+// AVX2 without AVX-512, the fp32 forward of whole blocks takes forward_chunk_avx2 instead, and the backward's
+// recomputation recompute_chunk_avx2: the same bits in explicit 8-lane vectors.
 //
 // Backward: per chunk, recompute the chunk's states from its checkpoint into a (chunk, state, W) buffer, then run
 // the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} backwards. Groups own their channels, so dA, dD and dbias
@@ -25,7 +25,7 @@
 #include "avx2_math.h"
 #include "common.h"
 
-// The AVX2 forward below; OPENJAMBA_PLAIN_SCAN leaves it out (tests build both and compare their bits).
+// The AVX2 passes below; OPENJAMBA_PLAIN_SCAN leaves them out (tests build both and compare their bits).
 #if defined(OPENJAMBA_AVX2_MATH) && !defined(OPENJAMBA_PLAIN_SCAN)
 #define OPENJAMBA_AVX2_SCAN 1
 #endif
