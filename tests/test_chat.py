@@ -153,3 +153,12 @@ def test_chat_refuses_a_checkpoint_without_template(tmp_path):
     args = build_parser().parse_args(["chat", "--model", str(bare)])
     with pytest.raises(SystemExit, match="no chat template"):
         args.func(args)
+
+
+@pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--repetition-penalty", "0"), ("--min-p", "2")])
+def test_chat_refuses_a_bad_sampling_flag_by_name(checkpoint, flag, value):
+    from openjamba.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--model", str(checkpoint), flag, value, "--threads", "1"])
+    with pytest.raises(SystemExit, match=flag[2:]):
+        args.func(args)

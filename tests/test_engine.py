@@ -18,6 +18,7 @@ from openjamba.serve.engine import (
 )
 
 from .conftest import random_model
+from .test_sampling import adjusted_by_formula
 
 TIMEOUT = 60  # seconds any test waits for the engine (a hang fails instead of blocking the suite)
 
@@ -135,6 +136,25 @@ def test_32_concurrent_greedy_requests_equal_each_alone(model):
         assert engine.stats()["running"] == 0
     assert together == alone
     assert together[5] == solo_generate(model, prompts[5], 8, chunk=32)
+
+
+def test_penalised_greedy_requests_equal_a_plain_loop_beside_plain_ones(model):
+    """Penalties and logit_bias against their formulas over full forwards of prompt + output, with no cache."""
+    prompts = prompts_of([6, 13], model.config.vocab_size, seed=3)
+    settings = dict(presence=1.0, frequency=0.5, repetition=1.3, bias={5: 3.0})
+    penalised = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, presence_penalty=1.0,
+                               frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={5: 3.0})
+    with Engine(model, prefill_chunk=8) as engine:
+        tokens, _ = run(engine, prompts + prompts[:1], [penalised, penalised, GREEDY])
+    for prompt, got in zip(prompts, tokens):
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(10):
+                logits = model(torch.tensor([prompt + out])).logits[0, -1]
+                out.append(int(adjusted_by_formula(logits, prompt, out, **settings).argmax()))
+        assert got == out
+    assert tokens[2] == solo_generate(model, prompts[0], 8, chunk=8)
+    assert tokens[0] != tokens[2][:len(tokens[0])]  # the penalties changed the output
 
 
 def test_seeded_sampling_is_reproducible_whatever_else_runs(model):
@@ -258,6 +278,7 @@ def test_bad_input_is_a_value_error(model):
         ([3], SamplingParams(temperature=-1), "temperature"),
         ([3], SamplingParams(top_p=0), "top_p"),
         ([3], SamplingParams(logprobs=-2), "logprobs"),
+        ([3], SamplingParams(logit_bias={vocab: 1.0}), "logit_bias"),
     ]:
         with pytest.raises(ValueError, match=match):
             engine.submit(prompt, params, lambda e: None)

@@ -25,6 +25,7 @@ from openjamba.serve.templating import ChatFormat
 from openjamba.tokenizer import load_tokenizer
 
 from .serve_helpers import build_checkpoint, free_port, running_server, wait_for
+from .test_sampling import adjusted_by_formula
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}]
 
@@ -210,6 +211,28 @@ def test_seed_reproducible_and_n_choices(client):
     assert len(r.choices) == 3 and r.choices[0].text == a.choices[0].text  # choice i uses seed + i
 
 
+def test_penalties_logit_bias_and_min_p_are_applied(model, tokenizer, client):
+    """OpenAI's presence/frequency penalties and logit_bias, vLLM's repetition_penalty and min_p, through the
+    official client: the greedy text equals the formulas applied over full forwards of prompt + output."""
+    ids = tokenizer.encode("The quick brown fox")
+    settings = dict(presence=0.8, frequency=0.6, repetition=1.4, bias={ids[0]: 2.0})
+    r = client.completions.create(model="tiny-jamba", prompt=ids, max_tokens=8, temperature=0, presence_penalty=0.8,
+                                  frequency_penalty=0.6, logit_bias={str(ids[0]): 2.0},
+                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.4})
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(adjusted_by_formula(logits, ids, out, **settings).argmax()))
+    assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+    assert out != greedy(model, ids, 8)
+    forced = ids[1]
+    r = client.chat.completions.create(model="tiny-jamba", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=1.0, seed=3, logit_bias={str(forced): 100},
+                                       extra_body={"ignore_eos": True, "min_p": 0.5})
+    assert r.choices[0].message.content == tokenizer.decode([forced] * 4, skip_special_tokens=True).strip()
+
+
 def test_stop_string_ends_the_choice(client):
     args = dict(model="tiny-jamba", prompt="The quick brown", max_tokens=12, temperature=0,
                 extra_body={"ignore_eos": True})
@@ -234,6 +257,12 @@ def test_stop_string_ends_the_choice(client):
     ({"prompt": "hi " * 600, "max_tokens": 10}, "prompt"),
     ({"prompt": "hi", "max_tokens": 1023}, "prompt"),
     ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "min_p": 1.5}, "min_p"),
+    ({"prompt": "hi", "logit_bias": {"hi": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"3": 101}}, "logit_bias.3"),
+    ({"prompt": "hi", "logit_bias": {"99999": 1}}, None),
 ])
 def test_invalid_completions_are_400(server, client, body, param):
     r = httpx.post(server[1] + "/v1/completions", json={"model": "tiny-jamba", **body}, timeout=30)

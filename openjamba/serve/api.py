@@ -275,7 +275,10 @@ def sampling_params(req, max_tokens: int, index: int, logprobs: int | None) -> S
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=seed, ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
+        logprobs=logprobs, min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
     )
 
 

@@ -39,6 +39,12 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the most "
+                        "likely one (default 0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already "
+                        "in the conversation by this (default 1 = off; 1.1 is a common choice)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, over the reply (default 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, over the reply (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="seed of each reply's sampling (reproducible)")
     parser.add_argument("--show-thinking", action="store_true", help="print the model's <think> reasoning "
                         "(dimmed on a terminal); hidden by default")
@@ -196,7 +202,13 @@ def run_chat(args: argparse.Namespace) -> None:
         raise SystemExit(f"openjamba chat: error: {args.model} has no chat template (chat_template in "
                          "tokenizer_config.json or chat_template.jinja); use `openjamba generate` for plain text")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
+    try:
+        params.check(model.config.vocab_size)
+    except ValueError as err:
+        raise SystemExit(f"openjamba chat: error: {str(err).replace('_', '-')}") from None
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     out = Output(sys.stdout, args.show_thinking, tty=sys.stdout.isatty())
     conversation = Conversation(engine, tokenizer, chat, params, args.system)

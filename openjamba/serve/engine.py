@@ -40,7 +40,6 @@ which changes where the prompt is split into chunks.
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
 import time
 import traceback
@@ -54,20 +53,8 @@ from ..cache import HybridCache, RowState
 from ..generate import decode_step, prefill
 from ..runtime import hold_freed_memory
 from .metrics import Histogram
-from .sampling import RowSampling, Sampled, sample_rows
+from .sampling import RowSampling, Sampled, SamplingParams, sample_rows
 from .state_store import StateStore
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
 
 
 @dataclass
@@ -120,7 +107,6 @@ class _Request:
     params: SamplingParams
     on_event: Callable[[Event], None]
     submitted: float
-    generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     resume: RowState | None = None  # the stored state its prompt extends, until its first chunk runs
@@ -334,24 +320,10 @@ class Engine:
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"token id {t!r} is not in the vocabulary (0..{vocab - 1})")
-        p = params
-        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
-        if len(prompt) + p.max_tokens > self.max_context:
-            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {p.max_tokens} exceed the "
+        params.check(vocab)
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
                              f"context of {self.max_context} tokens")
-        if not p.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
-        if not isinstance(p.top_k, int) or p.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {p.top_k!r}")
-        if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {p.logprobs!r}")
-        if p.seed is not None and not isinstance(p.seed, int):
-            raise ValueError(f"seed must be an integer, got {p.seed!r}")
-        if any(not isinstance(t, int) for t in p.stop_token_ids):
-            raise ValueError("stop_token_ids must be integers")
         return list(prompt)
 
     # ------------------------------------------------------------------ the loop
@@ -452,13 +424,9 @@ class Engine:
             self._prefilling.append(request)
 
     def _start(self, request: _Request) -> None:
-        """Its generator, and the longest stored state its prompt extends (restored when its first chunk runs:
+        """Its sampler, and the longest stored state its prompt extends (restored when its first chunk runs:
         `_cache_of`, or with others in one pass, `_prefill_together`)."""
-        p = request.params
-        if p.temperature > 0:
-            request.generator = torch.Generator()  # on the host: one uniform number per token (serve/sampling.py)
-            request.generator.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        request.sampling = RowSampling(p.temperature, p.top_k, p.top_p, request.generator, p.logprobs)
+        request.sampling = RowSampling.start(request.params, request.prompt, self.config.vocab_size)
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
         found = self.store.lookup(request.prompt) if self.reuse else None

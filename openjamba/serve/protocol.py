@@ -2,8 +2,8 @@
 
 Requests are validated strictly from the raw JSON body (`parse_request`): a wrong type is a 400, never a silent
 coercion (`"max_tokens": "5"` is an error, as at OpenAI). Fields OpenAI defines but this server cannot honour
-(penalties, logit_bias, best_of, suffix, JSON response formats) are accepted only at their neutral values, so a
-client never gets output that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's
+(best_of, suffix, JSON response formats) are accepted only at their neutral values, so a client never gets output
+that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's
 own server and vLLM do, so newer clients keep working.
 """
 
@@ -48,6 +48,7 @@ class _Sampling(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension; 0 or -1 = off
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # vLLM's extension; 0 = off
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -55,7 +56,8 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # vLLM's extension; 1 = off
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id (text) -> bias
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
 
@@ -76,13 +78,16 @@ class _Sampling(_Request):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
+        return value
+
     @model_validator(mode="after")
-    def _neutral_only(self) -> _Sampling:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self

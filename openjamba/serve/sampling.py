@@ -1,16 +1,23 @@
-"""Sampling a serving batch in one pass: every row with its own temperature, top-k, top-p and random stream.
+"""A request's sampling settings, and sampling a serving batch in one pass: every row with its own settings and
+random stream.
 
-Greedy rows take one argmax together. Sampled rows are filtered together (temperature, then top-k, then top-p, as
-`generate.sample_next` does for one setting) with their parameters as tensors, and each draws its token by the
-inverse of its own cumulative distribution at one uniform number from its own `torch.Generator` (on the host): a
-seeded request consumes one number of its own stream per token, so its tokens do not depend on its batch-mates.
-Logprobs (of the model's distribution, before temperature and filtering) are computed only for the rows asking.
-The result is read back to the host once: token ids, and the logprobs of the rows that asked.
+Each row's logits are first adjusted where it asks (in vLLM's order): its `logit_bias` added, then the repetition
+penalty over the tokens of its prompt and output (transformers' `repetition_penalty`: a positive logit divided by
+it, a negative one multiplied), then OpenAI's frequency and presence penalties over its output's tokens
+(logit - count * frequency - (count > 0) * presence). Greedy rows then take one argmax together. Sampled rows are
+filtered together (temperature, min-p, then top-k and top-p, as `generate.sample_next` does for one setting) with
+their parameters as tensors, and each draws its token by the inverse of its own cumulative distribution at one
+uniform number from its own `torch.Generator` (on the host): a seeded request consumes one number of its own stream
+per token, so its tokens do not depend on its batch-mates. Logprobs are those of the model's own distribution (before
+any adjustment, temperature or filter: vLLM's default) and are computed only for the rows asking. The result is read
+back to the host once: token ids, and the logprobs of the rows that asked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import secrets
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,36 +26,157 @@ from .. import ops
 CANDIDATES = 256  # logits per row the top-k / top-p filters look at first
 
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+
+
+@dataclass
+class SamplingParams:
+    """A request's settings (the engine's API). The neutral values leave a setting off: temperature 0 is greedy,
+    top_k 0, top_p 1, min_p 0, the penalties 0 (repetition 1) and an empty logit_bias."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0  # tokens less likely than min_p times the most likely one are dropped (vLLM, llama.cpp)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
+
+    def check(self, vocab_size: int) -> None:
+        """ValueError naming the first invalid setting."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ValueError(f"logit_bias: token id {token!r} is not in the vocabulary (0..{vocab_size - 1})")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be integers")
+
+
+@dataclass
+class Penalties:
+    """A row's logit adjustments (see the module's docstring) and what they need: each token's count in the output
+    (dense, updated in place) and the distinct tokens of the prompt and the output, the only logits the penalties
+    touch, so a step adjusts those few rather than the whole vocabulary."""
+
+    presence: float
+    frequency: float
+    repetition: float
+    bias_ids: torch.Tensor | None  # (N,) the logit_bias tokens
+    bias_values: torch.Tensor | None  # (N,) their biases
+    counts: torch.Tensor  # (V,) float32: how often each token occurs in the output so far
+    seen_ids: torch.Tensor  # (S,) the distinct tokens of the prompt and the output so far
+    seen: set[int]
+
+    @classmethod
+    def of(cls, params: SamplingParams, prompt: list[int], vocab_size: int) -> Penalties | None:
+        """The row's penalties; None when every setting is neutral (the row's logits are used as they are)."""
+        p = params
+        if not p.logit_bias and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1:
+            return None
+        bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long) if p.logit_bias else None
+        bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32) if p.logit_bias else None
+        seen_ids = torch.tensor(prompt, dtype=torch.long).unique()
+        return cls(p.presence_penalty, p.frequency_penalty, p.repetition_penalty, bias_ids, bias_values,
+                   torch.zeros(vocab_size), seen_ids, set(seen_ids.tolist()))
+
+    def add(self, token: int) -> None:
+        """Count a sampled token."""
+        self.counts[token] += 1
+        if token not in self.seen:
+            self.seen.add(token)
+            self.seen_ids = torch.cat([self.seen_ids, torch.tensor([token], device=self.seen_ids.device)])
+
+    def apply(self, row: torch.Tensor) -> None:
+        """Adjust one row of logits (V,) in place."""
+        if self.counts.device != row.device:  # the first step on an accelerator
+            self.counts, self.seen_ids = self.counts.to(row.device), self.seen_ids.to(row.device)
+            if self.bias_ids is not None:
+                self.bias_ids, self.bias_values = self.bias_ids.to(row.device), self.bias_values.to(row.device)
+        if self.bias_ids is not None:
+            row.index_add_(0, self.bias_ids, self.bias_values)
+        ids = self.seen_ids
+        x = row[ids]
+        if self.repetition != 1:
+            x = torch.where(x > 0, x / self.repetition, x * self.repetition)
+        if self.presence != 0 or self.frequency != 0:
+            count = self.counts[ids]
+            x = x - count * self.frequency - (count > 0).float() * self.presence
+        row[ids] = x
+
+
 @dataclass
 class RowSampling:
-    """One row's settings: temperature 0 is greedy, top_k 0 and top_p 1 are off, logprobs None asks for none."""
+    """One row's sampler: its settings as the batch needs them, its random stream and its penalties' counts."""
 
     temperature: float
     top_k: int
     top_p: float
     generator: torch.Generator | None
     logprobs: int | None
+    min_p: float = 0.0
+    penalties: Penalties | None = None
+
+    @classmethod
+    def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int) -> RowSampling:
+        """A request's sampler: a sampling request's generator on the host, seeded from `seed` or at random."""
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        return cls(params.temperature, params.top_k, params.top_p, generator, params.logprobs, params.min_p,
+                   Penalties.of(params, prompt, vocab_size))
 
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, the top alternatives
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[Sampled]:
-    """One (token, logprob, top logprobs) per row of logits (B, V)."""
+    """One (token, logprob, top logprobs) per row of logits (B, V); each penalised row counts its token."""
+    raw, logits = logits, _penalised(logits, rows)
     tokens = ops.argmax(logits)
     drawn = [i for i, row in enumerate(rows) if row.temperature > 0]
     if drawn:
         index = torch.tensor(drawn, device=logits.device)
         tokens = tokens.index_put((index,), _draw(logits.index_select(0, index), [rows[i] for i in drawn]))
     asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
+    token_list = tokens.tolist()
+    for row, token in zip(rows, token_list):
+        if row.penalties is not None:
+            row.penalties.add(token)
     if not asking:
-        return [(token, None, None) for token in tokens.tolist()]
-    index = torch.tensor(asking, device=logits.device)
-    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # (A, V)
+        return [(token, None, None) for token in token_list]
+    index = torch.tensor(asking, device=raw.device)
+    logprobs = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)  # (A, V)
     chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
     k = min(max(rows[i].logprobs for i in asking), logprobs.shape[1])
     top_values, top_ids = logprobs.topk(k, dim=-1)
-    token_list, chosen, top_values, top_ids = tokens.tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist()
+    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
     out: list[Sampled] = [(token, None, None) for token in token_list]
     for a, i in enumerate(asking):
         n = rows[i].logprobs
@@ -56,46 +184,71 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[Sampled]:
     return out
 
 
+def _penalised(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """The logits (B, V) with each penalised row's adjustments applied (a new tensor; the same one when none)."""
+    if all(row.penalties is None for row in rows):
+        return logits
+    adjusted = logits.float().clone()
+    for i, row in enumerate(rows):
+        if row.penalties is not None:
+            row.penalties.apply(adjusted[i])
+    return adjusted
+
+
 def _draw(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-    """Tokens (S,) drawn from logits (S, V) of rows that sample, each filtered with its own settings."""
+    """Tokens (S,) drawn from logits (S, V) of rows that sample, each filtered with its own settings. Rows are
+    filtered together in groups of one window width (`_windowed`): a row's width depends on its own top-k only, so
+    its token does not depend on its batch-mates."""
     vocab, device = logits.shape[1], logits.device
     temperature = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
     scaled = logits.float() / temperature[:, None]
+    if any(row.min_p > 0 for row in rows):  # drop tokens less likely than min_p times the row's most likely one
+        log_min_p = torch.tensor([row.min_p for row in rows], device=device).log()[:, None]  # -inf where off
+        scaled = scaled.masked_fill(scaled < scaled.amax(-1, keepdim=True) + log_min_p, float("-inf"))
     uniform = torch.stack([torch.rand((), generator=row.generator) for row in rows]).to(device)  # one per row
-    plain = [i for i, row in enumerate(rows) if row.top_k in (0, vocab) and row.top_p >= 1]
-    if len(plain) == len(rows):
-        return _invert(scaled.softmax(-1), uniform)
+    widths = [min(vocab, max(CANDIDATES, row.top_k)) for row in rows]
+    if len(set(widths)) == 1:
+        return _windowed(scaled, rows, uniform, widths[0])
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    if plain:
-        index = torch.tensor(plain, device=device)
-        tokens[index] = _invert(scaled[index].softmax(-1), uniform[index])
-    filtered = sorted(set(range(len(rows))) - set(plain))
-    index = torch.tensor(filtered, device=device)
-    tokens[index] = _filtered(scaled[index], [rows[i] for i in filtered], uniform[index])
+    for width in set(widths):
+        at = [i for i, w in enumerate(widths) if w == width]
+        index = torch.tensor(at, device=device)
+        tokens[index] = _windowed(scaled[index], [rows[i] for i in at], uniform[index], width)
     return tokens
 
 
-def _filtered(scaled: torch.Tensor, rows: list[RowSampling], uniform: torch.Tensor,
-              candidates: int = CANDIDATES) -> torch.Tensor:
-    """Top-k then top-p, as `generate.sample_next`, over the best `candidates` logits of each row (a full sort of the
-    vocabulary costs ~1 ms a row on one CPU thread), or over all of them when a row's top-p set reaches further."""
+def _windowed(scaled: torch.Tensor, rows: list[RowSampling], uniform: torch.Tensor, width: int) -> torch.Tensor:
+    """Top-k then top-p, as `generate.sample_next`, over each row's `width` largest logits, in descending order (a
+    full sort of 65,536 logits costs ~6 ms a row on one CPU thread, their top 256 ~0.2 ms). Each token's
+    probability is normalised over the row's whole top-k set (the vocabulary when top-k is off), so the draw is
+    exact: a row whose top-p set reaches past the window is drawn again over the sorted vocabulary; a row that
+    keeps every token (top-k and top-p off) draws from the window when its uniform number falls within the
+    window's mass, else from the rest of the vocabulary (rarely: a peaked distribution's window holds most of it)."""
     vocab, device = scaled.shape[1], scaled.device
-    top_k = [row.top_k if 0 < row.top_k < vocab else vocab for row in rows]
-    width = min(vocab, max(candidates, *top_k))
+    top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows], device=device)
+    top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
     values, order = scaled.topk(width, dim=-1) if width < vocab else scaled.sort(dim=-1, descending=True)
-    kth = values.gather(1, (torch.tensor(top_k, device=device).clamp(max=width) - 1)[:, None])
+    kth = values.gather(1, (top_k.clamp(max=width) - 1)[:, None])
     values = values.masked_fill(values < kth, float("-inf"))  # ties with the k-th largest are kept
-    # Normalised over each row's whole top-k set: its window, or the whole vocabulary when top-k is off.
-    limited = torch.tensor([k < vocab for k in top_k], device=device)
+    limited = top_k < vocab
     total = torch.where(limited, values.logsumexp(-1), scaled.logsumexp(-1))
     probs = (values - total[:, None]).exp()
     cumulative = probs.cumsum(-1)
-    top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
-    if width < vocab and bool(((cumulative[:, -1] < top_p) & ~limited).any()):  # a top-p set beyond the window
-        return _filtered(scaled, rows, uniform, vocab)
-    drop = cumulative - probs >= top_p[:, None]  # keep the smallest prefix reaching top_p
-    picked = _invert(values.masked_fill(drop, float("-inf")).softmax(-1), uniform)
-    return order.gather(1, picked[:, None])[:, 0]
+    mass = cumulative[:, -1]  # the window's share of the row's top-k set
+    kept = probs.masked_fill(cumulative - probs >= top_p[:, None], 0.0)  # the smallest prefix reaching top_p
+    beyond = ~limited & (mass < top_p) if width < vocab else torch.zeros_like(limited)
+    whole = beyond & (top_p >= 1)  # every token kept
+    picked = order.gather(1, _invert(kept, torch.where(whole, uniform / mass, uniform))[:, None])[:, 0]
+    if not bool(beyond.any()):
+        return picked
+    rest = (whole & (uniform >= mass)).nonzero()[:, 0]  # the draw falls past the window
+    if len(rest):
+        outside = (scaled[rest] - total[rest, None]).exp().scatter(1, order[rest], 0.0)
+        picked[rest] = _invert(outside, (uniform[rest] - mass[rest]) / (1 - mass[rest]))
+    wider = (beyond & ~whole).nonzero()[:, 0]  # a top-p set reaching past the window
+    if len(wider):
+        picked[wider] = _windowed(scaled[wider], [rows[i] for i in wider.tolist()], uniform[wider], vocab)
+    return picked
 
 
 def _invert(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
