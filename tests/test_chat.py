@@ -162,3 +162,29 @@ def test_chat_refuses_a_bad_sampling_flag_by_name(checkpoint, flag, value):
     args = build_parser().parse_args(["chat", "--model", str(checkpoint), flag, value, "--threads", "1"])
     with pytest.raises(SystemExit, match=flag[2:]):
         args.func(args)
+
+
+def test_chat_takes_sampling_defaults_from_generation_config(tmp_path, monkeypatch, capsys):
+    """The checkpoint's generation_config.json sets what the flags leave out; a flag wins; `--generation-config
+    none` keeps the built-in defaults; a bad value is one clear error."""
+    import io
+    import json
+
+    from openjamba.cli import build_parser
+
+    model_dir = build_checkpoint(tmp_path / "tiny-jamba")
+    config = {"eos_token_id": 2, "do_sample": True, "temperature": 0.0, "top_p": 0.9, "repetition_penalty": 1.2}
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+
+    def sampling_line(*flags: str) -> str:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        args = build_parser().parse_args(["chat", "--model", str(model_dir), "--verbose", "--threads", "1", *flags])
+        args.func(args)
+        return next(line for line in capsys.readouterr().err.splitlines() if line.startswith("[sampling"))
+
+    assert sampling_line() == "[sampling: temperature 0.0, top_p 0.9, repetition_penalty 1.2]"
+    assert sampling_line("--top-p", "0.5") == "[sampling: temperature 0.0, top_p 0.5, repetition_penalty 1.2]"
+    assert sampling_line("--generation-config", "none") == "[sampling: temperature 0.7]"
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "top_p": "high"}))
+    with pytest.raises(SystemExit, match="top_p must be a number"):
+        sampling_line()

@@ -54,11 +54,11 @@ def tokenizer(checkpoint):
     return load_tokenizer(checkpoint)
 
 
-def make_app(model, tokenizer, chat=True, api_key=None, **engine_kwargs):
+def make_app(model, tokenizer, chat=True, api_key=None, sampling_defaults=None, **engine_kwargs):
     engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids, **engine_kwargs)
     engine.start()
     config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size,
-                          api_key=api_key)
+                          api_key=api_key, sampling_defaults=sampling_defaults or {})
     return engine, create_app(engine, tokenizer, config, ChatFormat.of(tokenizer) if chat else None)
 
 
@@ -231,6 +231,27 @@ def test_penalties_logit_bias_and_min_p_are_applied(model, tokenizer, client):
                                        max_tokens=4, temperature=1.0, seed=3, logit_bias={str(forced): 100},
                                        extra_body={"ignore_eos": True, "min_p": 0.5})
     assert r.choices[0].message.content == tokenizer.decode([forced] * 4, skip_special_tokens=True).strip()
+
+
+def test_generation_config_defaults_fill_what_a_request_leaves_out(model, tokenizer):
+    ids = tokenizer.encode("The quick brown fox")
+    engine, app = make_app(model, tokenizer, sampling_defaults={"temperature": 0.0, "repetition_penalty": 0.3})
+    try:
+        with running_server(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+            args = dict(model="tiny-jamba", prompt=ids, max_tokens=6)
+            defaulted = client.completions.create(extra_body={"ignore_eos": True}, **args).choices[0].text
+            plain = client.completions.create(extra_body={"ignore_eos": True, "repetition_penalty": 1.0},
+                                              **args).choices[0].text
+    finally:
+        engine.stop()
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(adjusted_by_formula(logits, ids, out, repetition=0.3).argmax()))
+    assert defaulted == tokenizer.decode(out, skip_special_tokens=True)
+    assert plain == tokenizer.decode(greedy(model, ids, 6), skip_special_tokens=True) != defaulted
 
 
 def test_stop_string_ends_the_choice(client):

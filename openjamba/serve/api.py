@@ -40,6 +40,7 @@ class ServerConfig:
     vocab_size: int
     api_key: str | None = None
     default_max_tokens: int = 16  # completions, as OpenAI; chat defaults to the rest of the context
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
 
 
 class _Rejected(Exception):
@@ -269,15 +270,21 @@ class Submission:
                        sum(c.cached_tokens for c in firsts.values()))
 
 
-def sampling_params(req, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
-    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+def sampling_params(req, max_tokens: int, index: int, logprobs: int | None,
+                    defaults: dict[str, float]) -> SamplingParams:
+    """The engine's settings for choice `index`: the request's fields, else `defaults` (the checkpoint's
+    generation_config.json), else OpenAI's (temperature 1, top_p 1) and the neutral values."""
+    def value(name: str, neutral: float) -> float:
+        given = getattr(req, name)
+        return given if given is not None else defaults.get(name, neutral)
+
+    top_k = value("top_k", 0)
     seed = None if req.seed is None else req.seed + index  # n choices differ, each reproducible
     return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=seed, ignore_eos=req.ignore_eos,
-        logprobs=logprobs, min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        max_tokens=max_tokens, temperature=value("temperature", 1.0), top_p=value("top_p", 1.0),
+        top_k=top_k if top_k > 0 else 0, min_p=value("min_p", 0.0), seed=seed, ignore_eos=req.ignore_eos,
+        logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=value("repetition_penalty", 1.0),
         logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
     )
 

@@ -27,6 +27,7 @@ from .engine import FinishEvent, SamplingParams
 
 FORMAT = "openjamba-chat/1"
 DIM, RESET = "\033[2m", "\033[0m"
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 HELP = "commands: /reset  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops a reply, Ctrl-D exits)"
 
 
@@ -36,13 +37,14 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--system", default=None, help="system message that starts the conversation")
     parser.add_argument("--max-tokens", type=int, default=2048, help="most tokens per reply (default 2048)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the most "
+    # These five default to the checkpoint's generation_config.json (--generation-config), else to CHAT_DEFAULTS.
+    parser.add_argument("--temperature", type=float, default=None, help="0 for greedy decoding (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=None, help="default 1 (off)")
+    parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than this times the most "
                         "likely one (default 0 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already "
-                        "in the conversation by this (default 1 = off; 1.1 is a common choice)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="divide the positive logits of tokens "
+                        "already in the conversation by this, multiply the negative ones (default 1 = off)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, over the reply (default 0)")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, over the reply (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="seed of each reply's sampling (reproducible)")
@@ -191,7 +193,7 @@ class Output:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from .server import load
+    from .server import load, sampling_defaults
     from .templating import ChatFormat
 
     if args.max_tokens < 1:
@@ -201,10 +203,10 @@ def run_chat(args: argparse.Namespace) -> None:
     if chat is None:
         raise SystemExit(f"openjamba chat: error: {args.model} has no chat template (chat_template in "
                          "tokenizer_config.json or chat_template.jinja); use `openjamba generate` for plain text")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-                            frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+    settings = {**CHAT_DEFAULTS, **sampling_defaults(args, model.config.vocab_size)}
+    settings.update({name: getattr(args, name) for name in CHAT_DEFAULTS if getattr(args, name) is not None})
+    params = SamplingParams(max_tokens=args.max_tokens, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, seed=args.seed, **settings)
     try:
         params.check(model.config.vocab_size)
     except ValueError as err:
@@ -213,9 +215,15 @@ def run_chat(args: argparse.Namespace) -> None:
     out = Output(sys.stdout, args.show_thinking, tty=sys.stdout.isatty())
     conversation = Conversation(engine, tokenizer, chat, params, args.system)
     config_dict = model.config.to_dict()
+    neutral = SamplingParams()
+    sampling = ", ".join(f"{name} {value}" for name, value in settings.items()
+                         if name == "temperature" or value != getattr(neutral, name))
     if interactive:
         _enable_line_editing()
-        print(f"openjamba chat: {args.model} ({'state reuse' if not args.no_reuse else 'no state reuse'}). {HELP}")
+        print(f"openjamba chat: {args.model} ({'state reuse' if not args.no_reuse else 'no state reuse'}; "
+              f"{sampling}). {HELP}")
+    elif args.verbose:
+        print(f"[sampling: {sampling}]", file=sys.stderr)
     engine.start()
     try:
         for line in _lines(interactive):

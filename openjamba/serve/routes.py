@@ -71,7 +71,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor)
                    for i in range(len(prompts)) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
-        submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs) for c in choices])
+        defaults = config.sampling_defaults
+        submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults)
+                                    for c in choices])
         rid, created = p.new_id("cmpl"), p.now()
         echoes = [tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
 
@@ -136,7 +138,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
-        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count) for c in choices],
+        defaults = config.sampling_defaults
+        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults) for c in choices],
                           chat.system_prefix(messages, ids))
         rid, created = p.new_id("chatcmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}

@@ -15,9 +15,11 @@ back to the host once: token ids, and the logprobs of the rows that asked.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,26 @@ CANDIDATES = 256  # logits per row the top-k / top-p filters look at first
 
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling defaults a checkpoint recommends in its generation_config.json, as vLLM takes them (its
+    `--generation-config auto`): temperature, top_p, top_k, min_p and repetition_penalty, whatever `do_sample` says.
+    A request's own values win over these. Raises ValueError for a value that is not a number."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object")
+    found = {key: config[key] for key in GENERATION_CONFIG_KEYS if config.get(key) is not None}
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    if "top_k" in found:
+        found["top_k"] = int(found["top_k"])
+    return found
 
 
 @dataclass

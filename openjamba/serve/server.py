@@ -27,6 +27,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes of stored sequence states for reuse, in MB (default 1024)")
     parser.add_argument("--max-context", type=int, default=None,
                         help="longest prompt plus output in tokens (default: the config's max_position_embeddings)")
+    parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                        help="auto (default): sampling settings a request leaves out come from the checkpoint's "
+                        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM "
+                        "does; none: built-in defaults")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +82,21 @@ def load(args: argparse.Namespace, **engine_kwargs):
     return model, tokenizer, engine
 
 
+def sampling_defaults(args: argparse.Namespace, vocab_size: int) -> dict[str, float]:
+    """The checkpoint's recommended sampling settings (`--generation-config auto`), checked; {} for none."""
+    from .sampling import SamplingParams, generation_config_defaults
+
+    if args.generation_config == "none":
+        return {}
+    try:
+        defaults = generation_config_defaults(args.model)
+        SamplingParams(**defaults).check(vocab_size)
+    except ValueError as err:
+        raise SystemExit(f"{args.model / 'generation_config.json'}: {err} (--generation-config none ignores "
+                         "the file)") from None
+    return defaults
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -90,9 +109,13 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting)
     chat = ChatFormat.of(tokenizer)
     name = args.served_model_name or args.model.resolve().name
+    defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
-                          vocab_size=model.config.vocab_size, api_key=args.api_key)
+                          vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    if defaults:
+        logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
+                     ", ".join(f"{k}={v}" for k, v in defaults.items()))
     if chat is None:
         logging.warning("%s has no chat template: /v1/chat/completions answers 400; /v1/completions works", args.model)
     engine.start()
