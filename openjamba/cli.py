@@ -425,7 +425,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     report = run_serve_bench(model, name, threads=threads, phases=phases, streams=args.streams,
                              prefix=args.prefix_tokens, suffix=args.suffix_tokens, output=args.output_tokens,
                              history=args.history, long_prompt=args.long_prompt, prefill_chunk=args.prefill_chunk,
-                             seed=args.seed)
+                             seed=args.seed, temperature=args.temperature, top_p=args.top_p)
     print(format_serve_report(report))
     if args.plot:
         print(f"plot: {plot_serve_report(report, args.plot)}")
@@ -597,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--long-prompt", type=_parse_count, default=4000, help="the prompt that arrives while 8 "
                      "streams decode")
     bsv.add_argument("--prefill-chunk", type=int, default=512)
+    bsv.add_argument("--temperature", type=non_negative_float, default=0.0, help="the streams' sampling (default "
+                     "0: greedy)")
+    bsv.add_argument("--top-p", type=probability, default=1.0, help="the streams' top-p (default 1: off)")
     bsv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     bsv.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and the prompts")
     bsv.add_argument("--plot", default=None, help="write throughput, TTFT and ITL against streams to this PNG")

@@ -520,6 +520,10 @@ def test_bench_serve_smoke(model):
     assert set(report["targets"]) == {"chat_ttft_reuse", "interference_gap"}  # no 16-stream run here
     assert "targets:" in format_serve_report(report)
     json.dumps(report)
+    sampled = run_serve_bench(model, "tiny", phases=("streams",), streams=(2,), prefix=16, suffix=4, output=4,
+                              prefill_chunk=16, temperature=0.8, top_p=0.9)
+    assert all(r["output_tok_s"] > 0 for r in sampled["streams"])
+    assert "(sampled at temperature 0.8, top-p 0.9)" in format_serve_report(sampled)
 
 
 # ---------------------------------------------------------------------- incremental decoding

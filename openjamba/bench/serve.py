@@ -2,7 +2,8 @@
 
 Three measurements, all in one run so their ratios compare like with like:
 - `streams`: N requests at once (N = 1, 2, 4, 8, 16), each a shared system prefix plus its own random suffix,
-  greedy, a fixed number of output tokens (EOS ignored); aggregate output tokens/s, time to first token (TTFT)
+  greedy (or sampled at `temperature` and `top_p`, each request with its own seed), a fixed number of output
+  tokens (EOS ignored); aggregate output tokens/s, time to first token (TTFT)
   and inter-token latency (ITL) p50/p99; with state reuse on (the shared prefix is read once) and off.
 - `chat`: the second turn of a conversation whose history is `--history` tokens: TTFT with reuse on (the engine
   resumes from the state stored after turn one and reads only the new tokens) against reuse off (re-reads all).
@@ -111,17 +112,19 @@ class Tokens:
 
 # ---------------------------------------------------------------------- phases
 def bench_streams(model, streams: tuple[int, ...], reuse: bool, tokens: Tokens, prefix: list[int], suffix: int,
-                  output: int, prefill_chunk: int, threads: int) -> list[dict]:
+                  output: int, prefill_chunk: int, threads: int, temperature: float = 0.0,
+                  top_p: float = 1.0) -> list[dict]:
     rows = []
-    params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
     with Engine(model, max_running=max(streams), max_waiting=max(streams), prefill_chunk=prefill_chunk,
                 reuse=reuse, threads=threads) as engine:
         # warm-up, and the shared system prompt read once (with reuse on, every stream then starts from its state)
         wait([submit(engine, prefix, SamplingParams(max_tokens=2, temperature=0.0))])
         for n in streams:
             prompts = [prefix + tokens(suffix) for _ in range(n)]  # made first: the N submits follow each other
+            params = [SamplingParams(max_tokens=output, temperature=temperature, top_p=top_p, seed=i, ignore_eos=True)
+                      for i in range(n)]
             start = time.perf_counter()
-            requests = [submit(engine, prompt, params) for prompt in prompts]
+            requests = [submit(engine, prompt, p) for prompt, p in zip(prompts, params)]
             wait(requests)
             elapsed = max(r.tokens[-1] for r in requests) - start
             generated = sum(len(r.tokens) for r in requests)
@@ -240,19 +243,21 @@ def _chunk_times(model, prompt: list[int], chunk: int, passes: int = 3) -> list[
 # ---------------------------------------------------------------------- the run
 def run_serve_bench(model, name: str, *, threads: int | None = None, phases=SERVE_PHASES, streams=(1, 2, 4, 8, 16),
                     prefix=256, suffix=32, output=128, history=4000, new=32, long_prompt=4000, prefill_chunk=512,
-                    seed=0) -> dict:
-    """`threads`: each engine's intra-op threads (default: the caller's count)."""
+                    seed=0, temperature=0.0, top_p=1.0) -> dict:
+    """`threads`: each engine's intra-op threads (default: the caller's count); `temperature` and `top_p`: the
+    streams phase's sampling (default greedy)."""
     model.eval()
     threads = threads if threads is not None else torch.get_num_threads()
     tokens = Tokens(model.config.vocab_size, seed)
     report: dict[str, Any] = dict(model=name, machine=machine(model, threads), prefill_chunk=prefill_chunk,
                                   settings=dict(prefix=prefix, suffix=suffix, output=output, history=history,
-                                                new=new, long_prompt=long_prompt))
+                                                new=new, long_prompt=long_prompt, temperature=temperature,
+                                                top_p=top_p))
     if "streams" in phases:
         shared = tokens(prefix)
         report["streams"] = [row for reuse in (True, False) for row in
                              bench_streams(model, streams, reuse, tokens, shared, suffix, output, prefill_chunk,
-                                           threads)]
+                                           threads, temperature, top_p)]
     if "chat" in phases:
         report["chat"] = bench_chat(model, tokens, history, new, 16, prefill_chunk, threads)
     if "interference" in phases:
@@ -284,6 +289,11 @@ def machine(model, threads: int) -> dict:
     return info
 
 
+def _sampling(settings: dict) -> str:
+    temperature, top_p = settings.get("temperature", 0.0), settings.get("top_p", 1.0)
+    return "greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}"
+
+
 def _stream_line(row: dict) -> str:
     return (f"{row['streams']:>7} {'on' if row['reuse'] else 'off':>5} {row['output_tok_s']:>10.1f} "
             f"{row['ttft_p50_ms']:>9.0f} {row['ttft_p99_ms']:>9.0f} {row['itl_p50_ms']:>8.1f} "
@@ -297,7 +307,7 @@ def format_serve_report(report: dict) -> str:
     if "streams" in report:
         s = report["settings"]
         lines += [f"\nconcurrent streams: {s['prefix']}-token shared prefix + {s['suffix']} own tokens, "
-                  f"{s['output']} output tokens each (greedy)",
+                  f"{s['output']} output tokens each ({_sampling(s)})",
                   "streams reuse  output/s  TTFT p50  TTFT p99  ITL p50  ITL p99  cached",
                   "                (tok/s)      (ms)      (ms)     (ms)     (ms) (tokens)"]
         lines += [_stream_line(row) for row in report["streams"]]

@@ -218,9 +218,8 @@ def _penalised(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-    """Tokens (S,) drawn from logits (S, V) of rows that sample, each filtered with its own settings. Rows are
-    filtered together in groups of one window width (`_windowed`): a row's width depends on its own top-k only, so
-    its token does not depend on its batch-mates."""
+    """Tokens (S,) drawn from logits (S, V) of rows that sample, each filtered with its own settings: rows that keep
+    every token straight from their softmax, the others by `_filtered`."""
     vocab, device = logits.shape[1], logits.device
     temperature = torch.tensor([row.temperature for row in rows], dtype=torch.float32, device=device)
     scaled = logits.float() / temperature[:, None]
@@ -228,48 +227,43 @@ def _draw(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         log_min_p = torch.tensor([row.min_p for row in rows], device=device).log()[:, None]  # -inf where off
         scaled = scaled.masked_fill(scaled < scaled.amax(-1, keepdim=True) + log_min_p, float("-inf"))
     uniform = torch.stack([torch.rand((), generator=row.generator) for row in rows]).to(device)  # one per row
-    widths = [min(vocab, max(CANDIDATES, row.top_k)) for row in rows]
-    if len(set(widths)) == 1:
-        return _windowed(scaled, rows, uniform, widths[0])
+    plain = [i for i, row in enumerate(rows) if row.top_k in (0, vocab) and row.top_p >= 1]
+    if len(plain) == len(rows):
+        return _invert(scaled.softmax(-1), uniform)
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    for width in set(widths):
-        at = [i for i, w in enumerate(widths) if w == width]
-        index = torch.tensor(at, device=device)
-        tokens[index] = _windowed(scaled[index], [rows[i] for i in at], uniform[index], width)
+    if plain:
+        index = torch.tensor(plain, device=device)
+        tokens[index] = _invert(scaled[index].softmax(-1), uniform[index])
+    filtered = sorted(set(range(len(rows))) - set(plain))
+    index = torch.tensor(filtered, device=device)
+    chosen = [rows[i] for i in filtered]
+    width = min(vocab, max(CANDIDATES, *(row.top_k for row in chosen if row.top_k < vocab)))
+    tokens[index] = _filtered(scaled[index], chosen, uniform[index], width)
     return tokens
 
 
-def _windowed(scaled: torch.Tensor, rows: list[RowSampling], uniform: torch.Tensor, width: int) -> torch.Tensor:
-    """Top-k then top-p, as `generate.sample_next`, over each row's `width` largest logits, in descending order (a
-    full sort of 65,536 logits costs ~6 ms a row on one CPU thread, their top 256 ~0.2 ms). Each token's
-    probability is normalised over the row's whole top-k set (the vocabulary when top-k is off), so the draw is
-    exact: a row whose top-p set reaches past the window is drawn again over the sorted vocabulary; a row that
-    keeps every token (top-k and top-p off) draws from the window when its uniform number falls within the
-    window's mass, else from the rest of the vocabulary (rarely: a peaked distribution's window holds most of it)."""
+def _filtered(scaled: torch.Tensor, rows: list[RowSampling], uniform: torch.Tensor, width: int) -> torch.Tensor:
+    """Top-k then top-p, as `generate.sample_next`, over each row's `width` largest logits (at least every row's
+    top-k; a full sort of 65,536 logits costs ~6 ms a row on one CPU thread, their top 256 ~0.2 ms), or over the
+    whole sorted vocabulary for the rows whose top-p set reaches past them. The window's width does not change a
+    row's token: the largest logits come first in the same order whatever the width."""
     vocab, device = scaled.shape[1], scaled.device
-    top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows], device=device)
-    top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
+    top_k = [row.top_k if 0 < row.top_k < vocab else vocab for row in rows]
     values, order = scaled.topk(width, dim=-1) if width < vocab else scaled.sort(dim=-1, descending=True)
-    kth = values.gather(1, (top_k.clamp(max=width) - 1)[:, None])
+    kth = values.gather(1, (torch.tensor(top_k, device=device).clamp(max=width) - 1)[:, None])
     values = values.masked_fill(values < kth, float("-inf"))  # ties with the k-th largest are kept
-    limited = top_k < vocab
+    # Normalised over each row's whole top-k set: its window, or the whole vocabulary when top-k is off.
+    limited = torch.tensor([k < vocab for k in top_k], device=device)
     total = torch.where(limited, values.logsumexp(-1), scaled.logsumexp(-1))
     probs = (values - total[:, None]).exp()
     cumulative = probs.cumsum(-1)
-    mass = cumulative[:, -1]  # the window's share of the row's top-k set
+    top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32, device=device)
     kept = probs.masked_fill(cumulative - probs >= top_p[:, None], 0.0)  # the smallest prefix reaching top_p
-    beyond = ~limited & (mass < top_p) if width < vocab else torch.zeros_like(limited)
-    whole = beyond & (top_p >= 1)  # every token kept
-    picked = order.gather(1, _invert(kept, torch.where(whole, uniform / mass, uniform))[:, None])[:, 0]
-    if not bool(beyond.any()):
-        return picked
-    rest = (whole & (uniform >= mass)).nonzero()[:, 0]  # the draw falls past the window
-    if len(rest):
-        outside = (scaled[rest] - total[rest, None]).exp().scatter(1, order[rest], 0.0)
-        picked[rest] = _invert(outside, (uniform[rest] - mass[rest]) / (1 - mass[rest]))
-    wider = (beyond & ~whole).nonzero()[:, 0]  # a top-p set reaching past the window
-    if len(wider):
-        picked[wider] = _windowed(scaled[wider], [rows[i] for i in wider.tolist()], uniform[wider], vocab)
+    picked = order.gather(1, _invert(kept, uniform)[:, None])[:, 0]
+    if width < vocab:  # rows whose top-p set reaches past the window: again over the sorted vocabulary
+        wider = (~limited & (cumulative[:, -1] < top_p)).nonzero()[:, 0]
+        if len(wider):
+            picked[wider] = _filtered(scaled[wider], [rows[i] for i in wider.tolist()], uniform[wider], vocab)
     return picked
 
 
