@@ -82,12 +82,15 @@ class Choice:
     finish_reason: str | None = None
     stopped_by_string: bool = False
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # (logprob, top) of prompt tokens 1.., from the first token's event
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
 
     def add(self, event: TokenEvent) -> str:
         """Record a token; returns the text now safe to show (maybe empty)."""
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         if self.finish_reason is not None:
             return ""
         self.completion_tokens += 1

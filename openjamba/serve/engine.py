@@ -4,7 +4,8 @@ Each iteration of the loop
   1. applies cancellations (a cancelled row leaves the batch at once, its memory freed),
   2. admits waiting requests while fewer than `max_running` are in flight, each starting from the longest stored
      state its prompt extends (serve/state_store.py), restored when its first chunk runs (several resumed at once
-     into one cache: `HybridCache.from_row_states`),
+     into one cache: `HybridCache.from_row_states`); a request asking for prompt logprobs starts from nothing and
+     is prefilled alone, every position's logits scored (serve/scoring.py),
   3. prefills admitted prompts, oldest first, within the iteration's token budget: `step_token_budget` tokens
      (default `prefill_chunk`) less one per running row, the tokens of this iteration's decode step, as vLLM's
      `max_num_batched_tokens` counts them (8 rows decoding under a budget of 512 leave a 504-token chunk), and
@@ -54,6 +55,7 @@ from ..generate import decode_step, prefill
 from ..runtime import hold_freed_memory
 from .metrics import Histogram
 from .sampling import RowSampling, Sampled, SamplingParams, sample_rows
+from .scoring import PromptLogprob, prefill_scored
 from .state_store import StateStore
 
 
@@ -63,6 +65,7 @@ class TokenEvent:
     token_id: int
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
+    prompt_logprobs: list[PromptLogprob] | None = None  # on a first token: prompt tokens 1.. when asked
 
 
 @dataclass
@@ -116,6 +119,7 @@ class _Request:
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     admitted: float | None = None  # time.monotonic() when it left the queue
     sampling: RowSampling | None = None  # its sampling settings and generator, set when admitted
+    scored: list[PromptLogprob] | None = None  # its prompt logprobs so far, when it asks for them
 
 
 class Engine:
@@ -429,7 +433,8 @@ class Engine:
         request.sampling = RowSampling.start(request.params, request.prompt, self.config.vocab_size)
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
-        found = self.store.lookup(request.prompt) if self.reuse else None
+        request.scored = [] if request.params.prompt_logprobs is not None else None  # every position is read
+        found = self.store.lookup(request.prompt) if self.reuse and request.scored is None else None
         self._counters["store_lookups_total"] += found is not None
         self._counters["store_hits_total"] += found is not None and found.state is not None
         if found is not None and found.state is not None:
@@ -471,7 +476,11 @@ class Engine:
                     end = min([n for n in request.keep_at if n > request.prefilled] + [end])
                     ids = torch.tensor(request.prompt[request.prefilled:end], dtype=torch.long)[None]
                     cache = self._cache_of(request)
-                    request.logits = prefill(self.model, ids, cache, chunk_size=end - request.prefilled)
+                    if request.scored is None:
+                        request.logits = prefill(self.model, ids, cache, chunk_size=end - request.prefilled)
+                    else:
+                        request.logits = prefill_scored(self.model, ids, request.prompt[request.prefilled + 1:end + 1],
+                                                        cache, request.params.prompt_logprobs, request.scored)
                     self._prefilled_now += end - request.prefilled
                     budget -= end - request.prefilled
                     request.prefilled, read = end, True
@@ -533,7 +542,8 @@ class Engine:
         for request in self._prefilling:
             rest = len(request.prompt) - request.prefilled
             fresh = request.prefilled == 0
-            if rest == 0 or request.keep_at:  # nothing left to read (its stored logits suffice), or stops to make
+            # Nothing left to read (its stored logits suffice), stops to make, or all its logits wanted (scored):
+            if rest == 0 or request.keep_at or request.scored is not None:
                 break
             if group and (fresh != (group[0].prefilled == 0) or not fresh and rest != width):
                 break
@@ -622,7 +632,8 @@ class Engine:
         token, logprob, top = sampled
         request.output.append(token)
         self._counters["generated_tokens_total"] += 1
-        self._send(request, TokenEvent(request.id, token, logprob, top))
+        self._send(request, TokenEvent(request.id, token, logprob, top, request.scored))
+        request.scored = None  # sent with the first token
         p = request.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"

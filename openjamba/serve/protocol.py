@@ -99,6 +99,13 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension, refused: `echo` with `logprobs` gives them in OpenAI's shape
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _refused(cls, value: int | None) -> None:
+        if value is not None:
+            raise ValueError("not supported by this server; echo with logprobs gives the prompt's logprobs")
 
     @model_validator(mode="after")
     def _completion_checks(self) -> CompletionRequest:
@@ -108,8 +115,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("best_of other than n is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which this server does not compute")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -72,13 +72,27 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                    for i in range(len(prompts)) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         defaults = config.sampling_defaults
-        submission.submit(prompts, [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults)
-                                    for c in choices])
+        params = [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults) for c in choices]
+        scoring = req.echo and req.logprobs is not None  # the echoed prompt's tokens get logprobs too
+        for param in params:
+            param.prompt_logprobs = req.logprobs if scoring else None
+        submission.submit(prompts, params)
         rid, created = p.new_id("cmpl"), p.now()
         echoes = [tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
 
         def logprobs_of(choice: Choice, start: int, offset: int) -> dict | None:
             return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset)
+
+        def echo_logprobs(choice: Choice) -> dict:
+            """The echoed prompt's logprobs: its first token has none (nothing before it), offsets from 0."""
+            ids = prompts[choice.prompt_index]
+            return completion_logprobs(prompt_entries(ids, choice.prompt_logprobs), token_text, 0,
+                                       first_text=tokenizer.decode(ids[:1], skip_special_tokens=False))
+
+        def all_logprobs(choice: Choice) -> dict | None:
+            """A whole choice's logprobs: the echoed prompt's first when scoring, then the output's."""
+            output = logprobs_of(choice, 0, len(echoes[choice.prompt_index]))
+            return joined(echo_logprobs(choice), output) if scoring else output
 
         if req.stream:
             async def chunks() -> AsyncIterator[dict]:
@@ -88,10 +102,14 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                                          "finish_reason": reason}]}
                 sent = {c.index: 0 for c in choices}  # logprob entries already sent
                 offsets = {c.index: len(echoes[c.prompt_index]) for c in choices}
+                unechoed = {c.index for c in choices if scoring}  # echoed with the prompt logprobs of its first event
                 for c in choices:
-                    if echoes[c.prompt_index]:
+                    if echoes[c.prompt_index] and not scoring:
                         yield chunk(c, echoes[c.prompt_index], None, None)
                 async for choice, delta, ended in submission.events(None):
+                    if choice.index in unechoed:
+                        unechoed.discard(choice.index)
+                        yield chunk(choice, echoes[choice.prompt_index], None, echo_logprobs(choice))
                     if not (delta or ended or req.logprobs is not None):
                         continue
                     logprobs = logprobs_of(choice, sent[choice.index], offsets[choice.index])
@@ -108,7 +126,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         return {
             "id": rid, "object": "text_completion", "created": created, "model": config.model_name,
             "choices": [{"index": c.index, "text": echoes[c.prompt_index] + c.text,
-                         "logprobs": logprobs_of(c, 0, len(echoes[c.prompt_index])),
+                         "logprobs": all_logprobs(c),
                          "finish_reason": c.finish_reason} for c in choices],
             "usage": submission.usage(),
         }
@@ -216,19 +234,33 @@ def _prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int
     return list(prompt)
 
 
-def completion_logprobs(entries, token_text, offset: int) -> dict:
-    """OpenAI's legacy completions logprobs: parallel lists of tokens, their logprobs, top alternatives, offsets."""
+def completion_logprobs(entries, token_text, offset: int, first_text: str | None = None) -> dict:
+    """OpenAI's legacy completions logprobs: parallel lists of tokens, their logprobs, top alternatives (None where
+    an entry has none: an echoed prompt's first token), offsets. `first_text`: the first token's text as a text's
+    start (an echoed prompt's first token, as the echo decodes it)."""
     tokens, offsets = [], []
     for token_id, _, _ in entries:
-        tokens.append(token_text(token_id))
+        tokens.append(token_text(token_id) if tokens or first_text is None else first_text)
         offsets.append(offset)
         offset += len(tokens[-1])
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [{token_text(t): lp for t, lp in (top or [])} for _, _, top in entries],
+        "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top} for _, _, top in entries],
         "text_offset": offsets,
     }
+
+
+def prompt_entries(ids: list[int], scored: list | None) -> list:
+    """(token, logprob, top) of each prompt token from the engine's prompt logprobs (`scoring.prefill_scored`):
+    the first token has none, and none at all where the engine sent none (a choice that ended without a token)."""
+    scored = scored if scored is not None else [(None, None)] * (len(ids) - 1)
+    return [(ids[0], None, None)] + [(t, lp, top) for t, (lp, top) in zip(ids[1:], scored)]
+
+
+def joined(first: dict, second: dict) -> dict:
+    """Two completions logprobs one after the other (an echoed prompt's, then the output's)."""
+    return {key: first[key] + second[key] for key in first}
 
 
 def chat_logprobs(entries, token_text) -> list[dict]:

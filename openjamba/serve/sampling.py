@@ -69,6 +69,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
+    prompt_logprobs: int | None = None  # k >= 0: each prompt token's too (serve/scoring.py; no state reuse)
 
     def check(self, vocab_size: int) -> None:
         """ValueError naming the first invalid setting."""
@@ -92,8 +93,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias: token id {token!r} is not in the vocabulary (0..{vocab_size - 1})")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(t, int) for t in self.stop_token_ids):
