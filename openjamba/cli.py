@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -63,6 +64,13 @@ def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -174,6 +182,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         temperature=args.temperature if args.temperature > 0 else 1.0,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         generator=generator,
         streamer=TextStreamer(tokenizer),
         kv_dtype=kv_dtype,
@@ -470,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
     gen.add_argument("--top-k", type=at_least(1), default=50)
     gen.add_argument("--top-p", type=probability, default=None)
+    gen.add_argument("--min-p", type=probability, default=None, help="drop tokens less likely than this times the "
+                     "most likely one")
+    gen.add_argument("--repetition-penalty", type=positive_float, default=None, help="transformers': the logits of "
+                     "tokens already in the text divided by this where positive, multiplied where negative")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")

@@ -66,10 +66,19 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B,). Greedy, or temperature -> top-k -> top-p filtering then sampling."""
+    """logits (B, V) -> next tokens (B,). Greedy, or `filter_logits` then sampling."""
     if not do_sample:
         return ops.argmax(logits)
+    probs = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
+    """transformers' sampling warpers in their order: temperature, top-k, top-p, then min-p (tokens less likely
+    than min_p times the most likely one dropped); dropped tokens' logits are -inf."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -80,11 +89,25 @@ def sample_next(
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if min_p is not None and min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits
 
 
-def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size) -> None:
+def penalise_repeats(logits: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition_penalty: the logits (B, V) of the tokens in each row's sequence (B, T) so far
+    divided by `penalty` where positive, multiplied where negative (a new tensor). Ids of V or more (left padding,
+    marked so by the caller) are left out."""
+    vocab = logits.shape[1]
+    ids = sequences.clamp(max=vocab)
+    widened = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1): column V takes the marked ids
+    seen = widened.gather(1, ids)
+    return widened.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))[:, :vocab]
+
+
+def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size, min_p,
+                repetition_penalty) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {tuple(input_ids.shape)} "
                          f"{input_ids.dtype}")
@@ -98,6 +121,10 @@ def _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
 
@@ -158,6 +185,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
@@ -173,9 +202,11 @@ def generate(
     `pad_token_id` (default the config's, else the EOS id) until every row is done. `should_stop`, called after
     each step with the new tokens so far (B, n), returns a (B,) bool: rows where it is True finish as at EOS
     (stop strings, for instance, which only the caller's tokenizer can see). `kv_dtype` stores the attention K/V
-    narrower than the model (see `make_cache`): torch.bfloat16 halves a long context's cache.
+    narrower than the model (see `make_cache`): torch.bfloat16 halves a long context's cache. `min_p` and
+    `repetition_penalty` (over each row's prompt, left padding excluded, and new tokens) are transformers'.
     """
-    _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size)
+    _check_args(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk_size, min_p,
+                repetition_penalty)
     config = model.config
     eos = config.eos_token_ids if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -198,8 +229,15 @@ def generate(
     eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     new_tokens = []
+    penalised = repetition_penalty is not None and repetition_penalty != 1.0
+    if penalised:  # the ids the penalty counts: left padding marked with the vocabulary's size
+        counted = input_ids if attention_mask is None else input_ids.masked_fill(
+            attention_mask.to(device) == 0, config.vocab_size)
     for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if penalised:
+            logits = penalise_repeats(logits, torch.cat([counted, *(t[:, None] for t in new_tokens)], 1),
+                                      repetition_penalty)
+        next_tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator, min_p)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
         new_tokens.append(next_tokens)
         if streamer is not None:

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from openjamba.generate import TextStreamer, prefill, sample_next
+from openjamba.generate import TextStreamer, filter_logits, prefill, sample_next
 
 from .conftest import left_padded_batch, random_model
 
@@ -88,6 +88,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     draws = {int(sample_next(logits, True, top_p=0.75, generator=torch.Generator().manual_seed(s)))
              for s in range(200)}
     assert draws == {0, 1}
+
+
+def test_filters_keep_what_transformers_warpers_keep():
+    """filter_logits against transformers' own warpers, chained in generate's order, on the same logits."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2)) * 2
+    for temperature, top_k, top_p, min_p in [(0.7, None, None, 0.1), (1.3, 50, 0.9, 0.05), (1.0, None, 0.8, None),
+                                             (0.5, 20, None, 0.3)]:
+        warpers = [TemperatureLogitsWarper(temperature)]
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p else []
+        warpers += [MinPLogitsWarper(min_p)] if min_p else []
+        expected = logits.clone()
+        for warp in warpers:
+            expected = warp(None, expected)
+        got = filter_logits(logits, temperature, top_k, top_p, min_p)
+        assert torch.equal(got.isinf(), expected.isinf())
+        torch.testing.assert_close(got[~got.isinf()], expected[~expected.isinf()])
 
 
 def test_streamer_prints_the_new_text():

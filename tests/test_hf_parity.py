@@ -102,6 +102,18 @@ def test_greedy_generation_left_padded_batch_matches_transformers(pair):
     assert torch.equal(got, expected)
 
 
+@torch.no_grad()
+def test_greedy_generation_with_a_repetition_penalty_matches_transformers(pair):
+    _, hf, ours = pair
+    ids, mask, _ = left_padded_batch([5, 9], hf.config.vocab_size, seed=8)
+    for penalty in (1.3, 0.7):
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, repetition_penalty=penalty)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[], repetition_penalty=penalty)
+        assert torch.equal(got, expected)
+        assert not torch.equal(got, ours.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]))
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
 def test_our_checkpoint_loads_in_transformers(name, tmp_path):
