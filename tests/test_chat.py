@@ -69,6 +69,34 @@ def test_turns_prefill_only_new_tokens_and_match_no_reuse(parts):
         engine_off.stop()
 
 
+def test_retry_undo_and_set(parts):
+    """/retry sends the last user turn again from the state stored after its prompt (every prompt token reused; a
+    greedy reply is the same), /undo drops the last exchange, /set changes a setting and refuses a bad one."""
+    from openjamba.serve.chat import EXIT, _command
+
+    engine, talk = conversation(parts)
+    try:
+        talk.reply("hello world", quiet())
+        second = quiet()
+        talk.reply("and in Paris", second)
+        assert _command("/retry", talk, {}, interactive=False) == "and in Paris" and len(talk.messages) == 3
+        again = quiet()
+        figures = talk.reply("and in Paris", again)
+        assert figures["cached_tokens"] == figures["prompt_tokens"]  # the reply starts at once
+        assert again.stream.getvalue() == second.stream.getvalue()
+        assert _command("/undo", talk, {}, interactive=False) is None and len(talk.messages) == 3
+        assert _command("/undo", talk, {}, interactive=False) is None and len(talk.messages) == 1  # the system
+        assert _command("/undo", talk, {}, interactive=False) is None
+        assert _command("/set temperature 0.5", talk, {}, interactive=False) is None
+        assert talk.params.temperature == 0.5
+        for bad in ("/set top_p 0", "/set top_p high", "/set colour blue"):
+            _command(bad, talk, {}, interactive=False)
+            assert talk.params.top_p == GREEDY.top_p
+        assert _command("/exit", talk, {}, interactive=False) is EXIT
+    finally:
+        engine.stop()
+
+
 def test_save_and_load_continue_without_rereading(parts, tmp_path):
     model, _, _ = parts
     config = model.config.to_dict()

@@ -5,6 +5,8 @@ the longest prefix it has already read (the previous turn's prompt and reply), s
 tokens: the history is never re-read. `/save FILE` writes the conversation and the exact model state after it as
 one safetensors file (the messages and the model config in its JSON metadata, never pickle); `/load FILE` checks
 that the state belongs to this model's config and puts it back in the store, so the next turn reads only itself.
+`/retry` sends the last user turn again (the state after its prompt is stored, so the new reply starts at once),
+`/undo` drops the last exchange, `/set NAME VALUE` changes a sampling setting.
 
 Thinking (`<think>...</think>`, Jamba Reasoning 3B and Jamba2) is hidden by default (a "thinking..." note on a
 terminal) and shown with `--show-thinking` (dimmed on a terminal). With stdin or stdout not a terminal (piped),
@@ -14,6 +16,7 @@ each input line is a user turn and only the replies are written: no prompts, no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,7 +31,11 @@ from .engine import FinishEvent, SamplingParams
 FORMAT = "openjamba-chat/1"
 DIM, RESET = "\033[2m", "\033[0m"
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-HELP = "commands: /reset  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops a reply, Ctrl-D exits)"
+HELP = ("commands: /retry  /undo  /reset  /set [NAME VALUE]  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops "
+        "a reply, Ctrl-D exits)")
+EXIT = object()  # `_command`'s answer to /exit
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+            "presence_penalty": float, "frequency_penalty": float, "max_tokens": int, "seed": int}
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +72,27 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def undo(self) -> str | None:
+        """Drop the last exchange (a user turn and the reply to it); the user's text, or None if there is none."""
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if not users:
+            return None
+        text = self.messages[users[-1]]["content"]
+        self.messages = self.messages[:users[-1]]
+        return text
+
+    def change_setting(self, name: str, value: str) -> None:
+        """Change one sampling setting for the next replies (ValueError naming what is wrong)."""
+        if name not in SETTABLE:
+            raise ValueError(f"unknown setting {name!r}; one of {', '.join(SETTABLE)}")
+        try:
+            parsed = SETTABLE[name](value) if not (name == "seed" and value == "none") else None
+        except ValueError:
+            raise ValueError(f"{name} takes a number, got {value!r}") from None
+        params = dataclasses.replace(self.params, **{name: parsed})
+        params.check(self.tokenizer.vocab_size)
+        self.params = params
 
     def history_tokens(self) -> list[int]:
         """The conversation so far as the template renders it, without the next generation prompt."""
@@ -231,9 +259,12 @@ def run_chat(args: argparse.Namespace) -> None:
             if not text:
                 continue
             if text.startswith("/"):
-                if _command(text, conversation, config_dict, interactive) == "exit":
+                action = _command(text, conversation, config_dict, interactive)
+                if action is EXIT:
                     break
-                continue
+                if action is None:
+                    continue
+                text = action
             try:
                 figures = conversation.reply(text, out)
             except KeyboardInterrupt:
@@ -263,15 +294,35 @@ def _lines(interactive: bool):
             print()
 
 
-def _command(text: str, conversation: Conversation, config_dict: dict, interactive: bool) -> str | None:
+def _command(text: str, conversation: Conversation, config_dict: dict, interactive: bool) -> str | object | None:
+    """Run a /command: EXIT to leave, a user text to send (again), or None."""
     verb, _, arg = text.partition(" ")
     arg = arg.strip()
     note = (lambda msg: print(msg)) if interactive else (lambda msg: print(msg, file=sys.stderr))
     if verb in ("/exit", "/quit", "/bye"):
-        return "exit"
+        return EXIT
     if verb == "/reset":
         conversation.reset()
         note("(conversation cleared)")
+    elif verb in ("/retry", "/undo"):
+        text = conversation.undo()
+        if text is None:
+            note("(nothing to undo)")
+        elif verb == "/retry":
+            return text  # sent again: the state after its prompt is stored, so the new reply starts at once
+        else:
+            note(f"(removed the last exchange; {len(conversation.messages)} messages left)")
+    elif verb == "/set":
+        name, _, value = arg.partition(" ")
+        if not value.strip():
+            p = conversation.params
+            note("(" + ", ".join(f"{n} {getattr(p, n)}" for n in SETTABLE) + "; /set NAME VALUE changes one)")
+        else:
+            try:
+                conversation.change_setting(name, value.strip())
+                note(f"({name} {getattr(conversation.params, name)})")
+            except ValueError as err:
+                note(f"cannot set: {err}")
     elif verb in ("/save", "/load") and not arg:
         note(f"usage: {verb} FILE")
     elif verb == "/save":
