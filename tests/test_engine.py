@@ -157,6 +157,17 @@ def test_penalised_greedy_requests_equal_a_plain_loop_beside_plain_ones(model):
     assert tokens[0] != tokens[2][:len(tokens[0])]  # the penalties changed the output
 
 
+def test_stop_token_ids_end_a_request_and_min_tokens_holds_them_back(model):
+    prompt = prompts_of([7], model.config.vocab_size, seed=4)[0]
+    first = solo_generate(model, prompt, 1, chunk=8)[0]
+    stop_at_once = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[first], ignore_eos=True)
+    held = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[first], ignore_eos=True, min_tokens=3)
+    with Engine(model, prefill_chunk=8) as engine:
+        (once, later), (fin_once, fin_later) = run(engine, [prompt, prompt], [stop_at_once, held])
+    assert once == [first] and fin_once.reason == "stop"
+    assert first not in later[:3] and len(later) >= 3
+
+
 def test_seeded_sampling_is_reproducible_whatever_else_runs(model):
     prompts = prompts_of([6, 11, 9], model.config.vocab_size, seed=2)
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)

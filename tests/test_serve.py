@@ -254,6 +254,35 @@ def test_generation_config_defaults_fill_what_a_request_leaves_out(model, tokeni
     assert plain == tokenizer.decode(greedy(model, ids, 6), skip_special_tokens=True) != defaulted
 
 
+def test_model_retrieve_tokenize_and_detokenize(server, client, tokenizer):
+    url = server[1]
+    assert client.models.retrieve("tiny-jamba").id == "tiny-jamba"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    r = httpx.post(url + "/tokenize", json={"prompt": "hello world"}).json()
+    assert r["tokens"] == tokenizer.encode("hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 1024
+    messages = [{"role": "user", "content": "hi"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == ChatFormat(tokenizer).encode(messages)
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {
+        "prompt": tokenizer.decode(r["tokens"], skip_special_tokens=False)}
+    for route, body in [("/tokenize", {"prompt": "a", "messages": messages}), ("/tokenize", {}),
+                        ("/detokenize", {"tokens": [99999]}), ("/detokenize", {"tokens": "abc"})]:
+        r = httpx.post(url + route, json=body)
+        assert r.status_code == 400 and "error" in r.json(), (route, body)
+
+
+def test_stop_token_ids_and_min_tokens_through_the_client(model, tokenizer, client):
+    ids = tokenizer.encode("The quick brown fox")
+    first = greedy(model, ids, 1)[0]
+    args = dict(model="tiny-jamba", prompt=ids, max_tokens=5, temperature=0)
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [first]}, **args)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", 1)
+    r = client.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": [first], "min_tokens": 5}, **args)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+
+
 def test_stop_string_ends_the_choice(client):
     args = dict(model="tiny-jamba", prompt="The quick brown", max_tokens=12, temperature=0,
                 extra_body={"ignore_eos": True})
@@ -284,6 +313,8 @@ def test_stop_string_ends_the_choice(client):
     ({"prompt": "hi", "logit_bias": {"hi": 1}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"3": 101}}, "logit_bias.3"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, None),
+    ({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, None),
+    ({"prompt": "hi", "stop_token_ids": [99999]}, None),
 ])
 def test_invalid_completions_are_400(server, client, body, param):
     r = httpx.post(server[1] + "/v1/completions", json={"model": "tiny-jamba", **body}, timeout=30)

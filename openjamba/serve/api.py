@@ -289,6 +289,7 @@ def sampling_params(req, max_tokens: int, index: int, logprobs: int | None,
         logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=value("repetition_penalty", 1.0),
         logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
+        stop_token_ids=list(req.stop_token_ids or []), min_tokens=req.min_tokens,
     )
 
 
@@ -333,6 +334,14 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     async def models(request: Request):
         check_key(request, config)
         return {"object": "list", "data": [p.model_card(config.model_name, created)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        check_key(request, config)
+        if model_id != config.model_name:
+            return error_response(404, f"the model {model_id!r} does not exist; this server serves "
+                                  f"{config.model_name!r}", "not_found_error", param="model", code="model_not_found")
+        return p.model_card(config.model_name, created)
 
     add_routes(app, engine, relay, tokenizer, config, chat)
     return app

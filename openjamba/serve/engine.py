@@ -430,7 +430,9 @@ class Engine:
     def _start(self, request: _Request) -> None:
         """Its sampler, and the longest stored state its prompt extends (restored when its first chunk runs:
         `_cache_of`, or with others in one pass, `_prefill_together`)."""
-        request.sampling = RowSampling.start(request.params, request.prompt, self.config.vocab_size)
+        p = request.params
+        stops = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
+        request.sampling = RowSampling.start(p, request.prompt, self.config.vocab_size, stops)
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
         request.scored = [] if request.params.prompt_logprobs is not None else None  # every position is read

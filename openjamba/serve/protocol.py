@@ -60,6 +60,8 @@ class _Sampling(_Request):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id (text) -> bias
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP)  # vLLM's
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS or stop token before this many
 
     @field_validator("max_tokens")
     @classmethod
@@ -204,6 +206,27 @@ class ChatCompletionRequest(_Sampling):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a text, or chat messages rendered by the checkpoint's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 def parse_request(body: bytes, schema: type[_Request]) -> Any:

@@ -207,6 +207,39 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             "usage": submission.usage(),
         })
 
+    add_tokenizer_routes(app, tokenizer, config, chat, check_model)
+
+
+def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, check_model) -> None:
+    """vLLM's /tokenize and /detokenize: what the server would read for a prompt or chat, and the text of ids."""
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_key(request, config)
+        req = p.parse_request(await request.body(), p.TokenizeRequest)
+        check_model(req.model)
+        if req.messages is None:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        elif chat is None:
+            raise p.RequestError("this model has no chat template, so it cannot render messages", param="messages",
+                                 code="chat_template_missing")
+        else:
+            try:
+                ids = chat.encode([m.for_template() for m in req.messages],
+                                  add_generation_prompt=req.add_generation_prompt)
+            except chat.error as err:
+                raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
+        return {"count": len(ids), "max_model_len": config.max_context, "tokens": list(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_key(request, config)
+        req = p.parse_request(await request.body(), p.DetokenizeRequest)
+        check_model(req.model)
+        if any(t >= config.vocab_size for t in req.tokens):
+            raise p.RequestError(f"token ids must be below the vocabulary size {config.vocab_size}", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
 
 def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, logprobs: dict | None) -> dict:
     """One non-streaming chat choice: content, reasoning_content and tool_calls split from the output text."""

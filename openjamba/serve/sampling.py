@@ -4,13 +4,14 @@ random stream.
 Each row's logits are first adjusted where it asks (in vLLM's order): its `logit_bias` added, then the repetition
 penalty over the tokens of its prompt and output (transformers' `repetition_penalty`: a positive logit divided by
 it, a negative one multiplied), then OpenAI's frequency and presence penalties over its output's tokens
-(logit - count * frequency - (count > 0) * presence). Greedy rows then take one argmax together. Sampled rows are
-filtered together (temperature, min-p, then top-k and top-p, as `generate.sample_next` does for one setting) with
-their parameters as tensors, and each draws its token by the inverse of its own cumulative distribution at one
-uniform number from its own `torch.Generator` (on the host): a seeded request consumes one number of its own stream
-per token, so its tokens do not depend on its batch-mates. Logprobs are those of the model's own distribution (before
-any adjustment, temperature or filter: vLLM's default) and are computed only for the rows asking. The result is read
-back to the host once: token ids, and the logprobs of the rows that asked.
+(logit - count * frequency - (count > 0) * presence), and its stop tokens held back until `min_tokens` are out.
+Greedy rows then take one argmax together. Sampled rows are filtered together (temperature, min-p, then top-k and
+top-p, as `generate.sample_next` does for one setting) with their parameters as tensors, and each draws its token
+by the inverse of its own cumulative distribution at one uniform number from its own `torch.Generator` (on the
+host): a seeded request consumes one number of its own stream per token, so its tokens do not depend on its
+batch-mates. Logprobs are those of the model's own distribution (before any adjustment, temperature or filter:
+vLLM's default) and are computed only for the rows asking. The result is read back to the host once: token ids,
+and the logprobs of the rows that asked.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens (vLLM)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
     prompt_logprobs: int | None = None  # k >= 0: each prompt token's too (serve/scoring.py; no state reuse)
 
@@ -99,15 +101,18 @@ class SamplingParams:
                 raise ValueError(f"{name} must be None or an integer >= 0, got {k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if any(not isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be integers")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (0..{vocab_size - 1})")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_tokens, got {self.min_tokens!r}")
 
 
 @dataclass
 class Penalties:
     """A row's logit adjustments (see the module's docstring) and what they need: each token's count in the output
     (dense, updated in place) and the distinct tokens of the prompt and the output, the only logits the penalties
-    touch, so a step adjusts those few rather than the whole vocabulary."""
+    touch, so a step adjusts those few rather than the whole vocabulary; and the stop tokens `min_tokens` holds
+    back (their logits -inf until that many tokens are out)."""
 
     presence: float
     frequency: float
@@ -117,21 +122,29 @@ class Penalties:
     counts: torch.Tensor  # (V,) float32: how often each token occurs in the output so far
     seen_ids: torch.Tensor  # (S,) the distinct tokens of the prompt and the output so far
     seen: set[int]
+    held: torch.Tensor | None = None  # (H,) stop tokens held back (-inf) until `min_tokens` are out
+    min_tokens: int = 0
+    produced: int = 0
 
     @classmethod
-    def of(cls, params: SamplingParams, prompt: list[int], vocab_size: int) -> Penalties | None:
-        """The row's penalties; None when every setting is neutral (the row's logits are used as they are)."""
+    def of(cls, params: SamplingParams, prompt: list[int], vocab_size: int,
+           stop_ids: list[int]) -> Penalties | None:
+        """The row's penalties (`stop_ids`: the ids that would end it, held back until `min_tokens`); None when
+        every setting is neutral (the row's logits are used as they are)."""
         p = params
-        if not p.logit_bias and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1:
+        if (not p.logit_bias and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1
+                and (p.min_tokens == 0 or not stop_ids)):
             return None
         bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long) if p.logit_bias else None
         bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32) if p.logit_bias else None
         seen_ids = torch.tensor(prompt, dtype=torch.long).unique()
+        held = torch.tensor(sorted(set(stop_ids)), dtype=torch.long) if p.min_tokens and stop_ids else None
         return cls(p.presence_penalty, p.frequency_penalty, p.repetition_penalty, bias_ids, bias_values,
-                   torch.zeros(vocab_size), seen_ids, set(seen_ids.tolist()))
+                   torch.zeros(vocab_size), seen_ids, set(seen_ids.tolist()), held, p.min_tokens)
 
     def add(self, token: int) -> None:
         """Count a sampled token."""
+        self.produced += 1
         self.counts[token] += 1
         if token not in self.seen:
             self.seen.add(token)
@@ -143,6 +156,8 @@ class Penalties:
             self.counts, self.seen_ids = self.counts.to(row.device), self.seen_ids.to(row.device)
             if self.bias_ids is not None:
                 self.bias_ids, self.bias_values = self.bias_ids.to(row.device), self.bias_values.to(row.device)
+            if self.held is not None:
+                self.held = self.held.to(row.device)
         if self.bias_ids is not None:
             row.index_add_(0, self.bias_ids, self.bias_values)
         ids = self.seen_ids
@@ -153,6 +168,8 @@ class Penalties:
             count = self.counts[ids]
             x = x - count * self.frequency - (count > 0).float() * self.presence
         row[ids] = x
+        if self.held is not None and self.produced < self.min_tokens:
+            row[self.held] = float("-inf")
 
 
 @dataclass
@@ -168,14 +185,16 @@ class RowSampling:
     penalties: Penalties | None = None
 
     @classmethod
-    def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int) -> RowSampling:
-        """A request's sampler: a sampling request's generator on the host, seeded from `seed` or at random."""
+    def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int,
+              stop_ids: list[int] = ()) -> RowSampling:
+        """A request's sampler: a sampling request's generator on the host, seeded from `seed` or at random;
+        `stop_ids`: the tokens that would end the request (held back until `min_tokens`)."""
         generator = None
         if params.temperature > 0:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         return cls(params.temperature, params.top_k, params.top_p, generator, params.logprobs, params.min_p,
-                   Penalties.of(params, prompt, vocab_size))
+                   Penalties.of(params, prompt, vocab_size, list(stop_ids)))
 
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, the top alternatives
