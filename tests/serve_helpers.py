@@ -21,7 +21,8 @@ CHAT_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nYou may call these tools, one <tool_call>{\"name\": ..., \"arguments\": ...}"
     "</tool_call> each, after thinking in <think></think>:\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
     "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 CORPUS = [
     "hello world, this is a small test of the server and the chat.",

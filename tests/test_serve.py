@@ -273,6 +273,17 @@ def test_model_retrieve_tokenize_and_detokenize(server, client, tokenizer):
         assert r.status_code == 400 and "error" in r.json(), (route, body)
 
 
+def test_chat_template_kwargs_reach_the_template(tokenizer, client):
+    messages = [{"role": "user", "content": "hi"}]
+    args = dict(model="tiny-jamba", messages=messages, max_tokens=1)
+    plain = client.chat.completions.create(**args).usage.prompt_tokens
+    off = client.chat.completions.create(extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **args)
+    expected = ChatFormat(tokenizer).encode(messages, template_kwargs={"enable_thinking": False})
+    assert off.usage.prompt_tokens == len(expected) > plain == len(ChatFormat(tokenizer).encode(messages))
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs"):
+        client.chat.completions.create(extra_body={"chat_template_kwargs": {"messages": []}}, **args)
+
+
 def test_stop_token_ids_and_min_tokens_through_the_client(model, tokenizer, client):
     ids = tokenizer.encode("The quick brown fox")
     first = greedy(model, ids, 1)[0]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # OpenAI's own limit on top logprobs
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template"})
 
 
 class RequestError(ValueError):
@@ -191,6 +192,16 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None  # Jamba's grounded generation (the template's `documents`)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in value or {}:
+            if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(f"{name!r} cannot be set: a template variable name other than "
+                                 f"{', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}")
+        return value
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:

@@ -144,7 +144,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         messages = [m.for_template() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            ids = chat.encode(messages, tools=tools, documents=req.documents)
+            ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs)
         except chat.error as err:
             raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
         max_tokens = check_length(ids, req.max_tokens, "messages")
@@ -158,7 +158,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         count = req.logprob_count()
         defaults = config.sampling_defaults
         submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults) for c in choices],
-                          chat.system_prefix(messages, ids))
+                          chat.system_prefix(messages, ids, req.chat_template_kwargs))
         rid, created = p.new_id("chatcmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}
 

@@ -32,19 +32,22 @@ class ChatFormat:
         return cls(tokenizer) if getattr(tokenizer, "chat_template", None) else None
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-               documents: list[dict] | None = None, add_generation_prompt: bool = True) -> list[int]:
+               documents: list[dict] | None = None, add_generation_prompt: bool = True,
+               template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """`template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`)."""
         kwargs = {"documents": documents} if documents else {}
         return list(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                **kwargs))
+                                **kwargs, **(template_kwargs or {})))
 
-    def system_prefix(self, messages: list[dict[str, Any]], prompt_ids: list[int]) -> list[int]:
+    def system_prefix(self, messages: list[dict[str, Any]], prompt_ids: list[int],
+                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """[the length of the leading system message(s) in `prompt_ids`] when they render as its prefix, else []:
         the engine keeps the state there, so other conversations with the same system prompt start from it."""
         count = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
         if count == 0 or count == len(messages):
             return []
         try:
-            head = self.encode(messages[:count], add_generation_prompt=False)
+            head = self.encode(messages[:count], add_generation_prompt=False, template_kwargs=template_kwargs)
         except ChatTemplateError:  # some templates insist on a user turn
             return []
         return [len(head)] if 0 < len(head) < len(prompt_ids) and prompt_ids[:len(head)] == head else []
