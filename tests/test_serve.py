@@ -54,11 +54,12 @@ def tokenizer(checkpoint):
     return load_tokenizer(checkpoint)
 
 
-def make_app(model, tokenizer, chat=True, api_key=None, sampling_defaults=None, **engine_kwargs):
+def make_app(model, tokenizer, chat=True, api_key=None, sampling_defaults=None, allowed_origins=(), **engine_kwargs):
     engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids, **engine_kwargs)
     engine.start()
     config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size,
-                          api_key=api_key, sampling_defaults=sampling_defaults or {})
+                          api_key=api_key, sampling_defaults=sampling_defaults or {},
+                          allowed_origins=list(allowed_origins))
     return engine, create_app(engine, tokenizer, config, ChatFormat.of(tokenizer) if chat else None)
 
 
@@ -361,6 +362,24 @@ def test_api_key(model, tokenizer):
             good = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
             assert good.completions.create(model="tiny-jamba", prompt="hi", max_tokens=1).choices
             assert httpx.get(url + "/health").status_code == 200  # probes need no key
+    finally:
+        engine.stop()
+
+
+def test_cors_only_for_the_allowed_origins(model, tokenizer, server):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    plain = httpx.options(server[1] + "/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in plain.headers  # no --allowed-origins: no CORS
+    engine, app = make_app(model, tokenizer, allowed_origins=["http://localhost:3000"])
+    try:
+        with running_server(app) as url:
+            r = httpx.options(url + "/v1/chat/completions", headers=preflight)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+            r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+            assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+            other = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example"})
+            assert "access-control-allow-origin" not in other.headers
     finally:
         engine.stop()
 

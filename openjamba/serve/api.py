@@ -41,6 +41,7 @@ class ServerConfig:
     api_key: str | None = None
     default_max_tokens: int = 16  # completions, as OpenAI; chat defaults to the rest of the context
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
+    allowed_origins: list[str] = field(default_factory=list)  # browser origins answered with CORS headers
 
 
 class _Rejected(Exception):
@@ -300,6 +301,11 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     from .routes import add_routes
 
     app = FastAPI(title="openjamba", docs_url=None, redoc_url=None, openapi_url=None)
+    if config.allowed_origins:  # a web page on another origin (a browser chat UI) may call the API
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     created = p.now()
     relay = EventRelay(engine)
 

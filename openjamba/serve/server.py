@@ -40,6 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "checkpoint directory's name)")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
+                        "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
     parser.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond those; more get 429 with Retry-After (default 256)")
@@ -111,7 +113,8 @@ def serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or args.model.resolve().name
     defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
-                          vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults)
+                          vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
+                          allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
