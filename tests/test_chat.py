@@ -165,7 +165,7 @@ def test_cli_with_piped_stdin(checkpoint, tmp_path):
                            timeout=120)
     assert first.returncode == 0, first.stderr
     assert "\033[" not in first.stdout and ">>>" not in first.stdout and saved.is_file()
-    assert len(first.stdout.splitlines()) == 1  # one reply line
+    assert first.stdout.count("\n") == 1  # one reply line (a random reply may hold \x1e, a line break to splitlines)
     second = subprocess.run(cmd, input=f"/load {saved}\nand in Paris\n", capture_output=True, text=True, env=env,
                             timeout=120)
     assert second.returncode == 0, second.stderr
