@@ -216,3 +216,31 @@ def test_chat_takes_sampling_defaults_from_generation_config(tmp_path, monkeypat
     (model_dir / "generation_config.json").write_text(json.dumps({**config, "top_p": "high"}))
     with pytest.raises(SystemExit, match="top_p must be a number"):
         sampling_line()
+
+
+def test_session_file_follows_the_conversation_and_resumes_it(checkpoint, tmp_path):
+    """--session: written after every turn (atomically), resumed by the next run without re-reading the history,
+    removed by /reset."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    session = tmp_path / "talk.safetensors"
+    cmd = [sys.executable, "-m", "openjamba", "chat", "--model", str(checkpoint), "--temperature", "0",
+           "--max-tokens", "4", "--verbose", "--threads", "1", "--session", str(session)]
+    first = subprocess.run(cmd, input="hello world\n", capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert session.is_file() and not list(tmp_path.glob("*.partial"))
+    second = subprocess.run(cmd, input="and in Paris\n/reset\n", capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "loaded 2 messages" in second.stderr
+    reused = [line for line in second.stderr.splitlines() if line.startswith("[prompt")]
+    assert reused and int(reused[0].split(",")[1].split()[0]) > 0  # the first run's history was not re-read
+    assert not session.exists()  # /reset cleared it
+
+
+def test_session_needs_state_reuse(checkpoint, tmp_path):
+    from openjamba.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--model", str(checkpoint), "--session", str(tmp_path / "s"),
+                                      "--no-reuse"])
+    with pytest.raises(SystemExit, match="--no-reuse"):
+        args.func(args)

@@ -5,8 +5,9 @@ the longest prefix it has already read (the previous turn's prompt and reply), s
 tokens: the history is never re-read. `/save FILE` writes the conversation and the exact model state after it as
 one safetensors file (the messages and the model config in its JSON metadata, never pickle); `/load FILE` checks
 that the state belongs to this model's config and puts it back in the store, so the next turn reads only itself.
-`/retry` sends the last user turn again (the state after its prompt is stored, so the new reply starts at once),
-`/undo` drops the last exchange, `/set NAME VALUE` changes a sampling setting.
+`--session FILE` resumes from FILE and rewrites it after every turn. `/retry` sends the last user turn again (the
+state after its prompt is stored, so the new reply starts at once), `/undo` drops the last exchange, `/set NAME
+VALUE` changes a sampling setting.
 
 Thinking (`<think>...</think>`, Jamba Reasoning 3B and Jamba2) is hidden by default (a "thinking..." note on a
 terminal) and shown with `--show-thinking` (dimmed on a terminal). With stdin or stdout not a terminal (piped),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,10 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of each reply's sampling (reproducible)")
     parser.add_argument("--show-thinking", action="store_true", help="print the model's <think> reasoning "
                         "(dimmed on a terminal); hidden by default")
+    parser.add_argument("--session", type=Path, default=None, metavar="FILE",
+                        help="keep the conversation and its state in FILE: resumed from it at start (if it exists), "
+                        "written after every turn, so a later run, or one after a crash, continues without "
+                        "re-reading the history")
     parser.add_argument("--verbose", action="store_true", help="after each reply, print its prompt tokens, reused "
                         "tokens and speed to stderr")
 
@@ -164,8 +170,10 @@ class Conversation:
             raise ValueError("no stored state to save (the conversation is empty, or state reuse is off)")
         meta = {"format": FORMAT, "messages": self.messages, "system": self.system, "tokens": tokens,
                 "config": config_dict}
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+        partial = path.with_name(path.name + ".partial")  # written whole, then renamed: a crash leaves the old file
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial),
                   metadata={"openjamba_chat": json.dumps(meta)})
+        os.replace(partial, path)
         return len(tokens)
 
     def load(self, path: Path, config_dict: dict) -> int:
@@ -226,6 +234,8 @@ def run_chat(args: argparse.Namespace) -> None:
 
     if args.max_tokens < 1:
         raise SystemExit("openjamba chat: error: --max-tokens must be at least 1")
+    if args.session is not None and args.no_reuse:
+        raise SystemExit("openjamba chat: error: --session keeps the conversation's state, which --no-reuse drops")
     model, tokenizer, engine = load(args, max_running=1, max_waiting=1)
     chat = ChatFormat.of(tokenizer)
     if chat is None:
@@ -254,30 +264,52 @@ def run_chat(args: argparse.Namespace) -> None:
         print(f"[sampling: {sampling}]", file=sys.stderr)
     engine.start()
     try:
+        if args.session is not None and args.session.exists():
+            _command(f"/load {args.session}", conversation, config_dict, interactive)
         for line in _lines(interactive):
             text = line.strip()
             if not text:
                 continue
-            if text.startswith("/"):
-                action = _command(text, conversation, config_dict, interactive)
-                if action is EXIT:
-                    break
-                if action is None:
-                    continue
-                text = action
-            try:
-                figures = conversation.reply(text, out)
-            except KeyboardInterrupt:
-                continue
-            except (ValueError, chat.error, RuntimeError) as err:  # a template or length error: drop the turn
-                print(f"error: {err}", file=sys.stderr)
-                continue
-            if args.verbose:
-                print(f"[prompt {figures['prompt_tokens']} tokens, {figures['cached_tokens']} reused; "
-                      f"first token {figures['ttft_s'] * 1000:.0f} ms; {figures['completion_tokens']} tokens in "
-                      f"{figures['seconds']:.2f} s]", file=sys.stderr)
+            before = list(conversation.messages)
+            if _turn(text, conversation, out, config_dict, interactive, args.verbose) is EXIT:
+                break
+            if args.session is not None and conversation.messages != before:
+                _keep_session(conversation, args.session, config_dict)
     finally:
         engine.stop()
+
+
+def _turn(text: str, conversation: Conversation, out: Output, config_dict: dict, interactive: bool,
+          verbose: bool) -> object | None:
+    """One input line: a /command or a user turn (its reply streamed to `out`); EXIT to leave."""
+    if text.startswith("/"):
+        action = _command(text, conversation, config_dict, interactive)
+        if action is EXIT or action is None:
+            return action
+        text = action
+    try:
+        figures = conversation.reply(text, out)
+    except KeyboardInterrupt:
+        return None
+    except (ValueError, conversation.chat.error, RuntimeError) as err:  # a template or length error: drop the turn
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    if verbose:
+        print(f"[prompt {figures['prompt_tokens']} tokens, {figures['cached_tokens']} reused; "
+              f"first token {figures['ttft_s'] * 1000:.0f} ms; {figures['completion_tokens']} tokens in "
+              f"{figures['seconds']:.2f} s]", file=sys.stderr)
+    return None
+
+
+def _keep_session(conversation: Conversation, path: Path, config_dict: dict) -> None:
+    """`--session`: the file follows the conversation after every change (removed when it is cleared)."""
+    try:
+        if conversation.messages:
+            conversation.save(path, config_dict)
+        else:
+            path.unlink(missing_ok=True)
+    except (ValueError, OSError) as err:
+        print(f"cannot keep the session in {path}: {err}", file=sys.stderr)
 
 
 def _lines(interactive: bool):
