@@ -84,15 +84,26 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _top_p(logits, top_p)
     if min_p is not None and min_p > 0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+def _top_p(logits: torch.Tensor, top_p: float, window: int = 256) -> torch.Tensor:
+    """The smallest set of each row's largest logits whose probability reaches top_p kept, the rest -inf; looked for
+    among the `window` largest first (sorting 65,536 logits costs ~6 ms a row on one CPU thread, their top 256
+    ~0.2 ms), among all of them when a row's set reaches further."""
+    vocab = logits.shape[-1]
+    width = min(window, vocab)
+    values, order = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
+    cumulative = probs.cumsum(-1)
+    if width < vocab and bool((cumulative[:, -1] < top_p).any()):
+        return _top_p(logits, top_p, vocab)
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, cumulative - probs < top_p)
+    return logits.masked_fill(~kept, float("-inf"))
 
 
 def penalise_repeats(logits: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:

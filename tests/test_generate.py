@@ -114,6 +114,16 @@ def test_filters_keep_what_transformers_warpers_keep():
         torch.testing.assert_close(got[~got.isinf()], expected[~expected.isinf()])
 
 
+def test_top_p_looked_for_in_a_window_keeps_what_a_full_sort_keeps():
+    from openjamba.generate import _top_p
+
+    logits = torch.randn(6, 400, generator=torch.Generator().manual_seed(4)) * torch.tensor([[0.2], [1], [3]] * 2)
+    for top_p in (0.3, 0.9, 0.99):
+        full = _top_p(logits, top_p, window=400)
+        for window in (8, 64, 256):  # flat rows reach past small windows: those are sorted in full
+            assert torch.equal(_top_p(logits, top_p, window=window).isinf(), full.isinf())
+
+
 def test_streamer_prints_the_new_text():
     class Tok:
         def decode(self, ids):
