@@ -130,6 +130,37 @@ class Tokenizer:
             self._anchor_id = ids[-1] if ids else 0
         return self._anchor_id
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Every id's raw bytes, as it adds them to a decoded text (cached): byte-level BPE pieces through the
+        GPT-2 byte alphabet inverted; SentencePiece-style pieces (byte fallback or a Metaspace pre-tokenizer) with
+        "▁" as a space and `<0xNN>` as that byte; None for special and added tokens. The decoder drops the space
+        that starts a whole text, so `decode(ids)` is these bytes joined, less that leading space."""
+        if not hasattr(self, "_token_bytes"):
+            self._token_bytes = self._all_token_bytes()
+        return self._token_bytes
+
+    def _all_token_bytes(self) -> list[bytes | None]:
+        state = json.loads(self.backend.to_str())
+        kinds = json.dumps([state.get("decoder"), state.get("pre_tokenizer")])
+        byte_level = '"ByteLevel"' in kinds
+        metaspace = not byte_level and (bool(state.get("model", {}).get("byte_fallback")) or '"Metaspace"' in kinds)
+        alphabet = {char: byte for byte, char in gpt2_byte_alphabet().items()}
+        added = set(self.backend.get_added_tokens_decoder())
+        out: list[bytes | None] = []
+        for index in range(self.vocab_size):
+            piece = self.backend.id_to_token(index)
+            if piece is None or index in added:
+                out.append(None)
+            elif byte_level:
+                out.append(bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else None)
+            elif metaspace:
+                fallback = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+                out.append(bytes([int(piece[3:5], 16)]) if fallback else piece.replace("▁", " ").encode("utf-8"))
+            else:  # another pipeline: the text it decodes to after a plain letter, when that is whole characters
+                text = self.token_text(index)
+                out.append(text.encode("utf-8") if "\ufffd" not in text else None)
+        return out
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
@@ -417,3 +448,17 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if byte < 0x80:
             return result, pos
         shift += 7
+
+
+def gpt2_byte_alphabet() -> dict[int, str]:
+    """The printable character byte-level BPE writes for each byte (GPT-2's table): printable Latin-1 bytes as
+    themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table

@@ -275,9 +275,10 @@ class Submission:
 
 
 def sampling_params(req, max_tokens: int, index: int, logprobs: int | None,
-                    defaults: dict[str, float]) -> SamplingParams:
+                    defaults: dict[str, float], constraint=None) -> SamplingParams:
     """The engine's settings for choice `index`: the request's fields, else `defaults` (the checkpoint's
-    generation_config.json), else OpenAI's (temperature 1, top_p 1) and the neutral values."""
+    generation_config.json), else OpenAI's (temperature 1, top_p 1) and the neutral values. `constraint`: the
+    factory of the row's output constraint (JSON mode)."""
     def value(name: str, neutral: float) -> float:
         given = getattr(req, name)
         return given if given is not None else defaults.get(name, neutral)
@@ -290,7 +291,7 @@ def sampling_params(req, max_tokens: int, index: int, logprobs: int | None,
         logprobs=logprobs, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=value("repetition_penalty", 1.0),
         logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
-        stop_token_ids=list(req.stop_token_ids or []), min_tokens=req.min_tokens,
+        stop_token_ids=list(req.stop_token_ids or []), min_tokens=req.min_tokens, constraint=constraint,
     )
 
 

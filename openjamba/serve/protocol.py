@@ -2,9 +2,9 @@
 
 Requests are validated strictly from the raw JSON body (`parse_request`): a wrong type is a 400, never a silent
 coercion (`"max_tokens": "5"` is an error, as at OpenAI). Fields OpenAI defines but this server cannot honour
-(best_of, suffix, JSON response formats) are accepted only at their neutral values, so a client never gets output
-that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's
-own server and vLLM do, so newer clients keep working.
+(best_of, suffix, a json_schema response format) are accepted only at their neutral values, so a client never gets
+output that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's own server and vLLM do,
+so newer clients keep working.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP)  # vLLM's
     min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS or stop token before this many
+    response_format: dict[str, Any] | None = None  # {"type": "text"} or {"type": "json_object"}
 
     @field_validator("max_tokens")
     @classmethod
@@ -89,11 +90,33 @@ class _Sampling(_Request):
                 raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
         return value
 
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        kind = value.get("type")
+        if kind == "json_schema":
+            raise ValueError('type "json_schema" is not supported by this server; {"type": "json_object"} is')
+        if kind not in ("text", "json_object"):
+            raise ValueError(f'type must be "text" or "json_object", got {kind!r}')
+        if set(value) != {"type"}:
+            raise ValueError(f'a {kind} response_format has no fields besides "type", got {sorted(value)}')
+        return value
+
     @model_validator(mode="after")
     def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.json_mode and (self.ignore_eos or self.min_tokens):
+            raise ValueError("ignore_eos and min_tokens cannot be used with a json_object response_format (it ends "
+                             "on EOS once the object is complete)")
         return self
+
+    @property
+    def json_mode(self) -> bool:
+        """Whether the output must be one JSON object (`response_format: {"type": "json_object"}`)."""
+        return self.response_format is not None and self.response_format["type"] == "json_object"
 
 
 class CompletionRequest(_Sampling):
@@ -190,7 +213,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None  # Jamba's grounded generation (the template's `documents`)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
@@ -211,8 +233,6 @@ class ChatCompletionRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported by this server")
         return self
 
     def logprob_count(self) -> int | None:

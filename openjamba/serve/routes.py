@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from .api import (
     sampling_params,
     streaming_response,
 )
+from .json_mode import JsonVocabulary
 
 
 def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: ServerConfig, chat) -> None:
@@ -26,6 +28,16 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
 
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
     anchor = tokenizer.anchor_token()  # new tokens are decoded after it, not with all before them (Choice)
+    json_vocabulary: list[JsonVocabulary] = []  # built on the first JSON-mode request
+
+    async def constraint_of(req):
+        """The per-row constraint factory a request's response_format asks for (None: unconstrained); the JSON
+        vocabulary is built off the event loop, once."""
+        if not req.json_mode:
+            return None
+        if not json_vocabulary:
+            json_vocabulary.append(await asyncio.to_thread(JsonVocabulary.of, tokenizer))
+        return json_vocabulary[0].constraint
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
@@ -71,8 +83,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor)
                    for i in range(len(prompts)) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
-        defaults = config.sampling_defaults
-        params = [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults) for c in choices]
+        defaults, constraint = config.sampling_defaults, await constraint_of(req)
+        params = [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults, constraint)
+                  for c in choices]
         scoring = req.echo and req.logprobs is not None  # the echoed prompt's tokens get logprobs too
         for param in params:
             param.prompt_logprobs = req.logprobs if scoring else None
@@ -148,7 +161,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         except chat.error as err:
             raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
         max_tokens = check_length(ids, req.max_tokens, "messages")
-        parse_tools = bool(tools) and req.tool_choice != "none"
+        parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
 
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=False)
@@ -156,9 +169,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
-        defaults = config.sampling_defaults
-        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults) for c in choices],
-                          chat.system_prefix(messages, ids, req.chat_template_kwargs))
+        defaults, constraint = config.sampling_defaults, await constraint_of(req)
+        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults, constraint)
+                                  for c in choices], chat.system_prefix(messages, ids, req.chat_template_kwargs))
         rid, created = p.new_id("chatcmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}
 
@@ -170,7 +183,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                 def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
                     return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": reason}]}
-                parsers = {c.index: chat.stream_parser(ids, parse_tools) for c in choices}
+                parsers = {c.index: chat.stream_parser(ids, parse_tools, req.json_mode) for c in choices}
                 sent = {c.index: 0 for c in choices}
                 for c in choices:
                     yield chunk(c.index, {"role": "assistant", "content": ""})
@@ -203,7 +216,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             return failed
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
-            "choices": [chat_choice(chat, c, ids, parse_tools, logprobs_of(c, 0)) for c in choices],
+            "choices": [chat_choice(chat, c, ids, parse_tools, logprobs_of(c, 0), req.json_mode) for c in choices],
             "usage": submission.usage(),
         })
 
@@ -241,9 +254,11 @@ def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, ch
         return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
 
-def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, logprobs: dict | None) -> dict:
-    """One non-streaming chat choice: content, reasoning_content and tool_calls split from the output text."""
-    out = chat.parse(choice.text, prompt_ids, tools=parse_tools)
+def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, logprobs: dict | None,
+                plain: bool = False) -> dict:
+    """One non-streaming chat choice: content, reasoning_content and tool_calls split from the output text (all of
+    it content when `plain`: JSON mode)."""
+    out = chat.parse(choice.text, prompt_ids, tools=parse_tools, plain=plain)
     message: dict[str, Any] = {"role": "assistant", "content": out.content or None}
     if out.reasoning_content:
         message["reasoning_content"] = out.reasoning_content

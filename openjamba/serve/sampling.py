@@ -12,6 +12,12 @@ host): a seeded request consumes one number of its own stream per token, so its 
 batch-mates. Logprobs are those of the model's own distribution (before any adjustment, temperature or filter:
 vLLM's default) and are computed only for the rows asking. The result is read back to the host once: token ids,
 and the logprobs of the rows that asked.
+
+Once its token is picked, a row with a constraint (JSON mode, serve/json_mode.py) has it checked; only a token the
+constraint rejects costs the mask of allowed tokens, and the row picks again from its adjusted logits with every other
+token masked out: the argmax of those when greedy, else a draw (one more number of its stream) with its filters on
+the allowed tokens. Accepting a valid draw and redrawing an invalid one from the masked distribution samples exactly
+the masked distribution (p_t + P(invalid) p_t / P(valid) = p_t / P(valid)) when no top-k/top-p filter is set.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +80,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens (vLLM)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k alternatives
     prompt_logprobs: int | None = None  # k >= 0: each prompt token's too (serve/scoring.py; no state reuse)
+    constraint: Callable[[list[int]], Any] | None = None  # (stop ids) -> a row's constraint: allows, mask, advance
 
     def check(self, vocab_size: int) -> None:
         """ValueError naming the first invalid setting."""
@@ -183,6 +192,7 @@ class RowSampling:
     logprobs: int | None
     min_p: float = 0.0
     penalties: Penalties | None = None
+    constraint: Any = None  # e.g. json_mode.JsonConstraint
 
     @classmethod
     def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int,
@@ -194,7 +204,8 @@ class RowSampling:
             generator = torch.Generator()
             generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         return cls(params.temperature, params.top_k, params.top_p, generator, params.logprobs, params.min_p,
-                   Penalties.of(params, prompt, vocab_size, list(stop_ids)))
+                   Penalties.of(params, prompt, vocab_size, list(stop_ids)),
+                   params.constraint(list(stop_ids)) if params.constraint else None)
 
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, the top alternatives
@@ -210,6 +221,8 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[Sampled]:
         tokens = tokens.index_put((index,), _draw(logits.index_select(0, index), [rows[i] for i in drawn]))
     asking = [i for i, row in enumerate(rows) if row.logprobs is not None]
     token_list = tokens.tolist()
+    if any(row.constraint is not None for row in rows):
+        tokens = _constrained(logits, rows, tokens, token_list)
     for row, token in zip(rows, token_list):
         if row.penalties is not None:
             row.penalties.add(token)
@@ -226,6 +239,25 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[Sampled]:
         n = rows[i].logprobs
         out[i] = (token_list[i], chosen[a], list(zip(top_ids[a][:n], top_values[a][:n])))
     return out
+
+
+def _constrained(logits: torch.Tensor, rows: list[RowSampling], tokens: torch.Tensor,
+                 token_list: list[int]) -> torch.Tensor:
+    """Each constrained row's token made one its constraint allows (`token_list` updated in place, the tokens
+    returned), and the constraint advanced by it."""
+    changed = False
+    for i, row in enumerate(rows):
+        if row.constraint is None:
+            continue
+        if not row.constraint.allows(token_list[i]):
+            allowed = row.constraint.mask(logits.shape[1]).to(logits.device)
+            masked = logits[i:i + 1].float().masked_fill(~allowed, float("-inf"))
+            if not torch.isfinite(masked).any():  # the row's adjustments ruled out every allowed token
+                masked = torch.zeros_like(masked).masked_fill(~allowed, float("-inf"))
+            pick = ops.argmax(masked) if row.temperature == 0 else _draw(masked, [row])
+            token_list[i], changed = int(pick[0]), True
+        row.constraint.advance(token_list[i])
+    return torch.tensor(token_list, dtype=tokens.dtype, device=tokens.device) if changed else tokens
 
 
 def _penalised(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:

@@ -52,15 +52,18 @@ class ChatFormat:
             return []
         return [len(head)] if 0 < len(head) < len(prompt_ids) and prompt_ids[:len(head)] == head else []
 
-    def stream_parser(self, prompt_ids: list[int], tools: bool = True) -> StreamingOutputParser:
+    def stream_parser(self, prompt_ids: list[int], tools: bool = True, plain: bool = False) -> StreamingOutputParser:
         """An incremental parser: `feed(delta)` and `flush()` give content/reasoning deltas, `finish()` the
-        whole output with its tool calls."""
+        whole output with its tool calls. `plain`: all of the output is content (JSON mode: no reasoning, no tool
+        calls)."""
+        if plain:
+            return StreamingOutputParser(dataclasses.replace(self.format, tool_calls=None, thinking=False))
         kind = self.format if tools else dataclasses.replace(self.format, tool_calls=None)
         tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
         return StreamingOutputParser(kind, started_in_reasoning=self.format.thinking and prompt_opens_reasoning(tail))
 
-    def parse(self, text: str, prompt_ids: list[int], tools: bool = True) -> AssistantOutput:
-        """content, reasoning_content and (when `tools`) tool_calls in OpenAI's shape."""
-        parser = self.stream_parser(prompt_ids, tools)
+    def parse(self, text: str, prompt_ids: list[int], tools: bool = True, plain: bool = False) -> AssistantOutput:
+        """content, reasoning_content and (when `tools`) tool_calls in OpenAI's shape; `plain` as `stream_parser`."""
+        parser = self.stream_parser(prompt_ids, tools, plain)
         parser.feed(text)
         return parser.finish()
