@@ -239,6 +239,29 @@ def test_chat_json_object_is_valid_json(json_server):
     assert content.lstrip().startswith("{") and grammar.feed(grammar.start(), content.encode()) is not None
 
 
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit", "days", "sunny"],
+           "properties": {"city": {"type": "string"}, "temperature": {"type": "number"},
+                          "unit": {"enum": ["celsius", "fahrenheit"]},
+                          "days": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+                          "sunny": {"type": ["boolean", "null"]}}}
+
+
+def test_chat_json_schema_output_is_valid_against_the_schema(json_server):
+    jsonschema = pytest.importorskip("jsonschema")
+    url, tokenizer = json_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    bias = {str(i): b for i, b in closing_bias(tokenizer).items()}
+    bias.update({str(i): 2.0 for i, b in enumerate(tokenizer.token_bytes()) if b in (b",", b"]")})
+    response_format = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
+    for args in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        for text in ("weather in Paris", "hello"):
+            r = client.chat.completions.create(model="tiny-jamba", messages=[{"role": "user", "content": text}],
+                                               max_tokens=400, response_format=response_format, logit_bias=bias,
+                                               **args)
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), WEATHER)
+
+
 def test_completions_json_object(json_server):
     url, tokenizer = json_server
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -250,7 +273,9 @@ def test_completions_json_object(json_server):
 
 
 @pytest.mark.parametrize("response_format", [
-    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}},
+    {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}},
     {"type": "xml"}, {}, {"type": "json_object", "schema": {}}, {"type": 3},
 ])
 def test_bad_response_format_is_400(json_server, response_format):

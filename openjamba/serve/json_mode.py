@@ -84,6 +84,10 @@ class JsonGrammar:
             state = step(state, byte)
         return state
 
+    def in_string_body(self, state: State) -> bool:
+        """Whether `state` is inside a string at a character boundary: every plain string-body token may follow."""
+        return state[1] == STR
+
     def complete(self, state: State) -> bool:
         """Whether the bytes so far are a whole document (a top-level number is complete once it may end)."""
         stack, mode, data = state
@@ -218,7 +222,7 @@ class JsonVocabulary:
     CACHED_MASKS = 256
 
     def __init__(self, token_bytes: Sequence[bytes | None], grammar: JsonGrammar | None = None) -> None:
-        self.grammar = grammar or JsonGrammar()
+        self.grammar = grammar or JsonGrammar()  # the default; a constraint may bring its own (json_schema.py)
         self.token_bytes = list(token_bytes)
         self.size = len(self.token_bytes)
         self.trie: list = [{}, []]  # node: [children by byte, ids of the tokens ending here]
@@ -240,27 +244,31 @@ class JsonVocabulary:
     def of(cls, tokenizer, **kwargs) -> JsonVocabulary:
         return cls(tokenizer.token_bytes(), **kwargs)
 
-    def constraint(self, end_ids: Sequence[int] = ()) -> JsonConstraint:
+    def constraint(self, end_ids: Sequence[int] = (), grammar=None) -> JsonConstraint:
         """A fresh per-request constraint ending with one of `end_ids` (the factory `SamplingParams.constraint`
-        holds; the engine passes a request's stop ids)."""
-        return JsonConstraint(self, end_ids)
+        holds; the engine passes a request's stop ids), with `grammar` (default: any JSON object)."""
+        return JsonConstraint(self, end_ids, grammar)
 
-    def allowed(self, state: State) -> torch.Tensor:
-        """Bool mask (size,) of the tokens whose bytes may come next in `state` (shared: do not modify). A token
-        of n bytes can close at most n containers, so only the innermost `longest` containers decide the mask."""
+    def allowed(self, state: State, grammar=None) -> torch.Tensor:
+        """Bool mask (size,) of the tokens whose bytes may come next in `state` of `grammar` (default the
+        vocabulary's; shared: do not modify). A token of n bytes can close at most n containers, so only the
+        innermost `longest` containers decide the mask. Where the grammar says the state is inside a string at a
+        character boundary (`in_string_body`), every plain string-body token is allowed and only the others are
+        walked."""
+        grammar = grammar or self.grammar
         stack = state[0]
-        key = (stack[-self.longest:], len(stack) > self.longest, state[1], state[2])
+        key = (grammar, stack[-self.longest:], len(stack) > self.longest, state[1], state[2])
         mask = self._masks.get(key)
         if mask is not None:
             self._masks.move_to_end(key)
             return mask
         ids: list[int] = []
-        if state[1] == STR:
+        if grammar.in_string_body(state):
             mask = self.string_body.clone()
-            self._walk(self.other_trie, state, ids)
+            _walk(self.other_trie, state, ids, grammar.step)
         else:
             mask = torch.zeros(self.size, dtype=torch.bool)
-            self._walk(self.trie, state, ids)
+            _walk(self.trie, state, ids, grammar.step)
         if ids:
             mask[torch.tensor(ids, dtype=torch.long)] = True
         self._masks[key] = mask
@@ -268,15 +276,16 @@ class JsonVocabulary:
             self._masks.popitem(last=False)
         return mask
 
-    def _walk(self, node: list, state: State, out: list[int]) -> None:
-        """Add to `out` every token below `node` whose remaining bytes `state` accepts (depth first, pruning)."""
-        step = self.grammar.step
-        for byte, child in node[0].items():
-            after = step(state, byte)
-            if after is not None:
-                out.extend(child[1])
-                if child[0]:
-                    self._walk(child, after, out)
+
+
+def _walk(node: list, state: State, out: list[int], step) -> None:
+    """Add to `out` every token below `node` whose remaining bytes `state` accepts (depth first, pruning)."""
+    for byte, child in node[0].items():
+        after = step(state, byte)
+        if after is not None:
+            out.extend(child[1])
+            if child[0]:
+                _walk(child, after, out, step)
 
 
 def _insert(trie: list, data: bytes, index: int) -> None:
@@ -290,9 +299,9 @@ class JsonConstraint:
     """One request's JSON state, for the sampler: a token is allowed when its bytes continue the document (EOS when
     the document is complete)."""
 
-    def __init__(self, vocabulary: JsonVocabulary, end_ids: Sequence[int] = ()) -> None:
+    def __init__(self, vocabulary: JsonVocabulary, end_ids: Sequence[int] = (), grammar=None) -> None:
         self.vocabulary = vocabulary
-        self.grammar = vocabulary.grammar
+        self.grammar = grammar or vocabulary.grammar
         self.state = self.grammar.start()
         self.end_ids = sorted({int(i) for i in end_ids})
         self._eos = frozenset(self.end_ids)
@@ -312,7 +321,7 @@ class JsonConstraint:
         request, or without any every token."""
         size = self.vocabulary.size
         mask = torch.zeros(max(width, size), dtype=torch.bool)
-        mask[:size] = self.vocabulary.allowed(self.state)
+        mask[:size] = self.vocabulary.allowed(self.state, self.grammar)
         ends = [i for i in self.end_ids if i < mask.shape[0]]
         mask[ends] = self.grammar.complete(self.state)
         if not mask.any():

@@ -2,7 +2,7 @@
 
 Requests are validated strictly from the raw JSON body (`parse_request`): a wrong type is a 400, never a silent
 coercion (`"max_tokens": "5"` is an error, as at OpenAI). Fields OpenAI defines but this server cannot honour
-(best_of, suffix, a json_schema response format) are accepted only at their neutral values, so a client never gets
+(best_of, suffix) are accepted only at their neutral values, so a client never gets
 output that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's own server and vLLM do,
 so newer clients keep working.
 """
@@ -63,7 +63,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP)  # vLLM's
     min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS or stop token before this many
-    response_format: dict[str, Any] | None = None  # {"type": "text"} or {"type": "json_object"}
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
 
     @field_validator("max_tokens")
     @classmethod
@@ -96,12 +96,20 @@ class _Sampling(_Request):
         if value is None:
             return None
         kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f'type must be "text", "json_object" or "json_schema", got {kind!r}')
+        fields = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+        if set(value) != fields:
+            raise ValueError(f"a {kind} response_format has the fields {sorted(fields)}, got {sorted(value)}")
         if kind == "json_schema":
-            raise ValueError('type "json_schema" is not supported by this server; {"type": "json_object"} is')
-        if kind not in ("text", "json_object"):
-            raise ValueError(f'type must be "text" or "json_object", got {kind!r}')
-        if set(value) != {"type"}:
-            raise ValueError(f'a {kind} response_format has no fields besides "type", got {sorted(value)}')
+            spec = value["json_schema"]
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError('json_schema must be an object with a "schema" object')
+            unknown = set(spec) - {"name", "schema", "strict", "description"}
+            if unknown:
+                raise ValueError(f"json_schema: unknown fields {sorted(unknown)}")
+            if not isinstance(spec.get("name", ""), str) or spec.get("strict") not in (None, True, False):
+                raise ValueError("json_schema: name must be a string and strict a boolean")
         return value
 
     @model_validator(mode="after")
@@ -109,14 +117,21 @@ class _Sampling(_Request):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.json_mode and (self.ignore_eos or self.min_tokens):
-            raise ValueError("ignore_eos and min_tokens cannot be used with a json_object response_format (it ends "
-                             "on EOS once the object is complete)")
+            raise ValueError("ignore_eos and min_tokens cannot be used with a JSON response_format (it ends on EOS "
+                             "once the document is complete)")
         return self
 
     @property
     def json_mode(self) -> bool:
-        """Whether the output must be one JSON object (`response_format: {"type": "json_object"}`)."""
-        return self.response_format is not None and self.response_format["type"] == "json_object"
+        """Whether the output must be JSON: a json_object or json_schema response_format."""
+        return self.response_format is not None and self.response_format["type"] != "text"
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema of a json_schema response_format (None for any other)."""
+        if self.response_format is None or self.response_format["type"] != "json_schema":
+            return None
+        return self.response_format["json_schema"]["schema"]
 
 
 class CompletionRequest(_Sampling):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +24,9 @@ from .api import (
     streaming_response,
 )
 from .json_mode import JsonVocabulary
+from .json_schema import compile_schema
+
+SCHEMAS_KEPT = 64  # compiled json_schema grammars kept, so repeated requests with one schema reuse its masks
 
 
 def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: ServerConfig, chat) -> None:
@@ -29,15 +35,29 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
     anchor = tokenizer.anchor_token()  # new tokens are decoded after it, not with all before them (Choice)
     json_vocabulary: list[JsonVocabulary] = []  # built on the first JSON-mode request
+    schemas: OrderedDict[str, Any] = OrderedDict()  # compiled json_schema grammars (their masks are cached per grammar)
 
     async def constraint_of(req):
         """The per-row constraint factory a request's response_format asks for (None: unconstrained); the JSON
         vocabulary is built off the event loop, once."""
         if not req.json_mode:
             return None
+        schema = req.json_schema
+        grammar = None
+        if schema is not None:
+            key = json.dumps(schema, sort_keys=True)
+            grammar = schemas.get(key)
+            if grammar is None:
+                try:
+                    grammar = schemas[key] = compile_schema(schema)
+                except ValueError as err:
+                    raise p.RequestError(f"response_format.json_schema.{err}", param="response_format") from None
+                if len(schemas) > SCHEMAS_KEPT:
+                    schemas.popitem(last=False)
+            schemas.move_to_end(key)
         if not json_vocabulary:
             json_vocabulary.append(await asyncio.to_thread(JsonVocabulary.of, tokenizer))
-        return json_vocabulary[0].constraint
+        return functools.partial(json_vocabulary[0].constraint, grammar=grammar)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
