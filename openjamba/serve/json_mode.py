@@ -7,12 +7,13 @@ Three parts:
   (open containers as a string of "{" and "[", a mode, the mode's data), so copying it is free and `step` returns a
   new one, or None for a byte that no valid document can have there. `object_only` makes the top-level value an
   object. Runs of whitespace outside strings are capped at `max_whitespace` bytes, so a model cannot pad forever.
-- `JsonVocabulary`: every token's bytes (`Tokenizer.token_bytes`) in a byte trie; `allowed(state)` is the mask of
-  tokens whose bytes can all be fed to `state` (the trie is walked with the grammar, a rejected prefix prunes its
-  subtree). Inside a string, at a character boundary, every token
-  made only of string bytes (no quote, backslash or control byte, valid UTF-8) is allowed whatever follows, so
-  those come from one precomputed mask and only the other tokens are walked. Masks are cached by the part of the
-  state a token can reach (the innermost `longest token` containers), so a state seen before costs a lookup.
+- `JsonVocabulary`: every token's bytes (`Tokenizer.token_bytes`) in a byte trie; `allowed(state, grammar)` is
+  the mask of tokens whose bytes can all be fed to `state` (the trie is walked with the grammar, a rejected prefix
+  prunes its subtree; the grammar is this one or a schema's, serve/json_schema.py). Inside a string, at a
+  character boundary, every token made only of string bytes (no quote, backslash or control byte, valid UTF-8) is
+  allowed whatever follows, so those come from one precomputed mask and only the other tokens are walked. Masks
+  are cached per grammar by the part of the state a token can reach (the innermost `longest token` containers),
+  so a state seen before costs a lookup.
 - `JsonConstraint`: one request's state (the sampler's per-row constraint): `allows(token)`, `mask(width)` and
   `advance(token)`. Its end tokens (the ids that end the request: EOS, its stop token ids) are allowed only once
   the value is complete, and then only they or whitespace (up to the cap) are, so the request ends with "stop".
