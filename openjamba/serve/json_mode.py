@@ -278,7 +278,6 @@ class JsonVocabulary:
         return mask
 
 
-
 def _walk(node: list, state: State, out: list[int], step) -> None:
     """Add to `out` every token below `node` whose remaining bytes `state` accepts (depth first, pruning)."""
     for byte, child in node[0].items():
@@ -322,12 +321,16 @@ class JsonConstraint:
         request, or without any every token."""
         size = self.vocabulary.size
         mask = torch.zeros(max(width, size), dtype=torch.bool)
-        mask[:size] = self.vocabulary.allowed(self.state, self.grammar)
+        mask[:size] = self._allowed()
         ends = [i for i in self.end_ids if i < mask.shape[0]]
         mask[ends] = self.grammar.complete(self.state)
         if not mask.any():
             mask[ends or slice(None)] = True
         return mask[:width]
+
+    def _allowed(self) -> torch.Tensor:
+        """Bool mask (vocabulary size,) of the tokens other than the end tokens that may come next."""
+        return self.vocabulary.allowed(self.state, self.grammar)
 
     def advance(self, token: int) -> None:
         """Take the sampled token (one the constraint allowed; EOS leaves the state as it is)."""

@@ -253,6 +253,33 @@ class ChatCompletionRequest(_Sampling):
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether tool_choice forces a call, the function it names or None for any of the tools); a
+        RequestError for a tool_choice that cannot be honoured (malformed, naming no given tool, without tools,
+        or with a JSON response_format or ignore_eos/min_tokens, which a forced call's end rules out)."""
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return False, None
+        name = None
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            if (set(choice) != {"type", "function"} or choice["type"] != "function" or not isinstance(function, dict)
+                    or set(function) != {"name"} or not isinstance(function["name"], str)):
+                raise RequestError('tool_choice: a named tool_choice is {"type": "function", "function": '
+                                   '{"name": NAME}}', param="tool_choice")
+            name = function["name"]
+        if not self.tools:
+            raise RequestError(f"tool_choice: {choice!r} needs tools", param="tool_choice")
+        if name is not None and name not in {t.function.name for t in self.tools}:
+            raise RequestError(f"tool_choice: the function {name!r} is not among tools", param="tool_choice")
+        if self.json_mode:
+            raise RequestError("tool_choice: a forced tool call cannot be combined with a JSON response_format",
+                               param="tool_choice")
+        if self.ignore_eos or self.min_tokens:
+            raise RequestError("tool_choice: ignore_eos and min_tokens cannot be used with a forced tool call (it "
+                               "ends once the call is complete)", param="tool_choice")
+        return True, name
+
 
 class TokenizeRequest(_Request):
     """vLLM's /tokenize: a text, or chat messages rendered by the checkpoint's template."""

@@ -25,6 +25,7 @@ from .api import (
 )
 from .json_mode import JsonVocabulary
 from .json_schema import compile_schema
+from .tool_choice import ToolChoice, added_token_bytes, cache_key, functions_of, tool_call_grammar
 
 SCHEMAS_KEPT = 64  # compiled json_schema grammars kept, so repeated requests with one schema reuse its masks
 
@@ -35,7 +36,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
     anchor = tokenizer.anchor_token()  # new tokens are decoded after it, not with all before them (Choice)
     json_vocabulary: list[JsonVocabulary] = []  # built on the first JSON-mode request
-    schemas: OrderedDict[str, Any] = OrderedDict()  # compiled json_schema grammars (their masks are cached per grammar)
+    schemas: OrderedDict[str, Any] = OrderedDict()  # compiled json_schema and tool-call grammars (masks are cached
+    # per grammar)
+    added_tokens: list[dict[int, bytes]] = []  # the added tokens' texts, read on the first forced tool call
 
     async def constraint_of(req):
         """The per-row constraint factory a request's response_format asks for (None: unconstrained); the JSON
@@ -55,9 +58,34 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                 if len(schemas) > SCHEMAS_KEPT:
                     schemas.popitem(last=False)
             schemas.move_to_end(key)
+        return functools.partial((await vocabulary()).constraint, grammar=grammar)
+
+    async def vocabulary() -> JsonVocabulary:
+        """The token trie for constrained decoding, built off the event loop on first use."""
         if not json_vocabulary:
             json_vocabulary.append(await asyncio.to_thread(JsonVocabulary.of, tokenizer))
-        return functools.partial(json_vocabulary[0].constraint, grammar=grammar)
+        return json_vocabulary[0]
+
+    async def tool_call_constraint(tools: list[dict], name: str | None, prompt_ids: list[int]):
+        """The constraint factory of a forced tool call (to `name`, or to any of the tools); compiled grammars
+        are kept, so repeated requests with the same tools reuse their masks."""
+        kind = chat.format.tool_calls
+        if kind is None:
+            raise p.RequestError("tool_choice: this model's chat template has no tool-call format, so a tool call "
+                                 "cannot be enforced for it", param="tool_choice")
+        functions = functions_of(tools, name)
+        opens = chat.opens_reasoning(prompt_ids)
+        key = "tool_choice:" + cache_key(kind, functions, opens)
+        choice = schemas.get(key)
+        if choice is None:
+            grammar = tool_call_grammar(kind, functions, opens)
+            if not added_tokens:
+                added_tokens.append(added_token_bytes(tokenizer))
+            choice = schemas[key] = ToolChoice(await vocabulary(), grammar, added_tokens[0])
+            if len(schemas) > SCHEMAS_KEPT:
+                schemas.popitem(last=False)
+        schemas.move_to_end(key)
+        return choice.constraint
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
@@ -174,6 +202,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             raise p.RequestError("this model has no chat template (chat_template in tokenizer_config.json or "
                                  "chat_template.jinja), so it cannot chat; use /v1/completions",
                                  param="messages", code="chat_template_missing")
+        forced, forced_name = req.forced_tool()
         messages = [m.for_template() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
@@ -189,7 +218,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
-        defaults, constraint = config.sampling_defaults, await constraint_of(req)
+        defaults = config.sampling_defaults
+        constraint = await (tool_call_constraint(tools, forced_name, ids) if forced else constraint_of(req))
         submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults, constraint)
                                   for c in choices], chat.system_prefix(messages, ids, req.chat_template_kwargs))
         rid, created = p.new_id("chatcmpl"), p.now()

@@ -59,8 +59,12 @@ class ChatFormat:
         if plain:
             return StreamingOutputParser(dataclasses.replace(self.format, tool_calls=None, thinking=False))
         kind = self.format if tools else dataclasses.replace(self.format, tool_calls=None)
+        return StreamingOutputParser(kind, started_in_reasoning=self.opens_reasoning(prompt_ids))
+
+    def opens_reasoning(self, prompt_ids: list[int]) -> bool:
+        """Whether the output starts inside a `<think>` block that the prompt opened."""
         tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
-        return StreamingOutputParser(kind, started_in_reasoning=self.format.thinking and prompt_opens_reasoning(tail))
+        return self.format.thinking and prompt_opens_reasoning(tail)
 
     def parse(self, text: str, prompt_ids: list[int], tools: bool = True, plain: bool = False) -> AssistantOutput:
         """content, reasoning_content and (when `tools`) tool_calls in OpenAI's shape; `plain` as `stream_parser`."""
