@@ -240,6 +240,7 @@ class JsonVocabulary:
         self.string_body = plain
         self.longest = max((len(d) for d in self.token_bytes if d), default=1)
         self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._containing: dict[bytes, list[int]] = {}
 
     @classmethod
     def of(cls, tokenizer, **kwargs) -> JsonVocabulary:
@@ -249,6 +250,15 @@ class JsonVocabulary:
         """A fresh per-request constraint ending with one of `end_ids` (the factory `SamplingParams.constraint`
         holds; the engine passes a request's stop ids), with `grammar` (default: any JSON object)."""
         return JsonConstraint(self, end_ids, grammar)
+
+    def string_tokens_containing(self, data: bytes) -> list[int]:
+        """Ids of the plain string-body tokens whose bytes contain `data` (a scan of the vocabulary, kept per
+        `data`): what a grammar that forbids `data` inside its strings takes out of the string-body mask."""
+        ids = self._containing.get(data)
+        if ids is None:
+            plain = self.string_body.tolist()
+            ids = self._containing[data] = [i for i, b in enumerate(self.token_bytes) if b and data in b and plain[i]]
+        return ids
 
     def allowed(self, state: State, grammar=None) -> torch.Tensor:
         """Bool mask (size,) of the tokens whose bytes may come next in `state` of `grammar` (default the

@@ -81,7 +81,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             grammar = tool_call_grammar(kind, functions, opens)
             if not added_tokens:
                 added_tokens.append(added_token_bytes(tokenizer))
-            choice = schemas[key] = ToolChoice(await vocabulary(), grammar, added_tokens[0])
+            choice = schemas[key] = await asyncio.to_thread(ToolChoice, await vocabulary(), grammar, added_tokens[0])
             if len(schemas) > SCHEMAS_KEPT:
                 schemas.popitem(last=False)
         schemas.move_to_end(key)

@@ -194,10 +194,9 @@ class ToolChoice:
 
     def __init__(self, vocabulary: JsonVocabulary, grammar: ToolCallGrammar, added: dict[int, bytes]) -> None:
         self.vocabulary, self.grammar = vocabulary, grammar
-        guards = [g for g in grammar.guards if g is not None]
         # plain string-body tokens that hold a whole guard: a call's strings may not take them
-        self.holding_guard = [i for i, data in enumerate(vocabulary.token_bytes)
-                              if data and vocabulary.string_body[i] and any(g in data for g in guards)]
+        self.holding_guard = sorted({i for g in grammar.guards if g is not None
+                                     for i in vocabulary.string_tokens_containing(g)})
         self.literal_tokens: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
         for part, literal in enumerate(grammar.parts):
             if not isinstance(literal, bytes):
