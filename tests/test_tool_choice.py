@@ -106,7 +106,7 @@ def test_grammar_agrees_with_the_reference(kind, think):
         for k in range(len(reply)):
             state = grammar.feed(grammar.start(), reply[:k])
             assert state is not None and not grammar.complete(state)
-        for _ in range(300):
+        for _ in range(150):
             data = bytearray(reply)
             for _ in range(rng.randint(1, 3)):
                 at = rng.randrange(len(data))
@@ -228,7 +228,7 @@ def test_forced_tool_call(tool_server, tool_choice):
     tools = [{"type": "function", "function": f} for f in (WEATHER, TIME)]
     schemas = {f["name"]: f["parameters"] for f in (WEATHER, TIME)}
     names = set()
-    for args in ({"temperature": 0}, {"temperature": 1.0, "seed": 4}, {"temperature": 1.0, "seed": 7}):
+    for args in ({"temperature": 0}, {"temperature": 1.0, "seed": 4}):
         request = dict(model="tiny-jamba", messages=[{"role": "user", "content": "hello world"}], tools=tools,
                        tool_choice=tool_choice, max_tokens=200, logit_bias=closing_bias(tokenizer), **args)
         r = client.chat.completions.create(**request)
