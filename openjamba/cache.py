@@ -284,11 +284,12 @@ class HybridCache:
         each element written once: many stored states resumed together (requests sharing a system prompt)."""
         if not states:
             raise ValueError("from_row_states needs at least one state")
-        for state in states:
+        for state in {id(state): state for state in states}.values():  # a shared prefix's state: checked once
             state.check(model)
         lengths = [state.length for state in states]
         columns = max(lengths)
-        cache = cls(model, len(states), kv_dtype=kv_dtype)
+        cache = cls(model, 0, kv_dtype=kv_dtype)  # empty tensors of the right dtypes: every one is replaced below
+        cache.batch_size = len(states)
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, KVCache):
                 # Copies, never views: the cache is written in place and the states may be held by a store. The
@@ -296,13 +297,13 @@ class HybridCache:
                 for name, which in (("k", 0), ("v", 1)):
                     joined = layer.k.new_empty(len(states), layer.k.shape[1], 2 * columns, layer.k.shape[3])
                     for row, state in enumerate(states):
-                        joined[row, :, : columns - state.length].zero_()  # masked keys hold a finite value
+                        if state.length < columns:
+                            joined[row, :, : columns - state.length].zero_()  # masked keys hold a finite value
                         joined[row, :, columns - state.length: columns] = state.layers[i][which]
                     setattr(layer, name, joined)  # (B, kv_heads, capacity, hd)
-            else:
-                for row, state in enumerate(states):
-                    layer.conv[row].copy_(state.layers[i][0])
-                    layer.ssm[row].copy_(state.layers[i][1])
+            else:  # one stack per tensor, not one copy per row
+                layer.conv = torch.stack([state.layers[i][0] for state in states]).to(layer.conv)
+                layer.ssm = torch.stack([state.layers[i][1] for state in states]).to(layer.ssm)
         cache.seq_len = columns
         if min(lengths) < columns:
             device = cache.layers[0].tensors()[0].device

@@ -234,6 +234,12 @@ def test_from_row_states_equals_one_row_caches_joined_by_add_rows(config_name):
     assert torch.equal(prefill(model, more, together), prefill(model, more, joined))
     same = HybridCache.from_row_states(model, states[1:3])  # equal lengths: no mask, the unmasked fast paths
     assert same.key_mask is None and same.row_starts is None and same.seq_len == 12
+    shared = HybridCache.from_row_states(model, [states[0]] * 3)  # one stored prefix resumed by several requests
+    alone = HybridCache.from_row_state(model, states[0])
+    for mine, theirs in zip(shared.layers, alone.layers):
+        for a, b in zip(mine.tensors(), theirs.tensors()):
+            a, b = (a[:, :, :7], b[:, :, :7]) if a.dim() == 4 else (a, b)  # K/V: the used columns
+            assert a.dtype == b.dtype and all(torch.equal(row, b[0]) for row in a)
 
 
 def test_row_state_from_another_model_is_a_clear_error():
