@@ -65,3 +65,10 @@ def test_generate_streams_from_a_checkpoint(tmp_path):
             capture_output=True, text=True, check=True, timeout=120)
         assert out.stdout.startswith("def f(")
         assert len(out.stdout) > len("def f(\n")
+
+
+def test_serve_takes_vllm_flag_names():
+    from openjamba.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "x", "--max-model-len", "4096", "--max-num-seqs", "8"])
+    assert (args.max_context, args.max_running) == (4096, 8)

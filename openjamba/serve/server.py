@@ -25,8 +25,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not keep conversation state between requests (every prompt is read in full)")
     parser.add_argument("--state-store", type=float, default=1024, metavar="MB",
                         help="bytes of stored sequence states for reuse, in MB (default 1024)")
-    parser.add_argument("--max-context", type=int, default=None,
-                        help="longest prompt plus output in tokens (default: the config's max_position_embeddings)")
+    parser.add_argument("--max-context", "--max-model-len", type=int, default=None,
+                        help="longest prompt plus output in tokens (default: the config's max_position_embeddings); "
+                        "--max-model-len is vLLM's name")
     parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                         help="auto (default): sampling settings a request leaves out come from the checkpoint's "
                         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM "
@@ -42,7 +43,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
     parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
                         "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
-    parser.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    parser.add_argument("--max-running", "--max-num-seqs", type=int, default=32,
+                        help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond those; more get 429 with Retry-After (default 256)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
