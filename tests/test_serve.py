@@ -97,6 +97,9 @@ def test_models_health_metrics(server, client):
     steps = next(float(line.split()[1]) for line in text.splitlines()
                  if line.startswith("openjamba_engine_decode_step_seconds_count "))
     assert steps >= 1 and 'openjamba_engine_decode_step_seconds_bucket{le="+Inf"} ' in text
+    for name in ("openjamba_engine_time_to_first_token_seconds", "openjamba_engine_request_seconds"):
+        count = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + "_count "))
+        assert count >= 1 and f'{name}_bucket{{le="600.0"}} ' in text, name
 
 
 def test_completion_equals_generate(model, tokenizer, client):

@@ -53,7 +53,7 @@ import torch
 from ..cache import HybridCache, RowState
 from ..generate import decode_step, prefill
 from ..runtime import hold_freed_memory
-from .metrics import Histogram
+from .metrics import LATENCY, Histogram
 from .sampling import RowSampling, Sampled, SamplingParams, sample_rows
 from .scoring import PromptLogprob, prefill_scored
 from .state_store import StateStore
@@ -180,7 +180,8 @@ class Engine:
                               queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
                               requests_failed_total=0, steps_total=0, store_lookups_total=0, store_hits_total=0)
         self._histograms = dict(iteration_seconds=Histogram(), prefill_seconds=Histogram(),
-                                decode_step_seconds=Histogram())
+                                decode_step_seconds=Histogram(), time_to_first_token_seconds=Histogram(LATENCY),
+                                request_seconds=Histogram(LATENCY))
         self._iterations: deque[Iteration] = deque(maxlen=self.ITERATIONS_KEPT)
         self._prefilled_now = 0  # prompt tokens prefilled in the current iteration
         self._service_seconds = 1.0  # moving average of admission-to-finish time, for Retry-After
@@ -634,6 +635,8 @@ class Engine:
         token, logprob, top = sampled
         request.output.append(token)
         self._counters["generated_tokens_total"] += 1
+        if len(request.output) == 1:
+            self._histograms["time_to_first_token_seconds"].observe(time.monotonic() - request.submitted)
         self._send(request, TokenEvent(request.id, token, logprob, top, request.scored))
         request.scored = None  # sent with the first token
         p = request.params
@@ -657,6 +660,7 @@ class Engine:
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
         request.cache = request.logits = request.resume = None
         self._counters["requests_finished_total"] += 1
+        self._histograms["request_seconds"].observe(time.monotonic() - request.submitted)
         if request.admitted is not None:
             self._service_seconds += 0.1 * (time.monotonic() - request.admitted - self._service_seconds)
         self._send(request, FinishEvent(request.id, reason, len(request.prompt), len(request.output),

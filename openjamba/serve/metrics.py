@@ -8,24 +8,26 @@ import bisect
 import itertools
 import math
 
+STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # bounds for an iteration's parts
+LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # for requests
+
 
 class Histogram:
     """Seconds observed, counted in Prometheus' cumulative buckets (`le`: at most that many seconds)."""
 
-    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
+    def __init__(self, bounds: tuple[float, ...] = STEP) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
     def snapshot(self) -> dict:
         """{"buckets": [(le, cumulative count)...], "sum", "count"}, the last bucket's le inf."""
         cumulative = list(itertools.accumulate(self.counts))
-        return dict(buckets=list(zip((*self.BOUNDS, float("inf")), cumulative)), sum=self.sum, count=cumulative[-1])
+        return dict(buckets=list(zip((*self.bounds, float("inf")), cumulative)), sum=self.sum, count=cumulative[-1])
 
 
 METRICS = [  # (stats key, metric name, type, help)
@@ -42,6 +44,8 @@ HISTOGRAM_HELP = {
     "iteration_seconds": "One iteration of the engine loop: admission, prefill chunks and one decode step.",
     "prefill_seconds": "The prefill work of an iteration that had some (at most one chunk's budget of tokens).",
     "decode_step_seconds": "One decode step of the running batch, with sampling and its token events.",
+    "time_to_first_token_seconds": "From a request's arrival to its first token (queue and prefill included).",
+    "request_seconds": "From a request's arrival to its end (finished, stopped, cancelled or failed).",
 }
 
 
