@@ -168,6 +168,18 @@ def test_stop_token_ids_end_a_request_and_min_tokens_holds_them_back(model):
     assert first not in later[:3] and len(later) >= 3
 
 
+def test_identical_prompts_arriving_together_are_prefilled_once(model):
+    """The n choices of one prompt: the first is prefilled, the others start from its stored state (every prompt
+    token reused) with the same greedy output; with reuse off each is read in full."""
+    prompt = prompts_of([40], model.config.vocab_size, seed=5)[0]
+    for reuse in (True, False):
+        with Engine(model, prefill_chunk=16, reuse=reuse) as engine:
+            tokens, finishes = run(engine, [prompt] * 4, GREEDY)
+        assert all(t == tokens[0] for t in tokens) and tokens[0] == solo_generate(model, prompt, 8, chunk=16)
+        cached = sorted(f.cached_tokens for f in finishes)
+        assert cached == ([0, 40, 40, 40] if reuse else [0, 0, 0, 0])
+
+
 def test_seeded_sampling_is_reproducible_whatever_else_runs(model):
     prompts = prompts_of([6, 11, 9], model.config.vocab_size, seed=2)
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)

@@ -5,7 +5,8 @@ Each iteration of the loop
   2. admits waiting requests while fewer than `max_running` are in flight, each starting from the longest stored
      state its prompt extends (serve/state_store.py), restored when its first chunk runs (several resumed at once
      into one cache: `HybridCache.from_row_states`); a request asking for prompt logprobs starts from nothing and
-     is prefilled alone, every position's logits scored (serve/scoring.py),
+     is prefilled alone, every position's logits scored (serve/scoring.py); a prompt that extends one being
+     prefilled waits until that one's state is stored (the n choices of a prompt are prefilled once),
   3. prefills admitted prompts, oldest first, within the iteration's token budget: `step_token_budget` tokens
      (default `prefill_chunk`) less one per running row, the tokens of this iteration's decode step, as vLLM's
      `max_num_batched_tokens` counts them (8 rows decoding under a budget of 512 leave a 504-token chunk), and
@@ -416,7 +417,7 @@ class Engine:
     def _admit(self) -> None:
         while len(self._prefilling) + len(self._running) + self._joining_count() < self.max_running:
             with self._lock:
-                if not self._waiting:
+                if not self._waiting or self._follows_a_prefill(self._waiting[0]):
                     return
                 request = self._waiting.popleft()
             self._counters["queue_time_seconds_sum"] += time.monotonic() - request.submitted
@@ -427,6 +428,16 @@ class Engine:
                 self._fail([request], err)
                 continue
             self._prefilling.append(request)
+
+    def _follows_a_prefill(self, request: _Request) -> bool:
+        """Whether `request`'s prompt extends (or equals) a prompt being prefilled now: admitted once that one has
+        stored its state, it reads only what follows, so the n choices of one prompt are prefilled once, not n
+        times (at the cost of one iteration for the others)."""
+        if not self.reuse or request.params.prompt_logprobs is not None:
+            return False
+        prompt = request.prompt
+        return any(r.scored is None and len(r.prompt) <= len(prompt) and prompt[:len(r.prompt)] == r.prompt
+                   for r in self._prefilling)
 
     def _start(self, request: _Request) -> None:
         """Its sampler, and the longest stored state its prompt extends (restored when its first chunk runs:
