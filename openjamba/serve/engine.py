@@ -60,6 +60,12 @@ from .scoring import PromptLogprob, prefill_scored
 from .state_store import StateStore
 
 
+def _starts_with(tokens: list[int], prefix: list[int]) -> bool:
+    """`tokens` begins with `prefix` (not longer): last and first ids first, so long prompts that differ copy nothing."""
+    n = len(prefix)
+    return tokens[n - 1] == prefix[n - 1] and tokens[0] == prefix[0] and tokens[:n] == prefix
+
+
 @dataclass
 class TokenEvent:
     request_id: int
@@ -436,7 +442,7 @@ class Engine:
         if not self.reuse or request.params.prompt_logprobs is not None:
             return False
         prompt = request.prompt
-        return any(r.scored is None and len(r.prompt) <= len(prompt) and prompt[:len(r.prompt)] == r.prompt
+        return any(r.scored is None and len(r.prompt) <= len(prompt) and _starts_with(prompt, r.prompt)
                    for r in self._prefilling)
 
     def _start(self, request: _Request) -> None:
