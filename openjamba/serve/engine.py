@@ -61,7 +61,7 @@ from .state_store import StateStore
 
 
 def _starts_with(tokens: list[int], prefix: list[int]) -> bool:
-    """`tokens` begins with `prefix` (not longer): last and first ids first, so long prompts that differ copy nothing."""
+    """`tokens` begins with `prefix` (not longer): last and first ids first: long prompts that differ copy nothing."""
     n = len(prefix)
     return tokens[n - 1] == prefix[n - 1] and tokens[0] == prefix[0] and tokens[:n] == prefix
 
