@@ -42,6 +42,7 @@ class ServerConfig:
     default_max_tokens: int = 16  # completions, as OpenAI; chat defaults to the rest of the context
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
     allowed_origins: list[str] = field(default_factory=list)  # browser origins answered with CORS headers
+    max_stored_responses: int = 1000  # /v1/responses kept for previous_response_id and GET (least recent dropped)
 
 
 class _Rejected(Exception):

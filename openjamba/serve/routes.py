@@ -25,6 +25,7 @@ from .api import (
 )
 from .json_mode import JsonVocabulary
 from .json_schema import compile_schema
+from .responses import add_response_routes
 from .tool_choice import ToolChoice, added_token_bytes, cache_key, functions_of, tool_call_grammar
 
 SCHEMAS_KEPT = 64  # compiled json_schema grammars kept, so repeated requests with one schema reuse its masks
@@ -114,6 +115,35 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             submission.cancel()
         return None
 
+    async def start_chat(req: p.ChatCompletionRequest) -> tuple[Submission, list[int], bool]:
+        """Render a chat request through the template and submit its choices: (the submission, the prompt ids,
+        whether tool calls are parsed from the output). /v1/chat/completions and /v1/responses both start here."""
+        if chat is None:
+            raise p.RequestError("this model has no chat template (chat_template in tokenizer_config.json or "
+                                 "chat_template.jinja), so it cannot chat; use /v1/completions",
+                                 param="messages", code="chat_template_missing")
+        forced, forced_name = req.forced_tool()
+        messages = [m.for_template() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs)
+        except chat.error as err:
+            raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
+        max_tokens = check_length(ids, req.max_tokens, "messages")
+        parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+
+        choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
+        submission = Submission(engine, relay, choices)
+        count = req.logprob_count()
+        defaults = config.sampling_defaults
+        constraint = await (tool_call_constraint(tools, forced_name, ids) if forced else constraint_of(req))
+        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults, constraint)
+                                  for c in choices], chat.system_prefix(messages, ids, req.chat_template_kwargs))
+        return submission, ids, parse_tools
+
     # ------------------------------------------------------------------ completions
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -198,30 +228,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         check_key(request, config)
         req = p.parse_request(await request.body(), p.ChatCompletionRequest)
         check_model(req.model)
-        if chat is None:
-            raise p.RequestError("this model has no chat template (chat_template in tokenizer_config.json or "
-                                 "chat_template.jinja), so it cannot chat; use /v1/completions",
-                                 param="messages", code="chat_template_missing")
-        forced, forced_name = req.forced_tool()
-        messages = [m.for_template() for m in req.messages]
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        try:
-            ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs)
-        except chat.error as err:
-            raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
-        max_tokens = check_length(ids, req.max_tokens, "messages")
-        parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
-
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False)
-
-        choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
-        submission = Submission(engine, relay, choices)
-        count = req.logprob_count()
-        defaults = config.sampling_defaults
-        constraint = await (tool_call_constraint(tools, forced_name, ids) if forced else constraint_of(req))
-        submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults, constraint)
-                                  for c in choices], chat.system_prefix(messages, ids, req.chat_template_kwargs))
+        submission, ids, parse_tools = await start_chat(req)
+        choices, count = submission.choices, req.logprob_count()
         rid, created = p.new_id("chatcmpl"), p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name}
 
@@ -271,6 +279,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         })
 
     add_tokenizer_routes(app, tokenizer, config, chat, check_model)
+    add_response_routes(app, config, chat, tokenizer, start_chat, run, check_model)
 
 
 def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, check_model) -> None:

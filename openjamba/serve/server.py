@@ -47,6 +47,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond those; more get 429 with Retry-After (default 256)")
+    parser.add_argument("--max-stored-responses", type=int, default=1000,
+                        help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
+                        "used dropped beyond this (default 1000; 0 stores none)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -116,7 +119,8 @@ def serve(args: argparse.Namespace) -> None:
     defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
                           vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
-                          allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
+                          allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+                          max_stored_responses=args.max_stored_responses)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
