@@ -66,15 +66,9 @@ def _utf8_lead(byte: int) -> tuple[int, int, int] | None:
     return None
 
 
-class JsonGrammar:
-    """The JSON recogniser (see the module's docstring). `start()` is the state before the first byte."""
-
-    def __init__(self, object_only: bool = True, max_whitespace: int | None = MAX_WHITESPACE) -> None:
-        self.object_only = object_only
-        self.max_whitespace = max_whitespace if max_whitespace is not None else 1 << 62
-
-    def start(self) -> State:
-        return ("", TOP_OBJECT if self.object_only else TOP_ANY, 0)
+class ByteGrammar:
+    """What `JsonVocabulary` masks tokens with: `start()`, `step(state, byte)` (None: no valid document has that
+    byte there), `complete(state)`, `in_string_body(state)`; `feed` follows from `step`."""
 
     def feed(self, state: State | None, data: bytes) -> State | None:
         """The state after `data`, None if it cannot continue a valid document."""
@@ -84,6 +78,17 @@ class JsonGrammar:
                 return None
             state = step(state, byte)
         return state
+
+
+class JsonGrammar(ByteGrammar):
+    """The JSON recogniser (see the module's docstring). `start()` is the state before the first byte."""
+
+    def __init__(self, object_only: bool = True, max_whitespace: int | None = MAX_WHITESPACE) -> None:
+        self.object_only = object_only
+        self.max_whitespace = max_whitespace if max_whitespace is not None else 1 << 62
+
+    def start(self) -> State:
+        return ("", TOP_OBJECT if self.object_only else TOP_ANY, 0)
 
     def in_string_body(self, state: State) -> bool:
         """Whether `state` is inside a string at a character boundary: every plain string-body token may follow."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .json_mode import STR, STR_ESC, STR_HEX, STR_UTF, WHITESPACE, JsonGrammar
+from .json_mode import STR, STR_ESC, STR_HEX, STR_UTF, WHITESPACE, ByteGrammar, JsonGrammar
 
 VALUE, OBJ_FIRST, OBJ_KEY, KEY, COLON, AFTER, ARR_FIRST, DONE, GEN, LIT = range(20, 30)
 WS_MODES = frozenset((OBJ_FIRST, OBJ_KEY, AFTER, ARR_FIRST, DONE))  # data: the whitespace run
@@ -194,7 +194,7 @@ def compile_schema(schema: Any, max_whitespace: int | None = None) -> SchemaGram
     return SchemaGrammar(compiler.nodes, root, max_whitespace)
 
 
-class SchemaGrammar:
+class SchemaGrammar(ByteGrammar):
     def __init__(self, nodes: list[tuple], root: int, max_whitespace: int | None = None) -> None:
         self.nodes = [self._resolve(nodes, node) for node in nodes]
         self.root = root
@@ -210,14 +210,6 @@ class SchemaGrammar:
 
     def start(self) -> tuple:
         return ((), VALUE, (self.root, 0))
-
-    def feed(self, state: tuple | None, data: bytes) -> tuple | None:
-        step = self.step
-        for byte in data:
-            if state is None:
-                return None
-            state = step(state, byte)
-        return state
 
     def in_string_body(self, state: tuple) -> bool:
         """A free string at a character boundary, this grammar's own or a generic value's."""

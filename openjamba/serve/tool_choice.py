@@ -31,13 +31,13 @@ from typing import Any
 import torch
 
 from ..chat_format import THINK_CLOSE, TOOL_TAGS
-from .json_mode import JsonConstraint, JsonVocabulary
+from .json_mode import ByteGrammar, JsonConstraint, JsonVocabulary
 from .json_schema import compile_schema
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
-class ToolCallGrammar:
+class ToolCallGrammar(ByteGrammar):
     """Parts in order: a literal (bytes) or a tuple of grammars (alternatives). State: ((), part, data) where data
     is the position in a literal, or for grammars (the alternatives still alive as ((index, state), ...), how many
     bytes of the next literal the part's bytes end with); part == len(parts) is the end. The empty first element
@@ -69,14 +69,6 @@ class ToolCallGrammar:
 
     def start(self) -> tuple:
         return self._entry(0)
-
-    def feed(self, state: tuple | None, data: bytes) -> tuple | None:
-        step = self.step
-        for byte in data:
-            if state is None:
-                return None
-            state = step(state, byte)
-        return state
 
     def complete(self, state: tuple) -> bool:
         return state[1] == len(self.parts)
