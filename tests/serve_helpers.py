@@ -81,6 +81,33 @@ def running_server(app):
         thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def tiny_server(directory: Path, chat_template: bool = True, **config):
+    """A tiny checkpoint in `directory` served live on one thread: yields (url, tokenizer, the server's ChatFormat);
+    stops engine and server after. `config`: more ServerConfig fields."""
+    from openjamba.serve.api import ServerConfig, create_app
+    from openjamba.serve.engine import Engine
+    from openjamba.serve.templating import ChatFormat
+    from openjamba.tokenizer import load_tokenizer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    checkpoint = build_checkpoint(directory, chat_template=chat_template)
+    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(checkpoint)
+    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
+    engine.start()
+    server_config = ServerConfig(model_name=directory.name, max_context=1024, vocab_size=model.config.vocab_size,
+                                 **config)
+    chat = ChatFormat.of(tokenizer)
+    try:
+        with running_server(create_app(engine, tokenizer, server_config, chat)) as url:
+            yield url, tokenizer, chat
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
+
+
 def wait_for(condition, timeout: float = 20.0, every: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from openjamba import JambaConfig, JambaForCausalLM
-from openjamba.serve.api import ServerConfig, create_app
 from openjamba.serve.engine import Engine, TokenEvent
 from openjamba.serve.json_mode import JsonGrammar, JsonVocabulary
 from openjamba.serve.sampling import RowSampling, SamplingParams, sample_rows
-from openjamba.serve.templating import ChatFormat
 from openjamba.tokenizer import load_tokenizer
 
 from .conftest import byte_level_tokenizer
-from .serve_helpers import build_checkpoint, running_server
+from .serve_helpers import tiny_server
 from .tokenizer_fixtures import write_jamba2, write_jamba16
 
 VALID = [
@@ -198,18 +196,8 @@ def test_engine_gives_json_objects_with_a_sentencepiece_style_tokenizer(tokenize
 
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("json-serve") / "tiny-jamba")
-    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
-    engine.start()
-    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size)
-    with running_server(create_app(engine, tokenizer, config, ChatFormat.of(tokenizer))) as url:
+    with tiny_server(tmp_path_factory.mktemp("json-serve") / "tiny-jamba") as (url, tokenizer, _):
         yield url, tokenizer
-    engine.stop()
-    torch.set_num_threads(before)
 
 
 def test_chat_json_object_is_valid_json(json_server):

@@ -9,18 +9,12 @@ import json
 import httpx
 import openai
 import pytest
-import torch
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from openjamba import JambaForCausalLM
-from openjamba.serve.api import ServerConfig, create_app
-from openjamba.serve.engine import Engine
 from openjamba.serve.responses import ItemStream, assistant_message
-from openjamba.serve.templating import ChatFormat
-from openjamba.tokenizer import load_tokenizer
 
-from .serve_helpers import build_checkpoint, running_server
+from .serve_helpers import tiny_server
 from .test_tool_choice import WEATHER, closing_bias
 
 MODEL = "tiny-jamba"
@@ -30,19 +24,8 @@ SCHEMA = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenh
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("responses") / MODEL)
-    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
-    engine.start()
-    config = ServerConfig(model_name=MODEL, max_context=1024, vocab_size=model.config.vocab_size,
-                          max_stored_responses=4)
-    with running_server(create_app(engine, tokenizer, config, ChatFormat.of(tokenizer))) as url:
+    with tiny_server(tmp_path_factory.mktemp("responses") / MODEL, max_stored_responses=4) as (url, tokenizer, _):
         yield url, tokenizer, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-    engine.stop()
-    torch.set_num_threads(before)
 
 
 def chat_text(client, messages, **kwargs) -> tuple[str, str]:

@@ -14,17 +14,13 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from openjamba import JambaForCausalLM
 from openjamba.chat_format import TOOL_TAGS, parse_tool_calls
-from openjamba.serve.api import ServerConfig, create_app
-from openjamba.serve.engine import Engine
 from openjamba.serve.json_mode import JsonVocabulary
-from openjamba.serve.templating import ChatFormat
 from openjamba.serve.tool_choice import ToolChoice, added_token_bytes, call_grammar, tool_call_grammar
 from openjamba.tokenizer import load_tokenizer
 
 from .conftest import byte_level_tokenizer
-from .serve_helpers import CORPUS, build_checkpoint, running_server
+from .serve_helpers import CORPUS, tiny_server
 from .tokenizer_fixtures import write_jamba2, write_jamba16
 
 WEATHER = {"name": "get_weather", "description": "the weather in a city", "parameters": {
@@ -188,19 +184,8 @@ def test_masks_equal_brute_force(tokenizers, kind, think, tokenizer_kind):
 # ---------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("tool-serve") / "tiny-jamba")
-    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
-    engine.start()
-    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size)
-    chat = ChatFormat.of(tokenizer)
-    with running_server(create_app(engine, tokenizer, config, chat)) as url:
-        yield url, tokenizer, chat
-    engine.stop()
-    torch.set_num_threads(before)
+    with tiny_server(tmp_path_factory.mktemp("tool-serve") / "tiny-jamba") as served:
+        yield served
 
 
 def closing_bias(tokenizer) -> dict[str, float]:
