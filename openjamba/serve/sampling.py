@@ -35,8 +35,6 @@ import torch
 from .. import ops
 
 CANDIDATES = 256  # logits per row the top-k / top-p filters look at first
-
-
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
