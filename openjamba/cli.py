@@ -417,12 +417,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     from .model import JambaForCausalLM
     from .runtime import on_fresh_thread
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(1)  # as `serve`: the model is built on a thread that exits, the engines compute
-    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    phases = tuple(p.strip() for p in (args.phases or ",".join(SERVE_PHASES)).split(",") if p.strip())
     if unknown := set(phases) - set(SERVE_PHASES):
         raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(SERVE_PHASES)}")
+    if args.url:
+        from .bench.http_serve import cmd_bench_serve_http
+
+        return cmd_bench_serve_http(args)
+    if not (args.preset or args.model):
+        raise SystemExit("openjamba bench-serve: error: one of --preset, --model or --url is required")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # as `serve`: the model is built on a thread that exits, the engines compute
     config, name = model_config_from_args(args)
 
     def build() -> JambaForCausalLM:
@@ -596,12 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     bsv = verbs.add_parser("bench-serve", help="the serving engine: throughput and latency against concurrent "
                            "streams, chat-turn reuse, a long prompt among decoding streams",
-                           description="Prints a table, then JSON as the last line.")
-    source = bsv.add_mutually_exclusive_group(required=True)
+                           description="Prints a table, then JSON as the last line. In process (--preset or "
+                           "--model), or with --url the streams phase against any OpenAI-compatible server over "
+                           "HTTP (openjamba serve, llama-server, vLLM, Ollama).")
+    source = bsv.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS))
-    source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
-    bsv.add_argument("--phases", default="streams,chat,interference", help="comma-separated from streams, chat, "
-                     "interference (default all)")
+    source.add_argument("--model", type=Path, help="checkpoint directory with config.json; with --url the "
+                        "server's model name (default: the first of GET /v1/models)")
+    bsv.add_argument("--url", default=None, help="an OpenAI-compatible server's base URL, e.g. "
+                     "http://127.0.0.1:8000/v1: run the streams phase over HTTP (prompts of random words; "
+                     "--prefix-tokens and --suffix-tokens then count words)")
+    bsv.add_argument("--api-key", default=None, help="with --url: sent as a Bearer token")
+    bsv.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                     help="with --url: /v1/completions (default) or /v1/chat/completions")
+    bsv.add_argument("--timeout", type=float, default=600.0, help="with --url: seconds per request (default 600)")
+    bsv.add_argument("--phases", default=None, help="comma-separated from streams, chat, interference (default "
+                     "all; with --url only streams)")
     bsv.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8, 16), help="concurrent streams to try "
                      "(default 1,2,4,8,16)")
     bsv.add_argument("--prefix-tokens", type=int, default=256, help="shared system prefix of every stream")

@@ -343,9 +343,11 @@ def plot_serve_report(report: dict, path: str | Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for reuse in (True, False):
-        rows = [r for r in report.get("streams", []) if r["reuse"] == reuse]
-        label = "reuse on" if reuse else "reuse off"
+    labels = {True: "reuse on", False: "reuse off", None: "over HTTP"}  # None: `bench-serve --url`'s rows
+    for reuse, label in labels.items():
+        rows = [r for r in report.get("streams", []) if r["reuse"] is reuse]
+        if not rows:
+            continue
         n = [r["streams"] for r in rows]
         axes[0].plot(n, [r["output_tok_s"] for r in rows], marker="o", label=label)
         axes[1].plot(n, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"p50, {label}")

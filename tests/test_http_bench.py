@@ -1,0 +1,94 @@
+"""`openjamba bench-serve --url`: the streams phase over HTTP against a live `openjamba` app (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from openjamba import JambaForCausalLM
+from openjamba.bench.http_serve import HttpBenchError, format_http_report, run_http_bench
+from openjamba.cli import main
+from openjamba.serve.api import ServerConfig, create_app
+from openjamba.serve.engine import Engine
+from openjamba.serve.templating import ChatFormat
+from openjamba.tokenizer import load_tokenizer
+
+from .serve_helpers import build_checkpoint, free_port, running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    checkpoint = build_checkpoint(tmp_path_factory.mktemp("http-bench") / "tiny-jamba")
+    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(checkpoint)
+    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
+    engine.start()
+    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size)
+    try:
+        with running_server(create_app(engine, tokenizer, config, ChatFormat.of(tokenizer))) as url:
+            yield url + "/v1"
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streams_over_http(server, endpoint):
+    report = run_http_bench(server, endpoint=endpoint, streams=(1, 2), prefix=12, suffix=4, output=6, seed=3)
+    assert report["model"] == "tiny-jamba"  # the first of GET /v1/models
+    rows = report["streams"]
+    assert [r["streams"] for r in rows] == [1, 2]
+    for row in rows:
+        # ignore_eos honoured: every stream made all its tokens, as usage says; a chunk carries one token or, where
+        # a token ends inside a UTF-8 character (random byte-level tokens), the text waits for the next one
+        assert row["completion_tokens"] == 6 * row["streams"]
+        assert row["streams"] <= row["chunks"] <= row["completion_tokens"]
+        assert row["min_completion_tokens"] == 6 and row["usage_reported"]
+        assert row["ttft_p50_ms"] > 0 and row["output_tok_s"] > 0 and row["itl_p50_ms"] > 0
+        assert row["prompt_tokens"] >= row["streams"] * 16  # 16 words: at least a token each
+    assert set(rows[0]) >= {"streams", "reuse", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                            "itl_p99_ms", "cached_tokens"}  # the in-process rows' fields: --plot draws both
+    assert json.loads(json.dumps(report)) == report
+    table = format_http_report(report)
+    assert "over HTTP: tiny-jamba" in table and len(table.splitlines()) >= 7
+
+
+def test_same_seed_same_prompts(server):
+    a = run_http_bench(server, streams=(1,), prefix=8, suffix=3, output=2, seed=5)
+    b = run_http_bench(server, streams=(1,), prefix=8, suffix=3, output=2, seed=5)
+    assert a["streams"][0]["prompt_tokens"] == b["streams"][0]["prompt_tokens"]
+
+
+def test_bad_model_and_unreachable_url_are_one_clear_error(server):
+    with pytest.raises(HttpBenchError, match="HTTP 404.*no-such-model|no-such-model.*HTTP 404|HTTP 4"):
+        run_http_bench(server, model="no-such-model", streams=(1,), prefix=4, suffix=2, output=2)
+    with pytest.raises(HttpBenchError, match="cannot reach"):
+        run_http_bench(f"http://127.0.0.1:{free_port()}/v1", streams=(1,), prefix=4, suffix=2, output=2)
+
+
+def test_cli_over_http_with_plot(server, tmp_path, capsys):
+    main(["bench-serve", "--url", server, "--streams", "1,2", "--prefix-tokens", "8", "--suffix-tokens", "2",
+          "--output-tokens", "3", "--plot", str(tmp_path / "http.png")])
+    out = capsys.readouterr().out.splitlines()
+    assert json.loads(out[-1])["streams"][1]["completion_tokens"] == 6
+    assert (tmp_path / "http.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--streams", "1"], "cannot reach"),
+    (["--phases", "streams,chat"], "only the streams phase"),
+    (["--preset", "tiny"], "--preset is for the in-process mode"),
+])
+def test_cli_errors_are_one_line(argv, message):
+    with pytest.raises(SystemExit) as err:
+        main(["bench-serve", "--url", f"http://127.0.0.1:{free_port()}/v1", *argv])
+    assert message in str(err.value) and str(err.value).startswith("openjamba bench-serve: error:")
+
+
+def test_cli_needs_a_source():
+    with pytest.raises(SystemExit, match="one of --preset, --model or --url"):
+        main(["bench-serve", "--phases", "streams"])
