@@ -151,7 +151,7 @@ def request_body(endpoint: str, model: str, prefix: str, suffix: str, max_tokens
     if endpoint == "chat":
         body["messages"] = [{"role": "system", "content": prefix}, {"role": "user", "content": suffix}]
     else:
-        body["prompt"] = f"{prefix}\n{suffix}"
+        body["prompt"] = f"{prefix}\n{suffix}" if suffix else prefix
     return body
 
 
@@ -194,8 +194,10 @@ async def _bench(url: str, model: str | None, api_key: str | None, endpoint: str
                                  timeout=httpx.Timeout(timeout, connect=10.0)) as client:
         model = model or await first_model(client)
         shared = words(prefix)
-        # warm-up: the server's first request (and, where it reuses state, the shared prefix read once)
-        await stream_one(client, path, request_body(endpoint, model, shared, words(suffix), 2, 0.0, 1.0, 0))
+        # warm-up: the server's first request, and the shared prefix read once, as in process (a completion's prompt
+        # is the prefix alone; a chat's the system turn with a one-word user turn), for servers that reuse state
+        await stream_one(client, path, request_body(endpoint, model, shared, "" if endpoint == "completions" else
+                                                    words(1), 2, 0.0, 1.0, 0))
         for n in streams:
             bodies = [request_body(endpoint, model, shared, words(suffix), output, temperature, top_p, i)
                       for i in range(n)]  # made first: the N sends follow each other
