@@ -61,6 +61,7 @@ def test_same_seed_same_prompts(server):
     a = run_http_bench(server, streams=(1,), prefix=8, suffix=3, output=2, seed=5)
     b = run_http_bench(server, streams=(1,), prefix=8, suffix=3, output=2, seed=5)
     assert a["streams"][0]["prompt_tokens"] == b["streams"][0]["prompt_tokens"]
+    assert "whole prompts cached" in format_http_report(b)  # the server stored them the first time
 
 
 def test_bad_model_and_unreachable_url_are_one_clear_error(server):

@@ -254,6 +254,9 @@ def format_http_report(report: dict) -> str:
     if short:
         lines.append(f"note: some streams ended before {s['output']} tokens (at N = {', '.join(map(str, short))}): "
                      "the server may not honour ignore_eos; output/s counts the tokens it reported.")
+    if any(r["prompt_tokens"] and r["cached_tokens"] >= r["prompt_tokens"] for r in rows):
+        lines.append("note: the server had whole prompts cached (it ran this --seed before): restart it or change "
+                     "--seed to measure reading the streams' own tokens.")
     if not all(r["usage_reported"] for r in rows):
         lines.append("note: the server sent no usage for some streams; their tokens are counted as text chunks.")
     return "\n".join(lines)
