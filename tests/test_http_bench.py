@@ -5,35 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from openjamba import JambaForCausalLM
 from openjamba.bench.http_serve import HttpBenchError, format_http_report, run_http_bench
 from openjamba.cli import main
-from openjamba.serve.api import ServerConfig, create_app
-from openjamba.serve.engine import Engine
-from openjamba.serve.templating import ChatFormat
-from openjamba.tokenizer import load_tokenizer
 
-from .serve_helpers import build_checkpoint, free_port, running_server
+from .serve_helpers import free_port, tiny_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    checkpoint = build_checkpoint(tmp_path_factory.mktemp("http-bench") / "tiny-jamba")
-    model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
-    engine.start()
-    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size)
-    try:
-        with running_server(create_app(engine, tokenizer, config, ChatFormat.of(tokenizer))) as url:
-            yield url + "/v1"
-    finally:
-        engine.stop()
-        torch.set_num_threads(before)
+    with tiny_server(tmp_path_factory.mktemp("http-bench") / "tiny-jamba") as (url, _, _):
+        yield url + "/v1"
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
