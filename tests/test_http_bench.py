@@ -46,6 +46,16 @@ def test_same_seed_same_prompts(server):
     assert "whole prompts cached" in format_http_report(b)  # the server stored them the first time
 
 
+def test_chat_second_turn_over_http(server):
+    report = run_http_bench(server, phases=("chat",), history=60, new=4, seed=1)
+    c = report["chat"]
+    assert "streams" not in report and json.loads(json.dumps(report)) == report
+    assert c["second_prompt_tokens"] > c["first_prompt_tokens"] >= 60
+    assert c["second_cached_tokens"] >= c["first_prompt_tokens"] // 2  # openjamba resumed from turn one's state
+    assert c["first_ttft_ms"] > 0 and c["second_ttft_ms"] > 0
+    assert "chat second turn after a 60-word first turn" in format_http_report(report)
+
+
 def test_bad_model_and_unreachable_url_are_one_clear_error(server):
     with pytest.raises(HttpBenchError, match="HTTP 404.*no-such-model|no-such-model.*HTTP 404|HTTP 4"):
         run_http_bench(server, model="no-such-model", streams=(1,), prefix=4, suffix=2, output=2)
@@ -63,7 +73,7 @@ def test_cli_over_http_with_plot(server, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--streams", "1"], "cannot reach"),
-    (["--phases", "streams,chat"], "only the streams phase"),
+    (["--phases", "streams,interference"], "the streams and chat phases run"),
     (["--preset", "tiny"], "--preset is for the in-process mode"),
 ])
 def test_cli_errors_are_one_line(argv, message):

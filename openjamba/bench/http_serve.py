@@ -57,6 +57,7 @@ class Stream:
 
     sent: float
     chunks: list[float] = field(default_factory=list)  # arrival times of chunks that carried text
+    text: list[str] = field(default_factory=list)
     usage: dict | None = None
     finish_reason: str | None = None
 
@@ -134,8 +135,9 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> Stream
             if "error" in event:
                 raise HttpBenchError(f"{path} failed mid-stream: {event['error']}")
             for choice in event.get("choices") or []:
-                if _text_of(choice):
+                if piece := _text_of(choice):
                     stream.chunks.append(now)
+                    stream.text.append(piece)
                 stream.finish_reason = choice.get("finish_reason") or stream.finish_reason
             if event.get("usage"):
                 stream.usage = event["usage"]
@@ -183,48 +185,78 @@ def _row(n: int, streams: list[Stream], start: float) -> dict:
                 chunks=sum(len(s.chunks) for s in streams), usage_reported=all(s.usage for s in streams))
 
 
-async def _bench(url: str, model: str | None, api_key: str | None, endpoint: str, streams: tuple[int, ...],
-                 words: Words, prefix: int, suffix: int, output: int, temperature: float, top_p: float,
-                 timeout: float) -> tuple[str, list[dict]]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max(streams) + 1, max_keepalive_connections=max(streams) + 1)
+async def _streams(client: httpx.AsyncClient, model: str, endpoint: str, streams: tuple[int, ...], words: Words,
+                   prefix: int, suffix: int, output: int, temperature: float, top_p: float) -> list[dict]:
     path = ENDPOINTS[endpoint]
     rows = []
+    shared = words(prefix)
+    # warm-up: the server's first request, and the shared prefix read once, as in process (a completion's prompt
+    # is the prefix alone; a chat's the system turn with a one-word user turn), for servers that reuse state
+    await stream_one(client, path, request_body(endpoint, model, shared, "" if endpoint == "completions" else
+                                                words(1), 2, 0.0, 1.0, 0))
+    for n in streams:
+        bodies = [request_body(endpoint, model, shared, words(suffix), output, temperature, top_p, i)
+                  for i in range(n)]  # made first: the N sends follow each other
+        start = time.perf_counter()
+        done = await asyncio.gather(*(stream_one(client, path, body) for body in bodies))
+        rows.append(_row(n, list(done), start))
+        print(_stream_line(dict(rows[-1], reuse=True)).replace("  on ", " srv ", 1), flush=True)
+    return rows
+
+
+async def _chat(client: httpx.AsyncClient, model: str, words: Words, history: int, new: int, output: int) -> dict:
+    """A conversation's second turn: turn one is a `history`-word user message (read cold), turn two sends it again
+    with the reply and `new` more words; a server that keeps (or caches) the first turn's state answers the second
+    sooner. The ratio is turn one's TTFT over turn two's (in process: the same turn with reuse off over on)."""
+    path = ENDPOINTS["chat"]
+    await stream_one(client, path, request_body("chat", model, words(3), words(1), 2, 0.0, 1.0, 0))  # warm-up
+    first = [{"role": "user", "content": words(history)}]
+    body = dict(request_body("chat", model, "", "", output, 0.0, 1.0, 0), messages=first)
+    one = await stream_one(client, path, body)
+    second = first + [{"role": "assistant", "content": "".join(one.text)}, {"role": "user", "content": words(new)}]
+    two = await stream_one(client, path, dict(body, messages=second))
+    return dict(history_words=history, new_words=new, first_ttft_ms=1e3 * one.ttft,
+                first_prompt_tokens=one.prompt_tokens, second_ttft_ms=1e3 * two.ttft,
+                second_prompt_tokens=two.prompt_tokens, second_cached_tokens=two.cached_tokens,
+                ttft_speedup=one.ttft / two.ttft)
+
+
+async def _bench(url: str, model: str | None, api_key: str | None, phases: tuple[str, ...], streams: tuple[int, ...],
+                 timeout: float, chat: dict, **streams_args) -> tuple[str, list[dict] | None, dict | None]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max(streams) + 1, max_keepalive_connections=max(streams) + 1)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=httpx.Timeout(timeout, connect=10.0)) as client:
         model = model or await first_model(client)
-        shared = words(prefix)
-        # warm-up: the server's first request, and the shared prefix read once, as in process (a completion's prompt
-        # is the prefix alone; a chat's the system turn with a one-word user turn), for servers that reuse state
-        await stream_one(client, path, request_body(endpoint, model, shared, "" if endpoint == "completions" else
-                                                    words(1), 2, 0.0, 1.0, 0))
-        for n in streams:
-            bodies = [request_body(endpoint, model, shared, words(suffix), output, temperature, top_p, i)
-                      for i in range(n)]  # made first: the N sends follow each other
-            start = time.perf_counter()
-            done = await asyncio.gather(*(stream_one(client, path, body) for body in bodies))
-            rows.append(_row(n, list(done), start))
-            print(_stream_line(dict(rows[-1], reuse=True)).replace("  on ", " srv ", 1), flush=True)
-    return model, rows
+        rows = await _streams(client, model, streams=streams, **streams_args) if "streams" in phases else None
+        turns = await _chat(client, model, streams_args["words"], **chat) if "chat" in phases else None
+    return model, rows, turns
 
 
 def run_http_bench(url: str, *, model: str | None = None, api_key: str | None = None, endpoint: str = "completions",
                    streams=(1, 2, 4, 8, 16), prefix=256, suffix=32, output=128, seed=0, temperature=0.0,
-                   top_p=1.0, timeout=600.0) -> dict:
+                   top_p=1.0, timeout=600.0, phases=("streams",), history=4000, new=32) -> dict:
     """The streams phase against the server at `url` (its OpenAI base, e.g. http://127.0.0.1:8000/v1); `prefix`
     and `suffix` are counted in words (the tokens each server made of them are in the rows). Raises
-    HttpBenchError with a one-line message when the server cannot be reached or refuses a request."""
+    HttpBenchError with a one-line message when the server cannot be reached or refuses a request. `phases`:
+    streams and/or chat (`history` and `new` words: see _chat)."""
     if endpoint not in ENDPOINTS:
         raise HttpBenchError(f"unknown endpoint {endpoint!r}; choose from {', '.join(ENDPOINTS)}")
     try:
-        model, rows = asyncio.run(_bench(url, model, api_key, endpoint, tuple(streams), Words(seed), prefix, suffix,
-                                         output, temperature, top_p, timeout))
+        model, rows, turns = asyncio.run(_bench(
+            url, model, api_key, tuple(phases), tuple(streams), timeout, dict(history=history, new=new, output=16),
+            endpoint=endpoint, words=Words(seed), prefix=prefix, suffix=suffix, output=output,
+            temperature=temperature, top_p=top_p))
     except httpx.TransportError as err:
         raise HttpBenchError(f"cannot reach {url}: {type(err).__name__}: {err or 'no detail'}") from None
-    return dict(mode="http", url=url, endpoint=endpoint, model=model, machine=client_machine(),
-                settings=dict(prefix=prefix, suffix=suffix, output=output, temperature=temperature, top_p=top_p,
-                              seed=seed, units="words"),
-                streams=rows)
+    report = dict(mode="http", url=url, endpoint=endpoint, model=model, machine=client_machine(),
+                  settings=dict(prefix=prefix, suffix=suffix, output=output, temperature=temperature, top_p=top_p,
+                                seed=seed, history=history, new=new, endpoint=endpoint, units="words"))
+    if rows is not None:
+        report["streams"] = rows
+    if turns is not None:
+        report["chat"] = turns
+    return report
 
 
 def client_machine() -> dict:
@@ -235,12 +267,23 @@ def client_machine() -> dict:
 
 def format_http_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
+    lines = [f"serving benchmark over HTTP: {report['model']} at {report['url']}, client on {m['cpu_count']} CPUs "
+             f"({m['cpu']})"]
+    if "streams" in report:
+        lines += _streams_lines(report["streams"], s)
+    if "chat" in report:
+        c = report["chat"]
+        lines.append(f"\nchat second turn after a {c['history_words']}-word first turn ({c['first_prompt_tokens']} "
+                     f"tokens, TTFT {c['first_ttft_ms']:.0f} ms read cold; /chat/completions): TTFT "
+                     f"{c['second_ttft_ms']:.0f} ms for {c['second_prompt_tokens']} tokens, "
+                     f"{c['second_cached_tokens']} reported cached: {c['ttft_speedup']:.1f}x sooner")
+    return "\n".join(lines)
+
+
+def _streams_lines(rows: list[dict], s: dict) -> list[str]:
     sampling = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}"
-    rows = report["streams"]
-    lines = [f"serving benchmark over HTTP: {report['model']} at {report['url']} ({ENDPOINTS[report['endpoint']]}),"
-             f" client on {m['cpu_count']} CPUs ({m['cpu']})",
-             f"\nconcurrent streams: a {s['prefix']}-word shared prefix + {s['suffix']} own words, {s['output']} "
-             f"output tokens asked each with ignore_eos ({sampling})",
+    lines = [f"\nconcurrent streams ({ENDPOINTS[s['endpoint']]}): a {s['prefix']}-word shared prefix + "
+             f"{s['suffix']} own words, {s['output']} output tokens asked each with ignore_eos ({sampling})",
              "streams   srv  output/s  TTFT p50  TTFT p99  ITL p50  ITL p99  cached  prompt  min out  TPOT p50",
              "                (tok/s)      (ms)      (ms)     (ms)     (ms) (tokens)   (tok)    (tok)      (ms)"]
     for row in rows:
@@ -259,7 +302,7 @@ def format_http_report(report: dict) -> str:
                      "--seed to measure reading the streams' own tokens.")
     if not all(r["usage_reported"] for r in rows):
         lines.append("note: the server sent no usage for some streams; their tokens are counted as text chunks.")
-    return "\n".join(lines)
+    return lines
 
 
 def cmd_bench_serve_http(args) -> None:
@@ -267,17 +310,19 @@ def cmd_bench_serve_http(args) -> None:
     if args.preset:
         raise SystemExit("openjamba bench-serve: error: --url measures a running server; --preset is for the "
                          "in-process mode (with --url, --model names the server's model)")
-    if args.phases and set(p.strip() for p in args.phases.split(",") if p.strip()) != {"streams"}:
-        raise SystemExit("openjamba bench-serve: error: with --url only the streams phase runs (chat and "
-                         "interference drive the engine in process: use --preset or --model without --url)")
+    phases = tuple(p.strip() for p in (args.phases or "streams").split(",") if p.strip())
+    if "interference" in phases:
+        raise SystemExit("openjamba bench-serve: error: with --url the streams and chat phases run (interference "
+                         "reads the engine's own iteration log: use --preset or --model without --url)")
     try:
         report = run_http_bench(args.url, model=str(args.model) if args.model else None, api_key=args.api_key,
                                 endpoint=args.endpoint, streams=args.streams, prefix=args.prefix_tokens,
                                 suffix=args.suffix_tokens, output=args.output_tokens, seed=args.seed,
-                                temperature=args.temperature, top_p=args.top_p, timeout=args.timeout)
+                                temperature=args.temperature, top_p=args.top_p, timeout=args.timeout,
+                                phases=phases, history=args.history)
     except HttpBenchError as err:
         raise SystemExit(f"openjamba bench-serve: error: {err}") from None
     print(format_http_report(report))
-    if args.plot:
+    if args.plot and "streams" in report:
         print(f"plot: {plot_serve_report(report, args.plot)}")
     print(json.dumps(report))
