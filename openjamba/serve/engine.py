@@ -213,6 +213,7 @@ class Engine:
         else:
             self._shutdown()
             self._after_step()
+        self.store.close()  # the disk tier's queued writes
 
     def __enter__(self) -> Engine:
         self.start()
@@ -369,6 +370,7 @@ class Engine:
                 self._after_step()
             self._shutdown()
             self._after_step()
+        self.store.close()  # the disk tier's queued writes
 
     def _after_step(self) -> None:
         for callback in self._step_listeners:
@@ -627,7 +629,7 @@ class Engine:
             if reason is not None:
                 done[i] = reason
         for i in done:  # keep the state after prompt + output[:-1], which is row i now (every token sent first)
-            self._keep(rows[i].prompt + rows[i].output[:-1], self._batch, i, logits[i])
+            self._keep(rows[i].prompt + rows[i].output[:-1], self._batch, i, logits[i], persist=True)
         self._remove_rows(list(done))  # before the finish events: a finished request holds no memory
         for i, reason in done.items():
             self._finish(rows[i], reason)
@@ -663,9 +665,9 @@ class Engine:
             return "length"
         return None
 
-    def _keep(self, tokens: list[int], cache: HybridCache, row: int, logits: torch.Tensor) -> None:
+    def _keep(self, tokens: list[int], cache: HybridCache, row: int, logits: torch.Tensor, persist=False) -> None:
         if self.reuse:
-            self.store.put(tokens, cache.row_state(row, logits))
+            self.store.put(tokens, cache.row_state(row, logits), persist)
 
     def _send(self, request: _Request, event: Event) -> None:
         try:

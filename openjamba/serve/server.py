@@ -25,6 +25,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not keep conversation state between requests (every prompt is read in full)")
     parser.add_argument("--state-store", type=float, default=1024, metavar="MB",
                         help="bytes of stored sequence states for reuse, in MB (default 1024)")
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="also keep finished outputs' states (of at least 256 tokens) in DIR, so that after a "
+                        "restart a conversation's next turn resumes instead of re-reading its history (default off)")
+    parser.add_argument("--state-dir-size", type=float, default=10, metavar="GB",
+                        help="bytes of state files in --state-dir, in GB; the least recently used are deleted "
+                        "beyond it (default 10)")
     parser.add_argument("--max-context", "--max-model-len", type=int, default=None,
                         help="longest prompt plus output in tokens (default: the config's max_position_embeddings); "
                         "--max-model-len is vLLM's name")
@@ -81,6 +87,11 @@ def load(args: argparse.Namespace, **engine_kwargs):
     engine = Engine(model, prefill_chunk=args.prefill_chunk, reuse=not args.no_reuse,
                     store_bytes=int(args.state_store * 2**20), max_context=max_context, eos_token_ids=eos,
                     threads=threads, **engine_kwargs)
+    if args.state_dir is not None and not args.no_reuse:
+        from .state_disk import DiskTier, tokenizer_identity
+
+        engine.store.attach(DiskTier(args.state_dir, int(args.state_dir_size * 2**30), model,
+                                     fingerprint_extra=tokenizer_identity(args.model)))
     # Everything loaded so far lives as long as the process: out of the collector's sight, a full collection (which
     # holds the GIL, so the engine's thread waits through it) scans only what comes later, not the hundreds of
     # thousands of objects of torch, FastAPI and the model (docs/serving-notebook.md has the measured cost).
