@@ -126,6 +126,7 @@ class _Request:
     logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
     admitted: float | None = None  # time.monotonic() when it left the queue
     sampling: RowSampling | None = None  # its sampling settings and generator, set when admitted
+    stops: frozenset[int] = frozenset()  # the ids that end it: its stop_token_ids, and EOS unless ignore_eos
     scored: list[PromptLogprob] | None = None  # its prompt logprobs so far, when it asks for them
 
 
@@ -451,8 +452,8 @@ class Engine:
         """Its sampler, and the longest stored state its prompt extends (restored when its first chunk runs:
         `_cache_of`, or with others in one pass, `_prefill_together`)."""
         p = request.params
-        stops = p.stop_token_ids + ([] if p.ignore_eos else list(self.eos_token_ids))
-        request.sampling = RowSampling.start(p, request.prompt, self.config.vocab_size, stops)
+        request.stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_token_ids))
+        request.sampling = RowSampling.start(p, request.prompt, self.config.vocab_size, sorted(request.stops))
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
         request.scored = [] if request.params.prompt_logprobs is not None else None  # every position is read
@@ -658,10 +659,9 @@ class Engine:
             self._histograms["time_to_first_token_seconds"].observe(time.monotonic() - request.submitted)
         self._send(request, TokenEvent(request.id, token, logprob, top, request.scored))
         request.scored = None  # sent with the first token
-        p = request.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if token in request.stops:
             return "stop"
-        if len(request.output) >= p.max_tokens:
+        if len(request.output) >= request.params.max_tokens:
             return "length"
         return None
 
