@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import signal
@@ -16,6 +15,16 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .argtypes import (
+    Parser,
+    at_least,
+    count_list,
+    device_name,
+    non_negative_float,
+    parse_count,
+    positive_float,
+    probability,
+)
 from .config import PRESETS, JambaConfig, get_preset
 from .files import write_atomic
 from .info import DTYPE_BYTES, checkpoint_dtype_name, format_model_report, human_bytes, model_report
@@ -36,56 +45,6 @@ def model_config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
     if args.model:
         return JambaConfig.from_pretrained(args.model), str(args.model)
     return get_preset(args.preset), args.preset
-
-
-# ---------------------------------------------------------------------- argument types
-class Parser(argparse.ArgumentParser):
-    """A bad argument is one line naming it, not the whole usage text (which --help prints)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-
-def at_least(minimum: int):
-    """An integer flag that must be >= `minimum` (argparse reports a bad value as its one-line usage error)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def device_name(text: str) -> str:
-    try:
-        return runtime.parse_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ---------------------------------------------------------------------- info
@@ -354,22 +313,6 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- bench
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(_parse_count(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _parse_count(text: str) -> int:
-    """'8192', '8K' (= 8192) or '256k' (= 262144)."""
-    text = text.strip()
-    return int(text[:-1]) * 1024 if text[-1:] in "kK" and text[:-1] else int(text)
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import format_bench_report, plot_bench_report, run_bench
 
@@ -559,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = bench.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
-    bench.add_argument("--contexts", type=_int_list, default=(1024, 4096, 8192),
+    bench.add_argument("--contexts", type=count_list, default=(1024, 4096, 8192),
                        help="comma-separated context lengths; 8K = 8192 (default 1024,4096,8192)")
-    bench.add_argument("--batch-sizes", type=_int_list, default=(1,), help="comma-separated (default 1)")
+    bench.add_argument("--batch-sizes", type=count_list, default=(1,), help="comma-separated (default 1)")
     bench.add_argument("--phases", default="prefill,decode,scan",
                        help="comma-separated from prefill, decode, train (forward+backward), scan (the selective "
                             "scan alone), profile (where prefill time goes); default prefill,decode,scan")
@@ -618,13 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--timeout", type=float, default=600.0, help="with --url: seconds per request (default 600)")
     bsv.add_argument("--phases", default=None, help="comma-separated from streams, chat, interference (default "
                      "all; with --url only streams)")
-    bsv.add_argument("--streams", type=_int_list, default=(1, 2, 4, 8, 16), help="concurrent streams to try "
+    bsv.add_argument("--streams", type=count_list, default=(1, 2, 4, 8, 16), help="concurrent streams to try "
                      "(default 1,2,4,8,16)")
     bsv.add_argument("--prefix-tokens", type=int, default=256, help="shared system prefix of every stream")
     bsv.add_argument("--suffix-tokens", type=int, default=32, help="each stream's own prompt tokens")
     bsv.add_argument("--output-tokens", type=int, default=128, help="tokens generated per stream (default 128)")
-    bsv.add_argument("--history", type=_parse_count, default=4000, help="chat history before the second turn")
-    bsv.add_argument("--long-prompt", type=_parse_count, default=4000, help="the prompt that arrives while 8 "
+    bsv.add_argument("--history", type=parse_count, default=4000, help="chat history before the second turn")
+    bsv.add_argument("--long-prompt", type=parse_count, default=4000, help="the prompt that arrives while 8 "
                      "streams decode")
     bsv.add_argument("--prefill-chunk", type=int, default=512)
     bsv.add_argument("--temperature", type=non_negative_float, default=0.0, help="the streams' sampling (default "

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
+from openjamba.argtypes import parse_count
 from openjamba.bench import PeakMemory, launch_worker, plan_cells, ratios, run_bench
 from openjamba.bench.report import format_ratios
-from openjamba.cli import _parse_count, main
+from openjamba.cli import main
 from openjamba.config import get_preset
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -113,7 +114,7 @@ def test_peak_memory_sees_a_short_lived_allocation():
 
 @pytest.mark.parametrize("text,value", [("8192", 8192), ("8K", 8192), ("256k", 262144)])
 def test_context_lengths_accept_k_suffix(text, value):
-    assert _parse_count(text) == value
+    assert parse_count(text) == value
 
 
 def test_bad_phase_and_compare_are_clear_errors():

@@ -1,0 +1,73 @@
+"""Argument types and the parser class shared by the command line's verbs: a bad value is one line naming the flag
+and what it takes (argparse's own message), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from . import runtime
+
+
+class Parser(argparse.ArgumentParser):
+    """A bad argument is one line naming it, not the whole usage text (which --help prints)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(minimum: int):
+    """An integer flag that must be >= `minimum` (argparse reports a bad value as its one-line usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    try:
+        return runtime.parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def count_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(parse_count(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_count(text: str) -> int:
+    """'8192', '8K' (= 8192) or '256k' (= 262144)."""
+    text = text.strip()
+    return int(text[:-1]) * 1024 if text[-1:] in "kK" and text[:-1] else int(text)
