@@ -25,6 +25,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -107,6 +108,23 @@ def compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"the chat template has a syntax error (line {e.lineno}): {e.message}") from None
+
+
+def load_chat_template(value: str, named: dict[str, str] | None = None) -> str:
+    """A chat template given on the command line (vLLM's `--chat-template`): one of the checkpoint's `named`
+    templates ("tool_use"), else a file's text, else the template itself written inline (it must hold a `{`). It is
+    compiled here, so a syntax error or a missing file is one clear error at start rather than at the first chat."""
+    if named and value in named:
+        text = named[value]
+    elif Path(value).is_file():
+        text = Path(value).read_text(encoding="utf-8")
+    elif "{" in value:
+        text = value
+    else:
+        known = f"; the checkpoint's named templates: {', '.join(sorted(named))}" if named else ""
+        raise ChatTemplateError(f"no chat template file {value!r} (nor a template written inline{known})")
+    compile_template(text)
+    return text
 
 
 def _plain(value: Any) -> Any:

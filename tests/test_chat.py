@@ -179,8 +179,79 @@ def test_chat_refuses_a_checkpoint_without_template(tmp_path):
 
     bare = build_checkpoint(tmp_path / "bare", chat_template=False)
     args = build_parser().parse_args(["chat", "--model", str(bare)])
-    with pytest.raises(SystemExit, match="no chat template"):
+    with pytest.raises(SystemExit, match="no chat template.*--chat-template"):
         args.func(args)
+
+
+def test_chat_template_flag_gives_a_base_model_a_chat_format(tmp_path):
+    """--chat-template as a file (the real command, piped), inline, or a checkpoint's named template; a missing
+    file or a syntax error is one clear error at start."""
+    from openjamba.cli import build_parser
+    from openjamba.serve.server import load
+
+    from .serve_helpers import CHAT_TEMPLATE
+
+    bare = build_checkpoint(tmp_path / "bare", chat_template=False)
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "openjamba", "chat", "--model", str(bare), "--chat-template",
+                          str(template), "--temperature", "0", "--max-tokens", "3", "--threads", "1"],
+                         input="hello world\n", capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("\n") == 1  # one reply
+
+    def loaded(*flags):
+        args = build_parser().parse_args(["serve", "--model", str(bare), "--threads", "1", *flags])
+        before = torch.get_num_threads()
+        try:
+            return load(args)[1]
+        finally:
+            torch.set_num_threads(before)  # load() leaves its caller's thread with one
+
+    expected = ChatFormat(load_tokenizer(build_checkpoint(tmp_path / "chatml"))).encode([{"role": "user",
+                                                                                         "content": "hi"}])
+    for flag in (str(template), CHAT_TEMPLATE):  # a file, or the template itself
+        assert ChatFormat(loaded("--chat-template", flag)).encode([{"role": "user", "content": "hi"}]) == expected
+    assert ChatFormat.of(loaded()) is None
+    with pytest.raises(SystemExit, match="--chat-template: no chat template file"):
+        loaded("--chat-template", str(tmp_path / "missing.jinja"))
+    with pytest.raises(SystemExit, match="--chat-template: .*syntax error"):
+        loaded("--chat-template", "{% for m in messages %}{{ m.content }}")
+
+
+def test_chat_template_flag_takes_a_named_template():
+    from openjamba.chat_format import ChatTemplateError, load_chat_template
+
+    named = {"default": "{{ messages[0].content }}", "tool_use": "{{ tools | tojson }}"}
+    assert load_chat_template("tool_use", named) == named["tool_use"]
+    with pytest.raises(ChatTemplateError, match="named templates: default, tool_use"):
+        load_chat_template("rag", named)
+
+
+def test_join_lines_continues_after_a_backslash_and_inside_a_block():
+    from openjamba.serve.chat import join_lines
+
+    def more(*lines):
+        rest = iter(lines)
+        return lambda: next(rest)
+
+    assert join_lines("hello", more()) == "hello"
+    assert join_lines("one \\", more("two\\", "three")) == "one \ntwo\nthree"
+    assert join_lines('"""', more("def f():", "    return 1", '"""')) == "def f():\n    return 1"
+    assert join_lines('"""first', more("second", 'third"""')) == "first\nsecond\nthird"
+    assert join_lines('  """one line"""', more()) == "one line"
+    assert join_lines('say """hi"""', more()) == 'say """hi"""'  # only a first line that starts with it opens one
+
+
+def test_api_key_from_the_environment(checkpoint, monkeypatch):
+    from openjamba.cli import build_parser
+
+    monkeypatch.setenv("OPENJAMBA_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve", "--model", str(checkpoint)]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "--model", str(checkpoint), "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("OPENJAMBA_API_KEY")
+    assert build_parser().parse_args(["serve", "--model", str(checkpoint)]).api_key is None
 
 
 @pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--repetition-penalty", "0"), ("--min-p", "2")])

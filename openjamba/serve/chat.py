@@ -34,7 +34,8 @@ FORMAT = "openjamba-chat/1"
 DIM, RESET = "\033[2m", "\033[0m"
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 HELP = ("commands: /retry  /undo  /reset  /set [NAME VALUE]  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops "
-        "a reply, Ctrl-D exits)")
+        'a reply, Ctrl-D exits; several lines: end each with \\ or put the text between """ and """)')
+BLOCK = '"""'  # opens and closes a message of several lines, as in Ollama
 EXIT = object()  # `_command`'s answer to /exit
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
             "presence_penalty": float, "frequency_penalty": float, "max_tokens": int, "seed": int}
@@ -236,11 +237,8 @@ def run_chat(args: argparse.Namespace) -> None:
         raise SystemExit("openjamba chat: error: --max-tokens must be at least 1")
     if args.session is not None and args.no_reuse:
         raise SystemExit("openjamba chat: error: --session keeps the conversation's state, which --no-reuse drops")
-    model, tokenizer, engine = load(args, max_running=1, max_waiting=1)
-    chat = ChatFormat.of(tokenizer)
-    if chat is None:
-        raise SystemExit(f"openjamba chat: error: {args.model} has no chat template (chat_template in "
-                         "tokenizer_config.json or chat_template.jinja); use `openjamba generate` for plain text")
+    model, tokenizer, engine = load(args, require_chat=True, max_running=1, max_waiting=1)
+    chat = ChatFormat(tokenizer)
     settings = {**CHAT_DEFAULTS, **sampling_defaults(args, model.config.vocab_size)}
     settings.update({name: getattr(args, name) for name in CHAT_DEFAULTS if getattr(args, name) is not None})
     params = SamplingParams(max_tokens=args.max_tokens, presence_penalty=args.presence_penalty,
@@ -313,17 +311,37 @@ def _keep_session(conversation: Conversation, path: Path, config_dict: dict) -> 
 
 
 def _lines(interactive: bool):
+    """Input messages: piped, one per line; on a terminal, as `join_lines` joins them."""
     if not interactive:
         yield from sys.stdin
         return
     while True:
         try:
-            yield input(">>> ")
+            yield join_lines(input(">>> "), lambda: input("... "))
         except EOFError:
             print()
             return
         except KeyboardInterrupt:
             print()
+
+
+def join_lines(first: str, read_more) -> str:
+    """One message from its first line and, when that line asks for more, the lines `read_more()` returns: a line
+    ending in a backslash continues on the next; a first line that starts with BLOCK opens a message that ends at the
+    line ending in BLOCK (pasted code or text of several lines)."""
+    if first.lstrip().startswith(BLOCK):
+        text = first.lstrip()[len(BLOCK):]
+        lines = []
+        while not text.rstrip().endswith(BLOCK):
+            lines.append(text)
+            text = read_more()
+        lines.append(text.rstrip()[:-len(BLOCK)])
+        return "\n".join(lines).strip("\n")
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read_more())
+    return "\n".join(lines)
 
 
 def _command(text: str, conversation: Conversation, config_dict: dict, interactive: bool) -> str | object | None:

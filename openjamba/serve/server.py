@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 from pathlib import Path
 
 import torch
+
+API_KEY_ENV = "OPENJAMBA_API_KEY"
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", "--max-model-len", type=int, default=None,
                         help="longest prompt plus output in tokens (default: the config's max_position_embeddings); "
                         "--max-model-len is vLLM's name")
+    parser.add_argument("--chat-template", default=None, metavar="FILE|NAME|TEMPLATE",
+                        help="the chat template to use instead of the checkpoint's: a Jinja file, the name of one of "
+                        "the checkpoint's templates (tool_use), or the template itself; gives a base model such as "
+                        "Jamba-v0.1 a chat format (default: the checkpoint's)")
     parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                         help="auto (default): sampling settings a request leaves out come from the checkpoint's "
                         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM "
@@ -46,7 +53,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "checkpoint directory's name)")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require `Authorization: Bearer KEY` on /v1/ routes (default: ${API_KEY_ENV}, which "
+                        "keeps the key out of the process list)")
     parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
                         "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
     parser.add_argument("--max-running", "--max-num-seqs", type=int, default=32,
@@ -59,8 +68,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def load(args: argparse.Namespace, **engine_kwargs):
-    """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags."""
+def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
+    """(model, tokenizer, engine not yet started) from parsed `add_engine_arguments` flags. `require_chat`: a
+    checkpoint without a chat template is refused before its weights load."""
+    from ..chat_format import ChatTemplateError, load_chat_template
     from ..model import JambaForCausalLM
     from ..runtime import default_device, on_fresh_thread, resolve_dtype
     from ..tokenizer import load_tokenizer
@@ -75,6 +86,15 @@ def load(args: argparse.Namespace, **engine_kwargs):
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError as err:
         raise SystemExit(f"cannot load the tokenizer of {args.model}: {err}") from None
+    if args.chat_template is not None:
+        try:  # it replaces all of the checkpoint's templates, so tool requests use it too
+            tokenizer.chat_templates = {"default": load_chat_template(args.chat_template, tokenizer.chat_templates)}
+        except (ChatTemplateError, OSError) as err:
+            raise SystemExit(f"--chat-template: {err}") from None
+    if require_chat and not tokenizer.chat_template:
+        raise SystemExit(f"{args.model} has no chat template (chat_template in tokenizer_config.json or "
+                         "chat_template.jinja): give one with --chat-template, or use `openjamba generate` for plain "
+                         "text")
     try:
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:
@@ -137,7 +157,8 @@ def serve(args: argparse.Namespace) -> None:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
                      ", ".join(f"{k}={v}" for k, v in defaults.items()))
     if chat is None:
-        logging.warning("%s has no chat template: /v1/chat/completions answers 400; /v1/completions works", args.model)
+        logging.warning("%s has no chat template: /v1/chat/completions answers 400 (--chat-template gives one); "
+                        "/v1/completions works", args.model)
     engine.start()
     try:
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
