@@ -86,7 +86,7 @@ def load_model(args: argparse.Namespace, device: str):
 
     try:
         return JambaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
-                                                quantize=getattr(args, "quantize", None))
+                                                quantize=getattr(args, "quantize", None), progress=True)
     except (CheckpointError, ValueError) as err:
         raise SystemExit(f"openjamba {args.verb}: error: {err}") from None
 
@@ -100,7 +100,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise SystemExit("openjamba quantize: error: --out must differ from --model")
     try:
         model = load_pretrained(args.model, dtype=torch.float32, quantize=args.quantize, group_size=args.group_size,
-                                prepare_kernels=False)
+                                prepare_kernels=False, progress=True)
     except (CheckpointError, ValueError) as err:
         raise SystemExit(f"openjamba quantize: error: {err}") from None
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
@@ -376,7 +376,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
     def build() -> JambaForCausalLM:
         if args.model:
-            return JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            return JambaForCausalLM.from_pretrained(args.model, dtype=torch.float32, progress=True)
         torch.manual_seed(args.seed)
         return JambaForCausalLM(config)
 

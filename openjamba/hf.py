@@ -19,9 +19,10 @@ bf16 changes every step's decay.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from . import quant
 from .config import JambaConfig
 from .files import write_atomic
 from .ops.prepared import invalidate
+from .progress import Progress
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -141,6 +143,10 @@ class TensorEntry:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 def read_headers(files: list[Path]) -> dict[str, TensorEntry]:
     """name -> TensorEntry for every tensor of every shard, reading only the headers (`safe_open` checks that
@@ -172,11 +178,15 @@ def read_tensor(handle, name: str) -> torch.Tensor:
     return handle.get_tensor(name)
 
 
-def copy_from_file(file: Path, destinations: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy the named tensors of one file into their destinations (parameters, or slices of fused ones)."""
+def copy_from_file(file: Path, destinations: list[tuple[str, torch.Tensor]],
+                   copied: Callable[[str], None] | None = None) -> None:
+    """Copy the named tensors of one file into their destinations (parameters, or slices of fused ones);
+    `copied(name)` after each."""
     with safe_open(file, framework="pt") as handle:
         for name, dest in destinations:
             dest.copy_(read_tensor(handle, name))
+            if copied is not None:
+                copied(name)
 
 
 def check_tensors(
@@ -278,13 +288,14 @@ def _inspect(path: Path, quantize: str | None = None):
 
 def load_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-    quantize: str | None = None, group_size: int | None = None, prepare_kernels: bool = True,
+    quantize: str | None = None, group_size: int | None = None, prepare_kernels: bool = True, progress: bool = False,
 ):
     """Load a local Hugging Face Jamba checkpoint directory. See the module docstring.
 
     `quantize` ("int8" or "int4"; see `openjamba.quant`) quantizes each weight as it is read, a block of rows at a
     time, so peak memory stays near the quantized size; a checkpoint written by `openjamba quantize` loads
     quantized without it. `prepare_kernels=False` leaves the weights in the documented layout (for saving them).
+    `progress`: report on stderr while a load takes more than a second (the command line's verbs do).
     """
     path = Path(path)
     config, entries, targets, model, method, pieces = _inspect(path, quantize)
@@ -319,12 +330,15 @@ def load_pretrained(
             to_quantize.append((name, target, quantized[param]))
         else:
             by_file.setdefault(entries[name].file, []).append((name, target.view(params[param])))
+    report = Progress(f"loading {path.name}", sum(entries[name].nbytes for name in targets), enabled=progress)
     with torch.no_grad():
         for file, destinations in by_file.items():
-            copy_from_file(file, destinations)
+            copy_from_file(file, destinations, lambda name: report.advance(entries[name].nbytes))
         for name, target, weight in to_quantize:  # one tensor at a time, a block of rows at a time
             _fill_quantized(weight, target, name, entries[name], pieces)
+            report.advance(entries[name].nbytes)
         _warn_non_finite(model, path)
+    report.close()
     if method is not None:
         if prepare_kernels:
             quant.prepare_all(model)

@@ -684,15 +684,16 @@ class JambaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-        quantize: str | None = None,
+        quantize: str | None = None, progress: bool = False,
     ) -> JambaForCausalLM:
         """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`.
 
-        `quantize` ("int8", "int4") quantizes the large projections' weights as they load (see `openjamba.quant`).
+        `quantize` ("int8", "int4") quantizes the large projections' weights as they load (see `openjamba.quant`);
+        `progress` reports on stderr while the load takes more than a second.
         """
         from .hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize, progress=progress)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
         """Write config.json and safetensors (per-expert layout, which transformers loads), and the tokenizer."""

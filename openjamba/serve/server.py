@@ -100,7 +100,7 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     except ValueError as err:
         raise SystemExit(str(err)) from None
     model = on_fresh_thread(lambda: JambaForCausalLM.from_pretrained(
-        args.model, dtype=dtype, device=device, quantize=getattr(args, "quantize", None)), threads)
+        args.model, dtype=dtype, device=device, quantize=getattr(args, "quantize", None), progress=True), threads)
     model.eval()
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
