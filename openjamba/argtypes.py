@@ -4,6 +4,7 @@ and what it takes (argparse's own message), never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 from . import runtime
@@ -71,3 +72,14 @@ def parse_count(text: str) -> int:
     """'8192', '8K' (= 8192) or '256k' (= 262144)."""
     text = text.strip()
     return int(text[:-1]) * 1024 if text[-1:] in "kK" and text[:-1] else int(text)
+
+
+def json_object(text: str) -> dict:
+    """A flag whose value is a JSON object, e.g. '{"enable_thinking": false}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value

@@ -97,6 +97,47 @@ def test_retry_undo_and_set(parts):
         engine.stop()
 
 
+def test_system_command_replaces_the_system_message(parts):
+    """/system TEXT puts a new system message first and keeps the exchanges; the next prompt renders it; /system
+    off removes it."""
+    from openjamba.serve.chat import _command
+
+    engine, talk = conversation(parts)
+    try:
+        talk.reply("hello world", quiet())
+        assert _command("/system Answer in French.", talk, {}, interactive=False) is None
+        assert talk.messages[0] == {"role": "system", "content": "Answer in French."} and len(talk.messages) == 3
+        figures = talk.reply("and in Paris", quiet())
+        assert "Answer in French." in talk.tokenizer.decode(talk.history_tokens())
+        assert figures["cached_tokens"] == 0  # the history renders differently from its start: read again once
+        assert talk.reply("thanks", quiet())["cached_tokens"] > figures["prompt_tokens"]  # and then reused
+        _command("/system off", talk, {}, interactive=False)
+        assert [m["role"] for m in talk.messages] == ["user", "assistant"] * 3 and talk.system is None
+        talk.reset()
+        assert talk.messages == []
+    finally:
+        engine.stop()
+
+
+def test_default_chat_template_kwargs(parts, checkpoint):
+    """--default-chat-template-kwargs reaches every rendering unless the call sets the variable itself; a bad
+    value is one clear error."""
+    from openjamba.cli import build_parser
+    from openjamba.serve.server import load
+
+    _, tokenizer, chat = parts
+    off = ChatFormat(tokenizer, {"enable_thinking": False})
+    user = [{"role": "user", "content": "hi"}]
+    assert tokenizer.decode(off.encode(user)).endswith("<think>\n\n</think>\n\n")
+    assert off.encode(user, template_kwargs={"enable_thinking": True}) == chat.encode(user)
+    with pytest.raises(SystemExit, match="2"):  # argparse: not a JSON object
+        build_parser().parse_args(["serve", "--model", str(checkpoint), "--default-chat-template-kwargs", "[1]"])
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--default-chat-template-kwargs",
+                                      '{"messages": []}'])
+    with pytest.raises(SystemExit, match="--default-chat-template-kwargs: 'messages' cannot be set"):
+        load(args)
+
+
 def test_save_and_load_continue_without_rereading(parts, tmp_path):
     model, _, _ = parts
     config = model.config.to_dict()

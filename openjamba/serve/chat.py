@@ -33,7 +33,8 @@ from .engine import FinishEvent, SamplingParams
 FORMAT = "openjamba-chat/1"
 DIM, RESET = "\033[2m", "\033[0m"
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-HELP = ("commands: /retry  /undo  /reset  /set [NAME VALUE]  /save FILE  /load FILE  /help  /exit   (Ctrl-C stops "
+HELP = ("commands: /retry  /undo  /reset  /system [TEXT|off]  /set [NAME VALUE]  /save FILE  /load FILE  /help  /exit"
+        "   (Ctrl-C stops "
         'a reply, Ctrl-D exits; several lines: end each with \\ or put the text between """ and """)')
 BLOCK = '"""'  # opens and closes a message of several lines, as in Ollama
 EXIT = object()  # `_command`'s answer to /exit
@@ -88,6 +89,13 @@ class Conversation:
         text = self.messages[users[-1]]["content"]
         self.messages = self.messages[:users[-1]]
         return text
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system message (None removes it), keeping the exchanges: the next turn then re-reads the
+        history once, since it renders differently."""
+        self.system = text or None
+        rest = [m for m in self.messages if m["role"] != "system"]
+        self.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
 
     def change_setting(self, name: str, value: str) -> None:
         """Change one sampling setting for the next replies (ValueError naming what is wrong)."""
@@ -238,7 +246,7 @@ def run_chat(args: argparse.Namespace) -> None:
     if args.session is not None and args.no_reuse:
         raise SystemExit("openjamba chat: error: --session keeps the conversation's state, which --no-reuse drops")
     model, tokenizer, engine = load(args, require_chat=True, max_running=1, max_waiting=1)
-    chat = ChatFormat(tokenizer)
+    chat = ChatFormat(tokenizer, args.default_chat_template_kwargs)
     settings = {**CHAT_DEFAULTS, **sampling_defaults(args, model.config.vocab_size)}
     settings.update({name: getattr(args, name) for name in CHAT_DEFAULTS if getattr(args, name) is not None})
     params = SamplingParams(max_tokens=args.max_tokens, presence_penalty=args.presence_penalty,
@@ -362,6 +370,12 @@ def _command(text: str, conversation: Conversation, config_dict: dict, interacti
             return text  # sent again: the state after its prompt is stored, so the new reply starts at once
         else:
             note(f"(removed the last exchange; {len(conversation.messages)} messages left)")
+    elif verb == "/system":
+        if arg:
+            conversation.set_system(None if arg == "off" else arg)
+            note("(system message removed)" if conversation.system is None else "(system message set)")
+        else:
+            note(f"(system message: {conversation.system!r}; /system TEXT sets it, /system off removes it)")
     elif verb == "/set":
         name, _, value = arg.partition(" ")
         if not value.strip():

@@ -21,6 +21,16 @@ MAX_LOGPROBS = 20  # OpenAI's own limit on top logprobs
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template"})
 
 
+def check_template_variables(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Extra chat-template variables (a request's `chat_template_kwargs`, `--default-chat-template-kwargs`): names
+    that are identifiers and not the ones the server itself sets."""
+    for name in value or {}:
+        if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
+            raise ValueError(f"{name!r} cannot be set: a template variable name other than "
+                             f"{', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}")
+    return value
+
+
 class RequestError(ValueError):
     """An invalid request: becomes a 400 (or `status`) with OpenAI's error body."""
 
@@ -234,11 +244,7 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        for name in value or {}:
-            if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
-                raise ValueError(f"{name!r} cannot be set: a template variable name other than "
-                                 f"{', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}")
-        return value
+        return check_template_variables(value)
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import json_object
+
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
 
@@ -41,6 +43,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the chat template to use instead of the checkpoint's: a Jinja file, the name of one of "
                         "the checkpoint's templates (tool_use), or the template itself; gives a base model such as "
                         "Jamba-v0.1 a chat format (default: the checkpoint's)")
+    parser.add_argument("--default-chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                        help="variables every chat rendering gets unless a request's chat_template_kwargs sets them, "
+                        "as vLLM's flag, e.g. '{\"enable_thinking\": false}'")
     parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                         help="auto (default): sampling settings a request leaves out come from the checkpoint's "
                         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM "
@@ -76,6 +81,7 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     from ..runtime import default_device, on_fresh_thread, resolve_dtype
     from ..tokenizer import load_tokenizer
     from .engine import Engine
+    from .protocol import check_template_variables
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread computes nothing heavy: the engine's thread holds the one OpenMP pool
@@ -91,6 +97,10 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
             tokenizer.chat_templates = {"default": load_chat_template(args.chat_template, tokenizer.chat_templates)}
         except (ChatTemplateError, OSError) as err:
             raise SystemExit(f"--chat-template: {err}") from None
+    try:
+        check_template_variables(args.default_chat_template_kwargs)
+    except ValueError as err:
+        raise SystemExit(f"--default-chat-template-kwargs: {err}") from None
     if require_chat and not tokenizer.chat_template:
         raise SystemExit(f"{args.model} has no chat template (chat_template in tokenizer_config.json or "
                          "chat_template.jinja): give one with --chat-template, or use `openjamba generate` for plain "
@@ -145,7 +155,7 @@ def serve(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"openjamba serve: error: --{name.replace('_', '-')} must be at least 1")
     model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting)
-    chat = ChatFormat.of(tokenizer)
+    chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
     name = args.served_model_name or args.model.resolve().name
     defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,

@@ -22,14 +22,17 @@ from ..chat_format import (
 class ChatFormat:
     error = ChatTemplateError
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, template_kwargs: dict[str, Any] | None = None) -> None:
+        """`template_kwargs`: template variables every rendering gets unless it sets them itself (vLLM's
+        `--default-chat-template-kwargs`, e.g. {"enable_thinking": false})."""
         self.tokenizer = tokenizer
         self.format = output_format(tokenizer)
+        self.default_kwargs = dict(template_kwargs or {})
 
     @classmethod
-    def of(cls, tokenizer) -> ChatFormat | None:
+    def of(cls, tokenizer, template_kwargs: dict[str, Any] | None = None) -> ChatFormat | None:
         """The chat format, or None when the checkpoint has no chat template (completion only)."""
-        return cls(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        return cls(tokenizer, template_kwargs) if getattr(tokenizer, "chat_template", None) else None
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                documents: list[dict] | None = None, add_generation_prompt: bool = True,
@@ -37,7 +40,7 @@ class ChatFormat:
         """`template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`)."""
         kwargs = {"documents": documents} if documents else {}
         return list(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                **kwargs, **(template_kwargs or {})))
+                                **kwargs, **{**self.default_kwargs, **(template_kwargs or {})}))
 
     def system_prefix(self, messages: list[dict[str, Any]], prompt_ids: list[int],
                       template_kwargs: dict[str, Any] | None = None) -> list[int]:
