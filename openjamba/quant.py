@@ -72,7 +72,7 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Symmetric per-output-channel int8 of a (..., N, K) weight: q in [-127, 127], scale = max|w| / 127."""
     w = weight.float()
     scales = _round_to_bf16(w.abs().amax(-1).clamp(min=1e-12) / 127)
-    q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    q = (w / scales[..., None]).round_().clamp_(-127, 127).to(torch.int8)  # one temporary, updated in place
     return {"qweight": q, "scales": scales}
 
 
@@ -85,7 +85,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     low, high = w.amin(-1), w.amax(-1)
     scales = _round_to_bf16(((high - low) / 15).clamp(min=1e-12))
     zeros = _round_to_bf16(low + 8 * scales)  # w = (q - 8) * scale + zero, the kernel's convention
-    q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+    # One temporary updated in place (a fresh 16 MB buffer per operation costs its page faults again).
+    q = (w - zeros[..., None]).div_(scales[..., None]).add_(8).round_().clamp_(0, 15).to(torch.uint8)
     q = q.reshape(*lead, N, K)
     return {"qweight": q[..., 0::2] | (q[..., 1::2] << 4), "scales": scales.to(INT4_SCALE_DTYPE),
             "zeros": zeros.to(INT4_SCALE_DTYPE)}
