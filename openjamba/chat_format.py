@@ -14,15 +14,15 @@ Output parsing. Which format a checkpoint writes is read from its chat template,
 - thinking: when `<think>` appears. Text inside `<think>...</think>` at the start of the output is
   `reasoning_content`; when the prompt itself ends inside `<think>` (`prompt_opens_reasoning`), the output starts in
   reasoning and the first `</think>` closes it.
-Reasoning and content are stripped of surrounding whitespace. Text before the first tool-call tag is content; when
-the calls' JSON does not parse, the whole text stays content and there are no tool calls.
+Reasoning and content are stripped of surrounding whitespace. Text before the first tool-call tag is content; the
+calls are read by `tool_calls.ToolCallReader` (each call's arguments as the model wrote them, streamed as they
+arrive when asked); when the calls' JSON does not parse, the whole text stays content and there are no tool calls.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,8 +33,9 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .tool_calls import TOOL_TAGS, ToolCallDelta, ToolCallReader, parse_tool_calls  # noqa: F401 (re-exported)
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TOOL_TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "jamba": ("<tool_calls>", "</tool_calls>")}
 
 
 class ChatTemplateError(ValueError):
@@ -254,45 +255,6 @@ def parse_assistant_output(text: str, tokenizer_or_template_kind, *, started_in_
     return parser.finish()
 
 
-def _tool_call(name: str, arguments) -> dict:
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
-
-
-def _call_from(obj) -> dict | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    return _tool_call(obj["name"], obj.get("arguments", obj.get("parameters")))
-
-
-def parse_tool_calls(text: str, kind: str) -> list[dict] | None:
-    """Tool calls in `text` (which starts at the first opening tag), or None when any of them does not parse."""
-    open_tag, close_tag = TOOL_TAGS[kind]
-    calls, rest = [], text
-    while True:
-        start = rest.find(open_tag)
-        if start < 0:
-            break
-        end = rest.find(close_tag, start)
-        body = rest[start + len(open_tag): end if end >= 0 else len(rest)]
-        rest = rest[end + len(close_tag):] if end >= 0 else ""
-        try:
-            parsed = json.loads(body)
-        except json.JSONDecodeError:
-            return None
-        items = parsed if kind == "jamba" and isinstance(parsed, list) else [parsed]
-        for item in items:
-            call = _call_from(item)
-            if call is None:
-                return None
-            calls.append(call)
-        if kind == "jamba":
-            break
-    return calls or None
-
-
 def _without_partial_tag(text: str, tag: str | None) -> str:
     """`text` less a suffix that may be the start of `tag` (held back until more text shows what it is)."""
     if tag:
@@ -334,21 +296,38 @@ class StreamingOutputParser:
     {"content": ...}) that no later text can change: text that may begin a tag, trailing whitespace and everything
     from a tool-call tag on are held back. `flush()` returns the deltas still held (at the end of generation;
     tool-call text that does not parse comes out as content), `finish()` the whole `AssistantOutput`. The deltas
-    concatenated equal the one-shot parse's reasoning and content."""
+    concatenated equal the one-shot parse's reasoning and content.
 
-    def __init__(self, tokenizer_or_template_kind, *, started_in_reasoning: bool = False) -> None:
+    With `stream_tool_calls`, the deltas also hold {"tool_call": ToolCallDelta} as each call's name and arguments
+    arrive; they join to `finish().tool_calls` (same ids) whenever the tool text parses. When it turns out malformed
+    (cut off by the length limit, invalid JSON), the calls already started have no end and the text comes out as
+    content at `flush()`, as without streaming."""
+
+    def __init__(self, tokenizer_or_template_kind, *, started_in_reasoning: bool = False,
+                 stream_tool_calls: bool = False) -> None:
         self.format = output_format(tokenizer_or_template_kind)
         self.started_in_reasoning = started_in_reasoning
+        self.stream_tool_calls = stream_tool_calls
         self.text = ""
         self.sent = {"reasoning_content": "", "content": ""}
+        self.tools = ToolCallReader(self.format.tool_calls) if self.format.tool_calls else None
+        self.tool_text_read = 0  # of the tool text, how much the reader has been given
         self.result: AssistantOutput | None = None
 
     def feed(self, delta: str) -> list[dict]:
         if self.result is not None:
             raise RuntimeError("feed() after flush() or finish(): the output is complete")
         self.text += delta
-        reasoning, content, _, _ = _split_output(self.text, self.format, self.started_in_reasoning, final=False)
-        return self._deltas(reasoning, content)
+        reasoning, content, tool_text, _ = _split_output(self.text, self.format, self.started_in_reasoning,
+                                                         final=False)
+        return self._deltas(reasoning, content) + self._read_tools(tool_text)
+
+    def _read_tools(self, tool_text: str | None) -> list[dict]:
+        if tool_text is None or self.tools is None:
+            return []
+        new, self.tool_text_read = tool_text[self.tool_text_read:], len(tool_text)
+        calls = self.tools.feed(new) if new else []
+        return [{"tool_call": call} for call in calls] if self.stream_tool_calls else []
 
     def _deltas(self, reasoning: str, content: str) -> list[dict]:
         deltas = []
@@ -365,11 +344,12 @@ class StreamingOutputParser:
             return []
         reasoning, content, tool_text, after = _split_output(self.text, self.format, self.started_in_reasoning,
                                                             final=True)
-        calls = parse_tool_calls(tool_text, self.format.tool_calls) if tool_text is not None else None
+        tool_parts = self._read_tools(tool_text)
+        calls = self.tools.finish() if tool_text is not None else None
         if tool_text is not None and calls is None:
             content = after.strip()  # malformed tool calls stay text
         self.result = AssistantOutput(content or None, reasoning or None, calls or [])
-        return self._deltas(reasoning, content)
+        return tool_parts + self._deltas(reasoning, content)
 
     def finish(self) -> AssistantOutput:
         self.flush()

@@ -13,6 +13,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from openjamba.serve.responses import ItemStream, assistant_message
+from openjamba.tool_calls import ToolCallDelta
 
 from .serve_helpers import tiny_server
 from .test_tool_choice import WEATHER, closing_bias
@@ -143,15 +144,18 @@ def test_item_stream_with_reasoning_text_and_a_call():
     stream = ItemStream(lambda kind, **fields: {"type": kind, "sequence_number": next(sequence), **fields})
     events = [e for part in ({"reasoning_content": "hm"}, {"reasoning_content": "m"}, {"content": "Hi"})
               for e in stream.part(part)]
-    events += stream.finish([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
+    events += [e for d in (ToolCallDelta(0, "call_1", "f"), ToolCallDelta(0, arguments="{"),
+                           ToolCallDelta(0, arguments="}"), ToolCallDelta(0, done=True))
+               for e in stream.part({"tool_call": d})]
+    events += stream.finish()
     parsed = [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in events]
     assert [e.type for e in parsed] == [
         "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
         "response.reasoning_text.done", "response.output_item.done", "response.output_item.added",
         "response.content_part.added", "response.output_text.delta", "response.output_text.done",
         "response.content_part.done", "response.output_item.done", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done"]
+        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done"]
     assert [i["type"] for i in stream.items] == ["reasoning", "message", "function_call"]
     assert stream.items[0]["content"][0]["text"] == "hmm" and parsed[3].text == "hmm"
     assert parsed[0].item.content[0].text == "" and parsed[-1].item.call_id == "call_1"

@@ -17,6 +17,9 @@ import httpx
 import openai
 import pytest
 import torch
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from openjamba import JambaForCausalLM
 from openjamba.serve.api import ServerConfig, create_app
@@ -534,12 +537,73 @@ def test_tool_calls_and_reasoning(tokenizer):
         deltas = [ch.choices[0].delta for ch in chunks]
         assert "".join(d.content or "" for d in deltas) == "Let me check."
         assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "the user wants weather"
-        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-        assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        calls = [tc for d in deltas for tc in (d.tool_calls or [])]  # the start, then fragments of the arguments
+        assert calls[0].function.name == "get_weather" and calls[0].id and {tc.index for tc in calls} == {0}
+        assert "".join(tc.function.arguments for tc in calls) == call.function.arguments
+        assert len(calls) > 2 and chunks[-1].choices[0].finish_reason == "tool_calls"
 
         r = c.chat.completions.create(tool_choice="none", **args)  # no tool calls: the markup stays text
         assert r.choices[0].finish_reason == "stop" and "<tool_call>" in r.choices[0].message.content
+
+
+STREAMED_CALLS = [
+    'On it.\n<tool_call>{"arguments": {"path": "a}.txt", "text": "<tool_call>{\\"x\\": [1]}</tool_call>"}, '
+    '"name": "write"}</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
+    '"days": [1, {"n": null}]}}\n</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"',  # cut: the text is content
+]
+
+
+@pytest.mark.parametrize("text", STREAMED_CALLS)
+def test_tool_calls_stream_as_they_are_written(tokenizer, text):
+    """Streamed chat deltas and Responses events, one token at a time, assemble (by the SDK's own accumulators) to
+    the non-streamed reply: the same content, calls, names, arguments, finish reason; one id per call throughout."""
+    script = tokenizer.encode(text, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
+    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=tokenizer.vocab_size)
+    app = create_app(ScriptedEngine(script), tokenizer, config, ChatFormat(tokenizer))
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+             for n in ("write", "get_weather")]
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        args = dict(model="tiny-jamba", messages=[{"role": "user", "content": "go"}], tools=tools)
+        whole = c.chat.completions.create(**args).choices[0]
+        state = ChatCompletionStreamState()
+        chunks = list(c.chat.completions.create(stream=True, **args))
+        for chunk in chunks:
+            state.handle_chunk(chunk)
+        streamed = state.get_final_completion().choices[0]
+        assert streamed.finish_reason == whole.finish_reason
+        assert (streamed.message.content or "") == (whole.message.content or "")
+        shape = [(t.function.name, t.function.arguments) for t in whole.message.tool_calls or []]
+        got = [(t.function.name, t.function.arguments) for t in streamed.message.tool_calls or []]
+        if not shape:  # a cut call: started as it came, then the whole text came as content (as not streamed)
+            assert got == [("get_weather", '{"city": "Paris"')] and whole.finish_reason == "stop"
+        else:
+            assert got == shape
+        if shape:
+            assert whole.finish_reason == "tool_calls" and len(shape) == 2
+            assert json.loads(shape[0][1])["text"] == '<tool_call>{"x": [1]}</tool_call>'
+            fragments = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls if ch.choices else None) or []]
+            assert len(fragments) > 6 and [t.id for t in fragments if t.id] == [
+                t.id for t in streamed.message.tool_calls]
+        else:
+            assert whole.message.content == text
+        # the Responses API: function_call items added, their arguments streamed, closed
+        request = dict(model="tiny-jamba", input="go", tools=[{"type": "function", **t["function"]} for t in tools])
+        plain = c.responses.create(**request)
+        events = list(c.responses.create(stream=True, **request))
+        final = events[-1].response
+        summary = [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in final.output]
+        assert summary == [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in plain.output]
+        for item in (i for i in final.output if i.type == "function_call"):
+            mine = [e for e in events if getattr(e, "item_id", None) == item.id]
+            assert "".join(e.delta for e in mine if e.type == "response.function_call_arguments.delta") == \
+                item.arguments
+            assert [e.type for e in mine][-2:] == ["response.function_call_arguments.done", "response.output_item.done"]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        raw = httpx.post(url + "/v1/responses", json={**request, "stream": True}, timeout=60).text
+        lines = [line[6:] for line in raw.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
+        assert [TypeAdapter(ResponseStreamEvent).validate_json(line).type for line in lines] == [e.type for e in events]
 
 
 # ---------------------------------------------------------------------- the command and the benchmark

@@ -198,11 +198,12 @@ def closing_bias(tokenizer) -> dict[str, float]:
 
 
 def _streamed_call(chunks) -> tuple[str, str, str | None, str]:
+    """(name, arguments, finish reason, content) of a streamed reply with one call: its start, then fragments."""
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert len(calls) == 1
-    return (calls[0].function.name, calls[0].function.arguments, chunks[-1].choices[0].finish_reason,
-            "".join(d.content or "" for d in deltas))
+    assert {tc.index for tc in calls} == {0} and calls[0].id and not any(tc.id for tc in calls[1:])
+    return (calls[0].function.name, "".join(tc.function.arguments for tc in calls),
+            chunks[-1].choices[0].finish_reason, "".join(d.content or "" for d in deltas))
 
 
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])

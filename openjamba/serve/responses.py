@@ -99,14 +99,19 @@ def add_response_routes(app: FastAPI, config: ServerConfig, chat, tokenizer, sta
 
                 yield event("response.created", response=response("in_progress", [], None))
                 yield event("response.in_progress", response=response("in_progress", [], None))
-                parser = chat.stream_parser(ids, parse_tools, creq.json_mode)
+                parser = chat.stream_parser(ids, parse_tools, creq.json_mode, stream_tool_calls=True)
                 items = ItemStream(event)
                 async for _, delta, ended in submission.events(None):
                     parts = parser.feed(delta) if delta else []
-                    for part in parts + (parser.flush() if ended else []):
-                        for e in items.part(part):
+                    tail = parser.flush() if ended else []
+                    for e in (e for part in parts for e in items.part(part)):
+                        yield e
+                    if ended and not parser.finish().tool_calls:  # the calls begun were not valid after all
+                        for e in items.drop_calls():
                             yield e
-                for e in items.finish(parser.finish().tool_calls):
+                    for e in (e for part in tail for e in items.part(part)):
+                        yield e
+                for e in items.finish():
                     yield e
                 final = finished(items.items)
                 yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
@@ -187,18 +192,22 @@ def usage_of(chat_usage: dict, items: list[dict], tokenizer) -> dict:
 
 class ItemStream:
     """The streamed output items: the chat parser's reasoning and content deltas open, extend and close a reasoning
-    item and a message item; tool calls (known once the output is complete) come last, each whole. `items` ends as
-    the final response's output, the same texts the deltas joined."""
+    item and a message item; its tool-call deltas open a function_call item once the call's name is known, extend
+    its arguments as they are written and close it when the call's JSON ends. `items` ends as the final response's
+    output, the same texts the deltas joined."""
 
     def __init__(self, event) -> None:
         self.event = event
         self.items: list[dict] = []
         self.open: dict | None = None  # the reasoning or message item receiving deltas
+        self.calls: dict[int, dict] = {}  # the function_call items, by the call's index in the reply
 
     def _where(self, item: dict) -> dict:
         return {"item_id": item["id"], "output_index": self.items.index(item)}
 
     def part(self, part: dict) -> list[dict]:
+        if "tool_call" in part:
+            return self._call(part["tool_call"])
         kind = "reasoning" if "reasoning_content" in part else "message"
         events = [] if self.open is not None and self.open["type"] == kind else self._close() + self._start(kind)
         delta = part.get("reasoning_content", part.get("content"))
@@ -206,6 +215,37 @@ class ItemStream:
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
         extra = {} if kind == "reasoning" else {"logprobs": []}
         return events + [self.event(name, **self._where(self.open), content_index=0, delta=delta, **extra)]
+
+    def _call(self, call) -> list[dict]:
+        """One step of a streamed call (a `ToolCallDelta`): its start, a fragment of its arguments, or its end."""
+        if call.id is not None:
+            events = self._close()
+            item = function_call_item({"id": call.id, "function": {"name": call.name, "arguments": ""}})
+            self.items.append(item)
+            self.calls[call.index] = item
+            return events + [self.event("response.output_item.added", output_index=len(self.items) - 1,
+                                        item=dict(item))]
+        item = self.calls[call.index]
+        if call.arguments:
+            item["arguments"] += call.arguments
+            return [self.event("response.function_call_arguments.delta", **self._where(item),
+                               delta=call.arguments)]
+        item["status"] = "completed"
+        return [self.event("response.function_call_arguments.done", **self._where(item),
+                           arguments=item["arguments"], name=item["name"]),
+                self.event("response.output_item.done", **self._where(item), item=dict(item))]
+
+    def drop_calls(self) -> list[dict]:
+        """The tool-call text turned out malformed (it stays text, as without streaming): the function_call items
+        begun are closed as incomplete and left out of the output."""
+        events = []
+        for item in self.calls.values():
+            if item["status"] != "completed":
+                item["status"] = "incomplete"
+                events.append(self.event("response.output_item.done", **self._where(item), item=dict(item)))
+            self.items.remove(item)
+        self.calls.clear()
+        return events
 
     def _start(self, kind: str) -> list[dict]:
         item = reasoning_item("") if kind == "reasoning" else message_item("")
@@ -234,22 +274,9 @@ class ItemStream:
         return done + [self.event("response.output_item.done", output_index=self.items.index(item),
                                   item=copy.deepcopy(item))]
 
-    def finish(self, calls: list[dict]) -> list[dict]:
-        """Close the open item, add an empty message when there is no text and no call, then each call."""
+    def finish(self) -> list[dict]:
+        """Close the open item; add an empty message when there is no text and no call."""
         events = []
-        if not calls and not any(i["type"] == "message" for i in self.items):
+        if not self.calls and not any(i["type"] == "message" for i in self.items):
             events += self._close() + self._start("message")
-        events += self._close()
-        for call in calls:
-            item = function_call_item(call)
-            self.items.append(item)
-            where = self._where(item)
-            events.append(self.event("response.output_item.added", output_index=where["output_index"],
-                                     item={**item, "arguments": ""}))
-            events.append(self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]))
-            events.append(self.event("response.function_call_arguments.done", **where, arguments=item["arguments"],
-                                     name=item["name"]))
-            item["status"] = "completed"
-            events.append(self.event("response.output_item.done", output_index=where["output_index"],
-                                     item=copy.deepcopy(item)))
-        return events
+        return events + self._close()

@@ -241,7 +241,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                 def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
                     return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": reason}]}
-                parsers = {c.index: chat.stream_parser(ids, parse_tools, req.json_mode) for c in choices}
+                parsers = {c.index: chat.stream_parser(ids, parse_tools, req.json_mode, stream_tool_calls=True)
+                           for c in choices}
                 sent = {c.index: 0 for c in choices}
                 for c in choices:
                     yield chunk(c.index, {"role": "assistant", "content": ""})
@@ -255,17 +256,16 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                     logprobs = logprobs_of(choice, sent[choice.index])
                     sent[choice.index] = len(choice.logprobs)
                     for part in parts:
+                        if "tool_call" in part:
+                            if (part := tool_call_delta(part["tool_call"])) is None:
+                                continue
                         yield chunk(choice.index, part, None, logprobs)
                         logprobs = None
                     if logprobs is not None:
                         yield chunk(choice.index, {}, None, logprobs)
                     if ended:
-                        reason = choice.finish_reason
-                        calls = parser.finish().tool_calls
-                        if calls:
-                            yield chunk(choice.index, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                            reason = "tool_calls"
-                        yield chunk(choice.index, {}, reason)
+                        calls = parser.finish().tool_calls  # streamed above, as they came
+                        yield chunk(choice.index, {}, "tool_calls" if calls else choice.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": submission.usage()}
             return streaming_response(submission, chunks())
@@ -311,6 +311,17 @@ def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, ch
         if any(t >= config.vocab_size for t in req.tokens):
             raise p.RequestError(f"token ids must be below the vocabulary size {config.vocab_size}", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+
+def tool_call_delta(call) -> dict | None:
+    """A streamed tool call's step as a chat delta: its start (id, name, empty arguments), then fragments of its
+    arguments (None for its end, which chat completions do not mark)."""
+    if call.id is not None:
+        return {"tool_calls": [{"index": call.index, "id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": ""}}]}
+    if call.arguments:
+        return {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}
+    return None
 
 
 def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, logprobs: dict | None,

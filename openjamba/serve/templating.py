@@ -55,14 +55,16 @@ class ChatFormat:
             return []
         return [len(head)] if 0 < len(head) < len(prompt_ids) and prompt_ids[:len(head)] == head else []
 
-    def stream_parser(self, prompt_ids: list[int], tools: bool = True, plain: bool = False) -> StreamingOutputParser:
-        """An incremental parser: `feed(delta)` and `flush()` give content/reasoning deltas, `finish()` the
-        whole output with its tool calls. `plain`: all of the output is content (JSON mode: no reasoning, no tool
-        calls)."""
+    def stream_parser(self, prompt_ids: list[int], tools: bool = True, plain: bool = False,
+                      stream_tool_calls: bool = False) -> StreamingOutputParser:
+        """An incremental parser: `feed(delta)` and `flush()` give content/reasoning deltas (and, with
+        `stream_tool_calls`, tool-call deltas), `finish()` the whole output with its tool calls. `plain`: all of the
+        output is content (JSON mode: no reasoning, no tool calls)."""
         if plain:
             return StreamingOutputParser(dataclasses.replace(self.format, tool_calls=None, thinking=False))
         kind = self.format if tools else dataclasses.replace(self.format, tool_calls=None)
-        return StreamingOutputParser(kind, started_in_reasoning=self.opens_reasoning(prompt_ids))
+        return StreamingOutputParser(kind, started_in_reasoning=self.opens_reasoning(prompt_ids),
+                                     stream_tool_calls=stream_tool_calls)
 
     def opens_reasoning(self, prompt_ids: list[int]) -> bool:
         """Whether the output starts inside a `<think>` block that the prompt opened."""
