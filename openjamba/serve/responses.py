@@ -80,14 +80,16 @@ def add_response_routes(app: FastAPI, config: ServerConfig, chat, tokenizer, sta
                     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                     "model": config.model_name, "output": output, "usage": usage, **req.echo()}
 
-        def finished(items: list[dict]) -> dict:
-            """The final response (stored when asked for)."""
+        def finished(items: list[dict], abandoned: tuple[dict, ...] = ()) -> dict:
+            """The final response (stored when asked for). `abandoned`: streamed calls that turned out malformed,
+            which stay "incomplete" and out of the stored conversation (their text is the message's)."""
             status = "incomplete" if choice.finish_reason == "length" else "completed"
             for item in items:
-                item["status"] = status
+                item["status"] = "incomplete" if any(item is a for a in abandoned) else status
             final = response(status, items, usage_of(submission.usage(), items, tokenizer))
             if req.store:
-                store.put(final, conversation + [assistant_message(items)])
+                kept = [i for i in items if not any(i is a for a in abandoned)]
+                store.put(final, conversation + [assistant_message(kept)])
             return final
 
         if req.stream:
@@ -107,13 +109,13 @@ def add_response_routes(app: FastAPI, config: ServerConfig, chat, tokenizer, sta
                     for e in (e for part in parts for e in items.part(part)):
                         yield e
                     if ended and not parser.finish().tool_calls:  # the calls begun were not valid after all
-                        for e in items.drop_calls():
+                        for e in items.abandon_calls():
                             yield e
                     for e in (e for part in tail for e in items.part(part)):
                         yield e
                 for e in items.finish():
                     yield e
-                final = finished(items.items)
+                final = finished(items.items, tuple(items.abandoned))
                 yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
                             response=final)
             return streaming_response(submission, events())
@@ -201,6 +203,7 @@ class ItemStream:
         self.items: list[dict] = []
         self.open: dict | None = None  # the reasoning or message item receiving deltas
         self.calls: dict[int, dict] = {}  # the function_call items, by the call's index in the reply
+        self.abandoned: list[dict] = []  # function_call items of tool text that turned out malformed
 
     def _where(self, item: dict) -> dict:
         return {"item_id": item["id"], "output_index": self.items.index(item)}
@@ -233,17 +236,19 @@ class ItemStream:
         item["status"] = "completed"
         return [self.event("response.function_call_arguments.done", **self._where(item),
                            arguments=item["arguments"], name=item["name"]),
-                self.event("response.output_item.done", **self._where(item), item=dict(item))]
+                self.event("response.output_item.done", output_index=self.items.index(item), item=dict(item))]
 
-    def drop_calls(self) -> list[dict]:
-        """The tool-call text turned out malformed (it stays text, as without streaming): the function_call items
-        begun are closed as incomplete and left out of the output."""
+    def abandon_calls(self) -> list[dict]:
+        """The tool-call text turned out malformed (it comes as a message's text, as without streaming): the
+        function_call items begun are closed as incomplete (they keep their output index: clients such as the
+        SDK's stream accumulator hold items by it) and listed in `abandoned`."""
         events = []
         for item in self.calls.values():
             if item["status"] != "completed":
                 item["status"] = "incomplete"
-                events.append(self.event("response.output_item.done", **self._where(item), item=dict(item)))
-            self.items.remove(item)
+                events.append(self.event("response.output_item.done", output_index=self.items.index(item),
+                                         item=dict(item)))
+            self.abandoned.append(item)
         self.calls.clear()
         return events
 
