@@ -702,3 +702,29 @@ def test_text_decoded_a_few_tokens_at_a_time_equals_decoding_everything_again(ki
         ids = tok.encode(text, add_special_tokens=False)
         choice = Choice(0, 0, tok.decode, [], frozenset(), anchor=tok.anchor_token())
         assert "".join(choice.add(TokenEvent(0, t, None, None)) for t in ids) == tok.decode(ids), text
+
+
+def test_periodic_stats_line_and_logger(caplog):
+    """The engine's log line reports the work since the last one and stays quiet while the server idles."""
+    import logging
+    import time
+
+    from openjamba.serve.metrics import StatsLogger, stats_line
+
+    idle = dict(running=0, prefilling=0, waiting=0, prompt_tokens_total=100, cached_prompt_tokens_total=60,
+                generated_tokens_total=500, batch_cache_bytes=0, store_bytes=3 * 2**20)
+    busy = {**idle, "running": 2, "waiting": 1, "prompt_tokens_total": 300, "cached_prompt_tokens_total": 160,
+            "generated_tokens_total": 900, "batch_cache_bytes": 2**19}
+    assert stats_line(idle, idle, 10.0) is None
+    assert stats_line(idle, busy, 10.0) == ("engine: 2 running, 0 prefilling, 1 waiting; prompt 10.0 tokens/s read, "
+                                            "100 of 200 reused; generation 40.0 tokens/s; batch K/V 0.5 MiB, "
+                                            "stored states 3.0 MiB")
+    readings = iter([idle, idle, busy])
+    with caplog.at_level(logging.INFO, logger="openjamba.serve"):
+        logger = StatsLogger(lambda: next(readings, busy), interval=0.01).start()
+        deadline = time.monotonic() + 10
+        while not any("engine: 2 running" in r.message for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        logger.stop()
+    lines = [r.message for r in caplog.records if r.message.startswith("engine:")]
+    assert lines and lines[0].startswith("engine: 2 running") and "generation" in lines[0]

@@ -1,12 +1,16 @@
 """The serving metrics: latency histograms in Prometheus' cumulative buckets, kept by the engine, and the exposition
 text of `GET /metrics` (the engine's counters and gauges with their help, its histograms, then any other numeric
-statistic)."""
+statistic), and the periodic engine line of the server's log (`StatsLogger`)."""
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import math
+import threading
+import time
+from collections.abc import Callable
 
 STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # bounds for an iteration's parts
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # for requests
@@ -77,3 +81,48 @@ def prometheus_text(stats: dict) -> str:
 
 def _num(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def stats_line(before: dict, now: dict, seconds: float) -> str | None:
+    """The engine's work since the last line, as vLLM logs it every few seconds: requests in each stage, prompt
+    tokens read and reused, tokens generated per second, the memory of the running batch and the stored states.
+    None when nothing happened and nothing is in flight (an idle server keeps its log quiet)."""
+    def delta(key: str) -> int:
+        return now[key] - before[key]
+
+    prompt, cached, generated = delta("prompt_tokens_total"), delta("cached_prompt_tokens_total"), delta(
+        "generated_tokens_total")
+    if not (prompt or generated or now["running"] or now["prefilling"] or now["waiting"]):
+        return None
+    seconds = max(seconds, 1e-9)
+    return (f"engine: {now['running']} running, {now['prefilling']} prefilling, {now['waiting']} waiting; "
+            f"prompt {(prompt - cached) / seconds:.1f} tokens/s read, {cached} of {prompt} reused; generation "
+            f"{generated / seconds:.1f} tokens/s; batch K/V {now['batch_cache_bytes'] / 2**20:.1f} MiB, stored "
+            f"states {now['store_bytes'] / 2**20:.1f} MiB")
+
+
+class StatsLogger:
+    """A thread that logs `stats_line` every `interval` seconds from `stats()` (the engine's) until `stop()`."""
+
+    def __init__(self, stats: Callable[[], dict], interval: float, log: logging.Logger | None = None) -> None:
+        self.stats, self.interval = stats, interval
+        self.log = log or logging.getLogger("openjamba.serve")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="openjamba-stats", daemon=True)
+
+    def start(self) -> StatsLogger:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        before, since = self.stats(), time.monotonic()
+        while not self._stop.wait(self.interval):
+            now, at = self.stats(), time.monotonic()
+            line = stats_line(before, now, at - since)
+            if line is not None:
+                self.log.info(line)
+            before, since = now, at

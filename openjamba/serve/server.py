@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import json_object
+from ..argtypes import json_object, non_negative_float
 
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
@@ -71,6 +71,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
+                        help="log the engine's throughput, queue and memory this often while it works (default 10; "
+                        "0: never)")
+    parser.add_argument("--disable-log-stats", dest="log_stats_interval", action="store_const", const=0.0,
+                        help="--log-stats-interval 0, by vLLM's name")
 
 
 def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
@@ -149,6 +154,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .api import ServerConfig, create_app
+    from .metrics import StatsLogger
     from .templating import ChatFormat
 
     for name in ("max_running", "max_waiting", "prefill_chunk", "port"):
@@ -170,10 +176,13 @@ def serve(args: argparse.Namespace) -> None:
         logging.warning("%s has no chat template: /v1/chat/completions answers 400 (--chat-template gives one); "
                         "/v1/completions works", args.model)
     engine.start()
+    stats = StatsLogger(engine.stats, args.log_stats_interval).start() if args.log_stats_interval > 0 else None
     try:
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
               f"{args.max_waiting} waiting; state reuse {'off' if args.no_reuse else 'on'})", flush=True)
         uvicorn.run(create_app(engine, tokenizer, config, chat), host=args.host, port=args.port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
+        if stats is not None:
+            stats.stop()
         engine.stop()
