@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,16 +33,19 @@ CORPUS = [
 ] * 20
 
 
-def build_checkpoint(directory: Path, chat_template: bool = True, seed: int = 0) -> Path:
+def build_checkpoint(directory: Path, chat_template: bool | str = True, seed: int = 0,
+                     added_tokens: Sequence[str] = ()) -> Path:
     """A random 4-layer Jamba (attention, Mamba, MoE) with a byte-level BPE tokenizer (ChatML's <|im_start|> and
-    <|im_end|> added, <|im_end|> the EOS) and, unless told not to, a ChatML chat template, saved as a checkpoint."""
+    <|im_end|> added, <|im_end|> the EOS, then `added_tokens` as ordinary added tokens) and, unless told not to, a
+    ChatML chat template (or the template given), saved as a checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
     backend = byte_level_tokenizer(CORPUS, vocab_size=400).backend  # <pad>=0, <bos>=1, <eos>=2
     backend.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    backend.add_tokens([AddedToken(t, special=False) for t in added_tokens])
     backend.save(str(directory / "tokenizer.json"))
     tokenizer_config = {"bos_token": "<bos>", "eos_token": "<|im_end|>", "pad_token": "<pad>"}
     if chat_template:
-        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+        tokenizer_config["chat_template"] = chat_template if isinstance(chat_template, str) else CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = JambaConfig(
         vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
@@ -82,9 +86,10 @@ def running_server(app):
 
 
 @contextlib.contextmanager
-def tiny_server(directory: Path, chat_template: bool = True, **config):
+def tiny_server(directory: Path, chat_template: bool | str = True, added_tokens: Sequence[str] = (), **config):
     """A tiny checkpoint in `directory` served live on one thread: yields (url, tokenizer, the server's ChatFormat);
-    stops engine and server after. `config`: more ServerConfig fields."""
+    stops engine and server after. `chat_template`, `added_tokens`: as build_checkpoint's; `config`: more
+    ServerConfig fields."""
     from openjamba.serve.api import ServerConfig, create_app
     from openjamba.serve.engine import Engine
     from openjamba.serve.templating import ChatFormat
@@ -92,7 +97,7 @@ def tiny_server(directory: Path, chat_template: bool = True, **config):
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    checkpoint = build_checkpoint(directory, chat_template=chat_template)
+    checkpoint = build_checkpoint(directory, chat_template=chat_template, added_tokens=added_tokens)
     model = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(checkpoint)
     engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)

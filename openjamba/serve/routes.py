@@ -67,19 +67,20 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             json_vocabulary.append(await asyncio.to_thread(JsonVocabulary.of, tokenizer))
         return json_vocabulary[0]
 
-    async def tool_call_constraint(tools: list[dict], name: str | None, prompt_ids: list[int]):
-        """The constraint factory of a forced tool call (to `name`, or to any of the tools); compiled grammars
-        are kept, so repeated requests with the same tools reuse their masks."""
+    async def tool_call_constraint(tools: list[dict], name: str | None, prompt_ids: list[int], several: bool):
+        """The constraint factory of a forced tool call (to `name`, or to any of the tools; `several`: one or more
+        calls), after the reasoning when the prompt opened it; compiled grammars are kept, so repeated requests
+        with the same tools reuse their masks."""
         kind = chat.format.tool_calls
         if kind is None:
             raise p.RequestError("tool_choice: this model's chat template has no tool-call format, so a tool call "
                                  "cannot be enforced for it", param="tool_choice")
         functions = functions_of(tools, name)
         opens = chat.opens_reasoning(prompt_ids)
-        key = "tool_choice:" + cache_key(kind, functions, opens)
+        key = "tool_choice:" + cache_key(kind, functions, opens, several)
         choice = schemas.get(key)
         if choice is None:
-            grammar = tool_call_grammar(kind, functions, opens)
+            grammar = tool_call_grammar(kind, functions, opens, several)
             if not added_tokens:
                 added_tokens.append(added_token_bytes(tokenizer))
             choice = schemas[key] = await asyncio.to_thread(ToolChoice, await vocabulary(), grammar, added_tokens[0])
@@ -139,7 +140,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
         defaults = config.sampling_defaults
-        constraint = await (tool_call_constraint(tools, forced_name, ids) if forced else constraint_of(req))
+        several = forced_name is None and req.parallel_tool_calls is not False  # "required": one or more calls
+        constraint = await (tool_call_constraint(tools, forced_name, ids, several) if forced else constraint_of(req))
         submission.submit([ids], [sampling_params(req, max_tokens, c.index, count, defaults, constraint)
                                   for c in choices], chat.system_prefix(messages, ids, req.chat_template_kwargs))
         return submission, ids, parse_tools
