@@ -172,6 +172,9 @@ def serve(args: argparse.Namespace) -> None:
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
                      ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                        "(--api-key or $%s sets one)", args.host, API_KEY_ENV)
     if chat is None:
         logging.warning("%s has no chat template: /v1/chat/completions answers 400 (--chat-template gives one); "
                         "/v1/completions works", args.model)
