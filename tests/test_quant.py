@@ -122,6 +122,33 @@ def test_int4_long_rows_one_row():
         assert torch.equal(outs[0][0], outs[1][0])
 
 
+def test_int4_one_row_bias_and_experts():
+    """One row of x over long int4 rows in groups of 128 (on AVX2 a path of its own) gives the bits of the same row
+    among several rows of x, with a bias and with its matrix chosen from a stack by index (a decode step's expert)."""
+    lib = quant._cpu_library()
+    if lib is None:
+        pytest.skip("no compiled kernels")
+    torch.manual_seed(0)
+    E, N, K = 3, 37, 2560
+    tensors = quant.quantize_weight(torch.randn(E, N, K), "int4", 128)
+    q, s, z = tensors["qweight"], tensors["scales"], tensors["zeros"]
+    x, bias, index = torch.randn(4, K), torch.randn(N), torch.tensor([2, 0, 1, 2])
+
+    def product(rows, first=0, experts=None):
+        y = torch.empty(rows, N)
+        lib.qlinear_int4(x[first].data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr(), bias.data_ptr(),
+                         None if experts is None else experts[first].data_ptr(), y.data_ptr(), rows, K, N, 128, K, N,
+                         1)
+        return y
+
+    several = product(4)
+    assert_kernel_matches(several, x, {name: t[0] for name, t in tensors.items()}, bias)
+    gathered = product(4, experts=index)
+    for r in range(4):
+        assert torch.equal(product(1, r)[0], several[r])
+        assert torch.equal(product(1, r, index)[0], gathered[r])
+
+
 @pytest.mark.parametrize("march, avx2", [("x86-64-v2", 0), ("x86-64-v3", 1)])
 def test_builds_without_avx512_match(tmp_path, march, avx2):
     """The kernels without AVX-512: the plain C++ loops (x86-64-v2) and the AVX2 ones (x86-64-v3, quant_avx2.h)

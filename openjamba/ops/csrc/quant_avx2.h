@@ -195,34 +195,52 @@ inline __m256i piece_sums(const Nibbles& a, const Nibbles& b, const int8_t* xp) 
   return sum_pairs_epi16(_mm256_add_epi16(even, odd));
 }
 
-// Groups of PIECE columns or a multiple (whole pieces): per group, the int32 sums of its pieces converted and
-// scaled by the group's combined scale.
+// Group g0 + g of PIECE columns or a multiple (whole pieces): the int32 sums of its pieces converted and scaled by
+// the group's combined scale.
+template <int M, int RB>
+inline void int4_whole_group(const uint8_t* const* w, const Int4Row* x, int64_t g0, int64_t g, int64_t group,
+                             const float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
+  const int64_t first = (g0 + g) * group;
+  __m256i sums[RB][M];
+  #pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    const Nibbles a = nibbles(w[r] + first / 2), b = nibbles(w[r] + first / 2 + 32);
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) sums[r][m] = piece_sums(a, b, x[m].xq + first);
+  }
+  if (group > PIECE) {  // the group's further pieces
+    for (int64_t p = first + PIECE; p < first + group; p += PIECE)
+      #pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) {
+        const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
+        #pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
+      }
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+    #pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+      acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), _mm256_broadcast_ss(&cs[r][m][g]), acc[r][m]);
+}
+
 template <int M, int RB>
 inline void int4_whole_groups(const uint8_t* const* w, const Int4Row* x, int64_t g0, int64_t ng, int64_t group,
                               const float (&cs)[RB][M][CHUNK], __m256 (&acc)[RB][M]) {
-  for (int64_t g = 0; g < ng; ++g) {
-    const int64_t first = (g0 + g) * group;
-    __m256i sums[RB][M];
-    #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r) {
-      const Nibbles a = nibbles(w[r] + first / 2), b = nibbles(w[r] + first / 2 + 32);
-      #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) sums[r][m] = piece_sums(a, b, x[m].xq + first);
-    }
-    if (group > PIECE) {  // the group's further pieces
-      for (int64_t p = first + PIECE; p < first + group; p += PIECE)
-        #pragma GCC unroll 4
-        for (int r = 0; r < RB; ++r) {
-          const Nibbles a = nibbles(w[r] + p / 2), b = nibbles(w[r] + p / 2 + 32);
-          #pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) sums[r][m] = _mm256_add_epi32(sums[r][m], piece_sums(a, b, x[m].xq + p));
-        }
-    }
-    #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r)
-      #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m)
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][m]), _mm256_broadcast_ss(&cs[r][m][g]), acc[r][m]);
+  for (int64_t g = 0; g < ng; ++g) int4_whole_group<M, RB>(w, x, g0, g, group, cs, acc);
+}
+
+// A whole chunk of the default groups (one piece each), the group size a constant. One row of x takes the chunk's
+// groups unrolled (its loop body is short: two weight rows' dots); for more rows an unrolled chunk is a long stretch
+// of code and ran slower than the loop.
+template <int M, int RB>
+inline void int4_whole_chunk(const uint8_t* const* w, const Int4Row* x, int64_t g0, const float (&cs)[RB][M][CHUNK],
+                             __m256 (&acc)[RB][M]) {
+  if constexpr (M == 1) {
+    #pragma GCC unroll 8
+    for (int g = 0; g < CHUNK; ++g) int4_whole_group<M, RB>(w, x, g0, g, PIECE, cs, acc);
+  } else {
+    int4_whole_groups<M, RB>(w, x, g0, CHUNK, PIECE, cs, acc);
   }
 }
 
@@ -293,8 +311,8 @@ inline void int4_rows(const uint8_t* const* w, const uint16_t* const* scales, co
       chunk_scales<M, RB>(scales + r0, zeros + r0, x, g0, ng, cs, acc);
       if (SMALL)
         int4_small_groups<M, RB>(w + r0, x, in, g0, ng, group, cs, acc);
-      else if (group == PIECE && ng == CHUNK)  // the default groups, a whole chunk: constants the compiler unrolls
-        int4_whole_groups<M, RB>(w + r0, x, g0, CHUNK, PIECE, cs, acc);
+      else if (group == PIECE && ng == CHUNK)  // the default groups, a whole chunk
+        int4_whole_chunk<M, RB>(w + r0, x, g0, cs, acc);
       else
         int4_whole_groups<M, RB>(w + r0, x, g0, ng, group, cs, acc);
     }

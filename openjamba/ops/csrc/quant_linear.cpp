@@ -393,6 +393,30 @@ void int4_products(const QArgs& a, const std::vector<Pass>& todo, const Int4Row*
   });
 }
 
+#if OPENJAMBA_QUANT_AVX2
+// int4_products<2> for one row of x through one matrix in the default groups (a decode step's long products), the
+// same steps and arithmetic (so the same bits) with nothing per step but the two rows' pointers, their dots and
+// their outputs: the general step's loop over passes, its dispatch on the pass's rows and group size and `store`
+// are a visible part of a step's time when the dots are AVX2's.
+void int4_one_row(const QArgs& a, const Pass& p, const Int4Row* x) {
+  const int64_t groups = a.in / PIECE, row_q = a.in / 2;
+  const uint8_t* q = static_cast<const uint8_t*>(a.q) + p.matrix * a.out * row_q;
+  const uint16_t* scales = static_cast<const uint16_t*>(a.scales) + p.matrix * a.out * groups;
+  const uint16_t* zeros = static_cast<const uint16_t*>(a.zeros) + p.matrix * a.out * groups;
+  float* y = a.y + p.first * a.y_stride;
+  for_row_blocks<2>(a, row_q + 4 * groups, [&](const int64_t* js, int nr) {
+    const int64_t j0 = js[0], j1 = js[nr - 1];  // a short step repeats its row
+    const uint8_t* w[2] = {q + j0 * row_q, q + j1 * row_q};
+    const uint16_t* s[2] = {scales + j0 * groups, scales + j1 * groups};
+    const uint16_t* z[2] = {zeros + j0 * groups, zeros + j1 * groups};
+    float out[X_PASS][ROWS];
+    int4_rows<1, false, 2>(w, s, z, x + p.first, a.in, PIECE, out);
+    y[j0] = out[0][0] + (a.bias ? a.bias[j0] : 0.0f);
+    y[j1] = out[0][1] + (a.bias ? a.bias[j1] : 0.0f);
+  });
+}
+#endif
+
 void linear_int4(const QArgs& a) {
   const int64_t groups = a.in / a.group;
   ActivationRows xq(a.rows, a.in);
@@ -405,6 +429,10 @@ void linear_int4(const QArgs& a) {
   }
   const std::vector<Pass> todo = passes(a);
   const bool one_row = std::all_of(todo.begin(), todo.end(), [](const Pass& p) { return p.count == 1; });
+#if OPENJAMBA_QUANT_AVX2
+  if (one_row && a.in > SHORT_ROW && todo.size() == 1 && a.group == PIECE)
+    return int4_one_row(a, todo[0], xrows.data());
+#endif
   if (one_row && a.in > SHORT_ROW)
     int4_products<2>(a, todo, xrows.data());
   else
