@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over one `Engine`: routes, validation, errors, SSE streaming, metrics.
 
 Every request becomes one engine request per choice (prompt x n). The engine thread reports tokens through
-`on_event`; each HTTP request owns an asyncio queue that those callbacks feed, so the event loop never blocks on
+`on_event`; each HTTP request owns an inbox that those callbacks feed, so the event loop never blocks on
 the model. The callbacks only buffer their events (`EventRelay`); after each engine step the buffered events are
 handed to the event loop with one `call_soon_threadsafe`, so 16 streams wake the loop once per step, not 16 times
 (each wake-up is a write to the loop's pipe, and on a two-core machine every one of them competes with the model's
@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import protocol as p
 from .engine import EngineFull, FinishEvent, SamplingParams, TokenEvent
 from .metrics import prometheus_text
+from .sse import sse
 
 log = logging.getLogger("openjamba.serve")
 
@@ -171,14 +173,14 @@ class EventRelay:
 
     def __init__(self, engine) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Submission, Any]]] = {}
         self._per_step = hasattr(engine, "add_step_listener")
         if self._per_step:
             engine.add_step_listener(self.flush)
 
-    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event) -> None:  # on the engine thread
+    def post(self, loop: asyncio.AbstractEventLoop, submission: Submission, event) -> None:  # on the engine thread
         with self._lock:
-            self._pending.setdefault(loop, []).append((queue, event))
+            self._pending.setdefault(loop, []).append((submission, event))
         if not self._per_step:
             self.flush()
 
@@ -193,13 +195,13 @@ class EventRelay:
                 pass
 
 
-def _deliver(events: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, event in events:
-        queue.put_nowait(event)
+def _deliver(events: list[tuple[Submission, Any]]) -> None:
+    for submission, event in events:
+        submission.receive(event)
 
 
 class Submission:
-    """The engine requests of one HTTP request, with the queue their events arrive on."""
+    """The engine requests of one HTTP request, with the inbox their events arrive in (on the event loop)."""
 
     def __init__(self, engine, relay: EventRelay, choices: list[Choice]) -> None:
         self.engine = engine
@@ -207,10 +209,23 @@ class Submission:
         self.choices = choices
         self.by_id: dict[Any, Choice] = {}
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._inbox: deque = deque()
+        self._waiter: asyncio.Future | None = None  # set while `events` waits for the inbox
 
     def _on_event(self, event) -> None:  # called on the engine thread
-        self.relay.post(self.loop, self.queue, event)
+        self.relay.post(self.loop, self, event)
+
+    def receive(self, event) -> None:
+        """Buffer an event (on the event loop) and wake `events` if it waits."""
+        self._inbox.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether events have arrived that `events` has not read yet (so a response can send the chunks of one
+        engine step together)."""
+        return bool(self._inbox)
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], keep_states_at: list[int] = ()) -> None:
         """Submit every choice; `keep_states_at`: prompt positions whose state the engine should keep."""
@@ -239,16 +254,11 @@ class Submission:
         """(choice, new text, choice ended) as tokens arrive; polls for a client disconnect when `request` (a
         streaming response learns of it from its ASGI server instead)."""
         open_ids = set(self.by_id)
+        inbox = self._inbox
         while open_ids:
-            if request is None or not self.queue.empty():
-                event = await self.queue.get()
-            else:
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                    if await request.is_disconnected():
-                        raise ConnectionAbortedError("client disconnected") from None
-                    continue
+            while not inbox:
+                await self._arrival(request)
+            event = inbox.popleft()
             choice = self.by_id.get(event.request_id)
             if choice is None or event.request_id not in open_ids:
                 continue
@@ -264,6 +274,21 @@ class Submission:
                 if was_open and choice.finish_reason is not None:  # a stop string: the engine can stop now
                     self.engine.cancel(choice.request_id)
                 yield choice, delta, False
+
+    async def _arrival(self, request: Request | None) -> None:
+        """Wait for `receive`; with `request`, check every 0.5 s whether its client has gone."""
+        waiter = self._waiter = self.loop.create_future()
+        try:
+            if request is None:
+                await waiter
+                return
+            try:
+                await asyncio.wait_for(waiter, timeout=0.5)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                if await request.is_disconnected():
+                    raise ConnectionAbortedError("client disconnected") from None
+        finally:
+            self._waiter = None
 
     def usage(self) -> dict:
         """Prompt tokens counted once per prompt (as OpenAI does for n > 1); cached tokens from its first choice."""
@@ -355,25 +380,26 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     return app
 
 
-def sse(data: dict | str) -> bytes:
-    import json
-
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-async def stream_body(submission: Submission, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    """SSE bytes from `chunks`; an engine error becomes an error event; `[DONE]` always ends the stream; the
-    engine requests are cancelled however the stream ends (the client closing it included)."""
+async def stream_body(submission: Submission, chunks: AsyncIterator[bytes | dict]) -> AsyncIterator[bytes]:
+    """SSE bytes from `chunks` (events as bytes, or dicts to serialize); an engine error becomes an error event;
+    `[DONE]` always ends the stream; the engine requests are cancelled however the stream ends (the client closing
+    it included). Chunks made while more events wait in the submission's inbox (n choices, or a backlog) are held
+    and sent with the last of them: one write to the socket for them all."""
+    held: list[bytes] = []
     try:
         async for chunk in chunks:
-            yield sse(chunk)
+            held.append(chunk if type(chunk) is bytes else sse(chunk))
+            if not submission.buffered:
+                yield b"".join(held)
+                held.clear()
     except RuntimeError as err:
-        yield sse(p.error_body(str(err), "server_error"))
+        held.append(sse(p.error_body(str(err), "server_error")))
     finally:
         submission.cancel()
-    yield sse("[DONE]")
+    held.append(sse("[DONE]"))
+    yield b"".join(held)
 
 
-def streaming_response(submission: Submission, chunks: AsyncIterator[dict]) -> StreamingResponse:
+def streaming_response(submission: Submission, chunks: AsyncIterator[bytes | dict]) -> StreamingResponse:
     return StreamingResponse(stream_body(submission, chunks), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -26,6 +26,7 @@ from .api import (
 from .json_mode import JsonVocabulary
 from .json_schema import compile_schema
 from .responses import add_response_routes
+from .sse import ChunkFormat, delta_json, text_json
 from .tool_choice import ToolChoice, added_token_bytes, cache_key, functions_of, tool_call_grammar
 
 SCHEMAS_KEPT = 64  # compiled json_schema grammars kept, so repeated requests with one schema reuse its masks
@@ -188,11 +189,12 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             return joined(echo_logprobs(choice), output) if scoring else output
 
         if req.stream:
-            async def chunks() -> AsyncIterator[dict]:
-                def chunk(choice: Choice, text: str, reason: str | None, logprobs: dict | None) -> dict:
-                    return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
-                            "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": reason}]}
+            form = ChunkFormat({"id": rid, "object": "text_completion", "created": created,
+                                "model": config.model_name}, "text")
+
+            async def chunks() -> AsyncIterator[bytes | dict]:
+                def chunk(choice: Choice, text: str, reason: str | None, logprobs: dict | None) -> bytes:
+                    return form.event(choice.index, text_json(text), logprobs, reason)
                 sent = {c.index: 0 for c in choices}  # logprob entries already sent
                 offsets = {c.index: len(echoes[c.prompt_index]) for c in choices}
                 unechoed = {c.index for c in choices if scoring}  # echoed with the prompt logprobs of its first event
@@ -239,10 +241,11 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             return None if count is None else {"content": chat_logprobs(choice.logprobs[start:], token_text)}
 
         if req.stream:
-            async def chunks() -> AsyncIterator[dict]:
-                def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
-                    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                 "finish_reason": reason}]}
+            form = ChunkFormat(head, "delta")
+
+            async def chunks() -> AsyncIterator[bytes | dict]:
+                def chunk(index: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> bytes:
+                    return form.event(index, delta_json(delta), logprobs, reason)
                 parsers = {c.index: chat.stream_parser(ids, parse_tools, req.json_mode, stream_tool_calls=True)
                            for c in choices}
                 sent = {c.index: 0 for c in choices}
