@@ -57,9 +57,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 
         check_checkpoint(args.model)
     cache_dtype = args.cache_dtype or checkpoint_dtype_name(config)
+    # A checkpoint's weights are counted as it stores them (its dtype, its quantization) unless the flags say else.
+    stored = (config.extra.get("quantization_config") or {}) if args.model else {}
+    args.quantize = args.quantize or stored.get("method")
+    args.weight_dtype = args.weight_dtype or (checkpoint_dtype_name(config) if args.model else "bf16")
     report = model_report(config, name, args.context, args.batch, cache_dtype)
     try:
-        report["weight_bytes"] = weight_bytes(config, args.quantize, args.weight_dtype, args.skip_mamba)
+        report["weight_bytes"] = weight_bytes(config, args.quantize, args.weight_dtype, args.skip_mamba,
+                                              stored.get("group_size"))
         report["weight_scheme"] = {"quantize": args.quantize, "weight_dtype": args.weight_dtype,
                                    "skip_mamba": args.skip_mamba}
         if args.device_memory:
@@ -410,9 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the K/V cache and conv state (default: the checkpoint's dtype with --model, "
                            "bf16 for a preset; --dtype is the older spelling)")
     info.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                      help="weight bytes with openjamba's int8/int4 weight-only quantization")
-    info.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                      help="dtype of the weights left in full precision (default bf16)")
+                      help="weight bytes with openjamba's int8/int4 weight-only quantization (default: none, or a "
+                           "quantized checkpoint's own)")
+    info.add_argument("--weight-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                      help="dtype of the weights left in full precision (default: the checkpoint's dtype with "
+                           "--model, bf16 for a preset)")
     info.add_argument("--skip-mamba", action="store_true",
                       help="keep the Mamba layers' projections in --weight-dtype (Jamba-v0.1's model-card recipe)")
     info.add_argument("--device-memory", default=None, metavar="SIZE",

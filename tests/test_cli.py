@@ -72,3 +72,23 @@ def test_serve_takes_vllm_flag_names():
 
     args = build_parser().parse_args(["serve", "--model", "x", "--max-model-len", "4096", "--max-num-seqs", "8"])
     assert (args.max_context, args.max_running) == (4096, 8)
+
+
+def test_info_counts_a_checkpoints_weights_as_it_stores_them(tmp_path, capsys):
+    """Its dtype and its quantization, not bf16: the figure matches the safetensors on disk."""
+    random_model().save_pretrained(tmp_path / "fp32")
+    main(["quantize", "--model", str(tmp_path / "fp32"), "--out", str(tmp_path / "int4"), "--quantize", "int4"])
+    for name, scheme in (("fp32", {"quantize": None, "weight_dtype": "fp32"}),
+                         ("int4", {"quantize": "int4", "weight_dtype": "fp32"})):
+        capsys.readouterr()
+        main(["info", "--model", str(tmp_path / name), "--context", "64", "--json"])
+        report = json.loads(capsys.readouterr().out)
+        assert {k: report["weight_scheme"][k] for k in scheme} == scheme
+        on_disk = sum(tensor_bytes(f) for f in (tmp_path / name).glob("*.safetensors"))
+        assert abs(report["weight_bytes"]["total"] - on_disk) < 0.02 * on_disk
+
+
+def tensor_bytes(path) -> int:
+    """A safetensors file's size less its 8-byte length and JSON header."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
