@@ -177,6 +177,9 @@ def test_load_rejects_another_model_and_other_files(parts, tmp_path):
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         with pytest.raises(ValueError, match="not a conversation"):
             talk.load(tmp_path / "other.safetensors", model.config.to_dict())
+        (tmp_path / "notes.txt").write_text("not safetensors at all")
+        with pytest.raises(ValueError, match="not a conversation"):  # (was a SafetensorError that ended the chat)
+            talk.load(tmp_path / "notes.txt", model.config.to_dict())
         talk.reset()
         assert talk.messages == [{"role": "system", "content": "Be brief."}]
     finally:
@@ -356,3 +359,17 @@ def test_session_needs_state_reuse(checkpoint, tmp_path):
                                       "--no-reuse"])
     with pytest.raises(SystemExit, match="--no-reuse"):
         args.func(args)
+
+
+def test_a_session_file_that_cannot_be_resumed_stops_the_chat_untouched(checkpoint, tmp_path, monkeypatch):
+    """Going on with a fresh conversation would overwrite the file after the first turn."""
+    from openjamba.cli import build_parser
+
+    session = tmp_path / "other-model.safetensors"
+    session.write_bytes(b"a conversation of another model, or not one at all")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    args = build_parser().parse_args(["chat", "--model", str(checkpoint), "--session", str(session),
+                                      "--threads", "1", "--max-tokens", "2"])
+    with pytest.raises(SystemExit, match="cannot resume --session"):
+        args.func(args)
+    assert session.read_bytes() == b"a conversation of another model, or not one at all"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .engine import FinishEvent, SamplingParams
@@ -187,7 +187,11 @@ class Conversation:
 
     def load(self, path: Path, config_dict: dict) -> int:
         """Restore a saved conversation and its state; returns the number of tokens it covers."""
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except SafetensorError as err:  # not a safetensors file at all
+            raise ValueError(f"{path} is not a conversation saved by openjamba chat ({err})") from None
+        with f:
             meta = json.loads((f.metadata() or {}).get("openjamba_chat", "null") or "null")
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a conversation saved by openjamba chat")
@@ -271,7 +275,7 @@ def run_chat(args: argparse.Namespace) -> None:
     engine.start()
     try:
         if args.session is not None and args.session.exists():
-            _command(f"/load {args.session}", conversation, config_dict, interactive)
+            _resume_session(conversation, args.session, config_dict, interactive)
         for line in _lines(interactive):
             text = line.strip()
             if not text:
@@ -305,6 +309,17 @@ def _turn(text: str, conversation: Conversation, out: Output, config_dict: dict,
               f"first token {figures['ttft_s'] * 1000:.0f} ms; {figures['completion_tokens']} tokens in "
               f"{figures['seconds']:.2f} s]", file=sys.stderr)
     return None
+
+
+def _resume_session(conversation: Conversation, path: Path, config_dict: dict, interactive: bool) -> None:
+    """`--session`: a file that cannot be resumed stops the chat; going on would overwrite it after the first turn."""
+    try:
+        tokens = conversation.load(path, config_dict)
+    except (ValueError, OSError, KeyError) as err:
+        raise SystemExit(f"openjamba chat: error: cannot resume --session {path}: {err}; give another file, or "
+                         "remove this one to start afresh") from None
+    print(f"(loaded {len(conversation.messages)} messages; the state after {tokens} tokens is restored)",
+          file=sys.stdout if interactive else sys.stderr)
 
 
 def _keep_session(conversation: Conversation, path: Path, config_dict: dict) -> None:
