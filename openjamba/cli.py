@@ -120,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"{args.quantize}: {len(q['modules'])} weights quantized"
           + (f" (groups of {q['group_size']}; int8 fallback for {len(q['int8_fallback'])})"
              if args.quantize == "int4" else "")
-          + f"; {size / 1e9:.2f} GB of safetensors -> {out}" + (f"; copied {', '.join(copied)}" if copied else ""))
+          + f"; {human_bytes(size)} of safetensors -> {out}" + (f"; copied {', '.join(copied)}" if copied else ""))
 
 
 # ---------------------------------------------------------------------- generate
@@ -541,12 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, state reuse)",
                            description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
-                           "/v1/chat/completions, /health, /metrics.")
+                           "/v1/chat/completions, /v1/responses, /tokenize, /detokenize, /health, /metrics.")
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
     cht = verbs.add_parser("chat", help="chat with a checkpoint in the terminal (each turn reads only its new "
-                           "tokens)", description="Commands in the chat: /reset, /save FILE, /load FILE, /exit.")
+                           "tokens)", description="Commands in the chat: /retry, /undo, /reset, /system [TEXT|off], "
+                           "/set [NAME VALUE], /save FILE, /load FILE, /help, /exit.")
     add_chat_arguments(cht)
     cht.set_defaults(func=cmd_chat)
 
@@ -586,9 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.set_defaults(func=cmd_bench_serve)
 
     quick = verbs.add_parser("quickstart", help="the README's main job: prepare the stdlib, train, sample")
-    quick.add_argument("--out", default="runs/quickstart")
-    quick.add_argument("--steps", type=at_least(1), default=QUICKSTART["steps"])
-    quick.add_argument("--sample-tokens", type=at_least(0), default=60)
+    quick.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    quick.add_argument("--steps", type=at_least(1), default=QUICKSTART["steps"],
+                       help=f"optimizer steps (default {QUICKSTART['steps']})")
+    quick.add_argument("--sample-tokens", type=at_least(0), default=60,
+                       help="tokens sampled after each prompt at the end (default 60)")
     quick.add_argument("--overwrite", action="store_true", help="replace a previous quickstart run in --out "
                        "(its prepared data is reused)")
     quick.set_defaults(func=cmd_quickstart)

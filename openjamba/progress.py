@@ -37,10 +37,11 @@ class Progress:
 
     def _show(self, now: float, final: bool) -> None:
         seconds = now - self.start
+        scale, unit = (1e9, "GB") if self.total >= 1e9 else (1e6, "MB")  # a small model on a busy machine: MB
         line = (f"{self.what}: {100 * min(self.done, self.total) // self.total}% "
-                f"({self.done / 1e9:.1f} of {self.total / 1e9:.1f} GB, {seconds:.0f} s)")
+                f"({self.done / scale:.1f} of {self.total / scale:.1f} {unit}, {seconds:.0f} s)")
         if final:
-            line = f"{self.what}: {self.total / 1e9:.1f} GB in {seconds:.1f} s"
+            line = f"{self.what}: {self.total / scale:.1f} {unit} in {seconds:.1f} s"
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r\033[K" if self.tty else "") + line + end)
         self.stream.flush()

@@ -268,3 +268,8 @@ def test_progress_rewrites_one_line_on_a_terminal():
     report.advance(1e9)
     report.close()
     assert out.getvalue() == "\r\033[Kwork: 25% (1.0 of 4.0 GB, 0 s)\r\033[Kwork: 4.0 GB in 0.0 s\n"
+    out = Terminal()
+    report = Progress("work", 9.7e6, stream=out, delay=0.0)  # a small model loading slowly: MB, not "0.0 of 0.0 GB"
+    report.advance(9.7e6)
+    report.close()
+    assert out.getvalue() == "\r\033[Kwork: 100% (9.7 of 9.7 MB, 0 s)\r\033[Kwork: 9.7 MB in 0.0 s\n"
