@@ -255,6 +255,9 @@ class HybridCache:
         `logits` (V,), the next-token logits after the row's last token, travel with it so that a request whose
         tokens equal the state's can start sampling without a forward.
         """
+        if logits is not None and logits.dim() != 1:  # else the mistake surfaces only when the state is restored
+            raise ValueError(f"row_state takes the row's own next-token logits (V,), e.g. logits[{row}] of "
+                             f"prefill's (B, V); got shape {tuple(logits.shape)}")
         valid = self.key_mask[row, : self.seq_len] if self.key_mask is not None else None
         tensors = []
         for layer in self.layers:

@@ -191,6 +191,8 @@ def test_row_state_restores_exactly_and_continues_as_one_full_forward(config_nam
     batch, logits = _prefilled(model, ids[:12])
     second, _ = _prefilled(model, other)
     second.add_rows(batch)  # the row of interest is row 1, padded on the left
+    with pytest.raises(ValueError, match=r"logits\[1\]"):  # the batch's (B, V): refused at once, not at restore
+        second.row_state(1, logits)
     state = second.row_state(1, logits[0])
     assert state.length == 12
     torch.testing.assert_close(state.logits, full[11], atol=ATOL, rtol=0)
