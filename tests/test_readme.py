@@ -63,6 +63,31 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+# A default the docs state for a flag: "`--flag` (default N", "`--flag MB`, default N".
+STATED_DEFAULT = re.compile(r"`(--[a-z0-9-]+)(?: [A-Za-z]+)?`[^`\n]{0,40}?default (\d+(?:\.\d+)?)")
+
+
+def test_defaults_the_docs_state_are_the_parsers():
+    """Each number the README or docs/ give as a flag's default is that flag's default in some verb's parser, or
+    (for a default resolved later, e.g. chat's temperature) the one its --help states."""
+    import argparse
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    actions = {}  # flag -> the actions of every verb that has it
+    for parser in verbs.values():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                actions.setdefault(flag, []).append(action)
+    stated = [(doc.name, *m) for doc in [README, *sorted((README.parent / "docs").glob("*.md"))]
+              for m in STATED_DEFAULT.findall(doc.read_text())]
+    assert len(stated) >= 8
+    for doc, flag, value in stated:
+        assert flag in actions, f"{doc} states a default for {flag}, which no verb has"
+        ok = any((isinstance(a.default, (int, float)) and float(a.default) == float(value))
+                 or re.search(rf"default {re.escape(value)}\b", a.help or "") for a in actions[flag])
+        assert ok, f"{doc}: {flag} default {value}, parsers: {[(a.default, a.help) for a in actions[flag]]}"
+
+
 def test_the_readme_has_commands_for_every_main_verb():
     verbs = {argv[0] for argv in readme_commands()}
     assert {"info", "generate", "eval", "prepare", "train", "bench"} <= verbs
