@@ -99,3 +99,18 @@ def test_the_checks_see_a_cycle_and_a_cli_import():
     graph = import_graph()
     assert "openjamba.synthetic" in graph["openjamba.train"] and "openjamba.train" in graph["openjamba.cli"]
     assert "openjamba.cli" in imported_modules(PACKAGE / "__main__.py")
+
+
+def test_the_readme_layout_names_every_source_and_test_file():
+    """README's Layout is "every file a contributor opens": a new module, kernel source or test file joins it."""
+    import fnmatch
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Correctness")]
+    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp", ".h") and "__pycache__" not in p.parts]
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in sources if p.name not in layout]
+    named = re.findall(r"test_[a-z_*]+", layout)
+    missing += [p.name for p in (PACKAGE.parent / "tests").glob("test_*.py")
+                if not any(fnmatch.fnmatch(p.stem, name) for name in named)]
+    assert not missing, f"README's Layout does not name {missing}"
