@@ -16,6 +16,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the chosen verb does not take is reported by that verb, as its other errors
+        are (argparse reports it from the top-level parser, pointing at the wrong --help)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = f"{self.prog} {parsed.verb}" if getattr(parsed, "verb", None) else self.prog
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return parsed
+
 
 def at_least(minimum: int):
     """An integer flag that must be >= `minimum` (argparse reports a bad value as its one-line usage error)."""

@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .tokenizer import load_tokenizer
 
     if not args.paths and not args.tasks:
-        raise SystemExit("openjamba eval: give text/JSONL files or directories to score, or --tasks")
+        raise SystemExit("openjamba eval: error: give text/JSONL files or directories to score, or --tasks")
     if args.tasks and importlib.util.find_spec("lm_eval") is None:
         raise SystemExit("openjamba eval --tasks needs lm-evaluation-harness: pip install 'openjamba[eval]'")
     device = args.device or default_device()
@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--temperature", type=non_negative_float, default=0.0, help="the streams' sampling (default "
                      "0: greedy)")
     bsv.add_argument("--top-p", type=probability, default=1.0, help="the streams' top-p (default 1: off)")
-    bsv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    bsv.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
     bsv.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and the prompts")
     bsv.add_argument("--plot", default=None, help="write throughput, TTFT and ITL against streams to this PNG")
     bsv.set_defaults(func=cmd_bench_serve)
@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--variants", default=None, help="comma-separated: attention,mamba,hybrid-1:3,hybrid-1:7,"
                                                       "hybrid-1:3-moe,hybrid-1:7-moe (default all)")
     abl.add_argument("--tasks", default=None, help="comma-separated: mqar,lm (default both)")
-    abl.add_argument("--threads", type=int, default=None, help="CPU threads (default 1)")
+    abl.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default 1)")
     abl.add_argument("--seed", type=int, default=None, help="seed of initialisation and data (default 0)")
     abl.add_argument("--lm-data", default=None, help="prepared data for the LM task (default: prepare the standard "
                                                      "library into OUT/data)")
@@ -635,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as err:  # a verb's own message: in the same `openjamba VERB: error:` form as the rest
         if isinstance(err.code, str) and not err.code.startswith("openjamba"):
             raise SystemExit(f"{name}: error: {err.code}") from None
+        if isinstance(err.code, str) and err.code.startswith("openjamba: error: "):  # a shared helper's: name the verb
+            raise SystemExit(f"{name}: error: {err.code.removeprefix('openjamba: error: ')}") from None
         raise
     except Exception as err:  # noqa: BLE001 - the one place that turns any error into one line
         raise SystemExit(f"{name}: error: {describe_error(err)}") from None

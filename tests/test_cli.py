@@ -36,6 +36,28 @@ def test_info_table_and_model_dir(tmp_path, capsys):
     assert "attention KV cache" in out and "Mamba state" in out
 
 
+def test_a_flag_the_verb_does_not_take_is_named_by_the_verb(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["quantize", "--model", "m", "--out", "o", "--quantize", "int8", "--kv-dtype", "bf16"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == ("openjamba quantize: error: unrecognized arguments: --kv-dtype bf16 "
+                                       "(see openjamba quantize --help)\n")
+
+
+def test_a_shared_helpers_error_names_the_verb(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="^openjamba generate: error: unknown --dtype 'fp7'"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x", "--dtype", "fp7"])
+
+
+def test_engine_flags_refuse_impossible_values(capsys):
+    for argv in (["serve", "--model", "m", "--threads", "0"], ["chat", "--model", "m", "--state-store", "-1"],
+                 ["bench-serve", "--preset", "tiny", "--threads", "0"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2 and f"openjamba {argv[0]}: error: argument {argv[3]}" in capsys.readouterr().err
+
+
 def test_info_rejects_unknown_dtype(capsys):
     for flag in ("--cache-dtype", "--dtype"):  # --dtype: the older spelling of the same flag
         with pytest.raises(SystemExit) as err:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import json_object, non_negative_float
+from ..argtypes import at_least, json_object, non_negative_float
 
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
@@ -23,17 +23,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
                         help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="prompt tokens per prefill step, interleaved with decode steps (default 512)")
     parser.add_argument("--no-reuse", action="store_true",
                         help="do not keep conversation state between requests (every prompt is read in full)")
-    parser.add_argument("--state-store", type=float, default=1024, metavar="MB",
+    parser.add_argument("--state-store", type=non_negative_float, default=1024, metavar="MB",
                         help="bytes of stored sequence states for reuse, in MB (default 1024)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                         help="also keep finished outputs' states (of at least 256 tokens) in DIR, so that after a "
                         "restart a conversation's next turn resumes instead of re-reading its history (default off)")
-    parser.add_argument("--state-dir-size", type=float, default=10, metavar="GB",
+    parser.add_argument("--state-dir-size", type=non_negative_float, default=10, metavar="GB",
                         help="bytes of state files in --state-dir, in GB; the least recently used are deleted "
                         "beyond it (default 10)")
     parser.add_argument("--max-context", "--max-model-len", type=int, default=None,
