@@ -629,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = _one_line_warnings(name), _stop_on_sigterm()
     try:
         args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, rather than at interpreter exit
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         raise SystemExit(128 + _STOPPED_BY[-1] if _STOPPED_BY else 130) from None
@@ -638,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(err.code, str) and err.code.startswith("openjamba: error: "):  # a shared helper's: name the verb
             raise SystemExit(f"{name}: error: {err.code.removeprefix('openjamba: error: ')}") from None
         raise
+    except BrokenPipeError:  # the reader closed the pipe (`openjamba info ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed at exit
+        raise SystemExit(1) from None
     except Exception as err:  # noqa: BLE001 - the one place that turns any error into one line
         raise SystemExit(f"{name}: error: {describe_error(err)}") from None
     finally:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,18 @@ def test_engine_flags_refuse_impossible_values(capsys):
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert err.value.code == 2 and f"openjamba {argv[0]}: error: argument {argv[3]}" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`openjamba info ... | head`: no error line when the reader leaves early."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "openjamba", "info", "--preset", "tiny"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == ""
 
 
 def test_info_rejects_unknown_dtype(capsys):
