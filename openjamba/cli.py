@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
     info.add_argument("--context", type=at_least(1), default=262144, help="context length in tokens (default 262144)")
-    info.add_argument("--batch", type=at_least(1), default=1)
+    info.add_argument("--batch", type=at_least(1), default=1, help="sequences held at once (default 1)")
     info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default=None, choices=sorted(DTYPE_BYTES),
                       help="dtype of the K/V cache and conv state (default: the checkpoint's dtype with --model, "
                            "bf16 for a preset; --dtype is the older spelling)")
@@ -430,17 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with its tokenizer")
-    gen.add_argument("--model", type=Path, required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=at_least(0), default=100)
-    gen.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy decoding")
-    gen.add_argument("--top-k", type=at_least(1), default=50)
-    gen.add_argument("--top-p", type=probability, default=None)
+    gen.add_argument("--model", type=Path, required=True, help="checkpoint directory with its tokenizer")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=at_least(0), default=100, help="most tokens to add (default 100)")
+    gen.add_argument("--temperature", type=non_negative_float, default=0.8,
+                     help="0 for greedy decoding (default 0.8)")
+    gen.add_argument("--top-k", type=at_least(1), default=50, help="sample among the k likeliest (default 50)")
+    gen.add_argument("--top-p", type=probability, default=None, help="nucleus sampling (default off)")
     gen.add_argument("--min-p", type=probability, default=None, help="drop tokens less likely than this times the "
                      "most likely one")
     gen.add_argument("--repetition-penalty", type=positive_float, default=None, help="transformers': the logits of "
                      "tokens already in the text divided by this where positive, multiplied where negative")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible)")
     gen.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", default=None, help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--kv-dtype", default=None, help="attention K/V cache dtype, e.g. bf16 under fp32 weights "
@@ -453,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "without the full-precision weights")
     qnt.add_argument("--model", type=Path, required=True, help="full-precision checkpoint directory")
     qnt.add_argument("--out", type=Path, required=True, help="output directory")
-    qnt.add_argument("--quantize", choices=QUANTIZE_CHOICES, required=True)
+    qnt.add_argument("--quantize", choices=QUANTIZE_CHOICES, required=True,
+                     help="int8 per output channel, or int4 in groups of --group-size")
     qnt.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                      help="int4 inputs per scale/zero (default 128; a smaller one where a weight needs it)")
-    qnt.add_argument("--max-shard-size", default="5GB")
+    qnt.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     qnt.set_defaults(func=cmd_quantize)
 
     prep = verbs.add_parser("prepare", help="train a tokenizer and tokenize text into shards for training")
@@ -491,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "context (default: half the context length)")
     ev.add_argument("--batch-size", type=at_least(1), default=4, help="windows (or requests) per forward (default 4)")
     ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs openjamba[eval])")
-    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--num-fewshot", type=int, default=None,
+                    help="lm-eval: examples in each prompt (default: the task's)")
     ev.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many examples per task")
     ev.add_argument("--include-path", default=None, help="lm-eval: a directory of extra task YAML files")
     ev.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
@@ -577,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--history", type=parse_count, default=4000, help="chat history before the second turn")
     bsv.add_argument("--long-prompt", type=parse_count, default=4000, help="the prompt that arrives while 8 "
                      "streams decode")
-    bsv.add_argument("--prefill-chunk", type=int, default=512)
+    bsv.add_argument("--prefill-chunk", type=int, default=512, help="the engine's prefill chunk (default 512)")
     bsv.add_argument("--temperature", type=non_negative_float, default=0.0, help="the streams' sampling (default "
                      "0: greedy)")
     bsv.add_argument("--top-p", type=probability, default=1.0, help="the streams' top-p (default 1: off)")

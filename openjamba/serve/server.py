@@ -55,7 +55,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="default 8000")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "checkpoint directory's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
@@ -70,7 +70,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-stored-responses", type=int, default=1000,
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="the server's log level (default info)")
     parser.add_argument("--log-stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
                         help="log the engine's throughput, queue and memory this often while it works (default 10; "
                         "0: never)")
