@@ -127,3 +127,27 @@ def tensor_bytes(path) -> int:
     """A safetensors file's size less its 8-byte length and JSON header."""
     with open(path, "rb") as f:
         return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def test_every_default_a_help_text_states_is_the_flags():
+    """`(default 0.8)` in a flag's --help is its parser default (the trainer's flags: the TrainConfig field's)."""
+    import argparse
+    import re
+
+    from openjamba.cli import build_parser
+    from openjamba.train.config import TrainConfig
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    checked = 0
+    for verb, parser in verbs.items():
+        for action in parser._actions:
+            stated = re.search(r"\(default:? (-?\d+(?:\.\d+)?)\)", action.help or "")
+            if not stated:
+                continue
+            default = getattr(TrainConfig(), action.dest) if action.default == argparse.SUPPRESS else action.default
+            if default is None:  # resolved later (chat's temperature from the checkpoint, else 0.7)
+                continue
+            default = default if isinstance(default, tuple) else (default,)
+            assert [float(stated.group(1))] == [float(d) for d in default], (verb, action.option_strings, default)
+            checked += 1
+    assert checked >= 30
