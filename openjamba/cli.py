@@ -403,7 +403,7 @@ QUANTIZE_CHOICES = ("int8", "int4")  # openjamba.quant.METHODS, named here so th
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="openjamba", description=__doc__)
     parser.add_argument("--debug", action="store_true", help=f"show full tracebacks on errors (or set {DEBUG_ENV}=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     info = verbs.add_parser("info", help="parameters, layer plan and inference memory of a preset or checkpoint")
     source = info.add_mutually_exclusive_group(required=True)
