@@ -138,6 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise SystemExit("the prompt encodes to no tokens and the config has no bos_token_id")
         ids = [model.config.bos_token_id]
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    from .ops import backend_for
+
+    backend_for(torch.device(device))  # a first run's "compiling CPU kernels" line comes before the text, not inside it
     sys.stdout.write(args.prompt)
     model.generate(
         torch.tensor([ids]),

@@ -86,13 +86,18 @@ def test_info_cache_dtype_sizes_the_cache(capsys):
     assert sizes["fp32"] == 2 * sizes["bf16"]
 
 
-def test_generate_streams_from_a_checkpoint(tmp_path):
+def checkpoint_with_tokenizer(path) -> None:
+    """A tiny random model with a byte-level BPE tokenizer trained on a line of Python."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
     tokenizer.train_from_iterator(["def f(x):\n    return x\n"] * 10, trainers.BpeTrainer(
         vocab_size=97, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = random_model(vocab_size=tokenizer.get_vocab_size())
-    model.save_pretrained(tmp_path, tokenizer=TextTokenizer.from_backend(tokenizer))
+    model.save_pretrained(path, tokenizer=TextTokenizer.from_backend(tokenizer))
+
+
+def test_generate_streams_from_a_checkpoint(tmp_path):
+    checkpoint_with_tokenizer(tmp_path)
     for extra in ([], ["--kv-dtype", "bf16"]):
         out = subprocess.run(
             [sys.executable, "-m", "openjamba", "generate", "--model", str(tmp_path), "--prompt", "def f(",
@@ -100,6 +105,21 @@ def test_generate_streams_from_a_checkpoint(tmp_path):
             capture_output=True, text=True, check=True, timeout=120)
         assert out.stdout.startswith("def f(")
         assert len(out.stdout) > len("def f(\n")
+
+
+def test_generate_chooses_its_kernels_before_it_writes_the_prompt(tmp_path, monkeypatch, capsys):
+    """A first run's "compiling CPU kernels" line then comes before the text instead of inside its first line."""
+    checkpoint_with_tokenizer(tmp_path)
+    first = []
+
+    def backend_for(device):
+        if not first:
+            first.append(print("[kernels]", end=""))
+        return None  # plain PyTorch ops
+
+    monkeypatch.setattr("openjamba.ops.backend_for", backend_for)
+    main(["generate", "--model", str(tmp_path), "--prompt", "def f(", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("[kernels]def f(")
 
 
 def test_serve_takes_vllm_flag_names():
