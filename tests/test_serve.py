@@ -382,6 +382,8 @@ def test_cors_only_for_the_allowed_origins(model, tokenizer, server):
         with running_server(app) as url:
             r = httpx.options(url + "/v1/chat/completions", headers=preflight)
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+            deleting = {**preflight, "Access-Control-Request-Method": "DELETE"}  # DELETE /v1/responses/{id}
+            assert httpx.options(url + "/v1/responses/resp_1", headers=deleting).status_code == 200
             r = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"})
             assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
             other = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example"})

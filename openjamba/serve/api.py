@@ -331,8 +331,8 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     if config.allowed_origins:  # a web page on another origin (a browser chat UI) may call the API
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
     created = p.now()
     relay = EventRelay(engine)
 
