@@ -222,9 +222,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if result.tokens == 0:
             raise ValueError(f"nothing to score in {' '.join(args.paths)}: {stats.files} file(s) read as text, "
                              f"{stats.documents} non-empty document(s); {stats.skipped_summary()}")
-        report["perplexity"] = {**result.to_dict(), "skipped": stats.skipped_summary()}
+        report["perplexity"] = {**result.to_dict(), "skipped": stats.skipped_counts(),
+                                "skipped_summary": stats.skipped_summary()}  # as prepare's meta.json
         if not args.json:
             print(result.summary())
+            if any(stats.skipped_counts().values()):
+                print(stats.skipped_summary())
     if args.tasks:
         results = _run_lm_eval(model, tokenizer, args)
         report["tasks"] = results["results"]

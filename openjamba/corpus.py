@@ -73,6 +73,10 @@ class CorpusStats:
     unreadable: list[str] = field(default_factory=list)
     bad_jsonl_lines: list[str] = field(default_factory=list)
 
+    def skipped_counts(self) -> dict[str, int]:
+        return {"non_utf8": len(self.non_utf8), "unreadable": len(self.unreadable),
+                "bad_jsonl_lines": len(self.bad_jsonl_lines)}
+
     def skipped_summary(self) -> str:
         parts = []
         for label, items in (("non-UTF-8 files", self.non_utf8), ("unreadable files", self.unreadable),

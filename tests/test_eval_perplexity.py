@@ -151,7 +151,13 @@ def test_cli_eval_prints_json_and_a_human_line(tmp_path, capsys, model, tokenize
     assert report["perplexity"]["nll"] == pytest.approx(expected.nll, rel=1e-5)
     assert report["perplexity"]["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-5)
     assert json.loads((tmp_path / "report.json").read_text())["perplexity"]["tokens"] == expected.tokens
+    assert report["perplexity"]["skipped"] == {"non_utf8": 0, "unreadable": 0, "bad_jsonl_lines": 0}
     main(args)
     assert capsys.readouterr().out.startswith(f"perplexity {expected.perplexity:.4f} | bits/byte")
+    (tmp_path / "data" / "weights.bin").write_bytes(b"\x00\xff")  # skipped, and said so in both forms
+    main(args)
+    assert capsys.readouterr().out.splitlines()[1].startswith("skipped 1 non-UTF-8 files")
+    main([*args, "--json"])
+    assert json.loads(capsys.readouterr().out)["perplexity"]["skipped"]["non_utf8"] == 1  # counts, as prepare's
     with pytest.raises(SystemExit, match="--tasks"):
         main(["eval", "--model", str(tmp_path / "ckpt")])

@@ -199,8 +199,7 @@ def _write_shards(files, tokenizer, directory: Path, val_fraction, text_key, sha
         "format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "max_token_id": max_id, **ids,
         "document": [name for name, part in (("bos", bos), ("text", [0]), ("eos", eos)) if part],
         "files": stats.files, "documents": stats.documents, "bytes": stats.bytes,
-        "skipped": {"non_utf8": len(stats.non_utf8), "unreadable": len(stats.unreadable),
-                    "bad_jsonl_lines": len(stats.bad_jsonl_lines)},
+        "skipped": stats.skipped_counts(),
         "skipped_summary": stats.skipped_summary(),
         "splits": {split: writer.summary() for split, writer in writers.items()},
     }
