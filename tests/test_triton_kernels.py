@@ -260,6 +260,15 @@ def test_kernels_compile_for_h100_without_spills():
         assert row["registers"] <= 255 and row["spill_stores"] <= 128, row
 
 
+@pytest.mark.skipif(CUDA and not INTERPRETED, reason="the benchmark runs where there is CUDA")
+def test_benchmark_without_cuda_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "openjamba.ops.triton_tools", "bench"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("python -m openjamba.ops.triton_tools bench: error: ")
+
+
 def test_is_available_says_why_not():
     ok, why = tk.is_available()
     assert ok == (CUDA and not INTERPRETED)

@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
             args.arch, state, tuple(f"*{io}" for io in args.io), args.block_d, args.chunk, args.num_warps)]
     else:
         dtype = parse_dtype(args.dtype)
-        rows = [benchmark(args.batch, args.length, args.channels, args.state, dtype, not args.no_backward)]
+        try:
+            rows = [benchmark(args.batch, args.length, args.channels, args.state, dtype, not args.no_backward)]
+        except RuntimeError as err:  # no CUDA device here: one line, not a traceback
+            raise SystemExit(f"{parser.prog} bench: error: {err}") from None
     _print_table(rows)
     print(json.dumps(rows))
 
