@@ -171,7 +171,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def describe_prepared(meta: dict, out: str | Path) -> str:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
-    return (f"{meta['files']} files, {meta['documents']} documents, {meta['bytes'] / 1e6:.1f} MB of text; "
+    return (f"{meta['files']} files, {meta['documents']} documents, {human_bytes(meta['bytes'])} of text; "
             f"{meta['skipped_summary']}\n"
             f"vocabulary {meta['vocab_size']} ({meta['dtype']}); train {train['tokens']:,} tokens in "
             f"{len(train['shards'])} shard(s), validation {val['tokens']:,} tokens -> {out}")

@@ -171,3 +171,12 @@ def test_every_default_a_help_text_states_is_the_flags():
             assert [float(stated.group(1))] == [float(d) for d in default], (verb, action.option_strings, default)
             checked += 1
     assert checked >= 30
+
+
+def test_describe_prepared_gives_a_small_corpus_a_readable_size():
+    from openjamba.cli import describe_prepared
+
+    split = {"tokens": 10, "shards": ["train-00000.bin"]}
+    meta = {"files": 5, "documents": 5, "bytes": 48_333, "skipped_summary": "nothing skipped", "vocab_size": 300,
+            "dtype": "uint16", "splits": {"train": split, "val": split}}
+    assert describe_prepared(meta, "out").startswith("5 files, 5 documents, 47.20 KiB of text;")  # was "0.0 MB"
