@@ -49,6 +49,14 @@ def test_resumed_settings_take_effect(prepared_data, tmp_path):
     assert scheduler["base_lrs"] == [1e-3, 1e-3]
 
 
+def test_resuming_a_finished_run_says_how_to_train_on(prepared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(prepared_data, out, steps=2, save_every=0))
+    capsys.readouterr()
+    train(tiny_config(prepared_data, out, steps=2, save_every=0), resume=out)
+    assert "already reached its 2 steps; --steps N (more than 2) trains it on" in capsys.readouterr().out
+
+
 def test_resume_refuses_what_cannot_change_with_the_reason(prepared_data, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(prepared_data, out, steps=4))

@@ -239,6 +239,9 @@ class Trainer:
                    if k in saved and saved[k] != v and k not in ("out", "data", "config", "init_from")]
         self._print(f"resumed from {path} at step {self.step}" + (f"; changed: {', '.join(changes)}" if changes
                                                                   else ""))
+        if self.step >= self.cfg.steps:  # nothing left to train: say so rather than only re-export quietly
+            self._print(f"the run has already reached its {self.cfg.steps} steps; --steps N (more than "
+                        f"{self.step}) trains it on")
 
     def _apply_optimizer_settings(self) -> None:
         """Loading the optimizer and scheduler restores the hyperparameters they were saved with; the run's
