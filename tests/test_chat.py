@@ -373,3 +373,15 @@ def test_a_session_file_that_cannot_be_resumed_stops_the_chat_untouched(checkpoi
     with pytest.raises(SystemExit, match="cannot resume --session"):
         args.func(args)
     assert session.read_bytes() == b"a conversation of another model, or not one at all"
+
+
+def test_retry_with_nothing_to_retry_says_so(capsys):
+    from openjamba.serve.chat import _command
+
+    class Empty:
+        def undo(self):
+            return None
+
+    for verb in ("/retry", "/undo"):
+        assert _command(verb, Empty(), {}, interactive=True) is None
+        assert capsys.readouterr().out == f"(nothing to {verb[1:]})\n"

@@ -380,7 +380,7 @@ def _command(text: str, conversation: Conversation, config_dict: dict, interacti
     elif verb in ("/retry", "/undo"):
         text = conversation.undo()
         if text is None:
-            note("(nothing to undo)")
+            note(f"(nothing to {verb[1:]})")
         elif verb == "/retry":
             return text  # sent again: the state after its prompt is stored, so the new reply starts at once
         else:
