@@ -126,6 +126,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import TextStreamer
+    from .ops import backend_for
     from .tokenizer import load_tokenizer
 
     device = args.device or default_device()
@@ -138,8 +139,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise SystemExit("the prompt encodes to no tokens and the config has no bos_token_id")
         ids = [model.config.bos_token_id]
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    from .ops import backend_for
-
     backend_for(torch.device(device))  # a first run's "compiling CPU kernels" line comes before the text, not inside it
     sys.stdout.write(args.prompt)
     model.generate(
@@ -531,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefill-chunk", type=at_least(1), default=2048, help="prefill chunk (as generate's default)")
     bench.add_argument("--repeats", type=at_least(1), default=3, help="best of up to this many runs (5 s budget)")
     bench.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
-    bench.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell before giving up on it")
+    bench.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per cell before giving up on it")
     bench.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", default=None, choices=runtime.SHORT_DTYPES,
                        help="default: bf16 on GPU, fp32 on CPU")
@@ -575,18 +574,19 @@ def build_parser() -> argparse.ArgumentParser:
     bsv.add_argument("--api-key", default=None, help="with --url: sent as a Bearer token")
     bsv.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                      help="with --url: /v1/completions (default) or /v1/chat/completions")
-    bsv.add_argument("--timeout", type=float, default=600.0, help="with --url: seconds per request (default 600)")
+    bsv.add_argument("--timeout", type=positive_float, default=600.0,
+                     help="with --url: seconds per request (default 600)")
     bsv.add_argument("--phases", default=None, help="comma-separated from streams, chat, interference (default "
                      "all; with --url only streams)")
     bsv.add_argument("--streams", type=count_list, default=(1, 2, 4, 8, 16), help="concurrent streams to try "
                      "(default 1,2,4,8,16)")
-    bsv.add_argument("--prefix-tokens", type=int, default=256, help="shared system prefix of every stream")
-    bsv.add_argument("--suffix-tokens", type=int, default=32, help="each stream's own prompt tokens")
-    bsv.add_argument("--output-tokens", type=int, default=128, help="tokens generated per stream (default 128)")
+    bsv.add_argument("--prefix-tokens", type=at_least(1), default=256, help="shared system prefix of every stream")
+    bsv.add_argument("--suffix-tokens", type=at_least(1), default=32, help="each stream's own prompt tokens")
+    bsv.add_argument("--output-tokens", type=at_least(1), default=128, help="tokens generated per stream (default 128)")
     bsv.add_argument("--history", type=parse_count, default=4000, help="chat history before the second turn")
     bsv.add_argument("--long-prompt", type=parse_count, default=4000, help="the prompt that arrives while 8 "
                      "streams decode")
-    bsv.add_argument("--prefill-chunk", type=int, default=512, help="the engine's prefill chunk (default 512)")
+    bsv.add_argument("--prefill-chunk", type=at_least(1), default=512, help="the engine's prefill chunk (default 512)")
     bsv.add_argument("--temperature", type=non_negative_float, default=0.0, help="the streams' sampling (default "
                      "0: greedy)")
     bsv.add_argument("--top-p", type=probability, default=1.0, help="the streams' top-p (default 1: off)")

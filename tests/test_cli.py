@@ -53,7 +53,9 @@ def test_a_shared_helpers_error_names_the_verb(tmp_path):
 
 def test_engine_flags_refuse_impossible_values(capsys):
     for argv in (["serve", "--model", "m", "--threads", "0"], ["chat", "--model", "m", "--state-store", "-1"],
-                 ["bench-serve", "--preset", "tiny", "--threads", "0"]):
+                 ["bench-serve", "--preset", "tiny", "--threads", "0"],
+                 ["bench", "--preset", "tiny", "--timeout", "-1"],
+                 ["bench-serve", "--preset", "tiny", "--prefix-tokens", "-1"]):  # (was an 'unexpected' RuntimeError)
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert err.value.code == 2 and f"openjamba {argv[0]}: error: argument {argv[3]}" in capsys.readouterr().err
