@@ -290,5 +290,7 @@ def format_fit(fit: dict[str, Any]) -> str:
         f"per token: K/V {fit['kv_bytes_per_token']:,} B + activation allowance "
         f"{fit['activation_bytes_per_token']:,} B (one unchunked prefill's Mamba working set) = {per_token:,} B",
         f"largest context: {human_bytes(fit['free_bytes'])} / {per_token:,} B = {fit['max_context']:,} tokens "
-        f"(batch {fit['batch']})",
+        f"(batch {fit['batch']})" if fit["free_bytes"] >= 0 else
+        f"no context fits: the weights and state are {human_bytes(-fit['free_bytes'])} over"
+        + ("" if fit["quantize"] == "int4" else " (--quantize int8 or int4 shrinks the weights)"),
     ])

@@ -499,6 +499,8 @@ def test_info_weight_bytes_and_the_paper_single_gpu_context(capsys):
     assert "largest context" in out and "activation allowance" in out
     bf16 = quant_weight_total("bf16")
     assert bf16 > 100e9  # in 16 bits the weights alone exceed the GPU
+    main(["info", "--preset", "jamba-v0.1", "--device-memory", "80GB"])  # was "-N GiB / 114,688 B = 0 tokens"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("no context fits: the weights and state are ")
     with pytest.raises(SystemExit, match="memory size"):
         main(["info", "--preset", "tiny", "--device-memory", "eighty"])
 
