@@ -131,8 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     device = args.device or default_device()
     kv_dtype = resolve_dtype(args.kv_dtype, device, "--kv-dtype") if args.kv_dtype else None
+    tokenizer = load_tokenizer(args.model)  # before the weights: a missing tokenizer fails in a second, not minutes
     model = load_model(args, device)
-    tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         if model.config.bos_token_id is None:
@@ -210,9 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.tasks and importlib.util.find_spec("lm_eval") is None:
         raise SystemExit("openjamba eval --tasks needs lm-evaluation-harness: pip install 'openjamba[eval]'")
     device = args.device or default_device()
+    tokenizer = load_tokenizer(args.model)  # before the weights, as generate
     model = load_model(args, device)
     model.eval()
-    tokenizer = load_tokenizer(args.model)
     report: dict = {"model": str(args.model)}
     if args.paths:
         stats = CorpusStats()

@@ -46,7 +46,7 @@ def test_a_flag_the_verb_does_not_take_is_named_by_the_verb(capsys):
 
 
 def test_a_shared_helpers_error_names_the_verb(tmp_path):
-    random_model().save_pretrained(tmp_path)
+    checkpoint_with_tokenizer(tmp_path)
     with pytest.raises(SystemExit, match="^openjamba generate: error: unknown --dtype 'fp7'"):
         main(["generate", "--model", str(tmp_path), "--prompt", "x", "--dtype", "fp7"])
 
@@ -182,3 +182,17 @@ def test_describe_prepared_gives_a_small_corpus_a_readable_size():
     meta = {"files": 5, "documents": 5, "bytes": 48_333, "skipped_summary": "nothing skipped", "vocab_size": 300,
             "dtype": "uint16", "splits": {"train": split, "val": split}}
     assert describe_prepared(meta, "out").startswith("5 files, 5 documents, 47.20 KiB of text;")  # was "0.0 MB"
+
+
+def test_a_missing_tokenizer_is_found_before_the_weights_load(tmp_path, monkeypatch):
+    random_model().save_pretrained(tmp_path)  # no tokenizer files
+    (tmp_path / "valid.txt").write_text("text")
+
+    def load_model(args, device):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("openjamba.cli.load_model", load_model)
+    for argv in (["generate", "--model", str(tmp_path), "--prompt", "x"],
+                 ["eval", "--model", str(tmp_path), str(tmp_path / "valid.txt")]):
+        with pytest.raises(SystemExit, match="has no tokenizer.json or tokenizer.model"):
+            main(argv)
