@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from . import quant
 from .config import JambaConfig
 from .files import write_atomic
 from .ops.prepared import invalidate
-from .progress import Progress
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -286,6 +287,9 @@ def _inspect(path: Path, quantize: str | None = None):
     return config, entries, check_tensors(entries, expected, config), model, method, pieces
 
 
+LOAD_PROGRESS_DELAY = 1.0  # seconds before a load's progress bar appears: small models and tests stay quiet
+
+
 def load_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     quantize: str | None = None, group_size: int | None = None, prepare_kernels: bool = True, progress: bool = False,
@@ -295,7 +299,7 @@ def load_pretrained(
     `quantize` ("int8" or "int4"; see `openjamba.quant`) quantizes each weight as it is read, a block of rows at a
     time, so peak memory stays near the quantized size; a checkpoint written by `openjamba quantize` loads
     quantized without it. `prepare_kernels=False` leaves the weights in the documented layout (for saving them).
-    `progress`: report on stderr while a load takes more than a second (the command line's verbs do).
+    `progress`: a progress bar on stderr once a load has taken a second (the command line's verbs ask for it).
     """
     path = Path(path)
     config, entries, targets, model, method, pieces = _inspect(path, quantize)
@@ -330,13 +334,15 @@ def load_pretrained(
             to_quantize.append((name, target, quantized[param]))
         else:
             by_file.setdefault(entries[name].file, []).append((name, target.view(params[param])))
-    report = Progress(f"loading {path.name}", sum(entries[name].nbytes for name in targets), enabled=progress)
+    report = tqdm(total=sum(entries[name].nbytes for name in targets), desc=f"loading {path.name}", unit="B",
+                  unit_scale=True, delay=LOAD_PROGRESS_DELAY, disable=not progress, file=sys.stderr,
+                  mininterval=0.2 if sys.stderr.isatty() else 10)  # a log gets a line every 10 s, not a stream
     with torch.no_grad():
         for file, destinations in by_file.items():
-            copy_from_file(file, destinations, lambda name: report.advance(entries[name].nbytes))
+            copy_from_file(file, destinations, lambda name: report.update(entries[name].nbytes))
         for name, target, weight in to_quantize:  # one tensor at a time, a block of rows at a time
             _fill_quantized(weight, target, name, entries[name], pieces)
-            report.advance(entries[name].nbytes)
+            report.update(entries[name].nbytes)
         _warn_non_finite(model, path)
     report.close()
     if method is not None:

@@ -689,7 +689,7 @@ class JambaForCausalLM(nn.Module):
         """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`.
 
         `quantize` ("int8", "int4") quantizes the large projections' weights as they load (see `openjamba.quant`);
-        `progress` reports on stderr while the load takes more than a second.
+        `progress` shows a bar on stderr once the load has taken a second.
         """
         from .hf import load_pretrained
 
