@@ -118,3 +118,19 @@ def byte_level_tokenizer(corpus: list[str] | None = None, vocab_size: int = 320)
         vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return TextTokenizer.from_backend(tokenizer)
+
+
+def mutated_text(sequence, rng, alphabet):
+    """`sequence` (bytes or str) with one to three random edits: an element of `alphabet` inserted or substituted,
+    or one deleted. The near-valid inputs on which the grammar and parser tests hold a recogniser to its plain
+    reference."""
+    items = list(sequence)
+    for _ in range(rng.randint(1, 3)):
+        at, kind = rng.randrange(len(items) + 1), rng.randrange(3)
+        if kind == 0 or not items:
+            items.insert(at, rng.choice(alphabet))
+        elif kind == 1:
+            del items[min(at, len(items) - 1)]
+        else:
+            items[min(at, len(items) - 1)] = rng.choice(alphabet)
+    return bytes(items) if isinstance(sequence, bytes) else "".join(items)

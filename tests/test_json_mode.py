@@ -17,7 +17,7 @@ from openjamba.serve.json_mode import JsonGrammar, JsonVocabulary
 from openjamba.serve.sampling import RowSampling, SamplingParams, sample_rows
 from openjamba.tokenizer import load_tokenizer
 
-from .conftest import byte_level_tokenizer
+from .conftest import byte_level_tokenizer, mutated_text
 from .serve_helpers import tiny_server
 from .tokenizer_fixtures import write_jamba2, write_jamba16
 
@@ -53,17 +53,8 @@ def test_grammar_agrees_with_python_json():
         for k in range(len(doc) + 1):  # every prefix of a valid document can still become one
             assert grammar.feed(grammar.start(), doc[:k]) is not None, (doc, k)
         for _ in range(600):
-            data = bytearray(doc)
-            for _ in range(rng.randint(1, 3)):
-                at = rng.randrange(len(data) + 1)
-                kind = rng.randrange(3)
-                if kind == 0 or not data:
-                    data.insert(at, rng.choice(MUTATIONS))
-                elif kind == 1:
-                    del data[min(at, len(data) - 1)]
-                else:
-                    data[min(at, len(data) - 1)] = rng.choice(MUTATIONS)
-            assert grammar_accepts(grammar, bytes(data)) == python_accepts(bytes(data)), bytes(data)
+            data = mutated_text(doc, rng, MUTATIONS)
+            assert grammar_accepts(grammar, data) == python_accepts(data), data
 
 
 def test_object_only_and_the_whitespace_cap():

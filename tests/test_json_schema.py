@@ -14,6 +14,7 @@ from openjamba.serve.json_mode import JsonVocabulary
 from openjamba.serve.json_schema import compile_schema
 from openjamba.tokenizer import load_tokenizer
 
+from .conftest import mutated_text
 from .tokenizer_fixtures import write_jamba2
 
 SCHEMA = {
@@ -77,18 +78,10 @@ def test_documents_the_schema_grammar_accepts_are_valid():
     for instance in GOOD:
         base = json.dumps(instance).encode()
         for _ in range(1000):
-            data = bytearray(base)
-            for _ in range(rng.randint(1, 3)):
-                at, kind = rng.randrange(len(data) + 1), rng.randrange(3)
-                if kind == 0 or not data:
-                    data.insert(at, rng.choice(alphabet))
-                elif kind == 1:
-                    del data[min(at, len(data) - 1)]
-                else:
-                    data[min(at, len(data) - 1)] = rng.choice(alphabet)
-            if accepts(grammar, bytes(data)):
+            data = mutated_text(base, rng, alphabet)
+            if accepts(grammar, data):
                 accepted += 1
-                jsonschema.validate(json.loads(bytes(data)), SCHEMA)
+                jsonschema.validate(json.loads(data), SCHEMA)
     assert accepted > 50
 
 

@@ -19,7 +19,7 @@ from openjamba.serve.json_mode import ByteGrammar, JsonVocabulary
 from openjamba.serve.tool_choice import ToolChoice, added_token_bytes, call_grammar, tool_call_grammar
 from openjamba.tokenizer import load_tokenizer
 
-from .conftest import byte_level_tokenizer
+from .conftest import byte_level_tokenizer, mutated_text
 from .serve_helpers import CHAT_TEMPLATE, CORPUS, tiny_server
 from .tokenizer_fixtures import write_jamba2, write_jamba16
 
@@ -150,20 +150,6 @@ class Reference:
 EMPTY = ((), (), None)  # a grammar state with no threads: complete nowhere
 
 
-def mutated(reply: bytes, rng: random.Random) -> bytes:
-    data = bytearray(reply)
-    for _ in range(rng.randint(1, 3)):
-        at = rng.randrange(len(data))
-        choice = rng.randrange(3)
-        if choice == 0:
-            data.insert(at, rng.choice(MUTATIONS))
-        elif choice == 1:
-            del data[at]
-        else:
-            data[at] = rng.choice(MUTATIONS)
-    return bytes(data)
-
-
 @pytest.mark.parametrize("kind", ["hermes", "jamba"])
 @pytest.mark.parametrize("think", [False, True])
 @pytest.mark.parametrize("several", [False, True])
@@ -185,7 +171,7 @@ def test_grammar_agrees_with_the_reference(kind, think, several):
             state = grammar.feed(grammar.start(), reply[:k])
             assert state is not None and grammar.complete(state) == reference.whole(reply[:k]), reply[:k]
         for _ in range(150):
-            data = mutated(reply, rng)
+            data = mutated_text(reply, rng, MUTATIONS)
             state = grammar.feed(grammar.start(), data)
             assert (state is not None) == reference.viable(data), data
             whole = state is not None and grammar.complete(state)
