@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         generator=generator,
-        streamer=TextStreamer(tokenizer),
+        streamer=TextStreamer(tokenizer, skip_special_tokens=True),
         kv_dtype=kv_dtype,
     )
 
@@ -315,7 +315,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         sys.stdout.write(prompt)
         model.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=args.sample_tokens,
                        do_sample=True, temperature=0.7, top_k=40, generator=generator,
-                       streamer=TextStreamer(tokenizer))
+                       streamer=TextStreamer(tokenizer, skip_special_tokens=True))
     print(f"\nvalidation loss: {result.val_loss:.3f} nats/token" if result.val_loss is not None else "")
     print(f"loss curve: {result.loss_png}\nmetrics: {result.metrics_file}\nmodel: {result.model_dir}\n"
           f"next: openjamba generate --model {result.model_dir} --prompt 'def parse('\n"

@@ -27,12 +27,14 @@ class Streamer(Protocol):
 
 
 class TextStreamer:
-    """Prints decoded text as it is generated (batch size 1), like transformers' TextStreamer."""
+    """Prints decoded text as it is generated (batch size 1), like transformers' TextStreamer: `decode_kwargs`
+    go to `tokenizer.decode` (`skip_special_tokens=True` leaves out an ending `<eos>`)."""
 
-    def __init__(self, tokenizer, skip_prompt: bool = True, stream=None) -> None:
+    def __init__(self, tokenizer, skip_prompt: bool = True, stream=None, **decode_kwargs) -> None:
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
         self.stream = stream or sys.stdout
+        self.decode_kwargs = decode_kwargs
         self.ids: list[int] = []
         self.printed = 0
         self.seen_prompt = False
@@ -45,7 +47,7 @@ class TextStreamer:
             if self.skip_prompt:
                 return
         self.ids.extend(tokens.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             return
         self.stream.write(text[self.printed:])
@@ -53,7 +55,7 @@ class TextStreamer:
         self.printed = len(text)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, **self.decode_kwargs)
         self.stream.write(text[self.printed:] + "\n")
         self.stream.flush()
         self.ids, self.printed, self.seen_prompt = [], 0, False

@@ -136,6 +136,21 @@ def test_streamer_prints_the_new_text():
     assert sink.getvalue() == Tok().decode(out[0, 4:].tolist()) + "\n"
 
 
+def test_streamer_passes_its_decode_arguments():
+    """`openjamba generate` and quickstart's samples stream with skip_special_tokens=True: no trailing <eos>."""
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join("" if i == 0 and skip_special_tokens else "<eos>" if i == 0 else chr(96 + i) for i in ids)
+
+    for skip, expected in ((False, "ab<eos>\n"), (True, "ab\n")):
+        sink = io.StringIO()
+        streamer = TextStreamer(Tok(), stream=sink, skip_special_tokens=skip)
+        for step in ([3, 4], [1], [2], [0]):  # the prompt, then one token per step
+            streamer.put(torch.tensor([step]))
+        streamer.end()
+        assert sink.getvalue() == expected
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(do_sample=True, temperature=0.0), "temperature"),
