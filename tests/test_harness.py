@@ -220,6 +220,17 @@ def test_lm_eval_cli_runs_openjamba(env, tmp_path):
     assert results["results"]["ojtest_mc"]["acc,none"] == pytest.approx(correct / len(MC_DOCS))
 
 
+def test_lm_eval_cli_names_a_bad_checkpoint_in_one_line(env, tmp_path, monkeypatch):
+    from openjamba.eval.harness import main
+
+    monkeypatch.setattr(sys, "argv", ["harness"])  # main() replaces it with lm_eval's arguments
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "openjamba", "--model_args", f"pretrained={tmp_path / 'missing'}", "--tasks", "ojtest_mc",
+              "--include_path", str(env["tasks"]), "--device", "cpu"])
+    assert exit_.value.code == (f"python -m openjamba.eval.harness: error: {tmp_path / 'missing'} is not a directory "
+                                "(expected a checkpoint directory with config.json)")
+
+
 def test_wheels_declare_the_lm_eval_entry_point_and_install_no_startup_hook(tmp_path):
     """Both wheels pip builds (regular and editable) build from pyproject.toml alone, carry no .pth file, and
     declare the model in lm_eval's "lm_eval.models" entry-point group, which resolves to OpenJambaLM."""

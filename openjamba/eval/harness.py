@@ -279,14 +279,23 @@ def register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m openjamba.eval.harness ...`: lm_eval's own command line, with `--model openjamba` available."""
+    """`python -m openjamba.eval.harness ...`: lm_eval's own command line, with `--model openjamba` available.
+    A checkpoint that cannot be loaded (a wrong `pretrained=` path, a broken or badly quantized checkpoint) is
+    one line on stderr, as with `openjamba eval`; lm_eval's own errors keep its reporting."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
+    from ..cli import describe_error
+    from ..hf import CheckpointError
+    from ..quant import QuantizationError
+
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (CheckpointError, QuantizationError, FileNotFoundError) as err:
+        raise SystemExit(f"python -m openjamba.eval.harness: error: {describe_error(err)}") from None
 
 
 if __name__ == "__main__":
