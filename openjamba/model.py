@@ -12,7 +12,8 @@ Read top to bottom:
 The decode fast path: a cached one-token step (`JambaForCausalLM.decode_step`, taken by `forward` when it applies)
 runs each module's `decode_step` on rows (B, H) instead of its `forward`. Same math, fewer ops: small models decode
 at the speed of their op count, so there the residual adds are fused into the norms and FFN kernels, and on CPU a
-whole layer (mixer, FFN, a MoE's routing included) is one call bound once to its weights (`DecoderLayer`).
+whole layer (mixer, FFN, a MoE's routing included) is one call bound once to its weights
+(`ops.prepared.BoundDecodeStep`).
 
 Module and parameter names equal Hugging Face's, so a checkpoint's tensors map one to one; the only exception
 is the experts, kept fused per layer (`experts.gate_up_proj`, `experts.down_proj`) and converted in `hf.py`.
@@ -32,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import HybridCache, KVCache, MambaState
 from .config import JambaConfig
-from .ops.prepared import ModelStamp, invalidate, kept_while_unchanged
+from .ops.prepared import BoundDecodeStep, invalidate, prepared_model_steps
 
 
 class Linear(nn.Linear):
@@ -92,6 +93,10 @@ class Attention(nn.Module):
                 dropout_p=dropout, enable_gqa=self.num_kv_heads != self.num_heads,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))  # (B, heads, T, hd) -> (B, T, D)
+
+    def step_weights(self) -> tuple | None:
+        """(q, k, v, o) as the fused decode step reads them (`_step_weights`), or None."""
+        return _step_weights(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
 
 @dataclass
@@ -197,6 +202,14 @@ class MambaMixer(nn.Module):
         """The weights of x_proj and dt_proj as the fused decode step reads them: plain matrices, or quantized
         weights (openjamba.quant.QuantizedLinear's); None when either is something else."""
         return _step_weights(self.x_proj, self.dt_proj)
+
+    def step_weights(self) -> tuple | None:
+        """(in_proj, out_proj, `_step_weights()`) as a whole layer's one-call step reads them (no projection
+        biases), or None."""
+        weights, inner = _step_weights(self.in_proj, self.out_proj), self._step_weights()
+        if weights is None or inner is None or self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return None
+        return *weights, inner
 
     def _fused_decode_step(self, xz: torch.Tensor, state: MambaState, weights: tuple) -> torch.Tensor:
         """The steps above for one token (conv, x_proj, norms, dt_proj, state update, gate) as one op (per-op
@@ -348,8 +361,9 @@ class SparseMoE(nn.Module):
         return "moe", self.router.weight, experts.gate_up_proj, experts.down_proj, self.top_k
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(.)). The mixer is `mamba` or `self_attn`."""
+class DecoderLayer(BoundDecodeStep, nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(.)). The mixer is `mamba` or `self_attn`.
+    Its decode step bound to its weights (`_prepared_step`, one call on CPU) comes from `BoundDecodeStep`."""
 
     def __init__(self, config: JambaConfig, index: int) -> None:
         super().__init__()
@@ -399,58 +413,6 @@ class DecoderLayer(nn.Module):
             h = self.mamba.decode_step(h, layer_cache)
         x, h = ops.add_rms_norm(x, h, self.pre_ff_layernorm.weight, self.pre_ff_layernorm.eps)
         return self.feed_forward.decode_step(h, x)
-
-    def step_state(self, attn_mask: AttentionMask, layer_cache) -> tuple:
-        """What a prepared step takes after x: the K/V cache, its column and row starts, or the Mamba state."""
-        if self.is_attention:
-            return layer_cache, attn_mask.past_length, attn_mask.row_starts
-        return layer_cache.conv, layer_cache.ssm
-
-    def _prepared_step(self, x: torch.Tensor, attn_mask: AttentionMask):
-        """This layer's decode step bound to its weights (`ops.prepare_*_layer_step`: one call on CPU) for a few rows
-        (attention: unmasked), else None; kept, for the kernels and thread count it was made for, while the layer
-        holds the same weights (`ops.prepared`): binding checks every weight. Not under autograd."""
-        device = x.device
-        if (torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device)
-                or (self.is_attention and (attn_mask.mask is not None or self.training))):
-            return None
-        return kept_while_unchanged(self, _step_key(device), self._versioned, lambda: self._bind_step(device))
-
-    def _versioned(self) -> tuple[torch.Tensor, ...]:
-        """What the bound step holds a value computed from: A = -exp(A_log). Rebound when it is updated in place."""
-        return () if self.is_attention else (self.mamba.A_log,)
-
-    def _bind_step(self, device: torch.device):
-        weights = self.step_weights()
-        if weights is None:
-            return None
-        norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
-        if self.is_attention:
-            heads = (self.self_attn.num_heads, self.self_attn.num_kv_heads)
-            return ops.prepare_attention_layer_step(norms[0], weights[0], *heads, norms[1], weights[1], device)
-        in_proj, out_proj, ffn, step_weights = weights
-        return ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(step_weights), out_proj,
-                                            norms[1], ffn, device)
-
-    def step_weights(self) -> tuple | None:
-        """The weights its one-call step reads: attention ((q, k, v, o), the FFN's `step_weights()`), Mamba (in_proj,
-        out_proj, the FFN's, the mixer's `_step_weights()`; no projection biases); else None."""
-        ffn = self.feed_forward.step_weights()
-        if self.is_attention:
-            attn = self.self_attn
-            projections = _step_weights(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-            return None if projections is None or ffn is None else (projections, ffn)
-        mixer = self.mamba
-        weights, step_weights = _step_weights(mixer.in_proj, mixer.out_proj), mixer._step_weights()
-        if (weights is None or ffn is None or step_weights is None or mixer.in_proj.bias is not None
-                or mixer.out_proj.bias is not None):
-            return None
-        return *weights, ffn, step_weights
-
-
-def _step_key(device: torch.device) -> tuple:
-    """What a bound decode step was made for besides the weights: device, kernels, thread count."""
-    return device, ops.backend_for(device), torch.get_num_threads()
 
 
 class JambaModel(nn.Module):
@@ -587,17 +549,8 @@ class JambaForCausalLM(nn.Module):
         return x
 
     def _prepared_steps(self, x: torch.Tensor, attn_mask: AttentionMask) -> list:
-        """Each layer's `DecoderLayer._prepared_step`, kept for all layers together and checked once per token
-        (`ops.prepared.ModelStamp`: per layer, the checks cost ~0.5 ms of a 28-layer model's token)."""
-        layers, device = self.model.layers, x.device
-        if torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device):
-            return [None] * len(layers)
-        steps = kept_while_unchanged(layers, _step_key(device), lambda: sum((la._versioned() for la in layers), ()),
-                                     lambda: [layer._bind_step(device) for layer in layers], ModelStamp)
-        if attn_mask.mask is None and not any(layer.training for layer in layers):
-            return steps
-        return [None if layer.is_attention and (attn_mask.mask is not None or layer.training) else step
-                for layer, step in zip(layers, steps)]
+        """Each layer's bound step (`DecoderLayer._prepared_step`), kept and checked once per token for all layers."""
+        return prepared_model_steps(self.model.layers, x, attn_mask)
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """An id beyond the embedding table would fail deep inside as a bare IndexError (or read garbage on GPU)."""

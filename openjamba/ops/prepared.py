@@ -1,8 +1,9 @@
-"""Decode steps bound to a layer's weights once and kept between tokens, and how a kept step knows it is still
-valid. Binding a quantized Mamba+MLP layer's one-call step (`ops.prepare_mamba_layer_step`) checks every weight
-and builds the kernel's argument structures, which on a 3B model cost about as much per token as the call's own
-small ops; a bound step holds raw pointers, so it is kept only while the layer holds the same tensors
-(`ModuleSnapshot`, checked per layer; `ModelStamp`, checked once per token for a whole model's layers)."""
+"""Decode steps bound to a layer's weights once and kept between tokens (`BoundDecodeStep`, the decoder layer's
+part that does it), and how a kept step knows it is still valid. Binding a quantized Mamba+MLP layer's one-call
+step (`ops.prepare_mamba_layer_step`) checks every weight and builds the kernel's argument structures, which on a
+3B model cost about as much per token as the call's own small ops; a bound step holds raw pointers, so it is kept
+only while the layer holds the same tensors (`ModuleSnapshot`, checked per layer; `ModelStamp`, checked once per
+token for a whole model's layers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .. import ops
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (key, snapshot, what was built)
 
@@ -27,6 +30,73 @@ def kept_while_unchanged(module: nn.Module, key: Hashable, versioned: Callable[[
         snapshot = (snapshot or ModuleSnapshot)(module, versioned())
         kept = _KEPT[module] = (key, snapshot, build())
     return kept[2]
+
+
+class BoundDecodeStep:
+    """A decoder layer's one-token step bound to its weights: `ops.prepare_attention_layer_step` or
+    `ops.prepare_mamba_layer_step` (one call on CPU), kept while the layer holds the same weights. A part of
+    model.DecoderLayer, which supplies is_attention, self_attn or mamba, feed_forward and the two norms."""
+
+    def _prepared_step(self, x: torch.Tensor, attn_mask):
+        """The bound step for a few rows (attention: unmasked), else None. Not under autograd."""
+        device = x.device
+        if (torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device)
+                or (self.is_attention and (attn_mask.mask is not None or self.training))):
+            return None
+        return kept_while_unchanged(self, _step_key(device), self._versioned, lambda: self._bind_step(device))
+
+    def step_state(self, attn_mask, layer_cache) -> tuple:
+        """What a bound step takes after x: the K/V cache, its column and row starts, or the Mamba state."""
+        if self.is_attention:
+            return layer_cache, attn_mask.past_length, attn_mask.row_starts
+        return layer_cache.conv, layer_cache.ssm
+
+    def step_weights(self) -> tuple | None:
+        """The weights the bound step reads: attention ((q, k, v, o), the FFN's `step_weights()`), Mamba (the
+        mixer's `step_weights()`, then the FFN's); None where the kernels cannot read them."""
+        ffn = self.feed_forward.step_weights()
+        mixer = self.self_attn.step_weights() if self.is_attention else self.mamba.step_weights()
+        if mixer is None or ffn is None:
+            return None
+        if self.is_attention:
+            return mixer, ffn
+        in_proj, out_proj, inner = mixer
+        return in_proj, out_proj, ffn, inner
+
+    def _versioned(self) -> tuple[torch.Tensor, ...]:
+        """What the bound step holds a value computed from: A = -exp(A_log). Rebound when it is updated in place."""
+        return () if self.is_attention else (self.mamba.A_log,)
+
+    def _bind_step(self, device: torch.device):
+        weights = self.step_weights()
+        if weights is None:
+            return None
+        norms = [(n.weight, n.eps) for n in (self.input_layernorm, self.pre_ff_layernorm)]
+        if self.is_attention:
+            heads = (self.self_attn.num_heads, self.self_attn.num_kv_heads)
+            return ops.prepare_attention_layer_step(norms[0], weights[0], *heads, norms[1], weights[1], device)
+        in_proj, out_proj, ffn, inner = weights
+        return ops.prepare_mamba_layer_step(norms[0], in_proj, self.mamba.step_params(inner), out_proj, norms[1],
+                                            ffn, device)
+
+
+def prepared_model_steps(layers: nn.ModuleList, x: torch.Tensor, attn_mask) -> list:
+    """Each layer's `BoundDecodeStep._prepared_step` (None where it has none), kept for all the layers together and
+    checked once per token (`ModelStamp`: per layer, the checks cost ~0.5 ms of a 28-layer model's token)."""
+    device = x.device
+    if torch.is_grad_enabled() or x.shape[0] > ops.fused_step_rows(device):
+        return [None] * len(layers)
+    steps = kept_while_unchanged(layers, _step_key(device), lambda: sum((la._versioned() for la in layers), ()),
+                                 lambda: [layer._bind_step(device) for layer in layers], ModelStamp)
+    if attn_mask.mask is None and not any(layer.training for layer in layers):
+        return steps
+    return [None if layer.is_attention and (attn_mask.mask is not None or layer.training) else step
+            for layer, step in zip(layers, steps)]
+
+
+def _step_key(device: torch.device) -> tuple:
+    """What a bound decode step was made for besides the weights: device, kernels, thread count."""
+    return device, ops.backend_for(device), torch.get_num_threads()
 
 
 class ModuleSnapshot:
