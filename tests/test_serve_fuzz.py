@@ -1,5 +1,6 @@
 """Random mutations of valid requests to every POST route of a live server: whatever a client sends, the answer is
-a 2xx or an error in OpenAI's shape (never a 5xx or a traceback), and the server keeps serving."""
+a 2xx or an error in OpenAI's shape (Anthropic's on /v1/messages; never a 5xx or a traceback), and the server keeps
+serving."""
 
 from __future__ import annotations
 
@@ -39,7 +40,15 @@ VALUES = [
     [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"type": "integer"}}}}}],
     [{"type": "function", "name": "f", "parameters": {}}], [{"title": "d", "text": "t"}],
+    {"type": "any"}, {"type": "tool", "name": "get_weather"}, {"type": "enabled", "budget_tokens": 10},
+    [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": [{"type": "text"}]}]}],
+    [{"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}],
+    [{"role": "user", "content": [{"type": "image", "source": {}}]}], [{"name": "f", "input_schema": {}}],
+    {"format": {"type": "json_schema", "schema": {"type": "object"}}},
 ]
+MESSAGES = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "system": "s",
+            "tools": [{"name": "get_weather", "input_schema": TOOLS[0]["function"]["parameters"]}],
+            "tool_choice": {"type": "auto"}, "thinking": {"type": "disabled"}}
 VALID = {
     "/v1/completions": {
         "prompt": "hello", "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": False, "stop": ["x"], "n": 1,
@@ -53,6 +62,9 @@ VALID = {
         "documents": None},
     "/v1/responses": {"input": "hi", "max_output_tokens": 4, "temperature": 0, "tools": TOOLS,
                       "instructions": "be brief", "stream": False, "tool_choice": "auto", "store": True},
+    "/v1/messages": {**MESSAGES, "max_tokens": 4, "stop_sequences": ["x"], "temperature": 0, "stream": False,
+                     "metadata": {"user_id": "u"}},
+    "/v1/messages/count_tokens": MESSAGES,
     "/tokenize": {"prompt": "hello", "add_special_tokens": True},
     "/detokenize": {"tokens": [1, 2, 3]},
 }
@@ -103,7 +115,10 @@ def test_mutated_requests_never_fail_the_server(tmp_path, seed):
             statuses.add(response.status_code)
             assert response.status_code < 500, (path, body, text[:300])
             assert "Traceback" not in text
-            if response.status_code >= 400:
-                assert set(json.loads(text)["error"]) >= {"message", "type", "param", "code"}, (path, body, text)
+            if response.status_code >= 400:  # OpenAI's error shape, or Anthropic's on its routes
+                answer, fields = json.loads(text), {"message", "type", "param", "code"}
+                if path.startswith("/v1/messages"):
+                    answer, fields = (answer if answer.pop("type") == "error" else {}), {"message", "type"}
+                assert set(answer["error"]) >= fields, (path, body, text)
         assert client.get("/health").status_code == 200
     assert {200, 400} <= statuses  # both answers were exercised

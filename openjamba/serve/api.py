@@ -53,10 +53,12 @@ class _Rejected(Exception):
 
 
 def check_key(request: Request, config: ServerConfig) -> None:
-    """401 unless the request carries `Authorization: Bearer KEY` (when the server has a key)."""
-    if config.api_key is not None and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-        raise _Rejected(401, p.error_body("invalid or missing API key (Authorization: Bearer KEY)",
-                                          "invalid_request_error", code="invalid_api_key"))
+    """401 unless the request carries `Authorization: Bearer KEY` or, as the anthropic client sends it,
+    `x-api-key: KEY` (when the server has a key)."""
+    if config.api_key is not None and request.headers.get("authorization", "") != f"Bearer {config.api_key}" \
+            and request.headers.get("x-api-key") != config.api_key:
+        raise _Rejected(401, p.error_body("invalid or missing API key (Authorization: Bearer KEY, or x-api-key: "
+                                          "KEY)", "invalid_request_error", code="invalid_api_key"))
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -85,6 +87,7 @@ class Choice:
     anchor_text: str | None = None  # decode([anchor]), once
     finish_reason: str | None = None
     stopped_by_string: bool = False
+    stop_string: str | None = None  # the stop string that ended the choice
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
     prompt_logprobs: list | None = None  # (logprob, top) of prompt tokens 1.., from the first token's event
     prompt_tokens: int = 0
@@ -108,7 +111,7 @@ class Choice:
         for stop in self.stops:
             at = full.find(stop, max(0, self.emitted - len(stop) + 1))
             if at != -1:
-                self.stopped_by_string, self.finish_reason = True, "stop"
+                self.stopped_by_string, self.finish_reason, self.stop_string = True, "stop", stop
                 return self._emit(full[:at])
         return self._emit(full[: len(full) - _held_back(full, self.stops)])
 
@@ -380,26 +383,33 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     return app
 
 
-async def stream_body(submission: Submission, chunks: AsyncIterator[bytes | dict]) -> AsyncIterator[bytes]:
-    """SSE bytes from `chunks` (events as bytes, or dicts to serialize); an engine error becomes an error event;
-    `[DONE]` always ends the stream; the engine requests are cancelled however the stream ends (the client closing
-    it included). Chunks made while more events wait in the submission's inbox (n choices, or a backlog) are held
-    and sent with the last of them: one write to the socket for them all."""
+def openai_error_event(message: str) -> bytes:
+    return sse(p.error_body(message, "server_error"))
+
+
+async def stream_body(submission: Submission, chunks: AsyncIterator[bytes | dict], encode: Callable = sse,
+                      error_event: Callable[[str], bytes] = openai_error_event,
+                      done: bytes = sse("[DONE]")) -> AsyncIterator[bytes]:
+    """SSE bytes from `chunks` (events as bytes, or dicts to `encode`); an engine error becomes `error_event`;
+    `done` (OpenAI's `[DONE]`) always ends the stream; the engine requests are cancelled however the stream ends
+    (the client closing it included). Chunks made while more events wait in the submission's inbox (n choices, or a
+    backlog) are held and sent with the last of them: one write to the socket for them all."""
     held: list[bytes] = []
     try:
         async for chunk in chunks:
-            held.append(chunk if type(chunk) is bytes else sse(chunk))
+            held.append(chunk if type(chunk) is bytes else encode(chunk))
             if not submission.buffered:
                 yield b"".join(held)
                 held.clear()
     except RuntimeError as err:
-        held.append(sse(p.error_body(str(err), "server_error")))
+        held.append(error_event(str(err)))
     finally:
         submission.cancel()
-    held.append(sse("[DONE]"))
+    held.append(done)
     yield b"".join(held)
 
 
-def streaming_response(submission: Submission, chunks: AsyncIterator[bytes | dict]) -> StreamingResponse:
-    return StreamingResponse(stream_body(submission, chunks), media_type="text/event-stream",
+def streaming_response(submission: Submission, chunks: AsyncIterator[bytes | dict], **body) -> StreamingResponse:
+    """`body`: stream_body's encode, error_event and done (another API's events)."""
+    return StreamingResponse(stream_body(submission, chunks, **body), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

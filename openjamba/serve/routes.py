@@ -25,6 +25,7 @@ from .api import (
 )
 from .json_mode import JsonVocabulary
 from .json_schema import compile_schema
+from .messages import add_message_routes
 from .responses import add_response_routes
 from .sse import ChunkFormat, delta_json, text_json
 from .tool_choice import ToolChoice, added_token_bytes, cache_key, functions_of, tool_call_grammar
@@ -117,20 +118,26 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             submission.cancel()
         return None
 
-    async def start_chat(req: p.ChatCompletionRequest) -> tuple[Submission, list[int], bool]:
-        """Render a chat request through the template and submit its choices: (the submission, the prompt ids,
-        whether tool calls are parsed from the output). /v1/chat/completions and /v1/responses both start here."""
+    def render(req: p.ChatCompletionRequest) -> tuple[list[dict], list[dict] | None, list[int]]:
+        """A chat request's messages and tools as the template reads them, and the prompt's token ids."""
         if chat is None:
             raise p.RequestError("this model has no chat template (chat_template in tokenizer_config.json or "
                                  "chat_template.jinja), so it cannot chat; use /v1/completions",
                                  param="messages", code="chat_template_missing")
-        forced, forced_name = req.forced_tool()
         messages = [m.for_template() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
             ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs)
         except chat.error as err:
             raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
+        return messages, tools, ids
+
+    async def start_chat(req: p.ChatCompletionRequest) -> tuple[Submission, list[int], bool]:
+        """Render a chat request through the template and submit its choices: (the submission, the prompt ids,
+        whether tool calls are parsed from the output). /v1/chat/completions, /v1/responses and /v1/messages all
+        start here."""
+        messages, tools, ids = render(req)
+        forced, forced_name = req.forced_tool()
         max_tokens = check_length(ids, req.max_tokens, "messages")
         parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
 
@@ -285,6 +292,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
 
     add_tokenizer_routes(app, tokenizer, config, chat, check_model)
     add_response_routes(app, config, chat, tokenizer, start_chat, run, check_model)
+    add_message_routes(app, config, chat, start_chat, render, run)
 
 
 def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, check_model) -> None:
