@@ -14,10 +14,14 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
+from openjamba.serve.api import ServerConfig, create_app
 from openjamba.serve.messages import BlockStream
+from openjamba.serve.templating import ChatFormat
+from openjamba.tokenizer import load_tokenizer
 from openjamba.tool_calls import ToolCallDelta
 
-from .serve_helpers import tiny_server
+from .serve_helpers import build_checkpoint, running_server, tiny_server
+from .test_serve import STREAMED_CALLS, ScriptedEngine
 from .test_tool_choice import OPENS_THINKING, WEATHER, closing_bias
 
 MODEL = "tiny-jamba"
@@ -47,9 +51,9 @@ def text_of(message) -> str:
     return "".join(b.text for b in message.content if b.type == "text")
 
 
-def shape(message) -> list[dict]:
-    """A message's content blocks as plain dicts (the stream helper's blocks add a parsed_output)."""
-    return [{k: v for k, v in b.to_dict().items() if k != "parsed_output"} for b in message.content]
+def shape(message, drop: tuple[str, ...] = ()) -> list[dict]:
+    """A message's content blocks as plain dicts (the stream helper's blocks add a parsed_output), less `drop`."""
+    return [{k: v for k, v in b.to_dict().items() if k not in ("parsed_output", *drop)} for b in message.content]
 
 
 def raw_events(url: str, body: dict) -> list:
@@ -260,3 +264,55 @@ def test_block_stream_with_thinking_text_and_a_call():
         ("content_block_start", 2), ("content_block_delta", 2), ("content_block_delta", 2),
         ("content_block_stop", 2)]
     assert parsed[7].content_block.id == "toolu_1"
+
+
+def test_structured_output(served):
+    _, tokenizer, client, oai = served
+    schema = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+              "additionalProperties": False}
+    bias = closing_bias(tokenizer)
+    r = client.messages.create(model=MODEL, max_tokens=60, messages=[{"role": "user", "content": "weather"}],
+                               output_config={"format": {"type": "json_schema", "schema": schema}},
+                               extra_body={"logit_bias": bias})
+    expected = chat(oai, [{"role": "user", "content": "weather"}], max_tokens=60, logit_bias=bias,
+                    response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    assert text_of(r) == expected.choices[0].message.content and r.stop_reason == "end_turn"
+    assert json.loads(text_of(r))["unit"] in ("celsius", "fahrenheit")
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """A server whose engine writes a given text (the random model never writes a tool call)."""
+    tokenizer = load_tokenizer(build_checkpoint(tmp_path_factory.mktemp("messages-scripted") / MODEL))
+    engine = ScriptedEngine([])
+    config = ServerConfig(model_name=MODEL, max_context=1024, vocab_size=tokenizer.vocab_size)
+    with running_server(create_app(engine, tokenizer, config, ChatFormat(tokenizer))) as url:
+        yield url, tokenizer, engine
+
+
+@pytest.mark.parametrize("text", [
+    '<think>the user wants weather</think>Let me check.\n<tool_call>{"name": "get_weather", "arguments": '
+    '{"city": "Paris"}}</tool_call>', *STREAMED_CALLS])
+def test_streamed_blocks_join_to_the_reply(scripted, text):
+    """Thinking, text and calls streamed one token at a time join, by the SDK's accumulator, to the non-streamed
+    reply; a call whose text turns out malformed (cut short) keeps its streamed block, and its text follows."""
+    url, tokenizer, engine = scripted
+    engine.script = tokenizer.encode(text, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
+    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("write", "get_weather")]
+    request = dict(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "go"}], tools=tools)
+    whole = client.messages.create(**request)
+    with client.messages.stream(**request) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == whole.stop_reason
+    calls = [b for b in whole.content if b.type == "tool_use"]
+    if calls:
+        assert whole.stop_reason == "tool_use" and shape(final, ("id",)) == shape(whole, ("id",))  # ids: new
+        assert len({b.id for b in calls}) == len(calls) and all(b.id.startswith("toolu_") for b in calls)
+    else:  # the cut call: its block as far as it came, then the whole text as the non-streamed reply has it
+        assert whole.stop_reason == "end_turn" and shape(whole) == [{"type": "text", "text": text}]
+        assert [b["type"] for b in shape(final)] == ["tool_use", "text"] and shape(final)[1:] == shape(whole)
+    if text.startswith("<think>"):
+        assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
+        assert whole.content[2].input == {"city": "Paris"} and whole.content[0].thinking == "the user wants weather"
+    raw_events(url, request)  # every event validates, named by its event line
