@@ -548,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.server import add_serve_arguments
 
     srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, state reuse)",
-                           description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
-                           "/v1/chat/completions, /v1/responses, /tokenize, /detokenize, /health, /metrics.")
+                           description="Serve a checkpoint: OpenAI's /v1/models, /v1/completions, /v1/chat/completions"
+                           ", /v1/responses; Anthropic's /v1/messages; /tokenize, /detokenize, /health, /metrics.")
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -59,8 +59,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "checkpoint directory's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
-                        help=f"require `Authorization: Bearer KEY` on /v1/ routes (default: ${API_KEY_ENV}, which "
-                        "keeps the key out of the process list)")
+                        help=f"require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1/ routes (default: "
+                        f"${API_KEY_ENV}, which keeps the key out of the process list)")
     parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
                         "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
     parser.add_argument("--max-running", "--max-num-seqs", type=int, default=32,
