@@ -286,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from ..cli import describe_error
     from ..hf import CheckpointError
     from ..quant import QuantizationError
 
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli_evaluate()
     except (CheckpointError, QuantizationError, FileNotFoundError) as err:
-        raise SystemExit(f"python -m openjamba.eval.harness: error: {describe_error(err)}") from None
+        raise SystemExit(f"python -m openjamba.eval.harness: error: {err}") from None
 
 
 if __name__ == "__main__":
