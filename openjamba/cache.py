@@ -81,9 +81,12 @@ class KVCache:
         self.k = self.k.index_select(0, index.to(self.k.device))
         self.v = self.v.index_select(0, index.to(self.v.device))
 
-    def concat_rows(self, other: KVCache, used: int, other_used: int, columns: int) -> None:
-        """Append other's rows; both sides' used columns end at `columns` (the shorter side padded on the left)."""
+    def concat_rows(self, other: KVCache, used: int, other_used: int, columns: int, limit: int | None = None) -> None:
+        """Append other's rows; both sides' used columns end at `columns` (the shorter side padded on the left).
+        `limit`: at most this many columns of capacity (never fewer than `columns`)."""
         capacity = max(columns, self.k.shape[2] - used + columns)  # this side's headroom is kept
+        if limit is not None:
+            capacity = max(columns, min(capacity, limit))
         if self.static:
             if columns > self.k.shape[2]:
                 raise ValueError(f"cache is full: {columns} tokens exceed its max_length of {self.k.shape[2]}")
@@ -99,6 +102,14 @@ class KVCache:
             joined[rows:, :, :columns - other_used].zero_()
             joined[rows:, :, columns - other_used:columns] = theirs[:, :, :other_used]
             setattr(self, name, joined)
+
+    def resize(self, capacity: int, used: int) -> None:
+        """Exactly `capacity` columns (at least `used`), the first `used` kept: a bounded growth or a trim."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, :used] = old[:, :, :used]
+            setattr(self, name, new)
 
     def drop_leading(self, columns: int) -> None:
         """Forget the first `columns` columns (masked in every row), giving their memory back."""
@@ -164,6 +175,19 @@ class HybridCache:
     def kv_nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers if isinstance(layer, KVCache) for t in layer.tensors())
 
+    def kv_capacity(self) -> int:
+        """Columns of K/V allocated per row (every attention layer has as many), 0 for a model without attention."""
+        return next((layer.k.shape[2] for layer in self.layers if isinstance(layer, KVCache)), 0)
+
+    def resize_kv(self, capacity: int) -> None:
+        """Allocate exactly `capacity` columns of K/V per row (not fewer than `seq_len`), keeping the held ones: a
+        serving engine bounding its K/V grows and trims the batch with this instead of the doubling of `append`."""
+        if capacity < self.seq_len:
+            raise ValueError(f"resize_kv: {capacity} columns cannot hold the {self.seq_len} in use")
+        for layer in self.layers:
+            if isinstance(layer, KVCache) and layer.k.shape[2] != capacity:
+                layer.resize(capacity, self.seq_len)
+
     def mamba_nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers if isinstance(layer, MambaState) for t in layer.tensors())
 
@@ -184,10 +208,11 @@ class HybridCache:
             return [self.seq_len] * self.batch_size
         return self.key_mask[:, : self.seq_len].sum(1).tolist()
 
-    def add_rows(self, other: HybridCache) -> None:
+    def add_rows(self, other: HybridCache, max_capacity: int | None = None) -> None:
         """Append `other`'s rows after this cache's rows, each keeping its own length (a request joining a batch).
 
-        Both sides' columns are aligned at their ends; the shorter side's missing columns are masked out.
+        Both sides' columns are aligned at their ends; the shorter side's missing columns are masked out. The joined
+        K/V keeps this side's headroom after the last column, up to `max_capacity` columns when given.
         """
         if len(other.layers) != len(self.layers):
             raise ValueError("add_rows: the caches belong to different models")
@@ -196,7 +221,7 @@ class HybridCache:
             raise ValueError(f"cache is full: {columns} tokens exceed its max_length of {self.max_length}")
         for mine, theirs in zip(self.layers, other.layers):
             if isinstance(mine, KVCache):
-                mine.concat_rows(theirs, self.seq_len, other.seq_len, columns)
+                mine.concat_rows(theirs, self.seq_len, other.seq_len, columns, max_capacity)
             else:
                 mine.concat_rows(theirs)
         if self.key_mask is None and other.key_mask is None and self.seq_len == other.seq_len:
@@ -273,32 +298,36 @@ class HybridCache:
 
     @classmethod
     def from_row_state(
-        cls, model: JambaForCausalLM, state: RowState, kv_dtype: torch.dtype | None = None
+        cls, model: JambaForCausalLM, state: RowState, kv_dtype: torch.dtype | None = None,
+        capacity: int | None = None,
     ) -> HybridCache:
         """A one-row cache holding `state` exactly, ready to continue (or to join a batch with `add_rows`)."""
-        return cls.from_row_states(model, [state], kv_dtype=kv_dtype)
+        return cls.from_row_states(model, [state], kv_dtype=kv_dtype, capacity=capacity)
 
     @classmethod
     def from_row_states(
-        cls, model: JambaForCausalLM, states: list[RowState], kv_dtype: torch.dtype | None = None
+        cls, model: JambaForCausalLM, states: list[RowState], kv_dtype: torch.dtype | None = None,
+        capacity: int | None = None,
     ) -> HybridCache:
         """A cache whose row i holds `states[i]` exactly, each row with its own length, as `add_rows` would join the
         one-row caches of `from_row_state` (the K/V right-aligned, a shorter row's first columns masked) but with
-        each element written once: many stored states resumed together (requests sharing a system prompt)."""
+        each element written once: many stored states resumed together (requests sharing a system prompt).
+        `capacity`: columns of K/V to allocate (default twice the longest state, as `KVCache.append` grows)."""
         if not states:
             raise ValueError("from_row_states needs at least one state")
         for state in {id(state): state for state in states}.values():  # a shared prefix's state: checked once
             state.check(model)
         lengths = [state.length for state in states]
         columns = max(lengths)
+        capacity = 2 * columns if capacity is None else max(capacity, columns)
         cache = cls(model, 0, kv_dtype=kv_dtype)  # empty tensors of the right dtypes: every one is replaced below
         cache.batch_size = len(states)
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, KVCache):
                 # Copies, never views: the cache is written in place and the states may be held by a store. The
-                # headroom after `columns` (as much again, as `KVCache.append` grows) is written before it is read.
+                # headroom after `columns` is written before it is read.
                 for name, which in (("k", 0), ("v", 1)):
-                    joined = layer.k.new_empty(len(states), layer.k.shape[1], 2 * columns, layer.k.shape[3])
+                    joined = layer.k.new_empty(len(states), layer.k.shape[1], capacity, layer.k.shape[3])
                     for row, state in enumerate(states):
                         if state.length < columns:
                             joined[row, :, : columns - state.length].zero_()  # masked keys hold a finite value
@@ -328,6 +357,12 @@ class RowState:
     def nbytes(self) -> int:
         tensors = [t for pair in self.layers for t in pair] + ([self.logits] if self.logits is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> RowState:
+        """This state on `device` (itself if already there): a preempted row's state waits in host memory."""
+        moved = [(a.to(device), b.to(device)) for a, b in self.layers]
+        logits = self.logits.to(device) if self.logits is not None else None
+        return RowState(self.length, moved, logits)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors (safetensors-serialisable): `layers.{i}.k`/`.v` or `.conv`/`.ssm`, `logits`, `length`."""

@@ -280,3 +280,43 @@ def test_rows_much_shorter_than_the_longest_attend_to_their_own_keys_only(config
         assert batch.row_starts == [2, 0]
     else:  # a loop over rows: only worth it with most columns padding, so one masked call again at 25%
         assert batch.row_starts is None
+
+
+@torch.no_grad()
+def test_bounded_capacities_hold_exactly_what_is_asked_and_continue_unchanged():
+    """`resize_kv` (grow or trim), `add_rows(max_capacity=)` and `from_row_states(capacity=)`, as a K/V-bounded
+    engine sizes its caches: the capacities asked for, and the next steps' logits those of the default layout."""
+    from openjamba.cache import HybridCache
+
+    model = random_model()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, model.config.vocab_size, (1, 30), generator=gen)
+    short = torch.randint(3, model.config.vocab_size, (1, 9), generator=gen)
+    steps = torch.randint(3, model.config.vocab_size, (2, 3), generator=gen)
+
+    def run(bounded: bool):
+        a, b = model.make_cache(1), model.make_cache(1)
+        model(ids, cache=a), model(short, cache=b)
+        if bounded:
+            a.resize_kv(40)
+            assert a.kv_capacity() == 40
+            a.add_rows(b, max_capacity=32)  # its headroom of 10 columns kept only up to the bound
+            assert a.kv_capacity() == 32
+            a.resize_kv(30)  # a trim to what is in use
+            with pytest.raises(ValueError, match="cannot hold"):
+                a.resize_kv(29)
+            a.resize_kv(33)
+        else:
+            a.add_rows(b)
+        assert a.seq_len == 30
+        logits = [model(steps[:, i:i + 1], cache=a).logits for i in range(3)]
+        return torch.cat(logits, 1), a
+
+    bounded, cache = run(True)
+    assert cache.kv_capacity() == 33  # three steps fit: no doubling
+    torch.testing.assert_close(bounded, run(False)[0], atol=0, rtol=0)
+    state = cache.row_state(1)
+    assert HybridCache.from_row_states(model, [state], capacity=state.length + 1).kv_capacity() == state.length + 1
+    assert HybridCache.from_row_state(model, state).kv_capacity() == 2 * state.length
+    moved = state.to("cpu")
+    assert moved.length == state.length and torch.equal(moved.layers[0][0], state.layers[0][0])
