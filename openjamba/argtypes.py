@@ -83,6 +83,19 @@ def parse_count(text: str) -> int:
     return int(text[:-1]) * 1024 if text[-1:] in "kK" and text[:-1] else int(text)
 
 
+def memory_size(text: str) -> int:
+    """A size in bytes: '24GB' (10^9), '24GiB' (2^30), '512MB', '1e9'."""
+    from .info import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return value
+
+
 def json_object(text: str) -> dict:
     """A flag whose value is a JSON object, e.g. '{"enable_thinking": false}'."""
     try:

@@ -375,10 +375,10 @@ def test_a_prefilled_row_joins_the_batch_in_the_iteration_after_its_last_chunk(m
             sink.order.append(("prefill" if input_ids.shape[1] > 1 else "step", input_ids.shape[0]))
         return forward(input_ids, *args, **kwargs)
 
-    def logged_add_rows(self, other):
+    def logged_add_rows(self, other, *args):
         with sink.done:
             sink.order.append(("add_rows", other.batch_size))
-        return add_rows(self, other)
+        return add_rows(self, other, *args)
 
     monkeypatch.setattr(model, "forward", logged_forward)
     monkeypatch.setattr(HybridCache, "add_rows", logged_add_rows)

@@ -714,13 +714,18 @@ def test_periodic_stats_line_and_logger(caplog):
     from openjamba.serve.metrics import StatsLogger, stats_line
 
     idle = dict(running=0, prefilling=0, waiting=0, prompt_tokens_total=100, cached_prompt_tokens_total=60,
-                generated_tokens_total=500, batch_cache_bytes=0, store_bytes=3 * 2**20)
+                generated_tokens_total=500, batch_cache_bytes=0, store_bytes=3 * 2**20, preemptions_total=4,
+                kv_cache_bytes=0, kv_cache_max_bytes=0)
     busy = {**idle, "running": 2, "waiting": 1, "prompt_tokens_total": 300, "cached_prompt_tokens_total": 160,
-            "generated_tokens_total": 900, "batch_cache_bytes": 2**19}
+            "generated_tokens_total": 900, "batch_cache_bytes": 2**19, "kv_cache_bytes": 2**18}
     assert stats_line(idle, idle, 10.0) is None
     assert stats_line(idle, busy, 10.0) == ("engine: 2 running, 0 prefilling, 1 waiting; prompt 10.0 tokens/s read, "
-                                            "100 of 200 reused; generation 40.0 tokens/s; batch K/V 0.5 MiB, "
-                                            "stored states 3.0 MiB")
+                                            "100 of 200 reused; generation 40.0 tokens/s; batch 0.5 MiB (K/V 0.2 "
+                                            "MiB), stored states 3.0 MiB")
+    bounded = {**busy, "preemptions_total": 7, "kv_cache_max_bytes": 2**21}
+    assert stats_line(idle, bounded, 10.0) == ("engine: 2 running, 0 prefilling, 1 waiting, 3 preempted; prompt "
+                                               "10.0 tokens/s read, 100 of 200 reused; generation 40.0 tokens/s; "
+                                               "batch 0.5 MiB (K/V 0.2 of 2.0 MiB), stored states 3.0 MiB")
     readings = iter([idle, idle, busy])
     with caplog.at_level(logging.INFO, logger="openjamba.serve"):
         logger = StatsLogger(lambda: next(readings, busy), interval=0.01).start()

@@ -6,7 +6,10 @@ Each iteration of the loop
      state its prompt extends (serve/state_store.py), restored when its first chunk runs (several resumed at once
      into one cache: `HybridCache.from_row_states`); a request asking for prompt logprobs starts from nothing and
      is prefilled alone, every position's logits scored (serve/scoring.py); a prompt that extends one being
-     prefilled waits until that one's state is stored (the n choices of a prompt are prefilled once),
+     prefilled waits until that one's state is stored (the n choices of a prompt are prefilled once); under a
+     K/V bound (`kv_cache_bytes`, serve/kv_budget.py) the first in line waits until its row fits, and then, if
+     the batch's next column would pass the bound, the most recently submitted rows step out with their exact
+     states to the front of the queue (preempted; re-admitted, they rejoin the batch where they left it),
   3. prefills admitted prompts, oldest first, within the iteration's token budget: `step_token_budget` tokens
      (default `prefill_chunk`) less one per running row, the tokens of this iteration's decode step, as vLLM's
      `max_num_batched_tokens` counts them (8 rows decoding under a budget of 512 leave a 504-token chunk), and
@@ -47,90 +50,23 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..cache import HybridCache, RowState
 from ..generate import decode_step, prefill
 from ..runtime import hold_freed_memory
+from .kv_budget import KVBudget, KVBudgeting
 from .metrics import LATENCY, Histogram
+from .requests import EngineFull, Event, FinishEvent, Iteration, Request, TokenEvent, starts_with
 from .sampling import RowSampling, Sampled, SamplingParams, sample_rows
-from .scoring import PromptLogprob, prefill_scored
+from .scoring import prefill_scored
 from .state_store import StateStore
 
-
-def _starts_with(tokens: list[int], prefix: list[int]) -> bool:
-    """`tokens` begins with `prefix` (not longer): last and first ids first: long prompts that differ copy nothing."""
-    n = len(prefix)
-    return tokens[n - 1] == prefix[n - 1] and tokens[0] == prefix[0] and tokens[:n] == prefix
+__all__ = ["Engine", "EngineFull", "Event", "FinishEvent", "Iteration", "SamplingParams", "TokenEvent"]
 
 
-@dataclass
-class TokenEvent:
-    request_id: int
-    token_id: int
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    prompt_logprobs: list[PromptLogprob] | None = None  # on a first token: prompt tokens 1.. when asked
-
-
-@dataclass
-class FinishEvent:
-    request_id: int
-    reason: str  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    error: str | None = None
-
-
-Event = TokenEvent | FinishEvent
-
-
-@dataclass(frozen=True)
-class Iteration:
-    """What one iteration of the loop did and when (`time.perf_counter()` seconds): its prefill work (chunks of
-    prompts, `prefill_tokens` in all) and its decode step for `rows` rows, first tokens, sampling and events
-    included. The engine keeps the last `Engine.ITERATIONS_KEPT`: `Engine.iterations()`."""
-
-    start: float
-    prefill_s: float
-    prefill_tokens: int
-    decode_s: float
-    rows: int
-    end: float
-
-
-class EngineFull(Exception):
-    """The waiting queue is full: try again after `retry_after` seconds (a server answers 429 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    submitted: float
-    output: list[int] = field(default_factory=list)
-    cached_tokens: int = 0
-    resume: RowState | None = None  # the stored state its prompt extends, until its first chunk runs
-    cache: HybridCache | None = None  # its own one-row cache once its first chunk has run alone
-    prefilled: int = 0  # prompt tokens in `cache`
-    keep_at: list[int] = field(default_factory=list)  # prompt positions to keep the state at, ascending
-    logits: torch.Tensor | None = None  # (1, V) after the last prefilled token
-    admitted: float | None = None  # time.monotonic() when it left the queue
-    sampling: RowSampling | None = None  # its sampling settings and generator, set when admitted
-    stops: frozenset[int] = frozenset()  # the ids that end it: its stop_token_ids, and EOS unless ignore_eos
-    scored: list[PromptLogprob] | None = None  # its prompt logprobs so far, when it asks for them
-
-
-class Engine:
+class Engine(KVBudgeting):
     ITERATIONS_KEPT = 4096  # `iterations()`: about 20 s of 5 ms decode steps
 
     def __init__(
@@ -146,13 +82,15 @@ class Engine:
         max_context: int | None = None,
         eos_token_ids: list[int] | None = None,
         kv_dtype: torch.dtype | None = None,
+        kv_cache_bytes: int | None = None,
         threads: int | None = None,
     ) -> None:
         """`step_token_budget` (default prefill_chunk): tokens one iteration may process, its decode rows included
         (prefill gets the rest, at most `prefill_chunk`, at least 1: `prefill_tokens`). `store_bytes`: the state
         store's bound. `max_context`: the limit of prompt + max_tokens (default the config's max_position_embeddings).
-        `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s. `threads`: the loop thread's intra-op
-        threads (default: `torch.get_num_threads()` of the thread creating the engine)."""
+        `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s. `kv_cache_bytes`: the bound on the
+        attention K/V of the requests in flight (serve/kv_budget.py; default None, unbounded). `threads`: the loop
+        thread's intra-op threads (default: `torch.get_num_threads()` of the thread creating the engine)."""
         threads = threads if threads is not None else torch.get_num_threads()
         for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("threads", threads)):
             if value < 1:
@@ -171,22 +109,24 @@ class Engine:
         self.max_context = max_context if max_context is not None else self.config.max_position_embeddings
         self.eos_token_ids = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.kv_dtype = kv_dtype
+        self.kv_budget = KVBudget(model, kv_cache_bytes, kv_dtype) if kv_cache_bytes is not None else None
 
         self._lock = threading.Condition()
-        self._waiting: deque[_Request] = deque()
+        self._waiting: deque[Request] = deque()
         self._cancels: set[int] = set()
         self._next_id = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._step_listeners: list[Callable[[], None]] = []
         # Owned by the engine thread:
-        self._prefilling: list[_Request] = []
-        self._running: list[_Request] = []  # row i of self._batch is self._running[i]
-        self._joining: list[tuple[list[_Request], HybridCache]] = []  # prefilled rows joining at the next iteration
+        self._prefilling: list[Request] = []
+        self._running: list[Request] = []  # row i of self._batch is self._running[i]
+        self._joining: list[tuple[list[Request], HybridCache]] = []  # prefilled rows joining at the next iteration
         self._batch: HybridCache | None = None
         self._counters = dict(generated_tokens_total=0, prompt_tokens_total=0, cached_prompt_tokens_total=0,
                               queue_time_seconds_sum=0.0, queue_time_seconds_count=0, requests_finished_total=0,
-                              requests_failed_total=0, steps_total=0, store_lookups_total=0, store_hits_total=0)
+                              requests_failed_total=0, steps_total=0, store_lookups_total=0, store_hits_total=0,
+                              preemptions_total=0)
         self._histograms = dict(iteration_seconds=Histogram(), prefill_seconds=Histogram(),
                                 decode_step_seconds=Histogram(), time_to_first_token_seconds=Histogram(LATENCY),
                                 request_seconds=Histogram(LATENCY))
@@ -243,7 +183,7 @@ class Engine:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"the engine's queue is full ({self.max_waiting} waiting requests)",
                                  retry_after=self._retry_after())
-            request = _Request(self._next_id, prompt, params, on_event, time.monotonic(),
+            request = Request(self._next_id, prompt, params, on_event, time.monotonic(),
                                keep_at=keep_at)
             self._next_id += 1
             self._waiting.append(request)
@@ -285,7 +225,16 @@ class Engine:
         return dict(running=len(self._running) + self._joining_count(), prefilling=len(self._prefilling),
                     waiting=waiting, **self._counters, store_bytes=self.store.nbytes, store_entries=len(self.store),
                     store_max_bytes=self.store.max_bytes, batch_cache_bytes=batch.nbytes() if batch else 0,
+                    kv_cache_bytes=self.kv_cache_bytes(),
+                    kv_cache_max_bytes=self.kv_budget.max_bytes if self.kv_budget is not None else 0,
                     histograms={name: h.snapshot() for name, h in self._histograms.items()})
+
+    def kv_cache_bytes(self) -> int:
+        """Attention K/V allocated for the requests in flight: the batch's, and the caches of the rows joining it and
+        of the prompts being prefilled (what `kv_cache_bytes` bounds). Exact when called on the engine's thread (a
+        step listener); from another thread, a value of about now."""
+        caches = [self._batch] + [cache for _, cache in list(self._joining)] + [r.cache for r in list(self._prefilling)]
+        return sum(cache.kv_nbytes() for cache in caches if cache is not None)
 
     def iterations(self) -> list[Iteration]:
         """The last `ITERATIONS_KEPT` iterations of the loop, oldest first: where the time between two tokens of a
@@ -338,6 +287,8 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_context:
             raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
                              f"context of {self.max_context} tokens")
+        if self.kv_budget is not None and (why := self.kv_budget.too_long(len(prompt), params.max_tokens)):
+            raise ValueError(why)  # it would wait forever
         return list(prompt)
 
     # ------------------------------------------------------------------ the loop
@@ -356,7 +307,9 @@ class Engine:
                     start = time.perf_counter()
                     self._apply_cancels(cancels)
                     self._admit()
+                    self._preempt_to_fit()
                     self._join()
+                    self._size_batch()
                     before_prefill = time.perf_counter()
                     self._prefilled_now = 0
                     self._prefill_some()
@@ -413,22 +366,30 @@ class Engine:
         self._remove_rows(rows)
         for requests, cache in list(self._joining):
             gone = [i for i, r in enumerate(requests) if r.id in ids]
-            if gone:
-                cancelled += [requests[i] for i in gone]
-                requests[:] = [r for i, r in enumerate(requests) if i not in gone]
-                if requests:
-                    cache.remove_rows(gone)
-                else:
-                    self._joining.remove((requests, cache))
+            cancelled += [requests[i] for i in gone]
+            self._drop_joining(requests, cache, gone)
         for request in cancelled:
             self._finish(request, "cancelled")
+
+    def _drop_joining(self, requests: list[Request], cache: HybridCache, rows: list[int]) -> None:
+        """Take rows out of a group waiting to join the batch (the group is gone with its last row)."""
+        if not rows:
+            return
+        requests[:] = [r for i, r in enumerate(requests) if i not in rows]
+        if requests:
+            cache.remove_rows(rows)
+        else:
+            self._joining.remove((requests, cache))
 
     def _admit(self) -> None:
         while len(self._prefilling) + len(self._running) + self._joining_count() < self.max_running:
             with self._lock:
-                if not self._waiting or self._follows_a_prefill(self._waiting[0]):
+                if not self._waiting or self._follows_a_prefill(self._waiting[0]) or not self._fits(self._waiting[0]):
                     return
                 request = self._waiting.popleft()
+            if request.output:  # preempted: it rejoins the batch where it left it
+                self._resume(request)
+                continue
             self._counters["queue_time_seconds_sum"] += time.monotonic() - request.submitted
             self._counters["queue_time_seconds_count"] += 1
             try:
@@ -438,17 +399,17 @@ class Engine:
                 continue
             self._prefilling.append(request)
 
-    def _follows_a_prefill(self, request: _Request) -> bool:
+    def _follows_a_prefill(self, request: Request) -> bool:
         """Whether `request`'s prompt extends (or equals) a prompt being prefilled now: admitted once that one has
         stored its state, it reads only what follows, so the n choices of one prompt are prefilled once, not n
         times (at the cost of one iteration for the others)."""
-        if not self.reuse or request.params.prompt_logprobs is not None:
+        if not self.reuse or request.params.prompt_logprobs is not None or request.output:  # (output: resuming)
             return False
         prompt = request.prompt
-        return any(r.scored is None and len(r.prompt) <= len(prompt) and _starts_with(prompt, r.prompt)
+        return any(r.scored is None and len(r.prompt) <= len(prompt) and starts_with(prompt, r.prompt)
                    for r in self._prefilling)
 
-    def _start(self, request: _Request) -> None:
+    def _start(self, request: Request) -> None:
         """Its sampler, and the longest stored state its prompt extends (restored when its first chunk runs:
         `_cache_of`, or with others in one pass, `_prefill_together`)."""
         p = request.params
@@ -470,13 +431,14 @@ class Engine:
             wanted.add(found.shared)  # where this prompt departs from a stored sequence
         request.keep_at = sorted(n for n in wanted if request.prefilled < n < len(request.prompt))
 
-    def _cache_of(self, request: _Request) -> HybridCache:
+    def _cache_of(self, request: Request) -> HybridCache:
         """The request's one-row cache: made on its first use, from its stored state or empty."""
         if request.cache is None:
             if request.resume is not None:
-                request.cache = HybridCache.from_row_state(self.model, request.resume, kv_dtype=self.kv_dtype)
+                request.cache = HybridCache.from_row_state(self.model, request.resume, kv_dtype=self.kv_dtype,
+                                                           capacity=self._capacity_for(request.length()))
             else:
-                request.cache = self.model.make_cache(1, kv_dtype=self.kv_dtype)
+                request.cache = self._sized(self.model.make_cache(1, kv_dtype=self.kv_dtype), len(request.prompt))
             request.resume = None
         return request.cache
 
@@ -529,6 +491,7 @@ class Engine:
             return 0
         fresh = group[0].prefilled == 0
         width = max(len(r.prompt) - r.prefilled for r in group)
+        prompts = [r.prompt for r in group]
         for request in group:
             self._prefilling.remove(request)
         try:
@@ -538,15 +501,16 @@ class Engine:
                 for i, request in enumerate(group):
                     ids[i, width - len(request.prompt):] = torch.tensor(request.prompt)
                     mask[i, width - len(request.prompt):] = 1
-                cache = self.model.make_cache(len(group), kv_dtype=self.kv_dtype)
+                cache = self._sized(self.model.make_cache(len(group), kv_dtype=self.kv_dtype), width)
             else:  # (B, width): every row has `width` tokens left, so no padding goes into a running state
                 ids, mask = torch.tensor([r.prompt[r.prefilled:] for r in group]), None
                 if all(r.resume is not None for r in group):  # all restored at once: each element written once
-                    cache = HybridCache.from_row_states(self.model, [r.resume for r in group], kv_dtype=self.kv_dtype)
+                    cache = HybridCache.from_row_states(self.model, [r.resume for r in group], kv_dtype=self.kv_dtype,
+                                                        capacity=self._capacity_for(max(map(len, prompts))))
                 else:  # some part-way through their own chunks
                     cache = self._cache_of(group[0])
                     for request in group[1:]:
-                        cache.add_rows(self._cache_of(request))
+                        cache.add_rows(self._cache_of(request), self._capacity_for(max(map(len, prompts))))
             for request in group:
                 request.cache = request.resume = None
             logits = prefill(self.model, ids, cache, chunk_size=width, attention_mask=mask)
@@ -558,9 +522,9 @@ class Engine:
             self._fail([r for r in group if not r.output], err)  # the others have had their first token
         return width * len(group)
 
-    def _together(self, budget: int) -> list[_Request]:
+    def _together(self, budget: int) -> list[Request]:
         """The oldest prefilling requests that `_prefill_together` can run as one batch within `budget` tokens."""
-        group: list[_Request] = []
+        group: list[Request] = []
         width = 0
         for request in self._prefilling:
             rest = len(request.prompt) - request.prefilled
@@ -576,7 +540,7 @@ class Engine:
             width = max(width, rest)
         return group
 
-    def _start_decoding(self, requests: list[_Request], cache: HybridCache, logits: torch.Tensor, keep: bool) -> None:
+    def _start_decoding(self, requests: list[Request], cache: HybridCache, logits: torch.Tensor, keep: bool) -> None:
         """Sample each prompt's first token from its logits (B, V); the rows not finished by it join the batch at the
         next iteration (`_join`). `keep`: store each prompt's state (`cache`'s rows, after the first tokens are sent:
         copying 16 rows' states out takes ~1.5 ms on cpu-bench, which no first token need wait for)."""
@@ -605,7 +569,7 @@ class Engine:
                 if self._batch is None:
                     self._batch = cache
                 else:
-                    self._batch.add_rows(cache)
+                    self._batch.add_rows(cache, self._share())
             except Exception as err:  # noqa: BLE001 - these rows cannot join; the batch is untouched
                 self._fail(requests, err)
                 continue
@@ -646,11 +610,11 @@ class Engine:
             self._batch.remove_rows(rows)
 
     # ------------------------------------------------------------------ sampling and events
-    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> list[Sampled]:
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[Sampled]:
         """One (token, logprob, top logprobs) per row of logits (B, V), all rows in one batched pass."""
         return sample_rows(logits, [r.sampling for r in requests])
 
-    def _emit(self, request: _Request, sampled: tuple) -> str | None:
+    def _emit(self, request: Request, sampled: tuple) -> str | None:
         """Send a token; the finish reason if the request is done with it, else None."""
         token, logprob, top = sampled
         request.output.append(token)
@@ -669,14 +633,14 @@ class Engine:
         if self.reuse:
             self.store.put(tokens, cache.row_state(row, logits), persist)
 
-    def _send(self, request: _Request, event: Event) -> None:
+    def _send(self, request: Request, event: Event) -> None:
         try:
             request.on_event(event)
         except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine: drop its request
             if isinstance(event, TokenEvent):
                 self.cancel(request.id)
 
-    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         request.cache = request.logits = request.resume = None
         self._counters["requests_finished_total"] += 1
         self._histograms["request_seconds"].observe(time.monotonic() - request.submitted)
@@ -685,7 +649,7 @@ class Engine:
         self._send(request, FinishEvent(request.id, reason, len(request.prompt), len(request.output),
                                         request.cached_tokens, error))
 
-    def _fail(self, requests: list[_Request], err: Exception) -> None:
+    def _fail(self, requests: list[Request], err: Exception) -> None:
         message = f"{type(err).__name__}: {err}"
         traceback.print_exception(err)  # for the operator's log; the client gets the one-line message
         self._counters["requests_failed_total"] += len(requests)

@@ -41,6 +41,12 @@ METRICS = [  # (stats key, metric name, type, help)
     ("prompt_tokens_total", "openjamba_prompt_tokens_total", "counter", "Prompt tokens received."),
     ("cached_prompt_tokens_total", "openjamba_prompt_tokens_cached_total", "counter",
      "Prompt tokens served from stored state (not prefilled)."),
+    ("preemptions_total", "openjamba_preemptions_total", "counter",
+     "Rows taken out of the batch to keep the K/V within --kv-cache-memory (each resumed later from its state)."),
+    ("kv_cache_bytes", "openjamba_kv_cache_bytes", "gauge",
+     "Attention K/V allocated for the requests in flight (the running batch, rows joining it, prompts prefilling)."),
+    ("kv_cache_max_bytes", "openjamba_kv_cache_max_bytes", "gauge",
+     "The bound on openjamba_kv_cache_bytes (--kv-cache-memory); 0: unbounded."),
 ]
 
 
@@ -95,9 +101,13 @@ def stats_line(before: dict, now: dict, seconds: float) -> str | None:
     if not (prompt or generated or now["running"] or now["prefilling"] or now["waiting"]):
         return None
     seconds = max(seconds, 1e-9)
-    return (f"engine: {now['running']} running, {now['prefilling']} prefilling, {now['waiting']} waiting; "
+    preempted = now.get("preemptions_total", 0) - before.get("preemptions_total", 0)
+    bound = now.get("kv_cache_max_bytes", 0)
+    kv = f"K/V {now.get('kv_cache_bytes', 0) / 2**20:.1f}" + (f" of {bound / 2**20:.1f} MiB" if bound else " MiB")
+    return (f"engine: {now['running']} running, {now['prefilling']} prefilling, {now['waiting']} waiting"
+            f"{f', {preempted} preempted' if preempted else ''}; "
             f"prompt {(prompt - cached) / seconds:.1f} tokens/s read, {cached} of {prompt} reused; generation "
-            f"{generated / seconds:.1f} tokens/s; batch K/V {now['batch_cache_bytes'] / 2**20:.1f} MiB, stored "
+            f"{generated / seconds:.1f} tokens/s; batch {now['batch_cache_bytes'] / 2**20:.1f} MiB ({kv}), stored "
             f"states {now['store_bytes'] / 2**20:.1f} MiB")
 
 

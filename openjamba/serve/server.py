@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import at_least, json_object, non_negative_float
+from ..argtypes import at_least, json_object, memory_size, non_negative_float
 
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
@@ -67,6 +67,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond those; more get 429 with Retry-After (default 256)")
+    parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=kv_cache_memory, default="auto",
+                        metavar="SIZE|auto|none",
+                        help="bound on the attention K/V of the requests in flight, e.g. 20GB or 16GiB: requests "
+                        "wait for room, rows that outgrow it are preempted and resumed from their exact state, and "
+                        "one that could never fit is refused with a 400. auto (default): on CUDA 80%% of the memory "
+                        "free after loading less --state-store, none on CPU; none: unbounded. "
+                        "--kv-cache-memory-bytes is vLLM's name")
     parser.add_argument("--max-stored-responses", type=int, default=1000,
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
@@ -77,6 +84,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "0: never)")
     parser.add_argument("--disable-log-stats", dest="log_stats_interval", action="store_const", const=0.0,
                         help="--log-stats-interval 0, by vLLM's name")
+
+
+def kv_cache_memory(text: str) -> int | str | None:
+    """--kv-cache-memory: bytes, "auto" or "none" (None)."""
+    lowered = text.strip().lower()
+    if lowered in ("auto", "none"):
+        return lowered if lowered == "auto" else None
+    return memory_size(text)
 
 
 def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
@@ -120,6 +135,10 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     model.eval()
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
+    if engine_kwargs.get("kv_cache_bytes") == "auto":
+        from .kv_budget import default_kv_cache_bytes
+
+        engine_kwargs["kv_cache_bytes"] = default_kv_cache_bytes(device, int(args.state_store * 2**20))
     engine = Engine(model, prefill_chunk=args.prefill_chunk, reuse=not args.no_reuse,
                     store_bytes=int(args.state_store * 2**20), max_context=max_context, eos_token_ids=eos,
                     threads=threads, **engine_kwargs)
@@ -161,7 +180,8 @@ def serve(args: argparse.Namespace) -> None:
     for name in ("max_running", "max_waiting", "prefill_chunk", "port"):
         if getattr(args, name) < 1:
             raise SystemExit(f"openjamba serve: error: --{name.replace('_', '-')} must be at least 1")
-    model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting)
+    model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
+                                    kv_cache_bytes=args.kv_cache_memory)
     chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
     name = args.served_model_name or args.model.resolve().name
     defaults = sampling_defaults(args, model.config.vocab_size)
@@ -182,8 +202,11 @@ def serve(args: argparse.Namespace) -> None:
     engine.start()
     stats = StatsLogger(engine.stats, args.log_stats_interval).start() if args.log_stats_interval > 0 else None
     try:
+        budget = engine.kv_budget
+        bound = "unbounded" if budget is None else f"{budget.max_bytes / 2**30:.2f} GiB = {budget.tokens:,} tokens"
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
-              f"{args.max_waiting} waiting; state reuse {'off' if args.no_reuse else 'on'})", flush=True)
+              f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})",
+              flush=True)
         uvicorn.run(create_app(engine, tokenizer, config, chat), host=args.host, port=args.port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
