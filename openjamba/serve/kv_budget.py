@@ -119,6 +119,7 @@ class KVBudgeting:
         return columns + 1 if self.kv_budget is not None else None
 
     def _sized(self, cache: HybridCache, columns: int) -> HybridCache:
+        """`cache` (new) with the capacity of `_capacity_for(columns)` under a budget."""
         if self.kv_budget is not None:
             cache.resize_kv(columns + 1)
         return cache
@@ -144,6 +145,7 @@ class KVBudgeting:
             self._preempt(max(rows, key=lambda r: r.id))
 
     def _preempt(self, request: Request) -> None:
+        """Take a running or joining row out with its state (`_state_of`); the request waits first in line."""
         if any(r is request for r in self._running):
             row = next(i for i, r in enumerate(self._running) if r is request)
             request.resume = self._state_of(self._batch, row)
@@ -168,7 +170,8 @@ class KVBudgeting:
 
     def _resume(self, request: Request) -> None:
         """A preempted request joins the batch again from its exact state, nothing computed again (its sampler goes
-        on where it was); without that state, from its tokens re-read (from the longest stored state they extend)."""
+        on where it was); without that state, from its tokens re-read (from the longest stored state they extend),
+        all in this iteration: a fallback, not the budget's usual path."""
         tokens = request.prompt + request.output[:-1]  # the last output token is the next step's input
         state, done = request.resume, len(tokens)
         request.resume = None
