@@ -135,3 +135,26 @@ def test_the_flag_and_its_default_on_cuda(monkeypatch, capsys):
     assert default_kv_cache_bytes("cuda", 2**30) == int(0.8 * 20 * 2**30) - 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
     assert default_kv_cache_bytes("cuda:0", 2**30) is None  # nothing left: unbounded, with a warning
+
+
+def test_a_preempted_request_cancelled_while_it_waits_leaves_nothing(model):
+    prompts = prompts_of(LENGTHS[:2], model.config.vocab_size, seed=25)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    engine = Engine(model, kv_cache_bytes=bytes_for(model, TOKENS))
+    cancelled: list[int] = []
+
+    def cancel_the_preempted() -> None:
+        if engine.stats()["preemptions_total"] and not cancelled:
+            cancelled.append(engine._waiting[0].id)
+            engine.cancel(cancelled[0])
+
+    engine.add_step_listener(cancel_the_preempted)
+    sink = Collector()
+    ids = [engine.submit(p, greedy, sink) for p in prompts]
+    with engine:
+        sink.wait(ids)
+        stats = engine.stats()
+    assert cancelled == [ids[1]] and sink.finish[ids[1]].reason == "cancelled"
+    assert 0 < sink.finish[ids[1]].completion_tokens < MAX_TOKENS
+    assert sink.tokens[ids[0]] == solo_generate(model, prompts[0], MAX_TOKENS, chunk=512)
+    assert stats["running"] == stats["waiting"] == stats["kv_cache_bytes"] == 0
