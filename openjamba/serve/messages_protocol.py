@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from . import protocol as p
 
@@ -249,11 +249,4 @@ def chat_request(req: CountTokensRequest) -> p.ChatCompletionRequest:
         if req.output_config is not None and req.output_config.format is not None:  # structured output
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": req.output_config.format.schema_}}
-    try:
-        return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
-    except ValidationError as err:
-        first = err.errors()[0]
-        location = ".".join(str(x) for x in first["loc"] if not p._is_union_tag(x))
-        location = {"stop": "stop_sequences", "response_format": "output_config.format"}.get(
-            location.split(".")[0], location)
-        raise p.RequestError(f"{location}: {first['msg'].removeprefix('Value error, ')}", param=location) from None
+    return p.translated_chat_request(body, {"stop": "stop_sequences", "response_format": "output_config.format"})

@@ -323,6 +323,18 @@ def parse_request(body: bytes, schema: type[_Request]) -> Any:
         raise RequestError(f"{location}: {message}" if location else message, param=location or None) from None
 
 
+def translated_chat_request(body: dict[str, Any], renamed: dict[str, str]) -> ChatCompletionRequest:
+    """The chat request another API's request translates into (/v1/responses, /v1/messages), its None fields
+    left out; a field the chat request refuses is named as that API calls it (`renamed`: chat field -> its name)."""
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        location = ".".join(str(x) for x in first["loc"] if not _is_union_tag(x))
+        location = renamed.get(location.split(".")[0], location)
+        raise RequestError(f"{location}: {first['msg'].removeprefix('Value error, ')}", param=location) from None
+
+
 def _is_union_tag(part: Any) -> bool:
     """pydantic names the union member tried (`str`, `list[int]`) in an error's location; OpenAI's param does not."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[0].isupper())

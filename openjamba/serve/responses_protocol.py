@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from . import protocol as p
 
@@ -194,11 +194,4 @@ def chat_request(req: ResponsesRequest, messages: list[dict[str, Any]]) -> p.Cha
             "parallel_tool_calls": req.parallel_tool_calls, "user": req.user,
             "response_format": req.response_format(),
             **{k: v for k, v in (req.model_extra or {}).items() if k in EXTENSIONS}}
-    try:
-        return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
-    except ValidationError as err:
-        first = err.errors()[0]
-        location = ".".join(str(x) for x in first["loc"] if not p._is_union_tag(x))
-        location = {"response_format": "text.format", "max_tokens": "max_output_tokens"}.get(
-            location.split(".")[0], location)
-        raise p.RequestError(f"{location}: {first['msg'].removeprefix('Value error, ')}", param=location) from None
+    return p.translated_chat_request(body, {"response_format": "text.format", "max_tokens": "max_output_tokens"})
