@@ -123,6 +123,9 @@ def format_bench_report(report: dict[str, Any]) -> str:
                      "model; decode interleaved round by round (each round a read probe, then every format's share "
                      "of tokens, order rotated); model mem = resident growth while that model was built. Load and "
                      "prefill peaks are not per format in one process: measure them with one --quantize value")
+    if {report.get("quantize"), *(report.get("formats") or ())} & {"int8", "int4"}:
+        lines.append("MFU is over the fp32 matmul rate above: int8/int4 products run as integer dot products and "
+                     "can pass 100%")
     mfu = {row_key(u): u for u in report["utilisation"]}
     columns = [("prefill tok/s", "prefill_tok_s", "n"), ("prefill MFU", "prefill_mfu", "pct"),
                ("decode ms/tok", "decode_ms", "n"), ("decode floor", "decode_floor_ms", "n"),
