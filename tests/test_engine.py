@@ -408,7 +408,7 @@ def test_a_request_cancelled_while_joining_leaves_no_row(model):
         engine._admit()
         engine._prefill_some()
         assert engine.stats()["running"] == 2 and engine._batch is None  # both prefilled, both joining
-        engine._apply_cancels({ids[0]})
+        engine._apply_cancels({ids[0]: "cancelled"})
         engine._join()
         engine._decode()
     assert sink.finish[ids[0]].reason == "cancelled" and len(sink.tokens[ids[0]]) == 1
@@ -416,6 +416,31 @@ def test_a_request_cancelled_while_joining_leaves_no_row(model):
     assert sink.tokens[ids[1]] == solo_generate(model, prompts_of([5, 9], model.config.vocab_size, seed=17)[1], 2, 64)
     engine.stop()
     assert sink.finish[ids[1]].reason == "cancelled" and engine._batch is None
+
+
+def test_abort_all_finishes_every_request_with_abort_and_the_engine_goes_on(model):
+    """What a server shutting down does before it closes its connections: waiting and running requests alike end
+    "abort" with the tokens they have; one submitted afterwards runs as usual."""
+    engine = Engine(model, prefill_chunk=64, max_running=1)  # driven by hand: one row runs, one waits
+    sink = Collector()
+    long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+    ids = [engine.submit(p, long, sink) for p in prompts_of([5, 9], model.config.vocab_size, seed=3)]
+    with torch.inference_mode():
+        for _ in range(3):
+            engine._admit()
+            engine._join()
+            engine._prefill_some()
+            engine._decode()
+    assert [r.id for r in engine._running] == [ids[0]] and [r.id for r in engine._waiting] == [ids[1]]
+    with engine:
+        engine.abort_all()
+        sink.wait(ids)
+        assert [sink.finish[i].reason for i in ids] == ["abort", "abort"]
+        assert len(sink.tokens[ids[0]]) >= 3 and ids[1] not in sink.tokens
+        after = engine.submit(prompts_of([4], model.config.vocab_size, seed=5)[0], GREEDY, sink)
+        sink.wait([after])
+    assert sink.finish[after].reason == "length" and len(sink.tokens[after]) == 8
+    assert engine.stats()["running"] == 0 and engine._batch is None
 
 
 def test_a_failing_step_finishes_its_requests_with_error_and_the_engine_goes_on(model, monkeypatch):

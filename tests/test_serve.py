@@ -648,6 +648,40 @@ def test_serve_command(checkpoint):
     assert "Traceback" not in out and "openjamba serve: tiny-jamba on http://127.0.0.1" in out
 
 
+def test_serve_command_ends_streams_in_order_when_stopped(checkpoint):
+    """SIGTERM while a stream runs: with --shutdown-timeout 0 the engine aborts it at once, and the client gets its
+    last chunk (finish_reason "abort") and [DONE] before the server exits cleanly, instead of a dropped connection."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
+                             str(port), "--threads", "1", "--log-level", "warning", "--shutdown-timeout", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: _healthy(port) or proc.poll() is not None, timeout=60) and proc.poll() is None
+        counted = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "a"}, timeout=10).json()
+        body = {"model": "tiny-jamba", "prompt": "a", "max_tokens": counted["max_model_len"] - counted["count"],
+                "ignore_eos": True, "stream": True}  # longer than the test: it ends by the abort
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+    assert proc.returncode == 0 and "Traceback" not in out, out
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_bench_serve_smoke(model):
     from openjamba.bench.serve import format_serve_report, run_serve_bench
 

@@ -121,7 +121,7 @@ class Choice:
         self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
         if self.finish_reason is not None:  # already ended by a stop string
             return ""
-        self.finish_reason = {"length": "length", "error": "error"}.get(event.reason, "stop")
+        self.finish_reason = {"length": "length", "error": "error", "abort": "abort"}.get(event.reason, "stop")
         return self._emit(self.decode(self.ids))
 
     def _decoded_after(self) -> str | None:

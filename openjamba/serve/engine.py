@@ -113,7 +113,8 @@ class Engine(KVBudgeting):
 
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._cancels: set[int] = set()
+        self._cancels: dict[int, str] = {}  # request id -> the reason it finishes with
+        self._abort_all = False
         self._next_id = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -193,7 +194,14 @@ class Engine(KVBudgeting):
     def cancel(self, request_id: int) -> None:
         """Finish a request with reason "cancelled"; its row leaves the batch before the next step."""
         with self._lock:
-            self._cancels.add(request_id)
+            self._cancels.setdefault(request_id, "cancelled")
+            self._lock.notify_all()
+
+    def abort_all(self) -> None:
+        """Finish every request submitted so far, waiting or in flight, with reason "abort" before the next step (a
+        server shutting down ends its streams in order instead of dropping their connections)."""
+        with self._lock:
+            self._abort_all = True
             self._lock.notify_all()
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Event]:
@@ -302,7 +310,10 @@ class Engine(KVBudgeting):
                         self._lock.wait()
                     if self._stopping:
                         break
-                    cancels, self._cancels = self._cancels, set()
+                    cancels, self._cancels = self._cancels, {}
+                    if self._abort_all:
+                        self._abort_all = False
+                        cancels.update((r.id, "abort") for r in self._submitted())
                 try:
                     start = time.perf_counter()
                     self._apply_cancels(cancels)
@@ -345,12 +356,18 @@ class Engine(KVBudgeting):
         self._iterations.append(Iteration(start, prefill_s, self._prefilled_now, decode_s, rows, end))
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running or self._joining or self._cancels)
+        return bool(self._waiting or self._prefilling or self._running or self._joining or self._cancels
+                    or self._abort_all)
+
+    def _submitted(self) -> list[Request]:
+        """Every request not finished: waiting, being prefilled, joining or decoding."""
+        return [*self._waiting, *self._prefilling, *(r for rs, _ in self._joining for r in rs), *self._running]
 
     def _joining_count(self) -> int:
         return sum(len(requests) for requests, _ in self._joining)
 
-    def _apply_cancels(self, ids: set[int]) -> None:
+    def _apply_cancels(self, ids: dict[int, str]) -> None:
+        """Finish the requests `ids` names with the reason it gives."""
         if not ids:
             return
         with self._lock:
@@ -360,7 +377,7 @@ class Engine(KVBudgeting):
         for request in queued + [r for r in self._prefilling if r.id in ids]:
             if request in self._prefilling:
                 self._prefilling.remove(request)
-            self._finish(request, "cancelled")
+            self._finish(request, ids[request.id])
         rows = [i for i, r in enumerate(self._running) if r.id in ids]
         cancelled = [self._running[i] for i in rows]
         self._remove_rows(rows)
@@ -369,7 +386,7 @@ class Engine(KVBudgeting):
             cancelled += [requests[i] for i in gone]
             self._drop_joining(requests, cache, gone)
         for request in cancelled:
-            self._finish(request, "cancelled")
+            self._finish(request, ids[request.id])
 
     def _drop_joining(self, requests: list[Request], cache: HybridCache, rows: list[int]) -> None:
         """Take rows out of a group waiting to join the batch (the group is gone with its last row)."""

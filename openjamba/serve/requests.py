@@ -32,7 +32,7 @@ class TokenEvent:
 @dataclass
 class FinishEvent:
     request_id: int
-    reason: str  # "stop" | "length" | "cancelled" | "error"
+    reason: str  # "stop" | "length" | "cancelled" | "abort" (Engine.abort_all) | "error"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int

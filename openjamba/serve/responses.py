@@ -77,13 +77,14 @@ def add_response_routes(app: FastAPI, config: ServerConfig, chat, tokenizer, sta
 
         def response(status: str, output: list[dict], usage: dict | None) -> dict:
             return {"id": rid, "object": "response", "created_at": created, "status": status, "error": None,
-                    "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                    "incomplete_details": None if status != "incomplete" else {  # abort: the server shut down
+                        "reason": "max_output_tokens" if choice.finish_reason == "length" else "server_shutdown"},
                     "model": config.model_name, "output": output, "usage": usage, **req.echo()}
 
         def finished(items: list[dict], abandoned: tuple[dict, ...] = ()) -> dict:
             """The final response (stored when asked for). `abandoned`: streamed calls that turned out malformed,
             which stay "incomplete" and out of the stored conversation (their text is the message's)."""
-            status = "incomplete" if choice.finish_reason == "length" else "completed"
+            status = "incomplete" if choice.finish_reason in ("length", "abort") else "completed"
             for item in items:
                 item["status"] = "incomplete" if any(item is a for a in abandoned) else status
             final = response(status, items, usage_of(submission.usage(), items, tokenizer))

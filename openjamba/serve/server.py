@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -77,6 +78,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-stored-responses", type=int, default=1000,
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
+    parser.add_argument("--shutdown-timeout", type=non_negative_float, default=5.0, metavar="SECONDS",
+                        help="after SIGINT or SIGTERM, how long requests in flight may still run; then they end with "
+                        "finish_reason \"abort\", their streams closed in order (default 5)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="the server's log level (default info)")
     parser.add_argument("--log-stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
@@ -170,9 +174,39 @@ def sampling_defaults(args: argparse.Namespace, vocab_size: int) -> dict[str, fl
     return defaults
 
 
-def serve(args: argparse.Namespace) -> None:
+DELIVERY_S = 2.0  # after the engine aborts what is left, the time its responses get to reach their clients
+
+
+def run_until_stopped(app, engine, shutdown_timeout: float, **uvicorn_options) -> None:
+    """Serve `app` with uvicorn until SIGINT or SIGTERM (a second SIGINT: at once). New connections are refused
+    from the signal on; requests in flight get `shutdown_timeout` seconds to finish, then the engine aborts the rest
+    (`Engine.abort_all`), so each streamed response still ends in order (finish_reason "abort", then `[DONE]`) and a
+    waiting one gets its partial reply, instead of uvicorn dropping their connections."""
     import uvicorn
 
+    timers: list[threading.Timer] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not timers:
+                timers.append(threading.Timer(shutdown_timeout, engine.abort_all))
+                timers[0].daemon = True
+                timers[0].start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout + DELIVERY_S, **uvicorn_options))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # the signal, raised again by uvicorn once it has shut down (as uvicorn.run ignores it)
+        pass
+    finally:
+        for timer in timers:
+            timer.cancel()
+    if not server.started:  # uvicorn has logged why (e.g. the port is in use)
+        raise SystemExit(3)
+
+
+def serve(args: argparse.Namespace) -> None:
     from .api import ServerConfig, create_app
     from .metrics import StatsLogger
     from .templating import ChatFormat
@@ -207,8 +241,8 @@ def serve(args: argparse.Namespace) -> None:
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
               f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})",
               flush=True)
-        uvicorn.run(create_app(engine, tokenizer, config, chat), host=args.host, port=args.port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+        run_until_stopped(create_app(engine, tokenizer, config, chat), engine, args.shutdown_timeout, host=args.host,
+                          port=args.port, log_level=args.log_level)
     finally:
         if stats is not None:
             stats.stop()
