@@ -79,6 +79,15 @@ def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
+def test_health_is_503_once_the_engine_has_stopped(model, tokenizer):
+    engine, app = make_app(model, tokenizer)
+    with running_server(app) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        engine.stop()
+        response = httpx.get(url + "/health")
+    assert response.status_code == 503 and response.json() == {"status": "the engine has stopped"}
+
+
 def greedy(model, ids: list[int], n: int) -> list[int]:
     """The oracle: `generate`'s greedy continuation, EOS ignored."""
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, eos_token_id=[])
@@ -509,6 +518,9 @@ class ScriptedEngine:
 
     def cancel(self, request_id):
         pass
+
+    def is_running(self):
+        return True
 
     def stats(self):
         return {"running": 0, "waiting": 0}

@@ -359,7 +359,9 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        """200 while the server answers (liveness; the engine loop runs for as long as the server does)."""
+        """200 while the engine's loop serves, else 503 (a load balancer then routes elsewhere)."""
+        if not engine.is_running():
+            return JSONResponse({"status": "the engine has stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -191,6 +191,10 @@ class Engine(KVBudgeting):
             self._lock.notify_all()
         return request.id
 
+    def is_running(self) -> bool:
+        """Whether the loop is serving: started, not stopped, its thread alive."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def cancel(self, request_id: int) -> None:
         """Finish a request with reason "cancelled"; its row leaves the batch before the next step."""
         with self._lock:
