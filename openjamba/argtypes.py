@@ -105,3 +105,25 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, help: str, required: bool = True, group=None) -> None:
+    """`--model` (a checkpoint directory or a Hugging Face Hub repo id) and `--revision`; `group` takes `--model`
+    where it is one of mutually exclusive sources."""
+    (group or parser).add_argument("--model", required=required and group is None, metavar="DIR|REPO_ID",
+                                   help=f"{help}; or a Hugging Face Hub repo id such as "
+                                   "ai21labs/AI21-Jamba-Reasoning-3B, fetched into the Hugging Face cache (HF_HOME)")
+    parser.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit to fetch "
+                        "(default main)")
+
+
+def resolve_model_flag(args: argparse.Namespace) -> None:
+    """Turn `--model` into the checkpoint directory (`hf.resolve_checkpoint`: fetched when it is a Hub repo id) once
+    per command, keeping what was typed in `args.model_id`; a no-op for a verb without `--model`, with `--url`
+    (bench-serve names a server's model) or when already done."""
+    if getattr(args, "model", None) is None or getattr(args, "url", None) or hasattr(args, "model_id"):
+        return
+    from .hf import resolve_checkpoint
+
+    args.model_id = str(args.model)
+    args.model = resolve_checkpoint(args.model, getattr(args, "revision", None))

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import runtime
+from . import argtypes, runtime
 from .argtypes import (
     Parser,
+    add_model_arguments,
     at_least,
     count_list,
     device_name,
@@ -41,9 +42,9 @@ def resolve_dtype(name: str | None, device: str, flag: str = "--dtype") -> torch
 
 
 def model_config_from_args(args: argparse.Namespace) -> tuple[JambaConfig, str]:
-    """The config named by `--model DIR` or `--preset NAME`, and a name for reports."""
+    """The config named by `--model DIR|REPO_ID` or `--preset NAME`, and a name for reports."""
     if args.model:
-        return JambaConfig.from_pretrained(args.model), str(args.model)
+        return JambaConfig.from_pretrained(args.model), getattr(args, "model_id", str(args.model))
     return get_preset(args.preset), args.preset
 
 
@@ -213,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)  # before the weights, as generate
     model = load_model(args, device)
     model.eval()
-    report: dict = {"model": str(args.model)}
+    report: dict = {"model": getattr(args, "model_id", str(args.model))}
     if args.paths:
         stats = CorpusStats()
         texts = list(read_corpus(args.paths, stats, args.text_field))
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="parameters, layer plan and inference memory of a preset or checkpoint")
     source = info.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS))
-    source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
+    add_model_arguments(info, "checkpoint directory with config.json", group=source)
     info.add_argument("--context", type=at_least(1), default=262144, help="context length in tokens (default 262144)")
     info.add_argument("--batch", type=at_least(1), default=1, help="sequences held at once (default 1)")
     info.add_argument("--cache-dtype", "--dtype", dest="cache_dtype", default=None, choices=sorted(DTYPE_BYTES),
@@ -435,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with its tokenizer")
-    gen.add_argument("--model", type=Path, required=True, help="checkpoint directory with its tokenizer")
+    add_model_arguments(gen, "checkpoint directory with its tokenizer")
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--max-new-tokens", type=at_least(0), default=100, help="most tokens to add (default 100)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.8,
@@ -457,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     qnt = verbs.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (safetensors) that loads "
                                             "without the full-precision weights")
-    qnt.add_argument("--model", type=Path, required=True, help="full-precision checkpoint directory")
+    add_model_arguments(qnt, "full-precision checkpoint directory")
     qnt.add_argument("--out", type=Path, required=True, help="output directory")
     qnt.add_argument("--quantize", choices=QUANTIZE_CHOICES, required=True,
                      help="int8 per output channel, or int4 in groups of --group-size")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     trn.set_defaults(func=cmd_train)
 
     ev = verbs.add_parser("eval", help="perplexity and bits per byte on texts; lm-evaluation-harness tasks")
-    ev.add_argument("--model", type=Path, required=True, help="checkpoint directory with its tokenizer")
+    add_model_arguments(ev, "checkpoint directory with its tokenizer")
     ev.add_argument("paths", nargs="*", help="text files (one document each), .jsonl files (one per line) and "
                                              "directories of .txt/.text/.md/.jsonl files")
     ev.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
@@ -510,13 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="also write the JSON report to this file")
     ev.set_defaults(func=cmd_eval)
 
-
     bench = verbs.add_parser("bench", help="prefill/decode/training speed and peak memory against context length",
                              description="Each cell runs in its own process. Prints a table, then JSON as the "
                              "last line.")
     source = bench.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS))
-    source.add_argument("--model", type=Path, help="checkpoint directory with config.json")
+    add_model_arguments(bench, "checkpoint directory with config.json", group=source)
     bench.add_argument("--contexts", type=count_list, default=(1024, 4096, 8192),
                        help="comma-separated context lengths; 8K = 8192 (default 1024,4096,8192)")
     bench.add_argument("--batch-sizes", type=count_list, default=(1,), help="comma-separated (default 1)")
@@ -566,8 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "HTTP (openjamba serve, llama-server, vLLM, Ollama).")
     source = bsv.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS))
-    source.add_argument("--model", type=Path, help="checkpoint directory with config.json; with --url the "
-                        "server's model name (default: the first of GET /v1/models)")
+    add_model_arguments(bsv, "checkpoint directory with config.json (--url: the server's model name)", group=source)
     bsv.add_argument("--url", default=None, help="an OpenAI-compatible server's base URL, e.g. "
                      "http://127.0.0.1:8000/v1: run the streams phase over HTTP (prompts of random words; "
                      "--prefix-tokens and --suffix-tokens then count words)")
@@ -632,11 +631,12 @@ def main(argv: list[str] | None = None) -> None:
     runtime.use_huge_pages()  # before anything large is allocated
     args = build_parser().parse_args(argv)
     if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-        args.func(args)
-        return
+        argtypes.resolve_model_flag(args)
+        return args.func(args)
     name = f"openjamba {args.verb}"
     previous = _one_line_warnings(name), _stop_on_sigterm()
     try:
+        argtypes.resolve_model_flag(args)  # once per command: a Hub repo id becomes its cached snapshot directory
         args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, rather than at interpreter exit
     except KeyboardInterrupt:

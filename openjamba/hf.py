@@ -107,6 +107,76 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
                 yield (name.removesuffix(".weight") + f".{part}") if part != "weight" else name, tensor
 
 
+# ---------------------------------------------------------------------- a checkpoint named by a Hub repo id
+# What openjamba reads from a checkpoint: the config, safetensors weights, the tokenizer and its chat templates
+# (`tokenizer.CONFIG_FILES`, `tokenizer.TEMPLATE_DIR`). Pickle weights (.bin, .pt, ...) are never fetched.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "additional_chat_templates/*.jinja"]
+
+
+def is_repo_id(text: str) -> bool:
+    """`owner/name` as the Hub spells repo ids (no `./`, `..`, `~` or absolute path can pass)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Path:
+    """The checkpoint directory `model` names: an existing local path as it is (a local directory always wins, as
+    in transformers); else a Hugging Face Hub repo id (`owner/name`), its files fetched into (or found in) the
+    Hugging Face cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cached copy, HF_TOKEN opens gated repos).
+    Anything else is returned as a path, for the loader's "not a directory" error."""
+    path = Path(model).expanduser()
+    if path.exists() or not is_repo_id(str(model)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+
+    repo = str(model)
+    print(f"openjamba: {repo}{f' ({revision})' if revision else ''} from the Hugging Face Hub, cache "
+          f"{constants.HF_HUB_CACHE}", file=sys.stderr, flush=True)
+    try:
+        found = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - each Hub failure becomes one actionable line
+        raise CheckpointError(_hub_error(repo, revision, err)) from err
+    if not found.is_dir() or not any(found.glob("*.safetensors")):
+        raise CheckpointError(f"{repo} has no safetensors weights on the Hub: openjamba loads only safetensors "
+                              "(it never unpickles .bin/.pt files)")
+    return found
+
+
+def _hub_error(repo: str, revision: str | None, err: Exception) -> str:
+    """One line saying why `repo` could not be had from the Hub, and what to do about it."""
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):
+        return (f"{repo} is gated on the Hugging Face Hub: accept its licence on https://huggingface.co/{repo}, "
+                "then log in with `hf auth login` or set HF_TOKEN")
+    if isinstance(err, RepositoryNotFoundError):
+        return (f"{repo} is not a local directory, and the Hugging Face Hub has no model repo {repo} (or it is "
+                "private: log in with `hf auth login` or set HF_TOKEN)")
+    if isinstance(err, RevisionNotFoundError):
+        return f"{repo} has no revision {revision!r} on the Hugging Face Hub"
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return (f"{repo} is not a local directory nor (complete) in the Hugging Face cache, and HF_HUB_OFFLINE is "
+                f"set or the Hub is unreachable: download it first with `hf download {repo}`, or give a checkpoint "
+                "directory")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"cannot fetch {repo} from the Hugging Face Hub: {first}"
+
+
 # ---------------------------------------------------------------------- reading a checkpoint directory
 def find_weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (single file or sharded with an index)."""
@@ -293,15 +363,17 @@ LOAD_PROGRESS_DELAY = 1.0  # seconds before a load's progress bar appears: small
 def load_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     quantize: str | None = None, group_size: int | None = None, prepare_kernels: bool = True, progress: bool = False,
+    revision: str | None = None,
 ):
-    """Load a local Hugging Face Jamba checkpoint directory. See the module docstring.
+    """Load a Hugging Face Jamba checkpoint: a local directory, or a Hub repo id (`resolve_checkpoint`; `revision`
+    a branch, tag or commit of it). See the module docstring.
 
     `quantize` ("int8" or "int4"; see `openjamba.quant`) quantizes each weight as it is read, a block of rows at a
     time, so peak memory stays near the quantized size; a checkpoint written by `openjamba quantize` loads
     quantized without it. `prepare_kernels=False` leaves the weights in the documented layout (for saving them).
     `progress`: a progress bar on stderr once a load has taken a second (the command line's verbs ask for it).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path, revision)
     config, entries, targets, model, method, pieces = _inspect(path, quantize)
     stored = config.extra.get("quantization_config") or {}
     group_size = group_size or stored.get("group_size") or quant.DEFAULT_GROUP_SIZE

@@ -637,16 +637,18 @@ class JambaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-        quantize: str | None = None, progress: bool = False,
+        quantize: str | None = None, progress: bool = False, revision: str | None = None,
     ) -> JambaForCausalLM:
-        """Load a local Hugging Face Jamba checkpoint directory (safetensors only). See `openjamba.hf`.
+        """Load a Hugging Face Jamba checkpoint (safetensors only): a local directory, or a Hub repo id such as
+        "ai21labs/AI21-Jamba-Reasoning-3B", fetched into the Hugging Face cache at `revision`. See `openjamba.hf`.
 
         `quantize` ("int8", "int4") quantizes the large projections' weights as they load (see `openjamba.quant`);
         `progress` shows a bar on stderr once the load has taken a second.
         """
         from .hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize, progress=progress)
+        return load_pretrained(path, dtype=dtype, device=device, quantize=quantize, progress=progress,
+                               revision=revision)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
         """Write config.json and safetensors (per-expert layout, which transformers loads), and the tokenizer."""

@@ -4,7 +4,8 @@ Each `openjamba ...` line of the README's shell blocks is read from the README i
 changed there is tested without editing this file:
 - every one must parse with the real command-line parser (a renamed or removed flag fails here);
 - the ones that finish on their own run on tiny settings, in a directory laid out as the README assumes
-  (data/stdlib, runs/small, DIR, path/to/Jamba-v0.1 ... made tiny): each command keeps its own flags and values,
+  (data/stdlib, runs/small, DIR, path/to/Jamba-v0.1 ... made tiny, and a Hugging Face cache holding the Hub repo
+  ids the README names): each command keeps its own flags and values,
   and only size flags are appended (the last occurrence of a flag wins), so a combination that cannot work as
   written (the ablation example once could not) fails here.
 """
@@ -22,6 +23,7 @@ import pytest
 from openjamba.cli import build_parser, main
 
 from .conftest import random_model
+from .hub_helpers import fake_hub_repo, use_hub_cache
 from .train_helpers import write_corpus
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -119,6 +121,8 @@ def readme_world(tmp_path_factory):
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
     for place in ("DIR", "path/to/Jamba-v0.1", "path/to/checkpoint"):
         model.save_pretrained(root / place, tokenizer=tokenizer)
+    for repo in sorted(set(re.findall(r"--model (ai21labs/[\w.-]+)", README.read_text()))):
+        fake_hub_repo(root / "hf-cache", repo, lambda snapshot: model.save_pretrained(snapshot, tokenizer=tokenizer))
     for name in ("valid.jsonl", "data/valid.jsonl"):
         (root / name).write_text('{"text": "def alpha(beta):\\n    return beta"}\n{"text": "import os"}\n')
     return root
@@ -140,6 +144,7 @@ def runnable(argv: list[str]) -> bool:
 
 def _run_in_order(verbs_wanted, readme_world, monkeypatch, capsys):
     monkeypatch.chdir(readme_world)
+    use_hub_cache(monkeypatch, readme_world / "hf-cache")
     ran = 0
     for argv in readme_commands():
         if argv[0] in verbs_wanted and runnable(argv):

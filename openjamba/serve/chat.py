@@ -268,8 +268,8 @@ def run_chat(args: argparse.Namespace) -> None:
                          if name == "temperature" or value != getattr(neutral, name))
     if interactive:
         _enable_line_editing()
-        print(f"openjamba chat: {args.model} ({'state reuse' if not args.no_reuse else 'no state reuse'}; "
-              f"{sampling}). {HELP}")
+        reuse = "no state reuse" if args.no_reuse else "state reuse"
+        print(f"openjamba chat: {getattr(args, 'model_id', args.model)} ({reuse}; {sampling}). {HELP}")
     elif args.verbose:
         print(f"[sampling: {sampling}]", file=sys.stderr)
     engine.start()

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import at_least, json_object, memory_size, non_negative_float
+from ..argtypes import add_model_arguments, at_least, json_object, memory_size, non_negative_float, resolve_model_flag
 
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `chat`: the checkpoint, where it runs, and the engine's bounds."""
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json, safetensors, "
-                        "tokenizer files)")
+    add_model_arguments(parser, "checkpoint directory (config.json, safetensors, tokenizer files)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
@@ -58,7 +57,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
-                        "checkpoint directory's name)")
+                        "repo id --model names, else the checkpoint directory's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1/ routes (default: "
                         f"${API_KEY_ENV}, which keeps the key out of the process list)")
@@ -111,6 +110,7 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread computes nothing heavy: the engine's thread holds the one OpenMP pool
     device = args.device or default_device()
+    resolve_model_flag(args)  # a no-op when the command line did it
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"no config.json in {args.model}: --model takes a checkpoint directory")
     try:
@@ -174,6 +174,16 @@ def sampling_defaults(args: argparse.Namespace, vocab_size: int) -> dict[str, fl
     return defaults
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    """`--served-model-name`, else the Hub repo id `--model` gave (vLLM's convention), else the directory's name."""
+    given = getattr(args, "model_id", None)
+    if args.served_model_name:
+        return args.served_model_name
+    if given is not None and not Path(given).expanduser().exists():  # resolved from the Hub, not a directory
+        return given
+    return Path(args.model).resolve().name
+
+
 DELIVERY_S = 2.0  # after the engine aborts what is left, the time its responses get to reach their clients
 
 
@@ -217,7 +227,7 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
                                     kv_cache_bytes=args.kv_cache_memory)
     chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
-    name = args.served_model_name or args.model.resolve().name
+    name = served_model_name(args)
     defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
                           vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,

@@ -48,7 +48,7 @@ class TrainConfig:
     out: str = field(default="runs/train", metadata={"help": "output directory: checkpoints, metrics, model"})
     preset: str | None = field(default=None, metadata={"help": "model preset (default tiny when nothing else)"})
     config: str | None = field(default=None, metadata={"help": "model config.json (instead of a preset)"})
-    init_from: str | None = field(default=None, metadata={"help": "fine-tune: Hugging Face checkpoint directory"})
+    init_from: str | None = field(default=None, metadata={"help": "fine-tune: checkpoint directory or Hub repo id"})
     model: dict[str, Any] = field(default_factory=dict, metadata={"help": None})  # set through --set / recipe
     steps: int = field(default=1000, metadata={"help": "optimizer steps in the whole run"})
     batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step, over all ranks"})
@@ -100,8 +100,12 @@ class TrainConfig:
     def with_absolute_paths(self) -> TrainConfig:
         """A copy whose paths do not depend on the working directory: a checkpoint stores its config, and a run
         resumed from another directory must find the same data and write to the same place."""
-        paths = {name: str(Path(value).expanduser().resolve()) for name in ("data", "out", "config", "init_from")
+        from ..hf import resolve_checkpoint
+
+        paths = {name: str(Path(value).expanduser().resolve()) for name in ("data", "out", "config")
                  if (value := getattr(self, name))}
+        if self.init_from:  # a Hub repo id becomes its snapshot in the Hugging Face cache
+            paths["init_from"] = str(resolve_checkpoint(self.init_from).resolve())
         return dataclasses.replace(self, **paths)
 
     @classmethod
