@@ -120,10 +120,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, help: str, required: bo
 def resolve_model_flag(args: argparse.Namespace) -> None:
     """Turn `--model` into the checkpoint directory (`hf.resolve_checkpoint`: fetched when it is a Hub repo id) once
     per command, keeping what was typed in `args.model_id`; a no-op for a verb without `--model`, with `--url`
-    (bench-serve names a server's model) or when already done."""
+    (bench-serve names a server's model) or when already done. A verb that sets `config_only` (info) fetches
+    only config.json."""
     if getattr(args, "model", None) is None or getattr(args, "url", None) or hasattr(args, "model_id"):
         return
     from .hf import resolve_checkpoint
 
     args.model_id = str(args.model)
-    args.model = resolve_checkpoint(args.model, getattr(args, "revision", None))
+    args.model = resolve_checkpoint(args.model, getattr(args, "revision", None),
+                                    weights=not getattr(args, "config_only", False))

@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--reserve", type=float, default=0.1,
                       help="share of --device-memory kept for the CUDA context, allocator and framework (0.1)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, config_only=True)  # a Hub repo id: config.json alone, not the weights
 
     gen = verbs.add_parser("generate", help="stream text from a checkpoint directory with its tokenizer")
     add_model_arguments(gen, "checkpoint directory with its tokenizer")

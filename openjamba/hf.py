@@ -128,24 +128,28 @@ def is_repo_id(text: str) -> bool:
     return True
 
 
-def resolve_checkpoint(model: str | Path, revision: str | None = None) -> Path:
+def resolve_checkpoint(model: str | Path, revision: str | None = None, weights: bool = True) -> Path:
     """The checkpoint directory `model` names: an existing local path as it is (a local directory always wins, as
     in transformers); else a Hugging Face Hub repo id (`owner/name`), its files fetched into (or found in) the
     Hugging Face cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cached copy, HF_TOKEN opens gated repos).
-    Anything else is returned as a path, for the loader's "not a directory" error."""
+    Anything else is returned as a path, for the loader's "not a directory" error. `weights=False` fetches only
+    config.json (`openjamba info` plans memory from it alone)."""
     path = Path(model).expanduser()
     if path.exists() or not is_repo_id(str(model)):
         return path
     from huggingface_hub import constants, snapshot_download
 
     repo = str(model)
-    print(f"openjamba: {repo}{f' ({revision})' if revision else ''} from the Hugging Face Hub, cache "
-          f"{constants.HF_HUB_CACHE}", file=sys.stderr, flush=True)
+    named = repo + (f" ({revision})" if revision else "")
+    print(f"openjamba: {named} from the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE is set)"
+          if constants.HF_HUB_OFFLINE else f"openjamba: fetching {named} from the Hugging Face Hub into "
+          f"{constants.HF_HUB_CACHE} (files already there are reused)", file=sys.stderr, flush=True)
     try:
-        found = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        found = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES if weights else
+                                       ["config.json"]))
     except Exception as err:  # noqa: BLE001 - each Hub failure becomes one actionable line
         raise CheckpointError(_hub_error(repo, revision, err)) from err
-    if not found.is_dir() or not any(found.glob("*.safetensors")):
+    if weights and not any(found.glob("*.safetensors")):
         raise CheckpointError(f"{repo} has no safetensors weights on the Hub: openjamba loads only safetensors "
                               "(it never unpickles .bin/.pt files)")
     return found

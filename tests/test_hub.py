@@ -41,7 +41,7 @@ def offline_hub(hub, monkeypatch):
 def test_a_repo_id_resolves_to_its_cached_snapshot(offline_hub, capsys):
     cache, snapshot, plain = offline_hub
     assert resolve_checkpoint(REPO) == snapshot
-    assert f"{REPO} from the Hugging Face Hub, cache {cache}" in capsys.readouterr().err
+    assert f"openjamba: {REPO} from the Hugging Face cache {cache} (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
     assert resolve_checkpoint(plain) == plain and resolve_checkpoint(str(plain)) == plain
     assert resolve_checkpoint("no-such-dir") == Path("no-such-dir")  # not repo-shaped: the loader's own error
 
@@ -112,9 +112,14 @@ def recorded(monkeypatch, tmp_path):
     return calls, answer
 
 
-def test_only_safetensors_and_tokenizer_files_are_asked_for(recorded):
+def test_only_safetensors_and_tokenizer_files_are_asked_for(recorded, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     calls, _ = recorded
     resolve_checkpoint("ai21labs/AI21-Jamba-Reasoning-3B", revision="v1.0")
+    assert "openjamba: fetching ai21labs/AI21-Jamba-Reasoning-3B (v1.0) from the Hugging Face Hub into " \
+        in capsys.readouterr().err
     (repo, kwargs), = calls
     assert repo == "ai21labs/AI21-Jamba-Reasoning-3B" and kwargs["revision"] == "v1.0"
     patterns = kwargs["allow_patterns"]
@@ -174,3 +179,17 @@ def test_train_init_from_takes_a_repo_id(offline_hub):
 
     cfg = TrainConfig(init_from=REPO, data="d", out="o").with_absolute_paths()
     assert cfg.init_from == str(offline_hub[1])
+
+
+def test_info_fetches_the_config_alone(recorded):
+    calls, _ = recorded
+    args = build_parser().parse_args(["info", "--model", "owner/other"])
+    resolve_model_flag(args)
+    assert calls[-1][1]["allow_patterns"] == ["config.json"]
+
+
+def test_info_names_a_repo_by_its_id(offline_hub, capsys):
+    import json
+
+    main(["info", "--model", REPO, "--context", "1024", "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == REPO

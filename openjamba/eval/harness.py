@@ -28,6 +28,7 @@ from lm_eval.utils import simple_parse_args_string
 from tqdm.auto import tqdm
 
 from ..generate import generate
+from ..hf import resolve_checkpoint
 from ..model import JambaForCausalLM
 from ..runtime import default_device, resolve_dtype
 from ..tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class OpenJambaLM(TemplateLM):
-    """lm-eval model over an openjamba checkpoint directory (or an already loaded model and tokenizer).
+    """lm-eval model over an openjamba checkpoint directory or Hub repo id (or an already loaded model and tokenizer).
 
     model_args: pretrained=DIR, dtype (auto|float32|bfloat16|float16), device, batch_size, max_length (the most
     tokens one forward sees: longer inputs are truncated on the left, rolling scores use windows of it),
@@ -71,8 +72,9 @@ class OpenJambaLM(TemplateLM):
             device = _available_device(device)
             dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(
                 None if dtype in (None, "auto") else str(dtype), device)
-            model = JambaForCausalLM.from_pretrained(pretrained, dtype=dtype, device=device)
-            tokenizer = tokenizer or load_tokenizer(pretrained)
+            checkpoint = resolve_checkpoint(pretrained)  # a Hub repo id once, for the weights and the tokenizer
+            model = JambaForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
+            tokenizer = tokenizer or load_tokenizer(checkpoint)
         elif tokenizer is None:
             raise ValueError("a model passed directly needs its tokenizer too")
         self.model = model.eval()
