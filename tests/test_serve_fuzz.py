@@ -59,7 +59,7 @@ VALID = {
         "temperature": 0, "tools": TOOLS, "tool_choice": "auto", "logprobs": True, "top_logprobs": 2,
         "stream": False, "n": 1, "chat_template_kwargs": {"enable_thinking": False},
         "response_format": {"type": "text"}, "parallel_tool_calls": True, "max_completion_tokens": 4,
-        "documents": None},
+        "documents": None, "structured_outputs": {"choice": ["yes", "no"]}},
     "/v1/responses": {"input": "hi", "max_output_tokens": 4, "temperature": 0, "tools": TOOLS,
                       "instructions": "be brief", "stream": False, "tool_choice": "auto", "store": True},
     "/v1/messages": {**MESSAGES, "max_tokens": 4, "stop_sequences": ["x"], "temperature": 0, "stream": False,

@@ -9,6 +9,7 @@ so newer clients keep working.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -74,6 +75,11 @@ class _Sampling(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP)  # vLLM's
     min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS or stop token before this many
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: {"choice": [str, ...]} or {"json": schema}
+    guided_choice: list[str] | None = None  # vLLM's older spelling of structured_outputs.choice
+    guided_json: dict[str, Any] | str | None = None  # ... and of structured_outputs.json
+    guided_regex: Any = None  # vLLM's, refused (not implemented here) rather than ignored
+    guided_grammar: Any = None
 
     @field_validator("max_tokens")
     @classmethod
@@ -122,19 +128,74 @@ class _Sampling(_Request):
                 raise ValueError("json_schema: name must be a string and strict a boolean")
         return value
 
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Exactly one of the keys this server implements (a key set to null counts as absent, as vLLM's
+        StructuredOutputsParams dumps them); every other key (regex, grammar, json_object, ...) is refused, never
+        ignored."""
+        if value is None:
+            return None
+        given = {key: v for key, v in value.items() if v is not None}
+        unknown = sorted(set(given) - {"choice", "json"})
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not supported by this server (it supports choice and json)")
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice and json")
+        if "choice" in given:
+            return {"choice": _choices(given["choice"], "choice ")}
+        return {"json": _schema(given["json"], "json ")}
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _guided_choice(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _choices(value, "")
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return None if value is None else _schema(value, "")
+
+    @field_validator("guided_regex", "guided_grammar")
+    @classmethod
+    def _not_implemented(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("not supported by this server (it supports guided_choice and guided_json)")
+
     @model_validator(mode="after")
     def _stream_options(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        given = [name for name in ("response_format", "structured_outputs", "guided_choice", "guided_json")
+                 if getattr(self, name) not in (None, {"type": "text"})]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} cannot be combined: give one output constraint")
         if self.json_mode and (self.ignore_eos or self.min_tokens):
-            raise ValueError("ignore_eos and min_tokens cannot be used with a JSON response_format (it ends on EOS "
-                             "once the document is complete)")
+            raise ValueError(f"ignore_eos and min_tokens cannot be used with {self.output_constraint[0]} (the "
+                             "output ends on EOS once it is complete)")
         return self
 
     @property
     def json_mode(self) -> bool:
-        """Whether the output must be JSON: a json_object or json_schema response_format."""
-        return self.response_format is not None and self.response_format["type"] != "text"
+        """Whether the output is constrained to plain content (no tool-call or reasoning parsing): a json_object or
+        json_schema response_format, or a structured output (structured_outputs, guided_choice, guided_json)."""
+        return self.output_constraint is not None
+
+    @property
+    def output_constraint(self) -> tuple[str, str, Any] | None:
+        """(the field that asks for it, "json_object" | "json" | "choice", the schema or the choices), or None."""
+        if self.response_format is not None and self.response_format["type"] != "text":
+            kind = self.response_format["type"]
+            schema = self.json_schema
+            return ("response_format", "json", schema) if kind == "json_schema" else ("response_format", kind, None)
+        if self.structured_outputs is not None:
+            (kind, value), = self.structured_outputs.items()
+            return f"structured_outputs.{kind}", kind, value
+        if self.guided_choice is not None:
+            return "guided_choice", "choice", self.guided_choice
+        if self.guided_json is not None:
+            return "guided_json", "json", self.guided_json
+        return None
 
     @property
     def json_schema(self) -> dict[str, Any] | None:
@@ -142,6 +203,27 @@ class _Sampling(_Request):
         if self.response_format is None or self.response_format["type"] != "json_schema":
             return None
         return self.response_format["json_schema"]["schema"]
+
+
+def _choices(value: Any, what: str) -> list[str]:
+    """A choice constraint's strings: a non-empty list of non-empty strings (`what`: the key named in errors)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what}must be a non-empty list of strings")
+    if any(not isinstance(c, str) or not c for c in value):
+        raise ValueError("every choice must be a non-empty string")
+    return value
+
+
+def _schema(value: Any, what: str) -> dict[str, Any]:
+    """A json constraint's schema: an object, or a JSON string of one (`what`: the key named in errors)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{what}must be a JSON schema (an object) or a JSON string of one") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}must be a JSON schema (an object) or a JSON string of one")
+    return value
 
 
 class CompletionRequest(_Sampling):
@@ -279,7 +361,7 @@ class ChatCompletionRequest(_Sampling):
         if name is not None and name not in {t.function.name for t in self.tools}:
             raise RequestError(f"tool_choice: the function {name!r} is not among tools", param="tool_choice")
         if self.json_mode:
-            raise RequestError("tool_choice: a forced tool call cannot be combined with a JSON response_format",
+            raise RequestError(f"tool_choice: a forced tool call cannot be combined with {self.output_constraint[0]}",
                                param="tool_choice")
         if self.ignore_eos or self.min_tokens:
             raise RequestError("tool_choice: ignore_eos and min_tokens cannot be used with a forced tool call (it "

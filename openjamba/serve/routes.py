@@ -23,6 +23,7 @@ from .api import (
     sampling_params,
     streaming_response,
 )
+from .choice import ChoiceGrammar
 from .json_mode import JsonVocabulary
 from .json_schema import compile_schema
 from .messages import add_message_routes
@@ -30,7 +31,7 @@ from .responses import add_response_routes
 from .sse import ChunkFormat, delta_json, text_json
 from .tool_choice import ToolChoice, added_token_bytes, cache_key, functions_of, tool_call_grammar
 
-SCHEMAS_KEPT = 64  # compiled json_schema grammars kept, so repeated requests with one schema reuse its masks
+SCHEMAS_KEPT = 64  # compiled json_schema and choice grammars kept, so repeated requests with one schema reuse its masks
 
 
 def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: ServerConfig, chat) -> None:
@@ -44,20 +45,22 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
     added_tokens: list[dict[int, bytes]] = []  # the added tokens' texts, read on the first forced tool call
 
     async def constraint_of(req):
-        """The per-row constraint factory a request's response_format asks for (None: unconstrained); the JSON
-        vocabulary is built off the event loop, once."""
-        if not req.json_mode:
+        """The per-row constraint factory a request's output constraint asks for (response_format, structured_outputs,
+        guided_choice or guided_json; None: unconstrained); the JSON vocabulary is built off the event loop, once."""
+        spec = req.output_constraint
+        if spec is None:
             return None
-        schema = req.json_schema
+        field, kind, value = spec
         grammar = None
-        if schema is not None:
-            key = json.dumps(schema, sort_keys=True)
+        if kind != "json_object":
+            key = f"{kind}:" + json.dumps(value, sort_keys=True)
             grammar = schemas.get(key)
             if grammar is None:
                 try:
-                    grammar = schemas[key] = compile_schema(schema)
+                    grammar = schemas[key] = compile_schema(value) if kind == "json" else ChoiceGrammar(value)
                 except ValueError as err:
-                    raise p.RequestError(f"response_format.json_schema.{err}", param="response_format") from None
+                    where = "response_format.json_schema." if field == "response_format" else f"{field}: "
+                    raise p.RequestError(f"{where}{err}", param=field.split(".")[0]) from None
                 if len(schemas) > SCHEMAS_KEPT:
                     schemas.popitem(last=False)
             schemas.move_to_end(key)
