@@ -15,11 +15,10 @@ from openjamba import JambaConfig, JambaForCausalLM
 from openjamba.serve.engine import Engine, TokenEvent
 from openjamba.serve.json_mode import JsonGrammar, JsonVocabulary
 from openjamba.serve.sampling import RowSampling, SamplingParams, sample_rows
-from openjamba.tokenizer import load_tokenizer
 
-from .conftest import byte_level_tokenizer, mutated_text
+from .conftest import mutated_text
 from .serve_helpers import tiny_server
-from .tokenizer_fixtures import write_jamba2, write_jamba16
+from .tokenizer_fixtures import tokenizer_styles
 
 VALID = [
     b'{"a": [1, 2.5e-3, -0, 0.5E+2, true, false, null, "x\\u00e9\\n\\"y\\/\\b\\f\\r\\t\\\\"], "b": {}, "c": []}',
@@ -68,10 +67,7 @@ def test_object_only_and_the_whitespace_cap():
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    """Byte-level BPE, Jamba-1.6-style SentencePiece and Jamba2-style byte-fallback tokenizer.json."""
-    root = tmp_path_factory.mktemp("json-tokenizers")
-    return {"byte-level": byte_level_tokenizer(), "jamba16": load_tokenizer(write_jamba16(root / "j16")),
-            "jamba2": load_tokenizer(write_jamba2(root / "j2"))}
+    return tokenizer_styles(tmp_path_factory.mktemp("json-tokenizers"))
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "jamba16", "jamba2"])

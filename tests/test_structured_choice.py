@@ -15,12 +15,10 @@ from openjamba.serve.choice import ChoiceGrammar
 from openjamba.serve.engine import Engine, TokenEvent
 from openjamba.serve.json_mode import JsonVocabulary
 from openjamba.serve.sampling import SamplingParams
-from openjamba.tokenizer import load_tokenizer
 
-from .conftest import byte_level_tokenizer
 from .serve_helpers import tiny_server
 from .test_json_mode import WEATHER, closing_bias, tiny_model
-from .tokenizer_fixtures import write_jamba2, write_jamba16
+from .tokenizer_fixtures import tokenizer_styles
 
 CHOICES = ["positive", "negative", "yes", "yes!", "y", "caf\u00e9 \u2615", "neutral"]
 
@@ -53,9 +51,7 @@ def test_grammar_refuses_empty_and_non_string_choices(choices):
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("choice-tokenizers")
-    return {"byte-level": byte_level_tokenizer(), "jamba16": load_tokenizer(write_jamba16(root / "j16")),
-            "jamba2": load_tokenizer(write_jamba2(root / "j2"))}
+    return tokenizer_styles(tmp_path_factory.mktemp("choice-tokenizers"))
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "jamba16", "jamba2"])

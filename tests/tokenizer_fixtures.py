@@ -184,3 +184,14 @@ JAMBA15_TEMPLATE = """{{ bos_token }}
 {% endif %}
 {% endfor %}
 {% if add_generation_prompt %}<|bom|><|assistant|>{% endif %}"""
+
+
+def tokenizer_styles(root: Path) -> dict:
+    """Byte-level BPE, Jamba-1.6-style SentencePiece and Jamba2-style byte-fallback tokenizer.json, loaded: the
+    tokenizers a constraint's token masks are checked on."""
+    from openjamba.tokenizer import load_tokenizer
+
+    from .conftest import byte_level_tokenizer
+
+    return {"byte-level": byte_level_tokenizer(), "jamba16": load_tokenizer(write_jamba16(root / "j16")),
+            "jamba2": load_tokenizer(write_jamba2(root / "j2"))}
