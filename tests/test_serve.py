@@ -97,6 +97,7 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 def test_models_health_metrics(server, client):
     engine, url = server
     assert [m.id for m in client.models.list().data] == ["tiny-jamba"]
+    assert client.models.list().data[0].max_model_len == 1024  # vLLM's field: the server's --max-context
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     client.completions.create(model="tiny-jamba", prompt="hello", max_tokens=2)
     text = httpx.get(url + "/metrics").text

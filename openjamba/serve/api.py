@@ -371,7 +371,7 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, config)
-        return {"object": "list", "data": [p.model_card(config.model_name, created)]}
+        return {"object": "list", "data": [p.model_card(config.model_name, created, config.max_context)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
@@ -379,7 +379,7 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
         if model_id != config.model_name:
             return error_response(404, f"the model {model_id!r} does not exist; this server serves "
                                   f"{config.model_name!r}", "not_found_error", param="model", code="model_not_found")
-        return p.model_card(config.model_name, created)
+        return p.model_card(config.model_name, created, config.max_context)
 
     add_routes(app, engine, relay, tokenizer, config, chat)
     return app

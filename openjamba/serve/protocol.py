@@ -444,5 +444,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "openjamba"}
+def model_card(name: str, created: int, max_model_len: int) -> dict:
+    """OpenAI's model object, with vLLM's `max_model_len` (clients size their prompts by it)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "openjamba", "max_model_len": max_model_len}
