@@ -45,6 +45,7 @@ class ServerConfig:
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
     allowed_origins: list[str] = field(default_factory=list)  # browser origins answered with CORS headers
     max_stored_responses: int = 1000  # /v1/responses kept for previous_response_id and GET (least recent dropped)
+    web_ui: bool = True  # the chat page at / (serve/web.py)
 
 
 class _Rejected(Exception):
@@ -382,6 +383,10 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
         return p.model_card(config.model_name, created, config.max_context)
 
     add_routes(app, engine, relay, tokenizer, config, chat)
+    if config.web_ui:
+        from .web import add_web_routes
+
+        add_web_routes(app)
     return app
 
 

@@ -63,6 +63,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         f"${API_KEY_ENV}, which keeps the key out of the process list)")
     parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
                         "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
+    parser.add_argument("--no-web-ui", "--no-webui", dest="web_ui", action="store_false",
+                        help="do not serve the built-in chat page at / (llama-server's --no-webui)")
     parser.add_argument("--max-running", "--max-num-seqs", type=int, default=32,
                         help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
     parser.add_argument("--max-waiting", type=int, default=256,
@@ -232,7 +234,7 @@ def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
                           vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
                           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
-                          max_stored_responses=args.max_stored_responses)
+                          max_stored_responses=args.max_stored_responses, web_ui=args.web_ui)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
@@ -249,8 +251,8 @@ def serve(args: argparse.Namespace) -> None:
         budget = engine.kv_budget
         bound = "unbounded" if budget is None else f"{budget.max_bytes / 2**30:.2f} GiB = {budget.tokens:,} tokens"
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
-              f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})",
-              flush=True)
+              f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})"
+              + (f"; chat page http://{args.host}:{args.port}/" if args.web_ui else ""), flush=True)
         run_until_stopped(create_app(engine, tokenizer, config, chat), engine, args.shutdown_timeout, host=args.host,
                           port=args.port, log_level=args.log_level)
     finally:
