@@ -105,14 +105,21 @@ def test_the_server_answers_a_request_over_the_bound_with_a_400_and_counts_preem
     tiny = JambaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(checkpoint)
     from openjamba.serve.api import ServerConfig, create_app
+    from openjamba.serve.templating import ChatFormat
 
     engine = Engine(tiny, kv_cache_bytes=bytes_for(tiny, 64), eos_token_ids=tokenizer.eos_token_ids)
     config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=tiny.config.vocab_size)
-    with engine, running_server(create_app(engine, tokenizer, config, None)) as url:
+    with engine, running_server(create_app(engine, tokenizer, config, ChatFormat.of(tokenizer))) as url:
         r = httpx.post(url + "/v1/completions", json={"model": "tiny-jamba", "prompt": "hello world", "max_tokens": 80})
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error" and "K/V cache bound of 64 tokens" in error["message"]
+        # without max_tokens a chat gets the rest of what the bound holds, not of the context (then a 400)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 64 + 1
         text = httpx.get(url + "/metrics").text
     assert "# TYPE openjamba_preemptions_total counter\nopenjamba_preemptions_total 0" in text
     assert f"openjamba_kv_cache_max_bytes {bytes_for(tiny, 64)}" in text

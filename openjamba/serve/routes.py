@@ -100,13 +100,20 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                                  param="model", code="model_not_found")
 
     def check_length(ids: list[int], max_tokens: int | None, what: str) -> int:
-        """The max_tokens to use; 400 when the prompt (plus an explicit max_tokens) exceeds the context."""
+        """The max_tokens to use; 400 when the prompt (plus an explicit max_tokens) exceeds the context. Left out,
+        it is the rest of the context, or of what the K/V bound holds for the request alone, where that is less
+        (so that a request without max_tokens is not refused under `--kv-cache-memory`)."""
         room = config.max_context - len(ids)
         if room < 1 or (max_tokens is not None and max_tokens > room):
-            asked = f" plus {max_tokens} to generate" if max_tokens is not None else ""
-            raise p.RequestError(f"this model's maximum context length is {config.max_context} tokens; the {what} "
-                                 f"has {len(ids)} tokens{asked}", param=what, code="context_length_exceeded")
-        return max_tokens if max_tokens is not None else room
+            asked = (f"this request asks for {len(ids) + max_tokens} ({len(ids)} in the {what}, {max_tokens} to "
+                     "generate)" if max_tokens is not None else f"the {len(ids)} in the {what} leave none to generate")
+            raise p.RequestError(f"this model's maximum context length is {config.max_context} tokens; {asked}",
+                                 param=what, code="context_length_exceeded")
+        if max_tokens is not None:
+            return max_tokens
+        budget = getattr(engine, "kv_budget", None)
+        # the engine refuses a request needing more than prompt + max_tokens - 1 tokens of K/V (KVBudget.too_long)
+        return room if budget is None else min(room, max(budget.tokens - len(ids) + 1, 1))
 
     async def run(request: Request, submission: Submission) -> Response | None:
         """Wait for every choice of a non-streaming request; an error response, or None when all finished."""
