@@ -53,6 +53,8 @@ def test_a_shared_helpers_error_names_the_verb(tmp_path):
 
 def test_engine_flags_refuse_impossible_values(capsys):
     for argv in (["serve", "--model", "m", "--threads", "0"], ["chat", "--model", "m", "--state-store", "-1"],
+                 ["serve", "--model", "m", "--port", "70000"], ["chat", "--model", "m", "--max-context", "0"],
+                 ["serve", "--model", "m", "--max-stored-responses", "-1"],
                  ["bench-serve", "--preset", "tiny", "--threads", "0"],
                  ["bench", "--preset", "tiny", "--timeout", "-1"],
                  ["bench-serve", "--preset", "tiny", "--prefix-tokens", "-1"]):  # (was an 'unexpected' RuntimeError)

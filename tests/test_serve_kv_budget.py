@@ -165,3 +165,14 @@ def test_a_preempted_request_cancelled_while_it_waits_leaves_nothing(model):
     assert 0 < sink.finish[ids[1]].completion_tokens < MAX_TOKENS
     assert sink.tokens[ids[0]] == solo_generate(model, prompts[0], MAX_TOKENS, chunk=512)
     assert stats["running"] == stats["waiting"] == stats["kv_cache_bytes"] == 0
+
+
+def test_serve_refuses_a_bound_that_holds_no_request_and_warns_below_the_context(model, caplog):
+    from openjamba.serve.server import check_kv_bound
+
+    with pytest.raises(SystemExit, match="holds? 1 tokens .* give a size with its unit"):
+        check_kv_bound(KVBudget(model, bytes_for(model, 1)), 1024)  # `--kv-cache-memory 20` is 20 bytes, as vLLM's
+    check_kv_bound(KVBudget(model, bytes_for(model, 2048)), 1024)
+    assert not caplog.records
+    check_kv_bound(KVBudget(model, bytes_for(model, 512)), 1024)
+    assert "holds 512 tokens of K/V, less than the context (1,024)" in caplog.text

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import add_model_arguments, at_least, json_object, memory_size, non_negative_float, resolve_model_flag
+from ..info import human_bytes
 
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
@@ -24,7 +25,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
                         help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
     parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
+    parser.add_argument("--prefill-chunk", type=at_least(1), default=512,
                         help="prompt tokens per prefill step, interleaved with decode steps (default 512)")
     parser.add_argument("--no-reuse", action="store_true",
                         help="do not keep conversation state between requests (every prompt is read in full)")
@@ -36,7 +37,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir-size", type=non_negative_float, default=10, metavar="GB",
                         help="bytes of state files in --state-dir, in GB; the least recently used are deleted "
                         "beyond it (default 10)")
-    parser.add_argument("--max-context", "--max-model-len", type=int, default=None,
+    parser.add_argument("--max-context", "--max-model-len", type=at_least(1), default=None,
                         help="longest prompt plus output in tokens (default: the config's max_position_embeddings); "
                         "--max-model-len is vLLM's name")
     parser.add_argument("--chat-template", default=None, metavar="FILE|NAME|TEMPLATE",
@@ -55,7 +56,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="default 8000")
+    parser.add_argument("--port", type=port_number, default=8000, help="default 8000")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "repo id --model names, else the checkpoint directory's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
@@ -65,18 +66,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
     parser.add_argument("--no-web-ui", "--no-webui", dest="web_ui", action="store_false",
                         help="do not serve the built-in chat page at / (llama-server's --no-webui)")
-    parser.add_argument("--max-running", "--max-num-seqs", type=int, default=32,
+    parser.add_argument("--max-running", "--max-num-seqs", type=at_least(1), default=32,
                         help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
-    parser.add_argument("--max-waiting", type=int, default=256,
+    parser.add_argument("--max-waiting", type=at_least(1), default=256,
                         help="requests queued beyond those; more get 429 with Retry-After (default 256)")
     parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=kv_cache_memory, default="auto",
                         metavar="SIZE|auto|none",
-                        help="bound on the attention K/V of the requests in flight, e.g. 20GB or 16GiB: requests "
+                        help="bound on the attention K/V of the requests in flight, e.g. 20GB or 16GiB (a bare "
+                        "number is bytes): requests "
                         "wait for room, rows that outgrow it are preempted and resumed from their exact state, and "
                         "one that could never fit is refused with a 400. auto (default): on CUDA 80%% of the memory "
                         "free after loading less --state-store, none on CPU; none: unbounded. "
                         "--kv-cache-memory-bytes is vLLM's name")
-    parser.add_argument("--max-stored-responses", type=int, default=1000,
+    parser.add_argument("--max-stored-responses", type=at_least(0), default=1000,
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=5.0, metavar="SECONDS",
@@ -89,6 +91,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "0: never)")
     parser.add_argument("--disable-log-stats", dest="log_stats_interval", action="store_const", const=0.0,
                         help="--log-stats-interval 0, by vLLM's name")
+
+
+def port_number(text: str) -> int:
+    """--port: a TCP port (uvicorn's bind would fail on another with a traceback, after the model loaded)."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
 
 
 def kv_cache_memory(text: str) -> int | str | None:
@@ -218,24 +228,39 @@ def run_until_stopped(app, engine, shutdown_timeout: float, **uvicorn_options) -
         raise SystemExit(3)
 
 
+def check_kv_bound(budget, max_context: int) -> None:
+    """Refuse a --kv-cache-memory bound that holds no request (a size given without its unit is bytes, as vLLM's
+    --kv-cache-memory-bytes); warn when it holds less than the context, as longer requests are then refused."""
+    if budget is None:
+        return
+    if budget.tokens < 2:  # a request holds at least its prompt's token and the next step's
+        raise SystemExit(f"--kv-cache-memory {budget.max_bytes:,} bytes hold {budget.tokens} tokens of attention K/V "
+                         f"({budget.bytes_per_token:,} bytes a token), too few for any "
+                         "request: give a size with its unit, e.g. 20GB")
+    if budget.tokens < max_context:
+        logging.getLogger("openjamba.serve").warning(
+            "--kv-cache-memory %s holds %s tokens of K/V, less than the context (%s): a request whose prompt and "
+            "max_tokens need more is refused with a 400", human_bytes(budget.max_bytes), f"{budget.tokens:,}",
+            f"{max_context:,}")
+
+
 def serve(args: argparse.Namespace) -> None:
     from .api import ServerConfig, create_app
     from .metrics import StatsLogger
     from .templating import ChatFormat
 
-    for name in ("max_running", "max_waiting", "prefill_chunk", "port"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"openjamba serve: error: --{name.replace('_', '-')} must be at least 1")
     model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
                                     kv_cache_bytes=args.kv_cache_memory)
+    max_context = args.max_context or model.config.max_position_embeddings
     chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
     name = served_model_name(args)
     defaults = sampling_defaults(args, model.config.vocab_size)
-    config = ServerConfig(model_name=name, max_context=args.max_context or model.config.max_position_embeddings,
+    config = ServerConfig(model_name=name, max_context=max_context,
                           vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
                           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
                           max_stored_responses=args.max_stored_responses, web_ui=args.web_ui)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    check_kv_bound(engine.kv_budget, max_context)
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
                      ", ".join(f"{k}={v}" for k, v in defaults.items()))
@@ -243,13 +268,13 @@ def serve(args: argparse.Namespace) -> None:
         logging.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                         "(--api-key or $%s sets one)", args.host, API_KEY_ENV)
     if chat is None:
-        logging.warning("%s has no chat template: /v1/chat/completions answers 400 (--chat-template gives one); "
-                        "/v1/completions works", args.model)
+        logging.warning("%s has no chat template: /v1/chat/completions, /v1/responses, /v1/messages and the chat "
+                        "page answer 400 (--chat-template gives one); /v1/completions works", args.model)
     engine.start()
     stats = StatsLogger(engine.stats, args.log_stats_interval).start() if args.log_stats_interval > 0 else None
     try:
         budget = engine.kv_budget
-        bound = "unbounded" if budget is None else f"{budget.max_bytes / 2**30:.2f} GiB = {budget.tokens:,} tokens"
+        bound = "unbounded" if budget is None else f"{human_bytes(budget.max_bytes)} = {budget.tokens:,} tokens"
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
               f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})"
               + (f"; chat page http://{args.host}:{args.port}/" if args.web_ui else ""), flush=True)
