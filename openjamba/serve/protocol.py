@@ -357,9 +357,11 @@ class ChatCompletionRequest(_Sampling):
                                    '{"name": NAME}}', param="tool_choice")
             name = function["name"]
         if not self.tools:
-            raise RequestError(f"tool_choice: {choice!r} needs tools", param="tool_choice")
+            # said without the chat shape of `choice`, which /v1/responses and /v1/messages requests did not send
+            raise RequestError("tool_choice: a forced tool call needs tools, and the request has none",
+                               param="tool_choice")
         if name is not None and name not in {t.function.name for t in self.tools}:
-            raise RequestError(f"tool_choice: the function {name!r} is not among tools", param="tool_choice")
+            raise RequestError(f"tool_choice: {name!r} is not among the request's tools", param="tool_choice")
         if self.json_mode:
             raise RequestError(f"tool_choice: a forced tool call cannot be combined with {self.output_constraint[0]}",
                                param="tool_choice")
