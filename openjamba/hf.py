@@ -132,10 +132,11 @@ def resolve_checkpoint(model: str | Path, revision: str | None = None, weights: 
     """The checkpoint directory `model` names: an existing local path as it is (a local directory always wins, as
     in transformers); else a Hugging Face Hub repo id (`owner/name`), its files fetched into (or found in) the
     Hugging Face cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cached copy, HF_TOKEN opens gated repos).
-    Anything else is returned as a path, for the loader's "not a directory" error. `weights=False` fetches only
-    config.json (`openjamba info` plans memory from it alone)."""
+    Anything else is returned as a path, for the loader's "not a directory" error; so is a `Path`, which the
+    command line makes of what is not a repo id (a `Path` has lost the `./` of `./owner/name`, which names a
+    directory). `weights=False` fetches only config.json (`openjamba info` plans memory from it alone)."""
     path = Path(model).expanduser()
-    if path.exists() or not is_repo_id(str(model)):
+    if path.exists() or not isinstance(model, str) or not is_repo_id(model):
         return path
     from huggingface_hub import constants, snapshot_download
 

@@ -193,11 +193,11 @@ class Tokenizer:
 def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint directory, of a `tokenizer.json`/`tokenizer.model` file (with the config
     files beside it), or of a Hugging Face Hub repo id (fetched into the Hugging Face cache at `revision`)."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         from .hf import resolve_checkpoint
 
-        path = resolve_checkpoint(path, revision)
+        path = resolve_checkpoint(path, revision)  # as given: a str may be a repo id, a Path never
+    path = Path(path)
     directory = path if path.is_dir() else path.parent
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}: the path does not exist")

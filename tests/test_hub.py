@@ -44,6 +44,12 @@ def test_a_repo_id_resolves_to_its_cached_snapshot(offline_hub, capsys):
     assert f"openjamba: {REPO} from the Hugging Face cache {cache} (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
     assert resolve_checkpoint(plain) == plain and resolve_checkpoint(str(plain)) == plain
     assert resolve_checkpoint("no-such-dir") == Path("no-such-dir")  # not repo-shaped: the loader's own error
+    # a path that names a directory, not the repo: `./owner/name`, or the Path the command line made of it
+    assert resolve_checkpoint(f"./{REPO}") == resolve_checkpoint(Path(REPO)) == Path(REPO)
+    with pytest.raises(FileNotFoundError, match="no tokenizer at owner/tiny-jamba"):
+        load_tokenizer(Path(REPO))
+    with pytest.raises(SystemExit, match="owner/tiny-jamba"):
+        main(["generate", "--model", f"./{REPO}", "--prompt", "x"])  # it used to load the cached repo
 
 
 def test_generate_from_a_repo_id_equals_the_directory(offline_hub, capsys):
