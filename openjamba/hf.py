@@ -175,9 +175,10 @@ def _hub_error(repo: str, revision: str | None, err: Exception) -> str:
     if isinstance(err, RevisionNotFoundError):
         return f"{repo} has no revision {revision!r} on the Hugging Face Hub"
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        return (f"{repo} is not a local directory nor (complete) in the Hugging Face cache, and HF_HUB_OFFLINE is "
-                f"set or the Hub is unreachable: download it first with `hf download {repo}`, or give a checkpoint "
-                "directory")
+        at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
+        return (f"{repo} is not a local directory nor (complete{at}) in the Hugging Face cache, and HF_HUB_OFFLINE "
+                f"is set or the Hub is unreachable: download it first with `hf download {repo}{flag}`, or give a "
+                "checkpoint directory")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return f"cannot fetch {repo} from the Hugging Face Hub: {first}"
 

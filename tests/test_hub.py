@@ -94,6 +94,8 @@ def test_a_repo_missing_offline_is_one_line(offline_hub, capsys):
     message = str(err.value.code)
     assert message.startswith("openjamba generate: error: owner/missing is not a local directory")
     assert "HF_HUB_OFFLINE" in message and "hf download owner/missing" in message and "\n" not in message
+    with pytest.raises(SystemExit, match=r"at revision 'v2'\).*`hf download owner/tiny-jamba --revision v2`"):
+        main(["generate", "--model", REPO, "--revision", "v2", "--prompt", "x"])  # a revision not in the cache
 
 
 @pytest.fixture
