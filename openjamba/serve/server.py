@@ -139,9 +139,9 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     except ValueError as err:
         raise SystemExit(f"--default-chat-template-kwargs: {err}") from None
     if require_chat and not tokenizer.chat_template:
-        raise SystemExit(f"{args.model} has no chat template (chat_template in tokenizer_config.json or "
-                         "chat_template.jinja): give one with --chat-template, or use `openjamba generate` for plain "
-                         "text")
+        raise SystemExit(f"{getattr(args, 'model_id', args.model)} has no chat template (chat_template in "
+                         "tokenizer_config.json or chat_template.jinja): give one with --chat-template, or use "
+                         "`openjamba generate` for plain text")
     try:
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:
@@ -269,7 +269,8 @@ def serve(args: argparse.Namespace) -> None:
                         "(--api-key or $%s sets one)", args.host, API_KEY_ENV)
     if chat is None:
         logging.warning("%s has no chat template: /v1/chat/completions, /v1/responses, /v1/messages and the chat "
-                        "page answer 400 (--chat-template gives one); /v1/completions works", args.model)
+                        "page answer 400 (--chat-template gives one); /v1/completions works",
+                        getattr(args, "model_id", args.model))  # the repo id, not its cache snapshot's path
     engine.start()
     stats = StatsLogger(engine.stats, args.log_stats_interval).start() if args.log_stats_interval > 0 else None
     try:
