@@ -56,6 +56,9 @@ def test_the_page_is_served_with_its_security_headers_and_no_external_url(app_of
     assert r.text.count("<script") == 1 and not re.search(r"<[^>]*\s(on[a-z]+|style)=", r.text), \
         "inline handlers and style attributes would need 'unsafe-inline'"
     assert app_of().get("/favicon.ico").status_code == 204
+    head = app_of().head("/")  # `curl -I` and uptime monitors (it was a 405)
+    assert head.status_code == 200 and head.headers["content-type"] == "text/html; charset=utf-8"
+    assert app_of().head("/health").status_code == 503  # answered (not a 405); this engine was never started
 
 
 def test_no_web_ui_leaves_slash_a_404_in_openai_shape(app_of):

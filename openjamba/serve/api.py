@@ -358,9 +358,10 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return error_response(err.status_code, str(err.detail), kind)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        """200 while the engine's loop serves, else 503 (a load balancer then routes elsewhere)."""
+        """200 while the engine's loop serves, else 503 (a load balancer then routes elsewhere); HEAD too, as
+        uptime monitors send it."""
         if not engine.is_running():
             return JSONResponse({"status": "the engine has stopped"}, status_code=503)
         return {"status": "ok"}

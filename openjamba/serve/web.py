@@ -34,11 +34,11 @@ def page_headers(html: str) -> dict[str, str]:
 
 
 def add_web_routes(app: FastAPI) -> None:
-    """GET / (the page) and GET /favicon.ico (204: browsers ask for it, and there is none)."""
+    """GET (or HEAD) / (the page) and GET /favicon.ico (204: browsers ask for it, and there is none)."""
     html = PAGE.read_text(encoding="utf-8")
     body, headers = html.encode(), page_headers(html)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, uptime checks
     async def chat_page():
         return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
