@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, state reuse)",
                            description="Serve a checkpoint: OpenAI's /v1/models, /v1/completions, /v1/chat/completions"
-                           ", /v1/responses; Anthropic's /v1/messages; /tokenize, /detokenize, /health, /metrics.")
+                           ", /v1/responses; Anthropic's /v1/messages; /tokenize, /detokenize, /health, /metrics; a "
+                           "chat page at / (--no-web-ui: none).")
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
