@@ -191,6 +191,7 @@ def test_count_tokens_thinking_switch_and_reuse(served):
     ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error", "nope"),
     ({"tool_choice": {"type": "tool"}}, 400, "invalid_request_error", "tool_choice"),
     ({"tool_choice": {"type": "any"}}, 400, "invalid_request_error", "a forced tool call needs tools"),
+    ({"system": [{"type": "image"}]}, 400, "invalid_request_error", "system.0.type"),  # not "a valid string"
     ({"thinking": {"type": "enabled"}}, 400, "invalid_request_error", "budget_tokens"),
     ({"stop_sequences": [""]}, 400, "invalid_request_error", "stop_sequences"),
     ({"max_tokens": 5000}, 400, "invalid_request_error", "context"),

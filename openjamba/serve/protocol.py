@@ -402,6 +402,7 @@ def parse_request(body: bytes, schema: type[_Request]) -> Any:
             raise RequestError(f"the body is not valid JSON: {first['msg']}", code="invalid_json") from None
         if first["type"] == "json_type":
             raise RequestError("the body must be a JSON object") from None
+        first = _closest(err.errors())
         location = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
         message = first["msg"].removeprefix("Value error, ")
         raise RequestError(f"{location}: {message}" if location else message, param=location or None) from None
@@ -413,10 +414,18 @@ def translated_chat_request(body: dict[str, Any], renamed: dict[str, str]) -> Ch
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as err:
-        first = err.errors()[0]
+        first = _closest(err.errors())
         location = ".".join(str(x) for x in first["loc"] if not _is_union_tag(x))
         location = renamed.get(location.split(".")[0], location)
         raise RequestError(f"{location}: {first['msg'].removeprefix('Value error, ')}", param=location) from None
+
+
+def _closest(errors: list[dict]) -> dict:
+    """The error to report: of the first field's, the one that got furthest in. A value no member of a union takes
+    has an error per member, the first for the simplest (`system: Input should be a valid string` for a list of
+    blocks); the deepest names what is wrong inside the shape the client meant (`system.0.type`)."""
+    field = errors[0]["loc"][:1]
+    return max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))
 
 
 def _is_union_tag(part: Any) -> bool:
