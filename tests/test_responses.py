@@ -69,6 +69,7 @@ def test_streamed_events_join_to_the_reply(served):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == plain.output_text == events[-1].response.output_text
     assert events[-4].text == deltas and events[-2].item.content[0].text == deltas
+    assert events[-2].item.status == plain.status == plain.output[-1].status  # "incomplete" when cut, as in the reply
     # the SDK's stream helper parses the same events (its get_final_response wants response.completed, and a reply
     # cut by max_output_tokens ends with response.incomplete, as at OpenAI)
     with client.responses.stream(**request) as stream:

@@ -114,7 +114,7 @@ def add_response_routes(app: FastAPI, config: ServerConfig, chat, tokenizer, sta
                             yield e
                     for e in (e for part in tail for e in items.part(part)):
                         yield e
-                for e in items.finish():
+                for e in items.finish("incomplete" if choice.finish_reason in ("length", "abort") else "completed"):
                     yield e
                 final = finished(items.items, tuple(items.abandoned))
                 yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
@@ -264,11 +264,11 @@ class ItemStream:
         return [added, self.event("response.content_part.added", **self._where(item), content_index=0,
                                   part=output_text(""))]
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, self.open = self.open, None
         if item is None:
             return []
-        item["status"] = "completed"
+        item["status"] = status
         text = item["content"][0]["text"]
         if item["type"] == "reasoning":
             done = [self.event("response.reasoning_text.done", **self._where(item), content_index=0, text=text)]
@@ -280,9 +280,10 @@ class ItemStream:
         return done + [self.event("response.output_item.done", output_index=self.items.index(item),
                                   item=copy.deepcopy(item))]
 
-    def finish(self) -> list[dict]:
-        """Close the open item; add an empty message when there is no text and no call."""
+    def finish(self, status: str = "completed") -> list[dict]:
+        """Close the open item with `status` (the response's: "incomplete" when max_output_tokens or a shutdown cut
+        it, as its final output says); add an empty message when there is no text and no call."""
         events = []
         if not self.calls and not any(i["type"] == "message" for i in self.items):
             events += self._close() + self._start("message")
-        return events + self._close()
+        return events + self._close(status)
