@@ -55,6 +55,8 @@ def test_engine_flags_refuse_impossible_values(capsys):
     for argv in (["serve", "--model", "m", "--threads", "0"], ["chat", "--model", "m", "--state-store", "-1"],
                  ["serve", "--model", "m", "--port", "70000"], ["chat", "--model", "m", "--max-context", "0"],
                  ["serve", "--model", "m", "--max-stored-responses", "-1"],
+                 ["serve", "--model", "m", "--allowed-origins", "localhost:3000"],  # no scheme: never matches
+                 ["serve", "--model", "m", "--allowed-origins", "http://a.example,http://b.example/"],
                  ["bench-serve", "--preset", "tiny", "--threads", "0"],
                  ["bench", "--preset", "tiny", "--timeout", "-1"],
                  ["bench-serve", "--preset", "tiny", "--prefix-tokens", "-1"]):  # (was an 'unexpected' RuntimeError)
@@ -124,6 +126,15 @@ def test_generate_chooses_its_kernels_before_it_writes_the_prompt(tmp_path, monk
     monkeypatch.setattr("openjamba.ops.backend_for", backend_for)
     main(["generate", "--model", str(tmp_path), "--prompt", "def f(", "--max-new-tokens", "2"])
     assert capsys.readouterr().out.startswith("[kernels]def f(")
+
+
+def test_allowed_origins_are_parsed_as_a_browser_sends_them():
+    from openjamba.cli import build_parser
+
+    argv = ["serve", "--model", "x", "--allowed-origins", " http://localhost:3000, https://a.example:8443 "]
+    assert build_parser().parse_args(argv).allowed_origins == ["http://localhost:3000", "https://a.example:8443"]
+    assert build_parser().parse_args(["serve", "--model", "x", "--allowed-origins", "*"]).allowed_origins == ["*"]
+    assert build_parser().parse_args(["serve", "--model", "x"]).allowed_origins == []
 
 
 def test_serve_takes_vllm_flag_names():

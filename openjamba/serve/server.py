@@ -62,8 +62,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                         help=f"require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1/ routes (default: "
                         f"${API_KEY_ENV}, which keeps the key out of the process list)")
-    parser.add_argument("--allowed-origins", default="", help="comma-separated origins whose web pages may call the "
-                        "API from a browser (CORS), e.g. http://localhost:3000 or * (default: none)")
+    parser.add_argument("--allowed-origins", type=origin_list, default=[], help="comma-separated origins whose "
+                        "web pages may call the API from a browser (CORS), e.g. http://localhost:3000 or * (default: "
+                        "none)")
     parser.add_argument("--no-web-ui", "--no-webui", dest="web_ui", action="store_false",
                         help="do not serve the built-in chat page at / (llama-server's --no-webui)")
     parser.add_argument("--max-running", "--max-num-seqs", type=at_least(1), default=32,
@@ -99,6 +100,18 @@ def port_number(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
     return value
+
+
+def origin_list(text: str) -> list[str]:
+    """--allowed-origins: comma-separated origins as a browser sends them (`Origin: http://localhost:3000`, no
+    path, no trailing slash), or *; anything else would never match, leaving the page's calls refused unexplained."""
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not rest or "/" in rest):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin: scheme://host[:port] as the browser "
+                                             "sends it, e.g. http://localhost:3000 (no path or trailing slash), or *")
+    return origins
 
 
 def kv_cache_memory(text: str) -> int | str | None:
@@ -257,7 +270,7 @@ def serve(args: argparse.Namespace) -> None:
     defaults = sampling_defaults(args, model.config.vocab_size)
     config = ServerConfig(model_name=name, max_context=max_context,
                           vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
-                          allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+                          allowed_origins=args.allowed_origins,
                           max_stored_responses=args.max_stored_responses, web_ui=args.web_ui)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     check_kv_bound(engine.kv_budget, max_context)
