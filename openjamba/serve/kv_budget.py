@@ -76,7 +76,8 @@ class KVBudget:
         need = prompt_tokens + max(max_tokens - 1, 1)
         if need <= self.tokens:
             return None
-        return (f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} need up to {need} tokens of "
+        # "to generate", not a field name: /v1/responses calls it max_output_tokens
+        return (f"the prompt's {prompt_tokens} tokens plus {max_tokens} to generate need up to {need} tokens of "
                 f"attention K/V ({need * self.bytes_per_token:,} bytes), more than the server's K/V cache bound of "
                 f"{self.tokens} tokens ({self.max_bytes:,} bytes)")
 
