@@ -128,6 +128,17 @@ def test_generate_chooses_its_kernels_before_it_writes_the_prompt(tmp_path, monk
     assert capsys.readouterr().out.startswith("[kernels]def f(")
 
 
+def test_serve_finds_its_port_in_use_before_it_loads_the_model(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"openjamba serve: error: cannot listen on 127.0.0.1:{port}: "):
+            main(["serve", "--model", str(tmp_path / "not-loaded"), "--port", str(port)])
+
+
 def test_allowed_origins_are_parsed_as_a_browser_sends_them():
     from openjamba.cli import build_parser
 

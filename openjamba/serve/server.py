@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -212,11 +213,26 @@ def served_model_name(args: argparse.Namespace) -> str:
 DELIVERY_S = 2.0  # after the engine aborts what is left, the time its responses get to reach their clients
 
 
-def run_until_stopped(app, engine, shutdown_timeout: float, **uvicorn_options) -> None:
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (as uvicorn would bind it, not yet listening), so that a
+    port in use or a wrong --host is one line at once rather than a uvicorn error after minutes of loading."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {err.strerror or err} (--host, --port)") from None
+    return sock
+
+
+def run_until_stopped(app, engine, shutdown_timeout: float, sockets: list[socket.socket] | None = None,
+                      **uvicorn_options) -> None:
     """Serve `app` with uvicorn until SIGINT or SIGTERM (a second SIGINT: at once). New connections are refused
     from the signal on; requests in flight get `shutdown_timeout` seconds to finish, then the engine aborts the rest
     (`Engine.abort_all`), so each streamed response still ends in order (finish_reason "abort", then `[DONE]`) and a
-    waiting one gets its partial reply, instead of uvicorn dropping their connections."""
+    waiting one gets its partial reply, instead of uvicorn dropping their connections. `sockets`: already bound
+    (`bind_listener`), else uvicorn binds host and port."""
     import uvicorn
 
     timers: list[threading.Timer] = []
@@ -231,7 +247,7 @@ def run_until_stopped(app, engine, shutdown_timeout: float, **uvicorn_options) -
 
     server = Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout + DELIVERY_S, **uvicorn_options))
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:  # the signal, raised again by uvicorn once it has shut down (as uvicorn.run ignores it)
         pass
     finally:
@@ -262,8 +278,13 @@ def serve(args: argparse.Namespace) -> None:
     from .metrics import StatsLogger
     from .templating import ChatFormat
 
-    model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
-                                    kv_cache_bytes=args.kv_cache_memory)
+    listener = bind_listener(args.host, args.port)
+    try:
+        model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
+                                        kv_cache_bytes=args.kv_cache_memory)
+    except BaseException:
+        listener.close()
+        raise
     max_context = args.max_context or model.config.max_position_embeddings
     chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
     name = served_model_name(args)
@@ -292,8 +313,8 @@ def serve(args: argparse.Namespace) -> None:
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
               f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})"
               + (f"; chat page http://{args.host}:{args.port}/" if args.web_ui else ""), flush=True)
-        run_until_stopped(create_app(engine, tokenizer, config, chat), engine, args.shutdown_timeout, host=args.host,
-                          port=args.port, log_level=args.log_level)
+        run_until_stopped(create_app(engine, tokenizer, config, chat), engine, args.shutdown_timeout, [listener],
+                          host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if stats is not None:
             stats.stop()
