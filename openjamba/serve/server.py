@@ -57,7 +57,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, default=8000, help="default 8000")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="default 8000; 0: any free port (the start line names it)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "repo id --model names, else the checkpoint directory's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
@@ -96,10 +97,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def port_number(text: str) -> int:
-    """--port: a TCP port (uvicorn's bind would fail on another with a traceback, after the model loaded)."""
+    """--port: a TCP port, or 0 for one the system picks (the start line names it)."""
     value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), got {value}")
     return value
 
 
@@ -279,6 +280,7 @@ def serve(args: argparse.Namespace) -> None:
     from .templating import ChatFormat
 
     listener = bind_listener(args.host, args.port)
+    args.port = listener.getsockname()[1]  # the one the system picked for --port 0
     try:
         model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
                                         kv_cache_bytes=args.kv_cache_memory)
