@@ -504,6 +504,8 @@ class ScriptedEngine:
     """Follows the Engine contract but emits a fixed token sequence: the tiny random model never writes a tool
     call, so this drives the server's tool-call path end to end (HTTP, parsing, streaming) with a known output."""
 
+    kv_budget = None
+
     def __init__(self, script: list[int]) -> None:
         self.script, self.next_id = script, 0
 

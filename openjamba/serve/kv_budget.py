@@ -70,10 +70,19 @@ class KVBudget:
         """Whether `rows` rows whose longest holds `columns` tokens can take one more decode step."""
         return rows == 0 or rows * (columns + 1) <= self.tokens
 
+    @staticmethod
+    def need(prompt_tokens: int, max_tokens: int) -> int:
+        """The K/V tokens a request's row holds at most: the prompt and all but the last generated token, and the
+        prompt's cache has room for one step."""
+        return prompt_tokens + max(max_tokens - 1, 1)
+
+    def most_to_generate(self, prompt_tokens: int) -> int:
+        """The largest max_tokens a prompt of `prompt_tokens` can run with alone (0: none; `too_long` says why)."""
+        return self.tokens - prompt_tokens + 1 if self.need(prompt_tokens, 1) <= self.tokens else 0
+
     def too_long(self, prompt_tokens: int, max_tokens: int) -> str | None:
-        """Why a request could never run within the budget even alone, else None: its row holds at most the prompt
-        and all but the last generated token, and the prompt's cache has room for one step."""
-        need = prompt_tokens + max(max_tokens - 1, 1)
+        """Why a request could never run within the budget even alone (`need` over it), else None."""
+        need = self.need(prompt_tokens, max_tokens)
         if need <= self.tokens:
             return None
         # "to generate", not a field name: /v1/responses calls it max_output_tokens

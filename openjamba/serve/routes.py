@@ -111,9 +111,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
                                  param=what, code="context_length_exceeded")
         if max_tokens is not None:
             return max_tokens
-        budget = getattr(engine, "kv_budget", None)
-        # the engine refuses a request needing more than prompt + max_tokens - 1 tokens of K/V (KVBudget.too_long)
-        return room if budget is None else min(room, max(budget.tokens - len(ids) + 1, 1))
+        if engine.kv_budget is None:
+            return room
+        return min(room, max(engine.kv_budget.most_to_generate(len(ids)), 1))  # 0: the engine says why it cannot run
 
     async def run(request: Request, submission: Submission) -> Response | None:
         """Wait for every choice of a non-streaming request; an error response, or None when all finished."""
