@@ -263,7 +263,7 @@ def check_kv_bound(budget, max_context: int) -> None:
     --kv-cache-memory-bytes); warn when it holds less than the context, as longer requests are then refused."""
     if budget is None:
         return
-    if budget.tokens < 2:  # a request holds at least its prompt's token and the next step's
+    if budget.most_to_generate(1) < 1:  # not even a one-token prompt and one generated token fit
         raise SystemExit(f"--kv-cache-memory {budget.max_bytes:,} bytes hold {budget.tokens} tokens of attention K/V "
                          f"({budget.bytes_per_token:,} bytes a token), too few for any "
                          "request: give a size with its unit, e.g. 20GB")
