@@ -87,7 +87,6 @@ class Choice:
     read: int = 0
     anchor_text: str | None = None  # decode([anchor]), once
     finish_reason: str | None = None
-    stopped_by_string: bool = False
     stop_string: str | None = None  # the stop string that ended the choice
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
     prompt_logprobs: list | None = None  # (logprob, top) of prompt tokens 1.., from the first token's event
@@ -112,7 +111,7 @@ class Choice:
         for stop in self.stops:
             at = full.find(stop, max(0, self.emitted - len(stop) + 1))
             if at != -1:
-                self.stopped_by_string, self.finish_reason, self.stop_string = True, "stop", stop
+                self.finish_reason, self.stop_string = "stop", stop
                 return self._emit(full[:at])
         return self._emit(full[: len(full) - _held_back(full, self.stops)])
 
