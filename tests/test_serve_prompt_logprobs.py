@@ -176,6 +176,43 @@ def test_echo_with_logprobs_scores_the_prompt(model, tokenizer, client):
     assert joined == {key: pytest.approx(getattr(lp, key), abs=TOLERANCE) for key in joined}
 
 
+@pytest.fixture(scope="module")
+def bos_served(model, checkpoint):
+    """A server whose tokenizer puts BOS before every text prompt (as Jamba's do)."""
+    from tokenizers import processors
+
+    tokenizer = load_tokenizer(checkpoint)
+    tokenizer.backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    assert tokenizer.add_bos_token
+    engine = Engine(model, max_context=1024, eos_token_ids=tokenizer.eos_token_ids)
+    engine.start()
+    config = ServerConfig(model_name="tiny-jamba", max_context=1024, vocab_size=model.config.vocab_size)
+    with running_server(create_app(engine, tokenizer, config)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60), tokenizer
+    engine.stop()
+
+
+def test_echo_of_a_text_prompt_is_the_text_sent(bos_served):
+    """A text prompt is echoed as sent, with and without logprobs, streamed or not (as OpenAI and vLLM echo it):
+    the BOS the tokenizer put before it is listed among the logprobs' tokens but takes no room in the text. Token
+    ids are echoed decoded with their special tokens."""
+    bos_client, tokenizer = bos_served
+    prompt = "hello world"
+    args = dict(model="tiny-jamba", prompt=prompt, max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    plain = bos_client.completions.create(**args).choices[0].text
+    for logprobs in (None, 1):
+        r = bos_client.completions.create(echo=True, logprobs=logprobs, **args).choices[0]
+        streamed = [c.choices[0].text for c in bos_client.completions.create(echo=True, logprobs=logprobs,
+                                                                              stream=True, **args) if c.choices]
+        assert r.text == "".join(streamed) == prompt + plain, logprobs
+    lp = r.logprobs
+    assert lp.tokens[0] == "<bos>" and lp.text_offset[:2] == [0, 0] and lp.text_offset[-2] == len(prompt)
+    assert all(r.text[at:].startswith(token) for token, at in zip(lp.tokens[1:], lp.text_offset[1:]))
+    ids = tokenizer.encode(prompt)
+    by_ids = bos_client.completions.create(echo=True, **{**args, "prompt": ids}).choices[0].text
+    assert by_ids == tokenizer.decode(ids, skip_special_tokens=False) + plain and by_ids.startswith("<bos>")
+
+
 def test_vllm_prompt_logprobs_field_is_refused_not_ignored(server):
     r = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "prompt_logprobs": 1},
                    timeout=30)

@@ -39,6 +39,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
 
     token_text = tokenizer.token_text  # " Paris", not decode([id])'s start-of-text "Paris"
     anchor = tokenizer.anchor_token()  # new tokens are decoded after it, not with all before them (Choice)
+    bos_added = tokenizer.add_bos_token  # a text prompt is read after BOS (not echoed with it)
     json_vocabulary: list[JsonVocabulary] = []  # built on the first JSON-mode request
     schemas: OrderedDict[str, Any] = OrderedDict()  # compiled json_schema and tool-call grammars (masks are cached
     # per grammar)
@@ -170,7 +171,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         check_key(request, config)
         req = p.parse_request(await request.body(), p.CompletionRequest)
         check_model(req.model)
-        prompts = [_prompt_ids(tokenizer, x, config.vocab_size) for x in req.prompts()]
+        given = req.prompts()
+        prompts = [_prompt_ids(tokenizer, x, config.vocab_size) for x in given]
         max_tokens = req.max_tokens or config.default_max_tokens
         for ids in prompts:
             check_length(ids, max_tokens, "prompt")
@@ -189,16 +191,25 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             param.prompt_logprobs = req.logprobs if scoring else None
         submission.submit(prompts, params)
         rid, created = p.new_id("cmpl"), p.now()
-        echoes = [tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
+        # the echo, as OpenAI's and vLLM's: a text prompt as it was sent (without the BOS the tokenizer put before
+        # it), token ids decoded with their special tokens
+        unechoed_bos = [isinstance(x, str) and bos_added for x in given]
+        echoes = [x if isinstance(x, str) else tokenizer.decode(ids, skip_special_tokens=False)
+                  for x, ids in zip(given, prompts)] if req.echo else [""] * len(prompts)
 
         def logprobs_of(choice: Choice, start: int, offset: int) -> dict | None:
             return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset)
 
         def echo_logprobs(choice: Choice) -> dict:
-            """The echoed prompt's logprobs: its first token has none (nothing before it), offsets from 0."""
+            """The echoed prompt's logprobs: its first token has none (nothing before it), offsets from 0 in the
+            echoed text, where a BOS the tokenizer added takes no room (its token is listed, its text not echoed)."""
             ids = prompts[choice.prompt_index]
-            return completion_logprobs(prompt_entries(ids, choice.prompt_logprobs), token_text, 0,
-                                       first_text=tokenizer.decode(ids[:1], skip_special_tokens=False))
+            first = tokenizer.decode(ids[:1], skip_special_tokens=False)
+            skipped = len(first) if unechoed_bos[choice.prompt_index] else 0
+            out = completion_logprobs(prompt_entries(ids, choice.prompt_logprobs), token_text, -skipped,
+                                      first_text=first)
+            out["text_offset"][0] = 0
+            return out
 
         def all_logprobs(choice: Choice) -> dict | None:
             """A whole choice's logprobs: the echoed prompt's first when scoring, then the output's."""
