@@ -318,3 +318,27 @@ def test_streamed_blocks_join_to_the_reply(scripted, text):
         assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
         assert whole.content[2].input == {"city": "Paris"} and whole.content[0].thinking == "the user wants weather"
     raw_events(url, request)  # every event validates, named by its event line
+
+
+@pytest.mark.parametrize("path, body, ignored", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "best_of": 1, "frobnicate": 1}, "{'frobnicate'}"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}],
+                                            "documents_extra": 1}], "max_tokens": 1, "zz": 0, "aa": None},
+     "{'aa', 'messages.0.content.0.cache', 'zz'}"),  # a chat message's own extras go to the template: not ignored
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 1, "seed": 1, "speed": "fast"}, "{'speed'}"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": 1,
+                      "tools": [{**TOOL, "cache_control": {}, "colour": 1}], "betas": []},
+     "{'betas', 'tools.0.colour'}"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}],
+                      "max_tokens": 1, "metadata": {}}, None),
+])
+def test_ignored_fields_are_named_in_one_warning(served, caplog, path, body, ignored):
+    """Fields a request sets that the server ignores are named in one warning (vLLM's), and the request still
+    succeeds; the ones it reads (a sampling extension passed on, a chat message's template fields) are not named;
+    nor is a field a model accepts and ignores by design (a tool's cache_control, as state reuse needs no marks)."""
+    url = served[0]
+    with caplog.at_level("WARNING", logger="openjamba.serve"):
+        r = httpx.post(url + path, json={"model": MODEL, **body}, headers={"x-api-key": KEY}, timeout=60)
+    assert r.status_code == 200, r.text
+    warned = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
+    assert warned == ([f"The following fields were present in the request but ignored: {ignored}"] if ignored else [])

@@ -30,7 +30,8 @@ BLOCK_TYPES = {"user": ("text", "tool_result"), "assistant": ("text", "tool_use"
 
 
 class _Block(p._Request):
-    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control, citations: accepted, ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+    ACCEPTED = frozenset({"cache_control", "citations"})  # (state reuse needs no cache marks)
 
 
 class TextBlock(_Block):
@@ -93,7 +94,8 @@ class Message(p._Request):
 
 
 class Tool(p._Request):
-    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control, strict, input_examples: ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+    ACCEPTED = frozenset({"cache_control", "strict", "input_examples"})
     type: str | None = None
     name: Annotated[str, Field(min_length=1)]
     description: str | None = None
@@ -151,6 +153,7 @@ class CountTokensRequest(p._Request):
     """What renders the prompt: `/v1/messages/count_tokens` takes exactly this."""
 
     model_config = ConfigDict(strict=True, extra="allow")  # the extras: EXTENSIONS, checked by the chat request
+    USED_EXTRAS = frozenset(EXTENSIONS)
     model: str
     messages: Annotated[list[Message], Field(min_length=1)]
     system: str | list[TextBlock] | None = None

@@ -4,15 +4,17 @@ Requests are validated strictly from the raw JSON body (`parse_request`): a wron
 coercion (`"max_tokens": "5"` is an error, as at OpenAI). Fields OpenAI defines but this server cannot honour
 (best_of, suffix) are accepted only at their neutral values, so a client never gets
 output that silently ignores what it asked for. Unknown extra fields are ignored, as OpenAI's own server and vLLM do,
-so newer clients keep working.
+so newer clients keep working, and named in one warning per request in the server's log, as vLLM does
+(`ignored_fields`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +22,7 @@ MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MAX_LOGPROBS = 20  # OpenAI's own limit on top logprobs
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template"})
+log = logging.getLogger("openjamba.serve")
 
 
 def check_template_variables(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -42,6 +45,9 @@ class RequestError(ValueError):
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+    # of a model with extra="allow": the extra fields it reads (None: all, as a chat message's go to the template)
+    USED_EXTRAS: ClassVar[frozenset[str] | None] = None
+    ACCEPTED: ClassVar[frozenset[str]] = frozenset()  # extra fields ignored by design, not named as ignored
 
 
 class StreamOptions(_Request):
@@ -393,9 +399,14 @@ class DetokenizeRequest(_Request):
 
 
 def parse_request(body: bytes, schema: type[_Request]) -> Any:
-    """The validated request, or RequestError naming the first offending field (as OpenAI's `param`)."""
+    """The validated request, or RequestError naming the first offending field (as OpenAI's `param`). Fields it
+    ignores are named in a warning (vLLM's), so a client learns that an option it set had no effect."""
     try:
-        return schema.model_validate_json(body, strict=True)
+        request = schema.model_validate_json(body, strict=True)
+        if ignored := ignored_fields(request, json.loads(body)):
+            log.warning("The following fields were present in the request but ignored: {%s}",
+                        ", ".join(map(repr, sorted(ignored))))
+        return request
     except ValidationError as err:
         first = err.errors()[0]
         if first["type"] == "json_invalid":
@@ -406,6 +417,29 @@ def parse_request(body: bytes, schema: type[_Request]) -> Any:
         location = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
         message = first["msg"].removeprefix("Value error, ")
         raise RequestError(f"{location}: {message}" if location else message, param=location or None) from None
+
+
+def ignored_fields(model: BaseModel, data: Any, at: str = "") -> list[str]:
+    """The keys of the JSON object `data` that `model`, validated from it, ignored (dotted paths, nested models and
+    lists of them walked alongside their JSON): fields it does not define, and of a model with extra="allow" the
+    extras it does not read (`USED_EXTRAS`); not those it accepts and ignores by design (`ACCEPTED`)."""
+    if not isinstance(data, dict):
+        return []
+    fields = type(model).model_fields
+    names = {field.alias or name: name for name, field in fields.items()}
+    used = getattr(model, "USED_EXTRAS", None) if model.model_extra is not None else frozenset()
+    out = []
+    for key, value in data.items():
+        if key not in names:
+            if used is not None and key not in used and key not in getattr(model, "ACCEPTED", ()):
+                out.append(at + key)
+            continue
+        inner = getattr(model, names[key])
+        if isinstance(inner, BaseModel):
+            out += ignored_fields(inner, value, f"{at}{key}.")
+        elif isinstance(inner, list) and inner and isinstance(inner[0], BaseModel) and isinstance(value, list):
+            out += [x for i, (m, d) in enumerate(zip(inner, value)) for x in ignored_fields(m, d, f"{at}{key}.{i}.")]
+    return out
 
 
 def translated_chat_request(body: dict[str, Any], renamed: dict[str, str]) -> ChatCompletionRequest:

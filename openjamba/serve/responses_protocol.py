@@ -26,6 +26,7 @@ EXTENSIONS = ("seed", "top_k", "min_p", "logit_bias", "repetition_penalty", "pre
 
 class ResponseTool(p._Request):
     model_config = ConfigDict(strict=True, extra="allow")
+    USED_EXTRAS = frozenset()
     type: str
     name: str | None = None
     description: str | None = None
@@ -42,6 +43,7 @@ class ResponseTool(p._Request):
 
 class ResponsesRequest(p._Request):
     model_config = ConfigDict(strict=True, extra="allow")  # the extras: EXTENSIONS, checked by the chat request
+    USED_EXTRAS = frozenset(EXTENSIONS)
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
