@@ -178,6 +178,24 @@ def test_count_tokens_thinking_switch_and_reuse(served):
     assert again.usage.input_tokens + again.usage.cache_read_input_tokens == total
 
 
+def test_streamed_usage_counts_cache_reads_from_message_start(served):
+    """A streamed second turn that reuses the first's state: message_start's usage already splits the prompt into
+    input tokens and cache reads, as the final message_delta does (Anthropic's input_tokens exclude cache reads)."""
+    _, _, client, _ = served
+    first = [{"role": "user", "content": "The quick brown fox"}]
+    r = client.messages.create(model=MODEL, max_tokens=4, messages=first)
+    second = first + [{"role": "assistant", "content": r.content or "..."}, {"role": "user", "content": "and?"}]
+    with client.messages.stream(model=MODEL, max_tokens=4, messages=second) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    start = events[0].message.usage
+    end = next(e for e in events if e.type == "message_delta").usage
+    assert events[0].type == "message_start" and final.usage.cache_read_input_tokens > 0
+    assert (start.input_tokens, start.cache_read_input_tokens) == (end.input_tokens, end.cache_read_input_tokens)
+    total = client.messages.count_tokens(model=MODEL, messages=second).input_tokens
+    assert start.input_tokens + start.cache_read_input_tokens == total
+
+
 @pytest.mark.parametrize("body, status, kind, words", [
     ({"max_tokens": None}, 400, "invalid_request_error", "max_tokens"),  # None: left out
     ({"max_tokens": "5"}, 400, "invalid_request_error", "max_tokens"),

@@ -96,6 +96,7 @@ class Choice:
 
     def add(self, event: TokenEvent) -> str:
         """Record a token; returns the text now safe to show (maybe empty)."""
+        self.cached_tokens = event.cached_tokens
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
         if self.finish_reason is not None:

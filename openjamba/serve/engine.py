@@ -642,7 +642,7 @@ class Engine(KVBudgeting):
         self._counters["generated_tokens_total"] += 1
         if len(request.output) == 1:
             self._histograms["time_to_first_token_seconds"].observe(time.monotonic() - request.submitted)
-        self._send(request, TokenEvent(request.id, token, logprob, top, request.scored))
+        self._send(request, TokenEvent(request.id, token, logprob, top, request.scored, request.cached_tokens))
         request.scored = None  # sent with the first token
         if token in request.stops:
             return "stop"

@@ -6,8 +6,9 @@ route's own `start_chat`: the same template, tool-call enforcement and engine. I
 format's parser into reasoning, text and tool calls, which become `thinking`, `text` and `tool_use` content blocks;
 streamed, the parser's deltas open, extend and close those blocks as Anthropic's events (`BlockStream`). Usage
 counts the prompt tokens the engine's state store reused as `cache_read_input_tokens` and the rest as
-`input_tokens`, as Anthropic counts cache reads. Errors have Anthropic's shape, `{"type": "error", "error":
-{"type", "message"}}`, with the status the chat route gives (an unknown model: 404).
+`input_tokens`, as Anthropic counts cache reads; a stream's `message_start` carries them too, so it waits for the
+engine's first event (the first token), which reports the reuse. Errors have Anthropic's shape, `{"type": "error",
+"error": {"type", "message"}}`, with the status the chat route gives (an unknown model: 404).
 """
 
 from __future__ import annotations
@@ -88,13 +89,21 @@ def add_message_routes(app: FastAPI, config: ServerConfig, chat, start_chat, ren
                     "content": content, "stop_reason": reason[0], "stop_sequence": reason[1], "usage": usage}
 
         if req.stream:
+            def message_start() -> dict:
+                """Sent with the first event, which says how much of the prompt the state store served."""
+                cached = choice.cached_tokens
+                return {"type": "message_start", "message": message([], (None, None), {
+                    "input_tokens": len(ids) - cached, "output_tokens": 0, "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0})}
+
             async def events() -> AsyncIterator[dict]:
-                start = {"input_tokens": len(ids), "output_tokens": 0, "cache_read_input_tokens": 0,
-                         "cache_creation_input_tokens": 0}  # the reuse is known at the end: message_delta has it
-                yield {"type": "message_start", "message": message([], (None, None), start)}
                 parser = chat.stream_parser(ids, parse_tools, creq.json_mode, stream_tool_calls=True)
                 blocks = BlockStream()
+                started = False
                 async for _, delta, ended in submission.events(None):
+                    if not started:
+                        started = True
+                        yield message_start()
                     for event in blocks.parts(parser.feed(delta) if delta else []):
                         yield event
                     if not ended:

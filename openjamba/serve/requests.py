@@ -27,6 +27,7 @@ class TokenEvent:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     prompt_logprobs: list[PromptLogprob] | None = None  # on a first token: prompt tokens 1.. when asked
+    cached_tokens: int = 0  # prompt tokens read from the state store (known once the request is admitted)
 
 
 @dataclass
