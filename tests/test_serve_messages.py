@@ -224,6 +224,20 @@ def test_errors_in_anthropic_shape(served, body, status, kind, words):
     assert r.json()["error"]["type"] == kind and words in r.json()["error"]["message"], r.text
 
 
+def test_wrong_method_and_unknown_path_in_anthropic_shape(served):
+    """Under /v1/messages a 405 (with its Allow header) and a 404 have Anthropic's error shape; elsewhere
+    OpenAI's."""
+    url = served[0]
+    for method, path, status in (("GET", "/v1/messages", 405), ("PUT", "/v1/messages/count_tokens", 405),
+                                 ("POST", "/v1/messages/batches", 404)):
+        r = httpx.request(method, url + path, headers={"x-api-key": KEY}, timeout=60)
+        assert r.status_code == status and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+        assert r.json()["error"]["message"] and r.headers.get("allow", "POST") == "POST"
+    r = httpx.get(url + "/v1/chat/completions", timeout=60)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error" and "allow" in r.headers
+
+
 def test_keys_and_the_clients_own_errors(served):
     url, _, client, _ = served
     request = dict(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "hi"}])

@@ -355,8 +355,14 @@ def create_app(engine, tokenizer, config: ServerConfig, chat=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
+        """An unknown path or a wrong method (its Allow header kept), in Anthropic's shape under /v1/messages."""
+        path = request.url.path
+        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+            from .messages import error_response as anthropic_error
+
+            return anthropic_error(err.status_code, str(err.detail), err.headers)
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(err.status_code, str(err.detail), kind)
+        return error_response(err.status_code, str(err.detail), kind, headers=err.headers)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():

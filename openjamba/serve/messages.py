@@ -30,7 +30,8 @@ from .sse import dumps
 
 log = logging.getLogger("openjamba.serve")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+               529: "overloaded_error"}
 
 
 def error_body(status: int, message: str) -> dict:
