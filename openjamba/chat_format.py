@@ -122,10 +122,20 @@ def load_chat_template(value: str, named: dict[str, str] | None = None) -> str:
     elif "{" in value:
         text = value
     else:
-        known = f"; the checkpoint's named templates: {', '.join(sorted(named))}" if named else ""
-        raise ChatTemplateError(f"no chat template file {value!r} (nor a template written inline{known})")
+        raise ChatTemplateError(_not_found(value, sorted(named or ())))
     compile_template(text)
     return text
+
+
+def _not_found(value: str, names: list[str]) -> str:
+    """Why `value` is no template, with the checkpoint's named templates: said as a missing name when it reads as
+    one ("tool_use"), else as a missing file."""
+    has = ", ".join(names) or "none"
+    if value.replace("_", "").replace("-", "").isalnum():
+        return f"the checkpoint has no chat template named {value!r} (its named templates: {has}) and there is no " \
+               f"file {value!r}"
+    return f"no chat template file {value!r}, nor a template written inline, nor one of the checkpoint's named " \
+           f"templates ({has})"
 
 
 def _plain(value: Any) -> Any:

@@ -264,6 +264,19 @@ def test_chat_template_flag_gives_a_base_model_a_chat_format(tmp_path):
         loaded("--chat-template", "{% for m in messages %}{{ m.content }}")
 
 
+@pytest.mark.parametrize("verb", ["serve", "chat"])
+def test_chat_template_flag_naming_a_template_the_checkpoint_lacks(tmp_path, capsys, verb):
+    """--chat-template tool_use on a checkpoint without named templates: one line saying it has none."""
+    from openjamba.cli import main
+
+    bare = build_checkpoint(tmp_path / "bare", chat_template=False)
+    with pytest.raises(SystemExit) as err:
+        main([verb, "--model", str(bare), "--chat-template", "tool_use", "--threads", "1"]
+             + (["--port", "0"] if verb == "serve" else []))
+    assert err.value.code == (f"openjamba {verb}: error: --chat-template: the checkpoint has no chat template named "
+                              "'tool_use' (its named templates: none) and there is no file 'tool_use'")
+
+
 def test_chat_template_flag_takes_a_named_template():
     from openjamba.chat_format import ChatTemplateError, load_chat_template
 
