@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from . import runtime
 
@@ -24,6 +25,14 @@ class Parser(argparse.ArgumentParser):
             prog = f"{self.prog} {parsed.verb}" if getattr(parsed, "verb", None) else self.prog
             self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
         return parsed
+
+
+def usage_error(prog: str, message: str) -> SystemExit:
+    """A bad use of a verb's flags that only the verb can see (flags that need one another, a list with an unknown
+    item), reported as argparse reports a bad flag: its one line on stderr, then exit status 2 (raise what this
+    returns)."""
+    sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
+    return SystemExit(2)
 
 
 def at_least(minimum: int):

@@ -373,14 +373,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 
     phases = tuple(p.strip() for p in (args.phases or ",".join(SERVE_PHASES)).split(",") if p.strip())
     if unknown := set(phases) - set(SERVE_PHASES):
-        raise SystemExit(f"openjamba bench-serve: error: unknown phase(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(SERVE_PHASES)}")
+        raise argtypes.usage_error("openjamba bench-serve", f"--phases: unknown phase(s) {', '.join(sorted(unknown))}; "
+                                   f"choose from {', '.join(SERVE_PHASES)}")
     if args.url:
         from .bench.http_serve import cmd_bench_serve_http
 
         return cmd_bench_serve_http(args)
     if not (args.preset or args.model):
-        raise SystemExit("openjamba bench-serve: error: one of --preset, --model or --url is required")
+        raise argtypes.usage_error("openjamba bench-serve", "one of --preset, --model or --url is required")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # as `serve`: the model is built on a thread that exits, the engines compute
     config, name = model_config_from_args(args)

@@ -71,17 +71,30 @@ def test_cli_over_http_with_plot(server, tmp_path, capsys):
     assert (tmp_path / "http.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--streams", "1"], "cannot reach"),
-    (["--phases", "streams,interference"], "the streams and chat phases run"),
-    (["--preset", "tiny"], "--preset is for the in-process mode"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--streams", "1"], "cannot reach", 1),  # a failure, not a bad command line
+    (["--phases", "streams,interference"], "the streams and chat phases run", 2),
+    (["--preset", "tiny"], "--preset is for the in-process mode", 2),
 ])
-def test_cli_errors_are_one_line(argv, message):
+def test_cli_errors_are_one_line(argv, message, code, capsys):
+    """One `openjamba bench-serve: error:` line; flags that do not go together exit 2, as argparse's errors do."""
     with pytest.raises(SystemExit) as err:
         main(["bench-serve", "--url", f"http://127.0.0.1:{free_port()}/v1", *argv])
-    assert message in str(err.value) and str(err.value).startswith("openjamba bench-serve: error:")
+    if code == 1:  # SystemExit with the message: exit status 1
+        assert isinstance(err.value.code, str)
+        said = err.value.code
+    else:
+        assert err.value.code == 2
+        said = capsys.readouterr().err
+    assert message in said and said.startswith("openjamba bench-serve: error:") and said.count("\n") <= 1
 
 
-def test_cli_needs_a_source():
-    with pytest.raises(SystemExit, match="one of --preset, --model or --url"):
-        main(["bench-serve", "--phases", "streams"])
+@pytest.mark.parametrize("argv, message", [
+    (["--phases", "streams"], "one of --preset, --model or --url is required"),
+    (["--preset", "tiny", "--phases", "streams,warp"], "--phases: unknown phase(s) warp; choose from"),
+])
+def test_cli_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench-serve", *argv])
+    said = capsys.readouterr().err
+    assert err.value.code == 2 and said.startswith(f"openjamba bench-serve: error: {message}") and said.count("\n") == 1

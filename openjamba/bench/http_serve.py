@@ -307,13 +307,15 @@ def _streams_lines(rows: list[dict], s: dict) -> list[str]:
 
 def cmd_bench_serve_http(args) -> None:
     """`openjamba bench-serve --url`, given the arguments openjamba/cli.py parses: a table, a plot, then JSON."""
+    from ..argtypes import usage_error
+
     if args.preset:
-        raise SystemExit("openjamba bench-serve: error: --url measures a running server; --preset is for the "
-                         "in-process mode (with --url, --model names the server's model)")
+        raise usage_error("openjamba bench-serve", "--url measures a running server; --preset is for the in-process "
+                          "mode (with --url, --model names the server's model)")
     phases = tuple(p.strip() for p in (args.phases or "streams").split(",") if p.strip())
     if "interference" in phases:
-        raise SystemExit("openjamba bench-serve: error: with --url the streams and chat phases run (interference "
-                         "reads the engine's own iteration log: use --preset or --model without --url)")
+        raise usage_error("openjamba bench-serve", "with --url the streams and chat phases run (interference reads "
+                          "the engine's own iteration log: use --preset or --model without --url)")
     try:
         report = run_http_bench(args.url, model=str(args.model) if args.model else None, api_key=args.api_key,
                                 endpoint=args.endpoint, streams=args.streams, prefix=args.prefix_tokens,
