@@ -201,3 +201,29 @@ def test_info_names_a_repo_by_its_id(offline_hub, capsys):
 
     main(["info", "--model", REPO, "--context", "1024", "--json"])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == REPO
+
+
+def test_loop_cpu_takes_a_repo_id(offline_hub, monkeypatch, capsys):
+    """`python -m openjamba.bench.loop_cpu --model REPO_ID` resolves the id once, before starting its servers, which
+    then load the snapshot directory; an id that is not there is one line (exit 2) and starts none."""
+    import sys
+
+    from openjamba.bench import loop_cpu
+
+    started = []
+
+    def start_server(tree, args, profile):
+        started.append(args.model)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(loop_cpu, "start_server", start_server)
+    monkeypatch.setattr(sys, "argv", ["loop_cpu", "--model", REPO])
+    with pytest.raises(SystemExit):
+        loop_cpu.main()
+    assert started == [offline_hub[1]]
+    monkeypatch.setattr(sys, "argv", ["loop_cpu", "--model", "owner/missing"])
+    with pytest.raises(SystemExit) as err:
+        loop_cpu.main()
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and started == [offline_hub[1]]
+    assert message.startswith("loop_cpu: error: --model: owner/missing is not a local directory")

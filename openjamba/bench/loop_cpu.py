@@ -1,4 +1,5 @@
-"""The server's event-loop CPU per streamed token: `python -m openjamba.bench.loop_cpu --model DIR [--tree A --tree B]`.
+"""The server's event-loop CPU per streamed token: `python -m openjamba.bench.loop_cpu --model DIR|REPO_ID [--tree A
+--tree B]`.
 
 Starts one `openjamba serve` per source tree (each with that tree on PYTHONPATH), then runs rounds of N concurrent
 streaming requests (temperature 0, `ignore_eos`) against them in turn (A B A B ...), and reports for each the CPU
@@ -121,8 +122,12 @@ def tokens_of(body: bytes) -> int:
 
 
 def main() -> None:
+    from ..hf import CheckpointError, resolve_checkpoint
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", required=True, metavar="DIR|REPO_ID",
+                        help="checkpoint directory, or a Hugging Face Hub repo id (as the openjamba verbs take it)")
+    parser.add_argument("--revision", default=None, help="with a repo id: the branch, tag or commit")
     parser.add_argument("--tree", action="append", default=None, help="source tree (PYTHONPATH); repeat to compare")
     parser.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
     parser.add_argument("--streams", type=int, default=16)
@@ -131,6 +136,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="the engine's compute threads")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile every server's main thread")
     args = parser.parse_args()
+    try:  # once, here: every server then loads the same directory, and a bad id is one line before any starts
+        args.model = resolve_checkpoint(args.model, args.revision)
+    except CheckpointError as err:
+        parser.error(f"--model: {err}")
     trees = args.tree or [str(Path(__file__).resolve().parents[2])]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
