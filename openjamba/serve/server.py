@@ -54,25 +54,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "does; none: built-in defaults")
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, default=8000,
-                        help="default 8000; 0: any free port (the start line names it)")
+def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `serve` and `run-batch`: the model's name in requests and replies, and the batch's bounds."""
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: the "
                         "repo id --model names, else the checkpoint directory's name)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
-                        help=f"require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1/ routes (default: "
-                        f"${API_KEY_ENV}, which keeps the key out of the process list)")
-    parser.add_argument("--allowed-origins", type=origin_list, default=[], help="comma-separated origins whose "
-                        "web pages may call the API from a browser (CORS), e.g. http://localhost:3000 or * (default: "
-                        "none)")
-    parser.add_argument("--no-web-ui", "--no-webui", dest="web_ui", action="store_false",
-                        help="do not serve the built-in chat page at / (llama-server's --no-webui)")
     parser.add_argument("--max-running", "--max-num-seqs", type=at_least(1), default=32,
                         help="sequences decoded together (default 32); --max-num-seqs is vLLM's name")
-    parser.add_argument("--max-waiting", type=at_least(1), default=256,
-                        help="requests queued beyond those; more get 429 with Retry-After (default 256)")
     parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=kv_cache_memory, default="auto",
                         metavar="SIZE|auto|none",
                         help="bound on the attention K/V of the requests in flight, e.g. 20GB or 16GiB (a bare "
@@ -81,6 +68,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "one that could never fit is refused with a 400. auto (default): on CUDA 80%% of the memory "
                         "free after loading less --state-store, none on CPU; none: unbounded. "
                         "--kv-cache-memory-bytes is vLLM's name")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    add_batching_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="default 8000; 0: any free port (the start line names it)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on /v1/ routes (default: "
+                        f"${API_KEY_ENV}, which keeps the key out of the process list)")
+    parser.add_argument("--allowed-origins", type=origin_list, default=[], help="comma-separated origins whose "
+                        "web pages may call the API from a browser (CORS), e.g. http://localhost:3000 or * (default: "
+                        "none)")
+    parser.add_argument("--no-web-ui", "--no-webui", dest="web_ui", action="store_false",
+                        help="do not serve the built-in chat page at / (llama-server's --no-webui)")
+    parser.add_argument("--max-waiting", type=at_least(1), default=256,
+                        help="requests queued beyond --max-running; more get 429 with Retry-After (default 256)")
     parser.add_argument("--max-stored-responses", type=at_least(0), default=1000,
                         help="/v1/responses kept in memory for previous_response_id and GET, the least recently "
                         "used dropped beyond this (default 1000; 0 stores none)")
@@ -274,10 +279,23 @@ def check_kv_bound(budget, max_context: int) -> None:
             f"{max_context:,}")
 
 
-def serve(args: argparse.Namespace) -> None:
+def server_app(args: argparse.Namespace, model, tokenizer, engine, **config):
+    """(the FastAPI app `serve` runs, its ServerConfig, the ChatFormat or None) over a loaded engine: the served
+    model name, the context, the checkpoint's sampling defaults from the flags; `config`: more ServerConfig fields.
+    `run-batch` drives the same app in process."""
     from .api import ServerConfig, create_app
-    from .metrics import StatsLogger
     from .templating import ChatFormat
+
+    chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
+    server_config = ServerConfig(model_name=served_model_name(args),
+                                 max_context=args.max_context or model.config.max_position_embeddings,
+                                 vocab_size=model.config.vocab_size,
+                                 sampling_defaults=sampling_defaults(args, model.config.vocab_size), **config)
+    return create_app(engine, tokenizer, server_config, chat), server_config, chat
+
+
+def serve(args: argparse.Namespace) -> None:
+    from .metrics import StatsLogger
 
     listener = bind_listener(args.host, args.port)
     args.port = listener.getsockname()[1]  # the one the system picked for --port 0
@@ -287,14 +305,10 @@ def serve(args: argparse.Namespace) -> None:
     except BaseException:
         listener.close()
         raise
-    max_context = args.max_context or model.config.max_position_embeddings
-    chat = ChatFormat.of(tokenizer, args.default_chat_template_kwargs)
-    name = served_model_name(args)
-    defaults = sampling_defaults(args, model.config.vocab_size)
-    config = ServerConfig(model_name=name, max_context=max_context,
-                          vocab_size=model.config.vocab_size, api_key=args.api_key, sampling_defaults=defaults,
-                          allowed_origins=args.allowed_origins,
-                          max_stored_responses=args.max_stored_responses, web_ui=args.web_ui)
+    app, config, chat = server_app(args, model, tokenizer, engine, api_key=args.api_key,
+                                   allowed_origins=args.allowed_origins,
+                                   max_stored_responses=args.max_stored_responses, web_ui=args.web_ui)
+    name, max_context, defaults = config.model_name, config.max_context, config.sampling_defaults
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     check_kv_bound(engine.kv_budget, max_context)
     if defaults:
@@ -315,7 +329,7 @@ def serve(args: argparse.Namespace) -> None:
         print(f"openjamba serve: {name} on http://{args.host}:{args.port}/v1 (max {args.max_running} running, "
               f"{args.max_waiting} waiting; K/V {bound}; state reuse {'off' if args.no_reuse else 'on'})"
               + (f"; chat page http://{args.host}:{args.port}/" if args.web_ui else ""), flush=True)
-        run_until_stopped(create_app(engine, tokenizer, config, chat), engine, args.shutdown_timeout, [listener],
+        run_until_stopped(app, engine, args.shutdown_timeout, [listener],
                           host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if stats is not None:
