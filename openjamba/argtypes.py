@@ -130,8 +130,10 @@ def resolve_model_flag(args: argparse.Namespace) -> None:
     """Turn `--model` into the checkpoint directory (`hf.resolve_checkpoint`: fetched when it is a Hub repo id) once
     per command, keeping what was typed in `args.model_id`; a no-op for a verb without `--model`, with `--url`
     (bench-serve names a server's model) or when already done. A verb that sets `config_only` (info) fetches
-    only config.json."""
-    if getattr(args, "model", None) is None or getattr(args, "url", None) or hasattr(args, "model_id"):
+    only config.json; one that sets `resolve_later` (run-batch: its input is checked first) calls this itself after
+    clearing it."""
+    if getattr(args, "model", None) is None or getattr(args, "url", None) or hasattr(args, "model_id") \
+            or getattr(args, "resolve_later", False):
         return
     from .hf import resolve_checkpoint
 

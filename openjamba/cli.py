@@ -353,19 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"openjamba bench: error: {len(failed)} cell(s) failed, e.g. {failed[0]}")
 
 
-# ---------------------------------------------------------------------- chat / serve
-def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve.server import serve
-
-    serve(args)
-
-
-def cmd_chat(args: argparse.Namespace) -> None:
-    from .serve.chat import run_chat
-
-    run_chat(args)
-
-
+# ---------------------------------------------------------------------- bench-serve (serve, chat, run-batch: in serve/)
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from .bench.serve import SERVE_PHASES, format_serve_report, plot_serve_report, run_serve_bench
     from .model import JambaForCausalLM
@@ -544,21 +532,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, help="write throughput and memory against context to this PNG")
     bench.set_defaults(func=cmd_bench)
 
-    from .serve.chat import add_chat_arguments
-    from .serve.server import add_serve_arguments
+    from .serve.batch import add_run_batch_arguments
+    from .serve.chat import add_chat_arguments, run_chat
+    from .serve.server import add_serve_arguments, serve
 
     srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, state reuse)",
                            description="Serve a checkpoint: OpenAI's /v1/models, /v1/completions, /v1/chat/completions"
                            ", /v1/responses; Anthropic's /v1/messages; /tokenize, /detokenize, /health, /metrics; a "
                            "chat page at / (--no-web-ui: none).")
     add_serve_arguments(srv)
-    srv.set_defaults(func=cmd_serve)
+    srv.set_defaults(func=serve)
 
     cht = verbs.add_parser("chat", help="chat with a checkpoint in the terminal (each turn reads only its new "
                            "tokens)", description="Commands in the chat: /retry, /undo, /reset, /system [TEXT|off], "
                            "/set [NAME VALUE], /save FILE, /load FILE, /help, /exit.")
     add_chat_arguments(cht)
-    cht.set_defaults(func=cmd_chat)
+    cht.set_defaults(func=run_chat)
+
+    rbt = verbs.add_parser("run-batch", help="a file of requests in OpenAI's Batch format through the server's "
+                           "handlers, offline (vLLM's run-batch; resumable)")
+    add_run_batch_arguments(rbt)
 
     bsv = verbs.add_parser("bench-serve", help="the serving engine: throughput and latency against concurrent "
                            "streams, chat-turn reuse, a long prompt among decoding streams",

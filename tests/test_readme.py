@@ -37,6 +37,7 @@ TINY = {
     "quantize": [],
     "train": ["--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "16", "--eval-every", "0",
               "--eval-batches", "1", "--save-every", "0", "--threads", "1"],
+    "run-batch": ["--threads", "1"],
     "bench": ["--contexts", "16,32", "--batch-sizes", "1", "--decode-tokens", "2", "--repeats", "1", "--threads", "1"],
 }
 # Commands that do not run here, each with the reason and where they are exercised instead.
@@ -123,6 +124,8 @@ def readme_world(tmp_path_factory):
         model.save_pretrained(root / place, tokenizer=tokenizer)
     for repo in sorted(set(re.findall(r"--model (ai21labs/[\w.-]+)", README.read_text()))):
         fake_hub_repo(root / "hf-cache", repo, lambda snapshot: model.save_pretrained(snapshot, tokenizer=tokenizer))
+    (root / "requests.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": '
+                                         '{"prompt": "def", "max_tokens": 3}}\n')
     for name in ("valid.jsonl", "data/valid.jsonl"):
         (root / name).write_text('{"text": "def alpha(beta):\\n    return beta"}\n{"text": "import os"}\n')
     return root

@@ -1,0 +1,348 @@
+"""`openjamba run-batch`: a file of requests in OpenAI's Batch format run offline through the server's own handlers.
+
+Each input line, `{"custom_id", "method": "POST", "url", "body"}`, is sent to the app `openjamba serve` runs, called in
+process through ASGI (no port, no HTTP parsing), so a result's body is byte for byte what the server would answer.
+A sliding window keeps 2 x --max-running requests in flight, so the engine batches them continuously while a file of
+any size is read a line at a time. Each result is appended as its request finishes (completion order, as OpenAI's
+batches) and flushed, so a crash or Ctrl-C loses nothing finished, and a rerun with the same output runs only the
+custom_ids it lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NoReturn
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+WINDOW_PER_ROW = 2  # requests in flight per --max-running row: the next ones already wait in the engine's queue
+QUEUE_UNBOUNDED = 1 << 30  # the engine's --max-waiting: the window bounds the queue, so nothing is refused with a 429
+PROG = "openjamba run-batch"
+
+
+def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    from .server import add_batching_arguments, add_engine_arguments
+
+    parser.add_argument("-i", "--input-file", required=True, metavar="INPUT.jsonl",
+                        help="requests in OpenAI's Batch format, one JSON object a line: custom_id, method (POST), url "
+                        f"({', '.join(URLS)}) and body; - reads stdin")
+    parser.add_argument("-o", "--output-file", required=True, metavar="OUTPUT.jsonl",
+                        help="results, one line a request in the order they finish; when it exists, the custom_ids it "
+                        "holds are skipped and the rest appended (resume); - writes stdout (no resume)")
+    add_engine_arguments(parser)
+    add_batching_arguments(parser)
+    parser.set_defaults(func=run_batch, resolve_later=True)  # the input is checked before a Hub download
+
+
+def json_bytes(value) -> bytes:
+    """JSON as the server's responses render it (Starlette's JSONResponse): compact, UTF-8."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def refuse(message: str) -> NoReturn:
+    """A bad input or output file: one line, exit 2 (argparse's status for a bad command line), nothing written."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------- the input file
+@dataclass
+class BatchRequest:
+    line: int
+    custom_id: str
+    url: str
+    body: dict
+
+
+def parse_line(number: int, raw: bytes) -> BatchRequest | None:
+    """One input line checked as OpenAI checks a batch file (None: a blank line); ValueError says what is wrong. The
+    body itself is the server's to check, per request."""
+    if not raw.strip():
+        return None
+    try:
+        item = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not JSON ({err})") from None
+    if not isinstance(item, dict):
+        raise ValueError("not a JSON object")
+    custom_id, method, url, body = (item.get(key) for key in ("custom_id", "method", "url", "body"))
+    if not isinstance(custom_id, str) or not custom_id:
+        raise ValueError("custom_id (a non-empty string) is missing")
+    if method != "POST":
+        raise ValueError(f"method {method!r}: only POST is supported")
+    if url not in URLS:
+        raise ValueError(f"url {url!r} is not supported: one of {', '.join(URLS)}")
+    if not isinstance(body, dict):
+        raise ValueError("body (the request, a JSON object) is missing")
+    return BatchRequest(number, custom_id, url, body)
+
+
+def requests_in(file: IO[bytes]) -> Iterator[BatchRequest]:
+    """The requests of an input file already checked by `check_input`, read again a line at a time."""
+    file.seek(0)
+    for number, raw in enumerate(file, 1):
+        if (request := parse_line(number, raw)) is not None:
+            yield request
+
+
+def check_input(file: IO[bytes], name: str) -> dict[str, int]:
+    """Every custom_id with its line, the whole file checked before the model loads; a bad line: exit 2."""
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(file, 1):
+        try:
+            request = parse_line(number, raw)
+        except ValueError as err:
+            refuse(f"{name} line {number}: {err}")
+        if request is None:
+            continue
+        if (first := seen.get(request.custom_id)) is not None:
+            refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first}")
+        seen[request.custom_id] = number
+    return seen
+
+
+def open_input(name: str) -> IO[bytes]:
+    """The input, to be read twice (checked, then run): stdin is spooled to a temporary file first."""
+    if name == "-":
+        spool = tempfile.TemporaryFile()
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.seek(0)
+        return spool
+    try:
+        return open(name, "rb")
+    except OSError as err:
+        refuse(f"cannot read {name}: {err.strerror or err}")
+
+
+# ---------------------------------------------------------------------- the output file
+def finished_ids(path: Path, known: dict[str, int], input_name: str) -> set[str]:
+    """The custom_ids an existing output already holds. A last line without its newline (a crash mid-write) is cut
+    off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
+    than appending to another file."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    end = 0  # where the last whole line ends
+    with open(path, "r+b") as file:
+        for number, raw in enumerate(file, 1):
+            if not raw.endswith(b"\n"):
+                print(f"{PROG}: {path} line {number} was cut short (a crash while writing it): dropped, its request "
+                      "runs again", file=sys.stderr)
+                file.truncate(end)
+                break
+            end += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                custom_id = json.loads(raw)["custom_id"]
+            except (ValueError, TypeError, KeyError):
+                refuse(f"{path} line {number} is not a batch result line: not appending to it")
+            if custom_id not in known:
+                refuse(f"{path} line {number}: custom_id {custom_id!r} is not in {input_name} (another batch's "
+                       "output?): not appending to it")
+            done.add(custom_id)
+    return done
+
+
+def result_line(custom_id: str, status: int, body: bytes) -> bytes:
+    """One result in OpenAI's batch output shape, `body` (the server's JSON) embedded as its bytes. A failed request
+    is a line like a successful one, its status_code and OpenAI's error body in `response` (as OpenAI's error file);
+    `error` is for failures without an HTTP answer, which this runner does not write."""
+    head = json_bytes({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id}).decode()
+    return (f'{head[:-1]},"response":{{"status_code":{status},"request_id":"req_{uuid.uuid4().hex}","body":'
+            .encode() + body + b'},"error":null}\n')
+
+
+@dataclass
+class Tally:
+    """What the summary line and the progress bar report, from the bodies' usage (any of the four APIs' shapes)."""
+
+    ok: int = 0
+    failed: int = 0
+    prompt: int = 0
+    output: int = 0
+    cached: int = 0
+
+    def add(self, status: int, body: dict) -> None:
+        if status == 200:
+            self.ok += 1
+        else:
+            self.failed += 1
+        usage = body.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached = details.get("cached_tokens", usage.get("cache_read_input_tokens", 0)) or 0
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0
+        if "cache_read_input_tokens" in usage:  # Anthropic's input_tokens leave out the cache reads
+            prompt += cached
+        self.prompt += prompt
+        self.cached += cached
+        self.output += usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0
+
+
+# ---------------------------------------------------------------------- running the requests
+async def call(app, path: str, body: bytes) -> tuple[int, bytes]:
+    """POST `body` to `path` of the ASGI `app`, in process: (status, response body). The caller stays connected
+    until the response is complete, as a client waiting for it."""
+    answered = asyncio.Event()
+    sent = False
+    status, parts = 500, []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                answered.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 0), "server": ("run-batch", 0)}
+    try:
+        await app(scope, receive, send)
+    except Exception:  # noqa: BLE001 - Starlette re-raises after sending its 500, which is the answer
+        if not answered.is_set():
+            raise
+    return status, b"".join(parts)
+
+
+async def answer(app, request: BatchRequest) -> tuple[int, bytes, dict]:
+    """(status, body bytes, body) of one request; `stream` is refused as vLLM's run-batch refuses it (a 400)."""
+    from .protocol import error_body
+
+    if request.body.get("stream") is True:
+        status, raw = 400, json_bytes(error_body("stream is not supported in a batch", "invalid_request_error",
+                                                 "stream"))
+    else:
+        try:
+            status, raw = await call(app, request.url, json.dumps(request.body, ensure_ascii=False).encode())
+        except Exception as err:  # noqa: BLE001 - the app's own failure is this request's 500, as the server's
+            status, raw = 500, json_bytes(error_body(f"{type(err).__name__}: {err}", "server_error"))
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):  # no JSON answer (the server would not send one either): a 500 that says so
+        status, body = 500, error_body(f"the server answered {status} without a JSON body", "server_error")
+        raw = json_bytes(body)
+    return status, raw, body
+
+
+async def run_requests(app, engine, requests: Iterator[BatchRequest], out: IO[bytes], window: int, tally: Tally,
+                       bar) -> None:
+    """Run `requests` with at most `window` in flight, each result written and flushed as it finishes. A dead
+    engine stops the run (its 500s are not results: a rerun retries them)."""
+    slots = asyncio.Semaphore(window)
+    tasks: set[asyncio.Task] = set()
+    start = time.perf_counter()
+
+    async def one(request: BatchRequest) -> None:
+        try:
+            status, raw, body = await answer(app, request)
+            if status >= 500 and not engine.is_running():
+                raise RuntimeError(f"the engine stopped: {body.get('error', {}).get('message', body)}")
+            out.write(result_line(request.custom_id, status, raw))
+            out.flush()
+            tally.add(status, body)
+            bar.set_postfix_str(f"{tally.output / max(time.perf_counter() - start, 1e-9):.1f} output tok/s",
+                                refresh=False)
+            bar.update()
+        finally:
+            slots.release()
+
+    for request in requests:
+        await slots.acquire()
+        if not engine.is_running():
+            break
+        task = asyncio.create_task(one(request))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*list(tasks))
+    if not engine.is_running():
+        raise RuntimeError("the engine stopped before the batch finished; a rerun with the same output resumes it")
+
+
+# ---------------------------------------------------------------------- the command
+def run_batch(args: argparse.Namespace) -> None:
+    from ..argtypes import resolve_model_flag
+
+    input_name = "stdin" if args.input_file == "-" else args.input_file
+    to_stdout = args.output_file == "-"
+    if not to_stdout and args.input_file != "-" and Path(args.output_file).resolve() == Path(args.input_file).resolve():
+        refuse("the output file is the input file")
+    with open_input(args.input_file) as source:
+        known = check_input(source, input_name)
+        done = set() if to_stdout else finished_ids(Path(args.output_file), known, input_name)
+        if done:
+            print(f"{PROG}: resuming: {len(done)} of {len(known)} done", file=sys.stderr)
+        if len(done) == len(known):
+            if not to_stdout:
+                Path(args.output_file).touch()
+            print(f"{PROG}: nothing to run ({len(known)} requests, all in {args.output_file})", file=sys.stderr)
+            return
+        args.resolve_later = False
+        resolve_model_flag(args)
+        out = sys.stdout.buffer if to_stdout else open(args.output_file, "ab")
+        try:
+            run_loaded(args, (r for r in requests_in(source) if r.custom_id not in done), out, len(known), len(done))
+        finally:
+            if not to_stdout:
+                out.close()
+
+
+def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: IO[bytes], total: int,
+               done: int) -> None:
+    """Load the model as `serve` does, then run `requests` through the server's app."""
+    import logging
+
+    from tqdm import tqdm
+
+    from ..info import human_bytes
+    from .server import check_kv_bound, load, server_app
+
+    logging.basicConfig(level="WARNING", format=f"{PROG}: %(levelname)s: %(message)s")
+    model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=QUEUE_UNBOUNDED,
+                                    kv_cache_bytes=args.kv_cache_memory)
+    app, config, chat = server_app(args, model, tokenizer, engine, web_ui=False)
+    check_kv_bound(engine.kv_budget, config.max_context)
+    if chat is None:
+        logging.warning("%s has no chat template: its chat, responses and messages requests fail with a 400 "
+                        "(--chat-template gives one)", getattr(args, "model_id", args.model))
+    budget = engine.kv_budget
+    bound = "unbounded" if budget is None else f"{human_bytes(budget.max_bytes)} = {budget.tokens:,} tokens"
+    print(f"{PROG}: {config.model_name}, {total - done} requests to run (max {args.max_running} running; K/V "
+          f"{bound}; state reuse {'off' if args.no_reuse else 'on'})", file=sys.stderr, flush=True)
+    tally = Tally()
+    window = WINDOW_PER_ROW * args.max_running
+    engine.start()
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=done, unit="req", desc="run-batch", dynamic_ncols=True, file=sys.stderr,
+               disable=not sys.stderr.isatty())
+    try:
+        asyncio.run(run_requests(app, engine, requests, out, window, tally, bar))
+    finally:
+        bar.close()
+        engine.stop()
+        seconds = time.perf_counter() - start
+        print(f"{PROG}: {tally.ok} ok, {tally.failed} failed of {tally.ok + tally.failed} requests in {seconds:.1f} s; "
+              f"{tally.prompt:,} prompt tokens ({tally.cached:,} cached), {tally.output:,} output tokens "
+              f"({tally.output / max(seconds, 1e-9):.1f}/s)", file=sys.stderr, flush=True)
