@@ -22,10 +22,14 @@ from .train_helpers import write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The child restores Python's SIGINT handler: a test run started in the background of a shell without job control
+# hands its children SIGINT ignored, and Python then leaves it ignored.
 CHILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import {module} as target
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 marker = Path(sys.argv[1])
 real = target.{function}
