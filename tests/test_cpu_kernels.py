@@ -325,9 +325,7 @@ def test_library_builds_for_each_instruction_set(tmp_path, march):
     known = subprocess.run([cxx, f"-march={march}", "-E", "-x", "c++", "/dev/null"], capture_output=True)
     if known.returncode != 0:
         pytest.skip(f"this compiler does not know -march={march}")
-    result = subprocess.run(
-        [cxx, *cpu_build.BASE_FLAGS, f"-march={march}", "-fopenmp", "-o", str(tmp_path / "lib.so"),
-         *map(str, cpu_build.SOURCES)], capture_output=True, text=True)
+    result = cpu_build.compile_library(cxx, [f"-march={march}", "-fopenmp"], tmp_path / "lib.so")
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -337,7 +335,6 @@ def avx2_scan_builds(tmp_path_factory) -> list:
     (OPENJAMBA_PLAIN_SCAN: the plain vectorised loops), loaded; skips where this machine cannot run them."""
     import ctypes
     import platform
-    import subprocess
 
     cxx = cpu_build._compiler()
     if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
@@ -347,8 +344,9 @@ def avx2_scan_builds(tmp_path_factory) -> list:
     libs, folder = [], tmp_path_factory.mktemp("avx2_scan")
     for name, extra in (("avx2", []), ("plain", ["-DOPENJAMBA_PLAIN_SCAN"])):
         path = folder / f"scan_{name}.so"
-        subprocess.run([cxx, *cpu_build.BASE_FLAGS, "-march=x86-64-v3", "-fopenmp", *extra, "-o", str(path),
-                        str(cpu_build.CSRC / "selective_scan.cpp")], check=True, capture_output=True)
+        result = cpu_build.compile_library(cxx, ["-march=x86-64-v3", "-fopenmp", *extra], path,
+                                           [cpu_build.CSRC / "selective_scan.cpp"])
+        assert result.returncode == 0, result.stderr[-2000:]
         lib = ctypes.CDLL(str(path))
         lib.scan_forward_f32.argtypes = [ctypes.POINTER(cpu_build.ScanArgs)]
         lib.scan_backward_f32.argtypes = [ctypes.POINTER(cpu_build.ScanArgs)]

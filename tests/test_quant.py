@@ -164,8 +164,9 @@ def test_builds_without_avx512_match(tmp_path, march, avx2):
                                                                          text=True).stdout.strip() != "x86_64":
         pytest.skip("needs an x86-64 C++ compiler")
     lib_path = tmp_path / "quant_plain.so"
-    subprocess.run([cxx, *cpu_build.BASE_FLAGS, f"-march={march}", "-fopenmp", "-o", str(lib_path),
-                    str(cpu_build.CSRC / "quant_linear.cpp")], check=True, capture_output=True)
+    result = cpu_build.compile_library(cxx, [f"-march={march}", "-fopenmp"], lib_path,
+                                       [cpu_build.CSRC / "quant_linear.cpp"])
+    assert result.returncode == 0, result.stderr[-2000:]
     lib = ctypes.CDLL(str(lib_path))
     assert lib.qlinear_vnni() == 0 and lib.qlinear_avx2() == avx2
     lib.qlinear_int8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6
