@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -242,3 +243,19 @@ def test_stdin_and_stdout(served, tmp_path, monkeypatch, capsysbinary):
     lines = [json.loads(x) for x in captured.out.splitlines()]
     assert sorted(x["custom_id"] for x in lines) == ["cmpl-logprobs", "cmpl-stop", "zero-tokens"]
     assert b"2 ok, 1 failed of 3 requests" in captured.err
+
+
+def test_no_template_warning_only_when_a_request_needs_the_template(served, tmp_path, caplog):
+    """A checkpoint without a chat template runs a completions batch without a word about templates; a batch with a
+    chat request is warned at start, and that request fails with the server's 400."""
+    model = tmp_path / "plain"
+    shutil.copytree(served[0], model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert run(model, write_input(tmp_path / "a.jsonl", MIXED[3:5]), tmp_path / "a.out") == 0
+    assert "no chat template" not in caplog.text
+    assert run(model, write_input(tmp_path / "b.jsonl", MIXED[:1] + MIXED[3:4]), tmp_path / "b.out") == 0
+    assert "has no chat template" in caplog.text
+    assert results(tmp_path / "b.out")["chat-greedy"]["response"]["status_code"] == 400

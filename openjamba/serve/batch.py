@@ -94,9 +94,9 @@ def requests_in(file: IO[bytes]) -> Iterator[BatchRequest]:
             yield request
 
 
-def check_input(file: IO[bytes], name: str) -> dict[str, int]:
-    """Every custom_id with its line, the whole file checked before the model loads; a bad line: exit 2."""
-    seen: dict[str, int] = {}
+def check_input(file: IO[bytes], name: str) -> dict[str, str]:
+    """Every custom_id with its url, the whole file checked before the model loads; a bad line: exit 2."""
+    seen: dict[str, tuple[int, str]] = {}
     for number, raw in enumerate(file, 1):
         try:
             request = parse_line(number, raw)
@@ -105,9 +105,9 @@ def check_input(file: IO[bytes], name: str) -> dict[str, int]:
         if request is None:
             continue
         if (first := seen.get(request.custom_id)) is not None:
-            refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first}")
-        seen[request.custom_id] = number
-    return seen
+            refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first[0]}")
+        seen[request.custom_id] = number, request.url
+    return {custom_id: url for custom_id, (_, url) in seen.items()}
 
 
 def open_input(name: str) -> IO[bytes]:
@@ -124,7 +124,7 @@ def open_input(name: str) -> IO[bytes]:
 
 
 # ---------------------------------------------------------------------- the output file
-def finished_ids(path: Path, known: dict[str, int], input_name: str) -> set[str]:
+def finished_ids(path: Path, known: dict[str, str], input_name: str) -> set[str]:
     """The custom_ids an existing output already holds. A last line without its newline (a crash mid-write) is cut
     off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
     than appending to another file."""
@@ -303,15 +303,18 @@ def run_batch(args: argparse.Namespace) -> None:
         resolve_model_flag(args)
         out = sys.stdout.buffer if to_stdout else open(args.output_file, "ab")
         try:
-            run_loaded(args, (r for r in requests_in(source) if r.custom_id not in done), out, len(known), len(done))
+            chat = any(url != "/v1/completions" for custom_id, url in known.items() if custom_id not in done)
+            run_loaded(args, (r for r in requests_in(source) if r.custom_id not in done), out, len(known), len(done),
+                       chat)
         finally:
             if not to_stdout:
                 out.close()
 
 
 def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: IO[bytes], total: int,
-               done: int) -> None:
-    """Load the model as `serve` does, then run `requests` through the server's app."""
+               done: int, needs_chat: bool) -> None:
+    """Load the model as `serve` does, then run `requests` through the server's app (`needs_chat`: some of them go
+    through the chat template)."""
     import logging
 
     from tqdm import tqdm
@@ -324,7 +327,7 @@ def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: 
                                     kv_cache_bytes=args.kv_cache_memory)
     app, config, chat = server_app(args, model, tokenizer, engine, web_ui=False)
     check_kv_bound(engine.kv_budget, config.max_context)
-    if chat is None:
+    if chat is None and needs_chat:
         logging.warning("%s has no chat template: its chat, responses and messages requests fail with a 400 "
                         "(--chat-template gives one)", getattr(args, "model_id", args.model))
     budget = engine.kv_budget
