@@ -187,11 +187,19 @@ def select_template(tokenizer, tools: list[dict] | None = None, chat_template: s
 
 def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
                 documents: list[dict] | None = None, add_generation_prompt: bool = True,
-                chat_template: str | None = None, **template_kwargs) -> str:
-    """The prompt text for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it."""
+                continue_final_message: bool = False, chat_template: str | None = None, **template_kwargs) -> str:
+    """The prompt text for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
+    `continue_final_message`: the text ends right after the final message's content (no end-of-turn), so the model
+    continues that message (prefill); it excludes `add_generation_prompt`."""
     source = select_template(tokenizer, tools, chat_template)
     if not messages:
         raise ChatTemplateError("no messages to render: a chat needs at least one message")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set")
+        whole = render_chat(tokenizer, messages, tools=tools, documents=documents, add_generation_prompt=False,
+                            chat_template=chat_template, **template_kwargs)
+        return cut_after_final_message(whole, messages[-1].get("content"))
     if documents is not None and not all(isinstance(d, dict) for d in documents):
         raise ChatTemplateError("documents must be a list of dicts (with 'title' and 'text')")
     variables = {**getattr(tokenizer, "special_tokens", {}), **template_kwargs}
@@ -203,6 +211,20 @@ def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
         raise ChatTemplateError(f"the chat template tried an operation the sandbox forbids: {e}") from None
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed: {e}") from None
+
+
+def cut_after_final_message(rendered: str, content: Any) -> str:
+    """`rendered` up to the end of the final message's `content`: the last place that content appears (templates
+    may trim its surrounding whitespace, so it is looked for stripped), then past its trailing whitespace too where
+    the template kept it. This is where transformers' `continue_final_message` cuts, so prompts equal its."""
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text content to continue")
+    core, body = content.strip(), content.lstrip()
+    at = rendered.rfind(core)
+    if at == -1:
+        raise ChatTemplateError("the final message's content does not appear in the rendered chat (the template "
+                                "changes it), so it cannot be continued")
+    return rendered[:at + (len(body) if rendered.startswith(body, at) else len(core))]
 
 
 def encode_chat(tokenizer, messages: list[dict], **kwargs) -> list[int]:
@@ -247,6 +269,12 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     """Whether a rendered prompt ends inside an open <think> (so the output starts in reasoning)."""
     tail = prompt.rstrip()
     return tail.endswith(THINK_OPEN)
+
+
+def inside_reasoning(text: str) -> bool:
+    """Whether `text` (a continued assistant message) ends inside a <think> it opened: its last <think> comes after
+    its last </think>."""
+    return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
 
 
 # ---------------------------------------------------------------------- parsing

@@ -203,8 +203,10 @@ def test_streamed_usage_counts_cache_reads_from_message_start(served):
     ({"temperature": 1.5}, 400, "invalid_request_error", "temperature"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "invalid_request_error",
      "image"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The"}]}, 400,
-     "invalid_request_error", "prefill"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The "}]}, 400,
+     "invalid_request_error", "trailing whitespace"),  # a prefill may not end in whitespace, as at Anthropic
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]}, 400,
+     "invalid_request_error", "messages"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error", "server tool"),
     ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error", "nope"),
     ({"tool_choice": {"type": "tool"}}, 400, "invalid_request_error", "tool_choice"),

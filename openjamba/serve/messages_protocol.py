@@ -8,8 +8,9 @@ request's history); `tools` ({name, description, input_schema}) become function 
 tool / none the chat route's "auto" / "required" / a named function / "none" (`disable_parallel_tool_use`:
 parallel_tool_calls false), `stop_sequences` stop strings, `output_config.format` a json_schema response_format,
 `thinking` enabled / disabled the template variable `enable_thinking` (adaptive leaves the template's default).
-The translated request goes through the chat route's own validation, template and tool-call enforcement. What
-this server cannot honour (images, documents, server tools, an assistant turn to continue) is a 400; unknown
+A last assistant turn is a prefill: the chat request continues it (`continue_final_message`), and the reply holds
+only what the model added. The translated request goes through the chat route's own validation, template and
+tool-call enforcement. What this server cannot honour (images, documents, server tools) is a 400; unknown
 extra fields are ignored, as Anthropic's and the OpenAI routes do.
 """
 
@@ -162,11 +163,20 @@ class CountTokensRequest(p._Request):
     thinking: Thinking | None = None
 
     @model_validator(mode="after")
-    def _ends_with_user(self) -> CountTokensRequest:
-        if self.messages[-1].role != "user":
-            raise ValueError("messages: the last message must be a user turn (continuing an assistant turn, "
-                             "prefill, is not supported by this server)")
+    def _prefill(self) -> CountTokensRequest:
+        """A last assistant turn is a prefill, which the reply continues; as at Anthropic, its text may not end
+        in whitespace."""
+        last = self.messages[-1]
+        if last.role == "assistant":
+            text = last.content if isinstance(last.content, str) else "".join(
+                b.text for b in last.content if isinstance(b, TextBlock))
+            if text != text.rstrip():
+                raise ValueError("messages: final assistant content cannot end with trailing whitespace")
         return self
+
+    @property
+    def prefill(self) -> bool:
+        return self.messages[-1].role == "assistant"
 
 
 class MessagesRequest(CountTokensRequest):
@@ -242,6 +252,8 @@ def chat_request(req: CountTokensRequest) -> p.ChatCompletionRequest:
                                                **({"description": t.description} if t.description else {})}}
              for t in req.tools or []]
     body: dict[str, Any] = {"messages": chat_messages(req), "tools": tools or None, **extra}
+    if req.prefill:  # the reply continues the last assistant turn
+        body.update(add_generation_prompt=False, continue_final_message=True)
     if req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice.for_chat()
         if req.tool_choice.disable_parallel_tool_use:
@@ -252,4 +264,5 @@ def chat_request(req: CountTokensRequest) -> p.ChatCompletionRequest:
         if req.output_config is not None and req.output_config.format is not None:  # structured output
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": req.output_config.format.schema_}}
-    return p.translated_chat_request(body, {"stop": "stop_sequences", "response_format": "output_config.format"})
+    return p.translated_chat_request(body, {"stop": "stop_sequences", "response_format": "output_config.format",
+                                            "continue_final_message": "messages"})

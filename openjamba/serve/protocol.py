@@ -16,7 +16,15 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -32,6 +40,24 @@ def check_template_variables(value: dict[str, Any] | None) -> dict[str, Any] | N
         if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
             raise ValueError(f"{name!r} cannot be set: a template variable name other than "
                              f"{', '.join(sorted(RESERVED_TEMPLATE_VARIABLES))}")
+    return value
+
+
+def check_continuation(value: bool, info: ValidationInfo) -> bool:
+    """`continue_final_message` (validated after `messages` and `add_generation_prompt`): the final message is an
+    assistant message with text and no tool calls, and no generation prompt follows it (vLLM refuses both)."""
+    if not value:
+        return value
+    if info.data.get("add_generation_prompt", True):
+        raise ValueError("cannot be used with add_generation_prompt, which is true unless set to false")
+    messages = info.data.get("messages")
+    if not messages:  # absent or already refused
+        return value
+    last = messages[-1]
+    text = last.content if isinstance(last.content, str) else "".join(part.text or "" for part in last.content or [])
+    if last.role != "assistant" or last.tool_calls or not text.strip():
+        raise ValueError("the final message must be an assistant message with text content (no tool_calls): the "
+                         "text the model continues")
     return value
 
 
@@ -328,11 +354,18 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     documents: list[dict[str, Any]] | None = None  # Jamba's grounded generation (the template's `documents`)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
+    add_generation_prompt: bool = True  # vLLM's: false renders the conversation without the assistant's opening
+    continue_final_message: bool = False  # vLLM's: the model continues the final (assistant) message: prefill
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return check_template_variables(value)
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continuable(cls, value: bool, info: ValidationInfo) -> bool:
+        return check_continuation(value, info)
 
     @model_validator(mode="after")
     def _chat_checks(self) -> ChatCompletionRequest:
@@ -385,6 +418,12 @@ class TokenizeRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continuable(cls, value: bool, info: ValidationInfo) -> bool:
+        return check_continuation(value, info)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

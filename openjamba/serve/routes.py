@@ -138,7 +138,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         messages = [m.for_template() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs)
+            ids = chat.encode(messages, tools=tools, documents=req.documents, template_kwargs=req.chat_template_kwargs,
+                              add_generation_prompt=req.add_generation_prompt,
+                              continue_final_message=req.continue_final_message)
         except chat.error as err:
             raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
         return messages, tools, ids
@@ -332,7 +334,8 @@ def add_tokenizer_routes(app: FastAPI, tokenizer, config: ServerConfig, chat, ch
         else:
             try:
                 ids = chat.encode([m.for_template() for m in req.messages],
-                                  add_generation_prompt=req.add_generation_prompt)
+                                  add_generation_prompt=req.add_generation_prompt,
+                                  continue_final_message=req.continue_final_message)
             except chat.error as err:
                 raise p.RequestError(f"the chat template rejected these messages: {err}", param="messages") from None
         return {"count": len(ids), "max_model_len": config.max_context, "tokens": list(ids)}

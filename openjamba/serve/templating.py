@@ -14,9 +14,24 @@ from ..chat_format import (
     ChatTemplateError,
     StreamingOutputParser,
     encode_chat,
+    inside_reasoning,
     output_format,
     prompt_opens_reasoning,
 )
+
+
+class PromptIds(list):
+    """A rendered chat's token ids; `continued`: when the prompt continues its final message (prefill), that
+    message's text, which says whether the output starts inside reasoning it opened. Slicing keeps it."""
+
+    continued: str | None = None
+
+    def __getitem__(self, index):
+        got = super().__getitem__(index)
+        if isinstance(index, slice):
+            got = PromptIds(got)
+            got.continued = self.continued
+        return got
 
 
 class ChatFormat:
@@ -36,11 +51,16 @@ class ChatFormat:
 
     def encode(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                documents: list[dict] | None = None, add_generation_prompt: bool = True,
-               template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """`template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`)."""
+               template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False) -> PromptIds:
+        """`template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`);
+        `continue_final_message`: the prompt ends inside the final message, which the model continues."""
         kwargs = {"documents": documents} if documents else {}
-        return list(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                **kwargs, **{**self.default_kwargs, **(template_kwargs or {})}))
+        ids = PromptIds(encode_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message, **kwargs,
+                                    **{**self.default_kwargs, **(template_kwargs or {})}))
+        if continue_final_message:
+            ids.continued = messages[-1]["content"]
+        return ids
 
     def system_prefix(self, messages: list[dict[str, Any]], prompt_ids: list[int],
                       template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -67,7 +87,11 @@ class ChatFormat:
                                      stream_tool_calls=stream_tool_calls)
 
     def opens_reasoning(self, prompt_ids: list[int]) -> bool:
-        """Whether the output starts inside a `<think>` block that the prompt opened."""
+        """Whether the output starts inside a `<think>` block that the prompt opened: the generation prompt's, or
+        the continued final message's own."""
+        continued = getattr(prompt_ids, "continued", None)
+        if continued is not None:
+            return self.format.thinking and inside_reasoning(continued)
         tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
         return self.format.thinking and prompt_opens_reasoning(tail)
 

@@ -1,0 +1,173 @@
+"""vLLM's request extras for chat and completions: continuing the final assistant message (prefill, and the
+Messages API's prefill), include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens. The server runs a
+scripted engine (a known output, the prompt it was given recorded) over tokenizers whose `<think>` and `<tool_call>`
+are special tokens; transformers' apply_chat_template is the oracle of the continued prompts."""
+
+from __future__ import annotations
+
+import logging
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from openjamba.chat_format import render_chat
+from openjamba.serve.api import ServerConfig, create_app
+from openjamba.serve.templating import ChatFormat
+from openjamba.tokenizer import load_tokenizer
+
+from .serve_helpers import CHAT_TEMPLATE, running_server
+from .test_serve import ScriptedEngine
+from .tokenizer_fixtures import CHATML_TEMPLATE, JAMBA15_TEMPLATE, write_jamba2, write_jamba16
+
+pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a SentencePiece model")
+transformers = pytest.importorskip("transformers")
+
+MODEL = "tiny"
+USER = {"role": "user", "content": "What is 2+2?"}
+
+
+class RecordingEngine(ScriptedEngine):
+    """A ScriptedEngine that keeps the prompts it was given."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(script)
+        self.prompts: list[list[int]] = []
+
+    def submit(self, prompt, params, on_event, **_):
+        self.prompts.append(list(prompt))
+        return super().submit(prompt, params, on_event)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extras")
+    return {"chatml": write_jamba2(root / "chatml", CHATML_TEMPLATE),
+            "chatml-plain": write_jamba2(root / "plain", CHAT_TEMPLATE),
+            "jamba15": write_jamba16(root / "jamba15", JAMBA15_TEMPLATE)}
+
+
+def serve(checkpoint, text: str, **config):
+    """A live server whose engine writes `text` then EOS: (the context manager giving its URL, the engine)."""
+    tokenizer = load_tokenizer(checkpoint)
+    script = tokenizer.encode(text, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
+    engine = RecordingEngine(script)
+    server_config = ServerConfig(model_name=MODEL, max_context=1024, vocab_size=tokenizer.vocab_size, **config)
+    return running_server(create_app(engine, tokenizer, server_config, ChatFormat(tokenizer))), engine
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+# ---------------------------------------------------------------------- continue_final_message
+PREFILLS = ["The answer is", "<think>\nTwo and two", "  padded with spaces  \n", "Line one.\nLine two"]
+
+
+@pytest.mark.parametrize("kind", ["chatml", "chatml-plain", "jamba15"])
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_continued_prompt_equals_transformers(checkpoints, kind, prefill):
+    ours = load_tokenizer(checkpoints[kind])
+    theirs = transformers.AutoTokenizer.from_pretrained(str(checkpoints[kind]))
+    for head in ([USER], [{"role": "system", "content": "Be brief."}, USER]):
+        messages = head + [{"role": "assistant", "content": prefill}]
+        expected = theirs.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert render_chat(ours, messages, add_generation_prompt=False, continue_final_message=True) == expected
+        ids = theirs.apply_chat_template(messages, tokenize=True, continue_final_message=True, return_dict=False)
+        assert ChatFormat(ours).encode(messages, add_generation_prompt=False, continue_final_message=True) == list(ids)
+        assert not expected.endswith(("<|im_end|>\n", "<|eom|>\n"))
+
+
+def test_chat_continues_the_final_message(checkpoints):
+    """The prompt ends inside the prefilled message; the reply is only the new text, and the <think> the prefill
+    opened makes the reply start in reasoning, streamed or not."""
+    checkpoint = checkpoints["chatml"]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    server, engine = serve(checkpoint, " four.\n</think>\n\nThe answer is 4.")
+    messages = [USER, {"role": "assistant", "content": "<think>\nTwo and two"}]
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    with server as url:
+        c = client(url)
+        r = c.chat.completions.create(model=MODEL, messages=messages, extra_body=extra)
+        assert engine.prompts[-1] == list(theirs.apply_chat_template(messages, continue_final_message=True,
+                                                                     tokenize=True, return_dict=False))
+        assert r.usage.prompt_tokens == len(engine.prompts[-1])
+        message = r.choices[0].message
+        assert message.content == "The answer is 4."
+        assert message.model_extra["reasoning_content"] == "four."
+        chunks = list(c.chat.completions.create(model=MODEL, messages=messages, stream=True, extra_body=extra))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "four."
+        # /tokenize renders the same prompt
+        t = httpx.post(url + "/tokenize", json={"messages": messages, **extra}).json()
+        assert t["tokens"] == engine.prompts[-1]
+        # without the flags the final message is a closed turn and a new one starts
+        c.chat.completions.create(model=MODEL, messages=messages)
+        assert engine.prompts[-1] == list(theirs.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=False))
+        # add_generation_prompt false alone: the conversation as it is, no generation prompt
+        c.chat.completions.create(model=MODEL, messages=[USER], extra_body={"add_generation_prompt": False})
+        assert engine.prompts[-1] == list(theirs.apply_chat_template([USER], tokenize=True, return_dict=False))
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"continue_final_message": True}, "add_generation_prompt"),  # the generation prompt is on by default
+    ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+    ({"continue_final_message": "yes", "add_generation_prompt": False}, "boolean"),
+    ({"add_generation_prompt": 0}, "boolean"),
+    ({"continue_final_message": True, "add_generation_prompt": False, "messages": [USER]}, "assistant"),
+    ({"continue_final_message": True, "add_generation_prompt": False,
+      "messages": [USER, {"role": "assistant", "content": " "}]}, "text content"),
+    ({"continue_final_message": True, "add_generation_prompt": False, "messages": [USER, {
+        "role": "assistant", "content": "x", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]},
+     "tool_calls"),
+])
+def test_continuation_errors_name_the_field(checkpoints, body, words):
+    server, _ = serve(checkpoints["chatml"], "x")
+    with server as url:
+        request = {"model": MODEL, "messages": [USER, {"role": "assistant", "content": "The"}], **body}
+        r = httpx.post(url + "/v1/chat/completions", json=request, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        param = "add_generation_prompt" if "add_generation_prompt" in body and len(body) == 1 else \
+            "continue_final_message"
+        assert error["param"] == param and words in error["message"], error
+
+
+def test_messages_api_prefill(checkpoints):
+    """Anthropic's prefill: a last assistant turn is continued, the reply holds only the continuation (a thinking
+    block first when the prefill opened <think>), and count_tokens counts the continued prompt."""
+    checkpoint = checkpoints["chatml"]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    server, engine = serve(checkpoint, " four.\n</think>\n\nThe answer is 4.")
+    prefill = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "<think>\nTwo and two"}]
+    with server as url:
+        c = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+        r = c.messages.create(model=MODEL, max_tokens=50, messages=prefill)
+        assert engine.prompts[-1] == list(theirs.apply_chat_template(prefill, continue_final_message=True,
+                                                                     tokenize=True, return_dict=False))
+        assert [(b.type, getattr(b, "text", None) or getattr(b, "thinking", None)) for b in r.content] == [
+            ("thinking", "four."), ("text", "The answer is 4.")]
+        assert c.messages.count_tokens(model=MODEL, messages=prefill).input_tokens == len(engine.prompts[-1])
+        events = list(c.messages.create(model=MODEL, max_tokens=50, messages=prefill, stream=True))
+        texts = [e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta"]
+        assert "".join(texts) == "The answer is 4."
+        plain = [prefill[0], {"role": "assistant", "content": [{"type": "text", "text": "The answer"}]}]
+        c.messages.create(model=MODEL, max_tokens=50, messages=plain)
+        assert theirs.decode(engine.prompts[-1]).endswith("<|im_start|>assistant\nThe answer")
+        with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+            c.messages.create(model=MODEL, max_tokens=50, messages=[prefill[0], {"role": "assistant",
+                                                                                 "content": "The "}])
+
+
+def test_extras_are_not_named_as_ignored(checkpoints, caplog):
+    server, _ = serve(checkpoints["chatml"], "x")
+    body = {"model": MODEL, "messages": [USER, {"role": "assistant", "content": "The"}],
+            "continue_final_message": True, "add_generation_prompt": False, "not_a_field": 1}
+    with server as url, caplog.at_level(logging.WARNING, logger="openjamba.serve"):
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert warnings and all("not_a_field" in w and "continue_final_message" not in w
+                            and "add_generation_prompt" not in w for w in warnings)
