@@ -165,9 +165,31 @@ def test_messages_api_prefill(checkpoints):
 def test_extras_are_not_named_as_ignored(checkpoints, caplog):
     server, _ = serve(checkpoints["chatml"], "x")
     body = {"model": MODEL, "messages": [USER, {"role": "assistant", "content": "The"}],
-            "continue_final_message": True, "add_generation_prompt": False, "not_a_field": 1}
+            "continue_final_message": True, "add_generation_prompt": False, "include_stop_str_in_output": True,
+            "not_a_field": 1}
     with server as url, caplog.at_level(logging.WARNING, logger="openjamba.serve"):
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert warnings and all("not_a_field" in w and "continue_final_message" not in w
-                            and "add_generation_prompt" not in w for w in warnings)
+                            and "add_generation_prompt" not in w and "include_stop" not in w for w in warnings)
+
+
+# ---------------------------------------------------------------------- include_stop_str_in_output
+def test_include_stop_str_in_output(checkpoints):
+    """The stop string that ended a choice stays at the end of its text with include_stop_str_in_output (what
+    followed it in the same token is still cut), streamed or not, in completions and chat; left out, it is cut."""
+    server, _ = serve(checkpoints["chatml-plain"], "The answer is 4. Done and more.")
+    with server as url:
+        c = client(url)
+        args = dict(model=MODEL, prompt="2+2?", max_tokens=40, stop=["4.", "zzz"])
+        assert c.completions.create(**args).choices[0].text == "The answer is "
+        kept = c.completions.create(extra_body={"include_stop_str_in_output": True}, **args).choices[0]
+        assert kept.text == "The answer is 4." and kept.finish_reason == "stop"
+        streamed = c.completions.create(stream=True, extra_body={"include_stop_str_in_output": True}, **args)
+        assert "".join(ch.choices[0].text for ch in streamed) == "The answer is 4."
+        chat = dict(model=MODEL, messages=[USER], stop="Done", extra_body={"include_stop_str_in_output": True})
+        assert c.chat.completions.create(**chat).choices[0].message.content == "The answer is 4. Done"
+        assert "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **chat)
+                       if ch.choices) == "The answer is 4. Done"
+        r = httpx.post(url + "/v1/completions", json={**args, "include_stop_str_in_output": 1}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "include_stop_str_in_output"

@@ -88,6 +88,7 @@ class Choice:
     anchor_text: str | None = None  # decode([anchor]), once
     finish_reason: str | None = None
     stop_string: str | None = None  # the stop string that ended the choice
+    keep_stop: bool = False  # the stop string stays at the end of the text (vLLM's include_stop_str_in_output)
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
     prompt_logprobs: list | None = None  # (logprob, top) of prompt tokens 1.., from the first token's event
     prompt_tokens: int = 0
@@ -113,7 +114,7 @@ class Choice:
             at = full.find(stop, max(0, self.emitted - len(stop) + 1))
             if at != -1:
                 self.finish_reason, self.stop_string = "stop", stop
-                return self._emit(full[:at])
+                return self._emit(full[:at + len(stop) * self.keep_stop])
         return self._emit(full[: len(full) - _held_back(full, self.stops)])
 
     def finish(self, event: FinishEvent) -> str:

@@ -95,6 +95,7 @@ class _Sampling(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # vLLM's extension; 0 = off
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None, validate_default=True)
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended a choice stays in its text
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

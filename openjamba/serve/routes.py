@@ -157,7 +157,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=False)
 
-        choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor) for j in range(req.n)]
+        choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor, keep_stop=req.include_stop_str_in_output)
+                   for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         count = req.logprob_count()
         defaults = config.sampling_defaults
@@ -182,8 +183,8 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
-        choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor)
-                   for i in range(len(prompts)) for j in range(req.n)]
+        choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor,
+                          keep_stop=req.include_stop_str_in_output) for i in range(len(prompts)) for j in range(req.n)]
         submission = Submission(engine, relay, choices)
         defaults, constraint = config.sampling_defaults, await constraint_of(req)
         params = [sampling_params(req, max_tokens, c.index % req.n, req.logprobs, defaults, constraint)
