@@ -166,12 +166,13 @@ def test_extras_are_not_named_as_ignored(checkpoints, caplog):
     server, _ = serve(checkpoints["chatml"], "x")
     body = {"model": MODEL, "messages": [USER, {"role": "assistant", "content": "The"}],
             "continue_final_message": True, "add_generation_prompt": False, "include_stop_str_in_output": True,
-            "not_a_field": 1}
+            "skip_special_tokens": False, "not_a_field": 1}
     with server as url, caplog.at_level(logging.WARNING, logger="openjamba.serve"):
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert warnings and all("not_a_field" in w and "continue_final_message" not in w
-                            and "add_generation_prompt" not in w and "include_stop" not in w for w in warnings)
+                            and "add_generation_prompt" not in w and "include_stop" not in w
+                            and "skip_special" not in w for w in warnings)
 
 
 # ---------------------------------------------------------------------- include_stop_str_in_output
@@ -193,3 +194,40 @@ def test_include_stop_str_in_output(checkpoints):
                        if ch.choices) == "The answer is 4. Done"
         r = httpx.post(url + "/v1/completions", json={**args, "include_stop_str_in_output": 1}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "include_stop_str_in_output"
+
+
+# ---------------------------------------------------------------------- skip_special_tokens
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_skip_special_tokens(checkpoints):
+    """Special tokens leave the text by default and stay with skip_special_tokens false, in completions and chat;
+    by default chat still reads the output format's tags (<think>, <tool_call>), special tokens in this
+    tokenizer, so reasoning and tool calls parse."""
+    checkpoint = checkpoints["chatml"]
+    tokenizer = load_tokenizer(checkpoint)
+    assert {"<think>", "<tool_call>", "<|im_start|>"} <= {tokenizer.decode([i]) for i in tokenizer.all_special_ids}
+    # the template's generation prompt opens <think>: the reply closes it
+    text = 'hmm</think><|im_start|>Hi there<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    server, _ = serve(checkpoint, text)
+    with server as url:
+        c = client(url)
+        args = dict(model=MODEL, prompt="2+2?", max_tokens=60)
+        plain = c.completions.create(**args).choices[0].text
+        assert plain == tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True)
+        assert "<" not in plain and "Hi there" in plain
+        kept = c.completions.create(extra_body={"skip_special_tokens": False}, **args).choices[0].text
+        assert kept == text
+        chat = dict(model=MODEL, messages=[USER])
+        message = c.chat.completions.create(**chat).choices[0].message
+        assert message.model_extra["reasoning_content"] == "hmm"
+        assert message.content == 'Hi there<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+        message = c.chat.completions.create(extra_body={"skip_special_tokens": False}, **chat).choices[0].message
+        assert message.content.startswith("<|im_start|>Hi there")
+        choice = c.chat.completions.create(tools=WEATHER, **chat).choices[0]
+        assert choice.message.content == "Hi there" and choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        streamed = list(c.chat.completions.create(stream=True, tools=WEATHER, **chat))
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "Hi there"
+        r = httpx.post(url + "/v1/chat/completions", json={**chat, "skip_special_tokens": "no"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "skip_special_tokens"

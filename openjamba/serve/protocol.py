@@ -96,6 +96,7 @@ class _Sampling(_Request):
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended a choice stays in its text
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens in the text (EOS never)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

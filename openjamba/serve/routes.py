@@ -154,8 +154,10 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         max_tokens = check_length(ids, req.max_tokens, "messages")
         parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
 
+        skipped = chat.skipped_ids() if req.skip_special_tokens else frozenset()
+
         def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False)
+            return tokenizer.decode([i for i in ids if i not in skipped] if skipped else ids, skip_special_tokens=False)
 
         choices = [Choice(j, 0, decode, req.stop, hidden, anchor=anchor, keep_stop=req.include_stop_str_in_output)
                    for j in range(req.n)]
@@ -181,7 +183,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
             check_length(ids, max_tokens, "prompt")
 
         def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=True)
+            return tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
 
         choices = [Choice(i * req.n + j, i, decode, req.stop, hidden, anchor=anchor,
                           keep_stop=req.include_stop_str_in_output) for i in range(len(prompts)) for j in range(req.n)]

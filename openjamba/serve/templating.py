@@ -10,6 +10,9 @@ import dataclasses
 from typing import Any
 
 from ..chat_format import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_TAGS,
     AssistantOutput,
     ChatTemplateError,
     StreamingOutputParser,
@@ -74,6 +77,17 @@ class ChatFormat:
         except ChatTemplateError:  # some templates insist on a user turn
             return []
         return [len(head)] if 0 < len(head) < len(prompt_ids) and prompt_ids[:len(head)] == head else []
+
+    def skipped_ids(self) -> frozenset[int]:
+        """The special tokens a reply's text leaves out (vLLM's skip_special_tokens, on by default): all but the
+        output format's own tags (`<think>`, the tool-call tags), which the parsers must read even where a
+        checkpoint made them special tokens."""
+        if not hasattr(self, "_skipped"):
+            tags = {THINK_OPEN, THINK_CLOSE} if self.format.thinking else set()
+            tags.update(TOOL_TAGS.get(self.format.tool_calls, ()))
+            special = getattr(self.tokenizer, "all_special_ids", [])
+            self._skipped = frozenset(i for i in special if self.tokenizer.decode([i]) not in tags)
+        return self._skipped
 
     def stream_parser(self, prompt_ids: list[int], tools: bool = True, plain: bool = False,
                       stream_tool_calls: bool = False) -> StreamingOutputParser:
