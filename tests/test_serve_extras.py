@@ -53,7 +53,8 @@ def serve(checkpoint, text: str, **config):
     tokenizer = load_tokenizer(checkpoint)
     script = tokenizer.encode(text, add_special_tokens=False) + tokenizer.eos_token_ids[:1]
     engine = RecordingEngine(script)
-    server_config = ServerConfig(model_name=MODEL, max_context=1024, vocab_size=tokenizer.vocab_size, **config)
+    config.setdefault("max_context", 1024)
+    server_config = ServerConfig(model_name=MODEL, vocab_size=tokenizer.vocab_size, **config)
     return running_server(create_app(engine, tokenizer, server_config, ChatFormat(tokenizer))), engine
 
 
@@ -166,13 +167,13 @@ def test_extras_are_not_named_as_ignored(checkpoints, caplog):
     server, _ = serve(checkpoints["chatml"], "x")
     body = {"model": MODEL, "messages": [USER, {"role": "assistant", "content": "The"}],
             "continue_final_message": True, "add_generation_prompt": False, "include_stop_str_in_output": True,
-            "skip_special_tokens": False, "not_a_field": 1}
+            "skip_special_tokens": False, "truncate_prompt_tokens": 100, "not_a_field": 1}
     with server as url, caplog.at_level(logging.WARNING, logger="openjamba.serve"):
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
     warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert warnings and all("not_a_field" in w and "continue_final_message" not in w
                             and "add_generation_prompt" not in w and "include_stop" not in w
-                            and "skip_special" not in w for w in warnings)
+                            and "skip_special" not in w and "truncate" not in w for w in warnings)
 
 
 # ---------------------------------------------------------------------- include_stop_str_in_output
@@ -231,3 +232,36 @@ def test_skip_special_tokens(checkpoints):
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "Hi there"
         r = httpx.post(url + "/v1/chat/completions", json={**chat, "skip_special_tokens": "no"}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "skip_special_tokens"
+
+
+# ---------------------------------------------------------------------- truncate_prompt_tokens
+def test_truncate_prompt_tokens(checkpoints):
+    """A prompt longer than truncate_prompt_tokens keeps its last ones (a chat's after the template rendered it)
+    instead of a 400 for being too long; usage.prompt_tokens and an echo show what was read."""
+    checkpoint = checkpoints["chatml-plain"]
+    tokenizer = load_tokenizer(checkpoint)
+    server, engine = serve(checkpoint, "ok", max_context=64)
+    long = "hello world, this is a small test of the server. " * 8
+    whole = tokenizer.encode(long)
+    assert len(whole) > 64
+    with server as url:
+        c = client(url)
+        args = dict(model=MODEL, prompt=long, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            c.completions.create(**args)
+        r = c.completions.create(extra_body={"truncate_prompt_tokens": 20}, **args)
+        assert engine.prompts[-1] == whole[-20:] and r.usage.prompt_tokens == 20
+        r = c.completions.create(echo=True, extra_body={"truncate_prompt_tokens": 20}, **args)
+        assert r.choices[0].text == tokenizer.decode(whole[-20:]) + "ok"
+        short = c.completions.create(echo=True, extra_body={"truncate_prompt_tokens": 20}, model=MODEL,
+                                     prompt="hello", max_tokens=4)
+        assert short.choices[0].text == "hellook" and engine.prompts[-1] == tokenizer.encode("hello")
+        messages = [{"role": "system", "content": long}, USER]
+        rendered = ChatFormat(tokenizer).encode(messages)
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            c.chat.completions.create(model=MODEL, messages=messages)
+        r = c.chat.completions.create(model=MODEL, messages=messages, extra_body={"truncate_prompt_tokens": 30})
+        assert engine.prompts[-1] == rendered[-30:] and r.usage.prompt_tokens == 30
+        for bad in (0, -1, "5", True):
+            r = httpx.post(url + "/v1/completions", json={**args, "truncate_prompt_tokens": bad}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", bad

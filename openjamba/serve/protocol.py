@@ -97,6 +97,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended a choice stays in its text
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens in the text (EOS never)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # vLLM's: a longer prompt keeps its last ones
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

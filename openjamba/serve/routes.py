@@ -150,6 +150,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         whether tool calls are parsed from the output). /v1/chat/completions, /v1/responses and /v1/messages all
         start here."""
         messages, tools, ids = render(req)
+        ids = truncated(ids, req.truncate_prompt_tokens)
         forced, forced_name = req.forced_tool()
         max_tokens = check_length(ids, req.max_tokens, "messages")
         parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
@@ -177,7 +178,9 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         req = p.parse_request(await request.body(), p.CompletionRequest)
         check_model(req.model)
         given = req.prompts()
-        prompts = [_prompt_ids(tokenizer, x, config.vocab_size) for x in given]
+        whole = [_prompt_ids(tokenizer, x, config.vocab_size) for x in given]
+        prompts = [truncated(ids, req.truncate_prompt_tokens) for ids in whole]
+        cut = [len(ids) < len(w) for ids, w in zip(prompts, whole)]
         max_tokens = req.max_tokens or config.default_max_tokens
         for ids in prompts:
             check_length(ids, max_tokens, "prompt")
@@ -197,10 +200,11 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         submission.submit(prompts, params)
         rid, created = p.new_id("cmpl"), p.now()
         # the echo, as OpenAI's and vLLM's: a text prompt as it was sent (without the BOS the tokenizer put before
-        # it), token ids decoded with their special tokens
-        unechoed_bos = [isinstance(x, str) and bos_added for x in given]
-        echoes = [x if isinstance(x, str) else tokenizer.decode(ids, skip_special_tokens=False)
-                  for x, ids in zip(given, prompts)] if req.echo else [""] * len(prompts)
+        # it), token ids (and a truncated prompt's kept tokens: what was read) decoded with their special tokens
+        sent_text = [isinstance(x, str) and not c for x, c in zip(given, cut)]
+        unechoed_bos = [text and bos_added for text in sent_text]
+        echoes = [x if text else tokenizer.decode(ids, skip_special_tokens=False)
+                  for x, ids, text in zip(given, prompts, sent_text)] if req.echo else [""] * len(prompts)
 
         def logprobs_of(choice: Choice, start: int, offset: int) -> dict | None:
             return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset)
@@ -379,6 +383,12 @@ def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, 
     if message["content"] is None and not message.get("tool_calls"):
         message["content"] = ""
     return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+
+def truncated(ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: a prompt (as the template rendered it) longer than `keep` tokens keeps its
+    last `keep`, which the length check, the engine and usage.prompt_tokens then count."""
+    return ids[-keep:] if keep is not None and len(ids) > keep else ids
 
 
 def _prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
