@@ -259,3 +259,33 @@ def test_no_template_warning_only_when_a_request_needs_the_template(served, tmp_
     assert run(model, write_input(tmp_path / "b.jsonl", MIXED[:1] + MIXED[3:4]), tmp_path / "b.out") == 0
     assert "has no chat template" in caplog.text
     assert results(tmp_path / "b.out")["chat-greedy"]["response"]["status_code"] == 400
+
+
+def test_a_closed_pipe_stops_the_run_at_once(served, tmp_path, monkeypatch, capsys):
+    """`run-batch -o - | head -1`: the first write that fails stops the run (exit 1, no traceback) rather than
+    answering every other request into a closed pipe."""
+    model, _ = served
+    requests = [line(f"r{i}", "/v1/completions", {"prompt": f"hello {i}", "max_tokens": 2}) for i in range(40)]
+    answered = []
+    answer = batch.answer
+
+    async def counted(app, request):
+        answered.append(request.custom_id)
+        return await answer(app, request)
+
+    class ClosedPipe(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return 1
+
+    monkeypatch.setattr(batch, "answer", counted)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(ClosedPipe())))
+    monkeypatch.setattr("os.dup2", lambda *_: None)  # main's quiet exit points fd 1 at /dev/null: not pytest's
+    assert run(model, write_input(tmp_path / "in.jsonl", requests), "-", "--max-running", "1") == 1
+    assert len(answered) <= 4  # the window (2 x --max-running) and the one that found the pipe closed
+    assert "Traceback" not in capsys.readouterr().err

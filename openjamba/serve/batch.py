@@ -250,9 +250,11 @@ async def answer(app, request: BatchRequest) -> tuple[int, bytes, dict]:
 async def run_requests(app, engine, requests: Iterator[BatchRequest], out: IO[bytes], window: int, tally: Tally,
                        bar) -> None:
     """Run `requests` with at most `window` in flight, each result written and flushed as it finishes. A dead
-    engine stops the run (its 500s are not results: a rerun retries them)."""
+    engine (its 500s are not results: a rerun retries them) or an output that cannot be written (a full disk, a
+    closed pipe) stops the run at once with that error; the requests still in flight are cancelled."""
     slots = asyncio.Semaphore(window)
     tasks: set[asyncio.Task] = set()
+    failures: list[Exception] = []  # the first stops the run (a task that ended early is no longer gathered)
     start = time.perf_counter()
 
     async def one(request: BatchRequest) -> None:
@@ -266,17 +268,27 @@ async def run_requests(app, engine, requests: Iterator[BatchRequest], out: IO[by
             bar.set_postfix_str(f"{tally.output / max(time.perf_counter() - start, 1e-9):.1f} output tok/s",
                                 refresh=False)
             bar.update()
+        except Exception as err:  # noqa: BLE001 - raised by the loop below, once the others are cancelled
+            failures.append(err)
+            for task in tasks - {asyncio.current_task()}:
+                task.cancel()
         finally:
             slots.release()
 
     for request in requests:
         await slots.acquire()
-        if not engine.is_running():
+        if failures or not engine.is_running():
             break
         task = asyncio.create_task(one(request))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    await asyncio.gather(*list(tasks))
+    try:
+        await asyncio.gather(*list(tasks))
+    except asyncio.CancelledError:  # the tasks cancelled after a failure
+        if not failures:
+            raise
+    if failures:
+        raise failures[0]
     if not engine.is_running():
         raise RuntimeError("the engine stopped before the batch finished; a rerun with the same output resumes it")
 
