@@ -289,3 +289,20 @@ def test_a_closed_pipe_stops_the_run_at_once(served, tmp_path, monkeypatch, caps
     assert run(model, write_input(tmp_path / "in.jsonl", requests), "-", "--max-running", "1") == 1
     assert len(answered) <= 4  # the window (2 x --max-running) and the one that found the pipe closed
     assert "Traceback" not in capsys.readouterr().err
+
+def test_an_output_that_is_no_file_is_not_read_for_resume(served, tmp_path):
+    """A named pipe (as /dev/stdout, /dev/full: not a file of results) is written, never read: reading it would
+    wait for a writer (or, /dev/full, read zeros until memory runs out)."""
+    import os
+    import threading
+
+    model, _ = served
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert run(model, write_input(tmp_path / "in.jsonl", MIXED[3:5]), fifo) == 0
+    reader.join(timeout=30)
+    assert sorted(json.loads(x)["custom_id"] for x in got[0].splitlines()) == ["cmpl-logprobs", "cmpl-stop"]
+

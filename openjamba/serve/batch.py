@@ -129,7 +129,7 @@ def finished_ids(path: Path, known: dict[str, str], input_name: str) -> set[str]
     off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
     than appending to another file."""
     done: set[str] = set()
-    if not path.exists():
+    if not path.is_file():  # none yet, or not a file to resume (/dev/stdout, a pipe, /dev/full: never read)
         return done
     end = 0  # where the last whole line ends
     with open(path, "r+b") as file:
