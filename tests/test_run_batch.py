@@ -306,3 +306,11 @@ def test_an_output_that_is_no_file_is_not_read_for_resume(served, tmp_path):
     reader.join(timeout=30)
     assert sorted(json.loads(x)["custom_id"] for x in got[0].splitlines()) == ["cmpl-logprobs", "cmpl-stop"]
 
+def test_an_output_it_cannot_write_stops_before_the_model_loads(tmp_path, capsys):
+    source = write_input(tmp_path / "in.jsonl", MIXED[:1])
+    for out in (tmp_path / "missing" / "out.jsonl", tmp_path):
+        assert run(tmp_path / "no-such-model", source, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"openjamba run-batch: error: cannot write {out}: "), err
+        assert len(err.splitlines()) == 1
+

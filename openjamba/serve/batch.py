@@ -124,6 +124,15 @@ def open_input(name: str) -> IO[bytes]:
 
 
 # ---------------------------------------------------------------------- the output file
+def open_output(name: str) -> IO[bytes]:
+    """The output, opened to append before the model loads; a path it cannot write (a missing directory, a
+    directory, no permission): exit 2."""
+    try:
+        return open(name, "ab")
+    except OSError as err:
+        refuse(f"cannot write {name}: {err.strerror or err}")
+
+
 def finished_ids(path: Path, known: dict[str, str], input_name: str) -> set[str]:
     """The custom_ids an existing output already holds. A last line without its newline (a crash mid-write) is cut
     off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
@@ -308,13 +317,13 @@ def run_batch(args: argparse.Namespace) -> None:
             print(f"{PROG}: resuming: {len(done)} of {len(known)} done", file=sys.stderr)
         if len(done) == len(known):
             if not to_stdout:
-                Path(args.output_file).touch()
+                open_output(args.output_file).close()  # an empty input still leaves its (empty) output
             print(f"{PROG}: nothing to run ({len(known)} requests, all in {args.output_file})", file=sys.stderr)
             return
-        args.resolve_later = False
-        resolve_model_flag(args)
-        out = sys.stdout.buffer if to_stdout else open(args.output_file, "ab")
+        out = sys.stdout.buffer if to_stdout else open_output(args.output_file)
         try:
+            args.resolve_later = False
+            resolve_model_flag(args)  # after the output opened: a Hub download is not wasted on a path it cannot write
             chat = any(url != "/v1/completions" for custom_id, url in known.items() if custom_id not in done)
             run_loaded(args, (r for r in requests_in(source) if r.custom_id not in done), out, len(known), len(done),
                        chat)
