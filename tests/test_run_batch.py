@@ -314,3 +314,15 @@ def test_an_output_it_cannot_write_stops_before_the_model_loads(tmp_path, capsys
         assert err.startswith(f"openjamba run-batch: error: cannot write {out}: "), err
         assert len(err.splitlines()) == 1
 
+
+
+def test_a_warning_every_request_causes_is_shown_once(served, tmp_path, caplog, capsys):
+    """The ignored-fields warning of a field every body sets: one line naming the first request, the repeats
+    counted in the summary, not a line per request."""
+    model, _ = served
+    requests = [line(f"r{i}", "/v1/completions", {"prompt": "hello", "max_tokens": 1, "metadata": {"i": i}})
+                for i in range(12)]
+    assert run(model, write_input(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl", "--max-running", "1") == 0
+    shown = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(shown) == 1 and "{'metadata'} (custom_id 'r" in shown[0], shown
+    assert "11 repeated warnings not shown" in capsys.readouterr().err

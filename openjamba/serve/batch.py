@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -27,6 +29,7 @@ URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/message
 WINDOW_PER_ROW = 2  # requests in flight per --max-running row: the next ones already wait in the engine's queue
 QUEUE_UNBOUNDED = 1 << 30  # the engine's --max-waiting: the window bounds the queue, so nothing is refused with a 429
 PROG = "openjamba run-batch"
+CUSTOM_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("custom_id", default=None)  # a task's request
 
 
 def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +241,7 @@ async def answer(app, request: BatchRequest) -> tuple[int, bytes, dict]:
     """(status, body bytes, body) of one request; `stream` is refused as vLLM's run-batch refuses it (a 400)."""
     from .protocol import error_body
 
+    CUSTOM_ID.set(request.custom_id)  # this task's own context: the app's warnings are logged inside it
     if request.body.get("stream") is True:
         status, raw = 400, json_bytes(error_body("stream is not supported in a batch", "invalid_request_error",
                                                  "stream"))
@@ -302,6 +306,28 @@ async def run_requests(app, engine, requests: Iterator[BatchRequest], out: IO[by
         raise RuntimeError("the engine stopped before the batch finished; a rerun with the same output resumes it")
 
 
+class FirstOfEachWarning(logging.Filter):
+    """The server's per-request warnings in a batch, each distinct one shown once with the custom_id of the request
+    that caused it: a field every body sets (the ignored-fields warning) would be a line per request, thousands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+        self.hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            self.hidden += 1
+            return False
+        self.seen.add(message)
+        if (custom_id := CUSTOM_ID.get()) is not None:
+            record.msg, record.args = f"{message} (custom_id {custom_id!r}; the same warning again is not shown)", ()
+        return True
+
+
 # ---------------------------------------------------------------------- the command
 def run_batch(args: argparse.Namespace) -> None:
     from ..argtypes import resolve_model_flag
@@ -336,8 +362,6 @@ def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: 
                done: int, needs_chat: bool) -> None:
     """Load the model as `serve` does, then run `requests` through the server's app (`needs_chat`: some of them go
     through the chat template)."""
-    import logging
-
     from tqdm import tqdm
 
     from ..info import human_bytes
@@ -361,12 +385,17 @@ def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: 
     start = time.perf_counter()
     bar = tqdm(total=total, initial=done, unit="req", desc="run-batch", dynamic_ncols=True, file=sys.stderr,
                disable=not sys.stderr.isatty())
+    warnings, server_log = FirstOfEachWarning(), logging.getLogger("openjamba.serve")
+    server_log.addFilter(warnings)
     try:
         asyncio.run(run_requests(app, engine, requests, out, window, tally, bar))
     finally:
+        server_log.removeFilter(warnings)
         bar.close()
         engine.stop()
         seconds = time.perf_counter() - start
+        if warnings.hidden:
+            print(f"{PROG}: {warnings.hidden:,} repeated warnings not shown", file=sys.stderr)
         print(f"{PROG}: {tally.ok} ok, {tally.failed} failed of {tally.ok + tally.failed} requests in {seconds:.1f} s; "
               f"{tally.prompt:,} prompt tokens ({tally.cached:,} cached), {tally.output:,} output tokens "
               f"({tally.output / max(seconds, 1e-9):.1f}/s)", file=sys.stderr, flush=True)
