@@ -326,3 +326,14 @@ def test_a_warning_every_request_causes_is_shown_once(served, tmp_path, caplog, 
     shown = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert len(shown) == 1 and "{'metadata'} (custom_id 'r" in shown[0], shown
     assert "11 repeated warnings not shown" in capsys.readouterr().err
+
+
+def test_requests_for_another_model_are_named_before_the_run(served, tmp_path, capsys):
+    model, _ = served
+    requests = [line(f"r{i}", "/v1/completions", {"prompt": "hello", "max_tokens": 1, "model": name})
+                for i, name in enumerate(["gpt-4o-mini", "gpt-4o-mini", "tiny", None])]
+    assert run(model, write_input(tmp_path / "in.jsonl", requests), tmp_path / "out.jsonl") == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 of 4 requests name a model other than 'tiny', which fail with model_not_found: " \
+           "'gpt-4o-mini' (2)" in err
+    assert err.index("warning: 2 of 4") < err.index("requests to run")  # said before the model loads

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,10 @@ def requests_in(file: IO[bytes]) -> Iterator[BatchRequest]:
             yield request
 
 
-def check_input(file: IO[bytes], name: str) -> dict[str, str]:
-    """Every custom_id with its url, the whole file checked before the model loads; a bad line: exit 2."""
-    seen: dict[str, tuple[int, str]] = {}
+def check_input(file: IO[bytes], name: str) -> dict[str, tuple[str, object]]:
+    """Every custom_id with its url and the model its body names, the whole file checked before the model loads; a
+    bad line: exit 2."""
+    seen: dict[str, tuple[int, str, object]] = {}
     for number, raw in enumerate(file, 1):
         try:
             request = parse_line(number, raw)
@@ -109,8 +111,8 @@ def check_input(file: IO[bytes], name: str) -> dict[str, str]:
             continue
         if (first := seen.get(request.custom_id)) is not None:
             refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first[0]}")
-        seen[request.custom_id] = number, request.url
-    return {custom_id: url for custom_id, (_, url) in seen.items()}
+        seen[request.custom_id] = number, request.url, request.body.get("model")
+    return {custom_id: (url, model) for custom_id, (_, url, model) in seen.items()}
 
 
 def open_input(name: str) -> IO[bytes]:
@@ -136,7 +138,7 @@ def open_output(name: str) -> IO[bytes]:
         refuse(f"cannot write {name}: {err.strerror or err}")
 
 
-def finished_ids(path: Path, known: dict[str, str], input_name: str) -> set[str]:
+def finished_ids(path: Path, known: dict[str, tuple[str, object]], input_name: str) -> set[str]:
     """The custom_ids an existing output already holds. A last line without its newline (a crash mid-write) is cut
     off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
     than appending to another file."""
@@ -329,8 +331,21 @@ class FirstOfEachWarning(logging.Filter):
 
 
 # ---------------------------------------------------------------------- the command
+def warn_other_models(requests: list[tuple[str, object]], served: str) -> None:
+    """Before the model loads: requests (url, model) whose body names a model other than the one served fail with
+    model_not_found, as at the server and in vLLM's run-batch; a batch written for OpenAI (every body naming
+    gpt-4o-mini, say) is told before it runs rather than finding only failures at the end."""
+    other = Counter(model for _, model in requests if model is not None and model != served)
+    if other:
+        names = ", ".join(f"{model!r} ({count:,})" for model, count in other.most_common(3))
+        print(f"{PROG}: warning: {sum(other.values()):,} of {len(requests):,} requests name a model other than "
+              f"{served!r}, which fail with model_not_found: {names}{', ...' if len(other) > 3 else ''} "
+              "(--served-model-name gives the model the name they use)", file=sys.stderr, flush=True)
+
+
 def run_batch(args: argparse.Namespace) -> None:
     from ..argtypes import resolve_model_flag
+    from .server import served_model_name
 
     input_name = "stdin" if args.input_file == "-" else args.input_file
     to_stdout = args.output_file == "-"
@@ -350,7 +365,9 @@ def run_batch(args: argparse.Namespace) -> None:
         try:
             args.resolve_later = False
             resolve_model_flag(args)  # after the output opened: a Hub download is not wasted on a path it cannot write
-            chat = any(url != "/v1/completions" for custom_id, url in known.items() if custom_id not in done)
+            left = [url_model for custom_id, url_model in known.items() if custom_id not in done]
+            warn_other_models(left, served_model_name(args))
+            chat = any(url != "/v1/completions" for url, _ in left)
             run_loaded(args, (r for r in requests_in(source) if r.custom_id not in done), out, len(known), len(done),
                        chat)
         finally:
