@@ -337,3 +337,11 @@ def test_requests_for_another_model_are_named_before_the_run(served, tmp_path, c
     assert "warning: 2 of 4 requests name a model other than 'tiny', which fail with model_not_found: " \
            "'gpt-4o-mini' (2)" in err
     assert err.index("warning: 2 of 4") < err.index("requests to run")  # said before the model loads
+
+
+def test_the_checked_input_shares_one_url_and_model_pair_among_its_lines():
+    """check_input holds a value per line of a file of any size: the pairs are shared, not one per line."""
+    requests = [line(f"r{i}", "/v1/completions", {"model": "tiny"}) for i in range(100)]
+    known = batch.check_input(io.BytesIO("".join(json.dumps(x) + "\n" for x in requests).encode()), "in")
+    assert len(known) == 100 and len({id(pair) for pair in known.values()}) == 1
+    assert known["r7"] == ("/v1/completions", "tiny")

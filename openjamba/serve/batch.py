@@ -98,10 +98,12 @@ def requests_in(file: IO[bytes]) -> Iterator[BatchRequest]:
             yield request
 
 
-def check_input(file: IO[bytes], name: str) -> dict[str, tuple[str, object]]:
+def check_input(file: IO[bytes], name: str) -> dict[str, tuple[str, str | None]]:
     """Every custom_id with its url and the model its body names, the whole file checked before the model loads; a
-    bad line: exit 2."""
-    seen: dict[str, tuple[int, str, object]] = {}
+    bad line: exit 2. Held for every line of a file of any size, so each custom_id shares one (url, model) pair with
+    the others of its kind."""
+    seen: dict[str, tuple[str, str | None]] = {}
+    pairs: dict[tuple[str, str | None], tuple[str, str | None]] = {}
     for number, raw in enumerate(file, 1):
         try:
             request = parse_line(number, raw)
@@ -109,10 +111,13 @@ def check_input(file: IO[bytes], name: str) -> dict[str, tuple[str, object]]:
             refuse(f"{name} line {number}: {err}")
         if request is None:
             continue
-        if (first := seen.get(request.custom_id)) is not None:
-            refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first[0]}")
-        seen[request.custom_id] = number, request.url, request.body.get("model")
-    return {custom_id: (url, model) for custom_id, (_, url, model) in seen.items()}
+        if request.custom_id in seen:
+            first = next(r.line for r in requests_in(file) if r.custom_id == request.custom_id)
+            refuse(f"{name} line {number}: custom_id {request.custom_id!r} repeats line {first}")
+        model = request.body.get("model")
+        pair = request.url, model if isinstance(model, str) else None
+        seen[request.custom_id] = pairs.setdefault(pair, pair)
+    return seen
 
 
 def open_input(name: str) -> IO[bytes]:
@@ -138,7 +143,7 @@ def open_output(name: str) -> IO[bytes]:
         refuse(f"cannot write {name}: {err.strerror or err}")
 
 
-def finished_ids(path: Path, known: dict[str, tuple[str, object]], input_name: str) -> set[str]:
+def finished_ids(path: Path, known: dict[str, tuple[str, str | None]], input_name: str) -> set[str]:
     """The custom_ids an existing output already holds. A last line without its newline (a crash mid-write) is cut
     off, so its request runs again; any other line that is not a result of this input stops the run (exit 2) rather
     than appending to another file."""
@@ -331,7 +336,7 @@ class FirstOfEachWarning(logging.Filter):
 
 
 # ---------------------------------------------------------------------- the command
-def warn_other_models(requests: list[tuple[str, object]], served: str) -> None:
+def warn_other_models(requests: list[tuple[str, str | None]], served: str) -> None:
     """Before the model loads: requests (url, model) whose body names a model other than the one served fail with
     model_not_found, as at the server and in vLLM's run-batch; a batch written for OpenAI (every body naming
     gpt-4o-mini, say) is told before it runs rather than finding only failures at the end."""
