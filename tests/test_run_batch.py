@@ -345,3 +345,35 @@ def test_the_checked_input_shares_one_url_and_model_pair_among_its_lines():
     known = batch.check_input(io.BytesIO("".join(json.dumps(x) + "\n" for x in requests).encode()), "in")
     assert len(known) == 100 and len({id(pair) for pair in known.values()}) == 1
     assert known["r7"] == ("/v1/completions", "tiny")
+
+
+def test_ctrl_c_again_while_stopping_still_stops_the_engine(served, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the run stops (here: as the engine is told to stop) does not cut that stop short, which
+    left the engine's thread computing as Python exited (a C++ abort, exit 134); the summary is still written."""
+    import os
+    import signal
+
+    from openjamba.serve.engine import Engine
+
+    model, _ = served
+    engines = []
+    stop, add = Engine.stop, batch.Tally.add
+
+    def interrupted(self, status, body):
+        add(self, status, body)
+        raise KeyboardInterrupt
+
+    def stop_interrupted(self):
+        engines.append(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        stop(self)
+
+    monkeypatch.setattr(batch.Tally, "add", interrupted)
+    monkeypatch.setattr(Engine, "stop", stop_interrupted)
+    try:
+        assert run(model, write_input(tmp_path / "in.jsonl", MIXED), tmp_path / "out.jsonl") == 130
+        assert engines and not engines[0].is_running() and engines[0]._thread is None
+        assert "ok, 0 failed of" in capsys.readouterr().err
+    finally:
+        for engine in engines:
+            stop(engine)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -335,6 +339,31 @@ class FirstOfEachWarning(logging.Filter):
         return True
 
 
+@contextlib.contextmanager
+def cleanup_not_interrupted():
+    """Ctrl-C pressed again while the run stops does not cut the engine's stop short (its thread went on computing
+    as Python exited: 'terminate called without an active exception', exit 134) nor the summary; once more quits
+    at once, every finished result being already flushed to the output."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    presses = 0
+
+    def on_interrupt(signum, frame) -> None:
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            os._exit(130)
+        print(f"{PROG}: stopping after the engine's step in progress (Ctrl-C again quits at once)", file=sys.stderr,
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------- the command
 def warn_other_models(requests: list[tuple[str, str | None]], served: str) -> None:
     """Before the model loads: requests (url, model) whose body names a model other than the one served fail with
@@ -412,12 +441,13 @@ def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: 
     try:
         asyncio.run(run_requests(app, engine, requests, out, window, tally, bar))
     finally:
-        server_log.removeFilter(warnings)
-        bar.close()
-        engine.stop()
-        seconds = time.perf_counter() - start
-        if warnings.hidden:
-            print(f"{PROG}: {warnings.hidden:,} repeated warnings not shown", file=sys.stderr)
-        print(f"{PROG}: {tally.ok} ok, {tally.failed} failed of {tally.ok + tally.failed} requests in {seconds:.1f} s; "
-              f"{tally.prompt:,} prompt tokens ({tally.cached:,} cached), {tally.output:,} output tokens "
-              f"({tally.output / max(seconds, 1e-9):.1f}/s)", file=sys.stderr, flush=True)
+        with cleanup_not_interrupted():
+            server_log.removeFilter(warnings)
+            bar.close()
+            engine.stop()
+            seconds = time.perf_counter() - start
+            if warnings.hidden:
+                print(f"{PROG}: {warnings.hidden:,} repeated warnings not shown", file=sys.stderr)
+            print(f"{PROG}: {tally.ok} ok, {tally.failed} failed of {tally.ok + tally.failed} requests in "
+                  f"{seconds:.1f} s; {tally.prompt:,} prompt tokens ({tally.cached:,} cached), {tally.output:,} "
+                  f"output tokens ({tally.output / max(seconds, 1e-9):.1f}/s)", file=sys.stderr, flush=True)
