@@ -550,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     cht.set_defaults(func=run_chat)
 
     rbt = verbs.add_parser("run-batch", help="a file of requests in OpenAI's Batch format through the server's "
-                           "handlers, offline (vLLM's run-batch; resumable)")
+                           "handlers, offline (vLLM's run-batch; resumable)", description="Run INPUT.jsonl (one "
+                           "{custom_id, method, url, body} a line) through the handlers `openjamba serve` runs, in "
+                           "process, batched; each result is appended to OUTPUT.jsonl as it finishes, and a rerun "
+                           "with the same output runs only what it lacks.")
     add_run_batch_arguments(rbt)
 
     bsv = verbs.add_parser("bench-serve", help="the serving engine: throughput and latency against concurrent "
