@@ -272,3 +272,20 @@ def test_lm_eval_payload_scores_as_the_in_process_adapter(model, tokenizer, serv
     assert r.status_code == 200, r.text
     got = LocalCompletionsAPI.parse_logprobs(r.json(), tokens=inputs, ctxlens=[len(c) for c in contexts])
     assert_same_scores(got, in_process(model, tokenizer, requests))
+
+
+def test_skipped_special_tokens_take_no_room_in_the_offsets(bos_served):
+    """An output special token (a BOS forced by logit_bias) that skip_special_tokens leaves out of the text is
+    listed among the logprobs' tokens at the offset where the text stands, not past its end; kept in the text
+    (skip_special_tokens false), it takes its room."""
+    bos_client, tokenizer = bos_served
+    bos = tokenizer.encode("x")[0]
+    assert bos in tokenizer.all_special_ids
+    args = dict(model="tiny-jamba", prompt="hello world", max_tokens=3, temperature=0, logprobs=1,
+                logit_bias={str(bos): 100})
+    skipped = bos_client.completions.create(extra_body={"ignore_eos": True}, **args).choices[0]
+    assert skipped.text == "" and skipped.logprobs.tokens == ["<bos>"] * 3
+    assert skipped.logprobs.text_offset == [0, 0, 0]
+    kept = bos_client.completions.create(extra_body={"ignore_eos": True, "skip_special_tokens": False},
+                                         **args).choices[0]
+    assert kept.text == "<bos>" * 3 and kept.logprobs.text_offset == [0, 5, 10]

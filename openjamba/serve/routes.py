@@ -206,8 +206,11 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         echoes = [x if text else tokenizer.decode(ids, skip_special_tokens=False)
                   for x, ids, text in zip(given, prompts, sent_text)] if req.echo else [""] * len(prompts)
 
+        untold = frozenset(tokenizer.all_special_ids) if req.skip_special_tokens else frozenset()
+
         def logprobs_of(choice: Choice, start: int, offset: int) -> dict | None:
-            return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset)
+            return None if req.logprobs is None else completion_logprobs(choice.logprobs[start:], token_text, offset,
+                                                                         untold=untold)
 
         def echo_logprobs(choice: Choice) -> dict:
             """The echoed prompt's logprobs: its first token has none (nothing before it), offsets from 0 in the
@@ -402,15 +405,17 @@ def _prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int
     return list(prompt)
 
 
-def completion_logprobs(entries, token_text, offset: int, first_text: str | None = None) -> dict:
+def completion_logprobs(entries, token_text, offset: int, first_text: str | None = None,
+                        untold: frozenset[int] = frozenset()) -> dict:
     """OpenAI's legacy completions logprobs: parallel lists of tokens, their logprobs, top alternatives (None where
     an entry has none: an echoed prompt's first token), offsets. `first_text`: the first token's text as a text's
-    start (an echoed prompt's first token, as the echo decodes it)."""
+    start (an echoed prompt's first token, as the echo decodes it). `untold`: tokens the text leaves out (special
+    tokens under skip_special_tokens), listed but taking no room, so the offsets stay inside the text."""
     tokens, offsets = [], []
     for token_id, _, _ in entries:
         tokens.append(token_text(token_id) if tokens or first_text is None else first_text)
         offsets.append(offset)
-        offset += len(tokens[-1])
+        offset += 0 if token_id in untold else len(tokens[-1])
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in entries],
