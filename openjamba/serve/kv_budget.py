@@ -35,16 +35,17 @@ from .requests import Request
 AUTO_FRACTION = 0.8
 
 
-def default_kv_cache_bytes(device: str | torch.device, store_bytes: int) -> int | None:
-    """`--kv-cache-memory auto`: on a CUDA device, `AUTO_FRACTION` of its memory free once the weights are loaded,
-    less the state store's bound (its states live on the device too); None (unbounded) elsewhere, or if nothing
-    would be left. On a CPU the memory is the host's, shared with everything else the machine runs, so the bound
-    is the operator's to set."""
+def default_kv_cache_bytes(device: str | torch.device, store_bytes: int,
+                           fraction: float = AUTO_FRACTION) -> int | None:
+    """`--kv-cache-memory auto`: on a CUDA device, `fraction` (`--gpu-memory-utilization`, default `AUTO_FRACTION`)
+    of its memory free once the weights are loaded, less the state store's bound (its states live on the device
+    too); None (unbounded) elsewhere, or if nothing would be left. On a CPU the memory is the host's, shared with
+    everything else the machine runs, so the bound is the operator's to set."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    budget = int(free * AUTO_FRACTION) - store_bytes
+    budget = int(free * fraction) - store_bytes
     if budget <= 0:
         logging.getLogger("openjamba.serve").warning(
             "--kv-cache-memory auto: %.2f GiB free after loading, less --state-store, leaves nothing for the K/V; "

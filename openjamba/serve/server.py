@@ -26,8 +26,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
                         help="quantize the weights as they load (weight-only int8 per channel, int4 in groups)")
     parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's default)")
-    parser.add_argument("--prefill-chunk", type=at_least(1), default=512,
-                        help="prompt tokens per prefill step, interleaved with decode steps (default 512)")
+    parser.add_argument("--prefill-chunk", type=at_least(1), default=None,
+                        help="prompt tokens per prefill step, interleaved with decode steps (default 512, or "
+                        "--max-num-batched-tokens where serve has it)")
     parser.add_argument("--no-reuse", action="store_true",
                         help="do not keep conversation state between requests (every prompt is read in full)")
     parser.add_argument("--state-store", type=non_negative_float, default=1024, metavar="MB",
@@ -71,6 +72,8 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .vllm_flags import add_vllm_arguments
+
     add_engine_arguments(parser)
     add_batching_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -99,6 +102,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "0: never)")
     parser.add_argument("--disable-log-stats", dest="log_stats_interval", action="store_const", const=0.0,
                         help="--log-stats-interval 0, by vLLM's name")
+    add_vllm_arguments(parser)
 
 
 def port_number(text: str) -> int:
@@ -138,6 +142,7 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     from ..tokenizer import load_tokenizer
     from .engine import Engine
     from .protocol import check_template_variables
+    from .vllm_flags import check_chat_format
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread computes nothing heavy: the engine's thread holds the one OpenMP pool
@@ -158,6 +163,7 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
         check_template_variables(args.default_chat_template_kwargs)
     except ValueError as err:
         raise SystemExit(f"--default-chat-template-kwargs: {err}") from None
+    args.chat_format_note = check_chat_format(args, tokenizer)  # vLLM's parser flags, before the weights load
     if require_chat and not tokenizer.chat_template:
         raise SystemExit(f"{getattr(args, 'model_id', args.model)} has no chat template (chat_template in "
                          "tokenizer_config.json or chat_template.jinja): give one with --chat-template, or use "
@@ -172,12 +178,14 @@ def load(args: argparse.Namespace, require_chat: bool = False, **engine_kwargs):
     max_context = args.max_context or model.config.max_position_embeddings
     eos = list(getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_ids)
     if engine_kwargs.get("kv_cache_bytes") == "auto":
-        from .kv_budget import default_kv_cache_bytes
+        from .kv_budget import AUTO_FRACTION, default_kv_cache_bytes
 
-        engine_kwargs["kv_cache_bytes"] = default_kv_cache_bytes(device, int(args.state_store * 2**20))
-    engine = Engine(model, prefill_chunk=args.prefill_chunk, reuse=not args.no_reuse,
-                    store_bytes=int(args.state_store * 2**20), max_context=max_context, eos_token_ids=eos,
-                    threads=threads, **engine_kwargs)
+        fraction = getattr(args, "gpu_memory_utilization", None) or AUTO_FRACTION
+        engine_kwargs["kv_cache_bytes"] = default_kv_cache_bytes(device, int(args.state_store * 2**20), fraction)
+    step_tokens = getattr(args, "max_num_batched_tokens", None)  # vLLM's per-step token budget
+    engine = Engine(model, prefill_chunk=args.prefill_chunk or step_tokens or 512, step_token_budget=step_tokens,
+                    reuse=not args.no_reuse, store_bytes=int(args.state_store * 2**20), max_context=max_context,
+                    eos_token_ids=eos, threads=threads, **engine_kwargs)
     if args.state_dir is not None and not args.no_reuse:
         from .state_disk import DiskTier, tokenizer_identity
 
@@ -296,7 +304,11 @@ def server_app(args: argparse.Namespace, model, tokenizer, engine, **config):
 
 def serve(args: argparse.Namespace) -> None:
     from .metrics import StatsLogger
+    from .sampling import seed_unseeded_requests
+    from .vllm_flags import check_before_loading, log_notes
 
+    check_before_loading(args)
+    seed_unseeded_requests(args.seed)
     listener = bind_listener(args.host, args.port)
     args.port = listener.getsockname()[1]  # the one the system picked for --port 0
     try:
@@ -311,6 +323,7 @@ def serve(args: argparse.Namespace) -> None:
     name, max_context, defaults = config.model_name, config.max_context, config.sampling_defaults
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     check_kv_bound(engine.kv_budget, max_context)
+    log_notes(args, engine)
     if defaults:
         logging.info("sampling defaults from generation_config.json (a request's own values win): %s",
                      ", ".join(f"{k}={v}" for k, v in defaults.items()))
