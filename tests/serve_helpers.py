@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import torch
 from tokenizers import AddedToken
 
@@ -120,3 +124,22 @@ def wait_for(condition, timeout: float = 20.0, every: float = 0.05) -> bool:
             return True
         time.sleep(every)
     return condition()
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def serve_process(checkpoint: Path, *argv: str) -> tuple[subprocess.Popen, int]:
+    """`openjamba serve` as a user runs it: a subprocess on 127.0.0.1 and a free port, one thread, stdout and stderr
+    together as text; (process, port) once /health answers or the process has ended. The caller stops it."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
+                             str(port), "--threads", "1", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: healthy(port) or proc.poll() is not None, timeout=60)
+    return proc, port

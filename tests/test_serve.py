@@ -4,14 +4,10 @@ and chat template built here). Greedy outputs are checked against `generate`, th
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -27,7 +23,7 @@ from openjamba.serve.engine import Engine, FinishEvent, TokenEvent
 from openjamba.serve.templating import ChatFormat
 from openjamba.tokenizer import load_tokenizer
 
-from .serve_helpers import build_checkpoint, free_port, running_server, wait_for
+from .serve_helpers import build_checkpoint, running_server, serve_process, wait_for
 from .test_sampling import adjusted_by_formula
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}]
@@ -639,19 +635,9 @@ def test_tool_calls_stream_as_they_are_written(tokenizer, text):
 # ---------------------------------------------------------------------- the command and the benchmark
 def test_serve_command(checkpoint):
     """`openjamba serve` as a user runs it: a subprocess on a free port, stopped by the test."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
-                             str(port), "--api-key", "k", "--threads", "1", "--max-running", "4",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc, port = serve_process(checkpoint, "--api-key", "k", "--max-running", "4", "--log-level", "warning")
     try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        assert wait_for(up, timeout=60) and proc.poll() is None
+        assert proc.poll() is None
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["tiny-jamba"]
         assert c.chat.completions.create(model="tiny-jamba", messages=MESSAGES, max_tokens=3).choices
@@ -666,13 +652,9 @@ def test_serve_command(checkpoint):
 def test_serve_command_ends_streams_in_order_when_stopped(checkpoint):
     """SIGTERM while a stream runs: with --shutdown-timeout 0 the engine aborts it at once, and the client gets its
     last chunk (finish_reason "abort") and [DONE] before the server exits cleanly, instead of a dropped connection."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
-                             str(port), "--threads", "1", "--log-level", "warning", "--shutdown-timeout", "0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = serve_process(checkpoint, "--log-level", "warning", "--shutdown-timeout", "0")
     try:
-        assert wait_for(lambda: _healthy(port) or proc.poll() is not None, timeout=60) and proc.poll() is None
+        assert proc.poll() is None
         counted = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "a"}, timeout=10).json()
         body = {"model": "tiny-jamba", "prompt": "a", "max_tokens": counted["max_model_len"] - counted["count"],
                 "ignore_eos": True, "stream": True}  # longer than the test: it ends by the abort
@@ -688,13 +670,6 @@ def test_serve_command_ends_streams_in_order_when_stopped(checkpoint):
     assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
     assert proc.returncode == 0 and "Traceback" not in out, out
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_bench_serve_smoke(model):

@@ -3,11 +3,7 @@ doing what it says or refused with one line (exit 2) before the model loads."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +11,7 @@ import torch
 
 from openjamba.cli import build_parser
 
-from .serve_helpers import build_checkpoint, free_port, wait_for
+from .serve_helpers import build_checkpoint, serve_process
 
 REASONING_3B = ["--mamba-ssm-cache-dtype", "float32", "--reasoning-parser", "deepseek_r1", "--enable-auto-tool-choice",
                 "--tool-call-parser", "hermes", "--max-model-len", "1024", "--gpu-memory-utilization", "0.9",
@@ -118,23 +114,10 @@ def test_seed_makes_unseeded_requests_repeat_on_a_fresh_server():
         seed_unseeded_requests(None)
 
 
-def _serve(checkpoint: Path, port: int, *argv: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "openjamba", "serve", "--model", str(checkpoint), "--port",
-                             str(port), "--threads", "1", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_the_reasoning_3b_command_line_serves(checkpoint):
-    port = free_port()
-    proc = _serve(checkpoint, port, *REASONING_3B)
+    proc, port = serve_process(checkpoint, *REASONING_3B)
     try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        assert wait_for(up, timeout=60) and proc.poll() is None
+        assert proc.poll() is None
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
             "model": "tiny-jamba", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3})
         assert reply.status_code == 200 and reply.json()["choices"], reply.text
@@ -147,7 +130,7 @@ def test_the_reasoning_3b_command_line_serves(checkpoint):
 
 
 def test_a_mismatched_parser_is_refused_before_the_model_loads(checkpoint):
-    proc = _serve(checkpoint, free_port(), "--tool-call-parser", "jamba")
+    proc, _ = serve_process(checkpoint, "--tool-call-parser", "jamba")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and out.count("\n") == 1, out
     assert "--tool-call-parser jamba: the chat template of this checkpoint writes the hermes format" in out
