@@ -14,7 +14,7 @@ import logging
 from ..argtypes import at_least, probability, usage_error
 
 # vLLM's parser names for the formats openjamba reads from a checkpoint's chat template (chat_format.output_format).
-TOOL_PARSERS = {"hermes": "hermes", "jamba": "jamba"}
+TOOL_PARSERS = ("hermes", "jamba")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # output reasoning in <think></think>, as Jamba Reasoning 3B and Jamba2
 
 
@@ -109,7 +109,7 @@ def check_chat_format(args: argparse.Namespace, tokenizer) -> str | None:
         return None
     fmt = output_format(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     tools = fmt.tool_calls if fmt else None
-    if tool and TOOL_PARSERS[tool] != tools:
+    if tool and tool != tools:
         found = f"the {tools} format" if tools else "no tool-call format"
         raise usage_error("openjamba serve", f"--tool-call-parser {tool}: the chat template of this checkpoint "
                           f"writes {found}")
