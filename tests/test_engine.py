@@ -192,6 +192,21 @@ def test_seeded_sampling_is_reproducible_whatever_else_runs(model):
     assert reseeded != alone  # the seed matters (10 tokens from 97: a collision is vanishingly unlikely)
 
 
+def test_an_engine_seed_makes_unseeded_sampling_repeat_on_a_fresh_engine(model):
+    """Engine(seed=S) (serve --seed): requests without a seed sample the same tokens on a fresh engine given them in
+    the same order; without it, at random."""
+    prompts = prompts_of([6, 9], model.config.vocab_size, seed=4)
+    unseeded = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
+
+    def sampled(seed):
+        with Engine(model, seed=seed) as engine:
+            return [run(engine, [prompt], unseeded)[0][0] for prompt in prompts]
+
+    first = sampled(3)
+    assert sampled(3) == first
+    assert sampled(None) != first and sampled(4) != first  # 20 tokens from 97: a collision is vanishingly unlikely
+
+
 def test_eos_and_stop_tokens_finish_with_reason_stop(model):
     prompt = prompts_of([7], model.config.vocab_size, seed=3)[0]
     free = solo_generate(model, prompt, 12, chunk=512)

@@ -98,20 +98,36 @@ def test_parser_names_are_checked_against_the_chat_template(checkpoint, tmp_path
 
 
 def test_seed_makes_unseeded_requests_repeat_on_a_fresh_server():
-    from openjamba.serve.sampling import RowSampling, SamplingParams, seed_unseeded_requests
+    import random
 
-    def first_draws() -> list[float]:
-        return [RowSampling.start(SamplingParams(temperature=1.0), [1], 10).generator.initial_seed()
+    from openjamba.serve.sampling import RowSampling, SamplingParams
+
+    def first_draws(seeds) -> list[float]:
+        return [RowSampling.start(SamplingParams(temperature=1.0), [1], 10, seeds=seeds).generator.initial_seed()
                 for _ in range(3)]
 
-    try:
-        seed_unseeded_requests(0)
-        once = first_draws()
-        seed_unseeded_requests(0)
-        assert first_draws() == once and len(set(once)) == 3  # the same stream, a different seed per request
-        assert RowSampling.start(SamplingParams(temperature=1.0, seed=7), [1], 10).generator.initial_seed() == 7
-    finally:
-        seed_unseeded_requests(None)
+    once = first_draws(random.Random(0))
+    assert first_draws(random.Random(0)) == once and len(set(once)) == 3  # one stream, a seed per request
+    assert first_draws(None) != once  # without --seed: at random
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    assert RowSampling.start(seeded, [1], 10, seeds=random.Random(0)).generator.initial_seed() == 7
+
+
+def test_serve_seed_reaches_the_engine(monkeypatch):
+    """`serve --seed S` loads the engine with its seed stream (Engine(seed=S)); without it, none."""
+    from openjamba.serve import server
+
+    seen = []
+
+    def load(args, **engine_kwargs):
+        seen.append(engine_kwargs["seed"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(server, "load", load)
+    for argv, want in ((["--seed", "5"], 5), ([], None)):
+        with pytest.raises(SystemExit):
+            server.serve(parse("--port", "0", *argv))
+        assert seen[-1] == want
 
 
 def test_the_reasoning_3b_command_line_serves(checkpoint):

@@ -45,6 +45,7 @@ which changes where the prompt is split into chunks.
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 import traceback
@@ -84,13 +85,16 @@ class Engine(KVBudgeting):
         kv_dtype: torch.dtype | None = None,
         kv_cache_bytes: int | None = None,
         threads: int | None = None,
+        seed: int | None = None,
     ) -> None:
         """`step_token_budget` (default prefill_chunk): tokens one iteration may process, its decode rows included
         (prefill gets the rest, at most `prefill_chunk`, at least 1: `prefill_tokens`). `store_bytes`: the state
         store's bound. `max_context`: the limit of prompt + max_tokens (default the config's max_position_embeddings).
         `eos_token_ids`: default the config's. `kv_dtype`: as `make_cache`'s. `kv_cache_bytes`: the bound on the
         attention K/V of the requests in flight (serve/kv_budget.py; default None, unbounded). `threads`: the loop
-        thread's intra-op threads (default: `torch.get_num_threads()` of the thread creating the engine)."""
+        thread's intra-op threads (default: `torch.get_num_threads()` of the thread creating the engine). `seed`
+        (vLLM's `--seed`): requests without a seed take theirs from a stream it seeds, in the order they are
+        admitted, so a fresh engine given the same requests in the same order samples the same tokens."""
         threads = threads if threads is not None else torch.get_num_threads()
         for name, value in (("max_running", max_running), ("prefill_chunk", prefill_chunk), ("threads", threads)):
             if value < 1:
@@ -105,6 +109,7 @@ class Engine(KVBudgeting):
         self.step_token_budget = step_token_budget if step_token_budget is not None else prefill_chunk
         self.threads = threads
         self.reuse = reuse
+        self._seeds = random.Random(seed) if seed is not None else None
         self.store = StateStore(store_bytes)
         self.max_context = max_context if max_context is not None else self.config.max_position_embeddings
         self.eos_token_ids = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -435,7 +440,8 @@ class Engine(KVBudgeting):
         `_cache_of`, or with others in one pass, `_prefill_together`)."""
         p = request.params
         request.stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_token_ids))
-        request.sampling = RowSampling.start(p, request.prompt, self.config.vocab_size, sorted(request.stops))
+        request.sampling = RowSampling.start(p, request.prompt, self.config.vocab_size, sorted(request.stops),
+                                            self._seeds)
         self._counters["prompt_tokens_total"] += len(request.prompt)
         request.admitted = time.monotonic()
         request.scored = [] if request.params.prompt_logprobs is not None else None  # every position is read

@@ -194,31 +194,19 @@ class RowSampling:
     constraint: Any = None  # e.g. json_mode.JsonConstraint
 
     @classmethod
-    def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int,
-              stop_ids: list[int] = ()) -> RowSampling:
-        """A request's sampler: a sampling request's generator on the host, seeded from `seed` or at random;
-        `stop_ids`: the tokens that would end the request (held back until `min_tokens`)."""
+    def start(cls, params: SamplingParams, prompt: list[int], vocab_size: int, stop_ids: list[int] = (),
+              seeds: random.Random | None = None) -> RowSampling:
+        """A request's sampler: a sampling request's generator on the host, seeded from `seed`, else from `seeds`
+        (the engine's stream, vLLM's `--seed`), else at random; `stop_ids`: the tokens that would end the request
+        (held back until `min_tokens`)."""
         generator = None
         if params.temperature > 0:
             generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else _unseeded_seed())
+            unseeded = seeds.getrandbits(63) if seeds is not None else secrets.randbits(63)
+            generator.manual_seed(params.seed if params.seed is not None else unseeded)
         return cls(params.temperature, params.top_k, params.top_p, generator, params.logprobs, params.min_p,
                    Penalties.of(params, prompt, vocab_size, list(stop_ids)),
                    params.constraint(list(stop_ids)) if params.constraint else None)
-
-
-_SEEDS: list[random.Random] = []  # `serve --seed`: the stream requests without a seed take theirs from
-
-
-def seed_unseeded_requests(seed: int | None) -> None:
-    """vLLM's `--seed`: requests without a seed take theirs from a stream seeded by `seed` (in the order the engine
-    admits them, on its one thread), so a fresh server given the same requests in the same order samples the same
-    tokens; None: each at random."""
-    _SEEDS[:] = [random.Random(seed)] if seed is not None else []
-
-
-def _unseeded_seed() -> int:
-    return _SEEDS[0].getrandbits(63) if _SEEDS else secrets.randbits(63)
 
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, the top alternatives

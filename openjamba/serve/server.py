@@ -304,16 +304,14 @@ def server_app(args: argparse.Namespace, model, tokenizer, engine, **config):
 
 def serve(args: argparse.Namespace) -> None:
     from .metrics import StatsLogger
-    from .sampling import seed_unseeded_requests
     from .vllm_flags import check_before_loading, log_notes
 
     check_before_loading(args)
-    seed_unseeded_requests(args.seed)
     listener = bind_listener(args.host, args.port)
     args.port = listener.getsockname()[1]  # the one the system picked for --port 0
     try:
         model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=args.max_waiting,
-                                        kv_cache_bytes=args.kv_cache_memory)
+                                        kv_cache_bytes=args.kv_cache_memory, seed=args.seed)
     except BaseException:
         listener.close()
         raise
