@@ -377,3 +377,22 @@ def test_ctrl_c_again_while_stopping_still_stops_the_engine(served, tmp_path, mo
     finally:
         for engine in engines:
             stop(engine)
+
+
+def test_vllm_engine_flags_work_as_on_serve(served, tmp_path, capsys):
+    """vLLM's run-batch takes its serve flags: an agreeing --tool-call-parser runs, a disagreeing one is refused
+    (exit 2, naming run-batch) before the model loads, and --seed makes unseeded sampling repeat."""
+    model, _ = served
+    sampled = [line(f"s{i}", "/v1/completions", {"prompt": "hello", "max_tokens": 6, "temperature": 1.0})
+               for i in range(2)]
+    source = write_input(tmp_path / "in.jsonl", sampled)
+    texts = []
+    for name in ("a", "b"):
+        assert run(model, source, tmp_path / f"{name}.out", "--seed", "3", "--tool-call-parser", "hermes",
+                   "--max-running", "1") == 0
+        by_id = results(tmp_path / f"{name}.out")
+        texts.append({custom_id: x["response"]["body"]["choices"][0]["text"] for custom_id, x in by_id.items()})
+    assert texts[0] == texts[1]
+    capsys.readouterr()
+    assert run(model, source, tmp_path / "c.out", "--tool-call-parser", "jamba") == 2
+    assert "openjamba run-batch: error: --tool-call-parser jamba" in capsys.readouterr().err

@@ -39,6 +39,7 @@ CUSTOM_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("custom_i
 
 def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
     from .server import add_batching_arguments, add_engine_arguments
+    from .vllm_flags import add_vllm_arguments
 
     parser.add_argument("-i", "--input-file", required=True, metavar="INPUT.jsonl",
                         help="requests in OpenAI's Batch format, one JSON object a line: custom_id, method (POST), url "
@@ -48,6 +49,7 @@ def add_run_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         "holds are skipped and the rest appended (resume); - writes stdout (no resume)")
     add_engine_arguments(parser)
     add_batching_arguments(parser)
+    add_vllm_arguments(parser)  # vLLM's run-batch takes the engine flags its serve takes
     parser.set_defaults(func=run_batch, resolve_later=True)  # the input is checked before a Hub download
 
 
@@ -380,7 +382,9 @@ def warn_other_models(requests: list[tuple[str, str | None]], served: str) -> No
 def run_batch(args: argparse.Namespace) -> None:
     from ..argtypes import resolve_model_flag
     from .server import served_model_name
+    from .vllm_flags import check_before_loading
 
+    check_before_loading(args)
     input_name = "stdin" if args.input_file == "-" else args.input_file
     to_stdout = args.output_file == "-"
     if not to_stdout and args.input_file != "-" and Path(args.output_file).resolve() == Path(args.input_file).resolve():
@@ -420,7 +424,7 @@ def run_loaded(args: argparse.Namespace, requests: Iterator[BatchRequest], out: 
 
     logging.basicConfig(level="WARNING", format=f"{PROG}: %(levelname)s: %(message)s")
     model, tokenizer, engine = load(args, max_running=args.max_running, max_waiting=QUEUE_UNBOUNDED,
-                                    kv_cache_bytes=args.kv_cache_memory)
+                                    kv_cache_bytes=args.kv_cache_memory, seed=args.seed)
     app, config, chat = server_app(args, model, tokenizer, engine, web_ui=False)
     check_kv_bound(engine.kv_budget, config.max_context)
     if chat is None and needs_chat:

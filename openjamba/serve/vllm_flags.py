@@ -91,10 +91,14 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="refused: --quantize int8 quantizes the weights as they load, experts included")
 
 
+def _prog(args: argparse.Namespace) -> str:
+    return f"openjamba {getattr(args, 'verb', None) or 'serve'}"
+
+
 def check_before_loading(args: argparse.Namespace) -> None:
     """Combinations refused before anything loads (exit 2)."""
     if getattr(args, "gpu_memory_utilization", None) is not None and args.kv_cache_memory != "auto":
-        raise usage_error("openjamba serve", "--gpu-memory-utilization is the share --kv-cache-memory auto takes; "
+        raise usage_error(_prog(args), "--gpu-memory-utilization is the share --kv-cache-memory auto takes; "
                           "it has no effect with --kv-cache-memory SIZE or none")
 
 
@@ -111,13 +115,13 @@ def check_chat_format(args: argparse.Namespace, tokenizer) -> str | None:
     tools = fmt.tool_calls if fmt else None
     if tool and tool != tools:
         found = f"the {tools} format" if tools else "no tool-call format"
-        raise usage_error("openjamba serve", f"--tool-call-parser {tool}: the chat template of this checkpoint "
+        raise usage_error(_prog(args), f"--tool-call-parser {tool}: the chat template of this checkpoint "
                           f"writes {found}")
     if auto and not tools:
-        raise usage_error("openjamba serve", "--enable-auto-tool-choice: the chat template of this checkpoint has "
+        raise usage_error(_prog(args), "--enable-auto-tool-choice: the chat template of this checkpoint has "
                           "no tool-call format")
     if reasoning and not (fmt and fmt.thinking):
-        raise usage_error("openjamba serve", f"--reasoning-parser {reasoning}: the chat template of this checkpoint "
+        raise usage_error(_prog(args), f"--reasoning-parser {reasoning}: the chat template of this checkpoint "
                           "has no <think> reasoning")
     return (f"openjamba reads the tool-call format ({tools or 'none'}) and reasoning "
             f"({'<think>' if fmt and fmt.thinking else 'none'}) from the chat template; "
