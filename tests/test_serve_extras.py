@@ -262,6 +262,10 @@ def test_truncate_prompt_tokens(checkpoints):
             c.chat.completions.create(model=MODEL, messages=messages)
         r = c.chat.completions.create(model=MODEL, messages=messages, extra_body={"truncate_prompt_tokens": 30})
         assert engine.prompts[-1] == rendered[-30:] and r.usage.prompt_tokens == 30
-        for bad in (0, -1, "5", True):
+        r = c.completions.create(extra_body={"truncate_prompt_tokens": -1}, model=MODEL, prompt="hello", max_tokens=4)
+        assert engine.prompts[-1] == tokenizer.encode("hello")  # -1: vLLM's "the context length"
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):  # 64 kept leave none
+            c.completions.create(extra_body={"truncate_prompt_tokens": -1}, **args)
+        for bad in (0, -2, 65, "5", True):
             r = httpx.post(url + "/v1/completions", json={**args, "truncate_prompt_tokens": bad}, timeout=60)
             assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", bad

@@ -97,7 +97,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended a choice stays in its text
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens in the text (EOS never)
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # vLLM's: a longer prompt keeps its last ones
+    truncate_prompt_tokens: int | None = None  # vLLM's: a longer prompt keeps its last ones; -1 the context
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -121,6 +121,13 @@ class _Sampling(_Request):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 and value != -1:
+            raise ValueError("must be at least 1, or -1 for the model's context length")
         return value
 
     @field_validator("stop")

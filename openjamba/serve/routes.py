@@ -150,7 +150,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         whether tool calls are parsed from the output). /v1/chat/completions, /v1/responses and /v1/messages all
         start here."""
         messages, tools, ids = render(req)
-        ids = truncated(ids, req.truncate_prompt_tokens)
+        ids = truncated(ids, req.truncate_prompt_tokens, config.max_context)
         forced, forced_name = req.forced_tool()
         max_tokens = check_length(ids, req.max_tokens, "messages")
         parse_tools = bool(tools) and req.tool_choice != "none" and not req.json_mode
@@ -179,7 +179,7 @@ def add_routes(app: FastAPI, engine, relay: EventRelay, tokenizer, config: Serve
         check_model(req.model)
         given = req.prompts()
         whole = [_prompt_ids(tokenizer, x, config.vocab_size) for x in given]
-        prompts = [truncated(ids, req.truncate_prompt_tokens) for ids in whole]
+        prompts = [truncated(ids, req.truncate_prompt_tokens, config.max_context) for ids in whole]
         cut = [len(ids) < len(w) for ids, w in zip(prompts, whole)]
         max_tokens = req.max_tokens or config.default_max_tokens
         for ids in prompts:
@@ -388,10 +388,17 @@ def chat_choice(chat, choice: Choice, prompt_ids: list[int], parse_tools: bool, 
     return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
-def truncated(ids: list[int], keep: int | None) -> list[int]:
+def truncated(ids: list[int], keep: int | None, context: int) -> list[int]:
     """vLLM's truncate_prompt_tokens: a prompt (as the template rendered it) longer than `keep` tokens keeps its
-    last `keep`, which the length check, the engine and usage.prompt_tokens then count."""
-    return ids[-keep:] if keep is not None and len(ids) > keep else ids
+    last `keep`, which the length check, the engine and usage.prompt_tokens then count. As at vLLM, -1 keeps the
+    context length and a `keep` past the context is a 400."""
+    if keep is None:
+        return ids
+    keep = context if keep == -1 else keep
+    if keep > context:
+        raise p.RequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum context length "
+                             f"({context})", param="truncate_prompt_tokens")
+    return ids[-keep:] if len(ids) > keep else ids
 
 
 def _prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
