@@ -64,6 +64,10 @@ def test_gpu_memory_utilization_is_the_share_of_free_cuda_memory(monkeypatch, ca
     with pytest.raises(SystemExit) as exit_:  # a fixed bound leaves it nothing to do: refused, not ignored
         check_before_loading(parse("--gpu-memory-utilization", "0.9", "--kv-cache-memory", "1GB"))
     assert exit_.value.code == 2 and "no effect with --kv-cache-memory" in capsys.readouterr().err
+    check_before_loading(parse("--max-num-batched-tokens", "8", "--max-running", "8"))
+    with pytest.raises(SystemExit) as exit_:  # fewer tokens a step than decoding rows: refused, as at vLLM
+        check_before_loading(parse("--max-num-batched-tokens", "4", "--max-running", "8"))
+    assert exit_.value.code == 2 and "must be at least --max-running (8)" in capsys.readouterr().err
 
 
 def test_max_num_batched_tokens_is_the_engines_step_budget(checkpoint):

@@ -74,8 +74,8 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
                        "--kv-cache-memory auto takes (less --state-store); not of the total, as vLLM's; no effect "
                        "on CPU")
     group.add_argument("--max-num-batched-tokens", type=at_least(1), default=None, metavar="N",
-                       help="tokens one engine step processes, its decode rows included (prefill gets the rest); "
-                       "also the prefill chunk unless --prefill-chunk is given")
+                       help="tokens one engine step processes, its decode rows included (prefill gets the rest), "
+                       "at least --max-running; also the prefill chunk unless --prefill-chunk is given")
     group.add_argument("--enable-prefix-caching", action="store_true",
                        help="accepted: state reuse is on unless --no-reuse")
     group.add_argument("--no-enable-prefix-caching", dest="no_reuse", action="store_true",
@@ -100,6 +100,10 @@ def check_before_loading(args: argparse.Namespace) -> None:
     if getattr(args, "gpu_memory_utilization", None) is not None and args.kv_cache_memory != "auto":
         raise usage_error(_prog(args), "--gpu-memory-utilization is the share --kv-cache-memory auto takes; "
                           "it has no effect with --kv-cache-memory SIZE or none")
+    step, running = getattr(args, "max_num_batched_tokens", None), getattr(args, "max_running", None)
+    if step is not None and running is not None and step < running:  # as vLLM's scheduler config refuses it
+        raise usage_error(_prog(args), f"--max-num-batched-tokens ({step}) must be at least --max-running "
+                          f"({running}): each running request's decode step takes one of its tokens")
 
 
 def check_chat_format(args: argparse.Namespace, tokenizer) -> str | None:
