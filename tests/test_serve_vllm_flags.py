@@ -154,3 +154,22 @@ def test_a_mismatched_parser_is_refused_before_the_model_loads(checkpoint):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and out.count("\n") == 1, out
     assert "--tool-call-parser jamba: the chat template of this checkpoint writes the hermes format" in out
+
+
+def test_serve_takes_the_model_as_vllm_serve_does(capsys):
+    """`vllm serve MODEL ...` runs as `openjamba serve MODEL ...`: the positional is --model; neither, or both
+    naming different checkpoints, is one line and exit 2."""
+    from openjamba.serve.vllm_flags import check_before_loading
+
+    args = build_parser().parse_args(["serve", "ai21labs/AI21-Jamba-Reasoning-3B", "--seed", "0"])
+    assert args.model == "ai21labs/AI21-Jamba-Reasoning-3B" and args.seed == 0
+    check_before_loading(args)
+    check_before_loading(build_parser().parse_args(["serve", "m", "--model", "m"]))
+    for argv, says in ((["serve"], "required: MODEL or --model"), (["serve", "m", "--model", "n"], "different"),
+                       (["serve", "--model", "n", "m"], "different")):
+        with pytest.raises(SystemExit) as exit_:
+            check_before_loading(build_parser().parse_args(argv))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):  # run-batch, as vLLM's, names it with --model only
+        build_parser().parse_args(["run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "m"])

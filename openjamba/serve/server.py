@@ -18,9 +18,9 @@ from ..info import human_bytes
 API_KEY_ENV = "OPENJAMBA_API_KEY"
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     """Flags shared by `serve` and `chat`: the checkpoint, where it runs, and the engine's bounds."""
-    add_model_arguments(parser, "checkpoint directory (config.json, safetensors, tokenizer files)")
+    add_model_arguments(parser, "checkpoint directory (config.json, safetensors, tokenizer files)", model_required)
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
@@ -72,9 +72,10 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from .vllm_flags import add_vllm_arguments
+    from .vllm_flags import add_model_tag, add_vllm_arguments
 
-    add_engine_arguments(parser)
+    add_model_tag(parser)
+    add_engine_arguments(parser, model_required=False)  # or vLLM's positional MODEL
     add_batching_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000,

@@ -51,6 +51,23 @@ def quantization(text: str) -> str:
                                      "--quantize int4 in groups)")
 
 
+class _ModelTag(argparse.Action):
+    """`vllm serve MODEL`'s positional MODEL, stored as --model; both, naming different checkpoints, is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:  # argparse calls an absent optional positional's action with its default
+            return
+        if getattr(namespace, "model", None) is None:
+            namespace.model = values
+        namespace.model_tag = values  # check_before_loading compares it with a --model given before or after
+
+
+def add_model_tag(parser: argparse.ArgumentParser) -> None:
+    """`serve`'s optional positional MODEL, vLLM's way to name the checkpoint (run-batch, as vLLM's, has --model)."""
+    parser.add_argument("model_tag", nargs="?", action=_ModelTag, metavar="MODEL",
+                        help="the checkpoint, as `vllm serve MODEL` names it: the same as --model")
+
+
 def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
     """vLLM's flags that `serve` takes besides those it shares names with (--max-model-len, --max-num-seqs,
     --kv-cache-memory-bytes, --served-model-name...), in their own group of --help."""
@@ -97,6 +114,12 @@ def _prog(args: argparse.Namespace) -> str:
 
 def check_before_loading(args: argparse.Namespace) -> None:
     """Combinations refused before anything loads (exit 2)."""
+    if getattr(args, "model", "") is None:
+        raise usage_error(_prog(args), "the following arguments are required: MODEL or --model")
+    typed = getattr(args, "model_id", None) or getattr(args, "model", None)  # before resolve_model_flag fetched it
+    if getattr(args, "model_tag", None) not in (None, str(typed)):
+        raise usage_error(_prog(args), f"MODEL {args.model_tag!r} and --model {str(typed)!r} name different "
+                          "checkpoints")
     if getattr(args, "gpu_memory_utilization", None) is not None and args.kv_cache_memory != "auto":
         raise usage_error(_prog(args), "--gpu-memory-utilization is the share --kv-cache-memory auto takes; "
                           "it has no effect with --kv-cache-memory SIZE or none")
