@@ -202,8 +202,10 @@ class RowSampling:
         generator = None
         if params.temperature > 0:
             generator = torch.Generator()
-            unseeded = seeds.getrandbits(63) if seeds is not None else secrets.randbits(63)
-            generator.manual_seed(params.seed if params.seed is not None else unseeded)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:  # only an unseeded request draws from the engine's stream
+                generator.manual_seed(seeds.getrandbits(63) if seeds is not None else secrets.randbits(63))
         return cls(params.temperature, params.top_k, params.top_p, generator, params.logprobs, params.min_p,
                    Penalties.of(params, prompt, vocab_size, list(stop_ids)),
                    params.constraint(list(stop_ids)) if params.constraint else None)
